@@ -1,0 +1,548 @@
+//! Configuration: parsed, then validated into types that cannot be wrong, before any I/O.
+//!
+//! The file is TOML (read with the `config` crate); `DATABASE_URL` in the environment
+//! overrides `[database] url`. Every `[[sources]]` entry has a `name`, a `kind` and an
+//! optional `schedule`; the rest of its fields belong to its kind, whose module under
+//! `crate::sources` defines and validates them. Unknown fields are errors everywhere, and
+//! every error names the source and the field, so a typo cannot pass silently.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::sources::mews::{MewsConfig, MewsSettings};
+
+/// The config file read when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/deptsync/deptsync.toml";
+
+/// The default schedule: every 15 minutes, on the quarter hour (cron with seconds).
+pub const DEFAULT_SCHEDULE: &str = "0 */15 * * * *";
+
+/// Why a config cannot be used. Every variant says where the problem is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{location}: {message}")]
+    Invalid { location: String, message: String },
+}
+
+impl ConfigError {
+    fn top(field: &str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            location: format!("field `{field}`"),
+            message: message.into(),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub sources: Vec<SourceSettings>,
+}
+
+/// Where the store lives. `Debug` and [`DatabaseSettings::redacted_url`] never show the
+/// password.
+#[derive(Debug)]
+pub struct DatabaseSettings {
+    pub url: SecretString,
+}
+
+impl DatabaseSettings {
+    /// The URL with any password replaced, for logs and messages.
+    pub fn redacted_url(&self) -> String {
+        redact_url(self.url.expose_secret())
+    }
+}
+
+/// The URL with its password (if any) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                // Cannot fail for a URL that already has a password (it has a host).
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparseable database url>".to_owned(),
+    }
+}
+
+/// One configured source.
+#[derive(Debug)]
+pub struct SourceSettings {
+    pub name: SourceName,
+    /// Cron expression with seconds, used by `run`.
+    pub schedule: String,
+    pub kind: SourceKindSettings,
+}
+
+/// The kind-specific settings: one arm per connector.
+#[derive(Debug)]
+pub enum SourceKindSettings {
+    Mews(MewsSettings),
+}
+
+impl SourceKindSettings {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceKindSettings::Mews(_) => "mews",
+        }
+    }
+}
+
+/// A source name: unique, `[a-z0-9][a-z0-9_-]*`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceName(String);
+
+impl SourceName {
+    pub fn parse(name: &str) -> Result<Self, String> {
+        let mut chars = name.chars();
+        let valid_first = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let valid_rest =
+            chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if valid_first && valid_rest && name.len() <= 63 {
+            Ok(SourceName(name.to_owned()))
+        } else {
+            Err(format!(
+                "{name:?} is not a valid name: use [a-z0-9][a-z0-9_-]*, at most 63 characters"
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for SourceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Looks up an environment variable. Injected so that validation stays pure and testable.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment, for [`Settings::load`].
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    database: Option<RawDatabase>,
+    #[serde(default)]
+    sources: Vec<config::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Option<SecretString>,
+}
+
+impl Settings {
+    /// Reads the file at `path` and validates it. Reads the file and the environment;
+    /// touches nothing else.
+    pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Settings, ConfigError> {
+        if !path.is_file() {
+            return Err(ConfigError::File {
+                path: path.to_owned(),
+                message: "not found (pass --config FILE)".to_owned(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Settings::parse(&text, env).map_err(|e| match e {
+            ConfigError::Invalid { location, message } => ConfigError::Invalid {
+                location: format!("{}: {location}", path.display()),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(toml: &str, env: EnvLookup<'_>) -> Result<Settings, ConfigError> {
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Invalid {
+                location: "config".to_owned(),
+                message: e.to_string(),
+            })?;
+
+        let url = match env("DATABASE_URL").filter(|u| !u.is_empty()) {
+            Some(url) => SecretString::from(url),
+            None => raw
+                .database
+                .and_then(|d| d.url)
+                .ok_or_else(|| {
+                    ConfigError::top(
+                        "database.url",
+                        "missing: set it in [database] or in DATABASE_URL",
+                    )
+                })
+                .and_then(|url| {
+                    expand_secret(url, env).map_err(|m| ConfigError::top("database.url", m))
+                })?,
+        };
+        let scheme_ok = url.expose_secret().starts_with("postgres://")
+            || url.expose_secret().starts_with("postgresql://");
+        if !scheme_ok {
+            return Err(ConfigError::top(
+                "database.url",
+                format!(
+                    "{} is not a PostgreSQL URL (postgres://user@host:port/database)",
+                    redact_url(url.expose_secret())
+                ),
+            ));
+        }
+
+        let mut sources = Vec::with_capacity(raw.sources.len());
+        let mut seen = HashSet::new();
+        for (index, value) in raw.sources.into_iter().enumerate() {
+            let source = validate_source(index, value, env)?;
+            if !seen.insert(source.name.clone()) {
+                return Err(ConfigError::Invalid {
+                    location: format!("source \"{}\": field `name`", source.name),
+                    message: "is used by more than one source; names must be unique".to_owned(),
+                });
+            }
+            sources.push(source);
+        }
+
+        Ok(Settings {
+            database: DatabaseSettings { url },
+            sources,
+        })
+    }
+}
+
+/// Tells a kind's module where a field error is, so that it can say so.
+pub struct FieldContext<'a> {
+    source: &'a str,
+    pub env: EnvLookup<'a>,
+}
+
+impl FieldContext<'_> {
+    /// An error about `field` of this source.
+    pub fn error(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            location: format!("source \"{}\": field `{field}`", self.source),
+            message: message.into(),
+        }
+    }
+
+    /// A secret field, with `${ENV_NAME}` replaced by that variable's value.
+    pub fn secret(&self, field: &str, value: SecretString) -> Result<SecretString, ConfigError> {
+        expand_secret(value, self.env).map_err(|m| self.error(field, m))
+    }
+}
+
+fn validate_source(
+    index: usize,
+    value: config::Value,
+    env: EnvLookup<'_>,
+) -> Result<SourceSettings, ConfigError> {
+    let at_index = |field: &str, message: String| ConfigError::Invalid {
+        location: format!("sources[{index}]: field `{field}`"),
+        message,
+    };
+    let mut table = value
+        .into_table()
+        .map_err(|e| at_index("sources", format!("must be a table: {e}")))?;
+    let name = take_string(&mut table, "name").map_err(|m| at_index("name", m))?;
+    let name = SourceName::parse(&name).map_err(|m| at_index("name", m))?;
+    let fields = FieldContext {
+        source: name.as_str(),
+        env,
+    };
+    let kind = take_string(&mut table, "kind").map_err(|m| fields.error("kind", m))?;
+    let schedule = match table.remove("schedule") {
+        None => DEFAULT_SCHEDULE.to_owned(),
+        Some(v) => v
+            .into_string()
+            .map_err(|e| fields.error("schedule", e.to_string()))?,
+    };
+    validate_schedule(&schedule).map_err(|m| fields.error("schedule", m))?;
+
+    let rest = config::Value::new(None, config::ValueKind::Table(table));
+    let kind = match kind.as_str() {
+        "mews" => {
+            SourceKindSettings::Mews(parse_kind::<MewsConfig>(rest, &fields)?.validate(&fields)?)
+        }
+        other => {
+            return Err(fields.error(
+                "kind",
+                format!("unknown kind {other:?}; expected one of: mews"),
+            ));
+        }
+    };
+    Ok(SourceSettings {
+        name,
+        schedule,
+        kind,
+    })
+}
+
+fn parse_kind<T: DeserializeOwned>(
+    rest: config::Value,
+    fields: &FieldContext<'_>,
+) -> Result<T, ConfigError> {
+    rest.try_deserialize::<T>().map_err(|e| {
+        let message = e.to_string();
+        // serde names the offending field in its message ("unknown field `x`", "missing
+        // field `y`", "... for key `z`"); pull it out so that the location names it.
+        let field = field_named_in(&message).unwrap_or_else(|| "?".to_owned());
+        fields.error(&field, message)
+    })
+}
+
+fn field_named_in(message: &str) -> Option<String> {
+    let markers = [
+        ("unknown field `", '`'),
+        ("missing field `", '`'),
+        ("missing configuration field \"", '"'),
+        ("for key `", '`'),
+        ("for key \"", '"'),
+    ];
+    for (marker, close) in markers {
+        if let Some(start) = message.find(marker) {
+            let rest = &message[start + marker.len()..];
+            if let Some(end) = rest.find(close) {
+                return Some(rest[..end].to_owned());
+            }
+        }
+    }
+    None
+}
+
+fn take_string(
+    table: &mut config::Map<String, config::Value>,
+    key: &str,
+) -> Result<String, String> {
+    match table.remove(key) {
+        None => Err("missing".to_owned()),
+        Some(v) => v.into_string().map_err(|e| e.to_string()),
+    }
+}
+
+/// A cron expression with seconds: six fields (or seven, with years).
+fn validate_schedule(schedule: &str) -> Result<(), String> {
+    let fields = schedule.split_whitespace().count();
+    if fields == 6 || fields == 7 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{schedule:?} is not a cron expression with seconds (sec min hour day month weekday, e.g. \"0 */15 * * * *\")"
+        ))
+    }
+}
+
+/// `${ENV_NAME}` becomes that variable's value; anything else is taken as it is.
+fn expand_secret(value: SecretString, env: EnvLookup<'_>) -> Result<SecretString, String> {
+    let text = value.expose_secret();
+    let expanded = match text.strip_prefix("${").and_then(|t| t.strip_suffix('}')) {
+        Some(var) => {
+            let valid =
+                !var.is_empty() && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!(
+                    "\"${{{var}}}\" is not a valid environment reference"
+                ));
+            }
+            match env(var) {
+                Some(v) => SecretString::from(v),
+                None => return Err(format!("environment variable {var} is not set")),
+            }
+        }
+        None => value,
+    };
+    if expanded.expose_secret().is_empty() {
+        return Err("is empty".to_owned());
+    }
+    Ok(expanded)
+}
+
+/// Parses an optional duration field such as `"5m"` or `"1h 30m"`.
+pub fn parse_duration(
+    fields: &FieldContext<'_>,
+    field: &str,
+    value: Option<&str>,
+    default: std::time::Duration,
+) -> Result<std::time::Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(text) => humantime::parse_duration(text).map_err(|e| {
+            fields.error(
+                field,
+                format!("{text:?} is not a duration like \"5m\": {e}"),
+            )
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    const GOOD: &str = r#"
+        [database]
+        url = "postgres://deptsync:hunter2@127.0.0.1:5432/deptsync"
+
+        [[sources]]
+        name = "mews-main"
+        kind = "mews"
+        base_url = "https://api.mews-demo.com"
+        client_token = "client-secret-token"
+        access_token = "${MEWS_ACCESS}"
+        start = "2019-01-01T00:00:00Z"
+        lookback = "10m"
+        page_size = 500
+        enterprise_ids = ["3fa85f64-5717-4562-b3fc-2c963f66afa6"]
+    "#;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "MEWS_ACCESS").then(|| "access-from-env".to_owned())
+    }
+
+    fn error_of(toml: &str) -> String {
+        match Settings::parse(toml, &env) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_good_config_validates() {
+        let settings = Settings::parse(GOOD, &env).unwrap();
+        assert_eq!(settings.sources.len(), 1);
+        let source = &settings.sources[0];
+        assert_eq!(source.name.as_str(), "mews-main");
+        assert_eq!(source.schedule, DEFAULT_SCHEDULE);
+        let SourceKindSettings::Mews(mews) = &source.kind;
+        assert_eq!(mews.page_size, 500);
+        assert_eq!(mews.lookback, std::time::Duration::from_secs(600));
+        assert_eq!(mews.access_token.expose_secret(), "access-from-env");
+        assert_eq!(
+            mews.client,
+            format!("deptsync {}", env!("CARGO_PKG_VERSION"))
+        );
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let settings = Settings::parse(GOOD, &env).unwrap();
+        let debug = format!("{settings:?}");
+        for secret in ["hunter2", "client-secret-token", "access-from-env"] {
+            assert!(!debug.contains(secret), "{secret} leaked in {debug}");
+        }
+        assert_eq!(
+            settings.database.redacted_url(),
+            "postgres://deptsync:***@127.0.0.1:5432/deptsync"
+        );
+    }
+
+    #[test]
+    fn database_url_from_the_environment_wins() {
+        let env = |name: &str| match name {
+            "DATABASE_URL" => Some("postgres://other@db/x".to_owned()),
+            "MEWS_ACCESS" => Some("a".to_owned()),
+            _ => None,
+        };
+        let settings = Settings::parse(GOOD, &env).unwrap();
+        assert_eq!(
+            settings.database.url.expose_secret(),
+            "postgres://other@db/x"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_name_the_source_and_the_field() {
+        let message = error_of(&GOOD.replace("page_size", "pagesize"));
+        assert!(message.contains("source \"mews-main\""), "{message}");
+        assert!(message.contains("`pagesize`"), "{message}");
+
+        let message = error_of(&format!("{GOOD}\n[extra]\nx = 1\n"));
+        assert!(message.contains("extra"), "{message}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_field() {
+        let message = error_of(&GOOD.replace("page_size = 500", "page_size = 1001"));
+        assert!(
+            message.contains("source \"mews-main\": field `page_size`"),
+            "{message}"
+        );
+        let message = error_of(&GOOD.replace("page_size = 500", "page_size = \"many\""));
+        assert!(message.contains("`page_size`"), "{message}");
+        let message = error_of(&GOOD.replace("2019-01-01T00:00:00Z", "yesterday"));
+        assert!(message.contains("field `start`"), "{message}");
+        let message = error_of(&GOOD.replace("\"10m\"", "\"soon\""));
+        assert!(message.contains("field `lookback`"), "{message}");
+        let message = error_of(&GOOD.replace("https://api.mews-demo.com", "ftp://x"));
+        assert!(message.contains("field `base_url`"), "{message}");
+        let message = error_of(&GOOD.replace("3fa85f64-5717-4562-b3fc-2c963f66afa6", "nope"));
+        assert!(message.contains("field `enterprise_ids`"), "{message}");
+    }
+
+    #[test]
+    fn missing_fields_and_env_are_named() {
+        let message = error_of(&GOOD.replace("client_token = \"client-secret-token\"", ""));
+        assert!(
+            message.contains("source \"mews-main\": field `client_token`"),
+            "{message}"
+        );
+        let message = match Settings::parse(GOOD, &no_env) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        };
+        assert!(message.contains("field `access_token`"), "{message}");
+        assert!(message.contains("MEWS_ACCESS is not set"), "{message}");
+    }
+
+    #[test]
+    fn names_kinds_and_schedules_are_checked() {
+        let message = error_of(&GOOD.replace("mews-main", "Mews Main"));
+        assert!(message.contains("sources[0]: field `name`"), "{message}");
+        let message = error_of(&GOOD.replace("kind = \"mews\"", "kind = \"opera\""));
+        assert!(
+            message.contains("field `kind`") && message.contains("opera"),
+            "{message}"
+        );
+        let message = error_of(&GOOD.replace("lookback", "schedule = \"every hour\"\nlookback"));
+        assert!(message.contains("field `schedule`"), "{message}");
+        let twice = format!("{GOOD}{}", &GOOD[GOOD.find("[[sources]]").unwrap()..]);
+        let message = error_of(&twice);
+        assert!(message.contains("more than one source"), "{message}");
+    }
+
+    #[test]
+    fn a_missing_database_url_is_named() {
+        let toml = GOOD.replace(
+            "url = \"postgres://deptsync:hunter2@127.0.0.1:5432/deptsync\"",
+            "",
+        );
+        let message = error_of(&toml);
+        assert!(message.contains("database.url"), "{message}");
+    }
+}

@@ -1,0 +1,493 @@
+//! One pass of one source: plan, fetch, store each page with its checkpoint.
+//!
+//! The engine knows neither vendor nor SQL: it asks a [`Source`] for pages and hands each
+//! one to a [`Store`] together with the position that follows it, in one commit. That is
+//! the whole recovery story: after a crash, [`Store::load_state`] returns the position
+//! after the last committed page, so a rerun repeats at most the page that was in flight
+//! and never skips one.
+//!
+//! A windowed pass reads `[high-water mark - lookback, now)` (the first time, from the
+//! source's `start`) in windows the source allows; when its last page is committed the
+//! high-water mark becomes the pass's `now`. An interrupted pass resumes at the window and
+//! cursor it had reached, then plans on from there to the new `now`. A backfill reads a
+//! range given by a person, keeps its own progress, and never touches the high-water mark.
+
+use chrono::{DateTime, SubsecRound, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{
+    BackfillProgress, Checkpoint, PageCounts, Position, RunId, RunMode, RunOutcome, SyncState,
+    Window,
+};
+use crate::plan::plan_windows;
+use crate::sources::{Source, SourceError, SyncMode};
+use crate::store::{Store, StoreError};
+
+/// What a pass should read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassRequest {
+    /// Everything updated since the last pass.
+    Incremental,
+    /// `[from, to)` again (`to`: now when not given), resuming the same backfill if one
+    /// was interrupted.
+    Backfill {
+        from: DateTime<Utc>,
+        to: Option<DateTime<Utc>>,
+    },
+}
+
+impl PassRequest {
+    fn mode(&self) -> RunMode {
+        match self {
+            PassRequest::Incremental => RunMode::Incremental,
+            PassRequest::Backfill { .. } => RunMode::Backfill,
+        }
+    }
+}
+
+/// The totals of a pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassTotals {
+    pub pages: u64,
+    pub windows: u64,
+    pub counts: PageCounts,
+}
+
+impl PassTotals {
+    fn add(&mut self, page: PageCounts) {
+        self.pages += 1;
+        self.counts.inserted += page.inserted;
+        self.counts.updated += page.updated;
+        self.counts.unchanged += page.unchanged;
+        self.counts.rejected += page.rejected;
+    }
+}
+
+/// A pass that ran to its end or was cancelled (its progress is committed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassReport {
+    pub run_id: RunId,
+    pub outcome: RunOutcome,
+    pub totals: PassTotals,
+}
+
+/// Why a pass failed. The display of the whole chain is what `sync_runs.error` keeps.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("fetching page {page} of window {window}")]
+    Fetch {
+        window: Window,
+        page: u64,
+        #[source]
+        source: SourceError,
+    },
+    #[error("storing page {page} of window {window}")]
+    Store {
+        window: Window,
+        page: u64,
+        #[source]
+        source: StoreError,
+    },
+    #[error("{context}")]
+    Bookkeeping {
+        context: &'static str,
+        #[source]
+        source: StoreError,
+    },
+    #[error("backfill range is empty: --from {from} is not before --to {to}")]
+    EmptyBackfill {
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    },
+}
+
+/// An error and all its causes on one line, `outer: inner: innermost`.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
+/// Where a pass starts and how its positions are written down.
+struct Plan {
+    /// The windows to read, in order; the first may resume at a cursor.
+    windows: Vec<Window>,
+    first_cursor: Option<String>,
+    kind: PlanKind,
+}
+
+enum PlanKind {
+    Incremental {
+        now: DateTime<Utc>,
+    },
+    Backfill {
+        from: DateTime<Utc>,
+        requested_to: Option<DateTime<Utc>>,
+    },
+}
+
+impl Plan {
+    fn checkpoint_at(&self, position: Position) -> Checkpoint {
+        match self.kind {
+            PlanKind::Incremental { .. } => Checkpoint::Incremental(position),
+            PlanKind::Backfill { from, requested_to } => Checkpoint::Backfill(BackfillProgress {
+                from,
+                requested_to,
+                position,
+            }),
+        }
+    }
+
+    fn checkpoint_done(&self) -> Checkpoint {
+        match self.kind {
+            PlanKind::Incremental { now } => Checkpoint::IncrementalDone {
+                high_water_mark: now,
+            },
+            PlanKind::Backfill { .. } => Checkpoint::BackfillDone,
+        }
+    }
+
+    /// The position after a page of `windows[index]` whose next cursor is `next_cursor`.
+    fn checkpoint_after(&self, index: usize, next_cursor: Option<String>) -> Checkpoint {
+        match (next_cursor, self.windows.get(index + 1)) {
+            (Some(cursor), _) => self.checkpoint_at(Position {
+                window: self.windows[index],
+                cursor: Some(cursor),
+            }),
+            (None, Some(next_window)) => self.checkpoint_at(Position {
+                window: *next_window,
+                cursor: None,
+            }),
+            (None, None) => self.checkpoint_done(),
+        }
+    }
+}
+
+fn plan_pass(
+    source: &str,
+    mode: SyncMode,
+    state: SyncState,
+    request: PassRequest,
+    now: DateTime<Utc>,
+) -> Result<Plan, PassError> {
+    let SyncMode::Windowed {
+        start,
+        lookback,
+        max_window_months,
+    } = mode;
+    let windows_from =
+        |position: Option<Position>, from: DateTime<Utc>, to: DateTime<Utc>| match position {
+            Some(position) => {
+                let mut windows = vec![position.window];
+                windows.extend(plan_windows(position.window.end, to, max_window_months));
+                (windows, position.cursor)
+            }
+            None => (plan_windows(from, to, max_window_months), None),
+        };
+    let (windows, first_cursor, kind) = match request {
+        PassRequest::Incremental => {
+            let lookback = chrono::Duration::from_std(lookback).unwrap_or(chrono::Duration::MAX);
+            let from = match state.high_water_mark {
+                Some(mark) => mark
+                    .checked_sub_signed(lookback)
+                    .unwrap_or(start)
+                    .max(start),
+                None => start,
+            };
+            if let Some(position) = &state.incremental {
+                tracing::info!(source, window = %position.window, "resuming the interrupted pass");
+            }
+            let (windows, cursor) = windows_from(state.incremental, from, now);
+            (windows, cursor, PlanKind::Incremental { now })
+        }
+        PassRequest::Backfill { from, to } => {
+            let until = to.unwrap_or(now);
+            if from >= until {
+                return Err(PassError::EmptyBackfill { from, to: until });
+            }
+            let resumable = state
+                .backfill
+                .filter(|progress| progress.from == from && progress.requested_to == to);
+            match &resumable {
+                Some(progress) => {
+                    tracing::info!(source, window = %progress.position.window, "resuming the interrupted backfill");
+                }
+                None => tracing::info!(source, %from, to = %until, "starting a backfill"),
+            }
+            let (windows, cursor) = windows_from(resumable.map(|p| p.position), from, until);
+            let kind = PlanKind::Backfill {
+                from,
+                requested_to: to,
+            };
+            (windows, cursor, kind)
+        }
+    };
+    Ok(Plan {
+        windows,
+        first_cursor,
+        kind,
+    })
+}
+
+/// Runs one pass of `source`, recorded in `sync_runs` from start to end.
+///
+/// Returns the report of a pass that succeeded or was cancelled, and the error of one
+/// that failed (after recording it). Cancellation stops between pages, or abandons the
+/// request in flight; a page that is being committed is always committed.
+#[tracing::instrument(skip_all, fields(source = name, run_id = tracing::field::Empty))]
+pub async fn run_pass<S: Source, St: Store>(
+    name: &str,
+    source: &S,
+    store: &St,
+    request: PassRequest,
+    cancel: &CancellationToken,
+) -> Result<PassReport, PassError> {
+    let run_id = store
+        .start_run(name, request.mode())
+        .await
+        .map_err(|source| PassError::Bookkeeping {
+            context: "recording the start of the run",
+            source,
+        })?;
+    tracing::Span::current().record("run_id", tracing::field::display(run_id));
+    let mut totals = PassTotals::default();
+    let result = read_and_store(name, source, store, request, cancel, run_id, &mut totals).await;
+    let outcome = match &result {
+        Ok(true) => RunOutcome::Succeeded,
+        Ok(false) => RunOutcome::Cancelled,
+        Err(e) => RunOutcome::Failed {
+            error: error_chain(e),
+        },
+    };
+    if let Err(e) = store.finish_run(run_id, &outcome).await {
+        tracing::warn!(error = %error_chain(&e), "could not record the end of the run");
+    }
+    match result {
+        Ok(_) => {
+            tracing::info!(
+                outcome = outcome.status(),
+                pages = totals.pages,
+                windows = totals.windows,
+                inserted = totals.counts.inserted,
+                updated = totals.counts.updated,
+                unchanged = totals.counts.unchanged,
+                rejected = totals.counts.rejected,
+                "pass finished"
+            );
+            Ok(PassReport {
+                run_id,
+                outcome,
+                totals,
+            })
+        }
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), pages = totals.pages, "pass failed");
+            Err(e)
+        }
+    }
+}
+
+/// Reads and stores every page of the pass. `Ok(false)` when cancelled.
+async fn read_and_store<S: Source, St: Store>(
+    name: &str,
+    source: &S,
+    store: &St,
+    request: PassRequest,
+    cancel: &CancellationToken,
+    run_id: RunId,
+    totals: &mut PassTotals,
+) -> Result<bool, PassError> {
+    let state = store
+        .load_state(name)
+        .await
+        .map_err(|source| PassError::Bookkeeping {
+            context: "loading the sync state",
+            source,
+        })?;
+    // Whole seconds keep the windows sent to the vendor and the stored marks readable.
+    let now = Utc::now().trunc_subsecs(0);
+    let plan = plan_pass(name, source.mode(), state, request, now)?;
+    tracing::info!(windows = plan.windows.len(), "pass planned");
+
+    let mut cursor = plan.first_cursor.clone();
+    for (index, window) in plan.windows.iter().enumerate() {
+        let mut page_number = 0;
+        loop {
+            page_number += 1;
+            let fetched = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(false),
+                fetched = source.fetch_page(window, cursor.as_deref()) => fetched,
+            };
+            let page = fetched.map_err(|source| PassError::Fetch {
+                window: *window,
+                page: page_number,
+                source,
+            })?;
+            let mut departments = Vec::with_capacity(page.departments.len());
+            let mut rejected = page.rejected;
+            for department in page.departments {
+                match department.storage_problem() {
+                    None => departments.push(department),
+                    Some(reason) => rejected.push(department.into_rejected(reason)),
+                }
+            }
+            for record in &rejected {
+                tracing::warn!(
+                    external_id = record.external_id.as_deref().unwrap_or(""),
+                    reason = %record.reason,
+                    "record rejected"
+                );
+            }
+            let checkpoint = plan.checkpoint_after(index, page.next_cursor.clone());
+            let counts = store
+                .commit_page(run_id, name, &departments, &rejected, &checkpoint)
+                .await
+                .map_err(|source| PassError::Store {
+                    window: *window,
+                    page: page_number,
+                    source,
+                })?;
+            totals.add(counts);
+            tracing::debug!(%window, page = page_number, ?counts, "page committed");
+            cursor = page.next_cursor;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        totals.windows += 1;
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use std::time::Duration;
+
+    fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
+    }
+
+    fn mode() -> SyncMode {
+        SyncMode::Windowed {
+            start: at(2020, 1, 1),
+            lookback: Duration::from_secs(300),
+            max_window_months: 3,
+        }
+    }
+
+    #[test]
+    fn a_first_pass_reads_from_start() {
+        let plan = plan_pass(
+            "s",
+            mode(),
+            SyncState::default(),
+            PassRequest::Incremental,
+            at(2021, 1, 1),
+        )
+        .unwrap();
+        assert_eq!(plan.windows.len(), 4);
+        assert_eq!(plan.windows[0].start, at(2020, 1, 1));
+        assert_eq!(
+            plan.checkpoint_after(3, None),
+            Checkpoint::IncrementalDone {
+                high_water_mark: at(2021, 1, 1)
+            }
+        );
+    }
+
+    #[test]
+    fn a_later_pass_reads_from_the_mark_less_the_lookback() {
+        let state = SyncState {
+            high_water_mark: Some(at(2021, 1, 1)),
+            ..SyncState::default()
+        };
+        let now = at(2021, 1, 2);
+        let plan = plan_pass("s", mode(), state, PassRequest::Incremental, now).unwrap();
+        assert_eq!(
+            plan.windows,
+            vec![Window {
+                start: at(2021, 1, 1) - chrono::Duration::minutes(5),
+                end: now
+            }]
+        );
+    }
+
+    #[test]
+    fn an_interrupted_pass_resumes_at_its_cursor_then_plans_to_now() {
+        let window = Window {
+            start: at(2020, 1, 1),
+            end: at(2020, 4, 1),
+        };
+        let state = SyncState {
+            incremental: Some(Position {
+                window,
+                cursor: Some("c".to_owned()),
+            }),
+            ..SyncState::default()
+        };
+        let plan = plan_pass("s", mode(), state, PassRequest::Incremental, at(2020, 9, 1)).unwrap();
+        assert_eq!(plan.first_cursor.as_deref(), Some("c"));
+        assert_eq!(plan.windows[0], window);
+        assert_eq!(plan.windows[1].start, at(2020, 4, 1));
+        assert_eq!(plan.windows.last().unwrap().end, at(2020, 9, 1));
+    }
+
+    #[test]
+    fn a_backfill_resumes_only_the_same_range() {
+        let window = Window {
+            start: at(2020, 4, 1),
+            end: at(2020, 7, 1),
+        };
+        let progress = BackfillProgress {
+            from: at(2020, 1, 1),
+            requested_to: Some(at(2021, 1, 1)),
+            position: Position {
+                window,
+                cursor: Some("c".to_owned()),
+            },
+        };
+        let state = SyncState {
+            backfill: Some(progress),
+            ..SyncState::default()
+        };
+        let same = PassRequest::Backfill {
+            from: at(2020, 1, 1),
+            to: Some(at(2021, 1, 1)),
+        };
+        let plan = plan_pass("s", mode(), state.clone(), same, at(2022, 1, 1)).unwrap();
+        assert_eq!(
+            (plan.windows[0], plan.first_cursor.as_deref()),
+            (window, Some("c"))
+        );
+        let other = PassRequest::Backfill {
+            from: at(2020, 2, 1),
+            to: Some(at(2021, 1, 1)),
+        };
+        let plan = plan_pass("s", mode(), state, other, at(2022, 1, 1)).unwrap();
+        assert_eq!(
+            (plan.windows[0].start, plan.first_cursor.as_deref()),
+            (at(2020, 2, 1), None)
+        );
+        assert_eq!(
+            plan.checkpoint_after(plan.windows.len() - 1, None),
+            Checkpoint::BackfillDone
+        );
+    }
+
+    #[test]
+    fn an_empty_backfill_is_an_error() {
+        let request = PassRequest::Backfill {
+            from: at(2021, 1, 1),
+            to: Some(at(2020, 1, 1)),
+        };
+        assert!(plan_pass("s", mode(), SyncState::default(), request, at(2022, 1, 1)).is_err());
+    }
+}

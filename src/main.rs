@@ -1,0 +1,68 @@
+//! `deptsync`: parse the command line, run it, print the error chain, exit.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use deptsync::cli::{self, Cli, Exit};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(Exit::Failure as u8);
+        }
+    };
+    let exit = runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(cancel.clone()));
+        match cli::run(cli, cancel).await {
+            Ok(exit) => exit,
+            Err(e) => {
+                // `{:#}` prints anyhow's whole cause chain on one line.
+                match &e {
+                    cli::CliError::Failed(inner) => eprintln!("error: {inner:#}"),
+                    other => eprintln!("error: {other}"),
+                }
+                e.exit()
+            }
+        }
+    });
+    ExitCode::from(exit as u8)
+}
+
+/// Cancels `token` on SIGINT or SIGTERM: passes stop after the page in hand.
+async fn cancel_on_signal(token: CancellationToken) {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => tracing::info!("interrupted; stopping after the page in hand"),
+        _ = terminate => tracing::info!("terminated; stopping after the page in hand"),
+    }
+    token.cancel();
+}

@@ -1,0 +1,271 @@
+//! The words every module shares: departments, windows, positions and run outcomes.
+//!
+//! Nothing here knows a vendor or a database; connectors produce these values, the store
+//! persists them and the engine moves them from one to the other.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+/// One department, normalized from whichever API it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Department {
+    /// The vendor's id, as text.
+    pub external_id: String,
+    /// The partition the vendor files the department under (Mews: EnterpriseId).
+    pub scope_id: Option<String>,
+    pub name: String,
+    pub is_active: bool,
+    pub parent_external_id: Option<String>,
+    pub source_created_at: Option<DateTime<Utc>>,
+    pub source_updated_at: Option<DateTime<Utc>>,
+    /// The record exactly as the vendor sent it.
+    pub raw: serde_json::Value,
+}
+
+/// A record the vendor sent that cannot be stored as a department. It is kept, with the
+/// reason, in `rejected_records` instead of being altered or dropped silently.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedRecord {
+    pub external_id: Option<String>,
+    pub reason: String,
+    pub payload: serde_json::Value,
+}
+
+/// A half-open interval of update times: `start <= updated < end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}..{}",
+            self.start.format("%Y-%m-%dT%H:%M:%SZ"),
+            self.end.format("%Y-%m-%dT%H:%M:%SZ")
+        )
+    }
+}
+
+/// Where a windowed read stands: the window in hand and the page cursor within it
+/// (`None` = the window's first page).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub window: Window,
+    pub cursor: Option<String>,
+}
+
+/// A backfill in progress: the range a person asked for and where it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackfillProgress {
+    pub from: DateTime<Utc>,
+    /// The `--to` that was asked for; `None` means "until now" (re-evaluated on resume).
+    pub requested_to: Option<DateTime<Utc>>,
+    pub position: Position,
+}
+
+/// Everything a source needs to resume, as last committed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncState {
+    /// Every update before this instant (less the lookback) has been read.
+    pub high_water_mark: Option<DateTime<Utc>>,
+    /// The incremental pass in progress, if one was interrupted.
+    pub incremental: Option<Position>,
+    /// The backfill in progress, if one was interrupted.
+    pub backfill: Option<BackfillProgress>,
+}
+
+/// The position to commit together with a page: what the next read starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// The incremental pass goes on from here.
+    Incremental(Position),
+    /// The incremental pass read everything up to `high_water_mark`.
+    IncrementalDone { high_water_mark: DateTime<Utc> },
+    /// The backfill goes on from here.
+    Backfill(BackfillProgress),
+    /// The backfill is complete; its progress is cleared.
+    BackfillDone,
+}
+
+/// How a page's departments landed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PageCounts {
+    pub inserted: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub rejected: u64,
+}
+
+/// What a pass is doing, as recorded in `sync_runs.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    Incremental,
+    Backfill,
+}
+
+impl RunMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunMode::Incremental => "incremental",
+            RunMode::Backfill => "backfill",
+        }
+    }
+}
+
+/// The id of one row of `sync_runs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RunId(pub Uuid);
+
+impl std::fmt::Display for RunId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// How a pass ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    Succeeded,
+    Failed { error: String },
+    Cancelled,
+}
+
+impl RunOutcome {
+    pub fn status(&self) -> &'static str {
+        match self {
+            RunOutcome::Succeeded => "succeeded",
+            RunOutcome::Failed { .. } => "failed",
+            RunOutcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One source as `deptsync status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SourceStatus {
+    pub source: String,
+    /// `running`, `succeeded`, `failed`, `cancelled`, or `never run`.
+    pub state: String,
+    pub last_run_started_at: Option<DateTime<Utc>>,
+    pub last_run_finished_at: Option<DateTime<Utc>>,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub high_water_mark: Option<DateTime<Utc>>,
+    pub live_rows: i64,
+    pub deleted_rows: i64,
+    pub rejected_records: i64,
+    pub backfill_in_progress: bool,
+}
+
+/// The longest department name deptsync stores, in characters. Longer names are not
+/// truncated (that would alter the record) but rejected.
+pub const MAX_NAME_CHARS: usize = 1000;
+/// The longest vendor id deptsync stores, in characters.
+pub const MAX_EXTERNAL_ID_CHARS: usize = 255;
+
+impl Department {
+    /// Why this department cannot be stored as it is, if it cannot: PostgreSQL refuses NUL
+    /// characters in text and jsonb, and a row without a name or id is not a department.
+    pub fn storage_problem(&self) -> Option<String> {
+        let id = self.external_id.as_str();
+        if id.trim().is_empty() {
+            return Some("the id is empty".to_owned());
+        }
+        if id.chars().count() > MAX_EXTERNAL_ID_CHARS {
+            return Some(format!(
+                "the id is longer than {MAX_EXTERNAL_ID_CHARS} characters"
+            ));
+        }
+        if self.name.trim().is_empty() {
+            return Some("the name is empty".to_owned());
+        }
+        if self.name.chars().count() > MAX_NAME_CHARS {
+            return Some(format!(
+                "the name is longer than {MAX_NAME_CHARS} characters"
+            ));
+        }
+        let texts = [
+            Some(id),
+            Some(self.name.as_str()),
+            self.scope_id.as_deref(),
+            self.parent_external_id.as_deref(),
+        ];
+        if texts.into_iter().flatten().any(|t| t.contains('\0')) || json_has_nul(&self.raw) {
+            return Some("it contains a NUL character, which PostgreSQL cannot store".to_owned());
+        }
+        None
+    }
+
+    /// This department as a rejected record, for `reason`.
+    pub fn into_rejected(self, reason: String) -> RejectedRecord {
+        RejectedRecord {
+            external_id: Some(self.external_id),
+            reason,
+            payload: self.raw,
+        }
+    }
+}
+
+fn json_has_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(json_has_nul),
+        serde_json::Value::Object(map) => map
+            .iter()
+            .any(|(key, value)| key.contains('\0') || json_has_nul(value)),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn department(name: &str) -> Department {
+        Department {
+            external_id: "1".to_owned(),
+            scope_id: None,
+            name: name.to_owned(),
+            is_active: true,
+            parent_external_id: None,
+            source_created_at: None,
+            source_updated_at: None,
+            raw: serde_json::json!({ "name": name }),
+        }
+    }
+
+    #[test]
+    fn storable_departments_pass() {
+        assert_eq!(department("Sales").storage_problem(), None);
+    }
+
+    #[test]
+    fn unstorable_departments_say_why() {
+        assert!(
+            department("")
+                .storage_problem()
+                .unwrap()
+                .contains("name is empty")
+        );
+        assert!(
+            department("a\0b")
+                .storage_problem()
+                .unwrap()
+                .contains("NUL")
+        );
+        let long = "x".repeat(MAX_NAME_CHARS + 1);
+        assert!(
+            department(&long)
+                .storage_problem()
+                .unwrap()
+                .contains("longer")
+        );
+        let mut nul_in_raw = department("Sales");
+        nul_in_raw.raw = serde_json::json!({ "note": ["fine", { "deep\0": 1 }] });
+        assert!(nul_in_raw.storage_problem().unwrap().contains("NUL"));
+    }
+}

@@ -1,0 +1,338 @@
+//! The Mews Connector API: `POST {base_url}/api/connector/v1/departments/getAll`.
+//!
+//! - Tokens and the client name travel in the JSON body, not in headers.
+//! - `UpdatedUtc` filters by update time, at most three months at a time (half-open).
+//! - Paging goes from newest to oldest: the response `Cursor` is the id of the oldest item
+//!   returned, sent back as `Limitation.Cursor` for the next page. A null cursor or a page
+//!   shorter than `Limitation.Count` ends the window; `204 No Content` is an empty page.
+//! - Errors carry `{ "Message", "RequestId", "Details" }`, and every response a
+//!   `Request-Id` header.
+
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::http::{self, ErrorBody};
+use super::{Page, Source, SourceError, SyncMode};
+use crate::config::{ConfigError, FieldContext, parse_duration};
+use crate::model::{Department, RejectedRecord, Window};
+
+/// The longest `UpdatedUtc` interval Mews accepts, in calendar months.
+pub const MAX_WINDOW_MONTHS: u32 = 3;
+/// The most departments Mews returns in one page (`Limitation.Count`).
+pub const MAX_PAGE_SIZE: u16 = 1000;
+/// The most ids `EnterpriseIds` takes in one call.
+pub const MAX_ENTERPRISE_IDS: usize = 1000;
+/// The default overlap re-read on every incremental pass: covers clock skew and
+/// updates committed late on the vendor's side.
+pub const DEFAULT_LOOKBACK: Duration = Duration::from_secs(5 * 60);
+
+const ENDPOINT: &str = "api/connector/v1/departments/getAll";
+const REQUEST_ID_HEADER: &str = "Request-Id";
+const ERROR_BODY: ErrorBody<'static> = ErrorBody {
+    message_field: "Message",
+    request_id_field: Some("RequestId"),
+};
+
+/// A `kind = "mews"` source as written in the config file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MewsConfig {
+    base_url: String,
+    client_token: SecretString,
+    access_token: SecretString,
+    client: Option<String>,
+    #[serde(default)]
+    enterprise_ids: Vec<String>,
+    start: String,
+    page_size: Option<i64>,
+    lookback: Option<String>,
+}
+
+/// A validated Mews source.
+#[derive(Debug, Clone)]
+pub struct MewsSettings {
+    pub base_url: reqwest::Url,
+    pub client_token: SecretString,
+    pub access_token: SecretString,
+    pub client: String,
+    pub enterprise_ids: Vec<Uuid>,
+    pub start: DateTime<Utc>,
+    pub page_size: u16,
+    pub lookback: Duration,
+}
+
+impl MewsConfig {
+    pub fn validate(self, fields: &FieldContext<'_>) -> Result<MewsSettings, ConfigError> {
+        let base_url = parse_base_url(&self.base_url).map_err(|m| fields.error("base_url", m))?;
+        let client = self
+            .client
+            .unwrap_or_else(|| format!("deptsync {}", env!("CARGO_PKG_VERSION")));
+        if client.trim().is_empty() {
+            return Err(fields.error("client", "must not be empty"));
+        }
+        if self.enterprise_ids.len() > MAX_ENTERPRISE_IDS {
+            return Err(fields.error(
+                "enterprise_ids",
+                format!("Mews takes at most {MAX_ENTERPRISE_IDS} ids"),
+            ));
+        }
+        let enterprise_ids = self
+            .enterprise_ids
+            .iter()
+            .map(|id| {
+                Uuid::parse_str(id).map_err(|e| {
+                    fields.error("enterprise_ids", format!("{id:?} is not a UUID: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let start = DateTime::parse_from_rfc3339(&self.start)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| {
+                fields.error(
+                    "start",
+                    format!(
+                        "{:?} is not an RFC 3339 time like 2019-01-01T00:00:00Z: {e}",
+                        self.start
+                    ),
+                )
+            })?;
+        let page_size = match self.page_size {
+            None => MAX_PAGE_SIZE,
+            Some(n) if (1..=i64::from(MAX_PAGE_SIZE)).contains(&n) => n as u16,
+            Some(n) => {
+                return Err(fields.error(
+                    "page_size",
+                    format!("must be between 1 and {MAX_PAGE_SIZE}, got {n}"),
+                ));
+            }
+        };
+        let lookback = parse_duration(
+            fields,
+            "lookback",
+            self.lookback.as_deref(),
+            DEFAULT_LOOKBACK,
+        )?;
+        Ok(MewsSettings {
+            base_url,
+            client_token: fields.secret("client_token", self.client_token)?,
+            access_token: fields.secret("access_token", self.access_token)?,
+            client,
+            enterprise_ids,
+            start,
+            page_size,
+            lookback,
+        })
+    }
+}
+
+/// An `http(s)://` URL, with a trailing slash so that relative paths join under it.
+pub fn parse_base_url(text: &str) -> Result<reqwest::Url, String> {
+    let with_slash = if text.ends_with('/') {
+        text.to_owned()
+    } else {
+        format!("{text}/")
+    };
+    let url =
+        reqwest::Url::parse(&with_slash).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!("{text:?} is not an http(s) URL"));
+    }
+    if url.query().is_some() || !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "{:?} must not carry a query or credentials",
+            url.as_str().split('?').next().unwrap_or_default()
+        ));
+    }
+    Ok(url)
+}
+
+/// The Mews connector.
+pub struct Mews {
+    settings: MewsSettings,
+    endpoint: reqwest::Url,
+    client: reqwest::Client,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct GetAllRequest<'a> {
+    client_token: &'a str,
+    access_token: &'a str,
+    client: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    enterprise_ids: &'a [Uuid],
+    updated_utc: Interval,
+    limitation: Limitation<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Interval {
+    start_utc: String,
+    end_utc: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Limitation<'a> {
+    count: u16,
+    cursor: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct GetAllResponse {
+    departments: Vec<serde_json::Value>,
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct MewsDepartment {
+    id: Uuid,
+    enterprise_id: Uuid,
+    is_active: bool,
+    name: String,
+    created_utc: DateTime<Utc>,
+    updated_utc: DateTime<Utc>,
+}
+
+fn utc(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+impl Mews {
+    pub fn new(settings: MewsSettings, client: reqwest::Client) -> Mews {
+        // A base URL always ends in '/' (see parse_base_url) and ENDPOINT is a relative
+        // path, so joining cannot fail.
+        let endpoint = settings
+            .base_url
+            .join(ENDPOINT)
+            .unwrap_or_else(|_| settings.base_url.clone());
+        Mews {
+            settings,
+            endpoint,
+            client,
+        }
+    }
+
+    async fn get_all(
+        &self,
+        window: &Window,
+        cursor: Option<&str>,
+        count: u16,
+    ) -> Result<(Option<GetAllResponse>, Option<String>), SourceError> {
+        let body = GetAllRequest {
+            client_token: self.settings.client_token.expose_secret(),
+            access_token: self.settings.access_token.expose_secret(),
+            client: &self.settings.client,
+            enterprise_ids: &self.settings.enterprise_ids,
+            updated_utc: Interval {
+                start_utc: utc(window.start),
+                end_utc: utc(window.end),
+            },
+            limitation: Limitation { count, cursor },
+        };
+        let response = self
+            .client
+            .post(self.endpoint.clone())
+            .header("Prefer", "return=minimal")
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| SourceError::Transport(e.without_url()))?;
+        let request_id = http::request_id(response.headers(), REQUEST_ID_HEADER);
+        let status = response.status();
+        if status == reqwest::StatusCode::NO_CONTENT {
+            return Ok((None, request_id));
+        }
+        if !status.is_success() {
+            return Err(http::error_from_response(response, request_id, ERROR_BODY).await);
+        }
+        let parsed = http::read_json::<GetAllResponse>(response, request_id.as_deref()).await?;
+        Ok((Some(parsed), request_id))
+    }
+}
+
+impl Source for Mews {
+    fn mode(&self) -> SyncMode {
+        SyncMode::Windowed {
+            start: self.settings.start,
+            lookback: self.settings.lookback,
+            max_window_months: MAX_WINDOW_MONTHS,
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(window = %window, cursor = cursor.unwrap_or("")), err(Display))]
+    async fn fetch_page(&self, window: &Window, cursor: Option<&str>) -> Result<Page, SourceError> {
+        let page_size = self.settings.page_size;
+        let (response, request_id) = self.get_all(window, cursor, page_size).await?;
+        let Some(response) = response else {
+            tracing::debug!(
+                request_id = request_id.as_deref().unwrap_or(""),
+                "empty page (204)"
+            );
+            return Ok(Page::default());
+        };
+        let received = response.departments.len();
+        let full_page = received >= usize::from(page_size);
+        let next_cursor = match response.cursor {
+            Some(next) if full_page => {
+                if cursor == Some(next.as_str()) {
+                    return Err(SourceError::Protocol {
+                        message: format!(
+                            "the cursor {next} came back unchanged; paging would never end"
+                        ),
+                        request_id,
+                    });
+                }
+                Some(next)
+            }
+            _ => None,
+        };
+        let mut page = Page {
+            next_cursor,
+            ..Page::default()
+        };
+        for raw in response.departments {
+            match serde_json::from_value::<MewsDepartment>(raw.clone()) {
+                Ok(d) => page.departments.push(Department {
+                    external_id: d.id.to_string(),
+                    scope_id: Some(d.enterprise_id.to_string()),
+                    name: d.name,
+                    is_active: d.is_active,
+                    parent_external_id: None,
+                    source_created_at: Some(d.created_utc),
+                    source_updated_at: Some(d.updated_utc),
+                    raw,
+                }),
+                Err(e) => page.rejected.push(RejectedRecord {
+                    external_id: raw.get("Id").and_then(|id| id.as_str()).map(str::to_owned),
+                    reason: format!("not a Mews department: {e}"),
+                    payload: raw,
+                }),
+            }
+        }
+        tracing::debug!(
+            request_id = request_id.as_deref().unwrap_or(""),
+            received,
+            more = page.next_cursor.is_some(),
+            "page fetched"
+        );
+        Ok(page)
+    }
+
+    async fn check(&self) -> Result<(), SourceError> {
+        let end = Utc::now();
+        let window = Window {
+            start: end - chrono::Duration::hours(1),
+            end,
+        };
+        self.get_all(&window, None, 1).await.map(|_| ())
+    }
+}

@@ -1,0 +1,385 @@
+//! The PostgreSQL store.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use crate::model::{
+    BackfillProgress, Checkpoint, Department, PageCounts, Position, RejectedRecord, RunId, RunMode,
+    RunOutcome, SourceStatus, SyncState, Window,
+};
+
+/// deptsync's migrations, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+const UPSERT_DEPARTMENTS: &str = include_str!("queries/upsert_departments.sql");
+const STATUS: &str = include_str!("queries/status.sql");
+
+fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Database { context, source }
+}
+
+/// A store in one PostgreSQL database.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to the database at `url`, creating the database first when the server
+    /// says it does not exist (so that a first run needs nothing set up by hand).
+    pub async fn connect(url: &SecretString) -> Result<PgStore, StoreError> {
+        let options = PgConnectOptions::from_str(url.expose_secret())
+            .map_err(db("parsing the database url"))?;
+        let pool_options = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(15));
+        match pool_options.clone().connect_with(options.clone()).await {
+            Ok(pool) => Ok(PgStore { pool }),
+            Err(e) if is_missing_database(&e) => {
+                tracing::info!(
+                    database = options.get_database().unwrap_or_default(),
+                    "database does not exist; creating it"
+                );
+                Postgres::create_database(url.expose_secret())
+                    .await
+                    .map_err(db("creating the database (it does not exist)"))?;
+                let pool = pool_options
+                    .connect_with(options)
+                    .await
+                    .map_err(db("connecting to the database"))?;
+                Ok(PgStore { pool })
+            }
+            Err(e) => Err(StoreError::Database {
+                context: "connecting to the database",
+                source: e,
+            }),
+        }
+    }
+
+    /// A store over an existing pool.
+    pub fn from_pool(pool: PgPool) -> PgStore {
+        PgStore { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the migrations that have not run yet.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn apply_checkpoint(
+        tx: &mut Transaction<'_, Postgres>,
+        source: &str,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), StoreError> {
+        let query = match checkpoint {
+            Checkpoint::Incremental(position) => sqlx::query(
+                "INSERT INTO sync_state AS s (source, incremental_window_start, incremental_window_end, incremental_cursor)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (source) DO UPDATE SET
+                     incremental_window_start = EXCLUDED.incremental_window_start,
+                     incremental_window_end = EXCLUDED.incremental_window_end,
+                     incremental_cursor = EXCLUDED.incremental_cursor,
+                     updated_at = now()",
+            )
+            .bind(source)
+            .bind(position.window.start)
+            .bind(position.window.end)
+            .bind(position.cursor.as_deref()),
+            Checkpoint::IncrementalDone { high_water_mark } => sqlx::query(
+                // GREATEST ignores NULLs; the mark never moves backwards.
+                "INSERT INTO sync_state AS s (source, high_water_mark) VALUES ($1, $2)
+                 ON CONFLICT (source) DO UPDATE SET
+                     high_water_mark = GREATEST(s.high_water_mark, EXCLUDED.high_water_mark),
+                     incremental_window_start = NULL,
+                     incremental_window_end = NULL,
+                     incremental_cursor = NULL,
+                     updated_at = now()",
+            )
+            .bind(source)
+            .bind(high_water_mark),
+            Checkpoint::Backfill(progress) => sqlx::query(
+                "INSERT INTO sync_state AS s (source, backfill_from, backfill_to,
+                                              backfill_window_start, backfill_window_end, backfill_cursor)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (source) DO UPDATE SET
+                     backfill_from = EXCLUDED.backfill_from,
+                     backfill_to = EXCLUDED.backfill_to,
+                     backfill_window_start = EXCLUDED.backfill_window_start,
+                     backfill_window_end = EXCLUDED.backfill_window_end,
+                     backfill_cursor = EXCLUDED.backfill_cursor,
+                     updated_at = now()",
+            )
+            .bind(source)
+            .bind(progress.from)
+            .bind(progress.requested_to)
+            .bind(progress.position.window.start)
+            .bind(progress.position.window.end)
+            .bind(progress.position.cursor.as_deref()),
+            Checkpoint::BackfillDone => sqlx::query(
+                "UPDATE sync_state SET backfill_from = NULL, backfill_to = NULL,
+                        backfill_window_start = NULL, backfill_window_end = NULL,
+                        backfill_cursor = NULL, updated_at = now()
+                 WHERE source = $1",
+            )
+            .bind(source),
+        };
+        query
+            .execute(&mut **tx)
+            .await
+            .map_err(db("saving the checkpoint"))?;
+        Ok(())
+    }
+
+    async fn upsert_departments(
+        tx: &mut Transaction<'_, Postgres>,
+        source: &str,
+        departments: &[Department],
+    ) -> Result<(u64, u64), StoreError> {
+        if departments.is_empty() {
+            return Ok((0, 0));
+        }
+        // One statement cannot touch a row twice: keep the newest version of each id.
+        let mut newest: HashMap<&str, &Department> = HashMap::with_capacity(departments.len());
+        for department in departments {
+            newest
+                .entry(department.external_id.as_str())
+                .and_modify(|kept| {
+                    if department.source_updated_at >= kept.source_updated_at {
+                        *kept = department;
+                    }
+                })
+                .or_insert(department);
+        }
+        let rows: Vec<&Department> = newest.into_values().collect();
+        let column =
+            |f: fn(&Department) -> Option<String>| rows.iter().map(|d| f(d)).collect::<Vec<_>>();
+        let external_ids = column(|d| Some(d.external_id.clone()));
+        let scope_ids = column(|d| d.scope_id.clone());
+        let names = column(|d| Some(d.name.clone()));
+        let parents = column(|d| d.parent_external_id.clone());
+        let active: Vec<bool> = rows.iter().map(|d| d.is_active).collect();
+        let created: Vec<Option<DateTime<Utc>>> =
+            rows.iter().map(|d| d.source_created_at).collect();
+        let updated: Vec<Option<DateTime<Utc>>> =
+            rows.iter().map(|d| d.source_updated_at).collect();
+        let raw: Vec<sqlx::types::Json<&serde_json::Value>> =
+            rows.iter().map(|d| sqlx::types::Json(&d.raw)).collect();
+
+        let row = sqlx::query(UPSERT_DEPARTMENTS)
+            .bind(source)
+            .bind(&external_ids)
+            .bind(&scope_ids)
+            .bind(&names)
+            .bind(&active)
+            .bind(&parents)
+            .bind(&created)
+            .bind(&updated)
+            .bind(&raw)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(db("upserting departments"))?;
+        let inserted: i64 = row.get("inserted");
+        let updated: i64 = row.get("updated");
+        Ok((inserted as u64, updated as u64))
+    }
+
+    async fn keep_rejected(
+        tx: &mut Transaction<'_, Postgres>,
+        source: &str,
+        rejected: &[RejectedRecord],
+    ) -> Result<(), StoreError> {
+        for record in rejected {
+            // serde_json escapes control characters, so the payload text holds no NUL;
+            // the reason and id may quote the record, so escape NUL there too.
+            let payload = serde_json::to_string(&record.payload).map_err(|e| {
+                StoreError::Corrupt(format!("rejected record not serializable: {e}"))
+            })?;
+            sqlx::query(
+                "INSERT INTO rejected_records (source, external_id, reason, payload)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (source, payload_md5) DO UPDATE SET
+                     reason = EXCLUDED.reason,
+                     seen_at = now(),
+                     times_seen = rejected_records.times_seen + 1",
+            )
+            .bind(source)
+            .bind(record.external_id.as_deref().map(escape_nul))
+            .bind(escape_nul(&record.reason))
+            .bind(payload)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("keeping a rejected record"))?;
+        }
+        Ok(())
+    }
+}
+
+fn escape_nul(text: &str) -> String {
+    text.replace('\0', "\\u0000")
+}
+
+fn is_missing_database(error: &sqlx::Error) -> bool {
+    // SQLSTATE 3D000: invalid_catalog_name ("database ... does not exist").
+    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("3D000"))
+}
+
+fn window_from(start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>) -> Option<Window> {
+    Some(Window {
+        start: start?,
+        end: end?,
+    })
+}
+
+impl Store for PgStore {
+    async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
+        let row = sqlx::query("SELECT * FROM sync_state WHERE source = $1")
+            .bind(source)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("loading the sync state"))?;
+        let Some(row) = row else {
+            return Ok(SyncState::default());
+        };
+        let incremental = window_from(
+            row.get("incremental_window_start"),
+            row.get("incremental_window_end"),
+        )
+        .map(|window| Position {
+            window,
+            cursor: row.get("incremental_cursor"),
+        });
+        let backfill = match (
+            row.get::<Option<DateTime<Utc>>, _>("backfill_from"),
+            window_from(
+                row.get("backfill_window_start"),
+                row.get("backfill_window_end"),
+            ),
+        ) {
+            (Some(from), Some(window)) => Some(BackfillProgress {
+                from,
+                requested_to: row.get("backfill_to"),
+                position: Position {
+                    window,
+                    cursor: row.get("backfill_cursor"),
+                },
+            }),
+            _ => None,
+        };
+        Ok(SyncState {
+            high_water_mark: row.get("high_water_mark"),
+            incremental,
+            backfill,
+        })
+    }
+
+    async fn start_run(&self, source: &str, mode: RunMode) -> Result<RunId, StoreError> {
+        let run_id = Uuid::new_v4();
+        sqlx::query("INSERT INTO sync_runs (run_id, source, mode) VALUES ($1, $2, $3)")
+            .bind(run_id)
+            .bind(source)
+            .bind(mode.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(db("recording the start of the run"))?;
+        Ok(RunId(run_id))
+    }
+
+    async fn commit_page(
+        &self,
+        run: RunId,
+        source: &str,
+        departments: &[Department],
+        rejected: &[RejectedRecord],
+        checkpoint: &Checkpoint,
+    ) -> Result<PageCounts, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("opening a transaction"))?;
+        let (inserted, updated) = Self::upsert_departments(&mut tx, source, departments).await?;
+        Self::keep_rejected(&mut tx, source, rejected).await?;
+        Self::apply_checkpoint(&mut tx, source, checkpoint).await?;
+        let counts = PageCounts {
+            inserted,
+            updated,
+            unchanged: departments.len() as u64 - inserted - updated,
+            rejected: rejected.len() as u64,
+        };
+        sqlx::query(
+            "UPDATE sync_runs SET pages = pages + 1, fetched = fetched + $2, inserted = inserted + $3,
+                    updated = updated + $4, unchanged = unchanged + $5, rejected = rejected + $6
+             WHERE run_id = $1",
+        )
+        .bind(run.0)
+        .bind((departments.len() + rejected.len()) as i64)
+        .bind(counts.inserted as i64)
+        .bind(counts.updated as i64)
+        .bind(counts.unchanged as i64)
+        .bind(counts.rejected as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("counting the page in its run"))?;
+        tx.commit().await.map_err(db("committing the page"))?;
+        Ok(counts)
+    }
+
+    async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
+        let error = match outcome {
+            RunOutcome::Failed { error } => Some(escape_nul(error)),
+            _ => None,
+        };
+        sqlx::query(
+            "UPDATE sync_runs SET finished_at = now(), status = $2, error = $3 WHERE run_id = $1",
+        )
+        .bind(run.0)
+        .bind(outcome.status())
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording the end of the run"))?;
+        Ok(())
+    }
+
+    async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {
+        let rows = sqlx::query(STATUS)
+            .bind(sources)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading the status"))?;
+        Ok(rows
+            .into_iter()
+            .map(|row| SourceStatus {
+                source: row.get("source"),
+                state: row
+                    .get::<Option<String>, _>("last_status")
+                    .unwrap_or_else(|| "never run".to_owned()),
+                last_run_started_at: row.get("last_started_at"),
+                last_run_finished_at: row.get("last_finished_at"),
+                last_success_at: row.get("last_success_at"),
+                last_error: row.get("last_error"),
+                high_water_mark: row.get("high_water_mark"),
+                live_rows: row.get("live_rows"),
+                deleted_rows: row.get("deleted_rows"),
+                rejected_records: row.get("rejected"),
+                backfill_in_progress: row
+                    .get::<Option<bool>, _>("backfill_in_progress")
+                    .unwrap_or(false),
+            })
+            .collect())
+    }
+}
