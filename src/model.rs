@@ -33,7 +33,7 @@ pub struct RejectedRecord {
 }
 
 /// A half-open interval of update times: `start <= updated < end`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Window {
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,

@@ -1,1 +1,7 @@
+//! deptsync's integration tests: one binary, one database per test, fake upstreams.
 
+mod cli;
+mod fakes;
+mod helpers;
+mod mews;
+mod store;

@@ -1,0 +1,249 @@
+//! The real binary: exit codes, messages, and `sync` / `status` end to end.
+
+use chrono::{TimeZone, Utc};
+
+use crate::fakes::mews::FakeMews;
+use crate::helpers::{TestDb, mews_config, run_binary};
+
+fn write_config(text: &str) -> tempfile_path::TempConfig {
+    tempfile_path::TempConfig::new(text)
+}
+
+/// A config file that lives as long as the test.
+mod tempfile_path {
+    pub struct TempConfig {
+        pub path: std::path::PathBuf,
+    }
+
+    impl TempConfig {
+        pub fn new(text: &str) -> Self {
+            let path = std::env::temp_dir().join(format!("deptsync-{}.toml", uuid::Uuid::new_v4()));
+            std::fs::write(&path, text).unwrap();
+            TempConfig { path }
+        }
+
+        pub fn arg(&self) -> &str {
+            self.path.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempConfig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn a_bad_config_exits_2_naming_the_source_and_field_and_touches_nothing() {
+    let db = TestDb::new().await;
+    let config = write_config(&mews_config(
+        &db.url,
+        "mews-main",
+        "http://127.0.0.1:9",
+        "page_size = 0",
+    ));
+    // A fresh, empty database: nothing may be created in it.
+    let empty = format!("{}_empty", db.name);
+    sqlx::query(&format!("CREATE DATABASE \"{empty}\""))
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let empty_url = db.url.replace(&db.name, &empty);
+
+    let output = run_binary(
+        &["sync", "--config", config.arg()],
+        &[("DATABASE_URL", &empty_url)],
+    )
+    .await;
+
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains("source \"mews-main\": field `page_size`"),
+        "{message}"
+    );
+    let mut check = sqlx::PgPool::connect(&empty_url).await.unwrap();
+    let tables: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            .fetch_one(&check)
+            .await
+            .unwrap();
+    assert_eq!(tables, 0, "a bad config must not touch the database");
+    check.close().await;
+    check = sqlx::PgPool::connect(&crate::helpers::server_url())
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP DATABASE \"{empty}\" WITH (FORCE)"))
+        .execute(&check)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_config_file_exits_2() {
+    let output = run_binary(&["--config", "/nonexistent/deptsync.toml", "status"], &[]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("/nonexistent/deptsync.toml"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[tokio::test]
+async fn sync_then_status_end_to_end() {
+    let db = TestDb::new().await;
+    let fake = FakeMews::start().await;
+    let from = Utc.with_ymd_and_hms(2019, 6, 1, 0, 0, 0).unwrap();
+    fake.generate(250, 2, from, Utc::now() - chrono::Duration::hours(1));
+    let config = write_config(&mews_config(
+        &db.url,
+        "mews-main",
+        &fake.base_url,
+        "page_size = 100",
+    ));
+
+    // --config after the subcommand works as well as before it.
+    let output = run_binary(&["sync", "--config", config.arg()], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    fake.assert_no_violations();
+
+    let output = run_binary(&["--config", config.arg(), "status", "--json"], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status[0]["source"], "mews-main");
+    assert_eq!(status[0]["state"], "succeeded");
+    assert_eq!(status[0]["live_rows"], 250);
+    assert_eq!(status[0]["deleted_rows"], 0);
+    assert!(status[0]["last_success_at"].is_string());
+
+    let output = run_binary(&["--config", config.arg(), "status"], &[]).await;
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.starts_with("SOURCE"), "{table}");
+    assert!(
+        table.contains("mews-main") && table.contains("250"),
+        "{table}"
+    );
+}
+
+#[tokio::test]
+async fn one_failing_source_does_not_stop_the_others_and_exits_1() {
+    let db = TestDb::new().await;
+    let good = FakeMews::start().await;
+    good.generate(
+        30,
+        1,
+        Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap(),
+        Utc::now(),
+    );
+    let bad = FakeMews::start().await;
+    bad.set_access_token("something-else");
+    let mut text = mews_config(&db.url, "bad", &bad.base_url, "");
+    let good_source = mews_config(&db.url, "good", &good.base_url, "");
+    text.push_str(&good_source[good_source.find("[[sources]]").unwrap()..]);
+    let config = write_config(&text);
+
+    let output = run_binary(&["--config", config.arg(), "sync"], &[]).await;
+
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains("bad") && message.contains("Invalid AccessToken."),
+        "{message}"
+    );
+    assert!(
+        !message.contains("something-else") && !message.contains(crate::fakes::mews::ACCESS_TOKEN)
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM departments WHERE source = 'good'")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 30);
+
+    let output = run_binary(&["--config", config.arg(), "check"], &[]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("bad: upstream answered 401"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[tokio::test]
+async fn usage_errors_exit_2() {
+    let db = TestDb::new().await;
+    let config = write_config(&mews_config(&db.url, "mews", "http://127.0.0.1:9", ""));
+    for args in [
+        vec!["sync", "--source", "nope"],
+        vec!["sync", "--backfill", "--from", "2020-01-01T00:00:00Z"],
+        vec![
+            "sync",
+            "--source",
+            "mews",
+            "--backfill",
+            "--from",
+            "2021-01-01T00:00:00Z",
+            "--to",
+            "2020-01-01T00:00:00Z",
+        ],
+        vec!["sync", "--from", "2020-01-01T00:00:00Z"],
+    ] {
+        let mut full = args.clone();
+        full.extend(["--config", config.arg()]);
+        let output = run_binary(&full, &[]).await;
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_manual_backfill_through_the_binary() {
+    let db = TestDb::new().await;
+    let fake = FakeMews::start().await;
+    fake.generate(
+        90,
+        1,
+        Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap(),
+        Utc.with_ymd_and_hms(2021, 1, 1, 0, 0, 0).unwrap(),
+    );
+    let config = write_config(&mews_config(&db.url, "mews", &fake.base_url, ""));
+    let args = [
+        "--config",
+        config.arg(),
+        "sync",
+        "--source",
+        "mews",
+        "--backfill",
+        "--from",
+        "2020-03-01T00:00:00Z",
+        "--to",
+        "2020-06-01T00:00:00Z",
+    ];
+
+    let output = run_binary(&args, &[]).await;
+
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    fake.assert_no_violations();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM departments")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    let expected = fake
+        .departments()
+        .iter()
+        .filter(|d| {
+            d.updated >= Utc.with_ymd_and_hms(2020, 3, 1, 0, 0, 0).unwrap()
+                && d.updated < Utc.with_ymd_and_hms(2020, 6, 1, 0, 0, 0).unwrap()
+        })
+        .count() as i64;
+    assert_eq!(rows, expected);
+}

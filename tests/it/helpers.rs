@@ -1,0 +1,121 @@
+//! What every integration test needs: a database of its own, a source wired to a fake.
+
+use std::time::Duration;
+
+use deptsync::config::{Settings, SourceSettings};
+use deptsync::sources::{Connector, http};
+use deptsync::store::postgres::PgStore;
+use sqlx::Connection;
+use sqlx::postgres::PgConnection;
+
+/// The PostgreSQL server tests use: `DATABASE_URL`, or the local one this project's
+/// machines run (trust auth).
+pub fn server_url() -> String {
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database created for one test, migrated, and dropped when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub store: PgStore,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let server = server_url();
+        let name = format!("deptsync_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&server).await.unwrap_or_else(|e| {
+            panic!("tests need PostgreSQL at {server} (set DATABASE_URL): {e}")
+        });
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let mut url = reqwest::Url::parse(&server).unwrap();
+        url.set_path(&name);
+        let url = url.to_string();
+        let store = PgStore::connect(&url.clone().into()).await.unwrap();
+        store.migrate().await.unwrap();
+        TestDb { name, url, store }
+    }
+
+    pub fn pool(&self) -> &sqlx::PgPool {
+        self.store.pool()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop runs outside async: drop the database from a thread with its own runtime.
+        let name = self.name.clone();
+        let server = server_url();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let mut admin = PgConnection::connect(&server).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = dropped {
+            eprintln!("could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+/// A config for one Mews source pointing at `base_url`.
+pub fn mews_config(database_url: &str, name: &str, base_url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[database]
+url = "{database_url}"
+
+[[sources]]
+name = "{name}"
+kind = "mews"
+base_url = "{base_url}"
+client_token = "{client}"
+access_token = "{access}"
+start = "2019-01-01T00:00:00Z"
+{extra}
+"#,
+        client = crate::fakes::mews::CLIENT_TOKEN,
+        access = crate::fakes::mews::ACCESS_TOKEN,
+    )
+}
+
+/// Validated settings and the connector of their first source.
+pub fn connector(toml: &str) -> (SourceSettings, Connector) {
+    let env = |_: &str| None;
+    let mut settings = Settings::parse(toml, &env).unwrap();
+    let source = settings.sources.remove(0);
+    let client = http::build_client().unwrap();
+    let connector = Connector::new(&source, &client);
+    (source, connector)
+}
+
+/// Runs the real binary with `args` and the environment given, waiting at most a minute.
+pub async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_deptsync"));
+    command
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("deptsync did not finish within a minute")
+        .unwrap()
+}
