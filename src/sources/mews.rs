@@ -245,7 +245,7 @@ impl Mews {
             .json(&body)
             .send()
             .await
-            .map_err(|e| SourceError::Transport(e.without_url()))?;
+            .map_err(SourceError::Transport)?;
         let request_id = http::request_id(response.headers(), REQUEST_ID_HEADER);
         let status = response.status();
         if status == reqwest::StatusCode::NO_CONTENT {
@@ -268,7 +268,7 @@ impl Source for Mews {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(window = %window, cursor = cursor.unwrap_or("")), err(Display))]
+    #[tracing::instrument(skip_all, fields(window = %window, cursor = cursor.unwrap_or("")))]
     async fn fetch_page(&self, window: &Window, cursor: Option<&str>) -> Result<Page, SourceError> {
         let page_size = self.settings.page_size;
         let (response, request_id) = self.get_all(window, cursor, page_size).await?;

@@ -50,7 +50,7 @@ pub enum SourceError {
         message: String,
         request_id: Option<String>,
     },
-    #[error("request failed: {0}")]
+    #[error("request failed")]
     Transport(#[source] reqwest::Error),
     #[error("unreadable response: {message} (request id {})", request_id.as_deref().unwrap_or("none"))]
     Decode {
