@@ -159,10 +159,9 @@ async fn one_failing_source_does_not_stop_the_others_and_exits_1() {
     assert!(
         !message.contains("something-else") && !message.contains(crate::fakes::mews::ACCESS_TOKEN)
     );
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM departments WHERE source = 'good'")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let rows: i64 = db
+        .scalar("SELECT count(*) FROM departments WHERE source = 'good'")
+        .await;
     assert_eq!(rows, 30);
 
     let output = run_binary(&["--config", config.arg(), "check"], &[]).await;
@@ -233,10 +232,7 @@ async fn a_manual_backfill_through_the_binary() {
 
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     fake.assert_no_violations();
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM departments")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let rows: i64 = db.scalar("SELECT count(*) FROM departments").await;
     let expected = fake
         .departments()
         .iter()

@@ -259,10 +259,7 @@ async fn a_sync_that_fails_mid_window_resumes_at_its_cursor() {
         .await
         .unwrap_err();
     assert!(error.contains("500") && error.contains("req-7"), "{error}");
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM departments")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let stored: i64 = db.scalar("SELECT count(*) FROM departments").await;
     assert_eq!(stored, 300, "the six pages before the failure are kept");
     let state = db.store.load_state("mews").await.unwrap();
     let position = state
@@ -332,15 +329,9 @@ async fn a_cancelled_pass_is_recorded_and_the_next_one_resumes() {
     .await
     .unwrap();
     assert_eq!(report.outcome, RunOutcome::Cancelled);
-    let status: String = sqlx::query_scalar("SELECT status FROM sync_runs")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let status: String = db.scalar("SELECT status FROM sync_runs").await;
     assert_eq!(status, "cancelled");
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM departments")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let stored: i64 = db.scalar("SELECT count(*) FROM departments").await;
     assert!(
         (150..=200).contains(&stored),
         "pages before the cancel are kept, got {stored}"
@@ -391,11 +382,9 @@ async fn a_backfill_restores_deleted_rows_and_leaves_the_high_water_mark() {
     let state = db.store.load_state("mews").await.unwrap();
     assert_eq!(state.high_water_mark, mark);
     assert_eq!(state.backfill, None);
-    let mode: String =
-        sqlx::query_scalar("SELECT mode FROM sync_runs ORDER BY started_at DESC LIMIT 1")
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
+    let mode: String = db
+        .scalar("SELECT mode FROM sync_runs ORDER BY started_at DESC LIMIT 1")
+        .await;
     assert_eq!(mode, "backfill");
 }
 
@@ -496,10 +485,7 @@ async fn bad_tokens_fail_the_source_with_the_vendor_message_and_request_id() {
         !error.contains(crate::fakes::mews::ACCESS_TOKEN),
         "the token leaked: {error}"
     );
-    let recorded: String = sqlx::query_scalar("SELECT error FROM sync_runs")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let recorded: String = db.scalar("SELECT error FROM sync_runs").await;
     assert_eq!(recorded, error);
     fake.assert_no_violations();
 }
@@ -554,9 +540,8 @@ async fn records_that_cannot_be_stored_are_kept_aside_and_the_page_goes_on() {
     assert!(rejected[0].1.contains("Name"), "{}", rejected[0].1);
     assert!(rejected[1].1.contains("NUL"), "{}", rejected[1].1);
     assert!(rejected.iter().all(|r| r.2 == 2));
-    let rejected_count: i64 = sqlx::query_scalar("SELECT sum(rejected)::bigint FROM sync_runs")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let rejected_count: i64 = db
+        .scalar("SELECT sum(rejected)::bigint FROM sync_runs")
+        .await;
     assert_eq!(rejected_count, 4);
 }

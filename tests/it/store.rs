@@ -44,10 +44,9 @@ async fn a_page_with_the_same_id_twice_keeps_the_newest() {
         (counts.inserted, counts.updated, counts.unchanged),
         (2, 0, 1)
     );
-    let name: String = sqlx::query_scalar("SELECT name FROM departments WHERE external_id = '1'")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let name: String = db
+        .scalar("SELECT name FROM departments WHERE external_id = '1'")
+        .await;
     assert_eq!(name, "new");
 }
 
@@ -87,10 +86,7 @@ async fn a_failed_commit_keeps_neither_rows_nor_position() {
             .await
             .is_err()
     );
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM departments")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let rows: i64 = db.scalar("SELECT count(*) FROM departments").await;
     assert_eq!(rows, 0);
     assert_eq!(
         db.store.load_state("s").await.unwrap().high_water_mark,
