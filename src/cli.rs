@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, ConfigError, Settings, SourceSettings};
 use crate::engine::{self, PassRequest, error_chain};
 use crate::model::{RunOutcome, SourceStatus};
-use crate::sources::{Connector, Source, http};
+use crate::sources::{Connector, Source, SyncMode, http};
 use crate::store::Store;
 use crate::store::postgres::PgStore;
 
@@ -57,6 +57,10 @@ pub struct SyncArgs {
     /// End of the backfill range (RFC 3339, exclusive; default: now).
     #[arg(long, value_name = "RFC3339", requires = "backfill")]
     pub to: Option<DateTime<Utc>>,
+    /// Confirm that a full listing may mark more than the source's max_delete_fraction of
+    /// its departments deleted.
+    #[arg(long, conflicts_with = "backfill")]
+    pub allow_mass_delete: bool,
 }
 
 /// How the process ends.
@@ -148,12 +152,20 @@ async fn sync(
     cancel: CancellationToken,
 ) -> Result<Exit, CliError> {
     let selected = select_sources(settings, &args.sources)?;
+    let client = http::build_client().context("building the HTTP client")?;
     let request = match (args.backfill, args.from) {
         (true, Some(from)) => {
             if selected.len() != 1 || args.sources.len() != 1 {
                 return Err(CliError::Usage(
                     "--backfill needs exactly one --source".to_owned(),
                 ));
+            }
+            let mode = Connector::new(selected[0], &client).mode();
+            if !matches!(mode, SyncMode::Windowed { .. }) {
+                return Err(CliError::Usage(format!(
+                    "--backfill: source {} is read in full on every pass; a plain sync re-reads everything",
+                    selected[0].name
+                )));
             }
             if let Some(to) = args.to.filter(|to| *to <= from) {
                 return Err(CliError::Usage(format!(
@@ -163,7 +175,9 @@ async fn sync(
             PassRequest::Backfill { from, to: args.to }
         }
         (true, None) => return Err(CliError::Usage("--backfill needs --from".to_owned())),
-        (false, _) => PassRequest::Incremental,
+        (false, _) => PassRequest::Incremental {
+            allow_mass_delete: args.allow_mass_delete,
+        },
     };
     if selected.is_empty() {
         tracing::warn!("the config has no sources; nothing to sync");
@@ -171,7 +185,6 @@ async fn sync(
     }
 
     let store = connect(settings).await?;
-    let client = http::build_client().context("building the HTTP client")?;
     let mut failed = Vec::new();
     for source_settings in selected {
         if cancel.is_cancelled() {

@@ -13,7 +13,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use crate::sources::data_v1::{DataV1Config, DataV1Settings};
 use crate::sources::mews::{MewsConfig, MewsSettings};
+use crate::sources::procurify::{ProcurifyConfig, ProcurifySettings};
+use crate::sources::snapbooks::{SnapbooksConfig, SnapbooksSettings};
 
 /// The config file read when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/deptsync/deptsync.toml";
@@ -87,15 +90,13 @@ pub struct SourceSettings {
 #[derive(Debug)]
 pub enum SourceKindSettings {
     Mews(MewsSettings),
+    Procurify(ProcurifySettings),
+    Snapbooks(SnapbooksSettings),
+    DataV1(DataV1Settings),
 }
 
-impl SourceKindSettings {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            SourceKindSettings::Mews(_) => "mews",
-        }
-    }
-}
+/// The `kind` values, as the config file spells them.
+const KINDS: &str = "mews, procurify, snapbooks, data_v1";
 
 /// A source name: unique, `[a-z0-9][a-z0-9_-]*`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -252,6 +253,79 @@ impl FieldContext<'_> {
     pub fn secret(&self, field: &str, value: SecretString) -> Result<SecretString, ConfigError> {
         expand_secret(value, self.env).map_err(|m| self.error(field, m))
     }
+
+    /// An `http(s)://` URL without credentials or query, ending in `/` so that relative
+    /// paths join under it.
+    pub fn base_url(&self, field: &str, text: &str) -> Result<reqwest::Url, ConfigError> {
+        parse_base_url(text).map_err(|m| self.error(field, m))
+    }
+
+    /// An optional page size in `1..=max`.
+    pub fn page_size(
+        &self,
+        value: Option<i64>,
+        default: u32,
+        max: u32,
+    ) -> Result<u32, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(n) if (1..=i64::from(max)).contains(&n) => Ok(n as u32),
+            Some(n) => {
+                Err(self.error("page_size", format!("must be between 1 and {max}, got {n}")))
+            }
+        }
+    }
+
+    /// An optional `max_delete_fraction` in `0.0..=1.0`.
+    pub fn delete_fraction(&self, value: Option<f64>) -> Result<f64, ConfigError> {
+        match value {
+            None => Ok(DEFAULT_MAX_DELETE_FRACTION),
+            Some(f) if (0.0..=1.0).contains(&f) => Ok(f),
+            Some(f) => Err(self.error(
+                "max_delete_fraction",
+                format!("must be between 0.0 and 1.0, got {f}"),
+            )),
+        }
+    }
+
+    /// An optional duration such as `"5m"` or `"1h 30m"`.
+    pub fn duration(
+        &self,
+        field: &str,
+        value: Option<&str>,
+        default: std::time::Duration,
+    ) -> Result<std::time::Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(text) => humantime::parse_duration(text).map_err(|e| {
+                self.error(
+                    field,
+                    format!("{text:?} is not a duration like \"5m\": {e}"),
+                )
+            }),
+        }
+    }
+}
+
+/// A full listing that would mark more than this fraction of a source's live rows deleted
+/// deletes nothing, unless a person confirms it.
+pub const DEFAULT_MAX_DELETE_FRACTION: f64 = 0.5;
+
+fn parse_base_url(text: &str) -> Result<reqwest::Url, String> {
+    let with_slash = if text.ends_with('/') {
+        text.to_owned()
+    } else {
+        format!("{text}/")
+    };
+    let url =
+        reqwest::Url::parse(&with_slash).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!("{text:?} is not an http(s) URL"));
+    }
+    if url.query().is_some() || !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry a query or credentials".to_owned());
+    }
+    Ok(url)
 }
 
 fn validate_source(
@@ -286,10 +360,19 @@ fn validate_source(
         "mews" => {
             SourceKindSettings::Mews(parse_kind::<MewsConfig>(rest, &fields)?.validate(&fields)?)
         }
+        "procurify" => SourceKindSettings::Procurify(
+            parse_kind::<ProcurifyConfig>(rest, &fields)?.validate(&fields)?,
+        ),
+        "snapbooks" => SourceKindSettings::Snapbooks(
+            parse_kind::<SnapbooksConfig>(rest, &fields)?.validate(&fields)?,
+        ),
+        "data_v1" => SourceKindSettings::DataV1(
+            parse_kind::<DataV1Config>(rest, &fields)?.validate(&fields)?,
+        ),
         other => {
             return Err(fields.error(
                 "kind",
-                format!("unknown kind {other:?}; expected one of: mews"),
+                format!("unknown kind {other:?}; expected one of: {KINDS}"),
             ));
         }
     };
@@ -379,24 +462,6 @@ fn expand_secret(value: SecretString, env: EnvLookup<'_>) -> Result<SecretString
     Ok(expanded)
 }
 
-/// Parses an optional duration field such as `"5m"` or `"1h 30m"`.
-pub fn parse_duration(
-    fields: &FieldContext<'_>,
-    field: &str,
-    value: Option<&str>,
-    default: std::time::Duration,
-) -> Result<std::time::Duration, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(text) => humantime::parse_duration(text).map_err(|e| {
-            fields.error(
-                field,
-                format!("{text:?} is not a duration like \"5m\": {e}"),
-            )
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,7 +504,9 @@ mod tests {
         let source = &settings.sources[0];
         assert_eq!(source.name.as_str(), "mews-main");
         assert_eq!(source.schedule, DEFAULT_SCHEDULE);
-        let SourceKindSettings::Mews(mews) = &source.kind;
+        let SourceKindSettings::Mews(mews) = &source.kind else {
+            panic!("expected a mews source");
+        };
         assert_eq!(mews.page_size, 500);
         assert_eq!(mews.lookback, std::time::Duration::from_secs(600));
         assert_eq!(mews.access_token.expose_secret(), "access-from-env");

@@ -11,25 +11,37 @@
 //! high-water mark becomes the pass's `now`. An interrupted pass resumes at the window and
 //! cursor it had reached, then plans on from there to the new `now`. A backfill reads a
 //! range given by a person, keeps its own progress, and never touches the high-water mark.
+//!
+//! A full-listing pass reads the whole listing under a listing id; the store records the
+//! ids each page saw under it, and the commit of the last page marks deleted whatever the
+//! listing did not see (unless that is more than the source's `max_delete_fraction` of
+//! its live rows). A listing that fails or stops half way deletes nothing; the next pass
+//! resumes it. A listing that changed under its page numbers starts again.
 
 use chrono::{DateTime, SubsecRound, Utc};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::model::{
-    BackfillProgress, Checkpoint, PageCounts, Position, RunId, RunMode, RunOutcome, SyncState,
-    Window,
+    BackfillProgress, Checkpoint, ListingProgress, PageCounts, Position, RunId, RunMode,
+    RunOutcome, SyncState, Window,
 };
 use crate::plan::plan_windows;
-use crate::sources::{Source, SourceError, SyncMode};
+use crate::sources::{Page, PageRequest, Source, SourceError, SyncMode};
 use crate::store::{Store, StoreError};
+
+/// How many times one pass starts a listing again after it changed under its page numbers.
+const MAX_LISTING_RESTARTS: u32 = 3;
 
 /// What a pass should read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PassRequest {
-    /// Everything updated since the last pass.
-    Incremental,
+    /// Everything updated since the last pass (windowed sources), or the whole listing
+    /// (full-listing sources). `allow_mass_delete` is a person's confirmation that a
+    /// listing may delete more than the source's `max_delete_fraction`.
+    Incremental { allow_mass_delete: bool },
     /// `[from, to)` again (`to`: now when not given), resuming the same backfill if one
-    /// was interrupted.
+    /// was interrupted. Only for windowed sources.
     Backfill {
         from: DateTime<Utc>,
         to: Option<DateTime<Utc>>,
@@ -37,9 +49,14 @@ pub enum PassRequest {
 }
 
 impl PassRequest {
+    /// The regular pass, with no confirmation of mass deletions.
+    pub const INCREMENTAL: PassRequest = PassRequest::Incremental {
+        allow_mass_delete: false,
+    };
+
     fn mode(&self) -> RunMode {
         match self {
-            PassRequest::Incremental => RunMode::Incremental,
+            PassRequest::Incremental { .. } => RunMode::Incremental,
             PassRequest::Backfill { .. } => RunMode::Backfill,
         }
     }
@@ -60,6 +77,7 @@ impl PassTotals {
         self.counts.updated += page.updated;
         self.counts.unchanged += page.unchanged;
         self.counts.rejected += page.rejected;
+        self.counts.deleted += page.deleted;
     }
 }
 
@@ -74,17 +92,15 @@ pub struct PassReport {
 /// Why a pass failed. The display of the whole chain is what `sync_runs.error` keeps.
 #[derive(Debug, thiserror::Error)]
 pub enum PassError {
-    #[error("fetching page {page} of window {window}")]
+    #[error("fetching {at}")]
     Fetch {
-        window: Window,
-        page: u64,
+        at: String,
         #[source]
         source: SourceError,
     },
-    #[error("storing page {page} of window {window}")]
+    #[error("storing {at}")]
     Store {
-        window: Window,
-        page: u64,
+        at: String,
         #[source]
         source: StoreError,
     },
@@ -99,6 +115,18 @@ pub enum PassError {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     },
+    #[error("a backfill re-reads update-time windows; this source is read in full on every pass")]
+    BackfillUnsupported,
+    #[error(
+        "the complete listing would mark {would_delete} of {live} live departments deleted, \
+         more than max_delete_fraction {max_delete_fraction} allows; nothing was deleted \
+         (if they really are gone, confirm with `deptsync sync --source NAME --allow-mass-delete`)"
+    )]
+    MassDeletion {
+        would_delete: u64,
+        live: u64,
+        max_delete_fraction: f64,
+    },
 }
 
 /// An error and all its causes on one line, `outer: inner: innermost`.
@@ -111,6 +139,14 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         cause = inner.source();
     }
     text
+}
+
+/// The settings of a windowed source.
+#[derive(Debug, Clone, Copy)]
+struct Windowed {
+    start: DateTime<Utc>,
+    lookback: std::time::Duration,
+    max_window_months: u32,
 }
 
 /// Where a pass starts and how its positions are written down.
@@ -168,18 +204,19 @@ impl Plan {
     }
 }
 
+/// The windows a windowed pass reads, given the source's settings and saved state.
 fn plan_pass(
     source: &str,
-    mode: SyncMode,
+    windowed: Windowed,
     state: SyncState,
     request: PassRequest,
     now: DateTime<Utc>,
 ) -> Result<Plan, PassError> {
-    let SyncMode::Windowed {
+    let Windowed {
         start,
         lookback,
         max_window_months,
-    } = mode;
+    } = windowed;
     let windows_from =
         |position: Option<Position>, from: DateTime<Utc>, to: DateTime<Utc>| match position {
             Some(position) => {
@@ -190,7 +227,7 @@ fn plan_pass(
             None => (plan_windows(from, to, max_window_months), None),
         };
     let (windows, first_cursor, kind) = match request {
-        PassRequest::Incremental => {
+        PassRequest::Incremental { .. } => {
             let lookback = chrono::Duration::from_std(lookback).unwrap_or(chrono::Duration::MAX);
             let from = match state.high_water_mark {
                 Some(mark) => mark
@@ -255,11 +292,19 @@ pub async fn run_pass<S: Source, St: Store>(
             source,
         })?;
     tracing::Span::current().record("run_id", tracing::field::display(run_id));
-    let mut totals = PassTotals::default();
-    let result = read_and_store(name, source, store, request, cancel, run_id, &mut totals).await;
+    let mut pass = Pass {
+        name,
+        source,
+        store,
+        cancel,
+        run_id,
+        totals: PassTotals::default(),
+    };
+    let result = pass.run(request).await;
+    let totals = pass.totals;
     let outcome = match &result {
-        Ok(true) => RunOutcome::Succeeded,
-        Ok(false) => RunOutcome::Cancelled,
+        Ok(Finished::Completed) => RunOutcome::Succeeded,
+        Ok(Finished::Cancelled) => RunOutcome::Cancelled,
         Err(e) => RunOutcome::Failed {
             error: error_chain(e),
         },
@@ -276,6 +321,7 @@ pub async fn run_pass<S: Source, St: Store>(
                 inserted = totals.counts.inserted,
                 updated = totals.counts.updated,
                 unchanged = totals.counts.unchanged,
+                deleted = totals.counts.deleted,
                 rejected = totals.counts.rejected,
                 "pass finished"
             );
@@ -292,77 +338,225 @@ pub async fn run_pass<S: Source, St: Store>(
     }
 }
 
-/// Reads and stores every page of the pass. `Ok(false)` when cancelled.
-async fn read_and_store<S: Source, St: Store>(
-    name: &str,
-    source: &S,
-    store: &St,
-    request: PassRequest,
-    cancel: &CancellationToken,
-    run_id: RunId,
-    totals: &mut PassTotals,
-) -> Result<bool, PassError> {
-    let state = store
-        .load_state(name)
-        .await
-        .map_err(|source| PassError::Bookkeeping {
-            context: "loading the sync state",
-            source,
-        })?;
-    // Whole seconds keep the windows sent to the vendor and the stored marks readable.
-    let now = Utc::now().trunc_subsecs(0);
-    let plan = plan_pass(name, source.mode(), state, request, now)?;
-    tracing::info!(windows = plan.windows.len(), "pass planned");
+enum Finished {
+    Completed,
+    Cancelled,
+}
 
-    let mut cursor = plan.first_cursor.clone();
-    for (index, window) in plan.windows.iter().enumerate() {
+/// One pass in progress: what it reads from, writes to, and has done so far.
+struct Pass<'a, S, St> {
+    name: &'a str,
+    source: &'a S,
+    store: &'a St,
+    cancel: &'a CancellationToken,
+    run_id: RunId,
+    totals: PassTotals,
+}
+
+impl<S: Source, St: Store> Pass<'_, S, St> {
+    async fn run(&mut self, request: PassRequest) -> Result<Finished, PassError> {
+        let state =
+            self.store
+                .load_state(self.name)
+                .await
+                .map_err(|source| PassError::Bookkeeping {
+                    context: "loading the sync state",
+                    source,
+                })?;
+        match (self.source.mode(), request) {
+            (
+                SyncMode::Windowed {
+                    start,
+                    lookback,
+                    max_window_months,
+                },
+                request,
+            ) => {
+                let windowed = Windowed {
+                    start,
+                    lookback,
+                    max_window_months,
+                };
+                self.read_windows(windowed, state, request).await
+            }
+            (SyncMode::FullListing { .. }, PassRequest::Backfill { .. }) => {
+                Err(PassError::BackfillUnsupported)
+            }
+            (
+                SyncMode::FullListing {
+                    max_delete_fraction,
+                },
+                PassRequest::Incremental { allow_mass_delete },
+            ) => {
+                let guard = (!allow_mass_delete).then_some(max_delete_fraction);
+                self.read_listing(state.listing, guard).await
+            }
+        }
+    }
+
+    /// The page at `request`, or `None` when the pass is cancelled first.
+    async fn fetch(&self, request: PageRequest<'_>) -> Option<Result<Page, SourceError>> {
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => None,
+            fetched = self.source.fetch_page(request) => Some(fetched),
+        }
+    }
+
+    /// Commits `page` with `checkpoint`, after setting aside the records that cannot be
+    /// stored, and counts it.
+    async fn commit(
+        &mut self,
+        page: Page,
+        checkpoint: &Checkpoint,
+        at: impl Fn() -> String,
+    ) -> Result<PageCounts, PassError> {
+        let mut departments = Vec::with_capacity(page.departments.len());
+        let mut rejected = page.rejected;
+        for department in page.departments {
+            match department.storage_problem() {
+                None => departments.push(department),
+                Some(reason) => rejected.push(department.into_rejected(reason)),
+            }
+        }
+        for record in &rejected {
+            tracing::warn!(
+                external_id = record.external_id.as_deref().unwrap_or(""),
+                reason = %record.reason,
+                "record rejected"
+            );
+        }
+        let counts = self
+            .store
+            .commit_page(self.run_id, self.name, &departments, &rejected, checkpoint)
+            .await
+            .map_err(|source| PassError::Store { at: at(), source })?;
+        self.totals.add(counts);
+        tracing::debug!(at = %at(), ?counts, "page committed");
+        Ok(counts)
+    }
+
+    async fn read_windows(
+        &mut self,
+        windowed: Windowed,
+        state: SyncState,
+        request: PassRequest,
+    ) -> Result<Finished, PassError> {
+        // Whole seconds keep the windows sent to the vendor and the stored marks readable.
+        let now = Utc::now().trunc_subsecs(0);
+        let plan = plan_pass(self.name, windowed, state, request, now)?;
+        tracing::info!(windows = plan.windows.len(), "pass planned");
+
+        let mut cursor = plan.first_cursor.clone();
+        for (index, window) in plan.windows.iter().enumerate() {
+            let mut page_number = 0;
+            loop {
+                page_number += 1;
+                let at = || format!("page {page_number} of window {window}");
+                let request = PageRequest::Window {
+                    window,
+                    cursor: cursor.as_deref(),
+                };
+                let Some(fetched) = self.fetch(request).await else {
+                    return Ok(Finished::Cancelled);
+                };
+                let mut page = fetched.map_err(|source| PassError::Fetch { at: at(), source })?;
+                let next_cursor = page.next_cursor.take();
+                let checkpoint = plan.checkpoint_after(index, next_cursor.clone());
+                self.commit(page, &checkpoint, at).await?;
+                cursor = next_cursor;
+                if cursor.is_none() {
+                    break;
+                }
+            }
+            self.totals.windows += 1;
+        }
+        Ok(Finished::Completed)
+    }
+
+    /// Reads the whole listing, resuming `saved` if a pass left one half way.
+    /// `max_delete_fraction` is the guard on deletions (`None`: confirmed by a person).
+    async fn read_listing(
+        &mut self,
+        saved: Option<ListingProgress>,
+        max_delete_fraction: Option<f64>,
+    ) -> Result<Finished, PassError> {
+        let new_listing = || ListingProgress {
+            listing_id: Uuid::new_v4(),
+            cursor: None,
+        };
+        let mut listing = match saved {
+            Some(saved) => {
+                tracing::info!(
+                    cursor = saved.cursor.as_deref().unwrap_or(""),
+                    "resuming the interrupted listing"
+                );
+                saved
+            }
+            None => new_listing(),
+        };
+        let mut restarts = 0;
         let mut page_number = 0;
         loop {
             page_number += 1;
-            let fetched = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return Ok(false),
-                fetched = source.fetch_page(window, cursor.as_deref()) => fetched,
+            let at = || format!("page {page_number} of the listing");
+            let request = PageRequest::Listing {
+                cursor: listing.cursor.as_deref(),
             };
-            let page = fetched.map_err(|source| PassError::Fetch {
-                window: *window,
-                page: page_number,
-                source,
-            })?;
-            let mut departments = Vec::with_capacity(page.departments.len());
-            let mut rejected = page.rejected;
-            for department in page.departments {
-                match department.storage_problem() {
-                    None => departments.push(department),
-                    Some(reason) => rejected.push(department.into_rejected(reason)),
+            let Some(fetched) = self.fetch(request).await else {
+                return Ok(Finished::Cancelled);
+            };
+            let mut page = match fetched {
+                Ok(page) => page,
+                Err(SourceError::ListingChanged(reason)) => {
+                    // Pages may have shifted: what this listing saw proves nothing.
+                    let abandoned = Checkpoint::ListingAbandoned {
+                        listing_id: listing.listing_id,
+                    };
+                    self.commit(Page::default(), &abandoned, at).await?;
+                    if restarts == MAX_LISTING_RESTARTS {
+                        return Err(PassError::Fetch {
+                            at: at(),
+                            source: SourceError::ListingChanged(format!(
+                                "{reason} (started again {MAX_LISTING_RESTARTS} times; nothing deleted)"
+                            )),
+                        });
+                    }
+                    tracing::warn!(%reason, "the listing changed while it was read; starting it again");
+                    restarts += 1;
+                    page_number = 0;
+                    listing = new_listing();
+                    continue;
                 }
+                Err(source) => return Err(PassError::Fetch { at: at(), source }),
+            };
+            let next_cursor = page.next_cursor.take();
+            let checkpoint = match &next_cursor {
+                Some(cursor) => Checkpoint::Listing(ListingProgress {
+                    listing_id: listing.listing_id,
+                    cursor: Some(cursor.clone()),
+                }),
+                None => Checkpoint::ListingDone {
+                    listing_id: listing.listing_id,
+                    max_delete_fraction,
+                },
+            };
+            let counts = self.commit(page, &checkpoint, at).await?;
+            if let (Some(withheld), Some(max_delete_fraction)) =
+                (counts.withheld_deletions, max_delete_fraction)
+            {
+                return Err(PassError::MassDeletion {
+                    would_delete: withheld.would_delete,
+                    live: withheld.live,
+                    max_delete_fraction,
+                });
             }
-            for record in &rejected {
-                tracing::warn!(
-                    external_id = record.external_id.as_deref().unwrap_or(""),
-                    reason = %record.reason,
-                    "record rejected"
-                );
-            }
-            let checkpoint = plan.checkpoint_after(index, page.next_cursor.clone());
-            let counts = store
-                .commit_page(run_id, name, &departments, &rejected, &checkpoint)
-                .await
-                .map_err(|source| PassError::Store {
-                    window: *window,
-                    page: page_number,
-                    source,
-                })?;
-            totals.add(counts);
-            tracing::debug!(%window, page = page_number, ?counts, "page committed");
-            cursor = page.next_cursor;
-            if cursor.is_none() {
-                break;
+            match next_cursor {
+                Some(cursor) => listing.cursor = Some(cursor),
+                None => return Ok(Finished::Completed),
             }
         }
-        totals.windows += 1;
     }
-    Ok(true)
 }
 
 #[cfg(test)]
@@ -375,8 +569,8 @@ mod tests {
         Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
     }
 
-    fn mode() -> SyncMode {
-        SyncMode::Windowed {
+    fn mode() -> Windowed {
+        Windowed {
             start: at(2020, 1, 1),
             lookback: Duration::from_secs(300),
             max_window_months: 3,
@@ -389,7 +583,7 @@ mod tests {
             "s",
             mode(),
             SyncState::default(),
-            PassRequest::Incremental,
+            PassRequest::INCREMENTAL,
             at(2021, 1, 1),
         )
         .unwrap();
@@ -410,7 +604,7 @@ mod tests {
             ..SyncState::default()
         };
         let now = at(2021, 1, 2);
-        let plan = plan_pass("s", mode(), state, PassRequest::Incremental, now).unwrap();
+        let plan = plan_pass("s", mode(), state, PassRequest::INCREMENTAL, now).unwrap();
         assert_eq!(
             plan.windows,
             vec![Window {
@@ -433,7 +627,7 @@ mod tests {
             }),
             ..SyncState::default()
         };
-        let plan = plan_pass("s", mode(), state, PassRequest::Incremental, at(2020, 9, 1)).unwrap();
+        let plan = plan_pass("s", mode(), state, PassRequest::INCREMENTAL, at(2020, 9, 1)).unwrap();
         assert_eq!(plan.first_cursor.as_deref(), Some("c"));
         assert_eq!(plan.windows[0], window);
         assert_eq!(plan.windows[1].start, at(2020, 4, 1));

@@ -67,6 +67,14 @@ pub struct BackfillProgress {
     pub position: Position,
 }
 
+/// A full listing in progress: the id the departments it has seen are recorded under,
+/// and the cursor of its next page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListingProgress {
+    pub listing_id: Uuid,
+    pub cursor: Option<String>,
+}
+
 /// Everything a source needs to resume, as last committed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncState {
@@ -76,10 +84,12 @@ pub struct SyncState {
     pub incremental: Option<Position>,
     /// The backfill in progress, if one was interrupted.
     pub backfill: Option<BackfillProgress>,
+    /// The full listing in progress, if one was interrupted.
+    pub listing: Option<ListingProgress>,
 }
 
 /// The position to commit together with a page: what the next read starts from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Checkpoint {
     /// The incremental pass goes on from here.
     Incremental(Position),
@@ -89,15 +99,39 @@ pub enum Checkpoint {
     Backfill(BackfillProgress),
     /// The backfill is complete; its progress is cleared.
     BackfillDone,
+    /// The listing goes on from here; the page's ids are recorded as seen by it.
+    Listing(ListingProgress),
+    /// The page is the listing's last: the page's ids are recorded as seen, and every live
+    /// department the listing did not see is marked deleted, unless that is more than
+    /// `max_delete_fraction` of the live rows (`None`: a person confirmed any number).
+    ListingDone {
+        listing_id: Uuid,
+        max_delete_fraction: Option<f64>,
+    },
+    /// The listing cannot be completed (it changed under its page numbers): forget what it
+    /// saw, delete nothing, and start the next one from the beginning.
+    ListingAbandoned { listing_id: Uuid },
 }
 
 /// How a page's departments landed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PageCounts {
     pub inserted: u64,
     pub updated: u64,
     pub unchanged: u64,
     pub rejected: u64,
+    /// Departments marked deleted (only by the last page of a full listing).
+    pub deleted: u64,
+    /// Deletions the mass-deletion guard refused to make.
+    pub withheld_deletions: Option<WithheldDeletions>,
+}
+
+/// A complete listing would have marked `would_delete` of `live` rows deleted, more than
+/// the source allows: nothing was deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WithheldDeletions {
+    pub would_delete: u64,
+    pub live: u64,
 }
 
 /// What a pass is doing, as recorded in `sync_runs.mode`.

@@ -1,10 +1,14 @@
-//! The HTTP plumbing every connector shares: one client, and turning responses into
-//! values or into errors that say what the vendor said.
+//! The HTTP plumbing every connector shares: one client, bearer and OAuth2
+//! client-credentials auth, and turning responses into values or into errors that say
+//! what the vendor said.
 
 use std::time::Duration;
 
 use reqwest::header::HeaderMap;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 
 use super::SourceError;
 
@@ -86,4 +90,166 @@ pub async fn error_from_response(
         message,
         request_id,
     }
+}
+
+/// How a token endpoint wants the client credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenRequestStyle {
+    /// A JSON body, with an `audience` (Procurify).
+    Json { audience: String },
+    /// A form body, as RFC 6749 describes.
+    Form,
+}
+
+/// OAuth2 client credentials and where to exchange them for a token.
+#[derive(Debug, Clone)]
+pub struct ClientCredentials {
+    pub token_url: reqwest::Url,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub style: TokenRequestStyle,
+}
+
+/// A token from client credentials and when to renew it.
+pub struct CachedToken {
+    token: SecretString,
+    refresh_at: Instant,
+    generation: u64,
+}
+
+/// How a connector proves who it is: a fixed bearer token, or one obtained with client
+/// credentials, cached until shortly before it expires and renewed once when rejected.
+pub enum Auth {
+    Bearer(SecretString),
+    ClientCredentials {
+        credentials: Box<ClientCredentials>,
+        cached: tokio::sync::Mutex<Option<CachedToken>>,
+    },
+}
+
+/// A token is renewed this long before the expiry its endpoint announced (at most a tenth
+/// of its life), so that it does not expire in flight.
+const TOKEN_EXPIRY_MARGIN: Duration = Duration::from_secs(60);
+/// Assumed life of a token whose endpoint does not say.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: SecretString,
+    expires_in: Option<u64>,
+}
+
+impl Auth {
+    pub fn client_credentials(credentials: ClientCredentials) -> Auth {
+        Auth::ClientCredentials {
+            credentials: Box::new(credentials),
+            cached: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The token to send, and its generation (to renew exactly the one that was rejected).
+    async fn token(&self, client: &reqwest::Client) -> Result<(SecretString, u64), SourceError> {
+        let (credentials, cached) = match self {
+            Auth::Bearer(token) => return Ok((token.clone(), 0)),
+            Auth::ClientCredentials {
+                credentials,
+                cached,
+            } => (credentials, cached),
+        };
+        let mut cached = cached.lock().await;
+        if let Some(token) = cached.as_ref().filter(|t| Instant::now() < t.refresh_at) {
+            return Ok((token.token.clone(), token.generation));
+        }
+        let generation = cached.as_ref().map_or(1, |t| t.generation + 1);
+        let fetched =
+            fetch_token(client, credentials)
+                .await
+                .map_err(|source| SourceError::Token {
+                    token_url: credentials.token_url.to_string(),
+                    source: Box::new(source),
+                })?;
+        let lifetime = fetched
+            .expires_in
+            .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+        let margin = TOKEN_EXPIRY_MARGIN.min(lifetime / 10);
+        let token = fetched.access_token;
+        *cached = Some(CachedToken {
+            token: token.clone(),
+            refresh_at: Instant::now() + lifetime - margin,
+            generation,
+        });
+        tracing::debug!(token_url = %credentials.token_url, expires_in = lifetime.as_secs(), "access token obtained");
+        Ok((token, generation))
+    }
+
+    /// Forgets the token of `generation` after the API rejected it. Returns whether
+    /// asking again can help (not for a fixed token).
+    async fn forget(&self, generation: u64) -> bool {
+        match self {
+            Auth::Bearer(_) => false,
+            Auth::ClientCredentials { cached, .. } => {
+                let mut cached = cached.lock().await;
+                if cached.as_ref().is_some_and(|t| t.generation == generation) {
+                    *cached = None;
+                }
+                true
+            }
+        }
+    }
+}
+
+async fn fetch_token(
+    client: &reqwest::Client,
+    credentials: &ClientCredentials,
+) -> Result<TokenResponse, SourceError> {
+    let secret = credentials.client_secret.expose_secret();
+    let request = client.post(credentials.token_url.clone());
+    let request = match &credentials.style {
+        TokenRequestStyle::Json { audience } => request.json(&serde_json::json!({
+            "client_id": credentials.client_id,
+            "client_secret": secret,
+            "audience": audience,
+            "grant_type": "client_credentials",
+        })),
+        TokenRequestStyle::Form => request.form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", credentials.client_id.as_str()),
+            ("client_secret", secret),
+        ]),
+    };
+    let response = request.send().await.map_err(SourceError::Transport)?;
+    if !response.status().is_success() {
+        let fields = ErrorBody {
+            message_field: "error_description",
+            request_id_field: None,
+        };
+        return Err(error_from_response(response, None, fields).await);
+    }
+    read_json(response, None).await
+}
+
+/// Sends the request that `build` makes, with `Authorization: Bearer`. When the API
+/// answers 401 and the token came from client credentials, gets a new token and sends
+/// the request once more (a token can expire or be revoked in the middle of a pass).
+pub async fn send_authorized(
+    client: &reqwest::Client,
+    auth: &Auth,
+    build: impl Fn() -> reqwest::RequestBuilder,
+) -> Result<reqwest::Response, SourceError> {
+    let (token, generation) = auth.token(client).await?;
+    let response = build()
+        .bearer_auth(token.expose_secret())
+        .send()
+        .await
+        .map_err(SourceError::Transport)?;
+    if response.status() != reqwest::StatusCode::UNAUTHORIZED || !auth.forget(generation).await {
+        return Ok(response);
+    }
+    tracing::info!("access token rejected; getting a new one");
+    let (token, _) = auth.token(client).await?;
+    build()
+        .bearer_auth(token.expose_secret())
+        .send()
+        .await
+        .map_err(SourceError::Transport)
 }

@@ -16,14 +16,14 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::http::{self, ErrorBody};
-use super::{Page, Source, SourceError, SyncMode};
-use crate::config::{ConfigError, FieldContext, parse_duration};
+use super::{Page, PageRequest, Source, SourceError, SyncMode};
+use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RejectedRecord, Window};
 
 /// The longest `UpdatedUtc` interval Mews accepts, in calendar months.
 pub const MAX_WINDOW_MONTHS: u32 = 3;
 /// The most departments Mews returns in one page (`Limitation.Count`).
-pub const MAX_PAGE_SIZE: u16 = 1000;
+pub const MAX_PAGE_SIZE: u32 = 1000;
 /// The most ids `EnterpriseIds` takes in one call.
 pub const MAX_ENTERPRISE_IDS: usize = 1000;
 /// The default overlap re-read on every incremental pass: covers clock skew and
@@ -61,13 +61,13 @@ pub struct MewsSettings {
     pub client: String,
     pub enterprise_ids: Vec<Uuid>,
     pub start: DateTime<Utc>,
-    pub page_size: u16,
+    pub page_size: u32,
     pub lookback: Duration,
 }
 
 impl MewsConfig {
     pub fn validate(self, fields: &FieldContext<'_>) -> Result<MewsSettings, ConfigError> {
-        let base_url = parse_base_url(&self.base_url).map_err(|m| fields.error("base_url", m))?;
+        let base_url = fields.base_url("base_url", &self.base_url)?;
         let client = self
             .client
             .unwrap_or_else(|| format!("deptsync {}", env!("CARGO_PKG_VERSION")));
@@ -100,22 +100,8 @@ impl MewsConfig {
                     ),
                 )
             })?;
-        let page_size = match self.page_size {
-            None => MAX_PAGE_SIZE,
-            Some(n) if (1..=i64::from(MAX_PAGE_SIZE)).contains(&n) => n as u16,
-            Some(n) => {
-                return Err(fields.error(
-                    "page_size",
-                    format!("must be between 1 and {MAX_PAGE_SIZE}, got {n}"),
-                ));
-            }
-        };
-        let lookback = parse_duration(
-            fields,
-            "lookback",
-            self.lookback.as_deref(),
-            DEFAULT_LOOKBACK,
-        )?;
+        let page_size = fields.page_size(self.page_size, MAX_PAGE_SIZE, MAX_PAGE_SIZE)?;
+        let lookback = fields.duration("lookback", self.lookback.as_deref(), DEFAULT_LOOKBACK)?;
         Ok(MewsSettings {
             base_url,
             client_token: fields.secret("client_token", self.client_token)?,
@@ -127,27 +113,6 @@ impl MewsConfig {
             lookback,
         })
     }
-}
-
-/// An `http(s)://` URL, with a trailing slash so that relative paths join under it.
-pub fn parse_base_url(text: &str) -> Result<reqwest::Url, String> {
-    let with_slash = if text.ends_with('/') {
-        text.to_owned()
-    } else {
-        format!("{text}/")
-    };
-    let url =
-        reqwest::Url::parse(&with_slash).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(format!("{text:?} is not an http(s) URL"));
-    }
-    if url.query().is_some() || !url.username().is_empty() || url.password().is_some() {
-        return Err(format!(
-            "{:?} must not carry a query or credentials",
-            url.as_str().split('?').next().unwrap_or_default()
-        ));
-    }
-    Ok(url)
 }
 
 /// The Mews connector.
@@ -179,7 +144,7 @@ struct Interval {
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
 struct Limitation<'a> {
-    count: u16,
+    count: u32,
     cursor: Option<&'a str>,
 }
 
@@ -208,7 +173,7 @@ fn utc(t: DateTime<Utc>) -> String {
 
 impl Mews {
     pub fn new(settings: MewsSettings, client: reqwest::Client) -> Mews {
-        // A base URL always ends in '/' (see parse_base_url) and ENDPOINT is a relative
+        // A base URL always ends in '/' (see FieldContext::base_url) and ENDPOINT is a relative
         // path, so joining cannot fail.
         let endpoint = settings
             .base_url
@@ -225,7 +190,7 @@ impl Mews {
         &self,
         window: &Window,
         cursor: Option<&str>,
-        count: u16,
+        count: u32,
     ) -> Result<(Option<GetAllResponse>, Option<String>), SourceError> {
         let body = GetAllRequest {
             client_token: self.settings.client_token.expose_secret(),
@@ -259,6 +224,26 @@ impl Mews {
     }
 }
 
+fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
+    match serde_json::from_value::<MewsDepartment>(raw.clone()) {
+        Ok(d) => Ok(Department {
+            external_id: d.id.to_string(),
+            scope_id: Some(d.enterprise_id.to_string()),
+            name: d.name,
+            is_active: d.is_active,
+            parent_external_id: None,
+            source_created_at: Some(d.created_utc),
+            source_updated_at: Some(d.updated_utc),
+            raw,
+        }),
+        Err(e) => Err(RejectedRecord {
+            external_id: raw.get("Id").and_then(|id| id.as_str()).map(str::to_owned),
+            reason: format!("not a Mews department: {e}"),
+            payload: raw,
+        }),
+    }
+}
+
 impl Source for Mews {
     fn mode(&self) -> SyncMode {
         SyncMode::Windowed {
@@ -268,8 +253,12 @@ impl Source for Mews {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(window = %window, cursor = cursor.unwrap_or("")))]
-    async fn fetch_page(&self, window: &Window, cursor: Option<&str>) -> Result<Page, SourceError> {
+    async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {
+        let PageRequest::Window { window, cursor } = request else {
+            return Err(SourceError::Unsupported(
+                "Mews is read in update-time windows, not as a full listing",
+            ));
+        };
         let page_size = self.settings.page_size;
         let (response, request_id) = self.get_all(window, cursor, page_size).await?;
         let Some(response) = response else {
@@ -280,7 +269,7 @@ impl Source for Mews {
             return Ok(Page::default());
         };
         let received = response.departments.len();
-        let full_page = received >= usize::from(page_size);
+        let full_page = received >= page_size as usize;
         let next_cursor = match response.cursor {
             Some(next) if full_page => {
                 if cursor == Some(next.as_str()) {
@@ -295,29 +284,7 @@ impl Source for Mews {
             }
             _ => None,
         };
-        let mut page = Page {
-            next_cursor,
-            ..Page::default()
-        };
-        for raw in response.departments {
-            match serde_json::from_value::<MewsDepartment>(raw.clone()) {
-                Ok(d) => page.departments.push(Department {
-                    external_id: d.id.to_string(),
-                    scope_id: Some(d.enterprise_id.to_string()),
-                    name: d.name,
-                    is_active: d.is_active,
-                    parent_external_id: None,
-                    source_created_at: Some(d.created_utc),
-                    source_updated_at: Some(d.updated_utc),
-                    raw,
-                }),
-                Err(e) => page.rejected.push(RejectedRecord {
-                    external_id: raw.get("Id").and_then(|id| id.as_str()).map(str::to_owned),
-                    reason: format!("not a Mews department: {e}"),
-                    payload: raw,
-                }),
-            }
-        }
+        let page = Page::from_records(response.departments, to_department, next_cursor);
         tracing::debug!(
             request_id = request_id.as_deref().unwrap_or(""),
             received,

@@ -5,11 +5,20 @@
 //! which positions to ask for and commits each page together with the position after it,
 //! so a connector never has to remember anything between calls.
 //!
+//! Two kinds of API exist: those that can say "what changed between T1 and T2" (Mews,
+//! read in [`SyncMode::Windowed`]) and those that can only list everything (read in
+//! [`SyncMode::FullListing`], where the engine works out deletions from a complete listing).
+//! A cursor is opaque to the engine: each connector encodes in it whatever it needs to
+//! find the next page, and checks that it still fits when it gets it back.
+//!
 //! Adding a kind: a module here with its config, settings and [`Source`] impl, an arm in
 //! [`crate::config::SourceKindSettings`] and one in [`Connector`].
 
+pub mod data_v1;
 pub mod http;
 pub mod mews;
+pub mod procurify;
+pub mod snapbooks;
 
 use std::future::Future;
 use std::time::Duration;
@@ -20,7 +29,7 @@ use crate::config::{SourceKindSettings, SourceSettings};
 use crate::model::{Department, RejectedRecord, Window};
 
 /// How the engine must read a source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum SyncMode {
     /// The API filters by update time: read `[high-water mark - lookback, now)` in
     /// windows of at most `max_window_months`, paging through each with a cursor.
@@ -29,6 +38,22 @@ pub enum SyncMode {
         lookback: Duration,
         max_window_months: u32,
     },
+    /// The API can only list everything: every pass reads the whole listing, and a
+    /// department missing from a complete listing is marked deleted, unless that would
+    /// delete more than `max_delete_fraction` of the live rows.
+    FullListing { max_delete_fraction: f64 },
+}
+
+/// Which page to fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageRequest<'a> {
+    /// A page of the updates in `window` (windowed sources).
+    Window {
+        window: &'a Window,
+        cursor: Option<&'a str>,
+    },
+    /// A page of the whole listing (full-listing sources).
+    Listing { cursor: Option<&'a str> },
 }
 
 /// One page of a listing.
@@ -37,8 +62,30 @@ pub struct Page {
     pub departments: Vec<Department>,
     /// Records that could not be read as departments.
     pub rejected: Vec<RejectedRecord>,
-    /// Where the next page of this window starts; `None` when the window is exhausted.
+    /// Where the next page starts; `None` when the window or listing is exhausted.
     pub next_cursor: Option<String>,
+}
+
+impl Page {
+    /// A page of `records`, each read by `read` into a department or kept aside as rejected.
+    pub(crate) fn from_records(
+        records: Vec<serde_json::Value>,
+        read: impl Fn(serde_json::Value) -> Result<Department, RejectedRecord>,
+        next_cursor: Option<String>,
+    ) -> Page {
+        let mut page = Page {
+            departments: Vec::with_capacity(records.len()),
+            rejected: Vec::new(),
+            next_cursor,
+        };
+        for raw in records {
+            match read(raw) {
+                Ok(department) => page.departments.push(department),
+                Err(rejected) => page.rejected.push(rejected),
+            }
+        }
+        page
+    }
 }
 
 /// What a vendor said, or why we could not hear it. Never holds a secret.
@@ -62,6 +109,19 @@ pub enum SourceError {
         message: String,
         request_id: Option<String>,
     },
+    /// The listing changed under its page numbers (records added or removed while it was
+    /// read), so pages may have shifted: the listing must start again to be complete.
+    #[error("the listing changed while it was read: {0}")]
+    ListingChanged(String),
+    #[error("getting an access token from {token_url}")]
+    Token {
+        token_url: String,
+        #[source]
+        source: Box<SourceError>,
+    },
+    /// The engine asked for a page the source cannot give (a bug, not the vendor's fault).
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// A connector.
@@ -69,11 +129,10 @@ pub trait Source: Send + Sync {
     /// How the engine must read this source.
     fn mode(&self) -> SyncMode;
 
-    /// The page of `window` that starts at `cursor` (`None`: the first page).
+    /// The page at `request` (a `None` cursor asks for the first page).
     fn fetch_page(
         &self,
-        window: &Window,
-        cursor: Option<&str>,
+        request: PageRequest<'_>,
     ) -> impl Future<Output = Result<Page, SourceError>> + Send;
 
     /// One cheap authenticated call, to prove the URL and the credentials work.
@@ -83,35 +142,75 @@ pub trait Source: Send + Sync {
 /// Every connector, known at compile time.
 pub enum Connector {
     Mews(mews::Mews),
+    Procurify(procurify::Procurify),
+    Snapbooks(snapbooks::Snapbooks),
+    DataV1(data_v1::DataV1),
 }
 
 impl Connector {
     /// Builds the connector for a validated source. Does no I/O.
     pub fn new(settings: &SourceSettings, client: &reqwest::Client) -> Connector {
+        let client = client.clone();
         match &settings.kind {
-            SourceKindSettings::Mews(mews) => {
-                Connector::Mews(mews::Mews::new(mews.clone(), client.clone()))
+            SourceKindSettings::Mews(s) => Connector::Mews(mews::Mews::new(s.clone(), client)),
+            SourceKindSettings::Procurify(s) => {
+                Connector::Procurify(procurify::Procurify::new(s.clone(), client))
+            }
+            SourceKindSettings::Snapbooks(s) => {
+                Connector::Snapbooks(snapbooks::Snapbooks::new(s.clone(), client))
+            }
+            SourceKindSettings::DataV1(s) => {
+                Connector::DataV1(data_v1::DataV1::new(s.clone(), client))
             }
         }
     }
 }
 
+/// Forwards a call to whichever connector this is.
+macro_rules! each_connector {
+    ($self:ident, $source:ident => $call:expr) => {
+        match $self {
+            Connector::Mews($source) => $call,
+            Connector::Procurify($source) => $call,
+            Connector::Snapbooks($source) => $call,
+            Connector::DataV1($source) => $call,
+        }
+    };
+}
+
 impl Source for Connector {
     fn mode(&self) -> SyncMode {
-        match self {
-            Connector::Mews(source) => source.mode(),
-        }
+        each_connector!(self, source => source.mode())
     }
 
-    async fn fetch_page(&self, window: &Window, cursor: Option<&str>) -> Result<Page, SourceError> {
-        match self {
-            Connector::Mews(source) => source.fetch_page(window, cursor).await,
-        }
+    async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {
+        each_connector!(self, source => source.fetch_page(request).await)
     }
 
     async fn check(&self) -> Result<(), SourceError> {
-        match self {
-            Connector::Mews(source) => source.check().await,
-        }
+        each_connector!(self, source => source.check().await)
     }
+}
+
+/// Encodes a full-listing connector's cursor as JSON, readable in `sync_state`.
+pub(crate) fn encode_cursor(cursor: &impl serde::Serialize) -> String {
+    // The cursors are structs of numbers and plain strings: serializing them to JSON has
+    // no failure case (no maps with non-string keys, no custom Serialize).
+    serde_json::to_string(cursor).expect("a cursor of plain fields always serializes")
+}
+
+/// Decodes a cursor saved by [`encode_cursor`]. One that does not parse (saved by another
+/// version) means the listing has to start again.
+pub(crate) fn decode_cursor<T: serde::de::DeserializeOwned>(
+    cursor: Option<&str>,
+) -> Result<Option<T>, SourceError> {
+    cursor
+        .map(|text| {
+            serde_json::from_str(text).map_err(|e| {
+                SourceError::ListingChanged(format!(
+                    "saved position {text:?} is not understood ({e})"
+                ))
+            })
+        })
+        .transpose()
 }

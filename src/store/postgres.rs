@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use super::{Store, StoreError};
 use crate::model::{
-    BackfillProgress, Checkpoint, Department, PageCounts, Position, RejectedRecord, RunId, RunMode,
-    RunOutcome, SourceStatus, SyncState, Window,
+    BackfillProgress, Checkpoint, Department, ListingProgress, PageCounts, Position,
+    RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WithheldDeletions,
 };
 
 /// deptsync's migrations, embedded in the binary.
@@ -22,6 +22,15 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 const UPSERT_DEPARTMENTS: &str = include_str!("queries/upsert_departments.sql");
 const STATUS: &str = include_str!("queries/status.sql");
+const COUNT_UNSEEN: &str = include_str!("queries/count_unseen.sql");
+const MARK_UNSEEN_DELETED: &str = include_str!("queries/mark_unseen_deleted.sql");
+
+/// What the end of a full listing deleted, or would have.
+#[derive(Default)]
+struct Deletions {
+    deleted: u64,
+    withheld: Option<WithheldDeletions>,
+}
 
 fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Database { context, source }
@@ -80,11 +89,15 @@ impl PgStore {
         Ok(())
     }
 
+    /// Moves `source` to `checkpoint`. For a full listing, first records `seen` (the ids
+    /// of the page) and, after its last page, marks what it did not see deleted.
     async fn apply_checkpoint(
         tx: &mut Transaction<'_, Postgres>,
         source: &str,
         checkpoint: &Checkpoint,
-    ) -> Result<(), StoreError> {
+        seen: &[&str],
+    ) -> Result<Deletions, StoreError> {
+        let mut deletions = Deletions::default();
         let query = match checkpoint {
             Checkpoint::Incremental(position) => sqlx::query(
                 "INSERT INTO sync_state AS s (source, incremental_window_start, incremental_window_end, incremental_cursor)
@@ -136,12 +149,99 @@ impl PgStore {
                  WHERE source = $1",
             )
             .bind(source),
+            Checkpoint::Listing(progress) => {
+                Self::record_seen(tx, source, progress.listing_id, seen).await?;
+                sqlx::query(
+                    "INSERT INTO sync_state AS s (source, listing_id, listing_cursor) VALUES ($1, $2, $3)
+                     ON CONFLICT (source) DO UPDATE SET
+                         listing_id = EXCLUDED.listing_id,
+                         listing_cursor = EXCLUDED.listing_cursor,
+                         updated_at = now()",
+                )
+                .bind(source)
+                .bind(progress.listing_id)
+                .bind(progress.cursor.as_deref())
+            }
+            Checkpoint::ListingDone {
+                listing_id,
+                max_delete_fraction,
+            } => {
+                Self::record_seen(tx, source, *listing_id, seen).await?;
+                deletions = Self::delete_unseen(tx, source, *listing_id, *max_delete_fraction).await?;
+                end_listing(source, *listing_id)
+            }
+            Checkpoint::ListingAbandoned { listing_id } => end_listing(source, *listing_id),
         };
         query
             .execute(&mut **tx)
             .await
             .map_err(db("saving the checkpoint"))?;
+        Ok(deletions)
+    }
+
+    async fn record_seen(
+        tx: &mut Transaction<'_, Postgres>,
+        source: &str,
+        listing_id: Uuid,
+        seen: &[&str],
+    ) -> Result<(), StoreError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO listing_seen (source, listing_id, external_id)
+             SELECT $1, $2, unnest($3::text[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(source)
+        .bind(listing_id)
+        .bind(seen)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("recording the departments the listing saw"))?;
         Ok(())
+    }
+
+    /// Marks deleted every live department of `source` that the complete listing
+    /// `listing_id` did not see, unless the guard forbids that many.
+    async fn delete_unseen(
+        tx: &mut Transaction<'_, Postgres>,
+        source: &str,
+        listing_id: Uuid,
+        max_delete_fraction: Option<f64>,
+    ) -> Result<Deletions, StoreError> {
+        let (live, unseen): (i64, i64) = sqlx::query_as(COUNT_UNSEEN)
+            .bind(source)
+            .bind(listing_id)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(db("counting the departments the listing did not see"))?;
+        let (live, unseen) = (live as u64, unseen as u64);
+        if unseen == 0 {
+            return Ok(Deletions::default());
+        }
+        if let Some(fraction) = max_delete_fraction
+            && unseen as f64 > fraction * live as f64
+        {
+            return Ok(Deletions {
+                deleted: 0,
+                withheld: Some(WithheldDeletions {
+                    would_delete: unseen,
+                    live,
+                }),
+            });
+        }
+        let deleted = sqlx::query(MARK_UNSEEN_DELETED)
+            .bind(source)
+            .bind(listing_id)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("marking unlisted departments deleted"))?
+            .rows_affected();
+        Ok(Deletions {
+            deleted,
+            withheld: None,
+        })
     }
 
     async fn upsert_departments(
@@ -228,6 +328,20 @@ impl PgStore {
     }
 }
 
+/// The statement that forgets a listing's seen ids and clears its position.
+fn end_listing(
+    source: &str,
+    listing_id: Uuid,
+) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(
+        "WITH forgotten AS (DELETE FROM listing_seen WHERE source = $1 AND listing_id = $2)
+         UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, updated_at = now()
+         WHERE source = $1",
+    )
+    .bind(source)
+    .bind(listing_id)
+}
+
 fn escape_nul(text: &str) -> String {
     text.replace('\0', "\\u0000")
 }
@@ -279,10 +393,17 @@ impl Store for PgStore {
             }),
             _ => None,
         };
+        let listing = row
+            .get::<Option<Uuid>, _>("listing_id")
+            .map(|listing_id| ListingProgress {
+                listing_id,
+                cursor: row.get("listing_cursor"),
+            });
         Ok(SyncState {
             high_water_mark: row.get("high_water_mark"),
             incremental,
             backfill,
+            listing,
         })
     }
 
@@ -306,6 +427,12 @@ impl Store for PgStore {
         rejected: &[RejectedRecord],
         checkpoint: &Checkpoint,
     ) -> Result<PageCounts, StoreError> {
+        // A rejected record still exists upstream: seen, so never deleted for being bad.
+        let seen: Vec<&str> = departments
+            .iter()
+            .map(|d| d.external_id.as_str())
+            .chain(rejected.iter().filter_map(|r| r.external_id.as_deref()))
+            .collect();
         let mut tx = self
             .pool
             .begin()
@@ -313,16 +440,19 @@ impl Store for PgStore {
             .map_err(db("opening a transaction"))?;
         let (inserted, updated) = Self::upsert_departments(&mut tx, source, departments).await?;
         Self::keep_rejected(&mut tx, source, rejected).await?;
-        Self::apply_checkpoint(&mut tx, source, checkpoint).await?;
+        let deletions = Self::apply_checkpoint(&mut tx, source, checkpoint, &seen).await?;
         let counts = PageCounts {
             inserted,
             updated,
             unchanged: departments.len() as u64 - inserted - updated,
             rejected: rejected.len() as u64,
+            deleted: deletions.deleted,
+            withheld_deletions: deletions.withheld,
         };
         sqlx::query(
             "UPDATE sync_runs SET pages = pages + 1, fetched = fetched + $2, inserted = inserted + $3,
-                    updated = updated + $4, unchanged = unchanged + $5, rejected = rejected + $6
+                    updated = updated + $4, unchanged = unchanged + $5, rejected = rejected + $6,
+                    deleted = deleted + $7
              WHERE run_id = $1",
         )
         .bind(run.0)
@@ -331,6 +461,7 @@ impl Store for PgStore {
         .bind(counts.updated as i64)
         .bind(counts.unchanged as i64)
         .bind(counts.rejected as i64)
+        .bind(counts.deleted as i64)
         .execute(&mut *tx)
         .await
         .map_err(db("counting the page in its run"))?;

@@ -128,7 +128,7 @@ async fn a_full_sync_copies_every_department_in_windows_mews_accepts() {
         Utc::now() - chrono::Duration::hours(1),
     );
 
-    let report = sync(&db, &fake, "page_size = 100", PassRequest::Incremental)
+    let report = sync(&db, &fake, "page_size = 100", PassRequest::INCREMENTAL)
         .await
         .unwrap();
 
@@ -174,7 +174,7 @@ async fn an_incremental_sync_rereads_only_recent_windows_and_writes_only_changes
         at(2019, 1, 1),
         Utc::now() - chrono::Duration::days(1),
     );
-    sync(&db, &fake, "lookback = \"10m\"", PassRequest::Incremental)
+    sync(&db, &fake, "lookback = \"10m\"", PassRequest::INCREMENTAL)
         .await
         .unwrap();
     let mark = db
@@ -206,7 +206,7 @@ async fn an_incremental_sync_rereads_only_recent_windows_and_writes_only_changes
     ));
     let first_pass_requests = fake.requests().len();
 
-    let report = sync(&db, &fake, "lookback = \"10m\"", PassRequest::Incremental)
+    let report = sync(&db, &fake, "lookback = \"10m\"", PassRequest::INCREMENTAL)
         .await
         .unwrap();
 
@@ -241,7 +241,7 @@ async fn a_sync_that_fails_mid_window_resumes_at_its_cursor() {
         let db = TestDb::new().await;
         let fake = FakeMews::start().await;
         fake.generate(1_000, 1, at(2019, 1, 1), at(2019, 3, 1));
-        sync(&db, &fake, "page_size = 50", PassRequest::Incremental)
+        sync(&db, &fake, "page_size = 50", PassRequest::INCREMENTAL)
             .await
             .unwrap();
         fake.requests()
@@ -255,7 +255,7 @@ async fn a_sync_that_fails_mid_window_resumes_at_its_cursor() {
     fake.generate(1_000, 1, at(2019, 1, 1), at(2019, 3, 1));
     fake.fail_request(7, 500);
 
-    let error = sync(&db, &fake, "page_size = 50", PassRequest::Incremental)
+    let error = sync(&db, &fake, "page_size = 50", PassRequest::INCREMENTAL)
         .await
         .unwrap_err();
     assert!(error.contains("500") && error.contains("req-7"), "{error}");
@@ -278,7 +278,7 @@ async fn a_sync_that_fails_mid_window_resumes_at_its_cursor() {
     );
 
     let before_rerun = fake.requests().len();
-    sync(&db, &fake, "page_size = 50", PassRequest::Incremental)
+    sync(&db, &fake, "page_size = 50", PassRequest::INCREMENTAL)
         .await
         .unwrap();
 
@@ -323,7 +323,7 @@ async fn a_cancelled_pass_is_recorded_and_the_next_one_resumes() {
         "mews",
         &source,
         &db.store,
-        PassRequest::Incremental,
+        PassRequest::INCREMENTAL,
         &cancel,
     )
     .await
@@ -337,7 +337,7 @@ async fn a_cancelled_pass_is_recorded_and_the_next_one_resumes() {
         "pages before the cancel are kept, got {stored}"
     );
 
-    sync(&db, &fake, "page_size = 50", PassRequest::Incremental)
+    sync(&db, &fake, "page_size = 50", PassRequest::INCREMENTAL)
         .await
         .unwrap();
     fake.assert_no_violations();
@@ -349,7 +349,7 @@ async fn a_backfill_restores_deleted_rows_and_leaves_the_high_water_mark() {
     let db = TestDb::new().await;
     let fake = FakeMews::start().await;
     fake.generate(600, 2, at(2019, 1, 1), at(2022, 1, 1));
-    sync(&db, &fake, "page_size = 40", PassRequest::Incremental)
+    sync(&db, &fake, "page_size = 40", PassRequest::INCREMENTAL)
         .await
         .unwrap();
     let mark = db.store.load_state("mews").await.unwrap().high_water_mark;
@@ -439,7 +439,7 @@ async fn an_older_version_never_replaces_a_newer_row() {
         "Current name",
         at(2021, 6, 1),
     ));
-    sync(&db, &fake, "", PassRequest::Incremental)
+    sync(&db, &fake, "", PassRequest::INCREMENTAL)
         .await
         .unwrap();
 
@@ -473,7 +473,7 @@ async fn bad_tokens_fail_the_source_with_the_vendor_message_and_request_id() {
     fake.generate(10, 1, at(2020, 1, 1), at(2020, 2, 1));
     fake.set_access_token("another-token");
 
-    let error = sync(&db, &fake, "", PassRequest::Incremental)
+    let error = sync(&db, &fake, "", PassRequest::INCREMENTAL)
         .await
         .unwrap_err();
 
@@ -506,7 +506,7 @@ async fn records_that_cannot_be_stored_are_kept_aside_and_the_page_goes_on() {
         at(2020, 1, 6),
     ));
 
-    let report = sync(&db, &fake, "", PassRequest::Incremental)
+    let report = sync(&db, &fake, "", PassRequest::INCREMENTAL)
         .await
         .unwrap();
     assert_eq!(

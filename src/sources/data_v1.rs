@@ -1,0 +1,146 @@
+//! The tenant data API: `GET {base_url}/v1/data/departments`.
+//!
+//! One bearer-authenticated GET returns every department as
+//! `{"success": true, "result": [{"id", "parent_id", "name"}]}`: no paging, no timestamps,
+//! no active flag. The content itself is the only change signal, and a department is
+//! deleted when it is no longer listed. `parent_id` forms a tree.
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use super::http::{self, Auth, ErrorBody};
+use super::{Page, PageRequest, Source, SourceError, SyncMode};
+use crate::config::{ConfigError, FieldContext};
+use crate::model::{Department, RejectedRecord};
+
+const ENDPOINT: &str = "v1/data/departments";
+const ERROR_BODY: ErrorBody<'static> = ErrorBody {
+    message_field: "message",
+    request_id_field: None,
+};
+
+/// A `kind = "data_v1"` source as written in the config file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataV1Config {
+    base_url: String,
+    token: SecretString,
+    max_delete_fraction: Option<f64>,
+}
+
+/// A validated tenant data API source.
+#[derive(Debug, Clone)]
+pub struct DataV1Settings {
+    pub base_url: reqwest::Url,
+    pub token: SecretString,
+    pub max_delete_fraction: f64,
+}
+
+impl DataV1Config {
+    pub fn validate(self, fields: &FieldContext<'_>) -> Result<DataV1Settings, ConfigError> {
+        Ok(DataV1Settings {
+            base_url: fields.base_url("base_url", &self.base_url)?,
+            token: fields.secret("token", self.token)?,
+            max_delete_fraction: fields.delete_fraction(self.max_delete_fraction)?,
+        })
+    }
+}
+
+/// The tenant data API connector.
+pub struct DataV1 {
+    settings: DataV1Settings,
+    endpoint: reqwest::Url,
+    client: reqwest::Client,
+    auth: Auth,
+}
+
+#[derive(Deserialize)]
+struct ListResponse {
+    success: bool,
+    #[serde(default)]
+    result: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct DataV1Department {
+    id: String,
+    parent_id: Option<String>,
+    name: String,
+}
+
+impl DataV1 {
+    pub fn new(settings: DataV1Settings, client: reqwest::Client) -> DataV1 {
+        let endpoint = settings
+            .base_url
+            .join(ENDPOINT)
+            .unwrap_or_else(|_| settings.base_url.clone());
+        let auth = Auth::Bearer(settings.token.clone());
+        DataV1 {
+            settings,
+            endpoint,
+            client,
+            auth,
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<serde_json::Value>, SourceError> {
+        let response = http::send_authorized(&self.client, &self.auth, || {
+            self.client
+                .get(self.endpoint.clone())
+                .header("Accept", "application/json")
+        })
+        .await?;
+        if !response.status().is_success() {
+            return Err(http::error_from_response(response, None, ERROR_BODY).await);
+        }
+        let listed: ListResponse = http::read_json(response, None).await?;
+        if !listed.success {
+            return Err(SourceError::Decode {
+                message: "the API answered \"success\": false".to_owned(),
+                request_id: None,
+            });
+        }
+        Ok(listed.result)
+    }
+}
+
+fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
+    match serde_json::from_value::<DataV1Department>(raw.clone()) {
+        Ok(d) => Ok(Department {
+            external_id: d.id,
+            scope_id: None,
+            name: d.name,
+            is_active: true,
+            parent_external_id: d.parent_id,
+            source_created_at: None,
+            source_updated_at: None,
+            raw,
+        }),
+        Err(e) => Err(RejectedRecord {
+            external_id: raw.get("id").and_then(|id| id.as_str()).map(str::to_owned),
+            reason: format!("not a department of the data API: {e}"),
+            payload: raw,
+        }),
+    }
+}
+
+impl Source for DataV1 {
+    fn mode(&self) -> SyncMode {
+        SyncMode::FullListing {
+            max_delete_fraction: self.settings.max_delete_fraction,
+        }
+    }
+
+    async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {
+        if !matches!(request, PageRequest::Listing { cursor: None }) {
+            return Err(SourceError::Unsupported(
+                "the data API is read in one request",
+            ));
+        }
+        Ok(Page::from_records(self.list().await?, to_department, None))
+    }
+
+    async fn check(&self) -> Result<(), SourceError> {
+        self.list().await.map(|_| ())
+    }
+}

@@ -1,0 +1,240 @@
+//! Procurify API v3: `GET {base_url}/api/v3/departments/?page=N&page_size=M`.
+//!
+//! - Machine-to-machine auth: OAuth2 client credentials posted as JSON with the audience
+//!   `https://api.procurify.com/`; every call sends `Authorization: Bearer` and
+//!   `X-Procurify-Client: api`.
+//! - Django REST Framework paging: `metadata.pagination.next` is null on the last page, and
+//!   a page past the end is a 404.
+//! - No updated-since filter and no timestamps: every pass reads the whole listing.
+//!
+//! The cursor is `{"page": N, "count": C}`: the page to read and the total the listing
+//! reported on its first page. A different total, or a 404 for a page the listing said
+//! exists, means records were added or removed while it was read and pages may have
+//! shifted: the listing is reported as changed and starts again.
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use super::http::{self, Auth, ClientCredentials, ErrorBody, TokenRequestStyle};
+use super::{Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor};
+use crate::config::{ConfigError, FieldContext};
+use crate::model::{Department, RejectedRecord};
+
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+const AUDIENCE: &str = "https://api.procurify.com/";
+const ENDPOINT: &str = "api/v3/departments/";
+const ERROR_BODY: ErrorBody<'static> = ErrorBody {
+    message_field: "detail",
+    request_id_field: None,
+};
+
+/// A `kind = "procurify"` source as written in the config file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcurifyConfig {
+    base_url: String,
+    client_id: String,
+    client_secret: SecretString,
+    token_url: Option<String>,
+    page_size: Option<i64>,
+    max_delete_fraction: Option<f64>,
+}
+
+/// A validated Procurify source.
+#[derive(Debug, Clone)]
+pub struct ProcurifySettings {
+    pub base_url: reqwest::Url,
+    pub credentials: ClientCredentials,
+    pub page_size: u32,
+    pub max_delete_fraction: f64,
+}
+
+impl ProcurifyConfig {
+    pub fn validate(self, fields: &FieldContext<'_>) -> Result<ProcurifySettings, ConfigError> {
+        let base_url = fields.base_url("base_url", &self.base_url)?;
+        let token_url = match &self.token_url {
+            Some(url) => fields.base_url("token_url", url)?,
+            // Joining a plain relative path onto a base URL ending in '/' cannot fail.
+            None => base_url
+                .join("oauth/token")
+                .map_err(|e| fields.error("base_url", e.to_string()))?,
+        };
+        if self.client_id.trim().is_empty() {
+            return Err(fields.error("client_id", "must not be empty"));
+        }
+        Ok(ProcurifySettings {
+            credentials: ClientCredentials {
+                token_url: without_trailing_slash(token_url),
+                client_id: self.client_id,
+                client_secret: fields.secret("client_secret", self.client_secret)?,
+                style: TokenRequestStyle::Json {
+                    audience: AUDIENCE.to_owned(),
+                },
+            },
+            base_url,
+            page_size: fields.page_size(self.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?,
+            max_delete_fraction: fields.delete_fraction(self.max_delete_fraction)?,
+        })
+    }
+}
+
+/// A configured token URL is an endpoint, not a base: keep it as it was written.
+fn without_trailing_slash(mut url: reqwest::Url) -> reqwest::Url {
+    let path = url.path().trim_end_matches('/').to_owned();
+    if !path.is_empty() {
+        url.set_path(&path);
+    }
+    url
+}
+
+/// The Procurify connector.
+pub struct Procurify {
+    settings: ProcurifySettings,
+    endpoint: reqwest::Url,
+    client: reqwest::Client,
+    auth: Auth,
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+struct Cursor {
+    page: u64,
+    count: u64,
+}
+
+#[derive(Deserialize)]
+struct ListResponse {
+    metadata: Metadata,
+    data: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Metadata {
+    pagination: Pagination,
+}
+
+#[derive(Deserialize)]
+struct Pagination {
+    count: u64,
+    next: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ProcurifyDepartment {
+    id: i64,
+    name: String,
+    branch: Branch,
+    active: bool,
+}
+
+/// `branch` is an object when read (an integer only in write bodies); take either.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Branch {
+    Object { id: i64 },
+    Id(i64),
+}
+
+impl Procurify {
+    pub fn new(settings: ProcurifySettings, client: reqwest::Client) -> Procurify {
+        let endpoint = settings
+            .base_url
+            .join(ENDPOINT)
+            .unwrap_or_else(|_| settings.base_url.clone());
+        let auth = Auth::client_credentials(settings.credentials.clone());
+        Procurify {
+            settings,
+            endpoint,
+            client,
+            auth,
+        }
+    }
+
+    async fn list(&self, page: u64, page_size: u32) -> Result<Option<ListResponse>, SourceError> {
+        let response = http::send_authorized(&self.client, &self.auth, || {
+            self.client
+                .get(self.endpoint.clone())
+                .query(&[
+                    ("page", page.to_string()),
+                    ("page_size", page_size.to_string()),
+                ])
+                .header("X-Procurify-Client", "api")
+                .header("Accept", "application/json")
+        })
+        .await?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND && page > 1 {
+            return Ok(None);
+        }
+        if !response.status().is_success() {
+            return Err(http::error_from_response(response, None, ERROR_BODY).await);
+        }
+        http::read_json(response, None).await.map(Some)
+    }
+}
+
+fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
+    match serde_json::from_value::<ProcurifyDepartment>(raw.clone()) {
+        Ok(d) => Ok(Department {
+            external_id: d.id.to_string(),
+            scope_id: Some(match d.branch {
+                Branch::Object { id } | Branch::Id(id) => id.to_string(),
+            }),
+            name: d.name,
+            is_active: d.active,
+            parent_external_id: None,
+            source_created_at: None,
+            source_updated_at: None,
+            raw,
+        }),
+        Err(e) => Err(RejectedRecord {
+            external_id: raw.get("id").map(|id| id.to_string()),
+            reason: format!("not a Procurify department: {e}"),
+            payload: raw,
+        }),
+    }
+}
+
+impl Source for Procurify {
+    fn mode(&self) -> SyncMode {
+        SyncMode::FullListing {
+            max_delete_fraction: self.settings.max_delete_fraction,
+        }
+    }
+
+    async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {
+        let PageRequest::Listing { cursor } = request else {
+            return Err(SourceError::Unsupported(
+                "Procurify can only be read as a full listing",
+            ));
+        };
+        let expected: Option<Cursor> = decode_cursor(cursor)?;
+        let page = expected.as_ref().map_or(1, |c| c.page);
+        let Some(response) = self.list(page, self.settings.page_size).await? else {
+            return Err(SourceError::ListingChanged(format!(
+                "page {page} is no longer there (404)"
+            )));
+        };
+        let count = response.metadata.pagination.count;
+        if let Some(expected) = expected.filter(|c| c.count != count) {
+            return Err(SourceError::ListingChanged(format!(
+                "it had {} departments on its first page and {count} on page {page}",
+                expected.count
+            )));
+        }
+        let next_cursor = response.metadata.pagination.next.map(|_| {
+            encode_cursor(&Cursor {
+                page: page + 1,
+                count,
+            })
+        });
+        Ok(Page::from_records(
+            response.data,
+            to_department,
+            next_cursor,
+        ))
+    }
+
+    async fn check(&self) -> Result<(), SourceError> {
+        self.list(1, 1).await.map(|_| ())
+    }
+}

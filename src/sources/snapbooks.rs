@@ -1,0 +1,313 @@
+//! Snapbooks API v2: `GET {base_url}/api/v2/departments?page=N&per_page=M`.
+//!
+//! - A bearer token, or one obtained with OAuth2 client credentials (a form post).
+//! - `page` (from 1) and `per_page`; `meta.pages` says how many; the last is `page >= pages`.
+//! - The list holds only active departments unless asked with `is_active=null`: without
+//!   it a deactivation would never be seen, so every request sends it. A record without
+//!   `is_active` is active.
+//! - One listing per configured client account (`client_account_id`), or one for all.
+//!
+//! The cursor is `{"account": A, "page": N, "records": R}`: the client account being read
+//! (null for all), the page to read, and the total the account's listing reported on its
+//! first page. A different total means the listing changed under its page numbers and
+//! starts again.
+
+use chrono::{DateTime, Utc};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use super::http::{self, Auth, ClientCredentials, ErrorBody, TokenRequestStyle};
+use super::{Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor};
+use crate::config::{ConfigError, FieldContext};
+use crate::model::{Department, RejectedRecord};
+
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+const ENDPOINT: &str = "api/v2/departments";
+const ERROR_BODY: ErrorBody<'static> = ErrorBody {
+    message_field: "message",
+    request_id_field: None,
+};
+
+/// A `kind = "snapbooks"` source as written in the config file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapbooksConfig {
+    base_url: String,
+    token: Option<SecretString>,
+    client_id: Option<String>,
+    client_secret: Option<SecretString>,
+    token_url: Option<String>,
+    #[serde(default)]
+    client_account_ids: Vec<i64>,
+    page_size: Option<i64>,
+    max_delete_fraction: Option<f64>,
+}
+
+/// How a Snapbooks source authenticates.
+#[derive(Debug, Clone)]
+pub enum SnapbooksAuth {
+    Token(SecretString),
+    ClientCredentials(ClientCredentials),
+}
+
+/// A validated Snapbooks source.
+#[derive(Debug, Clone)]
+pub struct SnapbooksSettings {
+    pub base_url: reqwest::Url,
+    pub auth: SnapbooksAuth,
+    pub client_account_ids: Vec<i64>,
+    pub page_size: u32,
+    pub max_delete_fraction: f64,
+}
+
+impl SnapbooksConfig {
+    pub fn validate(self, fields: &FieldContext<'_>) -> Result<SnapbooksSettings, ConfigError> {
+        let base_url = fields.base_url("base_url", &self.base_url)?;
+        let auth = match (
+            self.token,
+            self.client_id,
+            self.client_secret,
+            self.token_url,
+        ) {
+            (Some(token), None, None, None) => SnapbooksAuth::Token(fields.secret("token", token)?),
+            (None, Some(client_id), Some(secret), Some(token_url)) => {
+                if client_id.trim().is_empty() {
+                    return Err(fields.error("client_id", "must not be empty"));
+                }
+                let mut token_url = fields.base_url("token_url", &token_url)?;
+                let path = token_url.path().trim_end_matches('/').to_owned();
+                token_url.set_path(&path);
+                SnapbooksAuth::ClientCredentials(ClientCredentials {
+                    token_url,
+                    client_id,
+                    client_secret: fields.secret("client_secret", secret)?,
+                    style: TokenRequestStyle::Form,
+                })
+            }
+            (Some(_), _, _, _) => {
+                return Err(fields.error(
+                    "token",
+                    "give either `token` or `client_id` + `client_secret` + `token_url`, not both",
+                ));
+            }
+            (None, client_id, secret, token_url) => {
+                let missing = [
+                    ("client_id", client_id.is_none()),
+                    ("client_secret", secret.is_none()),
+                    ("token_url", token_url.is_none()),
+                ]
+                .into_iter()
+                .find(|(_, missing)| *missing)
+                .map_or("token", |(field, _)| field);
+                return Err(fields.error(
+                    missing,
+                    "missing: give `token`, or `client_id` + `client_secret` + `token_url`",
+                ));
+            }
+        };
+        if let Some(bad) = self.client_account_ids.iter().find(|id| **id <= 0) {
+            return Err(fields.error(
+                "client_account_ids",
+                format!("{bad} is not a client account id"),
+            ));
+        }
+        Ok(SnapbooksSettings {
+            base_url,
+            auth,
+            client_account_ids: self.client_account_ids,
+            page_size: fields.page_size(self.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?,
+            max_delete_fraction: fields.delete_fraction(self.max_delete_fraction)?,
+        })
+    }
+}
+
+/// The Snapbooks connector.
+pub struct Snapbooks {
+    settings: SnapbooksSettings,
+    endpoint: reqwest::Url,
+    client: reqwest::Client,
+    auth: Auth,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+struct Cursor {
+    account: Option<i64>,
+    page: u64,
+    /// `None` until the account's first page has told it.
+    records: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ListResponse {
+    data: Vec<serde_json::Value>,
+    meta: Meta,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    pages: u64,
+    records: u64,
+}
+
+#[derive(Deserialize)]
+struct SnapbooksDepartment {
+    id: i64,
+    name: String,
+    client_account_id: i64,
+    /// Absent (older API versions) means active.
+    is_active: Option<bool>,
+    created_at: Option<DateTime<Utc>>,
+    updated_at: Option<DateTime<Utc>>,
+}
+
+impl Snapbooks {
+    pub fn new(settings: SnapbooksSettings, client: reqwest::Client) -> Snapbooks {
+        let endpoint = settings
+            .base_url
+            .join(ENDPOINT)
+            .unwrap_or_else(|_| settings.base_url.clone());
+        let auth = match &settings.auth {
+            SnapbooksAuth::Token(token) => Auth::Bearer(token.clone()),
+            SnapbooksAuth::ClientCredentials(credentials) => {
+                Auth::client_credentials(credentials.clone())
+            }
+        };
+        Snapbooks {
+            settings,
+            endpoint,
+            client,
+            auth,
+        }
+    }
+
+    /// The listings of one pass: one per configured client account, or one for all.
+    fn accounts(&self) -> Vec<Option<i64>> {
+        if self.settings.client_account_ids.is_empty() {
+            vec![None]
+        } else {
+            self.settings
+                .client_account_ids
+                .iter()
+                .copied()
+                .map(Some)
+                .collect()
+        }
+    }
+
+    async fn list(
+        &self,
+        account: Option<i64>,
+        page: u64,
+        per_page: u32,
+    ) -> Result<ListResponse, SourceError> {
+        let response = http::send_authorized(&self.client, &self.auth, || {
+            let mut query = vec![
+                ("page", page.to_string()),
+                ("per_page", per_page.to_string()),
+                ("is_active", "null".to_owned()),
+            ];
+            if let Some(account) = account {
+                query.push(("client_account_id", account.to_string()));
+            }
+            self.client
+                .get(self.endpoint.clone())
+                .query(&query)
+                .header("Accept", "application/json")
+        })
+        .await?;
+        if !response.status().is_success() {
+            return Err(http::error_from_response(response, None, ERROR_BODY).await);
+        }
+        http::read_json(response, None).await
+    }
+}
+
+fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
+    match serde_json::from_value::<SnapbooksDepartment>(raw.clone()) {
+        Ok(d) => Ok(Department {
+            external_id: d.id.to_string(),
+            scope_id: Some(d.client_account_id.to_string()),
+            name: d.name,
+            is_active: d.is_active.unwrap_or(true),
+            parent_external_id: None,
+            source_created_at: d.created_at,
+            source_updated_at: d.updated_at,
+            raw,
+        }),
+        Err(e) => Err(RejectedRecord {
+            external_id: raw.get("id").map(|id| id.to_string()),
+            reason: format!("not a Snapbooks department: {e}"),
+            payload: raw,
+        }),
+    }
+}
+
+impl Source for Snapbooks {
+    fn mode(&self) -> SyncMode {
+        SyncMode::FullListing {
+            max_delete_fraction: self.settings.max_delete_fraction,
+        }
+    }
+
+    async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {
+        let PageRequest::Listing { cursor } = request else {
+            return Err(SourceError::Unsupported(
+                "Snapbooks can only be read as a full listing",
+            ));
+        };
+        let accounts = self.accounts();
+        let saved: Option<Cursor> = decode_cursor(cursor)?;
+        // A saved account that is no longer configured: the listing starts again.
+        let (index, expected) = match saved {
+            None => (0, None),
+            Some(saved) => match accounts.iter().position(|a| *a == saved.account) {
+                Some(index) => (index, Some(saved)),
+                None => {
+                    return Err(SourceError::ListingChanged(
+                        "the saved client account is no longer configured".to_owned(),
+                    ));
+                }
+            },
+        };
+        let account = accounts[index];
+        let page = expected.map_or(1, |c| c.page);
+        let response = self.list(account, page, self.settings.page_size).await?;
+        let records = response.meta.records;
+        if let Some(first) = expected
+            .and_then(|c| c.records)
+            .filter(|first| *first != records)
+        {
+            return Err(SourceError::ListingChanged(format!(
+                "client account {}: {first} departments on its first page, {records} on page {page}",
+                account.map_or("(all)".to_owned(), |a| a.to_string()),
+            )));
+        }
+        let next = if page < response.meta.pages {
+            Some(Cursor {
+                account,
+                page: page + 1,
+                records: Some(records),
+            })
+        } else {
+            accounts.get(index + 1).map(|next| Cursor {
+                account: *next,
+                page: 1,
+                records: None,
+            })
+        };
+        let next_cursor = next.as_ref().map(encode_cursor);
+        Ok(Page::from_records(
+            response.data,
+            to_department,
+            next_cursor,
+        ))
+    }
+
+    async fn check(&self) -> Result<(), SourceError> {
+        for account in self.accounts() {
+            self.list(account, 1, 1).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,10 @@
+-- Marks deleted, once, every live department of a source ($1) that the complete listing
+-- $2 did not see. A department that comes back later is revived by the upsert.
+UPDATE departments d
+SET deleted_at = now(), last_changed_at = now()
+WHERE d.source = $1
+  AND d.deleted_at IS NULL
+  AND NOT EXISTS (
+      SELECT 1 FROM listing_seen s
+      WHERE s.source = d.source AND s.listing_id = $2 AND s.external_id = d.external_id
+  )
