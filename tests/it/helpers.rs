@@ -84,13 +84,15 @@ impl Drop for TestDb {
     }
 }
 
+/// A config with `sources` (TOML `[[sources]]` tables) and the test's database.
+pub fn config(database_url: &str, sources: &str) -> String {
+    format!("[database]\nurl = \"{database_url}\"\n\n{sources}")
+}
+
 /// A config for one Mews source pointing at `base_url`.
 pub fn mews_config(database_url: &str, name: &str, base_url: &str, extra: &str) -> String {
-    format!(
+    let source = format!(
         r#"
-[database]
-url = "{database_url}"
-
 [[sources]]
 name = "{name}"
 kind = "mews"
@@ -102,7 +104,8 @@ start = "2019-01-01T00:00:00Z"
 "#,
         client = crate::fakes::mews::CLIENT_TOKEN,
         access = crate::fakes::mews::ACCESS_TOKEN,
-    )
+    );
+    config(database_url, &source)
 }
 
 /// Validated settings and the connector of their first source.

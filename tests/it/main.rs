@@ -3,5 +3,6 @@
 mod cli;
 mod fakes;
 mod helpers;
+mod listings;
 mod mews;
 mod store;

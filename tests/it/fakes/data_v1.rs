@@ -1,0 +1,90 @@
+//! A fake tenant data API: `GET /v1/data/departments` with `Authorization: Bearer` and
+//! `Accept: application/json` (both required by its page) returns every department at once
+//! as `{"success": true, "result": [{"id", "parent_id", "name"}]}`.
+
+use std::collections::BTreeMap;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use super::Shared;
+
+pub const TOKEN: &str = "data-api-token";
+
+#[derive(Default)]
+pub struct DataV1State {
+    departments: BTreeMap<String, Value>,
+}
+
+#[derive(Clone)]
+pub struct FakeDataV1 {
+    pub base_url: String,
+    pub shared: Shared<DataV1State>,
+}
+
+impl FakeDataV1 {
+    pub async fn start() -> FakeDataV1 {
+        let shared = Shared::new(DataV1State::default());
+        let router = Router::new()
+            .route("/v1/data/departments", get(departments))
+            .with_state(shared.clone());
+        FakeDataV1 {
+            base_url: super::serve(router).await,
+            shared,
+        }
+    }
+
+    pub fn put(&self, id: &str, parent: Option<&str>, name: &str) {
+        let record = json!({ "id": id, "parent_id": parent, "name": name });
+        self.shared
+            .lock()
+            .1
+            .departments
+            .insert(id.to_owned(), record);
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.shared.lock().1.departments.remove(id);
+    }
+}
+
+async fn departments(State(shared): State<Shared<DataV1State>>, headers: HeaderMap) -> Response {
+    let (_, failure) = shared.arrive();
+    let mut guard = shared.lock();
+    let (control, state) = &mut *guard;
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    if header("Accept") != "application/json" {
+        control.violation("a request without Accept: application/json");
+        return (
+            StatusCode::NOT_ACCEPTABLE,
+            axum::Json(json!({ "success": false })),
+        )
+            .into_response();
+    }
+    if header("Authorization") != format!("Bearer {TOKEN}") {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({ "success": false, "message": "Unauthorized" })),
+        )
+            .into_response();
+    }
+    if let Some(status) = failure {
+        return (
+            StatusCode::from_u16(status).unwrap(),
+            axum::Json(json!({ "success": false, "message": "injected failure" })),
+        )
+            .into_response();
+    }
+    let result: Vec<&Value> = state.departments.values().collect();
+    axum::Json(json!({ "success": true, "result": result })).into_response()
+}

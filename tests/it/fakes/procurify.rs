@@ -1,0 +1,214 @@
+//! A fake Procurify API v3, keeping its documented rules:
+//!
+//! - `POST /oauth/token` takes JSON `{client_id, client_secret, audience, grant_type}` with
+//!   the audience `https://api.procurify.com/` and grant `client_credentials`, and returns
+//!   `{access_token, expires_in, token_type, scope}`;
+//! - `GET /api/v3/departments/` wants `Authorization: Bearer` with a live token (else 401)
+//!   and `X-Procurify-Client: api`; it pages DRF style (`next` a full URL or null) and
+//!   answers 404 past the last page.
+
+use std::collections::{BTreeMap, HashSet};
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use super::Shared;
+
+pub const CLIENT_ID: &str = "procurify-client";
+pub const CLIENT_SECRET: &str = "procurify-secret";
+
+#[derive(Default)]
+pub struct ProcurifyState {
+    departments: BTreeMap<i64, Value>,
+    live_tokens: HashSet<String>,
+    issued: usize,
+    token_requests: usize,
+    department_pages: usize,
+}
+
+#[derive(Clone)]
+pub struct FakeProcurify {
+    pub base_url: String,
+    pub shared: Shared<ProcurifyState>,
+}
+
+impl FakeProcurify {
+    pub async fn start() -> FakeProcurify {
+        let shared = Shared::new(ProcurifyState::default());
+        let router = Router::new()
+            .route("/oauth/token", post(token))
+            .route("/api/v3/departments/", get(departments))
+            .with_state(shared.clone());
+        FakeProcurify {
+            base_url: super::serve(router).await,
+            shared,
+        }
+    }
+
+    /// Adds or replaces department `id`.
+    pub fn put(&self, id: i64, name: &str, branch: i64, active: bool) {
+        let record = json!({
+            "id": id,
+            "name": name,
+            "branch": { "id": branch, "name": format!("Branch {branch}"), "headquarter": branch == 1 },
+            "external_id": null,
+            "active": active,
+            "punchout_email": null,
+        });
+        self.shared.lock().1.departments.insert(id, record);
+    }
+
+    pub fn remove(&self, id: i64) {
+        self.shared.lock().1.departments.remove(&id);
+    }
+
+    /// Every token issued so far stops working (it expired, or was revoked).
+    pub fn expire_tokens(&self) {
+        self.shared.lock().1.live_tokens.clear();
+    }
+
+    pub fn token_requests(&self) -> usize {
+        self.shared.lock().1.token_requests
+    }
+
+    /// Department pages served with a 200.
+    pub fn department_pages(&self) -> usize {
+        self.shared.lock().1.department_pages
+    }
+
+    /// The departments as deptsync should store them: (id, branch, name, active).
+    pub fn truth(&self) -> Vec<(String, String, String, bool)> {
+        let state = self.shared.lock();
+        let mut rows: Vec<_> = state
+            .1
+            .departments
+            .values()
+            .map(|d| {
+                (
+                    d["id"].to_string(),
+                    d["branch"]["id"].to_string(),
+                    d["name"].as_str().unwrap().to_owned(),
+                    d["active"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+}
+
+fn refuse(status: StatusCode, detail: &str) -> Response {
+    (status, axum::Json(json!({ "detail": detail }))).into_response()
+}
+
+async fn token(State(shared): State<Shared<ProcurifyState>>, body: String) -> Response {
+    shared.arrive();
+    let mut guard = shared.lock();
+    let (control, state) = &mut *guard;
+    state.token_requests += 1;
+    let Ok(body) = serde_json::from_str::<Value>(&body) else {
+        control.violation("token request body is not JSON");
+        return refuse(StatusCode::BAD_REQUEST, "JSON expected");
+    };
+    if body["audience"] != "https://api.procurify.com/"
+        || body["grant_type"] != "client_credentials"
+    {
+        control.violation(format!(
+            "token request without the documented audience and grant: {body}"
+        ));
+        return refuse(StatusCode::BAD_REQUEST, "bad audience or grant_type");
+    }
+    if body["client_id"] != CLIENT_ID || body["client_secret"] != CLIENT_SECRET {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({ "error": "access_denied", "error_description": "Unauthorized" })),
+        )
+            .into_response();
+    }
+    state.issued += 1;
+    let token = format!("procurify-token-{}", state.issued);
+    state.live_tokens.insert(token.clone());
+    axum::Json(json!({
+        "access_token": token,
+        "expires_in": 86400,
+        "token_type": "Bearer",
+        "scope": "read",
+    }))
+    .into_response()
+}
+
+async fn departments(
+    State(shared): State<Shared<ProcurifyState>>,
+    Query(query): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let (_, failure) = shared.arrive();
+    let mut guard = shared.lock();
+    let (control, state) = &mut *guard;
+    if headers
+        .get("X-Procurify-Client")
+        .and_then(|v| v.to_str().ok())
+        != Some("api")
+    {
+        control.violation("a departments request without X-Procurify-Client: api");
+        return refuse(StatusCode::BAD_REQUEST, "X-Procurify-Client missing");
+    }
+    let token = headers
+        .get("Authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !token.is_some_and(|t| state.live_tokens.contains(t)) {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "Authentication credentials were not provided or have expired.",
+        );
+    }
+    if let Some(status) = failure {
+        return refuse(StatusCode::from_u16(status).unwrap(), "injected failure");
+    }
+    let number = |key: &str, default: u64| {
+        query
+            .get(key)
+            .map_or(Some(default), |v| v.parse::<u64>().ok())
+    };
+    let (Some(page), Some(page_size)) = (number("page", 1), number("page_size", 10)) else {
+        control.violation(format!("page and page_size must be integers: {query:?}"));
+        return refuse(StatusCode::BAD_REQUEST, "bad paging");
+    };
+    if page == 0 || page_size == 0 {
+        control.violation(format!("page and page_size start at 1: {query:?}"));
+        return refuse(StatusCode::BAD_REQUEST, "bad paging");
+    }
+    let count = state.departments.len() as u64;
+    let num_pages = count.div_ceil(page_size).max(1);
+    if page > num_pages {
+        return refuse(StatusCode::NOT_FOUND, "Invalid page.");
+    }
+    state.department_pages += 1;
+    let data: Vec<Value> = state
+        .departments
+        .values()
+        .skip(((page - 1) * page_size) as usize)
+        .take(page_size as usize)
+        .cloned()
+        .collect();
+    let link = |p: u64| {
+        format!("https://acme.procurify.com/api/v3/departments/?page={p}&page_size={page_size}")
+    };
+    axum::Json(json!({
+        "metadata": { "pagination": {
+            "count": count,
+            "next": (page < num_pages).then(|| link(page + 1)),
+            "previous": (page > 1).then(|| link(page - 1)),
+            "page_size": page_size,
+            "num_pages": num_pages,
+            "current_page": page,
+        }},
+        "data": data,
+    }))
+    .into_response()
+}

@@ -1,0 +1,207 @@
+//! A fake Snapbooks API v2 under `/snapbooks`, keeping its documented rules:
+//!
+//! - `Authorization: Bearer` with the account token, or with a token from
+//!   `POST /v2/oauth/token` (a client-credentials form post);
+//! - `GET /snapbooks/api/v2/departments?page&per_page[&client_account_id][&is_active]`,
+//!   `meta.pages` telling how many pages; 403 for a client account the token cannot see;
+//! - only active departments are listed unless `is_active=null` is asked for.
+
+use std::collections::{BTreeMap, HashSet};
+
+use axum::Router;
+use axum::extract::{Form, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use super::Shared;
+
+pub const TOKEN: &str = "snapbooks-account-token";
+pub const CLIENT_ID: &str = "snapbooks-client";
+pub const CLIENT_SECRET: &str = "snapbooks-secret";
+
+#[derive(Default)]
+pub struct SnapbooksState {
+    departments: BTreeMap<i64, Value>,
+    visible_accounts: HashSet<i64>,
+    live_tokens: HashSet<String>,
+    token_requests: usize,
+}
+
+#[derive(Clone)]
+pub struct FakeSnapbooks {
+    /// The API's base URL, as configured (`…/snapbooks`).
+    pub base_url: String,
+    /// The client-credentials token endpoint.
+    pub token_url: String,
+    pub shared: Shared<SnapbooksState>,
+}
+
+impl FakeSnapbooks {
+    pub async fn start(visible_accounts: &[i64]) -> FakeSnapbooks {
+        let shared = Shared::new(SnapbooksState {
+            visible_accounts: visible_accounts.iter().copied().collect(),
+            live_tokens: HashSet::from([TOKEN.to_owned()]),
+            ..SnapbooksState::default()
+        });
+        let router = Router::new()
+            .route("/v2/oauth/token", post(token))
+            .route("/snapbooks/api/v2/departments", get(departments))
+            .with_state(shared.clone());
+        let root = super::serve(router).await;
+        FakeSnapbooks {
+            base_url: format!("{root}/snapbooks"),
+            token_url: format!("{root}/v2/oauth/token"),
+            shared,
+        }
+    }
+
+    /// Adds or replaces department `id`; `is_active: None` leaves the field out.
+    pub fn put(&self, id: i64, name: &str, account: i64, is_active: Option<bool>) {
+        let mut record = json!({
+            "id": id,
+            "name": name,
+            "client_account_id": account,
+            "sequence_number": id,
+            "created_at": "2024-03-15T10:00:00Z",
+            "updated_at": "2024-03-15T10:00:00Z",
+            "created_by_id": 789,
+            "updated_by_id": 789,
+        });
+        if let Some(active) = is_active {
+            record["is_active"] = json!(active);
+        }
+        self.shared.lock().1.departments.insert(id, record);
+    }
+
+    pub fn token_requests(&self) -> usize {
+        self.shared.lock().1.token_requests
+    }
+
+    /// The departments as deptsync should store them: (id, account, name, active).
+    pub fn truth(&self) -> Vec<(String, String, String, bool)> {
+        let state = self.shared.lock();
+        let mut rows: Vec<_> = state
+            .1
+            .departments
+            .values()
+            .map(|d| {
+                (
+                    d["id"].to_string(),
+                    d["client_account_id"].to_string(),
+                    d["name"].as_str().unwrap().to_owned(),
+                    d.get("is_active").and_then(Value::as_bool).unwrap_or(true),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(json!({ "message": message }))).into_response()
+}
+
+async fn token(
+    State(shared): State<Shared<SnapbooksState>>,
+    Form(form): Form<BTreeMap<String, String>>,
+) -> Response {
+    shared.arrive();
+    let mut guard = shared.lock();
+    let (control, state) = &mut *guard;
+    state.token_requests += 1;
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        control.violation(format!(
+            "token request without grant_type=client_credentials: {form:?}"
+        ));
+        return refuse(StatusCode::BAD_REQUEST, "unsupported_grant_type");
+    }
+    if form.get("client_id").map(String::as_str) != Some(CLIENT_ID)
+        || form.get("client_secret").map(String::as_str) != Some(CLIENT_SECRET)
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({ "error": "invalid_client" })),
+        )
+            .into_response();
+    }
+    let token = format!("snapbooks-oauth-{}", state.token_requests);
+    state.live_tokens.insert(token.clone());
+    axum::Json(json!({ "access_token": token, "token_type": "Bearer", "expires_in": 86400 }))
+        .into_response()
+}
+
+async fn departments(
+    State(shared): State<Shared<SnapbooksState>>,
+    Query(query): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let (_, failure) = shared.arrive();
+    let mut guard = shared.lock();
+    let (control, state) = &mut *guard;
+    let token = headers
+        .get("Authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !token.is_some_and(|t| state.live_tokens.contains(t)) {
+        return refuse(StatusCode::UNAUTHORIZED, "Unauthenticated.");
+    }
+    if let Some(status) = failure {
+        return refuse(StatusCode::from_u16(status).unwrap(), "injected failure");
+    }
+    let number = |key: &str, default: u64| {
+        query
+            .get(key)
+            .map_or(Some(default), |v| v.parse::<u64>().ok())
+    };
+    let (Some(page), Some(per_page)) = (number("page", 1), number("per_page", 50)) else {
+        control.violation(format!("page and per_page must be integers: {query:?}"));
+        return refuse(StatusCode::BAD_REQUEST, "bad paging");
+    };
+    if page == 0 || per_page == 0 {
+        control.violation(format!("page and per_page start at 1: {query:?}"));
+        return refuse(StatusCode::BAD_REQUEST, "bad paging");
+    }
+    let account = match query.get("client_account_id").map(|v| v.parse::<i64>()) {
+        None => None,
+        Some(Ok(account)) if state.visible_accounts.contains(&account) => Some(account),
+        Some(_) => return refuse(StatusCode::FORBIDDEN, "No access to client account"),
+    };
+    // The documented default lists only active departments.
+    let wanted: Option<bool> = match query.get("is_active").map(String::as_str) {
+        None => Some(true),
+        Some("null") => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => {
+            control.violation(format!("is_active={other} is not a value the API takes"));
+            return refuse(StatusCode::BAD_REQUEST, "bad is_active");
+        }
+    };
+    let listed: Vec<&Value> = state
+        .departments
+        .values()
+        .filter(|d| {
+            let in_account = d["client_account_id"].as_i64().unwrap();
+            state.visible_accounts.contains(&in_account) && account.is_none_or(|a| a == in_account)
+        })
+        .filter(|d| {
+            let active = d.get("is_active").and_then(Value::as_bool).unwrap_or(true);
+            wanted.is_none_or(|w| w == active)
+        })
+        .collect();
+    let records = listed.len() as u64;
+    let pages = records.div_ceil(per_page).max(1);
+    let data: Vec<&Value> = listed
+        .into_iter()
+        .skip(((page - 1) * per_page) as usize)
+        .take(per_page as usize)
+        .collect();
+    axum::Json(json!({
+        "data": data,
+        "meta": { "page": page, "pages": pages, "per_page": per_page, "records": records },
+    }))
+    .into_response()
+}
