@@ -13,7 +13,7 @@ use crate::engine::{self, PassRequest, error_chain};
 use crate::model::{RunOutcome, SourceStatus};
 use crate::sources::{Connector, Source, SyncMode, http};
 use crate::store::Store;
-use crate::store::postgres::PgStore;
+use crate::store::postgres::{IfMissing, PgStore};
 
 /// Keeps an SQL copy of the departments held in several SaaS APIs.
 #[derive(Debug, Parser)]
@@ -111,7 +111,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> Result<Exit, CliError> 
 /// Connects to the database and applies pending migrations.
 async fn connect(settings: &Settings) -> anyhow::Result<PgStore> {
     let url = settings.database.redacted_url();
-    let store = PgStore::connect(&settings.database.url)
+    let store = PgStore::connect(&settings.database.url, IfMissing::Create)
         .await
         .with_context(|| format!("database {url}"))?;
     store
@@ -121,29 +121,24 @@ async fn connect(settings: &Settings) -> anyhow::Result<PgStore> {
     Ok(store)
 }
 
+/// The sources `names` asks for (all when empty), in config order, each once.
 fn select_sources<'a>(
     settings: &'a Settings,
     names: &[String],
 ) -> Result<Vec<&'a SourceSettings>, CliError> {
-    if names.is_empty() {
-        return Ok(settings.sources.iter().collect());
+    let configured = |name: &str| settings.sources.iter().any(|s| s.name.as_str() == name);
+    if let Some(unknown) = names.iter().find(|name| !configured(name)) {
+        let known: Vec<_> = settings.sources.iter().map(|s| s.name.as_str()).collect();
+        return Err(CliError::Usage(format!(
+            "--source {unknown}: no such source in the config (known: {})",
+            known.join(", ")
+        )));
     }
-    names
+    Ok(settings
+        .sources
         .iter()
-        .map(|name| {
-            settings
-                .sources
-                .iter()
-                .find(|s| s.name.as_str() == name)
-                .ok_or_else(|| {
-                    let known: Vec<_> = settings.sources.iter().map(|s| s.name.as_str()).collect();
-                    CliError::Usage(format!(
-                        "--source {name}: no such source in the config (known: {})",
-                        known.join(", ")
-                    ))
-                })
-        })
-        .collect()
+        .filter(|s| names.is_empty() || names.iter().any(|name| name == s.name.as_str()))
+        .collect())
 }
 
 async fn sync(
@@ -155,7 +150,7 @@ async fn sync(
     let client = http::build_client().context("building the HTTP client")?;
     let request = match (args.backfill, args.from) {
         (true, Some(from)) => {
-            if selected.len() != 1 || args.sources.len() != 1 {
+            if selected.len() != 1 || args.sources.is_empty() {
                 return Err(CliError::Usage(
                     "--backfill needs exactly one --source".to_owned(),
                 ));
@@ -220,7 +215,7 @@ async fn sync(
 }
 
 async fn status(settings: &Settings, json: bool) -> Result<Exit, CliError> {
-    let store = PgStore::connect(&settings.database.url)
+    let store = PgStore::connect(&settings.database.url, IfMissing::Fail)
         .await
         .with_context(|| format!("database {}", settings.database.redacted_url()))?;
     let names: Vec<String> = settings

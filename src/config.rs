@@ -63,18 +63,31 @@ impl DatabaseSettings {
     }
 }
 
-/// The URL with its password (if any) replaced by `***`.
+/// The URL with its password (if any, in the user part or as a `password` query
+/// parameter) replaced by `***`.
 pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                // Cannot fail for a URL that already has a password (it has a host).
-                let _ = parsed.set_password(Some("***"));
-            }
-            parsed.to_string()
-        }
-        Err(_) => "<unparseable database url>".to_owned(),
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return "<unparseable database url>".to_owned();
+    };
+    if parsed.password().is_some() {
+        // Cannot fail for a URL that already has a password (it has a host).
+        let _ = parsed.set_password(Some("***"));
     }
+    if parsed.query_pairs().any(|(key, _)| key == "password") {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if key == "password" {
+                    "***".into()
+                } else {
+                    value
+                };
+                (key.into_owned(), value.into_owned())
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 /// One configured source.
@@ -526,6 +539,10 @@ mod tests {
         assert_eq!(
             settings.database.redacted_url(),
             "postgres://deptsync:***@127.0.0.1:5432/deptsync"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=require&password=hunter2"),
+            "postgres://u@h/db?sslmode=require&password=***"
         );
     }
 

@@ -18,9 +18,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The one HTTP client of the process (it pools connections per host).
+///
+/// Redirects are not followed: a vendor API that redirects is misconfigured, and following
+/// would resend the tokens (in Mews' case, in the request body) to another host.
 pub fn build_client() -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .user_agent(concat!("deptsync/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT)
         .gzip(true)

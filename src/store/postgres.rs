@@ -42,10 +42,18 @@ pub struct PgStore {
     pool: PgPool,
 }
 
+/// Whether connecting may create the database when the server says it does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfMissing {
+    /// So that a first `sync` or `migrate` needs nothing set up by hand.
+    Create,
+    /// For commands that only read (`status`).
+    Fail,
+}
+
 impl PgStore {
-    /// Connects to the database at `url`, creating the database first when the server
-    /// says it does not exist (so that a first run needs nothing set up by hand).
-    pub async fn connect(url: &SecretString) -> Result<PgStore, StoreError> {
+    /// Connects to the database at `url`.
+    pub async fn connect(url: &SecretString, if_missing: IfMissing) -> Result<PgStore, StoreError> {
         let options = PgConnectOptions::from_str(url.expose_secret())
             .map_err(db("parsing the database url"))?;
         let pool_options = PgPoolOptions::new()
@@ -53,7 +61,7 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(15));
         match pool_options.clone().connect_with(options.clone()).await {
             Ok(pool) => Ok(PgStore { pool }),
-            Err(e) if is_missing_database(&e) => {
+            Err(e) if is_missing_database(&e) && if_missing == IfMissing::Create => {
                 tracing::info!(
                     database = options.get_database().unwrap_or_default(),
                     "database does not exist; creating it"
@@ -449,7 +457,7 @@ impl Store for PgStore {
             deleted: deletions.deleted,
             withheld_deletions: deletions.withheld,
         };
-        sqlx::query(
+        let counted = sqlx::query(
             "UPDATE sync_runs SET pages = pages + 1, fetched = fetched + $2, inserted = inserted + $3,
                     updated = updated + $4, unchanged = unchanged + $5, rejected = rejected + $6,
                     deleted = deleted + $7
@@ -465,6 +473,12 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(db("counting the page in its run"))?;
+        if counted.rows_affected() != 1 {
+            // Dropping the transaction rolls the page back: no page without its run.
+            return Err(StoreError::Corrupt(format!(
+                "run {run} is not in sync_runs"
+            )));
+        }
         tx.commit().await.map_err(db("committing the page"))?;
         Ok(counts)
     }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use deptsync::config::{Settings, SourceSettings};
 use deptsync::sources::{Connector, http};
-use deptsync::store::postgres::PgStore;
+use deptsync::store::postgres::{IfMissing, PgStore};
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
@@ -38,7 +38,9 @@ impl TestDb {
         let mut url = reqwest::Url::parse(&server).unwrap();
         url.set_path(&name);
         let url = url.to_string();
-        let store = PgStore::connect(&url.clone().into()).await.unwrap();
+        let store = PgStore::connect(&url.clone().into(), IfMissing::Fail)
+            .await
+            .unwrap();
         store.migrate().await.unwrap();
         TestDb { name, url, store }
     }

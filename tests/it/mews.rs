@@ -174,6 +174,16 @@ async fn an_incremental_sync_rereads_only_recent_windows_and_writes_only_changes
         at(2019, 1, 1),
         Utc::now() - chrono::Duration::days(1),
     );
+    // Three updated just before the first pass: the next pass's lookback re-reads them.
+    for i in 0..3 {
+        let updated = Utc::now() - chrono::Duration::minutes(3);
+        fake.insert(FakeDepartment::new(
+            Uuid::from_u128(900 + i),
+            Uuid::from_u128(1),
+            "Recent",
+            updated,
+        ));
+    }
     sync(&db, &fake, "lookback = \"10m\"", PassRequest::INCREMENTAL)
         .await
         .unwrap();
@@ -220,9 +230,10 @@ async fn an_incremental_sync_rereads_only_recent_windows_and_writes_only_changes
             "re-read old window {window}"
         );
     }
+    let counts = report.totals.counts;
     assert_eq!(
-        (report.totals.counts.inserted, report.totals.counts.updated),
-        (1, 1)
+        (counts.inserted, counts.updated, counts.unchanged),
+        (1, 1, 3)
     );
     assert_matches_upstream(&db, &fake).await;
     let after: Vec<(String, DateTime<Utc>, String)> = sqlx::query_as(
@@ -232,7 +243,7 @@ async fn an_incremental_sync_rereads_only_recent_windows_and_writes_only_changes
     .await
     .unwrap();
     let untouched = after.iter().filter(|row| before.contains(row)).count();
-    assert_eq!(untouched, 299, "only the renamed row may be rewritten");
+    assert_eq!(untouched, 302, "only the renamed row may be rewritten");
 }
 
 #[tokio::test]
@@ -544,4 +555,41 @@ async fn records_that_cannot_be_stored_are_kept_aside_and_the_page_goes_on() {
         .scalar("SELECT sum(rejected)::bigint FROM sync_runs")
         .await;
     assert_eq!(rejected_count, 4);
+}
+
+#[tokio::test]
+async fn enterprise_ids_limit_the_sync_and_empty_pages_may_come_as_200() {
+    let db = TestDb::new().await;
+    let fake = FakeMews::start().await;
+    fake.never_204();
+    // Data only in 2020: the 2019 windows and those after come back empty.
+    fake.generate(90, 3, at(2020, 2, 1), at(2020, 11, 1));
+    let wanted = [Uuid::from_u128(0xE000), Uuid::from_u128(0xE002)];
+    let extra = format!("enterprise_ids = [\"{}\", \"{}\"]", wanted[0], wanted[1]);
+
+    let report = sync(&db, &fake, &extra, PassRequest::INCREMENTAL)
+        .await
+        .unwrap();
+
+    fake.assert_no_violations();
+    assert_eq!(report.totals.counts.inserted, 60);
+    let scopes: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT scope_id FROM departments ORDER BY 1")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(scopes, wanted.map(|id| id.to_string()).to_vec());
+    assert!(
+        fake.requests()
+            .iter()
+            .any(|r| r.returned == 0 && r.status == 200)
+    );
+    assert!(
+        db.store
+            .load_state("mews")
+            .await
+            .unwrap()
+            .high_water_mark
+            .is_some()
+    );
 }

@@ -93,3 +93,27 @@ async fn a_failed_commit_keeps_neither_rows_nor_position() {
         None
     );
 }
+
+#[tokio::test]
+async fn a_page_whose_run_cannot_be_counted_is_not_kept() {
+    let db = TestDb::new().await;
+    // The upsert and the checkpoint succeed; counting the page in a run that does not
+    // exist fails last, and the whole page must go with it.
+    let unknown_run = deptsync::model::RunId(uuid::Uuid::new_v4());
+    let page = [department("1", "fine", at(2020, 1, 1))];
+    let done = Checkpoint::IncrementalDone {
+        high_water_mark: at(2021, 1, 1),
+    };
+    assert!(
+        db.store
+            .commit_page(unknown_run, "s", &page, &[], &done)
+            .await
+            .is_err()
+    );
+    let rows: i64 = db.scalar("SELECT count(*) FROM departments").await;
+    assert_eq!(rows, 0);
+    assert_eq!(
+        db.store.load_state("s").await.unwrap().high_water_mark,
+        None
+    );
+}

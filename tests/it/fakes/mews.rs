@@ -18,9 +18,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Months, SubsecRound, Utc};
 use deptsync::model::Window;
-use deptsync::plan::window_fits;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -90,6 +89,8 @@ struct MewsState {
     cursors: HashMap<(String, Window), (DateTime<Utc>, Uuid)>,
     hooks: Vec<Hook>,
     access_token: String,
+    /// Answer empty pages with 200 and an empty list even when 204 is asked for.
+    never_204: bool,
 }
 
 /// A running fake Mews server on a loopback port.
@@ -164,6 +165,11 @@ impl FakeMews {
     /// Calls `hook` with the request number before each request is answered.
     pub fn on_request(&self, hook: impl Fn(usize) + Send + 'static) {
         self.state().hooks.push(Box::new(hook));
+    }
+
+    /// Empty pages come back as 200 with an empty list, as without `Prefer: return=minimal`.
+    pub fn never_204(&self) {
+        self.state().never_204 = true;
     }
 
     /// The fake accepts only this access token from now on.
@@ -317,7 +323,9 @@ fn answer(
             "UpdatedUtc {window} is empty or inverted"
         )));
     }
-    if !window_fits(&window, 3) {
+    // At most three calendar months (the last day clamped to the shorter month).
+    let limit = start.checked_add_months(Months::new(3)).unwrap();
+    if end > limit {
         return Err(violation(format!(
             "UpdatedUtc {window} is longer than 3 months"
         )));
@@ -382,7 +390,7 @@ fn answer(
             .get("Prefer")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("return=minimal"));
-        if minimal {
+        if minimal && !state.never_204 {
             return Ok((
                 StatusCode::NO_CONTENT,
                 [("Request-Id", request_id.to_owned())],
