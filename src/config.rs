@@ -630,3 +630,76 @@ mod tests {
         assert!(message.contains("database.url"), "{message}");
     }
 }
+
+#[cfg(test)]
+mod full_listing_kinds {
+    use super::*;
+
+    fn parse(source: &str) -> Result<Settings, String> {
+        let text = format!("[database]\nurl = \"postgres://x@h/db\"\n[[sources]]\n{source}");
+        Settings::parse(&text, &|_| None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn procurify_defaults_its_token_url_and_page_size() {
+        let settings = parse(
+            "name = \"p\"\nkind = \"procurify\"\nbase_url = \"https://acme.procurify.com\"\n\
+             client_id = \"id\"\nclient_secret = \"s\"",
+        )
+        .unwrap();
+        let SourceKindSettings::Procurify(p) = &settings.sources[0].kind else {
+            panic!("expected procurify");
+        };
+        assert_eq!(
+            p.credentials.token_url.as_str(),
+            "https://acme.procurify.com/oauth/token"
+        );
+        assert_eq!((p.page_size, p.max_delete_fraction), (100, 0.5));
+    }
+
+    #[test]
+    fn snapbooks_takes_a_token_or_client_credentials_not_both_nor_half() {
+        let base = "name = \"s\"\nkind = \"snapbooks\"\nbase_url = \"https://api.snapbooks.no/snapbooks\"\n";
+        assert!(parse(&format!("{base}token = \"t\"")).is_ok());
+        let both = parse(&format!("{base}token = \"t\"\nclient_id = \"c\"")).unwrap_err();
+        assert!(
+            both.contains("field `token`") && both.contains("not both"),
+            "{both}"
+        );
+        let half = parse(&format!("{base}client_id = \"c\"\nclient_secret = \"s\"")).unwrap_err();
+        assert!(half.contains("field `token_url`"), "{half}");
+        let none = parse(base).unwrap_err();
+        assert!(
+            none.contains("field `client_id`") || none.contains("field `token`"),
+            "{none}"
+        );
+    }
+
+    #[test]
+    fn max_delete_fraction_is_a_fraction() {
+        let source = "name = \"hr\"\nkind = \"data_v1\"\nbase_url = \"https://hr.example.com\"\ntoken = \"t\"\n";
+        let error = parse(&format!("{source}max_delete_fraction = 1.5")).unwrap_err();
+        assert!(
+            error.contains("source \"hr\": field `max_delete_fraction`"),
+            "{error}"
+        );
+        assert!(parse(&format!("{source}max_delete_fraction = 1.0")).is_ok());
+        let error = parse(&format!("{source}lookback = \"5m\"")).unwrap_err();
+        assert!(
+            error.contains("field `lookback`"),
+            "a Mews field on another kind: {error}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod example {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let text = include_str!("../deploy/deptsync.example.toml");
+        let settings = Settings::parse(text, &|_| None).unwrap();
+        assert_eq!(settings.sources[0].name.as_str(), "mews-demo");
+    }
+}

@@ -9,7 +9,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use super::http::{self, Auth, ErrorBody};
-use super::{Page, PageRequest, Source, SourceError, SyncMode};
+use super::{Page, PageRequest, Source, SourceError, SyncMode, id_text};
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RejectedRecord};
 
@@ -117,7 +117,7 @@ fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
             raw,
         }),
         Err(e) => Err(RejectedRecord {
-            external_id: raw.get("id").and_then(|id| id.as_str()).map(str::to_owned),
+            external_id: id_text(&raw, "id"),
             reason: format!("not a department of the data API: {e}"),
             payload: raw,
         }),

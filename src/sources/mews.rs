@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::http::{self, ErrorBody};
-use super::{Page, PageRequest, Source, SourceError, SyncMode};
+use super::{Page, PageRequest, Source, SourceError, SyncMode, id_text};
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RejectedRecord, Window};
 
@@ -237,7 +237,7 @@ fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
             raw,
         }),
         Err(e) => Err(RejectedRecord {
-            external_id: raw.get("Id").and_then(|id| id.as_str()).map(str::to_owned),
+            external_id: id_text(&raw, "Id"),
             reason: format!("not a Mews department: {e}"),
             payload: raw,
         }),

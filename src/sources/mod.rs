@@ -214,3 +214,12 @@ pub(crate) fn decode_cursor<T: serde::de::DeserializeOwned>(
         })
         .transpose()
 }
+
+/// A record's id as text, whether the vendor sent a string or a number.
+pub(crate) fn id_text(record: &serde_json::Value, field: &str) -> Option<String> {
+    match record.get(field)? {
+        serde_json::Value::String(id) => Some(id.clone()),
+        serde_json::Value::Number(id) => Some(id.to_string()),
+        _ => None,
+    }
+}

@@ -17,7 +17,9 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use super::http::{self, Auth, ClientCredentials, ErrorBody, TokenRequestStyle};
-use super::{Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor};
+use super::{
+    Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, id_text,
+};
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RejectedRecord};
 
@@ -236,7 +238,7 @@ fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
             raw,
         }),
         Err(e) => Err(RejectedRecord {
-            external_id: raw.get("id").map(|id| id.to_string()),
+            external_id: id_text(&raw, "id"),
             reason: format!("not a Snapbooks department: {e}"),
             payload: raw,
         }),
