@@ -9,7 +9,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use super::http::{self, Auth, ErrorBody};
-use super::{Page, PageRequest, Source, SourceError, SyncMode, id_text};
+use super::{Page, PageRequest, Source, SourceError, SyncMode, unreadable};
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RejectedRecord};
 
@@ -116,11 +116,7 @@ fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
             source_updated_at: None,
             raw,
         }),
-        Err(e) => Err(RejectedRecord {
-            external_id: id_text(&raw, "id"),
-            reason: format!("not a department of the data API: {e}"),
-            payload: raw,
-        }),
+        Err(e) => Err(unreadable(raw, "id", "data API", e)),
     }
 }
 

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::http::{self, ErrorBody};
-use super::{Page, PageRequest, Source, SourceError, SyncMode, id_text};
+use super::{Page, PageRequest, Source, SourceError, SyncMode, unreadable};
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RejectedRecord, Window};
 
@@ -236,11 +236,7 @@ fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
             source_updated_at: Some(d.updated_utc),
             raw,
         }),
-        Err(e) => Err(RejectedRecord {
-            external_id: id_text(&raw, "Id"),
-            reason: format!("not a Mews department: {e}"),
-            payload: raw,
-        }),
+        Err(e) => Err(unreadable(raw, "Id", "Mews", e)),
     }
 }
 

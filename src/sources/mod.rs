@@ -223,3 +223,17 @@ pub(crate) fn id_text(record: &serde_json::Value, field: &str) -> Option<String>
         _ => None,
     }
 }
+
+/// A record that could not be read as a department of `vendor`, kept with the reason.
+pub(crate) fn unreadable(
+    raw: serde_json::Value,
+    id_field: &str,
+    vendor: &str,
+    error: serde_json::Error,
+) -> RejectedRecord {
+    RejectedRecord {
+        external_id: id_text(&raw, id_field),
+        reason: format!("not a {vendor} department: {error}"),
+        payload: raw,
+    }
+}

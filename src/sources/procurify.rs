@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{self, Auth, ClientCredentials, ErrorBody, TokenRequestStyle};
 use super::{
-    Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, id_text,
+    Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, unreadable,
 };
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RejectedRecord};
@@ -188,11 +188,7 @@ fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
             source_updated_at: None,
             raw,
         }),
-        Err(e) => Err(RejectedRecord {
-            external_id: id_text(&raw, "id"),
-            reason: format!("not a Procurify department: {e}"),
-            payload: raw,
-        }),
+        Err(e) => Err(unreadable(raw, "id", "Procurify", e)),
     }
 }
 

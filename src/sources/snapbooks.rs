@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{self, Auth, ClientCredentials, ErrorBody, TokenRequestStyle};
 use super::{
-    Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, id_text,
+    Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, unreadable,
 };
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RejectedRecord};
@@ -237,11 +237,7 @@ fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
             source_updated_at: d.updated_at,
             raw,
         }),
-        Err(e) => Err(RejectedRecord {
-            external_id: id_text(&raw, "id"),
-            reason: format!("not a Snapbooks department: {e}"),
-            payload: raw,
-        }),
+        Err(e) => Err(unreadable(raw, "id", "Snapbooks", e)),
     }
 }
 

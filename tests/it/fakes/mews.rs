@@ -10,7 +10,6 @@
 //!   nothing came back; `204` for an empty page when `Prefer: return=minimal` is sent.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -22,6 +21,8 @@ use chrono::{DateTime, Months, SubsecRound, Utc};
 use deptsync::model::Window;
 use serde_json::{Value, json};
 use uuid::Uuid;
+
+use super::Shared;
 
 pub const CLIENT_TOKEN: &str = "fake-client-token";
 pub const ACCESS_TOKEN: &str = "fake-access-token";
@@ -76,18 +77,12 @@ pub struct RecordedRequest {
     pub returned: usize,
 }
 
-type Hook = Box<dyn Fn(usize) + Send>;
-
 #[derive(Default)]
-struct MewsState {
+pub struct MewsState {
     departments: Vec<FakeDepartment>,
     requests: Vec<RecordedRequest>,
-    violations: Vec<String>,
-    /// Request number (from 1) → the error status to answer with.
-    failures: HashMap<usize, u16>,
     /// (cursor, the interval it was issued for) → the sort key it stands at.
     cursors: HashMap<(String, Window), (DateTime<Utc>, Uuid)>,
-    hooks: Vec<Hook>,
     access_token: String,
     /// Answer empty pages with 200 and an empty list even when 204 is asked for.
     never_204: bool,
@@ -97,35 +92,26 @@ struct MewsState {
 #[derive(Clone)]
 pub struct FakeMews {
     pub base_url: String,
-    state: Arc<Mutex<MewsState>>,
+    pub shared: Shared<MewsState>,
 }
 
 impl FakeMews {
     pub async fn start() -> FakeMews {
-        let state = Arc::new(Mutex::new(MewsState {
+        let shared = Shared::new(MewsState {
             access_token: ACCESS_TOKEN.to_owned(),
             ..MewsState::default()
-        }));
+        });
         let app = Router::new()
             .route(PATH, post(get_all))
-            .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            .with_state(shared.clone());
         FakeMews {
-            base_url: format!("http://{address}"),
-            state,
+            base_url: super::serve(app).await,
+            shared,
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, MewsState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     pub fn insert(&self, department: FakeDepartment) {
-        let mut state = self.state();
+        let state = &mut self.shared.lock().1;
         state.departments.retain(|d| d.id != department.id);
         state.departments.push(department);
     }
@@ -154,44 +140,36 @@ impl FakeMews {
     }
 
     pub fn departments(&self) -> Vec<FakeDepartment> {
-        self.state().departments.clone()
+        self.shared.lock().1.departments.clone()
     }
 
     /// Answers request number `n` (from 1, over the fake's life) with `status`.
     pub fn fail_request(&self, n: usize, status: u16) {
-        self.state().failures.insert(n, status);
+        self.shared.fail_request(n, status);
     }
 
     /// Calls `hook` with the request number before each request is answered.
     pub fn on_request(&self, hook: impl Fn(usize) + Send + 'static) {
-        self.state().hooks.push(Box::new(hook));
+        self.shared.on_request(hook);
     }
 
     /// Empty pages come back as 200 with an empty list, as without `Prefer: return=minimal`.
     pub fn never_204(&self) {
-        self.state().never_204 = true;
+        self.shared.lock().1.never_204 = true;
     }
 
     /// The fake accepts only this access token from now on.
     pub fn set_access_token(&self, token: &str) {
-        self.state().access_token = token.to_owned();
+        self.shared.lock().1.access_token = token.to_owned();
     }
 
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state().requests.clone()
-    }
-
-    pub fn violations(&self) -> Vec<String> {
-        self.state().violations.clone()
+        self.shared.lock().1.requests.clone()
     }
 
     /// Fails the test if deptsync broke a rule of the API.
     pub fn assert_no_violations(&self) {
-        let violations = self.violations();
-        assert!(
-            violations.is_empty(),
-            "deptsync broke Mews rules: {violations:#?}"
-        );
+        self.shared.assert_no_violations();
     }
 }
 
@@ -213,18 +191,14 @@ fn parse_time(value: &Value) -> Option<DateTime<Utc>> {
 }
 
 async fn get_all(
-    State(state): State<Arc<Mutex<MewsState>>>,
+    State(shared): State<Shared<MewsState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mut state = state
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let number = state.requests.len() + 1;
+    let (number, failure) = shared.arrive();
+    let mut guard = shared.lock();
+    let (control, state) = &mut *guard;
     let request_id = format!("req-{number}");
-    for hook in &state.hooks {
-        hook(number);
-    }
     let mut record = RecordedRequest {
         window: None,
         cursor: None,
@@ -232,21 +206,12 @@ async fn get_all(
         status: 200,
         returned: 0,
     };
-    let result = answer(
-        &mut state,
-        &headers,
-        &body,
-        &request_id,
-        &mut record,
-        number,
-    );
+    let result = answer(state, &headers, &body, &request_id, &mut record, failure);
     let response = match result {
         Ok(response) => response,
         Err((status, message, violation)) => {
             if violation {
-                state
-                    .violations
-                    .push(format!("request {number}: {message}"));
+                control.violation(format!("request {number}: {message}"));
             }
             error(status, &request_id, &message)
         }
@@ -268,7 +233,7 @@ fn answer(
     body: &[u8],
     request_id: &str,
     record: &mut RecordedRequest,
-    number: usize,
+    failure: Option<u16>,
 ) -> Result<Response, Refusal> {
     let request: Value =
         serde_json::from_slice(body).map_err(|e| violation(format!("body is not JSON: {e}")))?;
@@ -342,7 +307,7 @@ fn answer(
         }
     };
 
-    if let Some(&status) = state.failures.get(&number) {
+    if let Some(status) = failure {
         let status = StatusCode::from_u16(status).unwrap();
         return Err((status, format!("injected failure {status}"), false));
     }

@@ -20,6 +20,26 @@ pub async fn serve(router: Router) -> String {
     format!("http://{address}")
 }
 
+/// Reads page-number paging parameters (`page` and `size_key`, both from 1), or says why
+/// they break the API's rules.
+pub fn paging(
+    query: &std::collections::BTreeMap<String, String>,
+    size_key: &str,
+    default_size: u64,
+) -> Result<(u64, u64), String> {
+    let number = |key: &str, default: u64| {
+        query
+            .get(key)
+            .map_or(Some(default), |v| v.parse::<u64>().ok())
+    };
+    match (number("page", 1), number(size_key, default_size)) {
+        (Some(page), Some(size)) if page >= 1 && size >= 1 => Ok((page, size)),
+        _ => Err(format!(
+            "page and {size_key} must be whole numbers from 1: {query:?}"
+        )),
+    }
+}
+
 type Hook = Box<dyn Fn(usize) + Send>;
 
 /// What every fake keeps besides its data: the requests it saw, the rule breaches among

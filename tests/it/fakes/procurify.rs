@@ -170,19 +170,13 @@ async fn departments(
     if let Some(status) = failure {
         return refuse(StatusCode::from_u16(status).unwrap(), "injected failure");
     }
-    let number = |key: &str, default: u64| {
-        query
-            .get(key)
-            .map_or(Some(default), |v| v.parse::<u64>().ok())
+    let (page, page_size) = match super::paging(&query, "page_size", 10) {
+        Ok(paging) => paging,
+        Err(message) => {
+            control.violation(message);
+            return refuse(StatusCode::BAD_REQUEST, "bad paging");
+        }
     };
-    let (Some(page), Some(page_size)) = (number("page", 1), number("page_size", 10)) else {
-        control.violation(format!("page and page_size must be integers: {query:?}"));
-        return refuse(StatusCode::BAD_REQUEST, "bad paging");
-    };
-    if page == 0 || page_size == 0 {
-        control.violation(format!("page and page_size start at 1: {query:?}"));
-        return refuse(StatusCode::BAD_REQUEST, "bad paging");
-    }
     let count = state.departments.len() as u64;
     let num_pages = count.div_ceil(page_size).max(1);
     if page > num_pages {

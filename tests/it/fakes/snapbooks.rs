@@ -151,19 +151,13 @@ async fn departments(
     if let Some(status) = failure {
         return refuse(StatusCode::from_u16(status).unwrap(), "injected failure");
     }
-    let number = |key: &str, default: u64| {
-        query
-            .get(key)
-            .map_or(Some(default), |v| v.parse::<u64>().ok())
+    let (page, per_page) = match super::paging(&query, "per_page", 50) {
+        Ok(paging) => paging,
+        Err(message) => {
+            control.violation(message);
+            return refuse(StatusCode::BAD_REQUEST, "bad paging");
+        }
     };
-    let (Some(page), Some(per_page)) = (number("page", 1), number("per_page", 50)) else {
-        control.violation(format!("page and per_page must be integers: {query:?}"));
-        return refuse(StatusCode::BAD_REQUEST, "bad paging");
-    };
-    if page == 0 || per_page == 0 {
-        control.violation(format!("page and per_page start at 1: {query:?}"));
-        return refuse(StatusCode::BAD_REQUEST, "bad paging");
-    }
     let account = match query.get("client_account_id").map(|v| v.parse::<i64>()) {
         None => None,
         Some(Ok(account)) if state.visible_accounts.contains(&account) => Some(account),
