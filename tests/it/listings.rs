@@ -587,3 +587,33 @@ async fn every_kind_syncs_through_the_binary_and_backfill_is_only_for_windows() 
     let state = db.store.load_state("proc").await.unwrap();
     assert_eq!(state.listing, None);
 }
+
+#[tokio::test]
+async fn a_resumed_listing_whose_next_page_is_gone_starts_again() {
+    let db = TestDb::new().await;
+    let fake = FakeProcurify::start().await;
+    for id in 1..=20 {
+        fake.put(id, &format!("Department {id}"), 1, true);
+    }
+    let source = procurify_source(&fake, "page_size = 5");
+    // Token, pages 1 to 3, then page 4 fails: the listing stops with page 4 to read.
+    fake.shared.fail_request(5, 503);
+    sync(&db, &source, PassRequest::INCREMENTAL)
+        .await
+        .unwrap_err();
+    let rows: i64 = db.scalar("SELECT count(*) FROM departments").await;
+    assert_eq!(rows, 15);
+
+    // Before the next pass, half the departments go: page 4 is now past the end (404).
+    for id in 11..=20 {
+        fake.remove(id);
+    }
+    let report = sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+
+    assert_eq!(
+        report.totals.counts.deleted, 5,
+        "11 to 15 were stored and are gone"
+    );
+    assert_eq!(live(&db, "proc").await, sorted_by_id(fake.truth()));
+    fake.shared.assert_no_violations();
+}
