@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, ConfigError, Settings, SourceSettings};
+use crate::config::{self, ConfigError, Schedule, Settings, SourceSettings};
+use crate::daemon::Daemon;
 use crate::engine::{self, PassRequest, error_chain};
 use crate::model::{RunOutcome, SourceStatus};
 use crate::sources::{Connector, Source, SyncMode, http};
@@ -23,15 +24,28 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE", default_value = config::DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
 
+    /// Log lines as plain text, or as JSON objects for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run as a service: every source on its schedule until SIGTERM or SIGINT.
+    Run,
     /// One incremental pass of every source (or the named ones), or a backfill.
     Sync(SyncArgs),
-    /// The last run, last success, state, rows and last error of every source.
+    /// The last run, last success, state, rows, position, last error and next run of
+    /// every source. Exits 3 when a source has had no success for three of its intervals.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -71,6 +85,8 @@ pub enum Exit {
     Failure = 1,
     /// The config or the command line is wrong; nothing was done.
     BadConfig = 2,
+    /// `status`: a source has had no success for three of its intervals.
+    Stale = 3,
 }
 
 /// An error that says which exit code it deserves.
@@ -97,6 +113,14 @@ impl CliError {
 pub async fn run(cli: Cli, cancel: CancellationToken) -> Result<Exit, CliError> {
     let settings = Settings::load(&cli.config, &config::process_env)?;
     match cli.command {
+        Command::Run => {
+            let daemon = Daemon::build(settings).context("starting the service")?;
+            daemon
+                .run_until(cancel.cancelled_owned())
+                .await
+                .context("running the service")?;
+            Ok(Exit::Success)
+        }
         Command::Sync(args) => sync(&settings, args, cancel).await,
         Command::Status { json } => status(&settings, json).await,
         Command::Migrate => {
@@ -214,6 +238,35 @@ async fn sync(
     }
 }
 
+/// A source as `status` shows it: what the store knows, and what the schedule says.
+#[derive(serde::Serialize)]
+struct StatusLine {
+    #[serde(flatten)]
+    status: SourceStatus,
+    schedule: Option<String>,
+    next_run_at: Option<DateTime<Utc>>,
+    /// No success for three of the schedule's intervals.
+    stale: bool,
+}
+
+impl StatusLine {
+    fn new(status: SourceStatus, schedule: Option<&Schedule>, now: DateTime<Utc>) -> StatusLine {
+        let stale = schedule
+            .and_then(|s| s.interval_after(now))
+            .is_some_and(|interval| {
+                // Never succeeded: count from its first run (never run at all is stale).
+                let since = status.last_success_at.or(status.first_run_at);
+                since.is_none_or(|since| now - since > interval * 3)
+            });
+        StatusLine {
+            schedule: schedule.map(|s| s.as_str().to_owned()),
+            next_run_at: schedule.and_then(|s| s.next_after(now)),
+            stale,
+            status,
+        }
+    }
+}
+
 async fn status(settings: &Settings, json: bool) -> Result<Exit, CliError> {
     let store = PgStore::connect(&settings.database.url, IfMissing::Fail)
         .await
@@ -227,79 +280,82 @@ async fn status(settings: &Settings, json: bool) -> Result<Exit, CliError> {
         .status(&names)
         .await
         .context("has `deptsync migrate` run on this database?")?;
+    let now = Utc::now();
+    let lines: Vec<StatusLine> = statuses
+        .into_iter()
+        .map(|status| {
+            let schedule = settings
+                .sources
+                .iter()
+                .find(|s| s.name.as_str() == status.source)
+                .map(|s| &s.schedule);
+            StatusLine::new(status, schedule, now)
+        })
+        .collect();
     let mut out = std::io::stdout().lock();
     let written = if json {
-        serde_json::to_writer_pretty(&mut out, &statuses)
+        serde_json::to_writer_pretty(&mut out, &lines)
             .map_err(std::io::Error::from)
             .and_then(|()| writeln!(out))
     } else {
-        write_status_table(&mut out, &statuses)
+        writeln!(out, "{}", status_table(&lines))
     };
     written.context("writing the status")?;
+    if lines.iter().any(|line| line.stale) {
+        return Ok(Exit::Stale);
+    }
     Ok(Exit::Success)
 }
 
-fn write_status_table(out: &mut impl Write, statuses: &[SourceStatus]) -> std::io::Result<()> {
+fn status_table(lines: &[StatusLine]) -> comfy_table::Table {
     let time = |t: Option<DateTime<Utc>>| {
         t.map_or_else(
             || "-".to_owned(),
             |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
         )
     };
-    let rows: Vec<[String; 8]> = statuses
-        .iter()
-        .map(|s| {
-            let state = if s.backfill_in_progress {
-                format!("{} (backfill pending)", s.state)
-            } else {
-                s.state.clone()
-            };
-            [
-                s.source.clone(),
-                state,
-                time(s.last_run_started_at),
-                time(s.last_success_at),
-                s.live_rows.to_string(),
-                s.deleted_rows.to_string(),
-                s.rejected_records.to_string(),
-                s.last_error
-                    .as_deref()
-                    .map_or_else(|| "-".to_owned(), |e| e.chars().take(120).collect()),
-            ]
-        })
-        .collect();
-    let header = [
-        "SOURCE",
-        "STATE",
-        "LAST RUN (UTC)",
-        "LAST SUCCESS (UTC)",
-        "LIVE",
-        "DELETED",
-        "REJECTED",
-        "LAST ERROR",
-    ];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_header([
+            "SOURCE",
+            "STATE",
+            "LAST RUN (UTC)",
+            "LAST SUCCESS",
+            "LIVE",
+            "DELETED",
+            "REJECTED",
+            "POSITION",
+            "NEXT RUN",
+            "LAST ERROR",
+        ]);
+    for line in lines {
+        let s = &line.status;
+        let mut state = s.state.clone();
+        if s.backfill_in_progress {
+            state.push_str(" +backfill");
         }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut text = String::new();
-        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                text.push_str(cell);
-            } else {
-                text.push_str(&format!("{cell:<width$}  "));
-            }
+        if line.stale {
+            state.push_str(" (STALE)");
         }
-        text
-    };
-    writeln!(out, "{}", line(header.to_vec()))?;
-    for row in &rows {
-        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
+        let error: String = s
+            .last_error
+            .as_deref()
+            .map_or_else(|| "-".to_owned(), |e| e.chars().take(100).collect());
+        table.add_row([
+            s.source.clone(),
+            state,
+            time(s.last_run_started_at),
+            time(s.last_success_at),
+            s.live_rows.to_string(),
+            s.deleted_rows.to_string(),
+            s.rejected_records.to_string(),
+            s.position.clone(),
+            time(line.next_run_at),
+            error,
+        ]);
     }
-    Ok(())
+    table
 }
 
 async fn check(settings: &Settings) -> Result<Exit, CliError> {

@@ -46,8 +46,21 @@ impl ConfigError {
 #[derive(Debug)]
 pub struct Settings {
     pub database: DatabaseSettings,
+    pub daemon: DaemonSettings,
     pub sources: Vec<SourceSettings>,
 }
+
+/// How `deptsync run` behaves.
+#[derive(Debug, Clone)]
+pub struct DaemonSettings {
+    /// Where to serve `/metrics` and `/healthz`; none when not set.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How long a shutdown waits for passes to commit the page in hand.
+    pub shutdown_timeout: std::time::Duration,
+}
+
+/// The default `[daemon] shutdown_timeout`.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where the store lives. `Debug` and [`DatabaseSettings::redacted_url`] never show the
 /// password.
@@ -94,8 +107,8 @@ pub fn redact_url(url: &str) -> String {
 #[derive(Debug)]
 pub struct SourceSettings {
     pub name: SourceName,
-    /// Cron expression with seconds, used by `run`.
-    pub schedule: String,
+    /// When `run` starts a pass.
+    pub schedule: Schedule,
     pub kind: SourceKindSettings,
 }
 
@@ -157,6 +170,8 @@ struct RawConfig {
     #[serde(default)]
     database: Option<RawDatabase>,
     #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
     sources: Vec<config::Value>,
 }
 
@@ -164,6 +179,68 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawDatabase {
     url: Option<SecretString>,
+    url_file: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    metrics_listen: Option<String>,
+    shutdown_timeout: Option<String>,
+}
+
+/// A cron schedule with seconds (`sec min hour day month weekday [year]`), in UTC.
+#[derive(Clone)]
+pub struct Schedule {
+    text: String,
+    cron: croner::Cron,
+}
+
+impl std::fmt::Debug for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Schedule").field(&self.text).finish()
+    }
+}
+
+impl Schedule {
+    /// Parses a schedule the way the daemon's scheduler does.
+    pub fn parse(text: &str) -> Result<Schedule, String> {
+        let cron = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Required)
+            .dom_and_dow(true)
+            .build()
+            .parse(text)
+            .map_err(|e| {
+                format!(
+                    "{text:?} is not a cron expression with seconds (sec min hour day month weekday, \
+                     e.g. \"0 */15 * * * *\"): {e}"
+                )
+            })?;
+        Ok(Schedule {
+            text: text.to_owned(),
+            cron,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The first time after `t` the schedule fires.
+    pub fn next_after(
+        &self,
+        t: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.cron.find_next_occurrence(&t, false).ok()
+    }
+
+    /// The time between the next two firings after `t`: the interval a pass is expected
+    /// every.
+    pub fn interval_after(&self, t: chrono::DateTime<chrono::Utc>) -> Option<chrono::Duration> {
+        let first = self.next_after(t)?;
+        let second = self.next_after(first)?;
+        Some(second - first)
+    }
 }
 
 impl Settings {
@@ -200,11 +277,29 @@ impl Settings {
                 message: e.to_string(),
             })?;
 
+        let database = raw.database.unwrap_or(RawDatabase {
+            url: None,
+            url_file: None,
+        });
+        let url_from_file = match database.url_file {
+            None => None,
+            Some(path) => Some(
+                read_secret_file(&path, env)
+                    .map_err(|m| ConfigError::top("database.url_file", m))?,
+            ),
+        };
+        let configured_url = match (database.url, url_from_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::top(
+                    "database.url_file",
+                    "give `url` or `url_file`, not both",
+                ));
+            }
+            (url, from_file) => url.or(from_file),
+        };
         let url = match env("DATABASE_URL").filter(|u| !u.is_empty()) {
             Some(url) => SecretString::from(url),
-            None => raw
-                .database
-                .and_then(|d| d.url)
+            None => configured_url
                 .ok_or_else(|| {
                     ConfigError::top(
                         "database.url",
@@ -240,8 +335,30 @@ impl Settings {
             sources.push(source);
         }
 
+        let daemon = DaemonSettings {
+            metrics_listen: match raw.daemon.metrics_listen {
+                None => None,
+                Some(text) => Some(text.parse().map_err(|e| {
+                    ConfigError::top(
+                        "daemon.metrics_listen",
+                        format!("{text:?} is not an address like \"127.0.0.1:9187\": {e}"),
+                    )
+                })?),
+            },
+            shutdown_timeout: match raw.daemon.shutdown_timeout {
+                None => DEFAULT_SHUTDOWN_TIMEOUT,
+                Some(text) => humantime::parse_duration(&text).map_err(|e| {
+                    ConfigError::top(
+                        "daemon.shutdown_timeout",
+                        format!("{text:?} is not a duration like \"10s\": {e}"),
+                    )
+                })?,
+            },
+        };
+
         Ok(Settings {
             database: DatabaseSettings { url },
+            daemon,
             sources,
         })
     }
@@ -366,7 +483,8 @@ fn validate_source(
             .into_string()
             .map_err(|e| fields.error("schedule", e.to_string()))?,
     };
-    validate_schedule(&schedule).map_err(|m| fields.error("schedule", m))?;
+    let schedule = Schedule::parse(&schedule).map_err(|m| fields.error("schedule", m))?;
+    load_secret_files(&mut table, &fields)?;
 
     let rest = config::Value::new(None, config::ValueKind::Table(table));
     let kind = match kind.as_str() {
@@ -438,16 +556,57 @@ fn take_string(
     }
 }
 
-/// A cron expression with seconds: six fields (or seven, with years).
-fn validate_schedule(schedule: &str) -> Result<(), String> {
-    let fields = schedule.split_whitespace().count();
-    if fields == 6 || fields == 7 {
-        Ok(())
-    } else {
-        Err(format!(
-            "{schedule:?} is not a cron expression with seconds (sec min hour day month weekday, e.g. \"0 */15 * * * *\")"
-        ))
+/// Replaces every `X_file = "path"` of a source by `X` = the file's content, so that any
+/// secret can come from a file (systemd's `LoadCredential=`) instead of the config or the
+/// environment.
+fn load_secret_files(
+    table: &mut config::Map<String, config::Value>,
+    fields: &FieldContext<'_>,
+) -> Result<(), ConfigError> {
+    let file_keys: Vec<String> = table
+        .keys()
+        .filter(|k| k.ends_with("_file"))
+        .cloned()
+        .collect();
+    for key in file_keys {
+        let field = key.trim_end_matches("_file").to_owned();
+        if table.contains_key(&field) {
+            return Err(fields.error(&key, format!("give `{field}` or `{key}`, not both")));
+        }
+        let path = table
+            .remove(&key)
+            .map(|v| v.into_string())
+            .transpose()
+            .map_err(|e| fields.error(&key, e.to_string()))?
+            .unwrap_or_default();
+        let secret = read_secret_file(&path, fields.env).map_err(|m| fields.error(&key, m))?;
+        table.insert(field, config::Value::from(secret.expose_secret()));
     }
+    Ok(())
+}
+
+/// Reads a secret from `path`: absolute, or relative to `$CREDENTIALS_DIRECTORY` (where
+/// systemd puts `LoadCredential=` files). One trailing newline is not part of it.
+fn read_secret_file(path: &str, env: EnvLookup<'_>) -> Result<SecretString, String> {
+    let full = match (Path::new(path).is_absolute(), env("CREDENTIALS_DIRECTORY")) {
+        (true, _) => PathBuf::from(path),
+        (false, Some(directory)) => Path::new(&directory).join(path),
+        (false, None) => {
+            return Err(format!(
+                "{path:?} is relative, and CREDENTIALS_DIRECTORY is not set (give an absolute path)"
+            ));
+        }
+    };
+    let text =
+        std::fs::read_to_string(&full).map_err(|e| format!("reading {}: {e}", full.display()))?;
+    let secret = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if secret.is_empty() {
+        return Err(format!("{} is empty", full.display()));
+    }
+    Ok(SecretString::from(secret.to_owned()))
 }
 
 /// `${ENV_NAME}` becomes that variable's value; anything else is taken as it is.
@@ -516,7 +675,7 @@ mod tests {
         assert_eq!(settings.sources.len(), 1);
         let source = &settings.sources[0];
         assert_eq!(source.name.as_str(), "mews-main");
-        assert_eq!(source.schedule, DEFAULT_SCHEDULE);
+        assert_eq!(source.schedule.as_str(), DEFAULT_SCHEDULE);
         let SourceKindSettings::Mews(mews) = &source.kind else {
             panic!("expected a mews source");
         };

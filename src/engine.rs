@@ -110,6 +110,9 @@ pub enum PassError {
         #[source]
         source: StoreError,
     },
+    /// Another process (or another pass in this one) holds the source's lock.
+    #[error("another process is syncing this source now")]
+    Busy,
     #[error("backfill range is empty: --from {from} is not before --to {to}")]
     EmptyBackfill {
         from: DateTime<Utc>,
@@ -271,7 +274,8 @@ fn plan_pass(
     })
 }
 
-/// Runs one pass of `source`, recorded in `sync_runs` from start to end.
+/// Runs one pass of `source`, recorded in `sync_runs` from start to end, holding the
+/// source's lock throughout ([`PassError::Busy`] when another holds it).
 ///
 /// Returns the report of a pass that succeeded or was cancelled, and the error of one
 /// that failed (after recording it). Cancellation stops between pages, or abandons the
@@ -284,6 +288,27 @@ pub async fn run_pass<S: Source, St: Store>(
     request: PassRequest,
     cancel: &CancellationToken,
 ) -> Result<PassReport, PassError> {
+    let lease = store
+        .try_lock(name)
+        .await
+        .map_err(|source| PassError::Bookkeeping {
+            context: "taking the source's lock",
+            source,
+        })?
+        .ok_or(PassError::Busy)?;
+    let result = run_locked_pass(name, source, store, request, cancel).await;
+    store.unlock(lease).await;
+    result
+}
+
+async fn run_locked_pass<S: Source, St: Store>(
+    name: &str,
+    source: &S,
+    store: &St,
+    request: PassRequest,
+    cancel: &CancellationToken,
+) -> Result<PassReport, PassError> {
+    let started = std::time::Instant::now();
     let run_id = store
         .start_run(name, request.mode())
         .await
@@ -312,6 +337,7 @@ pub async fn run_pass<S: Source, St: Store>(
     if let Err(e) = store.finish_run(run_id, &outcome).await {
         tracing::warn!(error = %error_chain(&e), "could not record the end of the run");
     }
+    crate::metrics::pass_finished(name, outcome.status(), started.elapsed());
     match result {
         Ok(_) => {
             tracing::info!(
@@ -432,6 +458,7 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
             .await
             .map_err(|source| PassError::Store { at: at(), source })?;
         self.totals.add(counts);
+        crate::metrics::page_committed(self.name, &counts);
         tracing::debug!(at = %at(), ?counts, "page committed");
         Ok(counts)
     }

@@ -10,7 +10,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod engine;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod sources;

@@ -4,19 +4,13 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use deptsync::cli::{self, Cli, Exit};
+use deptsync::cli::{self, Cli, Command, Exit, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    init_logging(&cli);
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -41,6 +35,38 @@ fn main() -> ExitCode {
         }
     });
     ExitCode::from(exit as u8)
+}
+
+/// Logs go to stdout for the service (journald reads it) and to stderr for the one-shot
+/// commands, whose stdout is their output (`status --json`). Colours only on a terminal,
+/// never under journald; JSON lines with `--log-format json`; `RUST_LOG` filters.
+fn init_logging(cli: &Cli) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let to_stdout = matches!(cli.command, Command::Run);
+    let on_terminal = if to_stdout {
+        std::io::stdout().is_terminal()
+    } else {
+        std::io::stderr().is_terminal()
+    };
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let writer = move || -> Box<dyn std::io::Write> {
+        if to_stdout {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(std::io::stderr())
+        }
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match cli.log_format {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        LogFormat::Text => builder.with_ansi(on_terminal && !under_journald).init(),
+    }
 }
 
 /// Cancels `token` on SIGINT or SIGTERM: passes stop after the page in hand.

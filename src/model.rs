@@ -189,6 +189,10 @@ pub struct SourceStatus {
     pub last_success_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub high_water_mark: Option<DateTime<Utc>>,
+    /// Where the source stands, in words: how far it has read, or where an interrupted
+    /// pass will resume.
+    pub position: String,
+    pub first_run_at: Option<DateTime<Utc>>,
     pub live_rows: i64,
     pub deleted_rows: i64,
     pub rejected_records: i64,

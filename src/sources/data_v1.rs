@@ -8,7 +8,7 @@
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::http::{self, Auth, ErrorBody};
+use super::http::{self, Auth, ErrorBody, SourceClient};
 use super::{Page, PageRequest, Source, SourceError, SyncMode, unreadable};
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RejectedRecord};
@@ -50,7 +50,7 @@ impl DataV1Config {
 pub struct DataV1 {
     settings: DataV1Settings,
     endpoint: reqwest::Url,
-    client: reqwest::Client,
+    client: SourceClient,
     auth: Auth,
 }
 
@@ -69,7 +69,7 @@ struct DataV1Department {
 }
 
 impl DataV1 {
-    pub fn new(settings: DataV1Settings, client: reqwest::Client) -> DataV1 {
+    pub fn new(settings: DataV1Settings, client: SourceClient) -> DataV1 {
         let endpoint = settings
             .base_url
             .join(ENDPOINT)

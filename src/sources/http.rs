@@ -31,6 +31,48 @@ pub fn build_client() -> Result<reqwest::Client, reqwest::Error> {
         .build()
 }
 
+/// The HTTP client as one source uses it: every request it sends is counted by source
+/// and status.
+#[derive(Clone)]
+pub struct SourceClient {
+    client: reqwest::Client,
+    source: std::sync::Arc<str>,
+}
+
+impl SourceClient {
+    pub fn new(client: &reqwest::Client, source: &str) -> SourceClient {
+        SourceClient {
+            client: client.clone(),
+            source: source.into(),
+        }
+    }
+
+    pub fn get(&self, url: reqwest::Url) -> reqwest::RequestBuilder {
+        self.client.get(url)
+    }
+
+    pub fn post(&self, url: reqwest::Url) -> reqwest::RequestBuilder {
+        self.client.post(url)
+    }
+
+    /// Sends `request` and counts it.
+    pub async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, SourceError> {
+        match request.send().await {
+            Ok(response) => {
+                crate::metrics::http_request(&self.source, response.status().as_str());
+                Ok(response)
+            }
+            Err(e) => {
+                crate::metrics::http_request(&self.source, "error");
+                Err(SourceError::Transport(e))
+            }
+        }
+    }
+}
+
 /// The vendor's request id from `header`, if the response carries one.
 pub fn request_id(headers: &HeaderMap, header: &str) -> Option<String> {
     headers
@@ -152,7 +194,7 @@ impl Auth {
     }
 
     /// The token to send, and its generation (to renew exactly the one that was rejected).
-    async fn token(&self, client: &reqwest::Client) -> Result<(SecretString, u64), SourceError> {
+    async fn token(&self, client: &SourceClient) -> Result<(SecretString, u64), SourceError> {
         let (credentials, cached) = match self {
             Auth::Bearer(token) => return Ok((token.clone(), 0)),
             Auth::ClientCredentials {
@@ -203,7 +245,7 @@ impl Auth {
 }
 
 async fn fetch_token(
-    client: &reqwest::Client,
+    client: &SourceClient,
     credentials: &ClientCredentials,
 ) -> Result<TokenResponse, SourceError> {
     let secret = credentials.client_secret.expose_secret();
@@ -221,7 +263,7 @@ async fn fetch_token(
             ("client_secret", secret),
         ]),
     };
-    let response = request.send().await.map_err(SourceError::Transport)?;
+    let response = client.send(request).await?;
     if !response.status().is_success() {
         let fields = ErrorBody {
             message_field: "error_description",
@@ -236,24 +278,20 @@ async fn fetch_token(
 /// answers 401 and the token came from client credentials, gets a new token and sends
 /// the request once more (a token can expire or be revoked in the middle of a pass).
 pub async fn send_authorized(
-    client: &reqwest::Client,
+    client: &SourceClient,
     auth: &Auth,
     build: impl Fn() -> reqwest::RequestBuilder,
 ) -> Result<reqwest::Response, SourceError> {
     let (token, generation) = auth.token(client).await?;
-    let response = build()
-        .bearer_auth(token.expose_secret())
-        .send()
-        .await
-        .map_err(SourceError::Transport)?;
+    let response = client
+        .send(build().bearer_auth(token.expose_secret()))
+        .await?;
     if response.status() != reqwest::StatusCode::UNAUTHORIZED || !auth.forget(generation).await {
         return Ok(response);
     }
     tracing::info!("access token rejected; getting a new one");
     let (token, _) = auth.token(client).await?;
-    build()
-        .bearer_auth(token.expose_secret())
-        .send()
+    client
+        .send(build().bearer_auth(token.expose_secret()))
         .await
-        .map_err(SourceError::Transport)
 }

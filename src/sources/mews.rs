@@ -15,7 +15,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::http::{self, ErrorBody};
+use super::http::{self, ErrorBody, SourceClient};
 use super::{Page, PageRequest, Source, SourceError, SyncMode, unreadable};
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RejectedRecord, Window};
@@ -119,7 +119,7 @@ impl MewsConfig {
 pub struct Mews {
     settings: MewsSettings,
     endpoint: reqwest::Url,
-    client: reqwest::Client,
+    client: SourceClient,
 }
 
 #[derive(Serialize)]
@@ -172,7 +172,7 @@ fn utc(t: DateTime<Utc>) -> String {
 }
 
 impl Mews {
-    pub fn new(settings: MewsSettings, client: reqwest::Client) -> Mews {
+    pub fn new(settings: MewsSettings, client: SourceClient) -> Mews {
         // A base URL always ends in '/' (see FieldContext::base_url) and ENDPOINT is a relative
         // path, so joining cannot fail.
         let endpoint = settings
@@ -203,14 +203,12 @@ impl Mews {
             },
             limitation: Limitation { count, cursor },
         };
-        let response = self
+        let request = self
             .client
             .post(self.endpoint.clone())
             .header("Prefer", "return=minimal")
-            .json(&body)
-            .send()
-            .await
-            .map_err(SourceError::Transport)?;
+            .json(&body);
+        let response = self.client.send(request).await?;
         let request_id = http::request_id(response.headers(), REQUEST_ID_HEADER);
         let status = response.status();
         if status == reqwest::StatusCode::NO_CONTENT {

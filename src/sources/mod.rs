@@ -150,7 +150,7 @@ pub enum Connector {
 impl Connector {
     /// Builds the connector for a validated source. Does no I/O.
     pub fn new(settings: &SourceSettings, client: &reqwest::Client) -> Connector {
-        let client = client.clone();
+        let client = http::SourceClient::new(client, settings.name.as_str());
         match &settings.kind {
             SourceKindSettings::Mews(s) => Connector::Mews(mews::Mews::new(s.clone(), client)),
             SourceKindSettings::Procurify(s) => {

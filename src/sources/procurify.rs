@@ -15,7 +15,7 @@
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use super::http::{self, Auth, ClientCredentials, ErrorBody, TokenRequestStyle};
+use super::http::{self, Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle};
 use super::{
     Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, unreadable,
 };
@@ -94,7 +94,7 @@ fn without_trailing_slash(mut url: reqwest::Url) -> reqwest::Url {
 pub struct Procurify {
     settings: ProcurifySettings,
     endpoint: reqwest::Url,
-    client: reqwest::Client,
+    client: SourceClient,
     auth: Auth,
 }
 
@@ -138,7 +138,7 @@ enum Branch {
 }
 
 impl Procurify {
-    pub fn new(settings: ProcurifySettings, client: reqwest::Client) -> Procurify {
+    pub fn new(settings: ProcurifySettings, client: SourceClient) -> Procurify {
         let endpoint = settings
             .base_url
             .join(ENDPOINT)

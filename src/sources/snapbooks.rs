@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use super::http::{self, Auth, ClientCredentials, ErrorBody, TokenRequestStyle};
+use super::http::{self, Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle};
 use super::{
     Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, unreadable,
 };
@@ -128,7 +128,7 @@ impl SnapbooksConfig {
 pub struct Snapbooks {
     settings: SnapbooksSettings,
     endpoint: reqwest::Url,
-    client: reqwest::Client,
+    client: SourceClient,
     auth: Auth,
 }
 
@@ -164,7 +164,7 @@ struct SnapbooksDepartment {
 }
 
 impl Snapbooks {
-    pub fn new(settings: SnapbooksSettings, client: reqwest::Client) -> Snapbooks {
+    pub fn new(settings: SnapbooksSettings, client: SourceClient) -> Snapbooks {
         let endpoint = settings
             .base_url
             .join(ENDPOINT)

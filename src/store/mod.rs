@@ -32,13 +32,29 @@ pub enum StoreError {
 
 /// What the engine needs from a store.
 pub trait Store: Send + Sync {
+    /// Proof that this process holds a source's lock; the lock is freed by
+    /// [`Store::unlock`], or by the store when the holder dies.
+    type Lease: Send;
+
+    /// Takes `source`'s lock if no process (this one included) holds it: only the holder
+    /// may run a pass of the source. `None` when another holds it.
+    fn try_lock(
+        &self,
+        source: &str,
+    ) -> impl Future<Output = Result<Option<Self::Lease>, StoreError>> + Send;
+
+    /// Frees a lock taken by [`Store::try_lock`].
+    fn unlock(&self, lease: Self::Lease) -> impl Future<Output = ()> + Send;
+
     /// The position `source` last committed (empty for a new source).
     fn load_state(
         &self,
         source: &str,
     ) -> impl Future<Output = Result<SyncState, StoreError>> + Send;
 
-    /// Records a new pass as `running`.
+    /// Records a new pass as `running`. The caller holds the source's lock, so any other
+    /// run of the source still marked `running` belongs to a process that died: it is
+    /// recorded as failed.
     fn start_run(
         &self,
         source: &str,

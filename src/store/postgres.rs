@@ -91,6 +91,15 @@ impl PgStore {
         &self.pool
     }
 
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db("asking the database"))?;
+        Ok(())
+    }
+
     /// Applies the migrations that have not run yet.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await?;
@@ -350,6 +359,25 @@ fn end_listing(
     .bind(listing_id)
 }
 
+/// Where a source stands, for `status`.
+fn describe_position(
+    high_water_mark: Option<DateTime<Utc>>,
+    resuming: Option<Window>,
+    listing_cursor: Option<String>,
+) -> String {
+    match (resuming, listing_cursor, high_water_mark) {
+        (Some(window), _, _) => format!("resumes window {window}"),
+        (None, Some(cursor), _) => format!("resumes listing at {cursor}"),
+        (None, None, Some(mark)) => format!("read up to {}", mark.format("%Y-%m-%d %H:%M:%SZ")),
+        (None, None, None) => "-".to_owned(),
+    }
+}
+
+/// The advisory-lock key of a source (hashed to a bigint by the server).
+fn lock_key(source: &str) -> String {
+    format!("deptsync:{source}")
+}
+
 fn escape_nul(text: &str) -> String {
     text.replace('\0', "\\u0000")
 }
@@ -367,6 +395,39 @@ fn window_from(start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>) -> Opti
 }
 
 impl Store for PgStore {
+    /// A session-level advisory lock lives as long as the connection that took it: the
+    /// lease is that connection, taken out of the pool, so that a holder that dies (or
+    /// loses its database connection) frees the lock with it.
+    type Lease = sqlx::PgConnection;
+
+    async fn try_lock(&self, source: &str) -> Result<Option<Self::Lease>, StoreError> {
+        let mut connection = self
+            .pool
+            .acquire()
+            .await
+            .map_err(db("connecting for the source's lock"))?
+            .detach();
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                .bind(lock_key(source))
+                .fetch_one(&mut connection)
+                .await
+                .map_err(db("taking the source's lock"))?;
+        if locked {
+            Ok(Some(connection))
+        } else {
+            let _ = sqlx::Connection::close(connection).await;
+            Ok(None)
+        }
+    }
+
+    async fn unlock(&self, lease: Self::Lease) {
+        // Closing the session frees its advisory locks.
+        if let Err(e) = sqlx::Connection::close(lease).await {
+            tracing::debug!(error = %e, "closing the lock's connection");
+        }
+    }
+
     async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
         let row = sqlx::query("SELECT * FROM sync_state WHERE source = $1")
             .bind(source)
@@ -417,11 +478,36 @@ impl Store for PgStore {
 
     async fn start_run(&self, source: &str, mode: RunMode) -> Result<RunId, StoreError> {
         let run_id = Uuid::new_v4();
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("opening a transaction"))?;
+        let abandoned = sqlx::query(
+            "UPDATE sync_runs SET status = 'failed', finished_at = now(),
+                    error = 'abandoned: the process running it stopped before it finished'
+             WHERE source = $1 AND status = 'running'",
+        )
+        .bind(source)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("closing runs abandoned by a stopped process"))?
+        .rows_affected();
+        if abandoned > 0 {
+            tracing::warn!(
+                source,
+                abandoned,
+                "runs left running by a stopped process recorded as failed"
+            );
+        }
         sqlx::query("INSERT INTO sync_runs (run_id, source, mode) VALUES ($1, $2, $3)")
             .bind(run_id)
             .bind(source)
             .bind(mode.as_str())
-            .execute(&self.pool)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("recording the start of the run"))?;
+        tx.commit()
             .await
             .map_err(db("recording the start of the run"))?;
         Ok(RunId(run_id))
@@ -518,6 +604,15 @@ impl Store for PgStore {
                 last_success_at: row.get("last_success_at"),
                 last_error: row.get("last_error"),
                 high_water_mark: row.get("high_water_mark"),
+                position: describe_position(
+                    row.get("high_water_mark"),
+                    window_from(
+                        row.get("incremental_window_start"),
+                        row.get("incremental_window_end"),
+                    ),
+                    row.get("listing_cursor"),
+                ),
+                first_run_at: row.get("first_run_at"),
                 live_rows: row.get("live_rows"),
                 deleted_rows: row.get("deleted_rows"),
                 rejected_records: row.get("rejected"),

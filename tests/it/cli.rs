@@ -124,7 +124,7 @@ async fn sync_then_status_end_to_end() {
 
     let output = run_binary(&["--config", config.arg(), "status"], &[]).await;
     let table = String::from_utf8_lossy(&output.stdout);
-    assert!(table.starts_with("SOURCE"), "{table}");
+    assert!(table.trim_start().starts_with("SOURCE"), "{table}");
     assert!(
         table.contains("mews-main") && table.contains("250"),
         "{table}"

@@ -1,0 +1,274 @@
+//! `deptsync run`: the service. One runner per source, woken by its cron schedule, under
+//! one shutdown tree.
+//!
+//! - Start: the config is already valid; the database may not be up yet, so connecting
+//!   and migrating are retried with backoff until they succeed or a shutdown comes. Then
+//!   every source is scheduled, passed once at once, and systemd is told `READY=1`.
+//! - A source never has two passes at once: a tick that finds the previous pass still
+//!   running is skipped; across processes the store's per-source lock does the same.
+//! - A failing pass (the database or the vendor away) never ends the process: it is
+//!   recorded when possible, and the source's ticks back off until a pass succeeds.
+//! - Shutdown: stop scheduling, cancel the passes (each commits the page in hand and is
+//!   recorded as `cancelled`), wait for them at most `shutdown_timeout`, return.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, Notify};
+use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::engine::{self, PassError, PassRequest};
+use crate::sources::{Connector, http};
+use crate::store::StoreError;
+use crate::store::postgres::{IfMissing, PgStore};
+
+/// The longest wait between two attempts to reach the database at start, and between two
+/// passes of a source that keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("building the HTTP client")]
+    Http(#[source] reqwest::Error),
+    #[error("scheduling the sources")]
+    Scheduler(#[source] JobSchedulerError),
+    #[error("listening for metrics on {address}")]
+    MetricsListen {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+}
+
+/// The service, built from a valid config; [`Daemon::run_until`] runs it.
+pub struct Daemon {
+    settings: Settings,
+    client: reqwest::Client,
+}
+
+impl Daemon {
+    /// Prepares the service. Does no I/O.
+    pub fn build(settings: Settings) -> Result<Daemon, DaemonError> {
+        let client = http::build_client().map_err(DaemonError::Http)?;
+        Ok(Daemon { settings, client })
+    }
+
+    /// Runs until `shutdown` completes, then stops gracefully. Errors only when the
+    /// service cannot start (the metrics address, the scheduler); the database and the
+    /// vendors being away are waited out.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), DaemonError> {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics_listener = match self.settings.daemon.metrics_listen {
+            None => None,
+            Some(address) => Some(
+                crate::metrics::bind(address)
+                    .await
+                    .map_err(|source| DaemonError::MetricsListen { address, source })?,
+            ),
+        };
+        tokio::pin!(shutdown);
+
+        let store = tokio::select! {
+            store = connect_with_backoff(&self.settings) => store,
+            () = &mut shutdown => {
+                tracing::info!("shutdown before the database was reached");
+                return Ok(());
+            }
+        };
+
+        if let Some(listener) = metrics_listener {
+            let handle = crate::metrics::install()?;
+            let health_store = store.clone();
+            let healthy = move || {
+                let store = health_store.clone();
+                async move { store.ping().await.is_ok() }
+            };
+            let serving = crate::metrics::serve(listener, handle, healthy, cancel.clone());
+            tracker.spawn(async move {
+                if let Err(e) = serving.await {
+                    tracing::error!(error = %e, "the metrics endpoint stopped");
+                }
+            });
+        }
+
+        let mut scheduler = JobScheduler::new().await.map_err(DaemonError::Scheduler)?;
+        let mut runners = Vec::with_capacity(self.settings.sources.len());
+        for source in &self.settings.sources {
+            let runner = Arc::new(Runner {
+                name: source.name.to_string(),
+                connector: Connector::new(source, &self.client),
+                busy: AtomicBool::new(false),
+                wake: Notify::new(),
+                backoff: Mutex::new(Backoff::default()),
+            });
+            let ticking = runner.clone();
+            let job = Job::new_async(source.schedule.as_str(), move |_, _| {
+                let runner = ticking.clone();
+                Box::pin(async move { runner.tick().await })
+            })
+            .map_err(DaemonError::Scheduler)?;
+            scheduler.add(job).await.map_err(DaemonError::Scheduler)?;
+            tracker.spawn(runner.clone().run(store.clone(), cancel.clone()));
+            runners.push(runner);
+        }
+        scheduler.start().await.map_err(DaemonError::Scheduler)?;
+        for runner in &runners {
+            runner.wake.notify_one();
+        }
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
+        tracing::info!(sources = runners.len(), "deptsync is running");
+        if let Some(interval) = sd_notify::watchdog_enabled() {
+            tracker.spawn(keep_watchdog_fed(interval, cancel.clone()));
+        }
+
+        shutdown.await;
+        tracing::info!("shutting down: stopping after the pages in hand");
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
+        if let Err(e) = scheduler.shutdown().await {
+            tracing::warn!(error = %e, "stopping the scheduler");
+        }
+        cancel.cancel();
+        tracker.close();
+        let timeout = self.settings.daemon.shutdown_timeout;
+        if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
+            tracing::warn!(timeout = ?timeout, "passes did not stop in time; leaving them");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "telling systemd");
+    }
+}
+
+async fn keep_watchdog_fed(interval: Duration, cancel: CancellationToken) {
+    let mut ticks = tokio::time::interval(interval / 2);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = ticks.tick() => notify_systemd(&[sd_notify::NotifyState::Watchdog]),
+        }
+    }
+}
+
+/// Connects to the database and applies the migrations, retrying with backoff.
+async fn connect_with_backoff(settings: &Settings) -> PgStore {
+    let mut backoff = Backoff::default();
+    loop {
+        match connect_and_migrate(settings).await {
+            Ok(store) => return store,
+            Err(e) => {
+                let wait = backoff.failed();
+                tracing::error!(
+                    database = %settings.database.redacted_url(),
+                    error = %engine::error_chain(&e),
+                    retry_in = ?wait,
+                    "database not ready"
+                );
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+async fn connect_and_migrate(settings: &Settings) -> Result<PgStore, StoreError> {
+    let store = PgStore::connect(&settings.database.url, IfMissing::Create).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Exponential backoff: 1 s, 2 s, 4 s … up to [`MAX_BACKOFF`].
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    until: Option<tokio::time::Instant>,
+}
+
+impl Backoff {
+    /// Counts a failure; returns how long to wait before the next attempt.
+    fn failed(&mut self) -> Duration {
+        let wait = Duration::from_secs(1u64 << self.failures.min(16)).min(MAX_BACKOFF);
+        self.failures += 1;
+        self.until = Some(tokio::time::Instant::now() + wait);
+        wait
+    }
+
+    fn succeeded(&mut self) {
+        *self = Backoff::default();
+    }
+
+    fn waiting(&self) -> bool {
+        self.until
+            .is_some_and(|until| tokio::time::Instant::now() < until)
+    }
+}
+
+/// One source's runner: passes run here, one at a time, when the schedule wakes it.
+struct Runner {
+    name: String,
+    connector: Connector,
+    busy: AtomicBool,
+    wake: Notify,
+    backoff: Mutex<Backoff>,
+}
+
+impl Runner {
+    /// A tick of the schedule: wakes the runner, unless a pass is still running or the
+    /// source is backing off after failures.
+    async fn tick(&self) {
+        if self.busy.load(Ordering::Acquire) {
+            tracing::info!(source = %self.name, "previous pass still running; tick skipped");
+            return;
+        }
+        if self.backoff.lock().await.waiting() {
+            tracing::debug!(source = %self.name, "backing off after failed passes; tick skipped");
+            return;
+        }
+        self.wake.notify_one();
+    }
+
+    async fn run(self: Arc<Self>, store: PgStore, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = self.wake.notified() => {}
+            }
+            self.busy.store(true, Ordering::Release);
+            let result = engine::run_pass(
+                &self.name,
+                &self.connector,
+                &store,
+                PassRequest::INCREMENTAL,
+                &cancel,
+            )
+            .await;
+            let mut backoff = self.backoff.lock().await;
+            match result {
+                Ok(_) => backoff.succeeded(),
+                Err(PassError::Busy) => {
+                    tracing::info!(source = %self.name, "another process is syncing this source; tick skipped");
+                }
+                Err(_) => {
+                    // The engine logged and recorded the failure.
+                    let wait = backoff.failed();
+                    tracing::info!(source = %self.name, retry_after = ?wait, "next passes back off");
+                }
+            }
+            drop(backoff);
+            self.busy.store(false, Ordering::Release);
+        }
+    }
+}
