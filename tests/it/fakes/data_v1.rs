@@ -53,6 +53,7 @@ impl FakeDataV1 {
 }
 
 async fn departments(State(shared): State<Shared<DataV1State>>, headers: HeaderMap) -> Response {
+    shared.slow_down().await;
     let (_, failure) = shared.arrive();
     let mut guard = shared.lock();
     let (control, state) = &mut *guard;

@@ -195,6 +195,7 @@ async fn get_all(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    shared.slow_down().await;
     let (number, failure) = shared.arrive();
     let mut guard = shared.lock();
     let (control, state) = &mut *guard;

@@ -62,6 +62,8 @@ pub struct Shared<T> {
     inner: Arc<Mutex<(Control, T)>>,
     /// Kept apart from the data so that a hook may change the data.
     hooks: Arc<Mutex<Vec<Hook>>>,
+    /// How long every answer takes (a slow upstream).
+    delay: Arc<Mutex<std::time::Duration>>,
 }
 
 impl<T> Clone for Shared<T> {
@@ -69,6 +71,7 @@ impl<T> Clone for Shared<T> {
         Shared {
             inner: self.inner.clone(),
             hooks: self.hooks.clone(),
+            delay: self.delay.clone(),
         }
     }
 }
@@ -78,6 +81,26 @@ impl<T> Shared<T> {
         Shared {
             inner: Arc::new(Mutex::new((Control::default(), state))),
             hooks: Arc::default(),
+            delay: Arc::default(),
+        }
+    }
+
+    /// Every answer from now on takes `delay` more.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        *self
+            .delay
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = delay;
+    }
+
+    /// Waits as long as a slow upstream would (handlers call it before answering).
+    pub async fn slow_down(&self) {
+        let delay = *self
+            .delay
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
     }
 
