@@ -265,7 +265,7 @@ async fn sigterm_in_the_middle_of_a_pass_exits_0_and_the_next_start_resumes() {
     assert_eq!(status, "cancelled");
     let stored: i64 = db.scalar("SELECT count(*) FROM departments").await;
     assert!(
-        stored >= 30 && stored < 400,
+        (30..400).contains(&stored),
         "the pass stopped half way, got {stored}"
     );
     assert_eq!(stored, fetched, "every committed page is kept");
