@@ -852,6 +852,121 @@ mod full_listing_kinds {
 }
 
 #[cfg(test)]
+mod files_and_daemon {
+    use super::*;
+
+    const SOURCE: &str =
+        "[[sources]]\nname = \"hr\"\nkind = \"data_v1\"\nbase_url = \"https://hr.example.com\"\n";
+
+    fn parse(text: &str, credentials: Option<&str>) -> Result<Settings, String> {
+        let credentials = credentials.map(str::to_owned);
+        let env = move |name: &str| {
+            (name == "CREDENTIALS_DIRECTORY")
+                .then(|| credentials.clone())
+                .flatten()
+        };
+        Settings::parse(text, &env).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn secrets_come_from_files_absolute_or_in_the_credentials_directory() {
+        let directory = std::env::temp_dir().join(format!("deptsync-creds-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        std::fs::write(directory.join("hr-token"), "from-a-file\n").unwrap();
+        std::fs::write(directory.join("db"), "postgres://u:pw@h/db").unwrap();
+        let dir = directory.to_str().unwrap();
+
+        let relative =
+            format!("[database]\nurl_file = \"db\"\n{SOURCE}token_file = \"hr-token\"\n");
+        let settings = parse(&relative, Some(dir)).unwrap();
+        let SourceKindSettings::DataV1(hr) = &settings.sources[0].kind else {
+            panic!("expected data_v1");
+        };
+        assert_eq!(hr.token.expose_secret(), "from-a-file");
+        assert_eq!(
+            settings.database.url.expose_secret(),
+            "postgres://u:pw@h/db"
+        );
+
+        let absolute = format!(
+            "[database]\nurl = \"postgres://h/db\"\n{SOURCE}token_file = \"{dir}/hr-token\"\n"
+        );
+        assert!(parse(&absolute, None).is_ok());
+
+        let error = parse(&relative, None).unwrap_err();
+        assert!(
+            error.contains("database.url_file") && error.contains("CREDENTIALS_DIRECTORY"),
+            "{error}"
+        );
+        let both = format!(
+            "[database]\nurl = \"postgres://h/db\"\n{SOURCE}token = \"t\"\ntoken_file = \"x\"\n"
+        );
+        let error = parse(&both, Some(dir)).unwrap_err();
+        assert!(
+            error.contains("source \"hr\": field `token_file`") && error.contains("not both"),
+            "{error}"
+        );
+        let missing =
+            format!("[database]\nurl = \"postgres://h/db\"\n{SOURCE}token_file = \"nope\"\n");
+        let error = parse(&missing, Some(dir)).unwrap_err();
+        assert!(
+            error.contains("field `token_file`") && error.contains("nope"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    #[test]
+    fn the_daemon_section_is_validated() {
+        let base = format!("[database]\nurl = \"postgres://h/db\"\n{SOURCE}token = \"t\"\n");
+        let settings = parse(&base, None).unwrap();
+        assert_eq!(settings.daemon.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
+        assert_eq!(settings.daemon.metrics_listen, None);
+        let daemon = format!(
+            "[daemon]\nmetrics_listen = \"127.0.0.1:9187\"\nshutdown_timeout = \"30s\"\n{base}"
+        );
+        let settings = parse(&daemon, None).unwrap();
+        assert_eq!(
+            settings.daemon.metrics_listen,
+            Some("127.0.0.1:9187".parse().unwrap())
+        );
+        assert_eq!(
+            settings.daemon.shutdown_timeout,
+            std::time::Duration::from_secs(30)
+        );
+        let error = parse(
+            &format!("[daemon]\nmetrics_listen = \"localhost\"\n{base}"),
+            None,
+        )
+        .unwrap_err();
+        assert!(error.contains("daemon.metrics_listen"), "{error}");
+        let error = parse(&format!("[daemon]\nmetricslisten = \"x\"\n{base}"), None).unwrap_err();
+        assert!(error.contains("metricslisten"), "{error}");
+    }
+
+    #[test]
+    fn schedules_are_cron_with_seconds() {
+        let schedule = Schedule::parse("0 */15 * * * *").unwrap();
+        let at = chrono::DateTime::parse_from_rfc3339("2026-01-01T10:07:00Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(
+            schedule.next_after(at).unwrap().to_rfc3339(),
+            "2026-01-01T10:15:00+00:00"
+        );
+        assert_eq!(
+            schedule.interval_after(at),
+            Some(chrono::Duration::minutes(15))
+        );
+        assert!(
+            Schedule::parse("*/15 * * * *").is_err(),
+            "five fields lack the seconds"
+        );
+        assert!(Schedule::parse("0 61 * * * *").is_err());
+    }
+}
+
+#[cfg(test)]
 mod example {
     use super::*;
 

@@ -243,3 +243,43 @@ async fn a_manual_backfill_through_the_binary() {
         .count() as i64;
     assert_eq!(rows, expected);
 }
+
+#[tokio::test]
+async fn status_exits_3_for_a_source_without_a_recent_success() {
+    let db = TestDb::new().await;
+    let config = write_config(&mews_config(&db.url, "never-run", "http://127.0.0.1:9", ""));
+    let output = run_binary(&["--config", config.arg(), "status", "--json"], &[]).await;
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status[0]["stale"], true);
+    assert_eq!(status[0]["schedule"], "0 */15 * * * *");
+    assert!(status[0]["next_run_at"].is_string());
+}
+
+#[tokio::test]
+async fn a_manual_sync_takes_the_same_lock_as_the_service() {
+    use deptsync::store::Store;
+
+    let db = TestDb::new().await;
+    let fake = FakeMews::start().await;
+    let config = write_config(&mews_config(&db.url, "mews", &fake.base_url, ""));
+    let lease = db
+        .store
+        .try_lock("mews")
+        .await
+        .unwrap()
+        .expect("the lock is free");
+
+    let output = run_binary(&["--config", config.arg(), "sync"], &[]).await;
+
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("another process is syncing"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(fake.requests().is_empty());
+    db.store.unlock(lease).await;
+    let output = run_binary(&["--config", config.arg(), "sync"], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
