@@ -12,7 +12,7 @@ use crate::config::{self, ConfigError, Schedule, Settings, SourceSettings};
 use crate::daemon::Daemon;
 use crate::engine::{self, PassRequest, error_chain};
 use crate::model::{RunOutcome, SourceStatus};
-use crate::sources::{Connector, Source, SyncMode, http};
+use crate::sources::{Connector, Source, SyncMode};
 use crate::store::Store;
 use crate::store::postgres::{IfMissing, PgStore};
 
@@ -171,7 +171,6 @@ async fn sync(
     cancel: CancellationToken,
 ) -> Result<Exit, CliError> {
     let selected = select_sources(settings, &args.sources)?;
-    let client = http::build_client().context("building the HTTP client")?;
     let request = match (args.backfill, args.from) {
         (true, Some(from)) => {
             if selected.len() != 1 || args.sources.is_empty() {
@@ -179,7 +178,9 @@ async fn sync(
                     "--backfill needs exactly one --source".to_owned(),
                 ));
             }
-            let mode = Connector::new(selected[0], &client).mode();
+            let mode = Connector::new(selected[0])
+                .context("building the HTTP client")?
+                .mode();
             if !matches!(mode, SyncMode::Windowed { .. }) {
                 return Err(CliError::Usage(format!(
                     "--backfill: source {} is read in full on every pass; a plain sync re-reads everything",
@@ -210,7 +211,7 @@ async fn sync(
             break;
         }
         let name = source_settings.name.as_str();
-        let connector = Connector::new(source_settings, &client);
+        let connector = Connector::new(source_settings).context("building the HTTP client")?;
         match engine::run_pass(name, &connector, &store, request, &cancel).await {
             Ok(report) if report.outcome == RunOutcome::Cancelled => {
                 tracing::warn!(
@@ -362,11 +363,11 @@ async fn check(settings: &Settings) -> Result<Exit, CliError> {
     let url = settings.database.redacted_url();
     connect(settings).await?;
     tracing::info!(database = %url, "database reachable and migrated");
-    let client = http::build_client().context("building the HTTP client")?;
     let mut failed = Vec::new();
     for source_settings in &settings.sources {
         let name = source_settings.name.as_str();
-        match Connector::new(source_settings, &client).check().await {
+        let connector = Connector::new(source_settings).context("building the HTTP client")?;
+        match connector.check().await {
             Ok(()) => tracing::info!(source = name, "credentials accepted"),
             Err(e) => {
                 tracing::error!(source = name, error = %error_chain(&e), "check failed");

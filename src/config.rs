@@ -109,7 +109,59 @@ pub struct SourceSettings {
     pub name: SourceName,
     /// When `run` starts a pass.
     pub schedule: Schedule,
+    /// Timeouts, retries and rate limit of its requests.
+    pub http: HttpSettings,
     pub kind: SourceKindSettings,
+}
+
+/// How a source's requests behave when the network or the vendor misbehaves. Every kind
+/// takes these fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpSettings {
+    /// `connect_timeout`, default 10 s.
+    pub connect_timeout: std::time::Duration,
+    /// `request_timeout` (the whole request), default 60 s.
+    pub request_timeout: std::time::Duration,
+    /// `max_attempts` for one request, default 5 (1 = no retry).
+    pub max_attempts: u32,
+    /// `max_backoff`: the longest wait between two attempts, default 60 s.
+    pub max_backoff: std::time::Duration,
+    /// `rate_limit` ("180/30s"): the request budget of the source's credential, shared by
+    /// every source that uses the same credential. Default: the vendor's (Mews), or none.
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            connect_timeout: std::time::Duration::from_secs(10),
+            request_timeout: std::time::Duration::from_secs(60),
+            max_attempts: 5,
+            max_backoff: std::time::Duration::from_secs(60),
+            rate_limit: None,
+        }
+    }
+}
+
+/// At most `requests` in any `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub per: std::time::Duration,
+}
+
+impl RateLimit {
+    /// Parses `"180/30s"`.
+    pub fn parse(text: &str) -> Result<RateLimit, String> {
+        let bad = || format!("{text:?} is not a rate like \"180/30s\" (requests/period)");
+        let (requests, per) = text.split_once('/').ok_or_else(bad)?;
+        let requests: u32 = requests.trim().parse().map_err(|_| bad())?;
+        let per = humantime::parse_duration(per.trim()).map_err(|_| bad())?;
+        if requests == 0 || per.is_zero() {
+            return Err(bad());
+        }
+        Ok(RateLimit { requests, per })
+    }
 }
 
 /// The kind-specific settings: one arm per connector.
@@ -119,6 +171,18 @@ pub enum SourceKindSettings {
     Procurify(ProcurifySettings),
     Snapbooks(SnapbooksSettings),
     DataV1(DataV1Settings),
+}
+
+impl SourceKindSettings {
+    /// The vendor's published request limit, when it has one.
+    fn default_rate_limit(&self) -> Option<RateLimit> {
+        match self {
+            SourceKindSettings::Mews(_) => Some(crate::sources::mews::DEFAULT_RATE_LIMIT),
+            SourceKindSettings::Procurify(_)
+            | SourceKindSettings::Snapbooks(_)
+            | SourceKindSettings::DataV1(_) => None,
+        }
+    }
 }
 
 /// The `kind` values, as the config file spells them.
@@ -484,6 +548,7 @@ fn validate_source(
             .map_err(|e| fields.error("schedule", e.to_string()))?,
     };
     let schedule = Schedule::parse(&schedule).map_err(|m| fields.error("schedule", m))?;
+    let mut http = take_http_settings(&mut table, &fields)?;
     load_secret_files(&mut table, &fields)?;
 
     let rest = config::Value::new(None, config::ValueKind::Table(table));
@@ -507,9 +572,11 @@ fn validate_source(
             ));
         }
     };
+    http.rate_limit = http.rate_limit.or(kind.default_rate_limit());
     Ok(SourceSettings {
         name,
         schedule,
+        http,
         kind,
     })
 }
@@ -554,6 +621,60 @@ fn take_string(
         None => Err("missing".to_owned()),
         Some(v) => v.into_string().map_err(|e| e.to_string()),
     }
+}
+
+/// Takes the fields every kind shares about its requests out of a source's table.
+fn take_http_settings(
+    table: &mut config::Map<String, config::Value>,
+    fields: &FieldContext<'_>,
+) -> Result<HttpSettings, ConfigError> {
+    let mut text = |key: &str| -> Result<Option<String>, ConfigError> {
+        table
+            .remove(key)
+            .map(|v| {
+                v.into_string()
+                    .map_err(|e| fields.error(key, e.to_string()))
+            })
+            .transpose()
+    };
+    let defaults = HttpSettings::default();
+    let connect_timeout = text("connect_timeout")?;
+    let request_timeout = text("request_timeout")?;
+    let max_backoff = text("max_backoff")?;
+    let rate_limit = text("rate_limit")?;
+    let max_attempts = match table.remove("max_attempts") {
+        None => defaults.max_attempts,
+        Some(v) => match v.into_int() {
+            Ok(n) if (1..=20).contains(&n) => n as u32,
+            Ok(n) => {
+                return Err(
+                    fields.error("max_attempts", format!("must be between 1 and 20, got {n}"))
+                );
+            }
+            Err(e) => return Err(fields.error("max_attempts", e.to_string())),
+        },
+    };
+    Ok(HttpSettings {
+        connect_timeout: fields.duration(
+            "connect_timeout",
+            connect_timeout.as_deref(),
+            defaults.connect_timeout,
+        )?,
+        request_timeout: fields.duration(
+            "request_timeout",
+            request_timeout.as_deref(),
+            defaults.request_timeout,
+        )?,
+        max_attempts,
+        max_backoff: fields.duration(
+            "max_backoff",
+            max_backoff.as_deref(),
+            defaults.max_backoff,
+        )?,
+        rate_limit: rate_limit
+            .map(|r| RateLimit::parse(&r).map_err(|m| fields.error("rate_limit", m)))
+            .transpose()?,
+    })
 }
 
 /// Replaces every `X_file = "path"` of a source by `X` = the file's content, so that any

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::engine::{self, PassError, PassRequest};
-use crate::sources::{Connector, http};
+use crate::sources::Connector;
 use crate::store::StoreError;
 use crate::store::postgres::{IfMissing, PgStore};
 
@@ -49,14 +49,22 @@ pub enum DaemonError {
 /// The service, built from a valid config; [`Daemon::run_until`] runs it.
 pub struct Daemon {
     settings: Settings,
-    client: reqwest::Client,
+    connectors: Vec<Connector>,
 }
 
 impl Daemon {
     /// Prepares the service. Does no I/O.
     pub fn build(settings: Settings) -> Result<Daemon, DaemonError> {
-        let client = http::build_client().map_err(DaemonError::Http)?;
-        Ok(Daemon { settings, client })
+        let connectors = settings
+            .sources
+            .iter()
+            .map(Connector::new)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(DaemonError::Http)?;
+        Ok(Daemon {
+            settings,
+            connectors,
+        })
     }
 
     /// Runs until `shutdown` completes, then stops gracefully. Errors only when the
@@ -103,10 +111,10 @@ impl Daemon {
 
         let mut scheduler = JobScheduler::new().await.map_err(DaemonError::Scheduler)?;
         let mut runners = Vec::with_capacity(self.settings.sources.len());
-        for source in &self.settings.sources {
+        for (source, connector) in self.settings.sources.iter().zip(self.connectors) {
             let runner = Arc::new(Runner {
                 name: source.name.to_string(),
-                connector: Connector::new(source, &self.client),
+                connector,
                 busy: AtomicBool::new(false),
                 wake: Notify::new(),
                 backoff: Mutex::new(Backoff::default()),

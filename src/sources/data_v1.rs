@@ -8,15 +8,20 @@
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::http::{self, Auth, ErrorBody, SourceClient};
+use super::http::{Auth, ErrorBody, SourceClient, Vendor};
 use super::{Page, PageRequest, Source, SourceError, SyncMode, unreadable};
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RejectedRecord};
 
 const ENDPOINT: &str = "v1/data/departments";
-const ERROR_BODY: ErrorBody<'static> = ErrorBody {
-    message_field: "message",
-    request_id_field: None,
+const VENDOR: Vendor = Vendor {
+    errors: ErrorBody {
+        message_field: "message",
+        request_id_field: None,
+    },
+    request_id_header: None,
+    shrink_on_408: false,
+    answers: &[],
 };
 
 /// A `kind = "data_v1"` source as written in the config file.
@@ -84,16 +89,15 @@ impl DataV1 {
     }
 
     async fn list(&self) -> Result<Vec<serde_json::Value>, SourceError> {
-        let response = http::send_authorized(&self.client, &self.auth, || {
-            self.client
-                .get(self.endpoint.clone())
-                .header("Accept", "application/json")
-        })
-        .await?;
-        if !response.status().is_success() {
-            return Err(http::error_from_response(response, None, ERROR_BODY).await);
-        }
-        let listed: ListResponse = http::read_json(response, None).await?;
+        let replied = self
+            .client
+            .call(&VENDOR, Some(&self.auth), || {
+                self.client
+                    .get(self.endpoint.clone())
+                    .header("Accept", "application/json")
+            })
+            .await?;
+        let listed: ListResponse = replied.into_json()?;
         if !listed.success {
             return Err(SourceError::Decode {
                 message: "the API answered \"success\": false".to_owned(),

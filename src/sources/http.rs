@@ -1,9 +1,22 @@
-//! The HTTP plumbing every connector shares: one client, bearer and OAuth2
-//! client-credentials auth, and turning responses into values or into errors that say
-//! what the vendor said.
+//! The HTTP plumbing every connector shares: one retrying, rate-limited client per source,
+//! bearer and OAuth2 client-credentials auth, and turning responses into values or into
+//! errors that say what the vendor said.
+//!
+//! What is retried: connection errors and timeouts, 5xx, 408 and 429, and a 2xx whose body
+//! is cut short or is not the JSON expected. Waits grow exponentially with full jitter up
+//! to `max_backoff`; a `Retry-After` (seconds or an HTTP date) is the floor, and it holds
+//! back every source that shares the credential. Other 4xx fail at once with the vendor's
+//! message. Every request first takes its turn in its credential's rate budget, so that
+//! 429s are rare rather than routine.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -11,40 +24,176 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use super::SourceError;
+use crate::config::{HttpSettings, RateLimit};
 
-/// Connect timeout: a vendor that cannot be reached in this time is down.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Whole-request timeout: a page that takes longer than this is not coming.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// The first retry waits up to this long; each further one up to twice as long.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 
-/// The one HTTP client of the process (it pools connections per host).
+/// What the retry layer needs to know about a vendor's API.
+pub struct Vendor {
+    pub errors: ErrorBody<'static>,
+    /// The response header that carries the vendor's request id.
+    pub request_id_header: Option<&'static str>,
+    /// A 408 means "ask for less" (Mews): it is returned as [`SourceError::TooHeavy`] for
+    /// the caller to shrink its request, instead of being retried as it is.
+    pub shrink_on_408: bool,
+    /// Statuses that are answers rather than errors (Procurify's 404 past the last page).
+    pub answers: &'static [u16],
+}
+
+/// How an OAuth2 token endpoint explains its errors.
+const TOKEN_ENDPOINT: Vendor = Vendor {
+    errors: ErrorBody {
+        message_field: "error_description",
+        request_id_field: None,
+    },
+    request_id_header: None,
+    shrink_on_408: false,
+    answers: &[],
+};
+
+/// What a call got.
+#[derive(Debug)]
+pub enum Reply<T> {
+    Json(T),
+    NoContent,
+    /// One of the vendor's [`Vendor::answers`] statuses.
+    Status(u16),
+}
+
+/// A reply and the vendor's id for the request that got it.
+#[derive(Debug)]
+pub struct Replied<T> {
+    pub reply: Reply<T>,
+    pub request_id: Option<String>,
+}
+
+impl<T> Replied<T> {
+    /// The JSON body, which this call must have had.
+    pub fn into_json(self) -> Result<T, SourceError> {
+        match self.reply {
+            Reply::Json(value) => Ok(value),
+            Reply::NoContent => Err(SourceError::Decode {
+                message: "expected a JSON body, got 204 No Content".to_owned(),
+                request_id: self.request_id,
+            }),
+            Reply::Status(status) => Err(SourceError::Decode {
+                message: format!("expected a JSON body, got status {status}"),
+                request_id: self.request_id,
+            }),
+        }
+    }
+}
+
+/// Why one attempt did not get a reply.
+enum Failure {
+    /// Worth another attempt, after at least `retry_after` when the vendor said so.
+    Transient {
+        error: SourceError,
+        retry_after: Option<Duration>,
+    },
+    /// A 401: a new token may help, once.
+    Unauthorized(SourceError),
+    Final(SourceError),
+}
+
+/// The request budget of one credential, shared by every source that uses it.
+struct Budget {
+    limiter: Option<DefaultDirectRateLimiter>,
+    /// A `Retry-After` holds back every request on the credential until then.
+    blocked_until: Mutex<Option<Instant>>,
+}
+
+impl Budget {
+    fn new(rate: Option<RateLimit>) -> Budget {
+        // One request per `per / requests`, no burst: at most `requests` (+1) in any
+        // window of `per`, spread evenly rather than front-loaded.
+        let limiter = rate.and_then(|rate| {
+            let spacing = rate.per / rate.requests;
+            Quota::with_period(spacing)
+                .map(|quota| RateLimiter::direct(quota.allow_burst(NonZeroU32::MIN)))
+        });
+        Budget {
+            limiter,
+            blocked_until: Mutex::new(None),
+        }
+    }
+
+    async fn wait_turn(&self) {
+        let blocked = *self.blocked_until.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(until) = blocked.filter(|until| *until > Instant::now()) {
+            tokio::time::sleep_until(until).await;
+        }
+        if let Some(limiter) = &self.limiter {
+            limiter.until_ready().await;
+        }
+    }
+
+    fn hold_back(&self, wait: Duration) {
+        let until = Instant::now() + wait;
+        let mut blocked = self.blocked_until.lock().unwrap_or_else(|p| p.into_inner());
+        if blocked.is_none_or(|current| current < until) {
+            *blocked = Some(until);
+        }
+    }
+}
+
+/// The budget of the credential `credential` at `rate` (the credential is never stored:
+/// only a hash of it is part of the key). Sources sharing a credential share its budget
+/// as long as they configure the same rate, as they do by default.
+fn budget_for(credential: &str, rate: Option<RateLimit>) -> Arc<Budget> {
+    static BUDGETS: Mutex<Option<HashMap<u64, Arc<Budget>>>> = Mutex::new(None);
+    let mut hasher = std::hash::DefaultHasher::new();
+    credential.hash(&mut hasher);
+    rate.map(|r| (r.requests, r.per)).hash(&mut hasher);
+    let key = hasher.finish();
+    let mut budgets = BUDGETS.lock().unwrap_or_else(|p| p.into_inner());
+    budgets
+        .get_or_insert_with(HashMap::new)
+        .entry(key)
+        .or_insert_with(|| Arc::new(Budget::new(rate)))
+        .clone()
+}
+
+/// Builds the HTTP client of one source.
 ///
 /// Redirects are not followed: a vendor API that redirects is misconfigured, and following
 /// would resend the tokens (in Mews' case, in the request body) to another host.
-pub fn build_client() -> Result<reqwest::Client, reqwest::Error> {
+pub fn build_client(settings: &HttpSettings) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .user_agent(concat!("deptsync/", env!("CARGO_PKG_VERSION")))
         .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(REQUEST_TIMEOUT)
+        .connect_timeout(settings.connect_timeout)
+        .timeout(settings.request_timeout)
         .gzip(true)
         .build()
 }
 
-/// The HTTP client as one source uses it: every request it sends is counted by source
-/// and status.
+/// The HTTP client as one source uses it: timeouts, retries and rate budget from its
+/// settings, every request counted by source and status.
 #[derive(Clone)]
 pub struct SourceClient {
     client: reqwest::Client,
-    source: std::sync::Arc<str>,
+    source: Arc<str>,
+    max_attempts: u32,
+    max_backoff: Duration,
+    budget: Arc<Budget>,
 }
 
 impl SourceClient {
-    pub fn new(client: &reqwest::Client, source: &str) -> SourceClient {
-        SourceClient {
-            client: client.clone(),
+    /// The client of source `source`, whose requests spend the budget of `credential`.
+    pub fn new(
+        settings: &HttpSettings,
+        source: &str,
+        credential: &str,
+    ) -> Result<SourceClient, reqwest::Error> {
+        Ok(SourceClient {
+            client: build_client(settings)?,
             source: source.into(),
-        }
+            max_attempts: settings.max_attempts.max(1),
+            max_backoff: settings.max_backoff,
+            budget: budget_for(credential, settings.rate_limit),
+        })
     }
 
     pub fn get(&self, url: reqwest::Url) -> reqwest::RequestBuilder {
@@ -55,22 +204,155 @@ impl SourceClient {
         self.client.post(url)
     }
 
-    /// Sends `request` and counts it.
-    pub async fn send(
+    /// Sends the request `build` makes (again for each attempt), with a bearer token from
+    /// `auth` when given, and reads its JSON reply, retrying what is worth retrying.
+    pub async fn call<T: DeserializeOwned>(
         &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, SourceError> {
-        match request.send().await {
-            Ok(response) => {
-                crate::metrics::http_request(&self.source, response.status().as_str());
-                Ok(response)
+        vendor: &Vendor,
+        auth: Option<&Auth>,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<Replied<T>, SourceError> {
+        let mut attempt = 0;
+        let mut renewed_token = false;
+        loop {
+            attempt += 1;
+            self.budget.wait_turn().await;
+            let mut request = build();
+            let mut generation = None;
+            if let Some(auth) = auth {
+                let (token, issued) = auth.token(self).await?;
+                request = request.bearer_auth(token.expose_secret());
+                generation = Some(issued);
             }
-            Err(e) => {
-                crate::metrics::http_request(&self.source, "error");
-                Err(SourceError::Transport(e))
-            }
+            let error = match self.attempt::<T>(vendor, request).await {
+                Ok(replied) => return Ok(replied),
+                Err(Failure::Final(error)) => return Err(error),
+                Err(Failure::Unauthorized(error)) => {
+                    let renewable = match (auth, generation) {
+                        (Some(auth), Some(generation)) if !renewed_token => {
+                            auth.forget(generation).await
+                        }
+                        _ => false,
+                    };
+                    if !renewable {
+                        return Err(error);
+                    }
+                    tracing::info!(source = %self.source, "access token rejected; getting a new one");
+                    renewed_token = true;
+                    attempt -= 1;
+                    continue;
+                }
+                Err(Failure::Transient { error, retry_after }) => {
+                    if attempt >= self.max_attempts {
+                        return Err(SourceError::GaveUp {
+                            attempts: attempt,
+                            last: Box::new(error),
+                        });
+                    }
+                    let wait = self.backoff(attempt, retry_after);
+                    if let Some(retry_after) = retry_after {
+                        self.budget.hold_back(retry_after);
+                    }
+                    tracing::warn!(
+                        source = %self.source,
+                        attempt,
+                        retry_in = ?wait,
+                        error = %crate::engine::error_chain(&error),
+                        "request failed; retrying"
+                    );
+                    tokio::time::sleep(wait).await;
+                    error
+                }
+            };
+            drop(error);
         }
     }
+
+    /// The wait before attempt `attempt + 1`: a random share of an exponentially growing
+    /// ceiling (full jitter), never less than what the vendor asked for.
+    fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let ceiling = FIRST_BACKOFF
+            .saturating_mul(1 << (attempt - 1).min(16))
+            .min(self.max_backoff);
+        let jittered = ceiling.mul_f64(fastrand::f64());
+        retry_after.map_or(jittered, |floor| jittered.max(floor))
+    }
+
+    async fn attempt<T: DeserializeOwned>(
+        &self,
+        vendor: &Vendor,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Replied<T>, Failure> {
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => {
+                crate::metrics::http_request(&self.source, "error");
+                return Err(Failure::Transient {
+                    error: SourceError::Transport(e),
+                    retry_after: None,
+                });
+            }
+        };
+        let status = response.status();
+        crate::metrics::http_request(&self.source, status.as_str());
+        let request_id = vendor
+            .request_id_header
+            .and_then(|header| request_id(response.headers(), header));
+        if status == StatusCode::NO_CONTENT {
+            return Ok(Replied {
+                reply: Reply::NoContent,
+                request_id,
+            });
+        }
+        if status.is_success() {
+            return match read_json(response, request_id.as_deref()).await {
+                Ok(value) => Ok(Replied {
+                    reply: Reply::Json(value),
+                    request_id,
+                }),
+                Err(error) => Err(Failure::Transient {
+                    error,
+                    retry_after: None,
+                }),
+            };
+        }
+        if vendor.answers.contains(&status.as_u16()) {
+            return Ok(Replied {
+                reply: Reply::Status(status.as_u16()),
+                request_id,
+            });
+        }
+        let retry_after = retry_after(response.headers());
+        let error = error_from_response(response, request_id.clone(), &vendor.errors).await;
+        match status {
+            StatusCode::REQUEST_TIMEOUT if vendor.shrink_on_408 => {
+                Err(Failure::Final(SourceError::TooHeavy { request_id }))
+            }
+            StatusCode::UNAUTHORIZED => Err(Failure::Unauthorized(error)),
+            StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => {
+                Err(Failure::Transient { error, retry_after })
+            }
+            status if status.is_server_error() => Err(Failure::Transient { error, retry_after }),
+            _ => Err(Failure::Final(error)),
+        }
+    }
+}
+
+/// `Retry-After` as a wait: delay-seconds, or an HTTP date (a date in the past is no wait).
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// The vendor's request id from `header`, if the response carries one.
@@ -83,7 +365,7 @@ pub fn request_id(headers: &HeaderMap, header: &str) -> Option<String> {
 
 /// Reads the whole body and decodes it as JSON. A body that is cut short or is not the
 /// JSON we expect is a [`SourceError::Decode`] naming the request.
-pub async fn read_json<T: DeserializeOwned>(
+async fn read_json<T: DeserializeOwned>(
     response: reqwest::Response,
     request_id: Option<&str>,
 ) -> Result<T, SourceError> {
@@ -106,10 +388,10 @@ pub struct ErrorBody<'a> {
 
 /// Turns an error response into [`SourceError::Http`], with the vendor's message when its
 /// body has one, and the start of the body otherwise.
-pub async fn error_from_response(
+async fn error_from_response(
     response: reqwest::Response,
     request_id: Option<String>,
-    fields: ErrorBody<'_>,
+    fields: &ErrorBody<'_>,
 ) -> SourceError {
     let status = response.status().as_u16();
     let body = response.text().await.unwrap_or_default();
@@ -207,13 +489,13 @@ impl Auth {
             return Ok((token.token.clone(), token.generation));
         }
         let generation = cached.as_ref().map_or(1, |t| t.generation + 1);
-        let fetched =
-            fetch_token(client, credentials)
-                .await
-                .map_err(|source| SourceError::Token {
-                    token_url: credentials.token_url.to_string(),
-                    source: Box::new(source),
-                })?;
+        // Boxed: getting a token is itself a call, through the same retrying client.
+        let fetched = Box::pin(fetch_token(client, credentials))
+            .await
+            .map_err(|source| SourceError::Token {
+                token_url: credentials.token_url.to_string(),
+                source: Box::new(source),
+            })?;
         let lifetime = fetched
             .expires_in
             .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
@@ -248,50 +530,32 @@ async fn fetch_token(
     client: &SourceClient,
     credentials: &ClientCredentials,
 ) -> Result<TokenResponse, SourceError> {
-    let secret = credentials.client_secret.expose_secret();
-    let request = client.post(credentials.token_url.clone());
-    let request = match &credentials.style {
-        TokenRequestStyle::Json { audience } => request.json(&serde_json::json!({
-            "client_id": credentials.client_id,
-            "client_secret": secret,
-            "audience": audience,
-            "grant_type": "client_credentials",
-        })),
-        TokenRequestStyle::Form => request.form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", credentials.client_id.as_str()),
-            ("client_secret", secret),
-        ]),
+    let build = || {
+        let secret = credentials.client_secret.expose_secret();
+        let request = client.post(credentials.token_url.clone());
+        match &credentials.style {
+            TokenRequestStyle::Json { audience } => request.json(&serde_json::json!({
+                "client_id": credentials.client_id,
+                "client_secret": secret,
+                "audience": audience,
+                "grant_type": "client_credentials",
+            })),
+            TokenRequestStyle::Form => request.form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", credentials.client_id.as_str()),
+                ("client_secret", secret),
+            ]),
+        }
     };
-    let response = client.send(request).await?;
-    if !response.status().is_success() {
-        let fields = ErrorBody {
-            message_field: "error_description",
-            request_id_field: None,
-        };
-        return Err(error_from_response(response, None, fields).await);
+    match client
+        .call::<TokenResponse>(&TOKEN_ENDPOINT, None, build)
+        .await?
+        .reply
+    {
+        Reply::Json(token) => Ok(token),
+        Reply::NoContent | Reply::Status(_) => Err(SourceError::Decode {
+            message: "the token endpoint answered without a token".to_owned(),
+            request_id: None,
+        }),
     }
-    read_json(response, None).await
-}
-
-/// Sends the request that `build` makes, with `Authorization: Bearer`. When the API
-/// answers 401 and the token came from client credentials, gets a new token and sends
-/// the request once more (a token can expire or be revoked in the middle of a pass).
-pub async fn send_authorized(
-    client: &SourceClient,
-    auth: &Auth,
-    build: impl Fn() -> reqwest::RequestBuilder,
-) -> Result<reqwest::Response, SourceError> {
-    let (token, generation) = auth.token(client).await?;
-    let response = client
-        .send(build().bearer_auth(token.expose_secret()))
-        .await?;
-    if response.status() != reqwest::StatusCode::UNAUTHORIZED || !auth.forget(generation).await {
-        return Ok(response);
-    }
-    tracing::info!("access token rejected; getting a new one");
-    let (token, _) = auth.token(client).await?;
-    client
-        .send(build().bearer_auth(token.expose_secret()))
-        .await
 }

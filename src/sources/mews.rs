@@ -15,7 +15,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::http::{self, ErrorBody, SourceClient};
+use super::http::{ErrorBody, Reply, SourceClient, Vendor};
 use super::{Page, PageRequest, Source, SourceError, SyncMode, unreadable};
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RejectedRecord, Window};
@@ -30,11 +30,21 @@ pub const MAX_ENTERPRISE_IDS: usize = 1000;
 /// updates committed late on the vendor's side.
 pub const DEFAULT_LOOKBACK: Duration = Duration::from_secs(5 * 60);
 
+/// Mews allows 200 requests per access token in a sliding 30 seconds; stay a little under.
+pub const DEFAULT_RATE_LIMIT: crate::config::RateLimit = crate::config::RateLimit {
+    requests: 180,
+    per: Duration::from_secs(30),
+};
+
 const ENDPOINT: &str = "api/connector/v1/departments/getAll";
-const REQUEST_ID_HEADER: &str = "Request-Id";
-const ERROR_BODY: ErrorBody<'static> = ErrorBody {
-    message_field: "Message",
-    request_id_field: Some("RequestId"),
+const VENDOR: Vendor = Vendor {
+    errors: ErrorBody {
+        message_field: "Message",
+        request_id_field: Some("RequestId"),
+    },
+    request_id_header: Some("Request-Id"),
+    shrink_on_408: true,
+    answers: &[],
 };
 
 /// A `kind = "mews"` source as written in the config file.
@@ -203,22 +213,20 @@ impl Mews {
             },
             limitation: Limitation { count, cursor },
         };
-        let request = self
+        let build = || {
+            self.client
+                .post(self.endpoint.clone())
+                .header("Prefer", "return=minimal")
+                .json(&body)
+        };
+        let replied = self
             .client
-            .post(self.endpoint.clone())
-            .header("Prefer", "return=minimal")
-            .json(&body);
-        let response = self.client.send(request).await?;
-        let request_id = http::request_id(response.headers(), REQUEST_ID_HEADER);
-        let status = response.status();
-        if status == reqwest::StatusCode::NO_CONTENT {
-            return Ok((None, request_id));
+            .call::<GetAllResponse>(&VENDOR, None, build)
+            .await?;
+        match replied.reply {
+            Reply::Json(page) => Ok((Some(page), replied.request_id)),
+            Reply::NoContent | Reply::Status(_) => Ok((None, replied.request_id)),
         }
-        if !status.is_success() {
-            return Err(http::error_from_response(response, request_id, ERROR_BODY).await);
-        }
-        let parsed = http::read_json::<GetAllResponse>(response, request_id.as_deref()).await?;
-        Ok((Some(parsed), request_id))
     }
 }
 

@@ -25,6 +25,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use secrecy::ExposeSecret;
+
 use crate::config::{SourceKindSettings, SourceSettings};
 use crate::model::{Department, RejectedRecord, Window};
 
@@ -119,6 +121,15 @@ pub enum SourceError {
         #[source]
         source: Box<SourceError>,
     },
+    /// Mews' 408: the request was too heavy; ask for less (a smaller window).
+    #[error("the request was too heavy for the upstream (408; ask for less) (request id {})", request_id.as_deref().unwrap_or("none"))]
+    TooHeavy { request_id: Option<String> },
+    #[error("gave up after {attempts} attempts")]
+    GaveUp {
+        attempts: u32,
+        #[source]
+        last: Box<SourceError>,
+    },
     /// The engine asked for a page the source cannot give (a bug, not the vendor's fault).
     #[error("{0}")]
     Unsupported(&'static str),
@@ -148,21 +159,35 @@ pub enum Connector {
 }
 
 impl Connector {
-    /// Builds the connector for a validated source. Does no I/O.
-    pub fn new(settings: &SourceSettings, client: &reqwest::Client) -> Connector {
-        let client = http::SourceClient::new(client, settings.name.as_str());
-        match &settings.kind {
-            SourceKindSettings::Mews(s) => Connector::Mews(mews::Mews::new(s.clone(), client)),
-            SourceKindSettings::Procurify(s) => {
-                Connector::Procurify(procurify::Procurify::new(s.clone(), client))
-            }
+    /// Builds the connector for a validated source, with an HTTP client of its own (its
+    /// timeouts) whose requests spend its credential's rate budget. Does no I/O.
+    pub fn new(settings: &SourceSettings) -> Result<Connector, reqwest::Error> {
+        let client = |credential: &str| {
+            http::SourceClient::new(&settings.http, settings.name.as_str(), credential)
+        };
+        Ok(match &settings.kind {
+            SourceKindSettings::Mews(s) => Connector::Mews(mews::Mews::new(
+                s.clone(),
+                client(s.access_token.expose_secret())?,
+            )),
+            SourceKindSettings::Procurify(s) => Connector::Procurify(procurify::Procurify::new(
+                s.clone(),
+                client(&s.credentials.client_id)?,
+            )),
             SourceKindSettings::Snapbooks(s) => {
-                Connector::Snapbooks(snapbooks::Snapbooks::new(s.clone(), client))
+                let credential = match &s.auth {
+                    snapbooks::SnapbooksAuth::Token(token) => token.expose_secret(),
+                    snapbooks::SnapbooksAuth::ClientCredentials(credentials) => {
+                        &credentials.client_id
+                    }
+                };
+                Connector::Snapbooks(snapbooks::Snapbooks::new(s.clone(), client(credential)?))
             }
-            SourceKindSettings::DataV1(s) => {
-                Connector::DataV1(data_v1::DataV1::new(s.clone(), client))
-            }
-        }
+            SourceKindSettings::DataV1(s) => Connector::DataV1(data_v1::DataV1::new(
+                s.clone(),
+                client(s.token.expose_secret())?,
+            )),
+        })
     }
 }
 

@@ -15,7 +15,9 @@
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use super::http::{self, Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle};
+use super::http::{
+    Auth, ClientCredentials, ErrorBody, Reply, SourceClient, TokenRequestStyle, Vendor,
+};
 use super::{
     Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, unreadable,
 };
@@ -26,9 +28,14 @@ pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 const AUDIENCE: &str = "https://api.procurify.com/";
 const ENDPOINT: &str = "api/v3/departments/";
-const ERROR_BODY: ErrorBody<'static> = ErrorBody {
-    message_field: "detail",
-    request_id_field: None,
+const VENDOR: Vendor = Vendor {
+    errors: ErrorBody {
+        message_field: "detail",
+        request_id_field: None,
+    },
+    request_id_header: None,
+    shrink_on_408: false,
+    answers: &[404],
 };
 
 /// A `kind = "procurify"` source as written in the config file.
@@ -153,24 +160,24 @@ impl Procurify {
     }
 
     async fn list(&self, page: u64, page_size: u32) -> Result<Option<ListResponse>, SourceError> {
-        let response = http::send_authorized(&self.client, &self.auth, || {
-            self.client
-                .get(self.endpoint.clone())
-                .query(&[
-                    ("page", page.to_string()),
-                    ("page_size", page_size.to_string()),
-                ])
-                .header("X-Procurify-Client", "api")
-                .header("Accept", "application/json")
-        })
-        .await?;
-        if response.status() == reqwest::StatusCode::NOT_FOUND && page > 1 {
-            return Ok(None);
+        let replied = self
+            .client
+            .call(&VENDOR, Some(&self.auth), || {
+                self.client
+                    .get(self.endpoint.clone())
+                    .query(&[
+                        ("page", page.to_string()),
+                        ("page_size", page_size.to_string()),
+                    ])
+                    .header("X-Procurify-Client", "api")
+                    .header("Accept", "application/json")
+            })
+            .await?;
+        match replied.reply {
+            // A page past the end: the listing is shorter than it said.
+            Reply::Status(404) if page > 1 => Ok(None),
+            _ => replied.into_json().map(Some),
         }
-        if !response.status().is_success() {
-            return Err(http::error_from_response(response, None, ERROR_BODY).await);
-        }
-        http::read_json(response, None).await.map(Some)
     }
 }
 

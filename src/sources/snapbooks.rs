@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use super::http::{self, Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle};
+use super::http::{Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle, Vendor};
 use super::{
     Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, unreadable,
 };
@@ -26,9 +26,14 @@ use crate::model::{Department, RejectedRecord};
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 const ENDPOINT: &str = "api/v2/departments";
-const ERROR_BODY: ErrorBody<'static> = ErrorBody {
-    message_field: "message",
-    request_id_field: None,
+const VENDOR: Vendor = Vendor {
+    errors: ErrorBody {
+        message_field: "message",
+        request_id_field: None,
+    },
+    request_id_header: None,
+    shrink_on_408: false,
+    answers: &[],
 };
 
 /// A `kind = "snapbooks"` source as written in the config file.
@@ -203,25 +208,24 @@ impl Snapbooks {
         page: u64,
         per_page: u32,
     ) -> Result<ListResponse, SourceError> {
-        let response = http::send_authorized(&self.client, &self.auth, || {
-            let mut query = vec![
-                ("page", page.to_string()),
-                ("per_page", per_page.to_string()),
-                ("is_active", "null".to_owned()),
-            ];
-            if let Some(account) = account {
-                query.push(("client_account_id", account.to_string()));
-            }
-            self.client
-                .get(self.endpoint.clone())
-                .query(&query)
-                .header("Accept", "application/json")
-        })
-        .await?;
-        if !response.status().is_success() {
-            return Err(http::error_from_response(response, None, ERROR_BODY).await);
-        }
-        http::read_json(response, None).await
+        let replied = self
+            .client
+            .call(&VENDOR, Some(&self.auth), || {
+                let mut query = vec![
+                    ("page", page.to_string()),
+                    ("per_page", per_page.to_string()),
+                    ("is_active", "null".to_owned()),
+                ];
+                if let Some(account) = account {
+                    query.push(("client_account_id", account.to_string()));
+                }
+                self.client
+                    .get(self.endpoint.clone())
+                    .query(&query)
+                    .header("Accept", "application/json")
+            })
+            .await?;
+        replied.into_json()
     }
 }
 

@@ -227,7 +227,7 @@ async fn a_listing_that_fails_half_way_deletes_nothing_and_the_next_pass_resumes
     for id in 1..=20 {
         fake.put(id, &format!("Department {id}"), 1, true);
     }
-    let source = procurify_source(&fake, "page_size = 5");
+    let source = procurify_source(&fake, "page_size = 5\nmax_attempts = 1");
     sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
     let requests_so_far = fake.shared.requests();
 
@@ -595,7 +595,7 @@ async fn a_resumed_listing_whose_next_page_is_gone_starts_again() {
     for id in 1..=20 {
         fake.put(id, &format!("Department {id}"), 1, true);
     }
-    let source = procurify_source(&fake, "page_size = 5");
+    let source = procurify_source(&fake, "page_size = 5\nmax_attempts = 1");
     // Token, pages 1 to 3, then page 4 fails: the listing stops with page 4 to read.
     fake.shared.fail_request(5, 503);
     sync(&db, &source, PassRequest::INCREMENTAL)

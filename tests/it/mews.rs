@@ -266,7 +266,7 @@ async fn a_sync_that_fails_mid_window_resumes_at_its_cursor() {
     fake.generate(1_000, 1, at(2019, 1, 1), at(2019, 3, 1));
     fake.fail_request(7, 500);
 
-    let error = sync(&db, &fake, "page_size = 50", PassRequest::INCREMENTAL)
+    let error = sync(&db, &fake, "page_size = 50\nmax_attempts = 1", PassRequest::INCREMENTAL)
         .await
         .unwrap_err();
     assert!(error.contains("500") && error.contains("req-7"), "{error}");
@@ -410,7 +410,7 @@ async fn an_interrupted_backfill_resumes_when_run_again() {
         to: None,
     };
 
-    sync(&db, &fake, "page_size = 30", request)
+    sync(&db, &fake, "page_size = 30\nmax_attempts = 1", request)
         .await
         .unwrap_err();
     let progress = db
