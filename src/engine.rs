@@ -18,6 +18,8 @@
 //! its live rows). A listing that fails or stops half way deletes nothing; the next pass
 //! resumes it. A listing that changed under its page numbers starts again.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, SubsecRound, Utc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -29,6 +31,28 @@ use crate::model::{
 use crate::plan::plan_windows;
 use crate::sources::{Page, PageRequest, Source, SourceError, SyncMode};
 use crate::store::{Store, StoreError};
+
+/// The smallest window a 408 can halve down to.
+const MIN_WINDOW: chrono::Duration = chrono::Duration::hours(1);
+
+/// `window` cut in two at its middle (whole seconds), unless it is already at the floor.
+fn halve(window: &Window) -> Option<[Window; 2]> {
+    let span = window.end - window.start;
+    if span < MIN_WINDOW * 2 {
+        return None;
+    }
+    let middle = (window.start + span / 2).trunc_subsecs(0);
+    Some([
+        Window {
+            start: window.start,
+            end: middle,
+        },
+        Window {
+            start: middle,
+            end: window.end,
+        },
+    ])
+}
 
 /// How many times one pass starts a listing again after it changed under its page numbers.
 const MAX_LISTING_RESTARTS: u32 = 3;
@@ -474,29 +498,62 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
         let plan = plan_pass(self.name, windowed, state, request, now)?;
         tracing::info!(windows = plan.windows.len(), "pass planned");
 
+        let mut plan = plan;
         let mut cursor = plan.first_cursor.clone();
-        for (index, window) in plan.windows.iter().enumerate() {
+        let mut index = 0;
+        while let Some(&window) = plan.windows.get(index) {
             let mut page_number = 0;
+            let mut seen_cursors = HashSet::new();
             loop {
                 page_number += 1;
                 let at = || format!("page {page_number} of window {window}");
                 let request = PageRequest::Window {
-                    window,
+                    window: &window,
                     cursor: cursor.as_deref(),
                 };
                 let Some(fetched) = self.fetch(request).await else {
                     return Ok(Finished::Cancelled);
                 };
-                let mut page = fetched.map_err(|source| PassError::Fetch { at: at(), source })?;
+                let mut page = match fetched {
+                    Ok(page) => page,
+                    Err(SourceError::TooHeavy { request_id }) => {
+                        // Ask for less: this window becomes two halves, read afresh (a
+                        // cursor belongs to the window it was issued for).
+                        let Some(halves) = halve(&window) else {
+                            let source = SourceError::TooHeavy { request_id };
+                            return Err(PassError::Fetch {
+                                at: format!("{} (already at the smallest window)", at()),
+                                source,
+                            });
+                        };
+                        tracing::warn!(%window, request_id = request_id.as_deref().unwrap_or(""), "too heavy for the upstream; halving the window");
+                        plan.windows.splice(index..=index, halves);
+                        cursor = None;
+                        break;
+                    }
+                    Err(source) => return Err(PassError::Fetch { at: at(), source }),
+                };
                 let next_cursor = page.next_cursor.take();
+                if let Some(next) = &next_cursor
+                    && !seen_cursors.insert(next.clone())
+                {
+                    let source = SourceError::Protocol {
+                        message: format!(
+                            "cursor {next} came back a second time; paging would never end"
+                        ),
+                        request_id: None,
+                    };
+                    return Err(PassError::Fetch { at: at(), source });
+                }
                 let checkpoint = plan.checkpoint_after(index, next_cursor.clone());
                 self.commit(page, &checkpoint, at).await?;
                 cursor = next_cursor;
                 if cursor.is_none() {
+                    self.totals.windows += 1;
+                    index += 1;
                     break;
                 }
             }
-            self.totals.windows += 1;
         }
         Ok(Finished::Completed)
     }

@@ -95,7 +95,11 @@ pub fn config(database_url: &str, sources: &str) -> String {
 pub fn mews_config(database_url: &str, name: &str, base_url: &str, extra: &str) -> String {
     // The tests share one fake token: without a budget of their own they would all queue
     // behind Mews' 180 requests per 30 s (the rate limit has a test of its own).
-    let rate = if extra.contains("rate_limit") { "" } else { "rate_limit = \"1000/1s\"" };
+    let rate = if extra.contains("rate_limit") {
+        ""
+    } else {
+        "rate_limit = \"1000/1s\""
+    };
     let source = format!(
         r#"
 [[sources]]

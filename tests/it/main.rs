@@ -7,4 +7,5 @@ mod helpers;
 mod listings;
 mod mews;
 mod proxy;
+mod resilience;
 mod store;

@@ -266,9 +266,14 @@ async fn a_sync_that_fails_mid_window_resumes_at_its_cursor() {
     fake.generate(1_000, 1, at(2019, 1, 1), at(2019, 3, 1));
     fake.fail_request(7, 500);
 
-    let error = sync(&db, &fake, "page_size = 50\nmax_attempts = 1", PassRequest::INCREMENTAL)
-        .await
-        .unwrap_err();
+    let error = sync(
+        &db,
+        &fake,
+        "page_size = 50\nmax_attempts = 1",
+        PassRequest::INCREMENTAL,
+    )
+    .await
+    .unwrap_err();
     assert!(error.contains("500") && error.contains("req-7"), "{error}");
     let stored: i64 = db.scalar("SELECT count(*) FROM departments").await;
     assert_eq!(stored, 300, "the six pages before the failure are kept");

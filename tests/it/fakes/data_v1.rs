@@ -54,7 +54,7 @@ impl FakeDataV1 {
 
 async fn departments(State(shared): State<Shared<DataV1State>>, headers: HeaderMap) -> Response {
     shared.slow_down().await;
-    let (_, failure) = shared.arrive();
+    let (number, failure) = shared.arrive();
     let mut guard = shared.lock();
     let (control, state) = &mut *guard;
     let header = |name: &str| {
@@ -79,12 +79,8 @@ async fn departments(State(shared): State<Shared<DataV1State>>, headers: HeaderM
         )
             .into_response();
     }
-    if let Some(status) = failure {
-        return (
-            StatusCode::from_u16(status).unwrap(),
-            axum::Json(json!({ "success": false, "message": "injected failure" })),
-        )
-            .into_response();
+    if let Some(fault) = failure {
+        return fault.respond(number, r#"{"data": [{"id": 1, "name": "Sales", "branch": {"id": 1}}], "result": [], "metadata": {}}"#);
     }
     let result: Vec<&Value> = state.departments.values().collect();
     axum::Json(json!({ "success": true, "result": result })).into_response()

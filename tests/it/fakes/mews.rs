@@ -22,7 +22,7 @@ use deptsync::model::Window;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::Shared;
+use super::{Fault, Shared};
 
 pub const CLIENT_TOKEN: &str = "fake-client-token";
 pub const ACCESS_TOKEN: &str = "fake-access-token";
@@ -86,6 +86,8 @@ pub struct MewsState {
     access_token: String,
     /// Answer empty pages with 200 and an empty list even when 204 is asked for.
     never_204: bool,
+    /// Misbehave: send back the cursor that was asked with, so that paging never ends.
+    loop_cursor: bool,
 }
 
 /// A running fake Mews server on a loopback port.
@@ -153,6 +155,11 @@ impl FakeMews {
         self.shared.on_request(hook);
     }
 
+    /// From now on, every page's cursor is the one it was asked with (a broken upstream).
+    pub fn loop_cursor(&self) {
+        self.shared.lock().1.loop_cursor = true;
+    }
+
     /// Empty pages come back as 200 with an empty list, as without `Prefer: return=minimal`.
     pub fn never_204(&self) {
         self.shared.lock().1.never_204 = true;
@@ -207,6 +214,7 @@ async fn get_all(
         status: 200,
         returned: 0,
     };
+    let failure = failure.map(|fault| (number, fault));
     let result = answer(state, &headers, &body, &request_id, &mut record, failure);
     let response = match result {
         Ok(response) => response,
@@ -234,7 +242,7 @@ fn answer(
     body: &[u8],
     request_id: &str,
     record: &mut RecordedRequest,
-    failure: Option<u16>,
+    failure: Option<(usize, Fault)>,
 ) -> Result<Response, Refusal> {
     let request: Value =
         serde_json::from_slice(body).map_err(|e| violation(format!("body is not JSON: {e}")))?;
@@ -308,9 +316,9 @@ fn answer(
         }
     };
 
-    if let Some(status) = failure {
-        let status = StatusCode::from_u16(status).unwrap();
-        return Err((status, format!("injected failure {status}"), false));
+    if let Some((number, fault)) = failure {
+        let sample = r#"{"Departments": [{"Id": "98776d06-60e4-495f-82f1-95ab2f644d63", "Name": "Sales"}], "Cursor": null}"#;
+        return Ok(fault.respond(number, sample));
     }
     if client_token != CLIENT_TOKEN || access_token != state.access_token {
         return Err((
@@ -366,7 +374,10 @@ fn answer(
         let body = json!({ "Departments": [], "Cursor": null });
         return Ok(([("Request-Id", request_id.to_owned())], axum::Json(body)).into_response());
     };
-    let next_cursor = oldest.id.to_string();
+    let next_cursor = match (&cursor, state.loop_cursor) {
+        (Some(asked), true) => asked.clone(),
+        _ => oldest.id.to_string(),
+    };
     let key = (oldest.updated, oldest.id);
     let departments: Vec<Value> = page.iter().map(|d| d.json.clone()).collect();
     state.cursors.insert((next_cursor.clone(), window), key);

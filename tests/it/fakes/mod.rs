@@ -11,6 +11,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
 
 /// Serves `router` on a loopback port for the rest of the test; returns its base URL.
 pub async fn serve(router: Router) -> String {
@@ -42,13 +46,93 @@ pub fn paging(
 
 type Hook = Box<dyn Fn(usize) + Send>;
 
+/// A way an upstream can fail one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// An error status with a JSON error body.
+    Status(u16),
+    /// 429, with or without `Retry-After` (seconds). A request that comes back before the
+    /// time it asked for is a violation.
+    TooManyRequests { retry_after: Option<u64> },
+    /// The connection drops after the status line, before any body.
+    Dropped,
+    /// The body stops half way.
+    Truncated,
+    /// A 200 whose body is not JSON.
+    InvalidJson,
+}
+
+impl Fault {
+    /// The answer that fails request `number`; `sample` is a valid body to spoil.
+    pub fn respond(self, number: usize, sample: &str) -> Response {
+        let request_id = format!("req-{number}");
+        let body = json!({ "Message": "injected failure", "detail": "injected failure", "message": "injected failure", "RequestId": request_id });
+        let broken = |chunks: Vec<Result<Bytes, std::io::Error>>| {
+            let stream = futures_util::stream::iter(chunks);
+            (
+                StatusCode::OK,
+                [
+                    ("Request-Id", request_id.clone()),
+                    ("Content-Type", "application/json".to_owned()),
+                ],
+                Body::from_stream(stream),
+            )
+                .into_response()
+        };
+        let cut = || std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected");
+        match self {
+            Fault::Status(status) => (
+                StatusCode::from_u16(status).unwrap(),
+                [("Request-Id", request_id.clone())],
+                axum::Json(body),
+            )
+                .into_response(),
+            Fault::TooManyRequests { retry_after } => {
+                let mut response = (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("Request-Id", request_id.clone())],
+                    axum::Json(body),
+                )
+                    .into_response();
+                if let Some(seconds) = retry_after {
+                    response.headers_mut().insert("Retry-After", seconds.into());
+                }
+                response
+            }
+            Fault::Dropped => broken(vec![Err(cut())]),
+            Fault::Truncated => {
+                let half = Bytes::copy_from_slice(&sample.as_bytes()[..sample.len() / 2]);
+                broken(vec![Ok(half), Err(cut())])
+            }
+            Fault::InvalidJson => (
+                StatusCode::OK,
+                [("Request-Id", request_id.clone())],
+                format!("{{\"oops\": {}", &sample[..sample.len() / 3]),
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// Seeded random faults: each request fails with probability `rate`, with one of `faults`.
+struct Chaos {
+    rng: fastrand::Rng,
+    rate: f64,
+    faults: Vec<Fault>,
+}
+
 /// What every fake keeps besides its data: the requests it saw, the rule breaches among
 /// them and the failures a test asked it to inject.
 #[derive(Default)]
 pub struct Control {
     requests: usize,
     violations: Vec<String>,
-    failures: HashMap<usize, u16>,
+    failures: HashMap<usize, Fault>,
+    chaos: Option<Chaos>,
+    /// Set by a 429 with `Retry-After`: no request may arrive before.
+    not_before: Option<std::time::Instant>,
+    /// When each request arrived.
+    arrivals: Vec<std::time::Instant>,
 }
 
 impl Control {
@@ -112,13 +196,35 @@ impl<T> Shared<T> {
     }
 
     /// Counts a request, runs the hooks (before any lock on the data is taken), and says
-    /// whether to fail it and with which status. Every handler calls it first.
-    pub fn arrive(&self) -> (usize, Option<u16>) {
+    /// whether to fail it and how. Every handler calls it first.
+    pub fn arrive(&self) -> (usize, Option<Fault>) {
         let (number, failure) = {
             let mut guard = self.lock();
-            guard.0.requests += 1;
-            let number = guard.0.requests;
-            (number, guard.0.failures.get(&number).copied())
+            let control = &mut guard.0;
+            control.requests += 1;
+            let number = control.requests;
+            let now = std::time::Instant::now();
+            control.arrivals.push(now);
+            if let Some(not_before) = control.not_before.filter(|t| now < *t) {
+                let early = not_before - now;
+                control.violation(format!(
+                    "request {number} came {early:?} before the Retry-After had passed"
+                ));
+            }
+            let mut failure = control.failures.get(&number).copied();
+            if let Some(chaos) = control.chaos.as_mut()
+                && failure.is_none()
+                && chaos.rng.f64() < chaos.rate
+            {
+                failure = Some(chaos.faults[chaos.rng.usize(..chaos.faults.len())]);
+            }
+            if let Some(Fault::TooManyRequests {
+                retry_after: Some(seconds),
+            }) = failure
+            {
+                control.not_before = Some(now + std::time::Duration::from_secs(seconds));
+            }
+            (number, failure)
         };
         let hooks = self
             .hooks
@@ -132,7 +238,17 @@ impl<T> Shared<T> {
 
     /// Answers request number `n` (from 1, over the fake's life) with `status`.
     pub fn fail_request(&self, n: usize, status: u16) {
-        self.lock().0.failures.insert(n, status);
+        self.lock().0.failures.insert(n, Fault::Status(status));
+    }
+
+    /// From now on, fails each request with probability `rate`, with one of `faults`
+    /// chosen by a generator seeded with `seed`.
+    pub fn chaos(&self, seed: u64, rate: f64, faults: &[Fault]) {
+        self.lock().0.chaos = Some(Chaos {
+            rng: fastrand::Rng::with_seed(seed),
+            rate,
+            faults: faults.to_vec(),
+        });
     }
 
     /// Calls `hook` with the request number as each request arrives.
@@ -145,6 +261,20 @@ impl<T> Shared<T> {
 
     pub fn requests(&self) -> usize {
         self.lock().0.requests
+    }
+
+    /// The most requests that arrived within any `window`.
+    pub fn busiest(&self, window: std::time::Duration) -> usize {
+        let arrivals = self.lock().0.arrivals.clone();
+        (0..arrivals.len())
+            .map(|i| {
+                arrivals[i..]
+                    .iter()
+                    .take_while(|t| **t < arrivals[i] + window)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// Fails the test if deptsync broke a rule of the API.

@@ -106,7 +106,13 @@ fn refuse(status: StatusCode, detail: &str) -> Response {
 }
 
 async fn token(State(shared): State<Shared<ProcurifyState>>, body: String) -> Response {
-    shared.arrive();
+    let (number, failure) = shared.arrive();
+    if let Some(fault) = failure {
+        return fault.respond(
+            number,
+            r#"{"access_token": "x", "expires_in": 86400, "token_type": "Bearer"}"#,
+        );
+    }
     let mut guard = shared.lock();
     let (control, state) = &mut *guard;
     state.token_requests += 1;
@@ -146,7 +152,7 @@ async fn departments(
     Query(query): Query<BTreeMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let (_, failure) = shared.arrive();
+    let (number, failure) = shared.arrive();
     let mut guard = shared.lock();
     let (control, state) = &mut *guard;
     if headers
@@ -167,8 +173,8 @@ async fn departments(
             "Authentication credentials were not provided or have expired.",
         );
     }
-    if let Some(status) = failure {
-        return refuse(StatusCode::from_u16(status).unwrap(), "injected failure");
+    if let Some(fault) = failure {
+        return fault.respond(number, r#"{"data": [{"id": 1, "name": "Sales", "branch": {"id": 1}}], "result": [], "metadata": {}}"#);
     }
     let (page, page_size) = match super::paging(&query, "page_size", 10) {
         Ok(paging) => paging,

@@ -108,7 +108,13 @@ async fn token(
     State(shared): State<Shared<SnapbooksState>>,
     Form(form): Form<BTreeMap<String, String>>,
 ) -> Response {
-    shared.arrive();
+    let (number, failure) = shared.arrive();
+    if let Some(fault) = failure {
+        return fault.respond(
+            number,
+            r#"{"access_token": "x", "expires_in": 86400, "token_type": "Bearer"}"#,
+        );
+    }
     let mut guard = shared.lock();
     let (control, state) = &mut *guard;
     state.token_requests += 1;
@@ -138,7 +144,7 @@ async fn departments(
     Query(query): Query<BTreeMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let (_, failure) = shared.arrive();
+    let (number, failure) = shared.arrive();
     let mut guard = shared.lock();
     let (control, state) = &mut *guard;
     let token = headers
@@ -148,8 +154,8 @@ async fn departments(
     if !token.is_some_and(|t| state.live_tokens.contains(t)) {
         return refuse(StatusCode::UNAUTHORIZED, "Unauthenticated.");
     }
-    if let Some(status) = failure {
-        return refuse(StatusCode::from_u16(status).unwrap(), "injected failure");
+    if let Some(fault) = failure {
+        return fault.respond(number, r#"{"data": [{"id": 1, "name": "Sales", "branch": {"id": 1}}], "result": [], "metadata": {}}"#);
     }
     let (page, per_page) = match super::paging(&query, "per_page", 50) {
         Ok(paging) => paging,
