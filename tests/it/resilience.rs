@@ -191,11 +191,15 @@ async fn a_408_from_mews_halves_the_window_and_goes_on() {
     .unwrap();
 
     let requests = fake.requests();
-    let first = requests[0].window.unwrap();
-    assert_eq!(first.start, at(2019, 1, 1));
+    assert_eq!(
+        (requests[0].status, requests[0].window.unwrap().end),
+        (408, at(2019, 4, 1))
+    );
+    let next = requests[1].window.unwrap();
+    assert_eq!(next.start, at(2019, 1, 1));
     assert!(
-        first.end < at(2019, 4, 1),
-        "the 408'd window [2019-01-01, 2019-04-01) was halved: {first}"
+        next.end < at(2019, 4, 1),
+        "the 408'd window was halved: {next}"
     );
     let stored: i64 = db.scalar("SELECT count(*) FROM departments").await;
     assert_eq!(stored, 60);
