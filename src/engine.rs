@@ -439,7 +439,8 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
                 PassRequest::Incremental { allow_mass_delete },
             ) => {
                 let guard = (!allow_mass_delete).then_some(max_delete_fraction);
-                self.read_listing(state.listing, guard).await
+                self.read_listing(state.listing, state.pending_confirmation, guard)
+                    .await
             }
         }
     }
@@ -563,11 +564,13 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
     async fn read_listing(
         &mut self,
         saved: Option<ListingProgress>,
+        pending_confirmation: Option<Uuid>,
         max_delete_fraction: Option<f64>,
     ) -> Result<Finished, PassError> {
-        let new_listing = || ListingProgress {
+        let new_listing = |confirms: Option<Uuid>| ListingProgress {
             listing_id: Uuid::new_v4(),
             cursor: None,
+            confirms,
         };
         let mut listing = match saved {
             Some(saved) => {
@@ -577,7 +580,7 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
                 );
                 saved
             }
-            None => new_listing(),
+            None => new_listing(pending_confirmation),
         };
         let mut restarts = 0;
         let mut page_number = 0;
@@ -609,7 +612,7 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
                     tracing::warn!(%reason, "the listing changed while it was read; starting it again");
                     restarts += 1;
                     page_number = 0;
-                    listing = new_listing();
+                    listing = new_listing(listing.confirms);
                     continue;
                 }
                 Err(source) => return Err(PassError::Fetch { at: at(), source }),
@@ -619,13 +622,26 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
                 Some(cursor) => Checkpoint::Listing(ListingProgress {
                     listing_id: listing.listing_id,
                     cursor: Some(cursor.clone()),
+                    confirms: listing.confirms,
                 }),
                 None => Checkpoint::ListingDone {
                     listing_id: listing.listing_id,
+                    confirms: listing.confirms,
                     max_delete_fraction,
                 },
             };
             let counts = self.commit(page, &checkpoint, at).await?;
+            if counts.awaiting_confirmation > 0 {
+                // Page numbers may have shifted under the listing: a department it missed
+                // is deleted only if a second complete listing misses it too.
+                tracing::info!(
+                    missing = counts.awaiting_confirmation,
+                    "departments missing from the listing; reading it once more to confirm"
+                );
+                listing = new_listing(Some(listing.listing_id));
+                page_number = 0;
+                continue;
+            }
             if let (Some(withheld), Some(max_delete_fraction)) =
                 (counts.withheld_deletions, max_delete_fraction)
             {

@@ -73,6 +73,9 @@ pub struct BackfillProgress {
 pub struct ListingProgress {
     pub listing_id: Uuid,
     pub cursor: Option<String>,
+    /// When this listing re-reads everything to confirm the deletions another complete
+    /// listing found: that listing. A department is deleted only when missing from both.
+    pub confirms: Option<Uuid>,
 }
 
 /// Everything a source needs to resume, as last committed.
@@ -86,6 +89,8 @@ pub struct SyncState {
     pub backfill: Option<BackfillProgress>,
     /// The full listing in progress, if one was interrupted.
     pub listing: Option<ListingProgress>,
+    /// A complete listing whose missing departments await a confirming listing.
+    pub pending_confirmation: Option<Uuid>,
 }
 
 /// The position to commit together with a page: what the next read starts from.
@@ -101,11 +106,15 @@ pub enum Checkpoint {
     BackfillDone,
     /// The listing goes on from here; the page's ids are recorded as seen by it.
     Listing(ListingProgress),
-    /// The page is the listing's last: the page's ids are recorded as seen, and every live
-    /// department the listing did not see is marked deleted, unless that is more than
-    /// `max_delete_fraction` of the live rows (`None`: a person confirmed any number).
+    /// The page is the listing's last: the page's ids are recorded as seen. When live
+    /// departments are missing from it and it `confirms` no other listing, nothing is
+    /// deleted yet: they await a confirming listing ([`PageCounts::awaiting_confirmation`]).
+    /// When it confirms one, every live department missing from both is marked deleted,
+    /// unless that is more than `max_delete_fraction` of the rows that were live when the
+    /// first listing began (`None`: a person confirmed any number).
     ListingDone {
         listing_id: Uuid,
+        confirms: Option<Uuid>,
         max_delete_fraction: Option<f64>,
     },
     /// The listing cannot be completed (it changed under its page numbers): forget what it
@@ -124,6 +133,8 @@ pub struct PageCounts {
     pub deleted: u64,
     /// Deletions the mass-deletion guard refused to make.
     pub withheld_deletions: Option<WithheldDeletions>,
+    /// Departments missing from a complete listing, awaiting a confirming listing.
+    pub awaiting_confirmation: u64,
 }
 
 /// A complete listing would have marked `would_delete` of `live` rows deleted, more than

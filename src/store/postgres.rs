@@ -30,6 +30,7 @@ const MARK_UNSEEN_DELETED: &str = include_str!("queries/mark_unseen_deleted.sql"
 struct Deletions {
     deleted: u64,
     withheld: Option<WithheldDeletions>,
+    awaiting_confirmation: u64,
 }
 
 fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -169,25 +170,57 @@ impl PgStore {
             Checkpoint::Listing(progress) => {
                 Self::record_seen(tx, source, progress.listing_id, seen).await?;
                 sqlx::query(
-                    "INSERT INTO sync_state AS s (source, listing_id, listing_cursor) VALUES ($1, $2, $3)
+                    // A first listing starts the clock of the mass-deletion guard; the same
+                    // listing going on, or a confirming one, keeps it.
+                    "INSERT INTO sync_state AS s (source, listing_id, listing_cursor, listing_confirms, listing_started_at)
+                     VALUES ($1, $2, $3, $4, now())
                      ON CONFLICT (source) DO UPDATE SET
+                         listing_started_at = CASE
+                             WHEN s.listing_id = EXCLUDED.listing_id OR EXCLUDED.listing_confirms IS NOT NULL
+                             THEN COALESCE(s.listing_started_at, now())
+                             ELSE now() END,
                          listing_id = EXCLUDED.listing_id,
                          listing_cursor = EXCLUDED.listing_cursor,
+                         listing_confirms = EXCLUDED.listing_confirms,
                          updated_at = now()",
                 )
                 .bind(source)
                 .bind(progress.listing_id)
                 .bind(progress.cursor.as_deref())
+                .bind(progress.confirms)
             }
             Checkpoint::ListingDone {
                 listing_id,
+                confirms,
                 max_delete_fraction,
             } => {
                 Self::record_seen(tx, source, *listing_id, seen).await?;
-                deletions = Self::delete_unseen(tx, source, *listing_id, *max_delete_fraction).await?;
-                end_listing(source, *listing_id)
+                deletions = Self::delete_unseen(tx, source, *listing_id, *confirms, *max_delete_fraction).await?;
+                if deletions.awaiting_confirmation > 0 {
+                    // Keep what this listing saw, for the confirming listing to compare.
+                    sqlx::query(
+                        "INSERT INTO sync_state AS s (source, listing_confirms, listing_started_at) VALUES ($1, $2, now())
+                         ON CONFLICT (source) DO UPDATE SET
+                             listing_id = NULL,
+                             listing_cursor = NULL,
+                             listing_confirms = EXCLUDED.listing_confirms,
+                             listing_started_at = CASE WHEN s.listing_id = $2 THEN s.listing_started_at ELSE now() END,
+                             updated_at = now()",
+                    )
+                    .bind(source)
+                    .bind(*listing_id)
+                } else {
+                    end_listings(source, [Some(*listing_id), *confirms])
+                }
             }
-            Checkpoint::ListingAbandoned { listing_id } => end_listing(source, *listing_id),
+            Checkpoint::ListingAbandoned { listing_id } => sqlx::query(
+                // Forget what it saw; a confirming listing stays one when it starts again.
+                "WITH forgotten AS (DELETE FROM listing_seen WHERE source = $1 AND listing_id = $2)
+                 UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, updated_at = now()
+                 WHERE source = $1",
+            )
+            .bind(source)
+            .bind(*listing_id),
         };
         query
             .execute(&mut **tx)
@@ -219,17 +252,21 @@ impl PgStore {
         Ok(())
     }
 
-    /// Marks deleted every live department of `source` that the complete listing
-    /// `listing_id` did not see, unless the guard forbids that many.
+    /// Counts the live departments of `source` that the complete listing `listing_id`
+    /// (and `confirms`, the listing it confirms) did not see. Without `confirms` they only
+    /// await confirmation; with it they are marked deleted, unless the guard forbids that
+    /// many.
     async fn delete_unseen(
         tx: &mut Transaction<'_, Postgres>,
         source: &str,
         listing_id: Uuid,
+        confirms: Option<Uuid>,
         max_delete_fraction: Option<f64>,
     ) -> Result<Deletions, StoreError> {
         let (live, unseen): (i64, i64) = sqlx::query_as(COUNT_UNSEEN)
             .bind(source)
             .bind(listing_id)
+            .bind(confirms)
             .fetch_one(&mut **tx)
             .await
             .map_err(db("counting the departments the listing did not see"))?;
@@ -237,27 +274,34 @@ impl PgStore {
         if unseen == 0 {
             return Ok(Deletions::default());
         }
+        if confirms.is_none() {
+            return Ok(Deletions {
+                awaiting_confirmation: unseen,
+                ..Deletions::default()
+            });
+        }
         if let Some(fraction) = max_delete_fraction
             && unseen as f64 > fraction * live as f64
         {
             return Ok(Deletions {
-                deleted: 0,
                 withheld: Some(WithheldDeletions {
                     would_delete: unseen,
                     live,
                 }),
+                ..Deletions::default()
             });
         }
         let deleted = sqlx::query(MARK_UNSEEN_DELETED)
             .bind(source)
             .bind(listing_id)
+            .bind(confirms)
             .execute(&mut **tx)
             .await
             .map_err(db("marking unlisted departments deleted"))?
             .rows_affected();
         Ok(Deletions {
             deleted,
-            withheld: None,
+            ..Deletions::default()
         })
     }
 
@@ -345,18 +389,21 @@ impl PgStore {
     }
 }
 
-/// The statement that forgets a listing's seen ids and clears its position.
-fn end_listing(
+/// The statement that forgets what `listings` saw and clears the source's listing state.
+fn end_listings(
     source: &str,
-    listing_id: Uuid,
+    listings: [Option<Uuid>; 2],
 ) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments> {
     sqlx::query(
-        "WITH forgotten AS (DELETE FROM listing_seen WHERE source = $1 AND listing_id = $2)
-         UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, updated_at = now()
+        "WITH forgotten AS (
+             DELETE FROM listing_seen WHERE source = $1 AND listing_id = ANY($2::uuid[])
+         )
+         UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, listing_confirms = NULL,
+                               listing_started_at = NULL, updated_at = now()
          WHERE source = $1",
     )
     .bind(source)
-    .bind(listing_id)
+    .bind(listings.into_iter().flatten().collect::<Vec<_>>())
 }
 
 /// Where a source stands, for `status`.
@@ -462,17 +509,21 @@ impl Store for PgStore {
             }),
             _ => None,
         };
+        let confirms: Option<Uuid> = row.get("listing_confirms");
         let listing = row
             .get::<Option<Uuid>, _>("listing_id")
             .map(|listing_id| ListingProgress {
                 listing_id,
                 cursor: row.get("listing_cursor"),
+                confirms,
             });
+        let pending_confirmation = if listing.is_none() { confirms } else { None };
         Ok(SyncState {
             high_water_mark: row.get("high_water_mark"),
             incremental,
             backfill,
             listing,
+            pending_confirmation,
         })
     }
 
@@ -542,6 +593,7 @@ impl Store for PgStore {
             rejected: rejected.len() as u64,
             deleted: deletions.deleted,
             withheld_deletions: deletions.withheld,
+            awaiting_confirmation: deletions.awaiting_confirmation,
         };
         let counted = sqlx::query(
             "UPDATE sync_runs SET pages = pages + 1, fetched = fetched + $2, inserted = inserted + $3,

@@ -139,9 +139,10 @@ async fn renames_deactivations_deletions_and_reappearances() {
     fake.remove(4);
     let report = sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
     let counts = report.totals.counts;
+    // 7 unchanged in the first listing, 9 in the one that confirms the deletion.
     assert_eq!(
         (counts.updated, counts.deleted, counts.unchanged),
-        (2, 1, 7)
+        (2, 1, 16)
     );
     assert_eq!(live(&db, "proc").await, sorted_by_id(fake.truth()));
     assert_eq!(deleted_ids(&db).await, vec!["4"]);
@@ -247,9 +248,10 @@ async fn a_listing_that_fails_half_way_deletes_nothing_and_the_next_pass_resumes
 
     let pages_before = fake.department_pages();
     let report = sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+    // Pages 2 to 4, then 4 more: a second listing confirms what the first found missing.
     assert_eq!(
         fake.department_pages() - pages_before,
-        3,
+        7,
         "resumed at page 2 of 4"
     );
     assert_eq!(report.totals.counts.deleted, 1);
@@ -316,10 +318,18 @@ async fn the_mass_deletion_guard_deletes_nothing_until_a_person_confirms() {
         .await;
     assert_eq!(status, "failed");
 
-    // A lower bar in the config lets it through...
+    // A higher fraction in the config lets it through...
     let lenient = procurify_source(&fake, "max_delete_fraction = 0.7");
-    let (settings, _) = connector(&config(&db.url, &lenient));
-    assert_eq!(settings.name.as_str(), "proc");
+    let report = sync(&db, &lenient, PassRequest::INCREMENTAL).await.unwrap();
+    assert_eq!(report.totals.counts.deleted, 6);
+    for id in 1..=6 {
+        fake.put(id, &format!("Department {id}"), 1, true);
+    }
+    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+    assert!(deleted_ids(&db).await.is_empty(), "they came back");
+    for id in 1..=6 {
+        fake.remove(id);
+    }
 
     // ...and so does a person, through the binary.
     let file = std::env::temp_dir().join(format!("deptsync-{}.toml", uuid::Uuid::new_v4()));
@@ -616,4 +626,59 @@ async fn a_resumed_listing_whose_next_page_is_gone_starts_again() {
     );
     assert_eq!(live(&db, "proc").await, sorted_by_id(fake.truth()));
     fake.shared.assert_no_violations();
+}
+
+#[tokio::test]
+async fn a_shift_that_keeps_the_count_never_deletes_a_present_department() {
+    let db = TestDb::new().await;
+    let fake = FakeProcurify::start().await;
+    for id in 1..=12 {
+        fake.put(id, &format!("Department {id}"), 1, true);
+    }
+    let source = procurify_source(&fake, "page_size = 4");
+    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+
+    // While page 2 is read, 1 goes and 13 comes: the total stays 12, every department
+    // after 1 shifts back a place, and page 2 never shows 5. One listing cannot tell;
+    // the listing that confirms the deletions can.
+    let changing = fake.clone();
+    let start = fake.shared.requests();
+    fake.shared.on_request(move |n| {
+        if n == start + 3 {
+            changing.remove(1);
+            changing.put(13, "Department 13", 1, true);
+        }
+    });
+    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+
+    // 5 was missed by the first listing only: it stays. 1 was seen by the first listing
+    // before it went, so its deletion waits for the next pass.
+    assert!(deleted_ids(&db).await.is_empty());
+    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+    assert_eq!(deleted_ids(&db).await, vec!["1"]);
+    assert_eq!(live(&db, "proc").await, sorted_by_id(fake.truth()));
+    fake.shared.assert_no_violations();
+}
+
+#[tokio::test]
+async fn departments_the_listing_adds_do_not_dilute_the_guard() {
+    let db = TestDb::new().await;
+    let fake = FakeProcurify::start().await;
+    for id in 1..=10 {
+        fake.put(id, &format!("Department {id}"), 1, true);
+    }
+    let source = procurify_source(&fake, "");
+    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+    // Every id replaced by another (a wrong tenant behind the same URL, say).
+    for id in 1..=10 {
+        fake.remove(id);
+        fake.put(id + 10, "Someone else's", 1, true);
+    }
+
+    let error = sync(&db, &source, PassRequest::INCREMENTAL)
+        .await
+        .unwrap_err();
+
+    assert!(error.contains("10 of 10"), "{error}");
+    assert!(deleted_ids(&db).await.is_empty());
 }

@@ -1,5 +1,6 @@
--- Marks deleted, once, every live department of a source ($1) that the complete listing
--- $2 did not see. A department that comes back later is revived by the upsert.
+-- Marks deleted, once, every live department of a source ($1) that neither the complete
+-- listing $2 nor the listing it confirms ($3) saw. A department that comes back later is
+-- revived by the upsert.
 UPDATE departments d
 SET deleted_at = now(), last_changed_at = now()
 WHERE d.source = $1
@@ -7,4 +8,8 @@ WHERE d.source = $1
   AND NOT EXISTS (
       SELECT 1 FROM listing_seen s
       WHERE s.source = d.source AND s.listing_id = $2 AND s.external_id = d.external_id
+  )
+  AND NOT EXISTS (
+      SELECT 1 FROM listing_seen s
+      WHERE s.source = d.source AND s.listing_id = $3 AND s.external_id = d.external_id
   )
