@@ -312,7 +312,7 @@ pub async fn run_pass<S: Source, St: Store>(
     request: PassRequest,
     cancel: &CancellationToken,
 ) -> Result<PassReport, PassError> {
-    let lease = store
+    let mut lease = store
         .try_lock(name)
         .await
         .map_err(|source| PassError::Bookkeeping {
@@ -320,7 +320,7 @@ pub async fn run_pass<S: Source, St: Store>(
             source,
         })?
         .ok_or(PassError::Busy)?;
-    let result = run_locked_pass(name, source, store, request, cancel).await;
+    let result = run_locked_pass(name, source, store, &mut lease, request, cancel).await;
     store.unlock(lease).await;
     result
 }
@@ -329,12 +329,13 @@ async fn run_locked_pass<S: Source, St: Store>(
     name: &str,
     source: &S,
     store: &St,
+    lease: &mut St::Lease,
     request: PassRequest,
     cancel: &CancellationToken,
 ) -> Result<PassReport, PassError> {
     let started = std::time::Instant::now();
     let run_id = store
-        .start_run(name, request.mode())
+        .start_run(lease, name, request.mode())
         .await
         .map_err(|source| PassError::Bookkeeping {
             context: "recording the start of the run",
@@ -345,6 +346,7 @@ async fn run_locked_pass<S: Source, St: Store>(
         name,
         source,
         store,
+        lease,
         cancel,
         run_id,
         totals: PassTotals::default(),
@@ -394,10 +396,12 @@ enum Finished {
 }
 
 /// One pass in progress: what it reads from, writes to, and has done so far.
-struct Pass<'a, S, St> {
+struct Pass<'a, S, St: Store> {
     name: &'a str,
     source: &'a S,
     store: &'a St,
+    /// The source's lock; every write of the pass goes through it.
+    lease: &'a mut St::Lease,
     cancel: &'a CancellationToken,
     run_id: RunId,
     totals: PassTotals,
@@ -479,7 +483,14 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
         }
         let counts = self
             .store
-            .commit_page(self.run_id, self.name, &departments, &rejected, checkpoint)
+            .commit_page(
+                self.lease,
+                self.run_id,
+                self.name,
+                &departments,
+                &rejected,
+                checkpoint,
+            )
             .await
             .map_err(|source| PassError::Store { at: at(), source })?;
         self.totals.add(counts);

@@ -32,8 +32,8 @@ pub enum StoreError {
 
 /// What the engine needs from a store.
 pub trait Store: Send + Sync {
-    /// Proof that this process holds a source's lock; the lock is freed by
-    /// [`Store::unlock`], or by the store when the holder dies.
+    /// Proof that this process holds a source's lock, through which the pass writes; the
+    /// lock is freed by [`Store::unlock`], or by the store when the holder dies.
     type Lease: Send;
 
     /// Takes `source`'s lock if no process (this one included) holds it: only the holder
@@ -54,18 +54,21 @@ pub trait Store: Send + Sync {
 
     /// Records a new pass as `running`. The caller holds the source's lock, so any other
     /// run of the source still marked `running` belongs to a process that died: it is
-    /// recorded as failed.
+    /// recorded as failed. Written under the lock's `lease`.
     fn start_run(
         &self,
+        lease: &mut Self::Lease,
         source: &str,
         mode: RunMode,
     ) -> impl Future<Output = Result<RunId, StoreError>> + Send;
 
     /// In one transaction: upserts `departments` (writing only rows whose content changed,
     /// never replacing a row with an older `source_updated_at`), keeps `rejected`, moves
-    /// the source to `checkpoint` and adds the page to the run's counts.
+    /// the source to `checkpoint` and adds the page to the run's counts. Written under
+    /// the lock's `lease`: if the lock was lost, so is the write.
     fn commit_page(
         &self,
+        lease: &mut Self::Lease,
         run: RunId,
         source: &str,
         departments: &[Department],

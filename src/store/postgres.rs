@@ -444,7 +444,8 @@ fn window_from(start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>) -> Opti
 impl Store for PgStore {
     /// A session-level advisory lock lives as long as the connection that took it: the
     /// lease is that connection, taken out of the pool, so that a holder that dies (or
-    /// loses its database connection) frees the lock with it.
+    /// loses its database connection) frees the lock with it, and the pass writes through
+    /// it, so that no write happens without the lock.
     type Lease = sqlx::PgConnection;
 
     async fn try_lock(&self, source: &str) -> Result<Option<Self::Lease>, StoreError> {
@@ -527,11 +528,14 @@ impl Store for PgStore {
         })
     }
 
-    async fn start_run(&self, source: &str, mode: RunMode) -> Result<RunId, StoreError> {
+    async fn start_run(
+        &self,
+        lease: &mut Self::Lease,
+        source: &str,
+        mode: RunMode,
+    ) -> Result<RunId, StoreError> {
         let run_id = Uuid::new_v4();
-        let mut tx = self
-            .pool
-            .begin()
+        let mut tx = sqlx::Connection::begin(lease)
             .await
             .map_err(db("opening a transaction"))?;
         let abandoned = sqlx::query(
@@ -566,6 +570,7 @@ impl Store for PgStore {
 
     async fn commit_page(
         &self,
+        lease: &mut Self::Lease,
         run: RunId,
         source: &str,
         departments: &[Department],
@@ -578,9 +583,9 @@ impl Store for PgStore {
             .map(|d| d.external_id.as_str())
             .chain(rejected.iter().filter_map(|r| r.external_id.as_deref()))
             .collect();
-        let mut tx = self
-            .pool
-            .begin()
+        // On the lock's own connection: a lost lock (the connection gone) fails the write
+        // instead of letting two holders write at once.
+        let mut tx = sqlx::Connection::begin(lease)
             .await
             .map_err(db("opening a transaction"))?;
         let (inserted, updated) = Self::upsert_departments(&mut tx, source, departments).await?;

@@ -26,7 +26,12 @@ fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
 #[tokio::test]
 async fn a_page_with_the_same_id_twice_keeps_the_newest() {
     let db = TestDb::new().await;
-    let run = db.store.start_run("s", RunMode::Incremental).await.unwrap();
+    let mut lease = db.store.try_lock("s").await.unwrap().unwrap();
+    let run = db
+        .store
+        .start_run(&mut lease, "s", RunMode::Incremental)
+        .await
+        .unwrap();
     let page = [
         department("1", "old", at(2020, 1, 1)),
         department("1", "new", at(2020, 2, 1)),
@@ -37,7 +42,7 @@ async fn a_page_with_the_same_id_twice_keeps_the_newest() {
     };
     let counts = db
         .store
-        .commit_page(run, "s", &page, &[], &done)
+        .commit_page(&mut lease, run, "s", &page, &[], &done)
         .await
         .unwrap();
     assert_eq!(
@@ -53,13 +58,18 @@ async fn a_page_with_the_same_id_twice_keeps_the_newest() {
 #[tokio::test]
 async fn the_high_water_mark_never_moves_backwards() {
     let db = TestDb::new().await;
-    let run = db.store.start_run("s", RunMode::Incremental).await.unwrap();
+    let mut lease = db.store.try_lock("s").await.unwrap().unwrap();
+    let run = db
+        .store
+        .start_run(&mut lease, "s", RunMode::Incremental)
+        .await
+        .unwrap();
     for mark in [at(2021, 1, 1), at(2020, 1, 1)] {
         let done = Checkpoint::IncrementalDone {
             high_water_mark: mark,
         };
         db.store
-            .commit_page(run, "s", &[], &[], &done)
+            .commit_page(&mut lease, run, "s", &[], &[], &done)
             .await
             .unwrap();
     }
@@ -70,7 +80,12 @@ async fn the_high_water_mark_never_moves_backwards() {
 #[tokio::test]
 async fn a_failed_commit_keeps_neither_rows_nor_position() {
     let db = TestDb::new().await;
-    let run = db.store.start_run("s", RunMode::Incremental).await.unwrap();
+    let mut lease = db.store.try_lock("s").await.unwrap().unwrap();
+    let run = db
+        .store
+        .start_run(&mut lease, "s", RunMode::Incremental)
+        .await
+        .unwrap();
     // A NUL in a name makes PostgreSQL refuse the statement (the engine rejects such
     // records before they get here; this proves the transaction, not the filter).
     let page = [
@@ -82,7 +97,7 @@ async fn a_failed_commit_keeps_neither_rows_nor_position() {
     };
     assert!(
         db.store
-            .commit_page(run, "s", &page, &[], &done)
+            .commit_page(&mut lease, run, "s", &page, &[], &done)
             .await
             .is_err()
     );
@@ -100,13 +115,14 @@ async fn a_page_whose_run_cannot_be_counted_is_not_kept() {
     // The upsert and the checkpoint succeed; counting the page in a run that does not
     // exist fails last, and the whole page must go with it.
     let unknown_run = deptsync::model::RunId(uuid::Uuid::new_v4());
+    let mut lease = db.store.try_lock("s").await.unwrap().unwrap();
     let page = [department("1", "fine", at(2020, 1, 1))];
     let done = Checkpoint::IncrementalDone {
         high_water_mark: at(2021, 1, 1),
     };
     assert!(
         db.store
-            .commit_page(unknown_run, "s", &page, &[], &done)
+            .commit_page(&mut lease, unknown_run, "s", &page, &[], &done)
             .await
             .is_err()
     );
@@ -116,4 +132,50 @@ async fn a_page_whose_run_cannot_be_counted_is_not_kept() {
         db.store.load_state("s").await.unwrap().high_water_mark,
         None
     );
+}
+
+#[tokio::test]
+async fn a_lost_lock_loses_the_write_too() {
+    let db = TestDb::new().await;
+    let mut lease = db.store.try_lock("s").await.unwrap().unwrap();
+    let run = db
+        .store
+        .start_run(&mut lease, "s", RunMode::Incremental)
+        .await
+        .unwrap();
+    // The lock's connection dies (a network blip, pg_terminate_backend): the lock is free...
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut lease)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let mut other = db
+        .store
+        .try_lock("s")
+        .await
+        .unwrap()
+        .expect("another process may take it now");
+
+    // ...and the first holder can no longer write.
+    let page = [department("1", "late", at(2020, 1, 1))];
+    let done = Checkpoint::IncrementalDone {
+        high_water_mark: at(2021, 1, 1),
+    };
+    assert!(
+        db.store
+            .commit_page(&mut lease, run, "s", &page, &[], &done)
+            .await
+            .is_err()
+    );
+    let rows: i64 = db.scalar("SELECT count(*) FROM departments").await;
+    assert_eq!(rows, 0);
+    let _ = db
+        .store
+        .start_run(&mut other, "s", RunMode::Incremental)
+        .await
+        .unwrap();
 }
