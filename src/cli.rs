@@ -339,10 +339,13 @@ fn status_table(lines: &[StatusLine]) -> comfy_table::Table {
         if line.stale {
             state.push_str(" (STALE)");
         }
-        let error: String = s
-            .last_error
-            .as_deref()
-            .map_or_else(|| "-".to_owned(), |e| e.chars().take(100).collect());
+        let error = match (&s.last_error, s.last_error_at) {
+            (Some(error), at) => {
+                let short: String = error.chars().take(100).collect();
+                format!("{} {short}", time(at))
+            }
+            (None, _) => "-".to_owned(),
+        };
         table.add_row([
             s.source.clone(),
             state,

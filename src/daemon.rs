@@ -86,20 +86,19 @@ impl Daemon {
         };
         tokio::pin!(shutdown);
 
-        let store = tokio::select! {
-            store = connect_with_backoff(&self.settings) => store,
-            () = &mut shutdown => {
-                tracing::info!("shutdown before the database was reached");
-                return Ok(());
-            }
-        };
-
+        // Served from the start: while the database is not reached yet, /healthz says so.
+        let connected: Arc<tokio::sync::OnceCell<PgStore>> = Arc::default();
         if let Some(listener) = metrics_listener {
             let handle = crate::metrics::install()?;
-            let health_store = store.clone();
+            let health_store = connected.clone();
             let healthy = move || {
-                let store = health_store.clone();
-                async move { store.ping().await.is_ok() }
+                let store = health_store.get().cloned();
+                async move {
+                    match store {
+                        Some(store) => store.ping().await.is_ok(),
+                        None => false,
+                    }
+                }
             };
             let serving = crate::metrics::serve(listener, handle, healthy, cancel.clone());
             tracker.spawn(async move {
@@ -108,6 +107,16 @@ impl Daemon {
                 }
             });
         }
+
+        let store = tokio::select! {
+            store = connect_with_backoff(&self.settings) => store,
+            () = &mut shutdown => {
+                tracing::info!("shutdown before the database was reached");
+                cancel.cancel();
+                return Ok(());
+            }
+        };
+        let _ = connected.set(store.clone());
 
         let mut scheduler = JobScheduler::new().await.map_err(DaemonError::Scheduler)?;
         let mut runners = Vec::with_capacity(self.settings.sources.len());
@@ -239,6 +248,7 @@ impl Runner {
     async fn tick(&self) {
         if self.busy.load(Ordering::Acquire) {
             tracing::info!(source = %self.name, "previous pass still running; tick skipped");
+            crate::metrics::tick_skipped(&self.name);
             return;
         }
         if self.backoff.lock().await.waiting() {
@@ -255,21 +265,33 @@ impl Runner {
                 () = self.wake.notified() => {}
             }
             self.busy.store(true, Ordering::Release);
-            let result = engine::run_pass(
-                &self.name,
-                &self.connector,
-                &store,
-                PassRequest::INCREMENTAL,
-                &cancel,
-            )
-            .await;
+            // In a task of its own, so that a panic in a pass fails that pass, not the
+            // runner: the source keeps its schedule.
+            let pass = {
+                let (runner, store, cancel) = (self.clone(), store.clone(), cancel.clone());
+                tokio::spawn(async move {
+                    engine::run_pass(
+                        &runner.name,
+                        &runner.connector,
+                        &store,
+                        PassRequest::INCREMENTAL,
+                        &cancel,
+                    )
+                    .await
+                })
+            };
+            let result = pass.await;
             let mut backoff = self.backoff.lock().await;
             match result {
-                Ok(_) => backoff.succeeded(),
-                Err(PassError::Busy) => {
+                Err(panic) => {
+                    tracing::error!(source = %self.name, error = %panic, "the pass panicked; the next start records it as failed");
+                    backoff.failed();
+                }
+                Ok(Ok(_)) => backoff.succeeded(),
+                Ok(Err(PassError::Busy)) => {
                     tracing::info!(source = %self.name, "another process is syncing this source; tick skipped");
                 }
-                Err(_) => {
+                Ok(Err(_)) => {
                     // The engine logged and recorded the failure.
                     let wait = backoff.failed();
                     tracing::info!(source = %self.name, retry_after = ?wait, "next passes back off");

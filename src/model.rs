@@ -198,7 +198,9 @@ pub struct SourceStatus {
     pub last_run_started_at: Option<DateTime<Utc>>,
     pub last_run_finished_at: Option<DateTime<Utc>>,
     pub last_success_at: Option<DateTime<Utc>>,
+    /// The error of the newest failed run (which may be older than the last success).
     pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
     pub high_water_mark: Option<DateTime<Utc>>,
     /// Where the source stands, in words: how far it has read, or where an interrupted
     /// pass will resume.

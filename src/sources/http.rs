@@ -28,6 +28,10 @@ use crate::config::{HttpSettings, RateLimit};
 
 /// The first retry waits up to this long; each further one up to twice as long.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// The longest `Retry-After` a pass waits out; a longer one ends the pass.
+const MAX_RETRY_AFTER_IN_PASS: Duration = Duration::from_secs(300);
+/// The longest token life believed, whatever the token endpoint says.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// What the retry layer needs to know about a vendor's API.
 pub struct Vendor {
@@ -130,7 +134,10 @@ impl Budget {
     }
 
     fn hold_back(&self, wait: Duration) {
-        let until = Instant::now() + wait;
+        // A vendor's absurd Retry-After must not overflow the clock.
+        let Some(until) = Instant::now().checked_add(wait) else {
+            return;
+        };
         let mut blocked = self.blocked_until.lock().unwrap_or_else(|p| p.into_inner());
         if blocked.is_none_or(|current| current < until) {
             *blocked = Some(until);
@@ -243,16 +250,19 @@ impl SourceClient {
                     continue;
                 }
                 Err(Failure::Transient { error, retry_after }) => {
-                    if attempt >= self.max_attempts {
+                    if let Some(retry_after) = retry_after {
+                        self.budget.hold_back(retry_after);
+                    }
+                    // A Retry-After longer than a pass should wait ends the pass (the
+                    // budget keeps the next requests back until then).
+                    let too_long = retry_after.is_some_and(|wait| wait > MAX_RETRY_AFTER_IN_PASS);
+                    if attempt >= self.max_attempts || too_long {
                         return Err(SourceError::GaveUp {
                             attempts: attempt,
                             last: Box::new(error),
                         });
                     }
                     let wait = self.backoff(attempt, retry_after);
-                    if let Some(retry_after) = retry_after {
-                        self.budget.hold_back(retry_after);
-                    }
                     tracing::warn!(
                         source = %self.source,
                         attempt,
@@ -503,7 +513,7 @@ impl Auth {
         let token = fetched.access_token;
         *cached = Some(CachedToken {
             token: token.clone(),
-            refresh_at: Instant::now() + lifetime - margin,
+            refresh_at: Instant::now() + lifetime.min(MAX_TOKEN_LIFETIME) - margin,
             generation,
         });
         tracing::debug!(token_url = %credentials.token_url, expires_in = lifetime.as_secs(), "access token obtained");

@@ -660,6 +660,7 @@ impl Store for PgStore {
                 last_run_finished_at: row.get("last_finished_at"),
                 last_success_at: row.get("last_success_at"),
                 last_error: row.get("last_error"),
+                last_error_at: row.get("last_error_at"),
                 high_water_mark: row.get("high_water_mark"),
                 position: describe_position(
                     row.get("high_water_mark"),

@@ -46,6 +46,12 @@ async fn stop_daemon(stop: oneshot::Sender<()>, handle: JoinHandle<()>) {
         .unwrap();
 }
 
+/// A loopback port nobody listens on (there is a small window for another to take it).
+fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
+}
+
 /// Waits up to `seconds` for `sql` (a count) to reach `at_least`.
 async fn wait_for(db: &TestDb, sql: &str, at_least: i64, seconds: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
@@ -97,10 +103,7 @@ async fn changes_upstream_appear_within_a_few_ticks() {
     let db = TestDb::new().await;
     let fake = FakeDataV1::start().await;
     fake.put("a", None, "Alpha");
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let toml = config(
         &db.url,
         &format!(

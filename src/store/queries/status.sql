@@ -10,6 +10,7 @@ SELECT n.source,
        last_run.finished_at     AS last_finished_at,
        last_ok.finished_at      AS last_success_at,
        last_failure.error       AS last_error,
+       last_failure.started_at  AS last_error_at,
        s.high_water_mark,
        s.incremental_window_start,
        s.incremental_window_end,
@@ -30,7 +31,7 @@ LEFT JOIN LATERAL (
     WHERE r.source = n.source AND status = 'succeeded' ORDER BY started_at DESC LIMIT 1
 ) last_ok ON true
 LEFT JOIN LATERAL (
-    SELECT error FROM sync_runs r
+    SELECT error, started_at FROM sync_runs r
     WHERE r.source = n.source AND status = 'failed' ORDER BY started_at DESC LIMIT 1
 ) last_failure ON true
 LEFT JOIN LATERAL (
