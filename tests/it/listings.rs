@@ -29,6 +29,18 @@ client_secret = "{}"
     )
 }
 
+/// A database and a fake Procurify with `count` departments, synced once.
+async fn procurify_synced(count: i64, extra: &str) -> (TestDb, FakeProcurify, String) {
+    let db = TestDb::new().await;
+    let fake = FakeProcurify::start().await;
+    for id in 1..=count {
+        fake.put(id, &format!("Department {id}"), 1, true);
+    }
+    let source = procurify_source(&fake, extra);
+    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+    (db, fake, source)
+}
+
 async fn sync(db: &TestDb, source_toml: &str, request: PassRequest) -> Result<PassReport, String> {
     let (settings, source) = connector(&config(&db.url, source_toml));
     run_pass(
@@ -126,13 +138,7 @@ async fn procurify_full_sync_then_a_pass_with_no_change_writes_nothing() {
 
 #[tokio::test]
 async fn renames_deactivations_deletions_and_reappearances() {
-    let db = TestDb::new().await;
-    let fake = FakeProcurify::start().await;
-    for id in 1..=10 {
-        fake.put(id, &format!("Department {id}"), 1, true);
-    }
-    let source = procurify_source(&fake, "page_size = 4");
-    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+    let (db, fake, source) = procurify_synced(10, "page_size = 4").await;
 
     fake.put(2, "Renamed", 1, true);
     fake.put(3, "Department 3", 1, false);
@@ -223,13 +229,7 @@ async fn bad_client_credentials_fail_with_the_token_endpoint_named() {
 
 #[tokio::test]
 async fn a_listing_that_fails_half_way_deletes_nothing_and_the_next_pass_resumes_it() {
-    let db = TestDb::new().await;
-    let fake = FakeProcurify::start().await;
-    for id in 1..=20 {
-        fake.put(id, &format!("Department {id}"), 1, true);
-    }
-    let source = procurify_source(&fake, "page_size = 5\nmax_attempts = 1");
-    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+    let (db, fake, source) = procurify_synced(20, "page_size = 5\nmax_attempts = 1").await;
     let requests_so_far = fake.shared.requests();
 
     fake.remove(20);
@@ -261,13 +261,7 @@ async fn a_listing_that_fails_half_way_deletes_nothing_and_the_next_pass_resumes
 
 #[tokio::test]
 async fn a_listing_that_changes_under_its_pages_starts_again() {
-    let db = TestDb::new().await;
-    let fake = FakeProcurify::start().await;
-    for id in 1..=12 {
-        fake.put(id, &format!("Department {id}"), 1, true);
-    }
-    let source = procurify_source(&fake, "page_size = 4");
-    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+    let (db, fake, source) = procurify_synced(12, "page_size = 4").await;
 
     // While the next listing reads page 2, department 1 (on page 1) disappears: every
     // later department shifts one place back, and page 2 would skip one.
@@ -293,13 +287,7 @@ async fn a_listing_that_changes_under_its_pages_starts_again() {
 
 #[tokio::test]
 async fn the_mass_deletion_guard_deletes_nothing_until_a_person_confirms() {
-    let db = TestDb::new().await;
-    let fake = FakeProcurify::start().await;
-    for id in 1..=10 {
-        fake.put(id, &format!("Department {id}"), 1, true);
-    }
-    let source = procurify_source(&fake, "");
-    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+    let (db, fake, source) = procurify_synced(10, "").await;
     for id in 1..=6 {
         fake.remove(id);
     }
@@ -630,13 +618,7 @@ async fn a_resumed_listing_whose_next_page_is_gone_starts_again() {
 
 #[tokio::test]
 async fn a_shift_that_keeps_the_count_never_deletes_a_present_department() {
-    let db = TestDb::new().await;
-    let fake = FakeProcurify::start().await;
-    for id in 1..=12 {
-        fake.put(id, &format!("Department {id}"), 1, true);
-    }
-    let source = procurify_source(&fake, "page_size = 4");
-    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+    let (db, fake, source) = procurify_synced(12, "page_size = 4").await;
 
     // While page 2 is read, 1 goes and 13 comes: the total stays 12, every department
     // after 1 shifts back a place, and page 2 never shows 5. One listing cannot tell;
@@ -662,13 +644,7 @@ async fn a_shift_that_keeps_the_count_never_deletes_a_present_department() {
 
 #[tokio::test]
 async fn departments_the_listing_adds_do_not_dilute_the_guard() {
-    let db = TestDb::new().await;
-    let fake = FakeProcurify::start().await;
-    for id in 1..=10 {
-        fake.put(id, &format!("Department {id}"), 1, true);
-    }
-    let source = procurify_source(&fake, "");
-    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+    let (db, fake, source) = procurify_synced(10, "").await;
     // Every id replaced by another (a wrong tenant behind the same URL, say).
     for id in 1..=10 {
         fake.remove(id);
