@@ -318,3 +318,60 @@ fn the_unit_file_passes_systemd_analyze_verify() {
         .collect();
     assert!(problems.is_empty(), "systemd-analyze verify: {problems:#?}");
 }
+
+/// The next datagram deptsync sends to its notify socket.
+async fn next_message(socket: &tokio::net::UnixDatagram) -> String {
+    let mut buffer = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(20), socket.recv(&mut buffer))
+        .await
+        .expect("no message from deptsync within 20 s")
+        .unwrap();
+    String::from_utf8_lossy(&buffer[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let db = TestDb::new().await;
+    let fake = FakeDataV1::start().await;
+    fake.put("a", None, "Alpha");
+    let file = std::env::temp_dir().join(format!("deptsync-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(
+        &file,
+        config(&db.url, &data_v1_source(&fake, "hr", "0 0 * * * *")),
+    )
+    .unwrap();
+    let socket_path =
+        std::env::temp_dir().join(format!("deptsync-notify-{}", uuid::Uuid::new_v4()));
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_deptsync"))
+        .args(["run", "--config", file.to_str().unwrap()])
+        .env_remove("DATABASE_URL")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let ready = next_message(&socket).await;
+    assert!(ready.contains("READY=1"), "{ready}");
+    let stored: i64 = db.scalar("SELECT count(*) FROM sync_runs").await;
+    assert!(stored <= 1, "READY=1 comes once the migrations ran");
+
+    let pid = daemon.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let stopping = next_message(&socket).await;
+    assert!(stopping.contains("STOPPING=1"), "{stopping}");
+    let status = tokio::time::timeout(Duration::from_secs(12), daemon.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    std::fs::remove_file(&file).unwrap();
+    std::fs::remove_file(&socket_path).unwrap();
+}

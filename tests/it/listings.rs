@@ -658,3 +658,36 @@ async fn departments_the_listing_adds_do_not_dilute_the_guard() {
     assert!(error.contains("10 of 10"), "{error}");
     assert!(deleted_ids(&db).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_token_is_renewed_before_it_expires() {
+    let db = TestDb::new().await;
+    let fake = FakeProcurify::start().await;
+    for id in 1..=12 {
+        fake.put(id, &format!("Department {id}"), 1, true);
+    }
+    // Tokens live 2 s; twelve pages at 300 ms outlive two of them.
+    fake.set_token_lifetime(2);
+    fake.shared.set_delay(std::time::Duration::from_millis(300));
+
+    let report = sync(
+        &db,
+        &procurify_source(&fake, "page_size = 1"),
+        PassRequest::INCREMENTAL,
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(report.totals.counts.inserted, 12);
+    assert!(
+        fake.token_requests() >= 2,
+        "{} tokens",
+        fake.token_requests()
+    );
+    assert_eq!(
+        fake.expired_rejections(),
+        0,
+        "a token was used after it expired"
+    );
+    fake.shared.assert_no_violations();
+}

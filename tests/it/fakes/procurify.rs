@@ -25,6 +25,12 @@ pub const CLIENT_SECRET: &str = "procurify-secret";
 pub struct ProcurifyState {
     departments: BTreeMap<i64, Value>,
     live_tokens: HashSet<String>,
+    /// When each token issued expires.
+    expiries: std::collections::HashMap<String, std::time::Instant>,
+    /// The `expires_in` of the tokens issued (86400 unless a test says otherwise).
+    token_lifetime: Option<u64>,
+    /// 401s answered for tokens that had expired.
+    expired_rejections: usize,
     issued: usize,
     token_requests: usize,
     department_pages: usize,
@@ -69,6 +75,16 @@ impl FakeProcurify {
     /// Every token issued so far stops working (it expired, or was revoked).
     pub fn expire_tokens(&self) {
         self.shared.lock().1.live_tokens.clear();
+    }
+
+    /// Tokens issued from now on expire after `seconds`.
+    pub fn set_token_lifetime(&self, seconds: u64) {
+        self.shared.lock().1.token_lifetime = Some(seconds);
+    }
+
+    /// How many requests came with a token that had expired.
+    pub fn expired_rejections(&self) -> usize {
+        self.shared.lock().1.expired_rejections
     }
 
     pub fn token_requests(&self) -> usize {
@@ -138,9 +154,12 @@ async fn token(State(shared): State<Shared<ProcurifyState>>, body: String) -> Re
     state.issued += 1;
     let token = format!("procurify-token-{}", state.issued);
     state.live_tokens.insert(token.clone());
+    let lifetime = state.token_lifetime.unwrap_or(86400);
+    let expiry = std::time::Instant::now() + std::time::Duration::from_secs(lifetime);
+    state.expiries.insert(token.clone(), expiry);
     axum::Json(json!({
         "access_token": token,
-        "expires_in": 86400,
+        "expires_in": lifetime,
         "token_type": "Bearer",
         "scope": "read",
     }))
@@ -152,6 +171,7 @@ async fn departments(
     Query(query): Query<BTreeMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
+    shared.slow_down().await;
     let (number, failure) = shared.arrive();
     let mut guard = shared.lock();
     let (control, state) = &mut *guard;
@@ -167,7 +187,13 @@ async fn departments(
         .get("Authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if !token.is_some_and(|t| state.live_tokens.contains(t)) {
+    let expired = token
+        .and_then(|t| state.expiries.get(t))
+        .is_some_and(|expiry| *expiry <= std::time::Instant::now());
+    if expired {
+        state.expired_rejections += 1;
+    }
+    if expired || !token.is_some_and(|t| state.live_tokens.contains(t)) {
         return refuse(
             StatusCode::UNAUTHORIZED,
             "Authentication credentials were not provided or have expired.",

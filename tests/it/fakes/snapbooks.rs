@@ -144,6 +144,7 @@ async fn departments(
     Query(query): Query<BTreeMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
+    shared.slow_down().await;
     let (number, failure) = shared.arrive();
     let mut guard = shared.lock();
     let (control, state) = &mut *guard;
