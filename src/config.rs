@@ -160,6 +160,11 @@ impl RateLimit {
         if requests == 0 || per.is_zero() {
             return Err(bad());
         }
+        if (per / requests).is_zero() {
+            return Err(format!(
+                "{text:?} is more than one request per nanosecond: no limit at all"
+            ));
+        }
         Ok(RateLimit { requests, per })
     }
 }
@@ -338,7 +343,7 @@ impl Settings {
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Invalid {
                 location: "config".to_owned(),
-                message: e.to_string(),
+                message: without_quoted_lines(&e.to_string()),
             })?;
 
         let database = raw.database.unwrap_or(RawDatabase {
@@ -426,6 +431,23 @@ impl Settings {
             sources,
         })
     }
+}
+
+/// A TOML parser's message without the lines it quotes from the file: they may hold a
+/// secret (an unterminated token string, say). Line and column stay.
+fn without_quoted_lines(message: &str) -> String {
+    message
+        .lines()
+        .filter(|line| {
+            let trimmed = line.trim_start();
+            let quoted = trimmed.starts_with('|')
+                || trimmed
+                    .split_once(" |")
+                    .is_some_and(|(number, _)| number.chars().all(|c| c.is_ascii_digit()));
+            !quoted && !trimmed.is_empty()
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Tells a kind's module where a field error is, so that it can say so.
@@ -898,6 +920,13 @@ mod tests {
         let twice = format!("{GOOD}{}", &GOOD[GOOD.find("[[sources]]").unwrap()..]);
         let message = error_of(&twice);
         assert!(message.contains("more than one source"), "{message}");
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line_but_never_quotes_it() {
+        let message = error_of(&GOOD.replace("\"client-secret-token\"", "\"client-secret-token"));
+        assert!(message.contains("line"), "{message}");
+        assert!(!message.contains("client-secret-token"), "{message}");
     }
 
     #[test]

@@ -360,9 +360,7 @@ async fn run_locked_pass<S: Source, St: Store>(
             error: error_chain(e),
         },
     };
-    if let Err(e) = store.finish_run(run_id, &outcome).await {
-        tracing::warn!(error = %error_chain(&e), "could not record the end of the run");
-    }
+    record_end(store, run_id, &outcome).await;
     crate::metrics::pass_finished(name, outcome.status(), started.elapsed());
     match result {
         Ok(_) => {
@@ -386,6 +384,25 @@ async fn run_locked_pass<S: Source, St: Store>(
         Err(e) => {
             tracing::error!(error = %error_chain(&e), pages = totals.pages, "pass failed");
             Err(e)
+        }
+    }
+}
+
+/// Records how the run ended, trying for a few seconds: the failure being recorded may be
+/// the database going away, and a short outage should not lose the reason. What cannot be
+/// recorded is closed by the next pass as abandoned.
+async fn record_end<St: Store>(store: &St, run_id: RunId, outcome: &RunOutcome) {
+    let mut wait = std::time::Duration::from_millis(250);
+    for attempt in 1..=5 {
+        match store.finish_run(run_id, outcome).await {
+            Ok(()) => return,
+            Err(e) if attempt == 5 => {
+                tracing::warn!(error = %error_chain(&e), "could not record the end of the run");
+            }
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
         }
     }
 }

@@ -21,7 +21,6 @@ const VENDOR: Vendor = Vendor {
     },
     request_id_header: None,
     shrink_on_408: false,
-    answers: &[],
 };
 
 /// A `kind = "data_v1"` source as written in the config file.

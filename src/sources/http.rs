@@ -41,8 +41,6 @@ pub struct Vendor {
     /// A 408 means "ask for less" (Mews): it is returned as [`SourceError::TooHeavy`] for
     /// the caller to shrink its request, instead of being retried as it is.
     pub shrink_on_408: bool,
-    /// Statuses that are answers rather than errors (Procurify's 404 past the last page).
-    pub answers: &'static [u16],
 }
 
 /// How an OAuth2 token endpoint explains its errors.
@@ -53,7 +51,6 @@ const TOKEN_ENDPOINT: Vendor = Vendor {
     },
     request_id_header: None,
     shrink_on_408: false,
-    answers: &[],
 };
 
 /// What a call got.
@@ -61,8 +58,6 @@ const TOKEN_ENDPOINT: Vendor = Vendor {
 pub enum Reply<T> {
     Json(T),
     NoContent,
-    /// One of the vendor's [`Vendor::answers`] statuses.
-    Status(u16),
 }
 
 /// A reply and the vendor's id for the request that got it.
@@ -79,10 +74,6 @@ impl<T> Replied<T> {
             Reply::Json(value) => Ok(value),
             Reply::NoContent => Err(SourceError::Decode {
                 message: "expected a JSON body, got 204 No Content".to_owned(),
-                request_id: self.request_id,
-            }),
-            Reply::Status(status) => Err(SourceError::Decode {
-                message: format!("expected a JSON body, got status {status}"),
                 request_id: self.request_id,
             }),
         }
@@ -145,21 +136,30 @@ impl Budget {
     }
 }
 
-/// The budget of the credential `credential` at `rate` (the credential is never stored:
-/// only a hash of it is part of the key). Sources sharing a credential share its budget
-/// as long as they configure the same rate, as they do by default.
-fn budget_for(credential: &str, rate: Option<RateLimit>) -> Arc<Budget> {
-    static BUDGETS: Mutex<Option<HashMap<u64, Arc<Budget>>>> = Mutex::new(None);
+/// The budget of the credential `credential` (never stored: only a hash of it is a key),
+/// shared by every source that uses it. The first source to ask sets its rate; a source
+/// that configures another rate for the same credential is told it is not used.
+fn budget_for(credential: &str, rate: Option<RateLimit>, source: &str) -> Arc<Budget> {
+    /// Credential hash → the rate the budget was made with, and the budget.
+    type Budgets = HashMap<u64, (Option<RateLimit>, Arc<Budget>)>;
+    static BUDGETS: Mutex<Option<Budgets>> = Mutex::new(None);
     let mut hasher = std::hash::DefaultHasher::new();
     credential.hash(&mut hasher);
-    rate.map(|r| (r.requests, r.per)).hash(&mut hasher);
     let key = hasher.finish();
     let mut budgets = BUDGETS.lock().unwrap_or_else(|p| p.into_inner());
-    budgets
+    let (budget_rate, budget) = budgets
         .get_or_insert_with(HashMap::new)
         .entry(key)
-        .or_insert_with(|| Arc::new(Budget::new(rate)))
-        .clone()
+        .or_insert_with(|| (rate, Arc::new(Budget::new(rate))));
+    if *budget_rate != rate {
+        tracing::warn!(
+            source,
+            configured = ?rate,
+            shared = ?budget_rate,
+            "another source already set this credential's rate_limit; it is shared as set"
+        );
+    }
+    budget.clone()
 }
 
 /// Builds the HTTP client of one source.
@@ -199,7 +199,7 @@ impl SourceClient {
             source: source.into(),
             max_attempts: settings.max_attempts.max(1),
             max_backoff: settings.max_backoff,
-            budget: budget_for(credential, settings.rate_limit),
+            budget: budget_for(credential, settings.rate_limit, source),
         })
     }
 
@@ -244,7 +244,11 @@ impl SourceClient {
                     if !renewable {
                         return Err(error);
                     }
-                    tracing::info!(source = %self.source, "access token rejected; getting a new one");
+                    tracing::info!(
+                        source = %self.source,
+                        error = %error,
+                        "access token rejected; getting a new one"
+                    );
                     renewed_token = true;
                     attempt -= 1;
                     continue;
@@ -325,12 +329,6 @@ impl SourceClient {
                     retry_after: None,
                 }),
             };
-        }
-        if vendor.answers.contains(&status.as_u16()) {
-            return Ok(Replied {
-                reply: Reply::Status(status.as_u16()),
-                request_id,
-            });
         }
         let retry_after = retry_after(response.headers());
         let error = error_from_response(response, request_id.clone(), &vendor.errors).await;
@@ -563,7 +561,7 @@ async fn fetch_token(
         .reply
     {
         Reply::Json(token) => Ok(token),
-        Reply::NoContent | Reply::Status(_) => Err(SourceError::Decode {
+        Reply::NoContent => Err(SourceError::Decode {
             message: "the token endpoint answered without a token".to_owned(),
             request_id: None,
         }),

@@ -44,7 +44,6 @@ const VENDOR: Vendor = Vendor {
     },
     request_id_header: Some("Request-Id"),
     shrink_on_408: true,
-    answers: &[],
 };
 
 /// A `kind = "mews"` source as written in the config file.
@@ -225,7 +224,7 @@ impl Mews {
             .await?;
         match replied.reply {
             Reply::Json(page) => Ok((Some(page), replied.request_id)),
-            Reply::NoContent | Reply::Status(_) => Ok((None, replied.request_id)),
+            Reply::NoContent => Ok((None, replied.request_id)),
         }
     }
 }

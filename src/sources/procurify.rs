@@ -15,9 +15,7 @@
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use super::http::{
-    Auth, ClientCredentials, ErrorBody, Reply, SourceClient, TokenRequestStyle, Vendor,
-};
+use super::http::{Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle, Vendor};
 use super::{
     Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, unreadable,
 };
@@ -35,7 +33,6 @@ const VENDOR: Vendor = Vendor {
     },
     request_id_header: None,
     shrink_on_408: false,
-    answers: &[404],
 };
 
 /// A `kind = "procurify"` source as written in the config file.
@@ -160,7 +157,7 @@ impl Procurify {
     }
 
     async fn list(&self, page: u64, page_size: u32) -> Result<Option<ListResponse>, SourceError> {
-        let replied = self
+        let called = self
             .client
             .call(&VENDOR, Some(&self.auth), || {
                 self.client
@@ -172,11 +169,12 @@ impl Procurify {
                     .header("X-Procurify-Client", "api")
                     .header("Accept", "application/json")
             })
-            .await?;
-        match replied.reply {
+            .await;
+        match called {
+            Ok(replied) => replied.into_json().map(Some),
             // A page past the end: the listing is shorter than it said.
-            Reply::Status(404) if page > 1 => Ok(None),
-            _ => replied.into_json().map(Some),
+            Err(SourceError::Http { status: 404, .. }) if page > 1 => Ok(None),
+            Err(e) => Err(e),
         }
     }
 }

@@ -33,7 +33,6 @@ const VENDOR: Vendor = Vendor {
     },
     request_id_header: None,
     shrink_on_408: false,
-    answers: &[],
 };
 
 /// A `kind = "snapbooks"` source as written in the config file.
@@ -285,7 +284,10 @@ impl Source for Snapbooks {
                 account.map_or("(all)".to_owned(), |a| a.to_string()),
             )));
         }
-        let next = if page < response.meta.pages {
+        // The last page is `page >= pages`; a page count that grows while the record
+        // count stays put must not page for ever, so the records bound it too.
+        let pages_for_records = records.div_ceil(u64::from(self.settings.page_size)).max(1);
+        let next = if page < response.meta.pages.min(pages_for_records) {
             Some(Cursor {
                 account,
                 page: page + 1,

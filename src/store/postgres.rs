@@ -578,10 +578,12 @@ impl Store for PgStore {
         checkpoint: &Checkpoint,
     ) -> Result<PageCounts, StoreError> {
         // A rejected record still exists upstream: seen, so never deleted for being bad.
+        // (An id with a NUL cannot be stored at all, so it cannot be seen either.)
         let seen: Vec<&str> = departments
             .iter()
             .map(|d| d.external_id.as_str())
             .chain(rejected.iter().filter_map(|r| r.external_id.as_deref()))
+            .filter(|id| !id.contains('\0'))
             .collect();
         // On the lock's own connection: a lost lock (the connection gone) fails the write
         // instead of letting two holders write at once.

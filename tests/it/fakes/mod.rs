@@ -238,7 +238,12 @@ impl<T> Shared<T> {
 
     /// Answers request number `n` (from 1, over the fake's life) with `status`.
     pub fn fail_request(&self, n: usize, status: u16) {
-        self.lock().0.failures.insert(n, Fault::Status(status));
+        self.inject(n, Fault::Status(status));
+    }
+
+    /// Fails request number `n` (from 1, over the fake's life) with `fault`.
+    pub fn inject(&self, n: usize, fault: Fault) {
+        self.lock().0.failures.insert(n, fault);
     }
 
     /// From now on, fails each request with probability `rate`, with one of `faults`
