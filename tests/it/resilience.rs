@@ -188,7 +188,9 @@ async fn data_v1_converges_through_a_storm_of_faults() {
         data_v1::TOKEN
     );
 
-    sync_until_it_succeeds(&db, &config(&db.url, &source)).await;
+    // One request a pass: its retries alone must carry the first pass.
+    let passes = sync_until_it_succeeds(&db, &config(&db.url, &source)).await;
+    assert_eq!(passes, 1);
 
     fake.shared.assert_no_violations();
     let expected: Vec<(String, String)> = (0..50)
