@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, ConfigError, Schedule, Settings, SourceSettings};
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, DaemonError};
 use crate::engine::{self, PassRequest, error_chain};
 use crate::model::{RunOutcome, SourceStatus};
 use crate::sources::{Connector, Source, SyncMode};
@@ -115,11 +115,18 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> Result<Exit, CliError> 
     match cli.command {
         Command::Run => {
             let daemon = Daemon::build(settings).context("starting the service")?;
-            daemon
-                .run_until(cancel.cancelled_owned())
-                .await
-                .context("running the service")?;
-            Ok(Exit::Success)
+            match daemon.run_until(cancel.cancelled_owned()).await {
+                Ok(()) => Ok(Exit::Success),
+                // The address is the config's: restarting cannot mend it (the unit does
+                // not restart on exit 2).
+                Err(e @ DaemonError::MetricsListen { .. }) => Err(CliError::Usage(format!(
+                    "field `daemon.metrics_listen`: {}",
+                    error_chain(&e)
+                ))),
+                Err(e) => Err(CliError::Failed(
+                    anyhow::Error::new(e).context("running the service"),
+                )),
+            }
         }
         Command::Sync(args) => sync(&settings, args, cancel).await,
         Command::Status { json } => status(&settings, json).await,

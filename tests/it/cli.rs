@@ -283,3 +283,26 @@ async fn a_manual_sync_takes_the_same_lock_as_the_service() {
     let output = run_binary(&["--config", config.arg(), "sync"], &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
 }
+
+#[tokio::test]
+async fn a_metrics_address_that_cannot_be_bound_exits_2() {
+    let db = TestDb::new().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let text = mews_config(&db.url, "mews", "http://127.0.0.1:9", "").replacen(
+        "[[sources]]",
+        &format!("[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n\n[[sources]]"),
+        1,
+    );
+    let config = write_config(&text);
+
+    let output = run_binary(&["run", "--config", config.arg()], &[]).await;
+
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("daemon.metrics_listen"),
+        "{}",
+        stderr(&output)
+    );
+    drop(taken);
+}

@@ -612,3 +612,52 @@ async fn a_nul_in_an_id_rejects_the_record_and_never_blocks_the_source() {
             .unwrap();
     assert_eq!((id.as_deref(), times), (Some("bad\\u0000id"), 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_sharing_a_credential_share_its_budget() {
+    let db = TestDb::new().await;
+    let token = "a-token-two-sources-share";
+    let mut fakes = Vec::new();
+    let mut sources = Vec::new();
+    for name in ["hotel-a", "hotel-b"] {
+        let fake = FakeMews::start().await;
+        fake.generate(30, 1, at(2019, 1, 1), at(2019, 2, 1));
+        fake.set_access_token(token);
+        let toml = mews_config(
+            &db.url,
+            name,
+            &fake.base_url,
+            "page_size = 5\nrate_limit = \"8/1s\"",
+        )
+        .replace(crate::fakes::mews::ACCESS_TOKEN, token);
+        sources.push(connector(&toml));
+        fakes.push(fake);
+    }
+
+    let cancel = CancellationToken::new();
+    let passes = sources.iter().map(|(settings, source)| {
+        run_pass(
+            settings.name.as_str(),
+            source,
+            &db.store,
+            PassRequest::INCREMENTAL,
+            &cancel,
+        )
+    });
+    for result in futures_util::future::join_all(passes).await {
+        result.unwrap();
+    }
+
+    let arrivals: Vec<_> = fakes
+        .iter()
+        .flat_map(|fake| fake.shared.arrivals())
+        .collect();
+    assert!(arrivals.len() >= 16);
+    let busiest = crate::fakes::busiest(arrivals, Duration::from_secs(1));
+    // One budget of 8 a second (and the one the limiter allows at the edge); two budgets
+    // would let about 16 through.
+    assert!(
+        busiest <= 9,
+        "{busiest} requests on one credential within one second"
+    );
+}

@@ -44,6 +44,20 @@ pub fn paging(
     }
 }
 
+/// The most of `arrivals` within any `window`.
+pub fn busiest(mut arrivals: Vec<std::time::Instant>, window: std::time::Duration) -> usize {
+    arrivals.sort();
+    (0..arrivals.len())
+        .map(|i| {
+            arrivals[i..]
+                .iter()
+                .take_while(|t| **t < arrivals[i] + window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 type Hook = Box<dyn Fn(usize) + Send>;
 
 /// A way an upstream can fail one request.
@@ -268,18 +282,14 @@ impl<T> Shared<T> {
         self.lock().0.requests
     }
 
+    /// When each request arrived.
+    pub fn arrivals(&self) -> Vec<std::time::Instant> {
+        self.lock().0.arrivals.clone()
+    }
+
     /// The most requests that arrived within any `window`.
     pub fn busiest(&self, window: std::time::Duration) -> usize {
-        let arrivals = self.lock().0.arrivals.clone();
-        (0..arrivals.len())
-            .map(|i| {
-                arrivals[i..]
-                    .iter()
-                    .take_while(|t| **t < arrivals[i] + window)
-                    .count()
-            })
-            .max()
-            .unwrap_or(0)
+        busiest(self.arrivals(), window)
     }
 
     /// Fails the test if deptsync broke a rule of the API.
