@@ -63,6 +63,22 @@ async fn sync_until_it_succeeds(db: &TestDb, toml: &str) -> usize {
     panic!("two passes through the storm and none succeeded: the retries did not carry it");
 }
 
+/// One pass of the one source in `toml`.
+async fn pass(
+    db: &TestDb,
+    toml: &str,
+) -> Result<deptsync::engine::PassReport, deptsync::engine::PassError> {
+    let (settings, source) = connector(toml);
+    run_pass(
+        settings.name.as_str(),
+        &source,
+        &db.store,
+        PassRequest::INCREMENTAL,
+        &CancellationToken::new(),
+    )
+    .await
+}
+
 /// (id, name) of the live rows of the table.
 async fn live_names(db: &TestDb) -> Vec<(String, String)> {
     sqlx::query_as("SELECT external_id, name FROM departments WHERE deleted_at IS NULL ORDER BY 1")
@@ -207,16 +223,7 @@ async fn a_408_from_mews_halves_the_window_and_goes_on() {
     fake.fail_request(1, 408);
     let toml = mews_config(&db.url, "mews", &fake.base_url, "");
 
-    let (settings, source) = connector(&toml);
-    run_pass(
-        settings.name.as_str(),
-        &source,
-        &db.store,
-        PassRequest::INCREMENTAL,
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    pass(&db, &toml).await.unwrap();
 
     let requests = fake.requests();
     assert_eq!(
@@ -242,17 +249,7 @@ async fn a_cursor_that_never_ends_fails_the_window_instead_of_looping() {
     fake.loop_cursor();
     let toml = mews_config(&db.url, "mews", &fake.base_url, "page_size = 10");
 
-    let (settings, source) = connector(&toml);
-    let error = run_pass(
-        settings.name.as_str(),
-        &source,
-        &db.store,
-        PassRequest::INCREMENTAL,
-        &CancellationToken::new(),
-    )
-    .await
-    .map(|_| ())
-    .unwrap_err();
+    let error = pass(&db, &toml).await.map(|_| ()).unwrap_err();
 
     assert!(
         error_chain(&error).contains("never end"),
@@ -278,16 +275,7 @@ async fn the_rate_budget_spaces_requests_out() {
     )
     .replace(crate::fakes::mews::ACCESS_TOKEN, "a-token-of-its-own");
 
-    let (settings, source) = connector(&toml);
-    run_pass(
-        settings.name.as_str(),
-        &source,
-        &db.store,
-        PassRequest::INCREMENTAL,
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    pass(&db, &toml).await.unwrap();
 
     assert!(fake.requests().len() >= 12);
     // At most the budget (and the one the limiter allows at the edge) in any second.
@@ -305,16 +293,7 @@ async fn killed_at_random_moments_it_resumes_and_ends_with_the_upstream_truth() 
         let fake = FakeMews::start().await;
         fake.generate(count, 3, from, from + chrono::Duration::days(200));
         let toml = mews_config(&db.url, "mews", &fake.base_url, "page_size = 25");
-        let (settings, source) = connector(&toml);
-        run_pass(
-            settings.name.as_str(),
-            &source,
-            &db.store,
-            PassRequest::INCREMENTAL,
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        pass(&db, &toml).await.unwrap();
         fake.requests()
             .iter()
             .filter(|r| r.status / 100 == 2)

@@ -19,6 +19,16 @@ fn department(id: &str, name: &str, updated: DateTime<Utc>) -> Department {
     }
 }
 
+/// Neither rows nor a position were kept.
+async fn assert_nothing_kept(db: &TestDb) {
+    let rows: i64 = db.scalar("SELECT count(*) FROM departments").await;
+    assert_eq!(rows, 0);
+    assert_eq!(
+        db.store.load_state("s").await.unwrap().high_water_mark,
+        None
+    );
+}
+
 fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
 }
@@ -101,12 +111,7 @@ async fn a_failed_commit_keeps_neither_rows_nor_position() {
             .await
             .is_err()
     );
-    let rows: i64 = db.scalar("SELECT count(*) FROM departments").await;
-    assert_eq!(rows, 0);
-    assert_eq!(
-        db.store.load_state("s").await.unwrap().high_water_mark,
-        None
-    );
+    assert_nothing_kept(&db).await;
 }
 
 #[tokio::test]
@@ -126,12 +131,7 @@ async fn a_page_whose_run_cannot_be_counted_is_not_kept() {
             .await
             .is_err()
     );
-    let rows: i64 = db.scalar("SELECT count(*) FROM departments").await;
-    assert_eq!(rows, 0);
-    assert_eq!(
-        db.store.load_state("s").await.unwrap().high_water_mark,
-        None
-    );
+    assert_nothing_kept(&db).await;
 }
 
 #[tokio::test]
