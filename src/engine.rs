@@ -13,9 +13,10 @@
 //! range given by a person, keeps its own progress, and never touches the high-water mark.
 //!
 //! A full-listing pass reads the whole listing under a listing id; the store records the
-//! ids each page saw under it, and the commit of the last page marks deleted whatever the
-//! listing did not see (unless that is more than the source's `max_delete_fraction` of
-//! its live rows). A listing that fails or stops half way deletes nothing; the next pass
+//! ids each page saw under it. When a complete listing misses live departments, a second
+//! listing confirms it, and the commit of its last page marks deleted what both missed
+//! (unless that is more than the source's `max_delete_fraction` of the rows live when the
+//! first began). A listing that fails or stops half way deletes nothing; the next pass
 //! resumes it. A listing that changed under its page numbers starts again.
 
 use std::collections::HashSet;
