@@ -141,15 +141,21 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> Result<Exit, CliError> 
 
 /// Connects to the database and applies pending migrations.
 async fn connect(settings: &Settings) -> anyhow::Result<PgStore> {
-    let url = settings.database.redacted_url();
-    let store = PgStore::connect(&settings.database.url, IfMissing::Create)
+    PgStore::open(&settings.database.url)
         .await
-        .with_context(|| format!("database {url}"))?;
-    store
-        .migrate()
-        .await
-        .with_context(|| format!("database {url}"))?;
-    Ok(store)
+        .with_context(|| format!("database {}", settings.database.redacted_url()))
+}
+
+/// Success, or the sources that `failed` and why.
+fn summary(failed: Vec<String>, what: &str) -> Result<Exit, CliError> {
+    if failed.is_empty() {
+        return Ok(Exit::Success);
+    }
+    Err(CliError::Failed(anyhow::anyhow!(
+        "{} of the sources failed{what}:\n  {}",
+        failed.len(),
+        failed.join("\n  ")
+    )))
 }
 
 /// The sources `names` asks for (all when empty), in config order, each once.
@@ -188,7 +194,7 @@ async fn sync(
             let mode = Connector::new(selected[0])
                 .context("building the HTTP client")?
                 .mode();
-            if !matches!(mode, SyncMode::Windowed { .. }) {
+            if !matches!(mode, SyncMode::Windowed(_)) {
                 return Err(CliError::Usage(format!(
                     "--backfill: source {} is read in full on every pass; a plain sync re-reads everything",
                     selected[0].name
@@ -235,15 +241,7 @@ async fn sync(
             "interrupted; committed pages are kept and the next sync resumes"
         )));
     }
-    if failed.is_empty() {
-        Ok(Exit::Success)
-    } else {
-        Err(CliError::Failed(anyhow::anyhow!(
-            "{} of the sources failed:\n  {}",
-            failed.len(),
-            failed.join("\n  ")
-        )))
-    }
+    summary(failed, "")
 }
 
 /// A source as `status` shows it: what the store knows, and what the schedule says.
@@ -385,13 +383,5 @@ async fn check(settings: &Settings) -> Result<Exit, CliError> {
             }
         }
     }
-    if failed.is_empty() {
-        Ok(Exit::Success)
-    } else {
-        Err(CliError::Failed(anyhow::anyhow!(
-            "{} of the sources failed the check:\n  {}",
-            failed.len(),
-            failed.join("\n  ")
-        )))
-    }
+    summary(failed, " the check")
 }

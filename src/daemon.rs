@@ -23,8 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Settings;
 use crate::engine::{self, PassError, PassRequest};
 use crate::sources::Connector;
-use crate::store::StoreError;
-use crate::store::postgres::{IfMissing, PgStore};
+use crate::store::postgres::PgStore;
 
 /// The longest wait between two attempts to reach the database at start, and between two
 /// passes of a source that keeps failing.
@@ -185,7 +184,7 @@ async fn keep_watchdog_fed(interval: Duration, cancel: CancellationToken) {
 async fn connect_with_backoff(settings: &Settings) -> PgStore {
     let mut backoff = Backoff::default();
     loop {
-        match connect_and_migrate(settings).await {
+        match PgStore::open(&settings.database.url).await {
             Ok(store) => return store,
             Err(e) => {
                 let wait = backoff.failed();
@@ -199,12 +198,6 @@ async fn connect_with_backoff(settings: &Settings) -> PgStore {
             }
         }
     }
-}
-
-async fn connect_and_migrate(settings: &Settings) -> Result<PgStore, StoreError> {
-    let store = PgStore::connect(&settings.database.url, IfMissing::Create).await?;
-    store.migrate().await?;
-    Ok(store)
 }
 
 /// Exponential backoff: 1 s, 2 s, 4 s … up to [`MAX_BACKOFF`].

@@ -30,7 +30,7 @@ use crate::model::{
     RunOutcome, SyncState, Window,
 };
 use crate::plan::plan_windows;
-use crate::sources::{Page, PageRequest, Source, SourceError, SyncMode};
+use crate::sources::{Page, PageRequest, Source, SourceError, SyncMode, WindowedMode};
 use crate::store::{Store, StoreError};
 
 /// The smallest window a 408 can halve down to.
@@ -157,25 +157,7 @@ pub enum PassError {
     },
 }
 
-/// An error and all its causes on one line, `outer: inner: innermost`.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
-}
-
-/// The settings of a windowed source.
-#[derive(Debug, Clone, Copy)]
-struct Windowed {
-    start: DateTime<Utc>,
-    lookback: std::time::Duration,
-    max_window_months: u32,
-}
+pub use crate::error_chain;
 
 /// Where a pass starts and how its positions are written down.
 struct Plan {
@@ -235,12 +217,12 @@ impl Plan {
 /// The windows a windowed pass reads, given the source's settings and saved state.
 fn plan_pass(
     source: &str,
-    windowed: Windowed,
+    windowed: WindowedMode,
     state: SyncState,
     request: PassRequest,
     now: DateTime<Utc>,
 ) -> Result<Plan, PassError> {
-    let Windowed {
+    let WindowedMode {
         start,
         lookback,
         max_window_months,
@@ -436,19 +418,7 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
                     source,
                 })?;
         match (self.source.mode(), request) {
-            (
-                SyncMode::Windowed {
-                    start,
-                    lookback,
-                    max_window_months,
-                },
-                request,
-            ) => {
-                let windowed = Windowed {
-                    start,
-                    lookback,
-                    max_window_months,
-                };
+            (SyncMode::Windowed(windowed), request) => {
                 self.read_windows(windowed, state, request).await
             }
             (SyncMode::FullListing { .. }, PassRequest::Backfill { .. }) => {
@@ -519,16 +489,15 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
 
     async fn read_windows(
         &mut self,
-        windowed: Windowed,
+        windowed: WindowedMode,
         state: SyncState,
         request: PassRequest,
     ) -> Result<Finished, PassError> {
         // Whole seconds keep the windows sent to the vendor and the stored marks readable.
         let now = Utc::now().trunc_subsecs(0);
-        let plan = plan_pass(self.name, windowed, state, request, now)?;
+        let mut plan = plan_pass(self.name, windowed, state, request, now)?;
         tracing::info!(windows = plan.windows.len(), "pass planned");
 
-        let mut plan = plan;
         let mut cursor = plan.first_cursor.clone();
         let mut index = 0;
         while let Some(&window) = plan.windows.get(index) {
@@ -571,7 +540,7 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
                         message: format!(
                             "cursor {next} came back a second time; paging would never end"
                         ),
-                        request_id: None,
+                        request_id: page.request_id.take(),
                     };
                     return Err(PassError::Fetch { at: at(), source });
                 }
@@ -698,8 +667,8 @@ mod tests {
         Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
     }
 
-    fn mode() -> Windowed {
-        Windowed {
+    fn mode() -> WindowedMode {
+        WindowedMode {
             start: at(2020, 1, 1),
             lookback: Duration::from_secs(300),
             max_window_months: 3,

@@ -17,3 +17,16 @@ pub mod model;
 pub mod plan;
 pub mod sources;
 pub mod store;
+
+/// An error and all its causes on one line, `outer: inner: innermost`: what logs and
+/// `sync_runs.error` keep of a failure.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}

@@ -231,7 +231,7 @@ impl SourceClient {
                 request = request.bearer_auth(token.expose_secret());
                 generation = Some(issued);
             }
-            let error = match self.attempt::<T>(vendor, request).await {
+            match self.attempt::<T>(vendor, request).await {
                 Ok(replied) => return Ok(replied),
                 Err(Failure::Final(error)) => return Err(error),
                 Err(Failure::Unauthorized(error)) => {
@@ -251,7 +251,6 @@ impl SourceClient {
                     );
                     renewed_token = true;
                     attempt -= 1;
-                    continue;
                 }
                 Err(Failure::Transient { error, retry_after }) => {
                     if let Some(retry_after) = retry_after {
@@ -271,14 +270,12 @@ impl SourceClient {
                         source = %self.source,
                         attempt,
                         retry_in = ?wait,
-                        error = %crate::engine::error_chain(&error),
+                        error = %crate::error_chain(&error),
                         "request failed; retrying"
                     );
                     tokio::time::sleep(wait).await;
-                    error
                 }
-            };
-            drop(error);
+            }
         }
     }
 

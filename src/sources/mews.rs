@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::http::{ErrorBody, Reply, SourceClient, Vendor};
-use super::{Page, PageRequest, Source, SourceError, SyncMode, unreadable};
+use super::{Page, PageRequest, Source, SourceError, SyncMode, WindowedMode, unreadable};
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RejectedRecord, Window};
 
@@ -247,11 +247,11 @@ fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
 
 impl Source for Mews {
     fn mode(&self) -> SyncMode {
-        SyncMode::Windowed {
+        SyncMode::Windowed(WindowedMode {
             start: self.settings.start,
             lookback: self.settings.lookback,
             max_window_months: MAX_WINDOW_MONTHS,
-        }
+        })
     }
 
     async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {
@@ -271,27 +271,17 @@ impl Source for Mews {
         };
         let received = response.departments.len();
         let full_page = received >= page_size as usize;
-        let next_cursor = match response.cursor {
-            Some(next) if full_page => {
-                if cursor == Some(next.as_str()) {
-                    return Err(SourceError::Protocol {
-                        message: format!(
-                            "the cursor {next} came back unchanged; paging would never end"
-                        ),
-                        request_id,
-                    });
-                }
-                Some(next)
-            }
-            _ => None,
-        };
-        let page = Page::from_records(response.departments, to_department, next_cursor);
+        // A null cursor or a short page ends the window. (A cursor that comes back is the
+        // engine's to catch, for every windowed source.)
+        let next_cursor = response.cursor.filter(|_| full_page);
+        let mut page = Page::from_records(response.departments, to_department, next_cursor);
         tracing::debug!(
             request_id = request_id.as_deref().unwrap_or(""),
             received,
             more = page.next_cursor.is_some(),
             "page fetched"
         );
+        page.request_id = request_id;
         Ok(page)
     }
 

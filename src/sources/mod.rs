@@ -33,17 +33,22 @@ use crate::model::{Department, RejectedRecord, Window};
 /// How the engine must read a source.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum SyncMode {
-    /// The API filters by update time: read `[high-water mark - lookback, now)` in
-    /// windows of at most `max_window_months`, paging through each with a cursor.
-    Windowed {
-        start: DateTime<Utc>,
-        lookback: Duration,
-        max_window_months: u32,
-    },
+    /// The API filters by update time.
+    Windowed(WindowedMode),
     /// The API can only list everything: every pass reads the whole listing, and a
     /// department missing from a complete listing is marked deleted, unless that would
     /// delete more than `max_delete_fraction` of the live rows.
     FullListing { max_delete_fraction: f64 },
+}
+
+/// How a source that filters by update time is read: `[high-water mark - lookback, now)`
+/// (the first time, from `start`) in windows of at most `max_window_months`, paging
+/// through each with a cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowedMode {
+    pub start: DateTime<Utc>,
+    pub lookback: Duration,
+    pub max_window_months: u32,
 }
 
 /// Which page to fetch.
@@ -66,6 +71,8 @@ pub struct Page {
     pub rejected: Vec<RejectedRecord>,
     /// Where the next page starts; `None` when the window or listing is exhausted.
     pub next_cursor: Option<String>,
+    /// The vendor's id for the request that got this page, for errors about it.
+    pub request_id: Option<String>,
 }
 
 impl Page {
@@ -79,6 +86,7 @@ impl Page {
             departments: Vec::with_capacity(records.len()),
             rejected: Vec::new(),
             next_cursor,
+            request_id: None,
         };
         for raw in records {
             match read(raw) {

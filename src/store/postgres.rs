@@ -83,11 +83,6 @@ impl PgStore {
         }
     }
 
-    /// A store over an existing pool.
-    pub fn from_pool(pool: PgPool) -> PgStore {
-        PgStore { pool }
-    }
-
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
@@ -101,20 +96,30 @@ impl PgStore {
         Ok(())
     }
 
+    /// Connects, creating the database when missing, and applies the pending migrations:
+    /// how every command that writes opens its store.
+    pub async fn open(url: &SecretString) -> Result<PgStore, StoreError> {
+        let store = PgStore::connect(url, IfMissing::Create).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
     /// Applies the migrations that have not run yet.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
     }
 
-    /// Moves `source` to `checkpoint`. For a full listing, first records `seen` (the ids
-    /// of the page) and, after its last page, marks what it did not see deleted.
+    /// Moves `source` to `checkpoint`. For a full listing, first records the ids the page
+    /// saw and, after its last page, marks what the listings did not see deleted.
     async fn apply_checkpoint(
         tx: &mut Transaction<'_, Postgres>,
         source: &str,
         checkpoint: &Checkpoint,
-        seen: &[&str],
+        departments: &[Department],
+        rejected: &[RejectedRecord],
     ) -> Result<Deletions, StoreError> {
+        let seen = || seen_ids(departments, rejected);
         let mut deletions = Deletions::default();
         let query = match checkpoint {
             Checkpoint::Incremental(position) => sqlx::query(
@@ -168,7 +173,7 @@ impl PgStore {
             )
             .bind(source),
             Checkpoint::Listing(progress) => {
-                Self::record_seen(tx, source, progress.listing_id, seen).await?;
+                Self::record_seen(tx, source, progress.listing_id, &seen()).await?;
                 sqlx::query(
                     // A first listing starts the clock of the mass-deletion guard; the same
                     // listing going on, or a confirming one, keeps it.
@@ -194,7 +199,7 @@ impl PgStore {
                 confirms,
                 max_delete_fraction,
             } => {
-                Self::record_seen(tx, source, *listing_id, seen).await?;
+                Self::record_seen(tx, source, *listing_id, &seen()).await?;
                 deletions = Self::delete_unseen(tx, source, *listing_id, *confirms, *max_delete_fraction).await?;
                 if deletions.awaiting_confirmation > 0 {
                     // Keep what this listing saw, for the confirming listing to compare.
@@ -420,6 +425,18 @@ fn describe_position(
     }
 }
 
+/// The ids a listing's page saw. A rejected record still exists upstream: seen, so never
+/// deleted for being bad. (An id with a NUL cannot be stored at all, so it cannot be seen
+/// either.)
+fn seen_ids<'a>(departments: &'a [Department], rejected: &'a [RejectedRecord]) -> Vec<&'a str> {
+    departments
+        .iter()
+        .map(|d| d.external_id.as_str())
+        .chain(rejected.iter().filter_map(|r| r.external_id.as_deref()))
+        .filter(|id| !id.contains('\0'))
+        .collect()
+}
+
 /// The advisory-lock key of a source (hashed to a bigint by the server).
 fn lock_key(source: &str) -> String {
     format!("deptsync:{source}")
@@ -577,14 +594,6 @@ impl Store for PgStore {
         rejected: &[RejectedRecord],
         checkpoint: &Checkpoint,
     ) -> Result<PageCounts, StoreError> {
-        // A rejected record still exists upstream: seen, so never deleted for being bad.
-        // (An id with a NUL cannot be stored at all, so it cannot be seen either.)
-        let seen: Vec<&str> = departments
-            .iter()
-            .map(|d| d.external_id.as_str())
-            .chain(rejected.iter().filter_map(|r| r.external_id.as_deref()))
-            .filter(|id| !id.contains('\0'))
-            .collect();
         // On the lock's own connection: a lost lock (the connection gone) fails the write
         // instead of letting two holders write at once.
         let mut tx = sqlx::Connection::begin(lease)
@@ -592,7 +601,8 @@ impl Store for PgStore {
             .map_err(db("opening a transaction"))?;
         let (inserted, updated) = Self::upsert_departments(&mut tx, source, departments).await?;
         Self::keep_rejected(&mut tx, source, rejected).await?;
-        let deletions = Self::apply_checkpoint(&mut tx, source, checkpoint, &seen).await?;
+        let deletions =
+            Self::apply_checkpoint(&mut tx, source, checkpoint, departments, rejected).await?;
         let counts = PageCounts {
             inserted,
             updated,
