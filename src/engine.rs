@@ -19,15 +19,18 @@
 //! first began). A listing that fails or stops half way deletes nothing; the next pass
 //! resumes it. A listing that changed under its page numbers starts again.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 
 use chrono::{DateTime, SubsecRound, Utc};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::model::{
-    BackfillProgress, Checkpoint, ListingProgress, PageCounts, Position, RunId, RunMode,
-    RunOutcome, SyncState, Window,
+    BackfillRange, Checkpoint, Ledger, LedgerWindow, ListingProgress, PageCounts, RunId, RunMode,
+    RunOutcome, SyncState, Window, WindowState,
 };
 use crate::plan::plan_windows;
 use crate::sources::{Page, PageRequest, Source, SourceError, SyncMode, WindowedMode};
@@ -159,85 +162,48 @@ pub enum PassError {
 
 pub use crate::error_chain;
 
-/// Where a pass starts and how its positions are written down.
-struct Plan {
-    /// The windows to read, in order; the first may resume at a cursor.
-    windows: Vec<Window>,
-    first_cursor: Option<String>,
-    kind: PlanKind,
-}
-
-enum PlanKind {
-    Incremental {
-        now: DateTime<Utc>,
-    },
-    Backfill {
-        from: DateTime<Utc>,
-        requested_to: Option<DateTime<Utc>>,
-    },
-}
-
-impl Plan {
-    fn checkpoint_at(&self, position: Position) -> Checkpoint {
-        match self.kind {
-            PlanKind::Incremental { .. } => Checkpoint::Incremental(position),
-            PlanKind::Backfill { from, requested_to } => Checkpoint::Backfill(BackfillProgress {
-                from,
-                requested_to,
-                position,
-            }),
-        }
-    }
-
-    fn checkpoint_done(&self) -> Checkpoint {
-        match self.kind {
-            PlanKind::Incremental { now } => Checkpoint::IncrementalDone {
-                high_water_mark: now,
-            },
-            PlanKind::Backfill { .. } => Checkpoint::BackfillDone,
-        }
-    }
-
-    /// The position after a page of `windows[index]` whose next cursor is `next_cursor`.
-    fn checkpoint_after(&self, index: usize, next_cursor: Option<String>) -> Checkpoint {
-        match (next_cursor, self.windows.get(index + 1)) {
-            (Some(cursor), _) => self.checkpoint_at(Position {
-                window: self.windows[index],
-                cursor: Some(cursor),
-            }),
-            (None, Some(next_window)) => self.checkpoint_at(Position {
-                window: *next_window,
-                cursor: None,
-            }),
-            (None, None) => self.checkpoint_done(),
-        }
-    }
-}
-
-/// The windows a windowed pass reads, given the source's settings and saved state.
+/// The ledger a windowed pass works through: the interrupted pass's windows not done yet
+/// (each at its cursor) planned on to the new end, or a new plan.
 fn plan_pass(
     source: &str,
     windowed: WindowedMode,
     state: SyncState,
     request: PassRequest,
     now: DateTime<Utc>,
-) -> Result<Plan, PassError> {
+) -> Result<Ledger, PassError> {
     let WindowedMode {
         start,
         lookback,
         max_window_months,
+        ..
     } = windowed;
-    let windows_from =
-        |position: Option<Position>, from: DateTime<Utc>, to: DateTime<Utc>| match position {
-            Some(position) => {
-                let mut windows = vec![position.window];
-                windows.extend(plan_windows(position.window.end, to, max_window_months));
-                (windows, position.cursor)
-            }
-            None => (plan_windows(from, to, max_window_months), None),
-        };
-    let (windows, first_cursor, kind) = match request {
+    let pending = |from: DateTime<Utc>, to: DateTime<Utc>| {
+        plan_windows(from, to, max_window_months)
+            .into_iter()
+            .map(|window| LedgerWindow {
+                window,
+                state: WindowState::Pending,
+            })
+    };
+    let resume = |saved: Ledger, to: DateTime<Utc>| {
+        let mut windows: Vec<LedgerWindow> = saved.outstanding().cloned().collect();
+        tracing::info!(
+            source,
+            windows_left = windows.len(),
+            "resuming the interrupted pass"
+        );
+        windows.extend(pending(saved.until, to));
+        Ledger {
+            until: saved.until.max(to),
+            backfill: saved.backfill,
+            windows,
+        }
+    };
+    match request {
         PassRequest::Incremental { .. } => {
+            if let Some(saved) = state.incremental {
+                return Ok(resume(saved, now));
+            }
             let lookback = chrono::Duration::from_std(lookback).unwrap_or(chrono::Duration::MAX);
             let from = match state.high_water_mark {
                 Some(mark) => mark
@@ -246,39 +212,34 @@ fn plan_pass(
                     .max(start),
                 None => start,
             };
-            if let Some(position) = &state.incremental {
-                tracing::info!(source, window = %position.window, "resuming the interrupted pass");
-            }
-            let (windows, cursor) = windows_from(state.incremental, from, now);
-            (windows, cursor, PlanKind::Incremental { now })
+            Ok(Ledger {
+                until: now,
+                backfill: None,
+                windows: pending(from, now).collect(),
+            })
         }
         PassRequest::Backfill { from, to } => {
             let until = to.unwrap_or(now);
             if from >= until {
                 return Err(PassError::EmptyBackfill { from, to: until });
             }
-            let resumable = state
-                .backfill
-                .filter(|progress| progress.from == from && progress.requested_to == to);
-            match &resumable {
-                Some(progress) => {
-                    tracing::info!(source, window = %progress.position.window, "resuming the interrupted backfill");
-                }
-                None => tracing::info!(source, %from, to = %until, "starting a backfill"),
-            }
-            let (windows, cursor) = windows_from(resumable.map(|p| p.position), from, until);
-            let kind = PlanKind::Backfill {
+            let range = BackfillRange {
                 from,
                 requested_to: to,
             };
-            (windows, cursor, kind)
+            match state.backfill.filter(|saved| saved.backfill == Some(range)) {
+                Some(saved) => Ok(resume(saved, until)),
+                None => {
+                    tracing::info!(source, %from, to = %until, "starting a backfill");
+                    Ok(Ledger {
+                        until,
+                        backfill: Some(range),
+                        windows: pending(from, until).collect(),
+                    })
+                }
+            }
         }
-    };
-    Ok(Plan {
-        windows,
-        first_cursor,
-        kind,
-    })
+    }
 }
 
 /// Runs one pass of `source`, recorded in `sync_runs` from start to end, holding the
@@ -326,16 +287,17 @@ async fn run_locked_pass<S: Source, St: Store>(
         })?;
     tracing::Span::current().record("run_id", tracing::field::display(run_id));
     let mut pass = Pass {
-        name,
-        source,
-        store,
-        lease,
-        cancel,
-        run_id,
-        totals: PassTotals::default(),
+        reader: Reader { source, cancel },
+        writer: Writer {
+            name,
+            store,
+            lease,
+            run_id,
+            totals: PassTotals::default(),
+        },
     };
     let result = pass.run(request).await;
-    let totals = pass.totals;
+    let totals = pass.writer.totals;
     let outcome = match &result {
         Ok(Finished::Completed) => RunOutcome::Succeeded,
         Ok(Finished::Cancelled) => RunOutcome::Cancelled,
@@ -395,48 +357,52 @@ enum Finished {
     Cancelled,
 }
 
-/// One pass in progress: what it reads from, writes to, and has done so far.
+/// One pass in progress: the side that reads pages and the side that stores them. They
+/// are apart so that reading the next pages and storing the last one can overlap.
 struct Pass<'a, S, St: Store> {
-    name: &'a str,
+    reader: Reader<'a, S>,
+    writer: Writer<'a, St>,
+}
+
+/// Fetches pages from the source, until the pass is cancelled.
+struct Reader<'a, S> {
     source: &'a S,
+    cancel: &'a CancellationToken,
+}
+
+/// Stores pages with their checkpoints, and counts what it stored.
+struct Writer<'a, St: Store> {
+    name: &'a str,
     store: &'a St,
     /// The source's lock; every write of the pass goes through it.
     lease: &'a mut St::Lease,
-    cancel: &'a CancellationToken,
     run_id: RunId,
     totals: PassTotals,
 }
 
-impl<S: Source, St: Store> Pass<'_, S, St> {
-    async fn run(&mut self, request: PassRequest) -> Result<Finished, PassError> {
-        let state =
-            self.store
-                .load_state(self.name)
-                .await
-                .map_err(|source| PassError::Bookkeeping {
-                    context: "loading the sync state",
-                    source,
-                })?;
-        match (self.source.mode(), request) {
-            (SyncMode::Windowed(windowed), request) => {
-                self.read_windows(windowed, state, request).await
-            }
-            (SyncMode::FullListing { .. }, PassRequest::Backfill { .. }) => {
-                Err(PassError::BackfillUnsupported)
-            }
-            (
-                SyncMode::FullListing {
-                    max_delete_fraction,
-                },
-                PassRequest::Incremental { allow_mass_delete },
-            ) => {
-                let guard = (!allow_mass_delete).then_some(max_delete_fraction);
-                self.read_listing(state.listing, state.pending_confirmation, guard)
-                    .await
-            }
-        }
-    }
+/// What the reading side of a windowed pass tells the writing side, in order.
+enum WindowEvent {
+    /// A page of `window` to store; `stored` is answered once it is.
+    Page {
+        window: Window,
+        page: Page,
+        at: String,
+        stored: oneshot::Sender<()>,
+    },
+    /// The upstream found `window` too heavy: it is replaced by `halves`, read afresh.
+    Split { window: Window, halves: [Window; 2] },
+}
 
+/// How the reading of one window ended.
+enum WindowRead {
+    Done,
+    Split([Window; 2]),
+    Cancelled,
+    /// The writing side stopped (it failed; its error is the pass's).
+    WriterStopped,
+}
+
+impl<S: Source> Reader<'_, S> {
     /// The page at `request`, or `None` when the pass is cancelled first.
     async fn fetch(&self, request: PageRequest<'_>) -> Option<Result<Page, SourceError>> {
         tokio::select! {
@@ -446,6 +412,112 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
         }
     }
 
+    /// Reads the `outstanding` windows (each from its cursor), `concurrency` at a time, and
+    /// sends their pages to the writer. The source's rate budget, shared by every window,
+    /// bounds the request rate; `concurrency` only keeps it busy while pages are slow.
+    async fn read_windows(
+        &self,
+        outstanding: Vec<(Window, Option<String>)>,
+        concurrency: usize,
+        writer: mpsc::Sender<WindowEvent>,
+    ) -> Result<Finished, PassError> {
+        let mut queue: VecDeque<_> = outstanding.into();
+        let mut reading = FuturesUnordered::new();
+        loop {
+            while reading.len() < concurrency.max(1)
+                && let Some((window, cursor)) = queue.pop_front()
+            {
+                reading.push(self.read_window(window, cursor, &writer));
+            }
+            match reading.next().await {
+                None => return Ok(Finished::Completed),
+                Some(Ok(WindowRead::Done)) => {}
+                Some(Ok(WindowRead::Split([first, second]))) => {
+                    queue.push_front((second, None));
+                    queue.push_front((first, None));
+                }
+                // The other windows' requests are abandoned; their committed pages stay.
+                Some(Ok(WindowRead::Cancelled | WindowRead::WriterStopped)) => {
+                    return Ok(Finished::Cancelled);
+                }
+                Some(Err(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads one window from `cursor` to its end. It fetches the next page only once the
+    /// last one is stored: a window has at most one page in flight, so a resume repeats
+    /// at most one page of it.
+    async fn read_window(
+        &self,
+        window: Window,
+        mut cursor: Option<String>,
+        writer: &mpsc::Sender<WindowEvent>,
+    ) -> Result<WindowRead, PassError> {
+        let mut page_number = 0;
+        let mut seen_cursors = HashSet::new();
+        loop {
+            page_number += 1;
+            let at = || format!("page {page_number} of window {window}");
+            let request = PageRequest::Window {
+                window: &window,
+                cursor: cursor.as_deref(),
+            };
+            let Some(fetched) = self.fetch(request).await else {
+                return Ok(WindowRead::Cancelled);
+            };
+            let mut page = match fetched {
+                Ok(page) => page,
+                Err(SourceError::TooHeavy { request_id }) => {
+                    // Ask for less: this window becomes two halves, read afresh (a cursor
+                    // belongs to the window it was issued for).
+                    let Some(halves) = halve(&window) else {
+                        let source = SourceError::TooHeavy { request_id };
+                        return Err(PassError::Fetch {
+                            at: format!("{} (already at the smallest window)", at()),
+                            source,
+                        });
+                    };
+                    tracing::warn!(%window, request_id = request_id.as_deref().unwrap_or(""), "too heavy for the upstream; halving the window");
+                    let split = WindowEvent::Split { window, halves };
+                    if writer.send(split).await.is_err() {
+                        return Ok(WindowRead::WriterStopped);
+                    }
+                    return Ok(WindowRead::Split(halves));
+                }
+                Err(source) => return Err(PassError::Fetch { at: at(), source }),
+            };
+            let next_cursor = page.next_cursor.clone();
+            if let Some(next) = &next_cursor
+                && !seen_cursors.insert(next.clone())
+            {
+                let source = SourceError::Protocol {
+                    message: format!(
+                        "cursor {next} came back a second time; paging would never end"
+                    ),
+                    request_id: page.request_id.take(),
+                };
+                return Err(PassError::Fetch { at: at(), source });
+            }
+            let (stored, is_stored) = oneshot::channel();
+            let event = WindowEvent::Page {
+                window,
+                page,
+                at: at(),
+                stored,
+            };
+            if writer.send(event).await.is_err() || is_stored.await.is_err() {
+                return Ok(WindowRead::WriterStopped);
+            }
+            match next_cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(WindowRead::Done),
+            }
+        }
+    }
+}
+
+impl<St: Store> Writer<'_, St> {
     /// Commits `page` with `checkpoint`, after setting aside the records that cannot be
     /// stored, and counts it.
     async fn commit(
@@ -481,12 +553,103 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
             )
             .await
             .map_err(|source| PassError::Store { at: at(), source })?;
-        self.totals.add(counts);
-        crate::metrics::page_committed(self.name, &counts);
-        tracing::debug!(at = %at(), ?counts, "page committed");
+        if checkpoint.follows_page() {
+            self.totals.add(counts);
+            crate::metrics::page_committed(self.name, &counts);
+            tracing::debug!(at = %at(), ?counts, "page committed");
+        }
         Ok(counts)
     }
 
+    /// Stores what the readers send, in the order they send it, keeping `ledger` (the
+    /// pass's windows) as the store has it. Ends when every reader has stopped.
+    async fn write_windows(
+        &mut self,
+        ledger: &mut Ledger,
+        mut events: mpsc::Receiver<WindowEvent>,
+    ) -> Result<(), PassError> {
+        let mode = ledger.mode();
+        while let Some(event) = events.recv().await {
+            match event {
+                WindowEvent::Page {
+                    window,
+                    mut page,
+                    at,
+                    stored,
+                } => {
+                    let cursor = page.next_cursor.take();
+                    let done = cursor.is_none();
+                    let checkpoint = Checkpoint::Window {
+                        mode,
+                        window,
+                        cursor: cursor.clone(),
+                    };
+                    self.commit(page, &checkpoint, || at.clone()).await?;
+                    if let Some(entry) = ledger.windows.iter_mut().find(|w| w.window == window) {
+                        entry.state = match cursor {
+                            Some(cursor) => WindowState::InProgress { cursor },
+                            None => WindowState::Done,
+                        };
+                    }
+                    if done {
+                        self.totals.windows += 1;
+                    }
+                    // The reader may have stopped meanwhile; the page is stored either way.
+                    let _ = stored.send(());
+                }
+                WindowEvent::Split { window, halves } => {
+                    if let Some(index) = ledger.windows.iter().position(|w| w.window == window) {
+                        let halves = halves.map(|window| LedgerWindow {
+                            window,
+                            state: WindowState::Pending,
+                        });
+                        ledger.windows.splice(index..=index, halves);
+                    }
+                    let plan = Checkpoint::Ledger(ledger.clone());
+                    self.commit(Page::default(), &plan, || {
+                        format!("the split of window {window}")
+                    })
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: Source, St: Store> Pass<'_, S, St> {
+    async fn run(&mut self, request: PassRequest) -> Result<Finished, PassError> {
+        let writer = &self.writer;
+        let state = writer
+            .store
+            .load_state(writer.name)
+            .await
+            .map_err(|source| PassError::Bookkeeping {
+                context: "loading the sync state",
+                source,
+            })?;
+        match (self.reader.source.mode(), request) {
+            (SyncMode::Windowed(windowed), request) => {
+                self.read_windows(windowed, state, request).await
+            }
+            (SyncMode::FullListing { .. }, PassRequest::Backfill { .. }) => {
+                Err(PassError::BackfillUnsupported)
+            }
+            (
+                SyncMode::FullListing {
+                    max_delete_fraction,
+                },
+                PassRequest::Incremental { allow_mass_delete },
+            ) => {
+                let guard = (!allow_mass_delete).then_some(max_delete_fraction);
+                self.read_listing(state.listing, state.pending_confirmation, guard)
+                    .await
+            }
+        }
+    }
+
+    /// Reads the windows of the pass's ledger, several at once, while the writer stores
+    /// their pages one transaction at a time, each with its window's new position.
     async fn read_windows(
         &mut self,
         windowed: WindowedMode,
@@ -495,66 +658,35 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
     ) -> Result<Finished, PassError> {
         // Whole seconds keep the windows sent to the vendor and the stored marks readable.
         let now = Utc::now().trunc_subsecs(0);
-        let mut plan = plan_pass(self.name, windowed, state, request, now)?;
-        tracing::info!(windows = plan.windows.len(), "pass planned");
-
-        let mut cursor = plan.first_cursor.clone();
-        let mut index = 0;
-        while let Some(&window) = plan.windows.get(index) {
-            let mut page_number = 0;
-            let mut seen_cursors = HashSet::new();
-            loop {
-                page_number += 1;
-                let at = || format!("page {page_number} of window {window}");
-                let request = PageRequest::Window {
-                    window: &window,
-                    cursor: cursor.as_deref(),
+        let mut ledger = plan_pass(self.writer.name, windowed, state, request, now)?;
+        let outstanding: Vec<(Window, Option<String>)> = ledger
+            .outstanding()
+            .map(|entry| {
+                let cursor = match &entry.state {
+                    WindowState::InProgress { cursor } => Some(cursor.clone()),
+                    _ => None,
                 };
-                let Some(fetched) = self.fetch(request).await else {
-                    return Ok(Finished::Cancelled);
-                };
-                let mut page = match fetched {
-                    Ok(page) => page,
-                    Err(SourceError::TooHeavy { request_id }) => {
-                        // Ask for less: this window becomes two halves, read afresh (a
-                        // cursor belongs to the window it was issued for).
-                        let Some(halves) = halve(&window) else {
-                            let source = SourceError::TooHeavy { request_id };
-                            return Err(PassError::Fetch {
-                                at: format!("{} (already at the smallest window)", at()),
-                                source,
-                            });
-                        };
-                        tracing::warn!(%window, request_id = request_id.as_deref().unwrap_or(""), "too heavy for the upstream; halving the window");
-                        plan.windows.splice(index..=index, halves);
-                        cursor = None;
-                        break;
-                    }
-                    Err(source) => return Err(PassError::Fetch { at: at(), source }),
-                };
-                let next_cursor = page.next_cursor.take();
-                if let Some(next) = &next_cursor
-                    && !seen_cursors.insert(next.clone())
-                {
-                    let source = SourceError::Protocol {
-                        message: format!(
-                            "cursor {next} came back a second time; paging would never end"
-                        ),
-                        request_id: page.request_id.take(),
-                    };
-                    return Err(PassError::Fetch { at: at(), source });
-                }
-                let checkpoint = plan.checkpoint_after(index, next_cursor.clone());
-                self.commit(page, &checkpoint, at).await?;
-                cursor = next_cursor;
-                if cursor.is_none() {
-                    self.totals.windows += 1;
-                    index += 1;
-                    break;
-                }
-            }
+                (entry.window, cursor)
+            })
+            .collect();
+        tracing::info!(windows = outstanding.len(), "pass planned");
+        if outstanding.is_empty() {
+            return Ok(Finished::Completed);
         }
-        Ok(Finished::Completed)
+        self.writer
+            .commit(Page::default(), &Checkpoint::Ledger(ledger.clone()), || {
+                "the pass's plan".to_owned()
+            })
+            .await?;
+        let concurrency = windowed.concurrent_windows as usize;
+        let (events, received) = mpsc::channel(concurrency.max(1));
+        let (read, written) = tokio::join!(
+            self.reader.read_windows(outstanding, concurrency, events),
+            self.writer.write_windows(&mut ledger, received),
+        );
+        // A store failure first: it is why the readers stopped.
+        written?;
+        read
     }
 
     /// Reads the whole listing, resuming `saved` if a pass left one half way.
@@ -582,13 +714,19 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
         };
         let mut restarts = 0;
         let mut page_number = 0;
+        // The page fetched while the last one was stored, if any.
+        let mut prefetched = None;
         loop {
             page_number += 1;
             let at = || format!("page {page_number} of the listing");
             let request = PageRequest::Listing {
                 cursor: listing.cursor.as_deref(),
             };
-            let Some(fetched) = self.fetch(request).await else {
+            let fetched = match prefetched.take() {
+                Some(fetched) => fetched,
+                None => self.reader.fetch(request).await,
+            };
+            let Some(fetched) = fetched else {
                 return Ok(Finished::Cancelled);
             };
             let mut page = match fetched {
@@ -598,7 +736,7 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
                     let abandoned = Checkpoint::ListingAbandoned {
                         listing_id: listing.listing_id,
                     };
-                    self.commit(Page::default(), &abandoned, at).await?;
+                    self.writer.commit(Page::default(), &abandoned, at).await?;
                     if restarts == MAX_LISTING_RESTARTS {
                         return Err(PassError::Fetch {
                             at: at(),
@@ -628,7 +766,18 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
                     max_delete_fraction,
                 },
             };
-            let counts = self.commit(page, &checkpoint, at).await?;
+            // The next page is fetched while this one is stored.
+            let next_request = next_cursor.as_deref().map(|cursor| PageRequest::Listing {
+                cursor: Some(cursor),
+            });
+            let (counts, next) =
+                tokio::try_join!(self.writer.commit(page, &checkpoint, at), async {
+                    Ok(match next_request {
+                        Some(request) => Some(self.reader.fetch(request).await),
+                        None => None,
+                    })
+                },)?;
+            prefetched = next;
             if counts.awaiting_confirmation > 0 {
                 // Page numbers may have shifted under the listing: a department it missed
                 // is deleted only if a second complete listing misses it too.
@@ -672,7 +821,12 @@ mod tests {
             start: at(2020, 1, 1),
             lookback: Duration::from_secs(300),
             max_window_months: 3,
+            concurrent_windows: 4,
         }
+    }
+
+    fn windows(ledger: &Ledger) -> Vec<Window> {
+        ledger.windows.iter().map(|w| w.window).collect()
     }
 
     #[test]
@@ -686,12 +840,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(plan.windows.len(), 4);
-        assert_eq!(plan.windows[0].start, at(2020, 1, 1));
+        assert_eq!(plan.windows[0].window.start, at(2020, 1, 1));
+        assert!(plan.windows.iter().all(|w| w.state == WindowState::Pending));
         assert_eq!(
-            plan.checkpoint_after(3, None),
-            Checkpoint::IncrementalDone {
-                high_water_mark: at(2021, 1, 1)
-            }
+            (plan.until, plan.mode()),
+            (at(2021, 1, 1), RunMode::Incremental)
         );
     }
 
@@ -704,7 +857,7 @@ mod tests {
         let now = at(2021, 1, 2);
         let plan = plan_pass("s", mode(), state, PassRequest::INCREMENTAL, now).unwrap();
         assert_eq!(
-            plan.windows,
+            windows(&plan),
             vec![Window {
                 start: at(2021, 1, 1) - chrono::Duration::minutes(5),
                 end: now
@@ -713,41 +866,78 @@ mod tests {
     }
 
     #[test]
-    fn an_interrupted_pass_resumes_at_its_cursor_then_plans_to_now() {
-        let window = Window {
-            start: at(2020, 1, 1),
-            end: at(2020, 4, 1),
+    fn an_interrupted_pass_resumes_its_open_windows_then_plans_to_now() {
+        let window = |m: u32| Window {
+            start: at(2020, m, 1),
+            end: at(2020, m + 3, 1),
         };
         let state = SyncState {
-            incremental: Some(Position {
-                window,
-                cursor: Some("c".to_owned()),
+            incremental: Some(Ledger {
+                until: at(2020, 10, 1),
+                backfill: None,
+                windows: vec![
+                    LedgerWindow {
+                        window: window(1),
+                        state: WindowState::Done,
+                    },
+                    LedgerWindow {
+                        window: window(4),
+                        state: WindowState::InProgress {
+                            cursor: "c".to_owned(),
+                        },
+                    },
+                    LedgerWindow {
+                        window: window(7),
+                        state: WindowState::Pending,
+                    },
+                ],
             }),
             ..SyncState::default()
         };
-        let plan = plan_pass("s", mode(), state, PassRequest::INCREMENTAL, at(2020, 9, 1)).unwrap();
-        assert_eq!(plan.first_cursor.as_deref(), Some("c"));
-        assert_eq!(plan.windows[0], window);
-        assert_eq!(plan.windows[1].start, at(2020, 4, 1));
-        assert_eq!(plan.windows.last().unwrap().end, at(2020, 9, 1));
+        let now = at(2020, 12, 15);
+        let plan = plan_pass("s", mode(), state, PassRequest::INCREMENTAL, now).unwrap();
+        assert_eq!(
+            plan.windows[0].state,
+            WindowState::InProgress {
+                cursor: "c".to_owned()
+            }
+        );
+        assert_eq!(
+            windows(&plan),
+            vec![
+                window(4),
+                window(7),
+                Window {
+                    start: at(2020, 10, 1),
+                    end: now
+                }
+            ],
+            "done windows are not read again; the pass goes on to now"
+        );
+        assert_eq!(plan.until, now);
     }
 
     #[test]
     fn a_backfill_resumes_only_the_same_range() {
-        let window = Window {
-            start: at(2020, 4, 1),
-            end: at(2020, 7, 1),
-        };
-        let progress = BackfillProgress {
-            from: at(2020, 1, 1),
-            requested_to: Some(at(2021, 1, 1)),
-            position: Position {
-                window,
-                cursor: Some("c".to_owned()),
+        let open = LedgerWindow {
+            window: Window {
+                start: at(2020, 4, 1),
+                end: at(2020, 7, 1),
+            },
+            state: WindowState::InProgress {
+                cursor: "c".to_owned(),
             },
         };
+        let range = BackfillRange {
+            from: at(2020, 1, 1),
+            requested_to: Some(at(2021, 1, 1)),
+        };
         let state = SyncState {
-            backfill: Some(progress),
+            backfill: Some(Ledger {
+                until: at(2021, 1, 1),
+                backfill: Some(range),
+                windows: vec![open.clone()],
+            }),
             ..SyncState::default()
         };
         let same = PassRequest::Backfill {
@@ -755,23 +945,16 @@ mod tests {
             to: Some(at(2021, 1, 1)),
         };
         let plan = plan_pass("s", mode(), state.clone(), same, at(2022, 1, 1)).unwrap();
-        assert_eq!(
-            (plan.windows[0], plan.first_cursor.as_deref()),
-            (window, Some("c"))
-        );
+        assert_eq!(plan.windows, vec![open]);
+        assert_eq!(plan.mode(), RunMode::Backfill);
         let other = PassRequest::Backfill {
             from: at(2020, 2, 1),
             to: Some(at(2021, 1, 1)),
         };
         let plan = plan_pass("s", mode(), state, other, at(2022, 1, 1)).unwrap();
-        assert_eq!(
-            (plan.windows[0].start, plan.first_cursor.as_deref()),
-            (at(2020, 2, 1), None)
-        );
-        assert_eq!(
-            plan.checkpoint_after(plan.windows.len() - 1, None),
-            Checkpoint::BackfillDone
-        );
+        assert_eq!(plan.windows[0].window.start, at(2020, 2, 1));
+        assert_eq!(plan.windows[0].state, WindowState::Pending);
+        assert_eq!(plan.until, at(2021, 1, 1));
     }
 
     #[test]

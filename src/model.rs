@@ -50,21 +50,59 @@ impl std::fmt::Display for Window {
     }
 }
 
-/// Where a windowed read stands: the window in hand and the page cursor within it
-/// (`None` = the window's first page).
+/// How far one window of a windowed pass has been read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Position {
-    pub window: Window,
-    pub cursor: Option<String>,
+pub enum WindowState {
+    /// Not started.
+    Pending,
+    /// Read up to the page at `cursor` (the next to fetch).
+    InProgress { cursor: String },
+    /// Every page is stored.
+    Done,
 }
 
-/// A backfill in progress: the range a person asked for and where it stands.
+/// One window of a windowed pass and how far it has been read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackfillProgress {
+pub struct LedgerWindow {
+    pub window: Window,
+    pub state: WindowState,
+}
+
+/// The range a person asked a backfill to read again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackfillRange {
     pub from: DateTime<Utc>,
     /// The `--to` that was asked for; `None` means "until now" (re-evaluated on resume).
     pub requested_to: Option<DateTime<Utc>>,
-    pub position: Position,
+}
+
+/// A windowed pass in progress: every window it planned, each pending, in progress at a
+/// cursor, or done. Several windows are read at once, so the ledger (not one position)
+/// is what a resume starts from: it repeats at most the one page each window had in
+/// flight, and skips none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ledger {
+    /// The instant the pass reads up to: the high-water mark once every window is done
+    /// (for an incremental pass).
+    pub until: DateTime<Utc>,
+    /// For a backfill, the range asked for; `None` for an incremental pass.
+    pub backfill: Option<BackfillRange>,
+    pub windows: Vec<LedgerWindow>,
+}
+
+impl Ledger {
+    /// What the pass is, as `sync_runs.mode` and the ledger's key say it.
+    pub fn mode(&self) -> RunMode {
+        match self.backfill {
+            Some(_) => RunMode::Backfill,
+            None => RunMode::Incremental,
+        }
+    }
+
+    /// The windows not done yet.
+    pub fn outstanding(&self) -> impl Iterator<Item = &LedgerWindow> {
+        self.windows.iter().filter(|w| w.state != WindowState::Done)
+    }
 }
 
 /// A full listing in progress: the id the departments it has seen are recorded under,
@@ -84,9 +122,9 @@ pub struct SyncState {
     /// Every update before this instant (less the lookback) has been read.
     pub high_water_mark: Option<DateTime<Utc>>,
     /// The incremental pass in progress, if one was interrupted.
-    pub incremental: Option<Position>,
+    pub incremental: Option<Ledger>,
     /// The backfill in progress, if one was interrupted.
-    pub backfill: Option<BackfillProgress>,
+    pub backfill: Option<Ledger>,
     /// The full listing in progress, if one was interrupted.
     pub listing: Option<ListingProgress>,
     /// A complete listing whose missing departments await a confirming listing.
@@ -96,14 +134,18 @@ pub struct SyncState {
 /// The position to commit together with a page: what the next read starts from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Checkpoint {
-    /// The incremental pass goes on from here.
-    Incremental(Position),
-    /// The incremental pass read everything up to `high_water_mark`.
-    IncrementalDone { high_water_mark: DateTime<Utc> },
-    /// The backfill goes on from here.
-    Backfill(BackfillProgress),
-    /// The backfill is complete; its progress is cleared.
-    BackfillDone,
+    /// A windowed pass's plan: replaces the ledger of its mode (a new pass, a resumed one
+    /// planned on to a new end, or a window split in two).
+    Ledger(Ledger),
+    /// A page of `window` of the `mode` ledger is stored: the window goes on at `cursor`,
+    /// or, with `None`, is done. When that was the last window not done, the pass is
+    /// complete: the ledger is cleared and, for an incremental pass, the high-water mark
+    /// moves to its `until`.
+    Window {
+        mode: RunMode,
+        window: Window,
+        cursor: Option<String>,
+    },
     /// The listing goes on from here; the page's ids are recorded as seen by it.
     Listing(ListingProgress),
     /// The page is the listing's last: the page's ids are recorded as seen. When live
@@ -120,6 +162,17 @@ pub enum Checkpoint {
     /// The listing cannot be completed (it changed under its page numbers): forget what it
     /// saw, delete nothing, and start the next one from the beginning.
     ListingAbandoned { listing_id: Uuid },
+}
+
+impl Checkpoint {
+    /// Whether this checkpoint follows a page fetched from the source, rather than being
+    /// bookkeeping committed between pages (a plan, an abandoned listing).
+    pub fn follows_page(&self) -> bool {
+        !matches!(
+            self,
+            Checkpoint::Ledger(_) | Checkpoint::ListingAbandoned { .. }
+        )
+    }
 }
 
 /// How a page's departments landed.

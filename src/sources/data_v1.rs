@@ -108,7 +108,7 @@ impl DataV1 {
 }
 
 fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
-    match serde_json::from_value::<DataV1Department>(raw.clone()) {
+    match DataV1Department::deserialize(&raw) {
         Ok(d) => Ok(Department {
             external_id: d.id,
             scope_id: None,

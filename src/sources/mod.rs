@@ -43,12 +43,13 @@ pub enum SyncMode {
 
 /// How a source that filters by update time is read: `[high-water mark - lookback, now)`
 /// (the first time, from `start`) in windows of at most `max_window_months`, paging
-/// through each with a cursor.
+/// through each with a cursor, `concurrent_windows` windows at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowedMode {
     pub start: DateTime<Utc>,
     pub lookback: Duration,
     pub max_window_months: u32,
+    pub concurrent_windows: u32,
 }
 
 /// Which page to fetch.

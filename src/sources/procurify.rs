@@ -180,7 +180,7 @@ impl Procurify {
 }
 
 fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
-    match serde_json::from_value::<ProcurifyDepartment>(raw.clone()) {
+    match ProcurifyDepartment::deserialize(&raw) {
         Ok(d) => Ok(Department {
             external_id: d.id.to_string(),
             scope_id: Some(match d.branch {

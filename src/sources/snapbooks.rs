@@ -229,7 +229,7 @@ impl Snapbooks {
 }
 
 fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
-    match serde_json::from_value::<SnapbooksDepartment>(raw.clone()) {
+    match SnapbooksDepartment::deserialize(&raw) {
         Ok(d) => Ok(Department {
             external_id: d.id.to_string(),
             scope_id: Some(d.client_account_id.to_string()),

@@ -13,8 +13,9 @@ use uuid::Uuid;
 
 use super::{Store, StoreError};
 use crate::model::{
-    BackfillProgress, Checkpoint, Department, ListingProgress, PageCounts, Position,
-    RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WithheldDeletions,
+    BackfillRange, Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts,
+    RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
+    WithheldDeletions,
 };
 
 /// deptsync's migrations, embedded in the binary.
@@ -122,56 +123,96 @@ impl PgStore {
         let seen = || seen_ids(departments, rejected);
         let mut deletions = Deletions::default();
         let query = match checkpoint {
-            Checkpoint::Incremental(position) => sqlx::query(
-                "INSERT INTO sync_state AS s (source, incremental_window_start, incremental_window_end, incremental_cursor)
-                 VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (source) DO UPDATE SET
-                     incremental_window_start = EXCLUDED.incremental_window_start,
-                     incremental_window_end = EXCLUDED.incremental_window_end,
-                     incremental_cursor = EXCLUDED.incremental_cursor,
-                     updated_at = now()",
-            )
-            .bind(source)
-            .bind(position.window.start)
-            .bind(position.window.end)
-            .bind(position.cursor.as_deref()),
-            Checkpoint::IncrementalDone { high_water_mark } => sqlx::query(
-                // GREATEST ignores NULLs; the mark never moves backwards.
-                "INSERT INTO sync_state AS s (source, high_water_mark) VALUES ($1, $2)
-                 ON CONFLICT (source) DO UPDATE SET
-                     high_water_mark = GREATEST(s.high_water_mark, EXCLUDED.high_water_mark),
-                     incremental_window_start = NULL,
-                     incremental_window_end = NULL,
-                     incremental_cursor = NULL,
-                     updated_at = now()",
-            )
-            .bind(source)
-            .bind(high_water_mark),
-            Checkpoint::Backfill(progress) => sqlx::query(
-                "INSERT INTO sync_state AS s (source, backfill_from, backfill_to,
-                                              backfill_window_start, backfill_window_end, backfill_cursor)
-                 VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (source) DO UPDATE SET
-                     backfill_from = EXCLUDED.backfill_from,
-                     backfill_to = EXCLUDED.backfill_to,
-                     backfill_window_start = EXCLUDED.backfill_window_start,
-                     backfill_window_end = EXCLUDED.backfill_window_end,
-                     backfill_cursor = EXCLUDED.backfill_cursor,
-                     updated_at = now()",
-            )
-            .bind(source)
-            .bind(progress.from)
-            .bind(progress.requested_to)
-            .bind(progress.position.window.start)
-            .bind(progress.position.window.end)
-            .bind(progress.position.cursor.as_deref()),
-            Checkpoint::BackfillDone => sqlx::query(
-                "UPDATE sync_state SET backfill_from = NULL, backfill_to = NULL,
-                        backfill_window_start = NULL, backfill_window_end = NULL,
-                        backfill_cursor = NULL, updated_at = now()
-                 WHERE source = $1",
-            )
-            .bind(source),
+            Checkpoint::Ledger(ledger) => {
+                Self::write_ledger(tx, source, ledger).await?;
+                match ledger.backfill {
+                    None => sqlx::query(
+                        "INSERT INTO sync_state (source, incremental_until) VALUES ($1, $2)
+                         ON CONFLICT (source) DO UPDATE SET
+                             incremental_until = EXCLUDED.incremental_until,
+                             updated_at = now()",
+                    )
+                    .bind(source)
+                    .bind(ledger.until),
+                    Some(range) => sqlx::query(
+                        "INSERT INTO sync_state (source, backfill_from, backfill_to, backfill_until)
+                         VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (source) DO UPDATE SET
+                             backfill_from = EXCLUDED.backfill_from,
+                             backfill_to = EXCLUDED.backfill_to,
+                             backfill_until = EXCLUDED.backfill_until,
+                             updated_at = now()",
+                    )
+                    .bind(source)
+                    .bind(range.from)
+                    .bind(range.requested_to)
+                    .bind(ledger.until),
+                }
+            }
+            Checkpoint::Window {
+                mode,
+                window,
+                cursor,
+            } => {
+                let moved = sqlx::query(
+                    "UPDATE sync_windows
+                     SET state = CASE WHEN $5::text IS NULL THEN 'done' ELSE 'in_progress' END,
+                         cursor = $5
+                     WHERE source = $1 AND mode = $2 AND window_start = $3 AND window_end = $4",
+                )
+                .bind(source)
+                .bind(mode.as_str())
+                .bind(window.start)
+                .bind(window.end)
+                .bind(cursor.as_deref())
+                .execute(&mut **tx)
+                .await
+                .map_err(db("saving the window's position"))?
+                .rows_affected();
+                if moved != 1 {
+                    // Dropping the transaction rolls the page back with it.
+                    return Err(StoreError::Corrupt(format!(
+                        "window {window} is not in the {} ledger of {source}",
+                        mode.as_str()
+                    )));
+                }
+                if cursor.is_some() {
+                    return Ok(deletions);
+                }
+                // When no window is left, the pass is complete.
+                let finish = match mode {
+                    RunMode::Incremental => {
+                        "WITH finished AS (
+                             DELETE FROM sync_windows w
+                             WHERE w.source = $1 AND w.mode = 'incremental'
+                               AND NOT EXISTS (SELECT 1 FROM sync_windows o
+                                               WHERE o.source = $1 AND o.mode = 'incremental'
+                                                 AND o.state <> 'done')
+                             RETURNING 1
+                         )
+                         -- GREATEST ignores NULLs; the mark never moves backwards.
+                         UPDATE sync_state
+                         SET high_water_mark = GREATEST(high_water_mark, incremental_until),
+                             incremental_until = NULL, updated_at = now()
+                         WHERE source = $1 AND EXISTS (SELECT 1 FROM finished)"
+                    }
+                    RunMode::Backfill => {
+                        "WITH finished AS (
+                             DELETE FROM sync_windows w
+                             WHERE w.source = $1 AND w.mode = 'backfill'
+                               AND NOT EXISTS (SELECT 1 FROM sync_windows o
+                                               WHERE o.source = $1 AND o.mode = 'backfill'
+                                                 AND o.state <> 'done')
+                             RETURNING 1
+                         )
+                         UPDATE sync_state
+                         SET backfill_from = NULL, backfill_to = NULL, backfill_until = NULL,
+                             updated_at = now()
+                         WHERE source = $1 AND EXISTS (SELECT 1 FROM finished)"
+                    }
+                };
+                sqlx::query(finish).bind(source)
+            }
             Checkpoint::Listing(progress) => {
                 Self::record_seen(tx, source, progress.listing_id, &seen()).await?;
                 sqlx::query(
@@ -200,7 +241,9 @@ impl PgStore {
                 max_delete_fraction,
             } => {
                 Self::record_seen(tx, source, *listing_id, &seen()).await?;
-                deletions = Self::delete_unseen(tx, source, *listing_id, *confirms, *max_delete_fraction).await?;
+                deletions =
+                    Self::delete_unseen(tx, source, *listing_id, *confirms, *max_delete_fraction)
+                        .await?;
                 if deletions.awaiting_confirmation > 0 {
                     // Keep what this listing saw, for the confirming listing to compare.
                     sqlx::query(
@@ -232,6 +275,85 @@ impl PgStore {
             .await
             .map_err(db("saving the checkpoint"))?;
         Ok(deletions)
+    }
+
+    /// Replaces the `ledger.mode()` ledger of `source` with `ledger`'s windows.
+    async fn write_ledger(
+        tx: &mut Transaction<'_, Postgres>,
+        source: &str,
+        ledger: &Ledger,
+    ) -> Result<(), StoreError> {
+        let mode = ledger.mode().as_str();
+        sqlx::query("DELETE FROM sync_windows WHERE source = $1 AND mode = $2")
+            .bind(source)
+            .bind(mode)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("replacing the window ledger"))?;
+        let starts: Vec<DateTime<Utc>> = ledger.windows.iter().map(|w| w.window.start).collect();
+        let ends: Vec<DateTime<Utc>> = ledger.windows.iter().map(|w| w.window.end).collect();
+        let (states, cursors): (Vec<&str>, Vec<Option<&str>>) = ledger
+            .windows
+            .iter()
+            .map(|w| match &w.state {
+                WindowState::Pending => ("pending", None),
+                WindowState::InProgress { cursor } => ("in_progress", Some(cursor.as_str())),
+                WindowState::Done => ("done", None),
+            })
+            .unzip();
+        sqlx::query(
+            "INSERT INTO sync_windows (source, mode, window_start, window_end, state, cursor)
+             SELECT $1, $2, * FROM UNNEST($3::timestamptz[], $4::timestamptz[], $5::text[], $6::text[])",
+        )
+        .bind(source)
+        .bind(mode)
+        .bind(&starts)
+        .bind(&ends)
+        .bind(&states)
+        .bind(&cursors)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("writing the window ledger"))?;
+        Ok(())
+    }
+
+    /// The windows of `source`'s `mode` ledger, oldest first.
+    async fn read_ledger(
+        &self,
+        source: &str,
+        mode: RunMode,
+    ) -> Result<Vec<LedgerWindow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT window_start, window_end, state, cursor FROM sync_windows
+             WHERE source = $1 AND mode = $2 ORDER BY window_start",
+        )
+        .bind(source)
+        .bind(mode.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("loading the window ledger"))?;
+        rows.into_iter()
+            .map(|row| {
+                let window = Window {
+                    start: row.get("window_start"),
+                    end: row.get("window_end"),
+                };
+                let state = match (
+                    row.get::<&str, _>("state"),
+                    row.get::<Option<String>, _>("cursor"),
+                ) {
+                    ("pending", _) => WindowState::Pending,
+                    ("done", _) => WindowState::Done,
+                    ("in_progress", Some(cursor)) => WindowState::InProgress { cursor },
+                    (state, _) => {
+                        return Err(StoreError::Corrupt(format!(
+                            "window {window} of {source} is in an unknown state {state:?}"
+                        )));
+                    }
+                };
+                Ok(LedgerWindow { window, state })
+            })
+            .collect()
     }
 
     async fn record_seen(
@@ -414,14 +536,15 @@ fn end_listings(
 /// Where a source stands, for `status`.
 fn describe_position(
     high_water_mark: Option<DateTime<Utc>>,
-    resuming: Option<Window>,
+    windows: (i64, i64),
     listing_cursor: Option<String>,
 ) -> String {
-    match (resuming, listing_cursor, high_water_mark) {
-        (Some(window), _, _) => format!("resumes window {window}"),
-        (None, Some(cursor), _) => format!("resumes listing at {cursor}"),
-        (None, None, Some(mark)) => format!("read up to {}", mark.format("%Y-%m-%d %H:%M:%SZ")),
-        (None, None, None) => "-".to_owned(),
+    let (left, planned) = windows;
+    match (planned > 0, listing_cursor, high_water_mark) {
+        (true, _, _) => format!("resumes: {left} of {planned} windows left"),
+        (false, Some(cursor), _) => format!("resumes listing at {cursor}"),
+        (false, None, Some(mark)) => format!("read up to {}", mark.format("%Y-%m-%d %H:%M:%SZ")),
+        (false, None, None) => "-".to_owned(),
     }
 }
 
@@ -449,13 +572,6 @@ fn escape_nul(text: &str) -> String {
 fn is_missing_database(error: &sqlx::Error) -> bool {
     // SQLSTATE 3D000: invalid_catalog_name ("database ... does not exist").
     matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("3D000"))
-}
-
-fn window_from(start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>) -> Option<Window> {
-    Some(Window {
-        start: start?,
-        end: end?,
-    })
 }
 
 impl Store for PgStore {
@@ -502,28 +618,25 @@ impl Store for PgStore {
         let Some(row) = row else {
             return Ok(SyncState::default());
         };
-        let incremental = window_from(
-            row.get("incremental_window_start"),
-            row.get("incremental_window_end"),
-        )
-        .map(|window| Position {
-            window,
-            cursor: row.get("incremental_cursor"),
-        });
+        let incremental = match row.get::<Option<DateTime<Utc>>, _>("incremental_until") {
+            Some(until) => Some(Ledger {
+                until,
+                backfill: None,
+                windows: self.read_ledger(source, RunMode::Incremental).await?,
+            }),
+            None => None,
+        };
         let backfill = match (
             row.get::<Option<DateTime<Utc>>, _>("backfill_from"),
-            window_from(
-                row.get("backfill_window_start"),
-                row.get("backfill_window_end"),
-            ),
+            row.get::<Option<DateTime<Utc>>, _>("backfill_until"),
         ) {
-            (Some(from), Some(window)) => Some(BackfillProgress {
-                from,
-                requested_to: row.get("backfill_to"),
-                position: Position {
-                    window,
-                    cursor: row.get("backfill_cursor"),
-                },
+            (Some(from), Some(until)) => Some(Ledger {
+                until,
+                backfill: Some(BackfillRange {
+                    from,
+                    requested_to: row.get("backfill_to"),
+                }),
+                windows: self.read_ledger(source, RunMode::Backfill).await?,
             }),
             _ => None,
         };
@@ -613,7 +726,7 @@ impl Store for PgStore {
             awaiting_confirmation: deletions.awaiting_confirmation,
         };
         let counted = sqlx::query(
-            "UPDATE sync_runs SET pages = pages + 1, fetched = fetched + $2, inserted = inserted + $3,
+            "UPDATE sync_runs SET pages = pages + $8, fetched = fetched + $2, inserted = inserted + $3,
                     updated = updated + $4, unchanged = unchanged + $5, rejected = rejected + $6,
                     deleted = deleted + $7
              WHERE run_id = $1",
@@ -625,6 +738,7 @@ impl Store for PgStore {
         .bind(counts.unchanged as i64)
         .bind(counts.rejected as i64)
         .bind(counts.deleted as i64)
+        .bind(i64::from(checkpoint.follows_page()))
         .execute(&mut *tx)
         .await
         .map_err(db("counting the page in its run"))?;
@@ -676,10 +790,7 @@ impl Store for PgStore {
                 high_water_mark: row.get("high_water_mark"),
                 position: describe_position(
                     row.get("high_water_mark"),
-                    window_from(
-                        row.get("incremental_window_start"),
-                        row.get("incremental_window_end"),
-                    ),
+                    (row.get("windows_left"), row.get("windows_planned")),
                     row.get("listing_cursor"),
                 ),
                 first_run_at: row.get("first_run_at"),

@@ -289,11 +289,7 @@ async fn sigterm_in_the_middle_of_a_pass_exits_0_and_the_next_start_resumes() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let resumed = &fake.requests()[requests_before];
-    assert_eq!(
-        (resumed.window, resumed.cursor.clone()),
-        (Some(position.window), position.cursor)
-    );
+    crate::helpers::assert_resumed(&position, &fake.requests()[requests_before..]);
     let total: i64 = db.scalar("SELECT count(*) FROM departments").await;
     assert_eq!(total, 400);
     fake.assert_no_violations();

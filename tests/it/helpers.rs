@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use deptsync::config::{Settings, SourceSettings};
+use deptsync::model::{Ledger, WindowState};
 use deptsync::sources::Connector;
 use deptsync::store::postgres::{IfMissing, PgStore};
 use sqlx::Connection;
@@ -116,6 +117,34 @@ start = "2019-01-01T00:00:00Z"
         access = crate::fakes::mews::ACCESS_TOKEN,
     );
     config(database_url, &source)
+}
+
+/// Asserts that `rerun` (the requests of the pass after an interrupted one) resumed
+/// `ledger`, the interrupted pass's windows: each window in progress first asked for at its
+/// saved cursor, each pending one from its start, none that was done asked for again.
+pub fn assert_resumed(ledger: &Ledger, rerun: &[crate::fakes::mews::RecordedRequest]) {
+    assert!(
+        ledger.outstanding().next().is_some(),
+        "the interrupted pass left nothing to resume"
+    );
+    for entry in &ledger.windows {
+        let first = rerun.iter().find(|r| r.window == Some(entry.window));
+        let expected = match &entry.state {
+            WindowState::Done => {
+                assert!(first.is_none(), "window {} was read again", entry.window);
+                continue;
+            }
+            WindowState::InProgress { cursor } => Some(cursor),
+            WindowState::Pending => None,
+        };
+        let first = first.unwrap_or_else(|| panic!("window {} was not resumed", entry.window));
+        assert_eq!(
+            first.cursor.as_ref(),
+            expected,
+            "window {} resumed at the wrong cursor",
+            entry.window
+        );
+    }
 }
 
 /// Validated settings and the connector of their first source.

@@ -2,14 +2,14 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use deptsync::engine::{PassRequest, run_pass};
-use deptsync::model::{RunOutcome, Window};
+use deptsync::model::{RunOutcome, Window, WindowState};
 use deptsync::store::Store;
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::fakes::mews::{FakeDepartment, FakeMews};
-use crate::helpers::{TestDb, connector, mews_config};
+use crate::helpers::{TestDb, assert_resumed, connector, mews_config};
 
 fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
@@ -144,6 +144,7 @@ async fn a_full_sync_copies_every_department_in_windows_mews_accepts() {
     );
     // Windows chain from `start` to the run's now without gap or overlap.
     let mut windows: Vec<Window> = requests.iter().filter_map(|r| r.window).collect();
+    windows.sort_by_key(|w| w.start);
     windows.dedup();
     assert_eq!(windows[0].start, at(2019, 1, 1));
     for pair in windows.windows(2) {
@@ -247,12 +248,14 @@ async fn an_incremental_sync_rereads_only_recent_windows_and_writes_only_changes
 }
 
 #[tokio::test]
-async fn a_sync_that_fails_mid_window_resumes_at_its_cursor() {
+async fn a_sync_that_fails_mid_window_resumes_each_window_at_its_cursor() {
+    // Four windows hold data, read four at a time.
+    let settings = "page_size = 50\nconcurrent_windows = 4";
     let clean_pages = {
         let db = TestDb::new().await;
         let fake = FakeMews::start().await;
-        fake.generate(1_000, 1, at(2019, 1, 1), at(2019, 3, 1));
-        sync(&db, &fake, "page_size = 50", PassRequest::INCREMENTAL)
+        fake.generate(1_000, 1, at(2019, 1, 1), at(2019, 12, 1));
+        sync(&db, &fake, settings, PassRequest::INCREMENTAL)
             .await
             .unwrap();
         fake.requests()
@@ -263,24 +266,34 @@ async fn a_sync_that_fails_mid_window_resumes_at_its_cursor() {
 
     let db = TestDb::new().await;
     let fake = FakeMews::start().await;
-    fake.generate(1_000, 1, at(2019, 1, 1), at(2019, 3, 1));
-    fake.fail_request(7, 500);
+    fake.generate(1_000, 1, at(2019, 1, 1), at(2019, 12, 1));
+    fake.fail_request(11, 500);
 
     let error = sync(
         &db,
         &fake,
-        "page_size = 50\nmax_attempts = 1",
+        &format!("{settings}\nmax_attempts = 1"),
         PassRequest::INCREMENTAL,
     )
     .await
     .unwrap_err();
-    assert!(error.contains("500") && error.contains("req-7"), "{error}");
+    assert!(error.contains("500") && error.contains("req-11"), "{error}");
     let stored: i64 = db.scalar("SELECT count(*) FROM departments").await;
-    assert_eq!(stored, 300, "the six pages before the failure are kept");
+    let counted: i64 = db.scalar("SELECT inserted FROM sync_runs").await;
+    assert!(
+        stored >= 50,
+        "pages before the failure are kept, got {stored}"
+    );
+    assert_eq!(stored, counted, "every stored page is counted in its run");
     let state = db.store.load_state("mews").await.unwrap();
-    let position = state
-        .incremental
-        .expect("the position in the window is saved");
+    let ledger = state.incremental.expect("the windows' positions are saved");
+    assert!(
+        ledger
+            .windows
+            .iter()
+            .any(|w| matches!(w.state, WindowState::InProgress { .. })),
+        "{ledger:?}"
+    );
     assert_eq!(state.high_water_mark, None);
     let (status, recorded): (String, String) =
         sqlx::query_as("SELECT status, error FROM sync_runs")
@@ -289,7 +302,7 @@ async fn a_sync_that_fails_mid_window_resumes_at_its_cursor() {
             .unwrap();
     assert_eq!(status, "failed");
     assert!(
-        recorded.contains("injected failure") && recorded.contains("req-7"),
+        recorded.contains("injected failure") && recorded.contains("req-11"),
         "{recorded}"
     );
 
@@ -299,19 +312,15 @@ async fn a_sync_that_fails_mid_window_resumes_at_its_cursor() {
         .unwrap();
 
     fake.assert_no_violations();
-    let rerun = &fake.requests()[before_rerun..];
-    assert_eq!(rerun[0].window, Some(position.window));
-    assert_eq!(
-        rerun[0].cursor, position.cursor,
-        "the rerun starts at the saved cursor"
-    );
+    assert_resumed(&ledger, &fake.requests()[before_rerun..]);
     let ok_pages = fake
         .requests()
         .iter()
         .filter(|r| r.status / 100 == 2)
         .count();
+    // At most the one page each window had in flight is read twice.
     assert!(
-        ok_pages <= clean_pages + 1,
+        ok_pages <= clean_pages + 4,
         "{ok_pages} pages read where a clean sync reads {clean_pages}"
     );
     assert_matches_upstream(&db, &fake).await;
@@ -348,8 +357,9 @@ async fn a_cancelled_pass_is_recorded_and_the_next_one_resumes() {
     let status: String = db.scalar("SELECT status FROM sync_runs").await;
     assert_eq!(status, "cancelled");
     let stored: i64 = db.scalar("SELECT count(*) FROM departments").await;
+    let counted: i64 = db.scalar("SELECT inserted FROM sync_runs").await;
     assert!(
-        (150..=200).contains(&stored),
+        (50..500).contains(&stored) && stored == counted,
         "pages before the cancel are kept, got {stored}"
     );
 
@@ -425,7 +435,10 @@ async fn an_interrupted_backfill_resumes_when_run_again() {
         .unwrap()
         .backfill
         .expect("backfill progress saved");
-    assert_eq!(progress.from, at(2020, 1, 1));
+    assert_eq!(
+        progress.backfill.map(|range| range.from),
+        Some(at(2020, 1, 1))
+    );
     assert_eq!(
         db.store.load_state("mews").await.unwrap().high_water_mark,
         None
@@ -433,11 +446,7 @@ async fn an_interrupted_backfill_resumes_when_run_again() {
 
     let before = fake.requests().len();
     sync(&db, &fake, "page_size = 30", request).await.unwrap();
-    let rerun = &fake.requests()[before..];
-    assert_eq!(
-        (rerun[0].window, &rerun[0].cursor),
-        (Some(progress.position.window), &progress.position.cursor)
-    );
+    assert_resumed(&progress, &fake.requests()[before..]);
     fake.assert_no_violations();
     assert_matches_upstream(&db, &fake).await;
     assert_eq!(db.store.load_state("mews").await.unwrap().backfill, None);
@@ -596,5 +605,32 @@ async fn enterprise_ids_limit_the_sync_and_empty_pages_may_come_as_200() {
             .unwrap()
             .high_water_mark
             .is_some()
+    );
+}
+
+#[tokio::test]
+async fn windows_are_read_several_at_once_up_to_concurrent_windows() {
+    let db = TestDb::new().await;
+    let fake = FakeMews::start().await;
+    fake.generate(300, 2, at(2019, 1, 1), at(2021, 1, 1));
+    fake.shared.set_delay(std::time::Duration::from_millis(200));
+
+    sync(
+        &db,
+        &fake,
+        "page_size = 50\nconcurrent_windows = 3",
+        PassRequest::INCREMENTAL,
+    )
+    .await
+    .unwrap();
+
+    fake.assert_no_violations();
+    assert_matches_upstream(&db, &fake).await;
+    // A window asks for its next page only after the last one came back (200 ms later), so
+    // requests closer together than that come from different windows.
+    let at_once = fake.shared.busiest(std::time::Duration::from_millis(100));
+    assert!(
+        (2..=3).contains(&at_once),
+        "{at_once} requests within 100 ms"
     );
 }

@@ -12,8 +12,10 @@ SELECT n.source,
        last_failure.error       AS last_error,
        last_failure.started_at  AS last_error_at,
        s.high_water_mark,
-       s.incremental_window_start,
-       s.incremental_window_end,
+       (SELECT count(*) FILTER (WHERE state <> 'done') FROM sync_windows w
+         WHERE w.source = n.source AND w.mode = 'incremental') AS windows_left,
+       (SELECT count(*) FROM sync_windows w
+         WHERE w.source = n.source AND w.mode = 'incremental') AS windows_planned,
        s.listing_cursor,
        (SELECT min(started_at) FROM sync_runs r WHERE r.source = n.source) AS first_run_at,
        (s.backfill_from IS NOT NULL)                 AS backfill_in_progress,
