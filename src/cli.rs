@@ -13,8 +13,7 @@ use crate::daemon::{Daemon, DaemonError};
 use crate::engine::{self, PassRequest, error_chain};
 use crate::model::{RunOutcome, SourceStatus};
 use crate::sources::{Connector, Source, SyncMode};
-use crate::store::Store;
-use crate::store::postgres::{IfMissing, PgStore};
+use crate::store::{AnyStore, IfMissing, Store};
 
 /// Keeps an SQL copy of the departments held in several SaaS APIs.
 #[derive(Debug, Parser)]
@@ -139,9 +138,9 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> Result<Exit, CliError> 
     }
 }
 
-/// Connects to the database and applies pending migrations.
-async fn connect(settings: &Settings) -> anyhow::Result<PgStore> {
-    PgStore::open(&settings.database.url)
+/// Connects to the database (creating it when missing) and applies pending migrations.
+async fn connect(settings: &Settings) -> anyhow::Result<AnyStore> {
+    AnyStore::open(&settings.database.url)
         .await
         .with_context(|| format!("database {}", settings.database.redacted_url()))
 }
@@ -274,7 +273,8 @@ impl StatusLine {
 }
 
 async fn status(settings: &Settings, json: bool) -> Result<Exit, CliError> {
-    let store = PgStore::connect(&settings.database.url, IfMissing::Fail)
+    // Reads only: a database that does not exist is an error, not created empty.
+    let store = AnyStore::connect(&settings.database.url, IfMissing::Fail)
         .await
         .with_context(|| format!("database {}", settings.database.redacted_url()))?;
     let names: Vec<String> = settings

@@ -1,7 +1,8 @@
 //! Configuration: parsed, then validated into types that cannot be wrong, before any I/O.
 //!
 //! The file is TOML (read with the `config` crate); `DATABASE_URL` in the environment
-//! overrides `[database] url`. Every `[[sources]]` entry has a `name`, a `kind` and an
+//! overrides `[database] url`, and without either the store is the SQLite file
+//! [`DEFAULT_DATABASE_URL`]. Every `[[sources]]` entry has a `name`, a `kind` and an
 //! optional `schedule`; the rest of its fields belong to its kind, whose module under
 //! `crate::sources` defines and validates them. Unknown fields are errors everywhere, and
 //! every error names the source and the field, so a typo cannot pass silently.
@@ -17,9 +18,13 @@ use crate::sources::data_v1::{DataV1Config, DataV1Settings};
 use crate::sources::mews::{MewsConfig, MewsSettings};
 use crate::sources::procurify::{ProcurifyConfig, ProcurifySettings};
 use crate::sources::snapbooks::{SnapbooksConfig, SnapbooksSettings};
+use crate::store::DatabaseKind;
 
 /// The config file read when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/deptsync/deptsync.toml";
+
+/// The store used when none is configured: an SQLite file in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://deptsync.db";
 
 /// The default schedule: every 15 minutes, on the quarter hour (cron with seconds).
 pub const DEFAULT_SCHEDULE: &str = "0 */15 * * * *";
@@ -62,11 +67,12 @@ pub struct DaemonSettings {
 /// The default `[daemon] shutdown_timeout`.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Where the store lives. `Debug` and [`DatabaseSettings::redacted_url`] never show the
-/// password.
+/// Where the store lives: a PostgreSQL URL or an SQLite one. `Debug` and
+/// [`DatabaseSettings::redacted_url`] never show the password.
 #[derive(Debug)]
 pub struct DatabaseSettings {
     pub url: SecretString,
+    pub kind: DatabaseKind,
 }
 
 impl DatabaseSettings {
@@ -79,6 +85,10 @@ impl DatabaseSettings {
 /// The URL with its password (if any, in the user part or as a `password` query
 /// parameter) replaced by `***`.
 pub fn redact_url(url: &str) -> String {
+    if url.starts_with("sqlite:") {
+        // A path: SQLite has no password to hide, and a relative path is no URL host.
+        return url.to_owned();
+    }
     let Ok(mut parsed) = reqwest::Url::parse(url) else {
         return "<unparseable database url>".to_owned();
     };
@@ -366,30 +376,22 @@ impl Settings {
             }
             (url, from_file) => url.or(from_file),
         };
-        let url = match env("DATABASE_URL").filter(|u| !u.is_empty()) {
-            Some(url) => SecretString::from(url),
-            None => configured_url
-                .ok_or_else(|| {
-                    ConfigError::top(
-                        "database.url",
-                        "missing: set it in [database] or in DATABASE_URL",
-                    )
-                })
-                .and_then(|url| {
-                    expand_secret(url, env).map_err(|m| ConfigError::top("database.url", m))
-                })?,
+        let url = match (
+            env("DATABASE_URL").filter(|u| !u.is_empty()),
+            configured_url,
+        ) {
+            (Some(url), _) => SecretString::from(url),
+            (None, Some(url)) => {
+                expand_secret(url, env).map_err(|m| ConfigError::top("database.url", m))?
+            }
+            (None, None) => SecretString::from(DEFAULT_DATABASE_URL),
         };
-        let scheme_ok = url.expose_secret().starts_with("postgres://")
-            || url.expose_secret().starts_with("postgresql://");
-        if !scheme_ok {
-            return Err(ConfigError::top(
+        let kind = DatabaseKind::of_url(url.expose_secret()).map_err(|message| {
+            ConfigError::top(
                 "database.url",
-                format!(
-                    "{} is not a PostgreSQL URL (postgres://user@host:port/database)",
-                    redact_url(url.expose_secret())
-                ),
-            ));
-        }
+                format!("{} {message}", redact_url(url.expose_secret())),
+            )
+        })?;
 
         let mut sources = Vec::with_capacity(raw.sources.len());
         let mut seen = HashSet::new();
@@ -426,7 +428,7 @@ impl Settings {
         };
 
         Ok(Settings {
-            database: DatabaseSettings { url },
+            database: DatabaseSettings { url, kind },
             daemon,
             sources,
         })
@@ -930,13 +932,54 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_database_url_is_named() {
-        let toml = GOOD.replace(
-            "url = \"postgres://deptsync:hunter2@127.0.0.1:5432/deptsync\"",
-            "",
+    fn without_a_database_the_store_is_an_sqlite_file_in_the_working_directory() {
+        for toml in [
+            GOOD.replace(
+                "url = \"postgres://deptsync:hunter2@127.0.0.1:5432/deptsync\"",
+                "",
+            ),
+            GOOD.replace(
+                "[database]\n        url = \"postgres://deptsync:hunter2@127.0.0.1:5432/deptsync\"",
+                "",
+            ),
+        ] {
+            let settings = Settings::parse(&toml, &env).unwrap();
+            assert_eq!(settings.database.url.expose_secret(), DEFAULT_DATABASE_URL);
+            assert_eq!(settings.database.kind, DatabaseKind::Sqlite);
+            assert_eq!(settings.database.redacted_url(), "sqlite://deptsync.db");
+        }
+    }
+
+    #[test]
+    fn sqlite_urls_are_files() {
+        for url in [
+            "sqlite://data/deptsync.db",
+            "sqlite:///var/lib/deptsync/deptsync.db",
+        ] {
+            let toml = GOOD.replace("postgres://deptsync:hunter2@127.0.0.1:5432/deptsync", url);
+            let settings = Settings::parse(&toml, &env).unwrap();
+            assert_eq!(settings.database.kind, DatabaseKind::Sqlite);
+            assert_eq!(settings.database.redacted_url(), url);
+        }
+        let message = error_of(&GOOD.replace(
+            "postgres://deptsync:hunter2@127.0.0.1:5432/deptsync",
+            "sqlite::memory:",
+        ));
+        assert!(
+            message.contains("field `database.url`") && message.contains("names no file"),
+            "{message}"
         );
-        let message = error_of(&toml);
-        assert!(message.contains("database.url"), "{message}");
+    }
+
+    #[test]
+    fn a_database_url_of_another_kind_is_named_without_its_password() {
+        let message = error_of(&GOOD.replace("postgres://", "mysql://"));
+        assert!(message.contains("field `database.url`"), "{message}");
+        assert!(
+            message.contains("neither a PostgreSQL URL") && message.contains("SQLite"),
+            "{message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
     }
 }
 

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Settings;
 use crate::engine::{self, PassError, PassRequest};
 use crate::sources::Connector;
-use crate::store::postgres::PgStore;
+use crate::store::AnyStore;
 
 /// The longest wait between two attempts to reach the database at start, and between two
 /// passes of a source that keeps failing.
@@ -86,7 +86,7 @@ impl Daemon {
         tokio::pin!(shutdown);
 
         // Served from the start: while the database is not reached yet, /healthz says so.
-        let connected: Arc<tokio::sync::OnceCell<PgStore>> = Arc::default();
+        let connected: Arc<tokio::sync::OnceCell<AnyStore>> = Arc::default();
         if let Some(listener) = metrics_listener {
             let handle = crate::metrics::install()?;
             let health_store = connected.clone();
@@ -181,10 +181,10 @@ async fn keep_watchdog_fed(interval: Duration, cancel: CancellationToken) {
 }
 
 /// Connects to the database and applies the migrations, retrying with backoff.
-async fn connect_with_backoff(settings: &Settings) -> PgStore {
+async fn connect_with_backoff(settings: &Settings) -> AnyStore {
     let mut backoff = Backoff::default();
     loop {
-        match PgStore::open(&settings.database.url).await {
+        match AnyStore::open(&settings.database.url).await {
             Ok(store) => return store,
             Err(e) => {
                 let wait = backoff.failed();
@@ -251,7 +251,7 @@ impl Runner {
         self.wake.notify_one();
     }
 
-    async fn run(self: Arc<Self>, store: PgStore, cancel: CancellationToken) {
+    async fn run(self: Arc<Self>, store: AnyStore, cancel: CancellationToken) {
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,

@@ -242,6 +242,26 @@ fn plan_pass(
     }
 }
 
+/// What a pass tells a progress display as it goes. Every method has a default that
+/// ignores the news, so a display implements only what it shows.
+pub trait Progress: Send + Sync {
+    /// A windowed pass has `windows` windows to read (resumed ones included).
+    fn windows_planned(&self, windows: u64) {
+        let _ = windows;
+    }
+    /// A window was read to its end.
+    fn window_done(&self) {}
+    /// A page of `departments` records was stored.
+    fn page_stored(&self, departments: u64) {
+        let _ = departments;
+    }
+}
+
+/// Shows nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
+
 /// Runs one pass of `source`, recorded in `sync_runs` from start to end, holding the
 /// source's lock throughout ([`PassError::Busy`] when another holds it).
 ///
@@ -256,6 +276,18 @@ pub async fn run_pass<S: Source, St: Store>(
     request: PassRequest,
     cancel: &CancellationToken,
 ) -> Result<PassReport, PassError> {
+    run_pass_showing(name, source, store, request, cancel, &NoProgress).await
+}
+
+/// [`run_pass`], telling `progress` how it goes.
+pub async fn run_pass_showing<S: Source, St: Store>(
+    name: &str,
+    source: &S,
+    store: &St,
+    request: PassRequest,
+    cancel: &CancellationToken,
+    progress: &dyn Progress,
+) -> Result<PassReport, PassError> {
     let mut lease = store
         .try_lock(name)
         .await
@@ -264,7 +296,7 @@ pub async fn run_pass<S: Source, St: Store>(
             source,
         })?
         .ok_or(PassError::Busy)?;
-    let result = run_locked_pass(name, source, store, &mut lease, request, cancel).await;
+    let result = run_locked_pass(name, source, store, &mut lease, request, cancel, progress).await;
     store.unlock(lease).await;
     result
 }
@@ -276,6 +308,7 @@ async fn run_locked_pass<S: Source, St: Store>(
     lease: &mut St::Lease,
     request: PassRequest,
     cancel: &CancellationToken,
+    progress: &dyn Progress,
 ) -> Result<PassReport, PassError> {
     let started = std::time::Instant::now();
     let run_id = store
@@ -294,6 +327,7 @@ async fn run_locked_pass<S: Source, St: Store>(
             lease,
             run_id,
             totals: PassTotals::default(),
+            progress,
         },
     };
     let result = pass.run(request).await;
@@ -378,6 +412,7 @@ struct Writer<'a, St: Store> {
     lease: &'a mut St::Lease,
     run_id: RunId,
     totals: PassTotals,
+    progress: &'a dyn Progress,
 }
 
 /// What the reading side of a windowed pass tells the writing side, in order.
@@ -554,6 +589,8 @@ impl<St: Store> Writer<'_, St> {
             .await
             .map_err(|source| PassError::Store { at: at(), source })?;
         if checkpoint.follows_page() {
+            self.progress
+                .page_stored((departments.len() + rejected.len()) as u64);
             self.totals.add(counts);
             crate::metrics::page_committed(self.name, &counts);
             tracing::debug!(at = %at(), ?counts, "page committed");
@@ -593,6 +630,7 @@ impl<St: Store> Writer<'_, St> {
                     }
                     if done {
                         self.totals.windows += 1;
+                        self.progress.window_done();
                     }
                     // The reader may have stopped meanwhile; the page is stored either way.
                     let _ = stored.send(());
@@ -670,6 +708,9 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
             })
             .collect();
         tracing::info!(windows = outstanding.len(), "pass planned");
+        self.writer
+            .progress
+            .windows_planned(outstanding.len() as u64);
         if outstanding.is_empty() {
             return Ok(Finished::Completed);
         }

@@ -1,19 +1,34 @@
 //! Where departments and positions are kept, behind the [`Store`] trait.
 //!
-//! The interface speaks only the words of [`crate::model`]: no SQL types cross it, so a
-//! second implementation (SQLite) can stand beside PostgreSQL. The one promise that
-//! matters most is [`Store::commit_page`]: a page's departments and the checkpoint that
-//! follows them are committed in one transaction, so a crash anywhere loses nothing and
-//! repeats at most one page.
+//! The interface speaks only the words of [`crate::model`]: no SQL types cross it, so that
+//! two implementations stand side by side: PostgreSQL ([`postgres::PgStore`]) for
+//! production, and SQLite ([`sqlite::SqliteStore`]), a file beside the binary, the
+//! embedded default. [`AnyStore`] is "the configured store": the URL picks which. The one
+//! promise that matters most is [`Store::commit_page`]: a page's departments and the
+//! checkpoint that follows them are committed in one transaction, so a crash anywhere
+//! loses nothing and repeats at most one page.
+//!
+//! The rules both implementations must follow in the same way (how a page's duplicate ids
+//! are resolved, when a complete listing may delete, where a source stands) live here,
+//! once; the integration tests run one behaviour suite against both.
 
 pub mod postgres;
+pub mod sqlite;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use uuid::Uuid;
 
 use crate::model::{
     Checkpoint, Department, PageCounts, RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus,
-    SyncState,
+    SyncState, WithheldDeletions,
 };
+use postgres::PgStore;
+use sqlite::{SqliteLease, SqliteStore};
 
 /// A store failure, with what we were doing when it happened.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +43,22 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Corrupt(String),
+    /// The URL names no store deptsync knows (the config validates it first).
+    #[error("the database url {0}")]
+    Url(String),
+    /// A command that must not create the database (`status`) found none.
+    #[error(
+        "the SQLite database {} does not exist (`deptsync migrate` or a `sync` creates it)",
+        path.display()
+    )]
+    Missing { path: PathBuf },
+    /// The lock file of an SQLite database could not be opened or locked.
+    #[error("locking {}", path.display())]
+    LockFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What the engine needs from a store.
@@ -88,4 +119,286 @@ pub trait Store: Send + Sync {
         &self,
         sources: &[String],
     ) -> impl Future<Output = Result<Vec<SourceStatus>, StoreError>> + Send;
+}
+
+/// Whether connecting may create the database when it does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfMissing {
+    /// So that a first `sync` or `migrate` needs nothing set up by hand.
+    Create,
+    /// For commands that only read (`status`).
+    Fail,
+}
+
+/// Which store a database URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseKind {
+    /// `postgres://…` or `postgresql://…`: a PostgreSQL server.
+    Postgres,
+    /// `sqlite://path/to/file.db` (relative to the working directory) or
+    /// `sqlite:///absolute/path.db`: an SQLite file.
+    Sqlite,
+}
+
+impl DatabaseKind {
+    /// The store `url` names, or what is wrong with it (never quoting it: it may hold a
+    /// password). Does no I/O.
+    pub fn of_url(url: &str) -> Result<DatabaseKind, String> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(DatabaseKind::Postgres);
+        }
+        if url.starts_with("sqlite:") {
+            sqlite::database_path(url)?;
+            return Ok(DatabaseKind::Sqlite);
+        }
+        Err(
+            "is neither a PostgreSQL URL (postgres://user@host:port/database) nor an SQLite \
+             one (sqlite://path/to/file.db)"
+                .to_owned(),
+        )
+    }
+}
+
+/// The configured store: PostgreSQL or SQLite, as the URL says. Commands and the service
+/// open their store through it and never name a backend.
+#[derive(Clone)]
+pub enum AnyStore {
+    Postgres(PgStore),
+    Sqlite(SqliteStore),
+}
+
+/// The lease of an [`AnyStore`]: its backend's.
+pub enum AnyLease {
+    Postgres(<PgStore as Store>::Lease),
+    Sqlite(SqliteLease),
+}
+
+impl AnyStore {
+    /// Connects to the store at `url`.
+    pub async fn connect(
+        url: &SecretString,
+        if_missing: IfMissing,
+    ) -> Result<AnyStore, StoreError> {
+        match DatabaseKind::of_url(url.expose_secret()).map_err(StoreError::Url)? {
+            DatabaseKind::Postgres => {
+                Ok(AnyStore::Postgres(PgStore::connect(url, if_missing).await?))
+            }
+            DatabaseKind::Sqlite => Ok(AnyStore::Sqlite(
+                SqliteStore::connect(url, if_missing).await?,
+            )),
+        }
+    }
+
+    /// Connects, creating the database when missing, and applies the pending migrations:
+    /// how every command that writes opens its store.
+    pub async fn open(url: &SecretString) -> Result<AnyStore, StoreError> {
+        let store = AnyStore::connect(url, IfMissing::Create).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies the migrations that have not run yet.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Postgres(store) => store.migrate().await,
+            AnyStore::Sqlite(store) => store.migrate().await,
+        }
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Postgres(store) => store.ping().await,
+            AnyStore::Sqlite(store) => store.ping().await,
+        }
+    }
+}
+
+/// A lease used with a store it does not come from: cannot happen, since an [`AnyStore`]
+/// only hands out leases of its own backend; an error rather than a panic all the same.
+fn foreign_lease() -> StoreError {
+    StoreError::Corrupt("a lease of one store was used with another".to_owned())
+}
+
+impl Store for AnyStore {
+    type Lease = AnyLease;
+
+    async fn try_lock(&self, source: &str) -> Result<Option<AnyLease>, StoreError> {
+        Ok(match self {
+            AnyStore::Postgres(store) => store.try_lock(source).await?.map(AnyLease::Postgres),
+            AnyStore::Sqlite(store) => store.try_lock(source).await?.map(AnyLease::Sqlite),
+        })
+    }
+
+    async fn unlock(&self, lease: AnyLease) {
+        match (self, lease) {
+            (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => store.unlock(lease).await,
+            (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => store.unlock(lease).await,
+            // Cannot happen (see foreign_lease); dropping a lease frees its lock as well.
+            _ => {}
+        }
+    }
+
+    async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
+        match self {
+            AnyStore::Postgres(store) => store.load_state(source).await,
+            AnyStore::Sqlite(store) => store.load_state(source).await,
+        }
+    }
+
+    async fn start_run(
+        &self,
+        lease: &mut AnyLease,
+        source: &str,
+        mode: RunMode,
+    ) -> Result<RunId, StoreError> {
+        match (self, lease) {
+            (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => {
+                store.start_run(lease, source, mode).await
+            }
+            (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => {
+                store.start_run(lease, source, mode).await
+            }
+            _ => Err(foreign_lease()),
+        }
+    }
+
+    async fn commit_page(
+        &self,
+        lease: &mut AnyLease,
+        run: RunId,
+        source: &str,
+        departments: &[Department],
+        rejected: &[RejectedRecord],
+        checkpoint: &Checkpoint,
+    ) -> Result<PageCounts, StoreError> {
+        match (self, lease) {
+            (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => {
+                store
+                    .commit_page(lease, run, source, departments, rejected, checkpoint)
+                    .await
+            }
+            (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => {
+                store
+                    .commit_page(lease, run, source, departments, rejected, checkpoint)
+                    .await
+            }
+            _ => Err(foreign_lease()),
+        }
+    }
+
+    async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Postgres(store) => store.finish_run(run, outcome).await,
+            AnyStore::Sqlite(store) => store.finish_run(run, outcome).await,
+        }
+    }
+
+    async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {
+        match self {
+            AnyStore::Postgres(store) => store.status(sources).await,
+            AnyStore::Sqlite(store) => store.status(sources).await,
+        }
+    }
+}
+
+/// What the end of a full listing deleted, or would have.
+#[derive(Default)]
+struct Deletions {
+    deleted: u64,
+    withheld: Option<WithheldDeletions>,
+    awaiting_confirmation: u64,
+}
+
+/// What to do with the `unseen` live departments that the complete listing (and the
+/// listing it `confirms`, if any) did not see, of the `live` ones the guard counts.
+enum UnseenVerdict {
+    /// Keep them all: nothing is missing, or it awaits a confirming listing, or the guard
+    /// withholds it.
+    Keep(Deletions),
+    /// Mark them deleted.
+    Delete,
+}
+
+/// One listing alone never deletes: departments it missed await a second listing that
+/// confirms it. A confirming listing deletes what both missed, unless that is more than
+/// `max_delete_fraction` of the rows live when the first began (`None`: a person
+/// confirmed any number).
+fn judge_unseen(
+    live: u64,
+    unseen: u64,
+    confirms: Option<Uuid>,
+    max_delete_fraction: Option<f64>,
+) -> UnseenVerdict {
+    if unseen == 0 {
+        return UnseenVerdict::Keep(Deletions::default());
+    }
+    if confirms.is_none() {
+        return UnseenVerdict::Keep(Deletions {
+            awaiting_confirmation: unseen,
+            ..Deletions::default()
+        });
+    }
+    if let Some(fraction) = max_delete_fraction
+        && unseen as f64 > fraction * live as f64
+    {
+        return UnseenVerdict::Keep(Deletions {
+            withheld: Some(WithheldDeletions {
+                would_delete: unseen,
+                live,
+            }),
+            ..Deletions::default()
+        });
+    }
+    UnseenVerdict::Delete
+}
+
+/// The newest version of each department of a page (a page may hold an id twice; one
+/// statement cannot write a row twice). Of two versions with the same time, the later.
+fn newest_versions(departments: &[Department]) -> Vec<&Department> {
+    let mut newest: HashMap<&str, &Department> = HashMap::with_capacity(departments.len());
+    for department in departments {
+        newest
+            .entry(department.external_id.as_str())
+            .and_modify(|kept| {
+                if department.source_updated_at >= kept.source_updated_at {
+                    *kept = department;
+                }
+            })
+            .or_insert(department);
+    }
+    newest.into_values().collect()
+}
+
+/// Where a source stands, for `status`.
+fn describe_position(
+    high_water_mark: Option<DateTime<Utc>>,
+    windows: (i64, i64),
+    listing_cursor: Option<String>,
+) -> String {
+    let (left, planned) = windows;
+    match (planned > 0, listing_cursor, high_water_mark) {
+        (true, _, _) => format!("resumes: {left} of {planned} windows left"),
+        (false, Some(cursor), _) => format!("resumes listing at {cursor}"),
+        (false, None, Some(mark)) => format!("read up to {}", mark.format("%Y-%m-%d %H:%M:%SZ")),
+        (false, None, None) => "-".to_owned(),
+    }
+}
+
+/// The ids a listing's page saw. A rejected record still exists upstream: seen, so never
+/// deleted for being bad. (An id with a NUL cannot be stored at all, so it cannot be seen
+/// either.)
+fn seen_ids<'a>(departments: &'a [Department], rejected: &'a [RejectedRecord]) -> Vec<&'a str> {
+    departments
+        .iter()
+        .map(|d| d.external_id.as_str())
+        .chain(rejected.iter().filter_map(|r| r.external_id.as_deref()))
+        .filter(|id| !id.contains('\0'))
+        .collect()
+}
+
+/// `text` with NUL characters written as `\u0000`: PostgreSQL refuses NUL in text, and
+/// both stores keep the same text.
+fn escape_nul(text: &str) -> String {
+    text.replace('\0', "\\u0000")
 }

@@ -1,6 +1,5 @@
 //! The PostgreSQL store.
 
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -11,28 +10,23 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use super::{Store, StoreError};
+pub use super::IfMissing;
+use super::{
+    Deletions, Store, StoreError, UnseenVerdict, describe_position, escape_nul, judge_unseen,
+    newest_versions, seen_ids,
+};
 use crate::model::{
     BackfillRange, Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts,
     RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
-    WithheldDeletions,
 };
 
-/// deptsync's migrations, embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// deptsync's PostgreSQL migrations, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-const UPSERT_DEPARTMENTS: &str = include_str!("queries/upsert_departments.sql");
-const STATUS: &str = include_str!("queries/status.sql");
-const COUNT_UNSEEN: &str = include_str!("queries/count_unseen.sql");
-const MARK_UNSEEN_DELETED: &str = include_str!("queries/mark_unseen_deleted.sql");
-
-/// What the end of a full listing deleted, or would have.
-#[derive(Default)]
-struct Deletions {
-    deleted: u64,
-    withheld: Option<WithheldDeletions>,
-    awaiting_confirmation: u64,
-}
+const UPSERT_DEPARTMENTS: &str = include_str!("queries/postgres/upsert_departments.sql");
+const STATUS: &str = include_str!("queries/postgres/status.sql");
+const COUNT_UNSEEN: &str = include_str!("queries/postgres/count_unseen.sql");
+const MARK_UNSEEN_DELETED: &str = include_str!("queries/postgres/mark_unseen_deleted.sql");
 
 fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Database { context, source }
@@ -42,15 +36,6 @@ fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
-}
-
-/// Whether connecting may create the database when the server says it does not exist.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IfMissing {
-    /// So that a first `sync` or `migrate` needs nothing set up by hand.
-    Create,
-    /// For commands that only read (`status`).
-    Fail,
 }
 
 impl PgStore {
@@ -397,26 +382,10 @@ impl PgStore {
             .fetch_one(&mut **tx)
             .await
             .map_err(db("counting the departments the listing did not see"))?;
-        let (live, unseen) = (live as u64, unseen as u64);
-        if unseen == 0 {
-            return Ok(Deletions::default());
-        }
-        if confirms.is_none() {
-            return Ok(Deletions {
-                awaiting_confirmation: unseen,
-                ..Deletions::default()
-            });
-        }
-        if let Some(fraction) = max_delete_fraction
-            && unseen as f64 > fraction * live as f64
+        if let UnseenVerdict::Keep(kept) =
+            judge_unseen(live as u64, unseen as u64, confirms, max_delete_fraction)
         {
-            return Ok(Deletions {
-                withheld: Some(WithheldDeletions {
-                    would_delete: unseen,
-                    live,
-                }),
-                ..Deletions::default()
-            });
+            return Ok(kept);
         }
         let deleted = sqlx::query(MARK_UNSEEN_DELETED)
             .bind(source)
@@ -441,18 +410,7 @@ impl PgStore {
             return Ok((0, 0));
         }
         // One statement cannot touch a row twice: keep the newest version of each id.
-        let mut newest: HashMap<&str, &Department> = HashMap::with_capacity(departments.len());
-        for department in departments {
-            newest
-                .entry(department.external_id.as_str())
-                .and_modify(|kept| {
-                    if department.source_updated_at >= kept.source_updated_at {
-                        *kept = department;
-                    }
-                })
-                .or_insert(department);
-        }
-        let rows: Vec<&Department> = newest.into_values().collect();
+        let rows = newest_versions(departments);
         let column =
             |f: fn(&Department) -> Option<String>| rows.iter().map(|d| f(d)).collect::<Vec<_>>();
         let external_ids = column(|d| Some(d.external_id.clone()));
@@ -533,40 +491,9 @@ fn end_listings(
     .bind(listings.into_iter().flatten().collect::<Vec<_>>())
 }
 
-/// Where a source stands, for `status`.
-fn describe_position(
-    high_water_mark: Option<DateTime<Utc>>,
-    windows: (i64, i64),
-    listing_cursor: Option<String>,
-) -> String {
-    let (left, planned) = windows;
-    match (planned > 0, listing_cursor, high_water_mark) {
-        (true, _, _) => format!("resumes: {left} of {planned} windows left"),
-        (false, Some(cursor), _) => format!("resumes listing at {cursor}"),
-        (false, None, Some(mark)) => format!("read up to {}", mark.format("%Y-%m-%d %H:%M:%SZ")),
-        (false, None, None) => "-".to_owned(),
-    }
-}
-
-/// The ids a listing's page saw. A rejected record still exists upstream: seen, so never
-/// deleted for being bad. (An id with a NUL cannot be stored at all, so it cannot be seen
-/// either.)
-fn seen_ids<'a>(departments: &'a [Department], rejected: &'a [RejectedRecord]) -> Vec<&'a str> {
-    departments
-        .iter()
-        .map(|d| d.external_id.as_str())
-        .chain(rejected.iter().filter_map(|r| r.external_id.as_deref()))
-        .filter(|id| !id.contains('\0'))
-        .collect()
-}
-
 /// The advisory-lock key of a source (hashed to a bigint by the server).
 fn lock_key(source: &str) -> String {
     format!("deptsync:{source}")
-}
-
-fn escape_nul(text: &str) -> String {
-    text.replace('\0', "\\u0000")
 }
 
 fn is_missing_database(error: &sqlx::Error) -> bool {

@@ -171,3 +171,122 @@ pub async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> std::process::Ou
         .expect("deptsync did not finish within a minute")
         .unwrap()
 }
+
+/// A directory of one test's own under the system's temporary directory, removed with
+/// everything in it when the test ends.
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let path = std::env::temp_dir().join(format!("deptsync-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir(&path).unwrap();
+        TempDir { path }
+    }
+
+    pub fn join(&self, name: &str) -> std::path::PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The `sqlite://` URL of the file at `path`.
+pub fn sqlite_url(path: &std::path::Path) -> String {
+    format!("sqlite://{}", path.display())
+}
+
+/// What keeps a [`TestStore`]'s database alive, and removes it at the end.
+enum Backing {
+    Postgres(#[allow(dead_code)] TestDb),
+    Sqlite(#[allow(dead_code)] TempDir),
+}
+
+/// A store of either kind, migrated and empty, for the behaviour both kinds must share;
+/// gone when the test ends.
+pub struct TestStore {
+    pub store: deptsync::store::AnyStore,
+    // After `store`: fields drop in order, the pool before its database.
+    _backing: Backing,
+}
+
+impl TestStore {
+    /// On a PostgreSQL database of its own (a [`TestDb`]).
+    pub async fn postgres() -> TestStore {
+        let db = TestDb::new().await;
+        TestStore {
+            store: deptsync::store::AnyStore::Postgres(db.store.clone()),
+            _backing: Backing::Postgres(db),
+        }
+    }
+
+    /// On an SQLite file in a directory of its own, opened as the commands open it.
+    pub async fn sqlite() -> TestStore {
+        let dir = TempDir::new();
+        let url = sqlite_url(&dir.join("deptsync.db"));
+        let store = deptsync::store::AnyStore::open(&url.clone().into())
+            .await
+            .unwrap();
+        TestStore {
+            store,
+            _backing: Backing::Sqlite(dir),
+        }
+    }
+
+    /// The integer `sql` selects (SQL both kinds speak).
+    pub async fn count(&self, sql: &str) -> i64 {
+        use deptsync::store::AnyStore;
+        match &self.store {
+            AnyStore::Postgres(store) => sqlx::query_scalar(sql).fetch_one(store.pool()).await,
+            AnyStore::Sqlite(store) => sqlx::query_scalar(sql).fetch_one(store.pool()).await,
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// The text `sql` selects, if any row.
+    pub async fn text(&self, sql: &str) -> Option<String> {
+        use deptsync::store::AnyStore;
+        match &self.store {
+            AnyStore::Postgres(store) => sqlx::query_scalar(sql).fetch_optional(store.pool()).await,
+            AnyStore::Sqlite(store) => sqlx::query_scalar(sql).fetch_optional(store.pool()).await,
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// The instants `sql` selects, one per row.
+    pub async fn instants(&self, sql: &str) -> Vec<Option<chrono::DateTime<chrono::Utc>>> {
+        use deptsync::store::AnyStore;
+        match &self.store {
+            AnyStore::Postgres(store) => sqlx::query_scalar(sql).fetch_all(store.pool()).await,
+            AnyStore::Sqlite(store) => sqlx::query_scalar(sql).fetch_all(store.pool()).await,
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
+/// Runs the real binary in `dir` (its working directory) with `args` and the environment
+/// given, waiting at most a minute.
+pub async fn run_binary_in(
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_deptsync"));
+    command
+        .args(args)
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("deptsync did not finish within a minute")
+        .unwrap()
+}

@@ -1,10 +1,58 @@
-//! The PostgreSQL store on its own: the guarantees the engine relies on.
+//! The stores on their own: the guarantees the engine relies on.
+//!
+//! Every case of the behaviour suite runs on both stores, PostgreSQL and SQLite
+//! (`store::<case>::postgres` and `store::<case>::sqlite`), so that they cannot drift.
+//! Then what only one of them has (a PostgreSQL lock lost with its connection), and the
+//! real binary on an SQLite file.
 
 use chrono::{DateTime, TimeZone, Utc};
-use deptsync::model::{Checkpoint, Department, Ledger, LedgerWindow, RunMode, Window, WindowState};
-use deptsync::store::Store;
+use deptsync::model::{
+    Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts, RejectedRecord,
+    RunId, RunMode, RunOutcome, Window, WindowState,
+};
+use deptsync::store::{AnyLease, Store};
+use uuid::Uuid;
 
-use crate::helpers::TestDb;
+use crate::fakes::mews::FakeMews;
+use crate::helpers::{
+    TempDir, TestDb, TestStore, mews_config, run_binary, run_binary_in, sqlite_url,
+};
+
+/// Runs each named case (an `async fn(TestStore)`) once on each store.
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[tokio::test]
+                async fn postgres() {
+                    super::$case(crate::helpers::TestStore::postgres().await).await;
+                }
+
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$case(crate::helpers::TestStore::sqlite().await).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both_stores!(
+    a_page_with_the_same_id_twice_keeps_the_newest,
+    only_rows_whose_content_changed_are_written,
+    an_older_version_never_replaces_a_newer_one,
+    the_high_water_mark_never_moves_backwards,
+    the_mark_moves_only_when_every_window_of_the_ledger_is_done,
+    a_backfill_ledger_never_moves_the_mark,
+    a_failed_commit_keeps_neither_rows_nor_position,
+    a_page_whose_run_cannot_be_counted_is_not_kept,
+    a_listing_resumes_and_an_abandoned_one_is_forgotten,
+    deleting_takes_two_complete_listings,
+    the_mass_deletion_guard_withholds_until_a_person_confirms,
+    rejected_records_are_kept_once_and_counted,
+    status_has_a_line_per_source,
+    a_source_has_one_lock_holder_at_a_time,
+);
 
 fn department(id: &str, name: &str, updated: DateTime<Utc>) -> Department {
     Department {
@@ -19,14 +67,12 @@ fn department(id: &str, name: &str, updated: DateTime<Utc>) -> Department {
     }
 }
 
-/// Neither rows nor a position were kept.
-async fn assert_nothing_kept(db: &TestDb) {
-    let rows: i64 = db.scalar("SELECT count(*) FROM departments").await;
-    assert_eq!(rows, 0);
-    assert_eq!(
-        db.store.load_state("s").await.unwrap().high_water_mark,
-        None
-    );
+/// A department of a full listing (no update time, as the listing kinds have none).
+fn listed(id: &str) -> Department {
+    Department {
+        source_updated_at: None,
+        ..department(id, &format!("Department {id}"), at(2020, 1, 1))
+    }
 }
 
 fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
@@ -61,93 +107,177 @@ fn done(window: Window) -> Checkpoint {
     }
 }
 
-#[tokio::test]
-async fn a_page_with_the_same_id_twice_keeps_the_newest() {
-    let db = TestDb::new().await;
-    let mut lease = db.store.try_lock("s").await.unwrap().unwrap();
+/// The lock of source `s` and a run under it.
+async fn locked_run(db: &TestStore) -> (AnyLease, RunId) {
+    let mut lease = db
+        .store
+        .try_lock("s")
+        .await
+        .unwrap()
+        .expect("the lock is free");
     let run = db
         .store
         .start_run(&mut lease, "s", RunMode::Incremental)
         .await
         .unwrap();
+    (lease, run)
+}
+
+/// Commits `departments` with `checkpoint` in `run`.
+async fn commit(
+    db: &TestStore,
+    lease: &mut AnyLease,
+    run: RunId,
+    departments: &[Department],
+    checkpoint: &Checkpoint,
+) -> PageCounts {
+    db.store
+        .commit_page(lease, run, "s", departments, &[], checkpoint)
+        .await
+        .unwrap()
+}
+
+/// Commits `departments` as the last page of a one-window pass.
+async fn commit_windowed(
+    db: &TestStore,
+    lease: &mut AnyLease,
+    run: RunId,
+    departments: &[Department],
+) -> PageCounts {
+    let w = window(at(2019, 1, 1), at(2022, 1, 1));
+    commit(db, lease, run, &[], &plan(at(2022, 1, 1), &[w])).await;
+    commit(db, lease, run, departments, &done(w)).await
+}
+
+fn written(counts: PageCounts) -> (u64, u64, u64) {
+    (counts.inserted, counts.updated, counts.unchanged)
+}
+
+/// Neither rows nor a position were kept.
+async fn assert_nothing_kept(db: &TestStore) {
+    assert_eq!(db.count("SELECT count(*) FROM departments").await, 0);
+    let state = db.store.load_state("s").await.unwrap();
+    assert_eq!(state.high_water_mark, None);
+    assert_eq!(state.incremental, None);
+}
+
+async fn a_page_with_the_same_id_twice_keeps_the_newest(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
     let page = [
         department("1", "old", at(2020, 1, 1)),
         department("1", "new", at(2020, 2, 1)),
         department("2", "two", at(2020, 1, 1)),
     ];
-    let w = window(at(2020, 1, 1), at(2020, 3, 1));
-    db.store
-        .commit_page(&mut lease, run, "s", &[], &[], &plan(at(2020, 3, 1), &[w]))
-        .await
-        .unwrap();
-    let counts = db
-        .store
-        .commit_page(&mut lease, run, "s", &page, &[], &done(w))
-        .await
-        .unwrap();
-    assert_eq!(
-        (counts.inserted, counts.updated, counts.unchanged),
-        (2, 0, 1)
-    );
-    let name: String = db
-        .scalar("SELECT name FROM departments WHERE external_id = '1'")
+    let counts = commit_windowed(&db, &mut lease, run, &page).await;
+    assert_eq!(written(counts), (2, 0, 1));
+    let name = db
+        .text("SELECT name FROM departments WHERE external_id = '1'")
         .await;
-    assert_eq!(name, "new");
+    assert_eq!(name.as_deref(), Some("new"));
 }
 
-#[tokio::test]
-async fn the_high_water_mark_never_moves_backwards() {
-    let db = TestDb::new().await;
-    let mut lease = db.store.try_lock("s").await.unwrap().unwrap();
-    let run = db
-        .store
-        .start_run(&mut lease, "s", RunMode::Incremental)
-        .await
-        .unwrap();
+async fn only_rows_whose_content_changed_are_written(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let page = [
+        department("1", "one", at(2020, 1, 1)),
+        department("2", "two", at(2020, 1, 1)),
+    ];
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &page).await),
+        (2, 0, 0)
+    );
+    let changed_at = "SELECT last_changed_at FROM departments ORDER BY external_id";
+    let before = db.instants(changed_at).await;
+
+    // The same page again writes nothing.
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &page).await),
+        (0, 0, 2)
+    );
+    assert_eq!(db.instants(changed_at).await, before);
+
+    // One changed row is one write; its change time moves, the other's does not.
+    let renamed = [
+        department("1", "one", at(2020, 1, 1)),
+        department("2", "renamed", at(2020, 1, 2)),
+    ];
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &renamed).await),
+        (0, 1, 1)
+    );
+    let after = db.instants(changed_at).await;
+    assert_eq!(after[0], before[0]);
+    assert!(after[1] > before[1], "{after:?} after {before:?}");
+
+    // A change of the raw record alone is a change too.
+    let mut raw_changed = renamed.clone();
+    raw_changed[0].raw = serde_json::json!({ "id": "1", "name": "one", "extra": [1, 2] });
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &raw_changed).await),
+        (0, 1, 1)
+    );
+    let runs = db
+        .count("SELECT inserted * 100 + updated * 10 + unchanged FROM sync_runs")
+        .await;
+    assert_eq!(runs, 2 * 100 + 2 * 10 + 4, "the run counts every page");
+}
+
+async fn an_older_version_never_replaces_a_newer_one(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let newer = [department("1", "newer", at(2020, 2, 1))];
+    commit_windowed(&db, &mut lease, run, &newer).await;
+    let older = [department("1", "older", at(2020, 1, 1))];
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &older).await),
+        (0, 0, 1)
+    );
+    let name = db.text("SELECT name FROM departments").await;
+    assert_eq!(name.as_deref(), Some("newer"));
+    // The same time with other content is a correction: written.
+    let corrected = [department("1", "corrected", at(2020, 2, 1))];
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &corrected).await),
+        (0, 1, 0)
+    );
+}
+
+async fn the_high_water_mark_never_moves_backwards(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
     for mark in [at(2021, 1, 1), at(2020, 1, 1)] {
         let w = window(at(2019, 1, 1), mark);
         for checkpoint in [plan(mark, &[w]), done(w)] {
-            db.store
-                .commit_page(&mut lease, run, "s", &[], &[], &checkpoint)
-                .await
-                .unwrap();
+            commit(&db, &mut lease, run, &[], &checkpoint).await;
         }
     }
     let state = db.store.load_state("s").await.unwrap();
     assert_eq!(state.high_water_mark, Some(at(2021, 1, 1)));
 }
 
-#[tokio::test]
-async fn the_mark_moves_only_when_every_window_of_the_ledger_is_done() {
-    let db = TestDb::new().await;
-    let mut lease = db.store.try_lock("s").await.unwrap().unwrap();
-    let run = db
-        .store
-        .start_run(&mut lease, "s", RunMode::Incremental)
-        .await
-        .unwrap();
+async fn the_mark_moves_only_when_every_window_of_the_ledger_is_done(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
     let first = window(at(2020, 1, 1), at(2020, 4, 1));
     let second = window(at(2020, 4, 1), at(2020, 6, 1));
-    let mut commit = async |checkpoint: Checkpoint| {
-        db.store
-            .commit_page(&mut lease, run, "s", &[], &[], &checkpoint)
-            .await
-    };
-    commit(plan(at(2020, 6, 1), &[first, second]))
-        .await
-        .unwrap();
+    commit(
+        &db,
+        &mut lease,
+        run,
+        &[],
+        &plan(at(2020, 6, 1), &[first, second]),
+    )
+    .await;
     // The windows finish out of order, as concurrent windows do.
-    commit(Checkpoint::Window {
+    let page = [department("1", "one", at(2020, 2, 1))];
+    let in_progress = Checkpoint::Window {
         mode: RunMode::Incremental,
         window: first,
         cursor: Some("c1".to_owned()),
-    })
-    .await
-    .unwrap();
-    commit(done(second)).await.unwrap();
+    };
+    commit(&db, &mut lease, run, &page, &in_progress).await;
+    commit(&db, &mut lease, run, &[], &done(second)).await;
     let state = db.store.load_state("s").await.unwrap();
     assert_eq!(state.high_water_mark, None);
     let ledger = state.incremental.expect("the pass is not complete");
+    assert_eq!(ledger.until, at(2020, 6, 1));
     assert_eq!(
         ledger
             .windows
@@ -164,54 +294,99 @@ async fn the_mark_moves_only_when_every_window_of_the_ledger_is_done() {
             (second, WindowState::Done)
         ]
     );
+    let status = db.store.status(&["s".to_owned()]).await.unwrap();
+    assert_eq!(status[0].position, "resumes: 1 of 2 windows left");
 
     // A window the ledger does not hold is refused, and the page with it.
     let stranger = window(at(2019, 1, 1), at(2019, 2, 1));
-    assert!(commit(done(stranger)).await.is_err());
+    let late = [department("2", "late", at(2019, 1, 15))];
+    assert!(
+        db.store
+            .commit_page(&mut lease, run, "s", &late, &[], &done(stranger))
+            .await
+            .is_err()
+    );
+    assert_eq!(db.count("SELECT count(*) FROM departments").await, 1);
 
-    commit(done(first)).await.unwrap();
+    commit(&db, &mut lease, run, &[], &done(first)).await;
     let state = db.store.load_state("s").await.unwrap();
     assert_eq!(state.high_water_mark, Some(at(2020, 6, 1)));
     assert_eq!(state.incremental, None, "a complete ledger is cleared");
-    let rows: i64 = db.scalar("SELECT count(*) FROM sync_windows").await;
-    assert_eq!(rows, 0);
+    assert_eq!(db.count("SELECT count(*) FROM sync_windows").await, 0);
+    let status = db.store.status(&["s".to_owned()]).await.unwrap();
+    assert_eq!(status[0].position, "read up to 2020-06-01 00:00:00Z");
 }
 
-#[tokio::test]
-async fn a_failed_commit_keeps_neither_rows_nor_position() {
-    let db = TestDb::new().await;
-    let mut lease = db.store.try_lock("s").await.unwrap().unwrap();
-    let run = db
-        .store
-        .start_run(&mut lease, "s", RunMode::Incremental)
-        .await
-        .unwrap();
-    // A NUL in a name makes PostgreSQL refuse the statement (the engine rejects such
-    // records before they get here; this proves the transaction, not the filter).
+async fn a_backfill_ledger_never_moves_the_mark(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let w = window(at(2020, 1, 1), at(2020, 2, 1));
+    let backfill = Checkpoint::Ledger(Ledger {
+        until: at(2020, 2, 1),
+        backfill: Some(deptsync::model::BackfillRange {
+            from: at(2020, 1, 1),
+            requested_to: None,
+        }),
+        windows: vec![LedgerWindow {
+            window: w,
+            state: WindowState::Pending,
+        }],
+    });
+    commit(&db, &mut lease, run, &[], &backfill).await;
+    let state = db.store.load_state("s").await.unwrap();
+    let Checkpoint::Ledger(planned) = &backfill else {
+        unreachable!()
+    };
+    assert_eq!(state.backfill.as_ref(), Some(planned));
+    assert_eq!(state.incremental, None);
+    assert!(
+        db.store.status(&[]).await.unwrap()[0].backfill_in_progress,
+        "status shows the backfill"
+    );
+
+    let last_page = Checkpoint::Window {
+        mode: RunMode::Backfill,
+        window: w,
+        cursor: None,
+    };
+    commit(&db, &mut lease, run, &[], &last_page).await;
+    let state = db.store.load_state("s").await.unwrap();
+    assert_eq!(state.backfill, None, "a complete backfill is cleared");
+    assert_eq!(state.high_water_mark, None);
+}
+
+async fn a_failed_commit_keeps_neither_rows_nor_position(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    // A window that ends where it starts breaks a check of sync_windows: the database
+    // refuses the checkpoint after the departments were written, and the page goes with it.
     let page = [
         department("1", "fine", at(2020, 1, 1)),
-        department("2", "bad\0", at(2020, 1, 1)),
+        department("2", "fine too", at(2020, 1, 1)),
     ];
-    let w = window(at(2020, 1, 1), at(2021, 1, 1));
-    db.store
-        .commit_page(&mut lease, run, "s", &[], &[], &plan(at(2021, 1, 1), &[w]))
-        .await
-        .unwrap();
+    let empty = window(at(2020, 1, 1), at(2020, 1, 1));
     assert!(
         db.store
-            .commit_page(&mut lease, run, "s", &page, &[], &done(w))
+            .commit_page(
+                &mut lease,
+                run,
+                "s",
+                &page,
+                &[],
+                &plan(at(2021, 1, 1), &[empty])
+            )
             .await
             .is_err()
     );
     assert_nothing_kept(&db).await;
+    // The lease writes on after a failed page.
+    let w = window(at(2020, 1, 1), at(2021, 1, 1));
+    commit(&db, &mut lease, run, &page, &plan(at(2021, 1, 1), &[w])).await;
+    assert_eq!(db.count("SELECT count(*) FROM departments").await, 2);
 }
 
-#[tokio::test]
-async fn a_page_whose_run_cannot_be_counted_is_not_kept() {
-    let db = TestDb::new().await;
+async fn a_page_whose_run_cannot_be_counted_is_not_kept(db: TestStore) {
     // The upsert and the checkpoint succeed; counting the page in a run that does not
     // exist fails last, and the whole page must go with it.
-    let unknown_run = deptsync::model::RunId(uuid::Uuid::new_v4());
+    let unknown_run = RunId(Uuid::new_v4());
     let mut lease = db.store.try_lock("s").await.unwrap().unwrap();
     let page = [department("1", "fine", at(2020, 1, 1))];
     let w = window(at(2020, 1, 1), at(2021, 1, 1));
@@ -229,7 +404,277 @@ async fn a_page_whose_run_cannot_be_counted_is_not_kept() {
             .is_err()
     );
     assert_nothing_kept(&db).await;
-    assert_eq!(db.store.load_state("s").await.unwrap().incremental, None);
+}
+
+async fn a_listing_resumes_and_an_abandoned_one_is_forgotten(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let listing = ListingProgress {
+        listing_id: Uuid::new_v4(),
+        cursor: Some("page-2".to_owned()),
+        confirms: None,
+    };
+    let page = [listed("1"), listed("2")];
+    let counts = commit(
+        &db,
+        &mut lease,
+        run,
+        &page,
+        &Checkpoint::Listing(listing.clone()),
+    )
+    .await;
+    assert_eq!(written(counts), (2, 0, 0));
+    let state = db.store.load_state("s").await.unwrap();
+    assert_eq!(state.listing, Some(listing.clone()));
+    assert_eq!(db.count("SELECT count(*) FROM listing_seen").await, 2);
+    let status = db.store.status(&["s".to_owned()]).await.unwrap();
+    assert_eq!(status[0].position, "resumes listing at page-2");
+
+    let abandoned = Checkpoint::ListingAbandoned {
+        listing_id: listing.listing_id,
+    };
+    commit(&db, &mut lease, run, &[], &abandoned).await;
+    let state = db.store.load_state("s").await.unwrap();
+    assert_eq!(state.listing, None);
+    assert_eq!(db.count("SELECT count(*) FROM listing_seen").await, 0);
+    let pages = db.count("SELECT pages FROM sync_runs").await;
+    assert_eq!(pages, 1, "an abandoned listing is bookkeeping, not a page");
+}
+
+/// Commits `ids` as one complete listing, confirming `confirms`, under the guard `guard`.
+async fn complete_listing(
+    db: &TestStore,
+    lease: &mut AnyLease,
+    run: RunId,
+    ids: &[&str],
+    confirms: Option<Uuid>,
+    guard: Option<f64>,
+) -> (Uuid, PageCounts) {
+    let listing_id = Uuid::new_v4();
+    let page: Vec<Department> = ids.iter().map(|id| listed(id)).collect();
+    let last = Checkpoint::ListingDone {
+        listing_id,
+        confirms,
+        max_delete_fraction: guard,
+    };
+    (listing_id, commit(db, lease, run, &page, &last).await)
+}
+
+async fn live_ids(db: &TestStore) -> Vec<String> {
+    let mut ids = Vec::new();
+    for id in ["1", "2", "3", "4", "5"] {
+        let live = db
+            .count(&format!(
+                "SELECT count(*) FROM departments WHERE external_id = '{id}' AND deleted_at IS NULL"
+            ))
+            .await;
+        if live == 1 {
+            ids.push(id.to_owned());
+        }
+    }
+    ids
+}
+
+async fn deleting_takes_two_complete_listings(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let guard = Some(0.5);
+    let (_, counts) =
+        complete_listing(&db, &mut lease, run, &["1", "2", "3", "4"], None, guard).await;
+    assert_eq!((counts.inserted, counts.awaiting_confirmation), (4, 0));
+
+    // One listing misses "4": nothing is deleted yet; it awaits a confirming listing.
+    let (first, counts) =
+        complete_listing(&db, &mut lease, run, &["1", "2", "3"], None, guard).await;
+    assert_eq!((counts.deleted, counts.awaiting_confirmation), (0, 1));
+    let state = db.store.load_state("s").await.unwrap();
+    assert_eq!(state.pending_confirmation, Some(first));
+    assert_eq!(state.listing, None);
+    assert_eq!(live_ids(&db).await, ["1", "2", "3", "4"]);
+
+    // The confirming listing sees "3" gone too, but "3" was seen by the first: only what
+    // both missed is deleted.
+    let (_, counts) = complete_listing(&db, &mut lease, run, &["1", "2"], Some(first), guard).await;
+    assert_eq!((counts.deleted, counts.withheld_deletions), (1, None));
+    assert_eq!(live_ids(&db).await, ["1", "2", "3"]);
+    let state = db.store.load_state("s").await.unwrap();
+    assert_eq!(state.pending_confirmation, None);
+    assert_eq!(db.count("SELECT count(*) FROM listing_seen").await, 0);
+    let deleted = db.count("SELECT deleted FROM sync_runs").await;
+    assert_eq!(deleted, 1);
+    let status = db.store.status(&["s".to_owned()]).await.unwrap();
+    assert_eq!((status[0].live_rows, status[0].deleted_rows), (3, 1));
+
+    // A department that comes back is live again.
+    let (_, counts) =
+        complete_listing(&db, &mut lease, run, &["1", "2", "3", "4"], None, guard).await;
+    assert_eq!((counts.updated, counts.awaiting_confirmation), (1, 0));
+    assert_eq!(live_ids(&db).await, ["1", "2", "3", "4"]);
+}
+
+async fn the_mass_deletion_guard_withholds_until_a_person_confirms(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let guard = Some(0.5);
+    complete_listing(&db, &mut lease, run, &["1", "2", "3", "4"], None, guard).await;
+
+    // An empty listing, confirmed by another: 4 of 4 is more than half.
+    let (first, counts) = complete_listing(&db, &mut lease, run, &[], None, guard).await;
+    assert_eq!(counts.awaiting_confirmation, 4);
+    let (_, counts) = complete_listing(&db, &mut lease, run, &[], Some(first), guard).await;
+    assert_eq!(counts.deleted, 0);
+    let withheld = counts.withheld_deletions.expect("the guard withholds");
+    assert_eq!((withheld.would_delete, withheld.live), (4, 4));
+    assert_eq!(live_ids(&db).await, ["1", "2", "3", "4"]);
+    assert_eq!(
+        db.store.load_state("s").await.unwrap().pending_confirmation,
+        None
+    );
+
+    // Rows the listings themselves add do not dilute the guard's base: 3 of the 4 rows
+    // live before is too many, though it would be only 3 of 9 counting the 5 new ones.
+    let listing = ["1", "5", "6", "7", "8", "9"];
+    let (first, counts) = complete_listing(&db, &mut lease, run, &listing, None, guard).await;
+    assert_eq!((counts.inserted, counts.awaiting_confirmation), (5, 3));
+    let (_, counts) = complete_listing(&db, &mut lease, run, &listing, Some(first), guard).await;
+    let withheld = counts
+        .withheld_deletions
+        .expect("3 of the 4 live before is too many");
+    assert_eq!((withheld.would_delete, withheld.live), (3, 4));
+    assert_eq!(live_ids(&db).await, ["1", "2", "3", "4", "5"]);
+
+    // A person confirms (no guard): the chain deletes what both listings missed.
+    let (first, _) = complete_listing(&db, &mut lease, run, &listing, None, None).await;
+    let (_, counts) = complete_listing(&db, &mut lease, run, &listing, Some(first), None).await;
+    assert_eq!((counts.deleted, counts.withheld_deletions), (3, None));
+    assert_eq!(live_ids(&db).await, ["1", "5"]);
+}
+
+async fn rejected_records_are_kept_once_and_counted(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let bad = |name: &str| RejectedRecord {
+        external_id: Some("7".to_owned()),
+        reason: "the name is empty".to_owned(),
+        payload: serde_json::json!({ "id": "7", "name": name, "nul": "a\u{0}b" }),
+    };
+    let w = window(at(2020, 1, 1), at(2021, 1, 1));
+    commit(&db, &mut lease, run, &[], &plan(at(2021, 1, 1), &[w])).await;
+    let in_progress = |cursor: &str| Checkpoint::Window {
+        mode: RunMode::Incremental,
+        window: w,
+        cursor: Some(cursor.to_owned()),
+    };
+    for (cursor, records) in [("a", vec![bad("")]), ("b", vec![bad(""), bad(" ")])] {
+        let counts = db
+            .store
+            .commit_page(&mut lease, run, "s", &[], &records, &in_progress(cursor))
+            .await
+            .unwrap();
+        assert_eq!(counts.rejected, records.len() as u64);
+    }
+    assert_eq!(db.count("SELECT count(*) FROM rejected_records").await, 2);
+    let seen = db
+        .count("SELECT max(times_seen) FROM rejected_records")
+        .await;
+    assert_eq!(seen, 2, "the same payload seen twice is one row seen twice");
+    assert_eq!(db.count("SELECT rejected FROM sync_runs").await, 3);
+    let status = db.store.status(&["s".to_owned()]).await.unwrap();
+    assert_eq!(status[0].rejected_records, 2);
+}
+
+async fn status_has_a_line_per_source(db: TestStore) {
+    let names = ["s".to_owned(), "never".to_owned()];
+    let status = db.store.status(&names).await.unwrap();
+    assert_eq!(
+        status
+            .iter()
+            .map(|s| (s.source.as_str(), s.state.as_str(), s.position.as_str()))
+            .collect::<Vec<_>>(),
+        [("never", "never run", "-"), ("s", "never run", "-")]
+    );
+
+    // A run left running by a process that died is closed by the next start.
+    let (mut lease, abandoned) = locked_run(&db).await;
+    let run = db
+        .store
+        .start_run(&mut lease, "s", RunMode::Incremental)
+        .await
+        .unwrap();
+    commit_windowed(
+        &db,
+        &mut lease,
+        run,
+        &[department("1", "one", at(2020, 1, 1))],
+    )
+    .await;
+    db.store
+        .finish_run(run, &RunOutcome::Succeeded)
+        .await
+        .unwrap();
+    let failing = db
+        .store
+        .start_run(&mut lease, "s", RunMode::Incremental)
+        .await
+        .unwrap();
+    let error = "fetching page 1: upstream answered 500".to_owned();
+    db.store
+        .finish_run(
+            failing,
+            &RunOutcome::Failed {
+                error: error.clone(),
+            },
+        )
+        .await
+        .unwrap();
+
+    let status = db.store.status(&names).await.unwrap();
+    let s = status.iter().find(|s| s.source == "s").unwrap();
+    assert_eq!(s.state, "failed");
+    assert_eq!(s.last_error.as_deref(), Some(error.as_str()));
+    assert!(s.last_success_at.is_some());
+    assert!(s.last_success_at <= s.last_error_at, "{s:?}");
+    assert!(s.first_run_at <= s.last_run_started_at, "{s:?}");
+    assert!(s.last_run_finished_at.is_some());
+    assert_eq!((s.live_rows, s.deleted_rows, s.rejected_records), (1, 0, 0));
+    assert_eq!(s.high_water_mark, Some(at(2022, 1, 1)));
+    assert!(!s.backfill_in_progress);
+    let first_error = db
+        .text(&format!(
+            "SELECT error FROM sync_runs WHERE run_id = '{}'",
+            abandoned.0
+        ))
+        .await
+        .unwrap_or_default();
+    assert!(first_error.starts_with("abandoned"), "{first_error}");
+
+    // Sources the store knows but the config no longer names are listed too.
+    let status = db.store.status(&[]).await.unwrap();
+    assert_eq!(status.len(), 1);
+}
+
+async fn a_source_has_one_lock_holder_at_a_time(db: TestStore) {
+    let lease = db
+        .store
+        .try_lock("s")
+        .await
+        .unwrap()
+        .expect("the lock is free");
+    assert!(
+        db.store.try_lock("s").await.unwrap().is_none(),
+        "a second holder while the first lives"
+    );
+    let other = db
+        .store
+        .try_lock("t")
+        .await
+        .unwrap()
+        .expect("another source has a lock of its own");
+    db.store.unlock(lease).await;
+    let again = db
+        .store
+        .try_lock("s")
+        .await
+        .unwrap()
+        .expect("free once unlocked");
+    db.store.unlock(again).await;
+    db.store.unlock(other).await;
 }
 
 #[tokio::test]
@@ -281,4 +726,269 @@ async fn a_lost_lock_loses_the_write_too() {
         .start_run(&mut other, "s", RunMode::Incremental)
         .await
         .unwrap();
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn the_binary_syncs_into_an_sqlite_file_and_reports_its_status() {
+    let dir = TempDir::new();
+    let fake = FakeMews::start().await;
+    let from = Utc.with_ymd_and_hms(2019, 6, 1, 0, 0, 0).unwrap();
+    fake.generate(250, 2, from, Utc::now() - chrono::Duration::hours(1));
+    let url = sqlite_url(&dir.join("deptsync.db"));
+    let config = dir.join("deptsync.toml");
+    std::fs::write(
+        &config,
+        mews_config(&url, "mews-main", &fake.base_url, "page_size = 100"),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+
+    let output = run_binary(&["sync", "--config", config], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    fake.assert_no_violations();
+
+    // Once more: nothing changed upstream, so nothing is written.
+    let output = run_binary(&["sync", "--config", config], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let (rows, enterprises): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT scope_id) FROM departments
+         WHERE source = 'mews-main' AND is_active AND deleted_at IS NULL",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((rows, enterprises), (250, 2));
+    let expected = &fake.departments()[0];
+    let (name, raw_name, updated): (String, String, String) = sqlx::query_as(
+        "SELECT name, raw ->> 'Name', source_updated_at FROM departments WHERE external_id = ?1",
+    )
+    .bind(expected.id.to_string())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (name.as_str(), raw_name.as_str()),
+        (expected.name(), expected.name())
+    );
+    assert_eq!(
+        updated,
+        expected
+            .updated
+            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string(),
+        "timestamps are RFC 3339 text in UTC"
+    );
+    let runs: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT status, inserted, updated, unchanged FROM sync_runs ORDER BY started_at",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0], ("succeeded".to_owned(), 250, 0, 0));
+    assert_eq!((runs[1].1, runs[1].2), (0, 0), "{runs:?}");
+    let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(journal, "wal");
+    pool.close().await;
+
+    let output = run_binary(&["--config", config, "status", "--json"], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status[0]["source"], "mews-main");
+    assert_eq!(status[0]["state"], "succeeded");
+    assert_eq!(status[0]["live_rows"], 250);
+    assert!(status[0]["last_success_at"].is_string());
+    let output = run_binary(&["--config", config, "status"], &[]).await;
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        table.contains("mews-main") && table.contains("250"),
+        "{table}"
+    );
+}
+
+#[tokio::test]
+async fn a_manual_sync_beside_a_holder_of_the_sqlite_lock_skips_the_source() {
+    let dir = TempDir::new();
+    let fake = FakeMews::start().await;
+    let url = sqlite_url(&dir.join("deptsync.db"));
+    let config = dir.join("deptsync.toml");
+    std::fs::write(&config, mews_config(&url, "mews", &fake.base_url, "")).unwrap();
+    let config = config.to_str().unwrap();
+    let store = deptsync::store::AnyStore::open(&url.clone().into())
+        .await
+        .unwrap();
+    let lease = store
+        .try_lock("mews")
+        .await
+        .unwrap()
+        .expect("the lock is free");
+
+    let output = run_binary(&["--config", config, "sync"], &[]).await;
+
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("another process is syncing"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(fake.requests().is_empty());
+    store.unlock(lease).await;
+    let output = run_binary(&["--config", config, "sync"], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
+
+#[tokio::test]
+async fn without_a_database_the_commands_use_deptsync_db_in_the_working_directory() {
+    let dir = TempDir::new();
+    let config = dir.join("deptsync.toml");
+    let text = mews_config("unused", "mews", "http://127.0.0.1:9", "");
+    let without_database = &text[text.find("[[sources]]").unwrap()..];
+    std::fs::write(&config, without_database).unwrap();
+    let config = config.to_str().unwrap();
+
+    // status only reads: it says the file is missing, and does not create it.
+    let output = run_binary_in(&dir.path, &["--config", config, "status"], &[]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("deptsync.db does not exist"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!dir.join("deptsync.db").exists());
+
+    let output = run_binary_in(&dir.path, &["--config", config, "migrate"], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(dir.join("deptsync.db").exists());
+    let output = run_binary_in(&dir.path, &["--config", config, "status", "--json"], &[]).await;
+    // Never run: stale (exit 3), but answered from the new file.
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status[0]["state"], "never run");
+}
+
+#[tokio::test]
+async fn a_database_url_of_another_kind_exits_2() {
+    let dir = TempDir::new();
+    let config = dir.join("deptsync.toml");
+    std::fs::write(
+        &config,
+        mews_config("mysql://u:hunter2@h/db", "mews", "http://127.0.0.1:9", ""),
+    )
+    .unwrap();
+    let output = run_binary(&["--config", config.to_str().unwrap(), "sync"], &[]).await;
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(message.contains("database.url"), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+}
+
+/// Two Mews sources, each on a fake of its own with `count` departments, in one config
+/// whose database is `url`.
+async fn two_mews_sources(url: &str, count: usize) -> (FakeMews, FakeMews, String) {
+    let from = Utc.with_ymd_and_hms(2019, 6, 1, 0, 0, 0).unwrap();
+    let to = Utc::now() - chrono::Duration::hours(1);
+    let (a, b) = (FakeMews::start().await, FakeMews::start().await);
+    a.generate(count, 1, from, to);
+    b.generate(count, 1, from, to);
+    let mut text = mews_config(url, "a", &a.base_url, "page_size = 100");
+    let second = mews_config(url, "b", &b.base_url, "page_size = 100");
+    text.push_str(&second[second.find("[[sources]]").unwrap()..]);
+    (a, b, text)
+}
+
+#[tokio::test]
+async fn two_processes_write_one_sqlite_file_at_once() {
+    let dir = TempDir::new();
+    let url = sqlite_url(&dir.join("deptsync.db"));
+    let (a, b, text) = two_mews_sources(&url, 1500).await;
+    let config = dir.join("deptsync.toml");
+    std::fs::write(&config, text).unwrap();
+    let config = config.to_str().unwrap();
+
+    // Each process syncs its own source; their pages take turns at the file's write lock.
+    let sync_a = ["--config", config, "sync", "--source", "a"];
+    let sync_b = ["--config", config, "sync", "--source", "b"];
+    let (first, second) = tokio::join!(run_binary(&sync_a, &[]), run_binary(&sync_b, &[]));
+
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
+    a.assert_no_violations();
+    b.assert_no_violations();
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT source, count(*) FROM departments GROUP BY source ORDER BY source")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, [("a".to_owned(), 1500), ("b".to_owned(), 1500)]);
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
+#[tokio::test]
+async fn the_service_runs_on_an_sqlite_file() {
+    let dir = TempDir::new();
+    let url = sqlite_url(&dir.join("deptsync.db"));
+    let (a, b, text) = two_mews_sources(&url, 300).await;
+    let settings = deptsync::config::Settings::parse(&text, &|_| None).unwrap();
+    let daemon = deptsync::daemon::Daemon::build(settings).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(daemon.run_until(async {
+        let _ = stopped.await;
+    }));
+
+    // Both sources run once at start, at the same time, into the one file.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let succeeded = loop {
+        let runs = match sqlx::SqlitePool::connect(&url).await {
+            Ok(pool) => {
+                let n: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM sync_runs WHERE status = 'succeeded'")
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap_or(0);
+                pool.close().await;
+                n
+            }
+            Err(_) => 0,
+        };
+        if runs == 2 || tokio::time::Instant::now() > deadline {
+            break runs;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let _ = stop.send(());
+    tokio::time::timeout(std::time::Duration::from_secs(15), running)
+        .await
+        .expect("the service did not stop within 15 s")
+        .unwrap()
+        .unwrap();
+
+    assert_eq!(succeeded, 2, "both sources' first passes succeed");
+    a.assert_no_violations();
+    b.assert_no_violations();
+    let store =
+        deptsync::store::AnyStore::connect(&url.clone().into(), deptsync::store::IfMissing::Fail)
+            .await
+            .unwrap();
+    let status = store.status(&[]).await.unwrap();
+    assert_eq!(
+        status
+            .iter()
+            .map(|s| (s.source.as_str(), s.state.as_str(), s.live_rows))
+            .collect::<Vec<_>>(),
+        [("a", "succeeded", 300), ("b", "succeeded", 300)]
+    );
 }

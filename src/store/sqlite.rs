@@ -1,0 +1,1034 @@
+//! The SQLite store: one file beside the binary, the embedded default.
+//!
+//! The same tables (`migrations/sqlite/`) and the same guarantees as PostgreSQL; where
+//! SQLite differs, this module makes up for it:
+//!
+//! - **Writers queue, never fail half way.** Every write transaction begins with
+//!   `BEGIN IMMEDIATE`, which takes SQLite's one write lock at once, waiting up to
+//!   [`BUSY_TIMEOUT`] while another connection or process holds it (a deferred transaction
+//!   that read first could only give up when it came to write). The journal is a WAL, so
+//!   readers (`status`, the next page's state) never wait for the writer, and a process
+//!   killed at any moment leaves the file whole.
+//! - **Timestamps are text.** RFC 3339 in UTC with six fractional digits, one fixed width,
+//!   so comparing and ordering the text compares and orders the instants. A transaction
+//!   takes its instant once, after it holds the write lock (PostgreSQL's `now()`), so one
+//!   commit's instants never precede an earlier commit's.
+//! - **The per-source lock is a file lock.** An OS lock (`flock`) on `<db>.<source>.lock`
+//!   beside the database: a second process (a manual `sync` beside the service) finds it
+//!   taken and skips the source, and the lock dies with the process that held it, however
+//!   that process ends. The lease holds the locked file and the connection the pass
+//!   writes through.
+//! - **No `md5()` in SQLite:** `rejected_records.payload_md5` is computed here, the same
+//!   hex digest PostgreSQL's generated column holds.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use md5::{Digest, Md5};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Connection, Row, Sqlite, SqlitePool, Transaction};
+use uuid::Uuid;
+
+use super::{
+    Deletions, IfMissing, Store, StoreError, UnseenVerdict, describe_position, escape_nul,
+    judge_unseen, newest_versions, seen_ids,
+};
+use crate::model::{
+    BackfillRange, Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts,
+    RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
+};
+
+/// deptsync's SQLite migrations, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+const UPSERT_DEPARTMENTS: &str = include_str!("queries/sqlite/upsert_departments.sql");
+const STATUS: &str = include_str!("queries/sqlite/status.sql");
+const COUNT_UNSEEN: &str = include_str!("queries/sqlite/count_unseen.sql");
+const MARK_UNSEEN_DELETED: &str = include_str!("queries/sqlite/mark_unseen_deleted.sql");
+
+/// How long a write waits for another writer (another source's page, another process)
+/// before it fails.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a write transaction begins: with the write lock (see the module's docs).
+const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+
+fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Database { context, source }
+}
+
+/// The file an `sqlite:` URL names (relative to the working directory unless absolute),
+/// or why it names none. Does no I/O.
+pub fn database_path(url: &str) -> Result<PathBuf, String> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .ok_or_else(|| "is not an SQLite URL (sqlite://path/to/file.db)".to_owned())?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() || path == ":memory:" || query.split('&').any(|p| p == "mode=memory") {
+        return Err(
+            "names no file: deptsync keeps its data in an SQLite file, e.g. \
+             sqlite://deptsync.db (relative to the working directory) or \
+             sqlite:///var/lib/deptsync/deptsync.db"
+                .to_owned(),
+        );
+    }
+    let options = SqliteConnectOptions::from_str(url).map_err(|e| format!("is not usable: {e}"))?;
+    Ok(options.get_filename().to_owned())
+}
+
+/// An instant as the SQLite tables keep it: RFC 3339, UTC, fixed width.
+fn stamp(instant: DateTime<Utc>) -> String {
+    instant.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// `column` of `row`, or an error saying the stored value is not what deptsync wrote.
+fn get<'r, T>(row: &'r SqliteRow, column: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    row.try_get(column).map_err(db("reading a stored row"))
+}
+
+/// A uuid kept as text.
+fn uuid_in(row: &SqliteRow, column: &str) -> Result<Option<Uuid>, StoreError> {
+    get::<Option<String>>(row, column)?
+        .map(|text| {
+            Uuid::parse_str(&text)
+                .map_err(|e| StoreError::Corrupt(format!("{column} {text:?} is not a uuid: {e}")))
+        })
+        .transpose()
+}
+
+/// A store in one SQLite file.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    /// The database file, beside which the lock files are.
+    path: Arc<Path>,
+}
+
+/// A source's lock: the locked lock file, and the connection the pass writes through.
+pub struct SqliteLease {
+    lock: File,
+    connection: SqliteConnection,
+}
+
+/// A department of a page as the upsert reads it (a JSON array of these).
+#[derive(Serialize)]
+struct IncomingDepartment<'a> {
+    external_id: &'a str,
+    scope_id: Option<&'a str>,
+    name: &'a str,
+    is_active: bool,
+    parent_external_id: Option<&'a str>,
+    source_created_at: Option<String>,
+    source_updated_at: Option<String>,
+    raw: &'a serde_json::Value,
+}
+
+impl SqliteStore {
+    /// Opens the database file `url` names; with [`IfMissing::Create`], creates it when
+    /// missing (not its directory).
+    pub async fn connect(
+        url: &SecretString,
+        if_missing: IfMissing,
+    ) -> Result<SqliteStore, StoreError> {
+        let path = database_path(url.expose_secret()).map_err(StoreError::Url)?;
+        if !path.exists() {
+            if if_missing == IfMissing::Fail {
+                return Err(StoreError::Missing { path });
+            }
+            tracing::info!(path = %path.display(), "database file does not exist; creating it");
+        }
+        let options = SqliteConnectOptions::from_str(url.expose_secret())
+            .map_err(db("parsing the database url"))?
+            .create_if_missing(if_missing == IfMissing::Create)
+            .busy_timeout(BUSY_TIMEOUT)
+            // Safe in WAL mode: a power cut may lose the last commits, never the file.
+            .synchronous(SqliteSynchronous::Normal);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(15))
+            .connect_with(options)
+            .await
+            .map_err(db("opening the database file"))?;
+        Ok(SqliteStore {
+            pool,
+            path: path.into(),
+        })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db("asking the database"))?;
+        Ok(())
+    }
+
+    /// Connects, creating the file when missing, and applies the pending migrations: how
+    /// every command that writes opens its store.
+    pub async fn open(url: &SecretString) -> Result<SqliteStore, StoreError> {
+        let store = SqliteStore::connect(url, IfMissing::Create).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Switches the file to WAL and applies the migrations that have not run yet, one
+    /// process at a time: SQLite's migrator takes no lock of its own, and two processes
+    /// starting on a new file at once would both apply the first migration.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let path = self.lock_path(None);
+        let lock = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || open_lock_file(&path).and_then(|file| file.lock().map(|()| file))
+        })
+        .await
+        .map_err(|e| StoreError::LockFile {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(|source| StoreError::LockFile { path, source })?;
+        // Persistent: set once, every later connection finds the file in WAL mode.
+        sqlx::query("PRAGMA journal_mode = WAL")
+            .execute(&self.pool)
+            .await
+            .map_err(db("switching the database to WAL"))?;
+        let migrated = MIGRATOR.run(&self.pool).await;
+        drop(lock);
+        Ok(migrated?)
+    }
+
+    /// The lock file of `source`, or with `None` the one migrations take.
+    fn lock_path(&self, source: Option<&str>) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        if let Some(source) = source {
+            name.push(".");
+            name.push(file_name_safe(source));
+        }
+        name.push(".lock");
+        PathBuf::from(name)
+    }
+
+    /// Moves `source` to `checkpoint`. For a full listing, first records the ids the page
+    /// saw and, after its last page, marks what the listings did not see deleted.
+    async fn apply_checkpoint(
+        tx: &mut Transaction<'_, Sqlite>,
+        source: &str,
+        now: &str,
+        checkpoint: &Checkpoint,
+        departments: &[Department],
+        rejected: &[RejectedRecord],
+    ) -> Result<Deletions, StoreError> {
+        let seen = || seen_ids(departments, rejected);
+        match checkpoint {
+            Checkpoint::Ledger(ledger) => {
+                Self::write_ledger(tx, source, ledger).await?;
+                let query = match ledger.backfill {
+                    None => sqlx::query(
+                        "INSERT INTO sync_state (source, incremental_until, updated_at)
+                         VALUES (?1, ?2, ?3)
+                         ON CONFLICT (source) DO UPDATE SET
+                             incremental_until = excluded.incremental_until,
+                             updated_at = excluded.updated_at",
+                    )
+                    .bind(source)
+                    .bind(stamp(ledger.until))
+                    .bind(now),
+                    Some(range) => sqlx::query(
+                        "INSERT INTO sync_state
+                             (source, backfill_from, backfill_to, backfill_until, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (source) DO UPDATE SET
+                             backfill_from = excluded.backfill_from,
+                             backfill_to = excluded.backfill_to,
+                             backfill_until = excluded.backfill_until,
+                             updated_at = excluded.updated_at",
+                    )
+                    .bind(source)
+                    .bind(stamp(range.from))
+                    .bind(range.requested_to.map(stamp))
+                    .bind(stamp(ledger.until))
+                    .bind(now),
+                };
+                query
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db("saving the checkpoint"))?;
+            }
+            Checkpoint::Window {
+                mode,
+                window,
+                cursor,
+            } => {
+                Self::move_window(tx, source, now, *mode, window, cursor.as_deref()).await?;
+            }
+            Checkpoint::Listing(progress) => {
+                Self::record_seen(tx, source, progress.listing_id, &seen()).await?;
+                sqlx::query(
+                    // A first listing starts the clock of the mass-deletion guard; the same
+                    // listing going on, or a confirming one, keeps it.
+                    "INSERT INTO sync_state AS s (source, listing_id, listing_cursor,
+                                                  listing_confirms, listing_started_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                     ON CONFLICT (source) DO UPDATE SET
+                         listing_started_at = CASE
+                             WHEN s.listing_id = excluded.listing_id
+                                  OR excluded.listing_confirms IS NOT NULL
+                             THEN COALESCE(s.listing_started_at, ?5)
+                             ELSE ?5 END,
+                         listing_id = excluded.listing_id,
+                         listing_cursor = excluded.listing_cursor,
+                         listing_confirms = excluded.listing_confirms,
+                         updated_at = ?5",
+                )
+                .bind(source)
+                .bind(progress.listing_id.to_string())
+                .bind(progress.cursor.as_deref())
+                .bind(progress.confirms.map(|id| id.to_string()))
+                .bind(now)
+                .execute(&mut **tx)
+                .await
+                .map_err(db("saving the checkpoint"))?;
+            }
+            Checkpoint::ListingDone {
+                listing_id,
+                confirms,
+                max_delete_fraction,
+            } => {
+                Self::record_seen(tx, source, *listing_id, &seen()).await?;
+                let deletions = Self::delete_unseen(
+                    tx,
+                    source,
+                    now,
+                    *listing_id,
+                    *confirms,
+                    *max_delete_fraction,
+                )
+                .await?;
+                if deletions.awaiting_confirmation > 0 {
+                    // Keep what this listing saw, for the confirming listing to compare.
+                    sqlx::query(
+                        "INSERT INTO sync_state AS s
+                             (source, listing_confirms, listing_started_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?3)
+                         ON CONFLICT (source) DO UPDATE SET
+                             listing_id = NULL,
+                             listing_cursor = NULL,
+                             listing_confirms = excluded.listing_confirms,
+                             listing_started_at = CASE WHEN s.listing_id = ?2
+                                                       THEN s.listing_started_at ELSE ?3 END,
+                             updated_at = ?3",
+                    )
+                    .bind(source)
+                    .bind(listing_id.to_string())
+                    .bind(now)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db("saving the checkpoint"))?;
+                } else {
+                    Self::end_listings(tx, source, now, [Some(*listing_id), *confirms]).await?;
+                }
+                return Ok(deletions);
+            }
+            Checkpoint::ListingAbandoned { listing_id } => {
+                // Forget what it saw; a confirming listing stays one when it starts again.
+                sqlx::query("DELETE FROM listing_seen WHERE source = ?1 AND listing_id = ?2")
+                    .bind(source)
+                    .bind(listing_id.to_string())
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db("forgetting an abandoned listing"))?;
+                sqlx::query(
+                    "UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, updated_at = ?2
+                     WHERE source = ?1",
+                )
+                .bind(source)
+                .bind(now)
+                .execute(&mut **tx)
+                .await
+                .map_err(db("saving the checkpoint"))?;
+            }
+        }
+        Ok(Deletions::default())
+    }
+
+    /// A page of `window` is stored: the window goes on at `cursor`, or is done; when it
+    /// was the last window not done, the pass is complete: its ledger is cleared and, for
+    /// an incremental pass, the high-water mark moves to the pass's end.
+    async fn move_window(
+        tx: &mut Transaction<'_, Sqlite>,
+        source: &str,
+        now: &str,
+        mode: RunMode,
+        window: &Window,
+        cursor: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let moved = sqlx::query(
+            "UPDATE sync_windows
+             SET state = CASE WHEN ?5 IS NULL THEN 'done' ELSE 'in_progress' END, cursor = ?5
+             WHERE source = ?1 AND mode = ?2 AND window_start = ?3 AND window_end = ?4",
+        )
+        .bind(source)
+        .bind(mode.as_str())
+        .bind(stamp(window.start))
+        .bind(stamp(window.end))
+        .bind(cursor)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("saving the window's position"))?
+        .rows_affected();
+        if moved != 1 {
+            // Dropping the transaction rolls the page back with it.
+            return Err(StoreError::Corrupt(format!(
+                "window {window} is not in the {} ledger of {source}",
+                mode.as_str()
+            )));
+        }
+        if cursor.is_some() {
+            return Ok(());
+        }
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sync_windows WHERE source = ?1 AND mode = ?2 AND state <> 'done'",
+        )
+        .bind(source)
+        .bind(mode.as_str())
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db("counting the windows left"))?;
+        if left > 0 {
+            return Ok(());
+        }
+        sqlx::query("DELETE FROM sync_windows WHERE source = ?1 AND mode = ?2")
+            .bind(source)
+            .bind(mode.as_str())
+            .execute(&mut **tx)
+            .await
+            .map_err(db("clearing the finished ledger"))?;
+        let finish = match mode {
+            // SQLite's max() of a NULL is NULL, where GREATEST ignores it; the mark never
+            // moves backwards.
+            RunMode::Incremental => {
+                "UPDATE sync_state
+                 SET high_water_mark = COALESCE(max(high_water_mark, incremental_until),
+                                                high_water_mark, incremental_until),
+                     incremental_until = NULL, updated_at = ?2
+                 WHERE source = ?1"
+            }
+            RunMode::Backfill => {
+                "UPDATE sync_state
+                 SET backfill_from = NULL, backfill_to = NULL, backfill_until = NULL,
+                     updated_at = ?2
+                 WHERE source = ?1"
+            }
+        };
+        sqlx::query(finish)
+            .bind(source)
+            .bind(now)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("saving the checkpoint"))?;
+        Ok(())
+    }
+
+    /// Replaces the `ledger.mode()` ledger of `source` with `ledger`'s windows.
+    async fn write_ledger(
+        tx: &mut Transaction<'_, Sqlite>,
+        source: &str,
+        ledger: &Ledger,
+    ) -> Result<(), StoreError> {
+        let mode = ledger.mode().as_str();
+        sqlx::query("DELETE FROM sync_windows WHERE source = ?1 AND mode = ?2")
+            .bind(source)
+            .bind(mode)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("replacing the window ledger"))?;
+        for entry in &ledger.windows {
+            let (state, cursor) = match &entry.state {
+                WindowState::Pending => ("pending", None),
+                WindowState::InProgress { cursor } => ("in_progress", Some(cursor.as_str())),
+                WindowState::Done => ("done", None),
+            };
+            sqlx::query(
+                "INSERT INTO sync_windows (source, mode, window_start, window_end, state, cursor)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .bind(source)
+            .bind(mode)
+            .bind(stamp(entry.window.start))
+            .bind(stamp(entry.window.end))
+            .bind(state)
+            .bind(cursor)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("writing the window ledger"))?;
+        }
+        Ok(())
+    }
+
+    /// The windows of `source`'s `mode` ledger, oldest first.
+    async fn read_ledger(
+        &self,
+        source: &str,
+        mode: RunMode,
+    ) -> Result<Vec<LedgerWindow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT window_start, window_end, state, cursor FROM sync_windows
+             WHERE source = ?1 AND mode = ?2 ORDER BY window_start",
+        )
+        .bind(source)
+        .bind(mode.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("loading the window ledger"))?;
+        rows.iter()
+            .map(|row| {
+                let window = Window {
+                    start: get(row, "window_start")?,
+                    end: get(row, "window_end")?,
+                };
+                let state = match (
+                    get::<String>(row, "state")?.as_str(),
+                    get::<Option<String>>(row, "cursor")?,
+                ) {
+                    ("pending", _) => WindowState::Pending,
+                    ("done", _) => WindowState::Done,
+                    ("in_progress", Some(cursor)) => WindowState::InProgress { cursor },
+                    (state, _) => {
+                        return Err(StoreError::Corrupt(format!(
+                            "window {window} of {source} is in an unknown state {state:?}"
+                        )));
+                    }
+                };
+                Ok(LedgerWindow { window, state })
+            })
+            .collect()
+    }
+
+    async fn record_seen(
+        tx: &mut Transaction<'_, Sqlite>,
+        source: &str,
+        listing_id: Uuid,
+        seen: &[&str],
+    ) -> Result<(), StoreError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let ids = serde_json::to_string(seen)
+            .map_err(|e| StoreError::Corrupt(format!("ids not serializable: {e}")))?;
+        sqlx::query(
+            "INSERT INTO listing_seen (source, listing_id, external_id)
+             SELECT ?1, ?2, value FROM json_each(?3) WHERE true
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(source)
+        .bind(listing_id.to_string())
+        .bind(ids)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("recording the departments the listing saw"))?;
+        Ok(())
+    }
+
+    /// Counts the live departments of `source` that the complete listing `listing_id`
+    /// (and `confirms`, the listing it confirms) did not see, and deletes them or keeps
+    /// them as [`judge_unseen`] says.
+    async fn delete_unseen(
+        tx: &mut Transaction<'_, Sqlite>,
+        source: &str,
+        now: &str,
+        listing_id: Uuid,
+        confirms: Option<Uuid>,
+        max_delete_fraction: Option<f64>,
+    ) -> Result<Deletions, StoreError> {
+        let listing_id = listing_id.to_string();
+        let confirms_id = confirms.map(|id| id.to_string());
+        let (live, unseen): (i64, i64) = sqlx::query_as(COUNT_UNSEEN)
+            .bind(source)
+            .bind(&listing_id)
+            .bind(&confirms_id)
+            .bind(now)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(db("counting the departments the listing did not see"))?;
+        if let UnseenVerdict::Keep(kept) =
+            judge_unseen(live as u64, unseen as u64, confirms, max_delete_fraction)
+        {
+            return Ok(kept);
+        }
+        let deleted = sqlx::query(MARK_UNSEEN_DELETED)
+            .bind(source)
+            .bind(&listing_id)
+            .bind(&confirms_id)
+            .bind(now)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("marking unlisted departments deleted"))?
+            .rows_affected();
+        Ok(Deletions {
+            deleted,
+            ..Deletions::default()
+        })
+    }
+
+    /// Forgets what `listings` saw and clears the source's listing state.
+    async fn end_listings(
+        tx: &mut Transaction<'_, Sqlite>,
+        source: &str,
+        now: &str,
+        listings: [Option<Uuid>; 2],
+    ) -> Result<(), StoreError> {
+        let [first, second] = listings.map(|id| id.map(|id| id.to_string()));
+        sqlx::query("DELETE FROM listing_seen WHERE source = ?1 AND listing_id IN (?2, ?3)")
+            .bind(source)
+            .bind(first)
+            .bind(second)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("forgetting the completed listings"))?;
+        sqlx::query(
+            "UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL,
+                                   listing_confirms = NULL, listing_started_at = NULL,
+                                   updated_at = ?2
+             WHERE source = ?1",
+        )
+        .bind(source)
+        .bind(now)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("saving the checkpoint"))?;
+        Ok(())
+    }
+
+    async fn upsert_departments(
+        tx: &mut Transaction<'_, Sqlite>,
+        source: &str,
+        now: &str,
+        departments: &[Department],
+    ) -> Result<(u64, u64), StoreError> {
+        if departments.is_empty() {
+            return Ok((0, 0));
+        }
+        // One statement cannot touch a row twice: keep the newest version of each id.
+        let rows: Vec<IncomingDepartment<'_>> = newest_versions(departments)
+            .into_iter()
+            .map(|d| IncomingDepartment {
+                external_id: &d.external_id,
+                scope_id: d.scope_id.as_deref(),
+                name: &d.name,
+                is_active: d.is_active,
+                parent_external_id: d.parent_external_id.as_deref(),
+                source_created_at: d.source_created_at.map(stamp),
+                source_updated_at: d.source_updated_at.map(stamp),
+                raw: &d.raw,
+            })
+            .collect();
+        let page = serde_json::to_string(&rows)
+            .map_err(|e| StoreError::Corrupt(format!("page not serializable: {e}")))?;
+        // The ids already stored: the upsert inserts every other one.
+        let existing: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM departments
+             WHERE source = ?1
+               AND external_id IN (SELECT value ->> 'external_id' FROM json_each(?2))",
+        )
+        .bind(source)
+        .bind(&page)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db("counting the stored departments"))?;
+        let written = sqlx::query(UPSERT_DEPARTMENTS)
+            .bind(source)
+            .bind(now)
+            .bind(&page)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("upserting departments"))?
+            .rows_affected();
+        let inserted = rows.len() as u64 - existing as u64;
+        let updated = written.checked_sub(inserted).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "the upsert wrote {written} rows, fewer than the {inserted} new ones"
+            ))
+        })?;
+        Ok((inserted, updated))
+    }
+
+    async fn keep_rejected(
+        tx: &mut Transaction<'_, Sqlite>,
+        source: &str,
+        now: &str,
+        rejected: &[RejectedRecord],
+    ) -> Result<(), StoreError> {
+        for record in rejected {
+            let payload = serde_json::to_string(&record.payload).map_err(|e| {
+                StoreError::Corrupt(format!("rejected record not serializable: {e}"))
+            })?;
+            let payload_md5 = format!("{:x}", Md5::digest(payload.as_bytes()));
+            sqlx::query(
+                "INSERT INTO rejected_records
+                     (source, external_id, reason, payload, payload_md5, first_seen_at, seen_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                 ON CONFLICT (source, payload_md5) DO UPDATE SET
+                     reason = excluded.reason,
+                     seen_at = excluded.seen_at,
+                     times_seen = rejected_records.times_seen + 1",
+            )
+            .bind(source)
+            .bind(record.external_id.as_deref().map(escape_nul))
+            .bind(escape_nul(&record.reason))
+            .bind(payload)
+            .bind(payload_md5)
+            .bind(now)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("keeping a rejected record"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens (creating it when missing) a lock file; its content is never used.
+fn open_lock_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
+/// `name` as part of a file name: letters, digits, `-` and `_` as they are (every source
+/// name the config accepts), any other byte as `%XX`.
+fn file_name_safe(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' => char::from(b).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// The transaction's instant, taken once it holds the write lock.
+fn now() -> String {
+    stamp(Utc::now())
+}
+
+impl Store for SqliteStore {
+    type Lease = SqliteLease;
+
+    async fn try_lock(&self, source: &str) -> Result<Option<SqliteLease>, StoreError> {
+        let path = self.lock_path(Some(source));
+        let lock = open_lock_file(&path).map_err(|source| StoreError::LockFile {
+            path: path.clone(),
+            source,
+        })?;
+        // A lock of the open file description: a second try, from this process or any
+        // other, finds it taken until the holder unlocks, closes the file or dies.
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Ok(None),
+            Err(TryLockError::Error(source)) => return Err(StoreError::LockFile { path, source }),
+        }
+        let connection = self
+            .pool
+            .acquire()
+            .await
+            .map_err(db("connecting for the source's lock"))?
+            .detach();
+        Ok(Some(SqliteLease { lock, connection }))
+    }
+
+    async fn unlock(&self, lease: SqliteLease) {
+        let SqliteLease { lock, connection } = lease;
+        // The connection goes first: nothing is written through it once the lock is free.
+        if let Err(e) = connection.close().await {
+            tracing::debug!(error = %e, "closing the lock's connection");
+        }
+        if let Err(e) = lock.unlock() {
+            // Closing the file below frees the lock all the same.
+            tracing::debug!(error = %e, "unlocking the source's lock file");
+        }
+        drop(lock);
+    }
+
+    async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
+        let row = sqlx::query(
+            "SELECT high_water_mark, incremental_until, backfill_from, backfill_to,
+                    backfill_until, listing_id, listing_cursor, listing_confirms
+             FROM sync_state WHERE source = ?1",
+        )
+        .bind(source)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("loading the sync state"))?;
+        let Some(row) = row else {
+            return Ok(SyncState::default());
+        };
+        let incremental = match get::<Option<DateTime<Utc>>>(&row, "incremental_until")? {
+            Some(until) => Some(Ledger {
+                until,
+                backfill: None,
+                windows: self.read_ledger(source, RunMode::Incremental).await?,
+            }),
+            None => None,
+        };
+        let backfill = match (
+            get::<Option<DateTime<Utc>>>(&row, "backfill_from")?,
+            get::<Option<DateTime<Utc>>>(&row, "backfill_until")?,
+        ) {
+            (Some(from), Some(until)) => Some(Ledger {
+                until,
+                backfill: Some(BackfillRange {
+                    from,
+                    requested_to: get(&row, "backfill_to")?,
+                }),
+                windows: self.read_ledger(source, RunMode::Backfill).await?,
+            }),
+            _ => None,
+        };
+        let confirms = uuid_in(&row, "listing_confirms")?;
+        let listing = match uuid_in(&row, "listing_id")? {
+            Some(listing_id) => Some(ListingProgress {
+                listing_id,
+                cursor: get(&row, "listing_cursor")?,
+                confirms,
+            }),
+            None => None,
+        };
+        let pending_confirmation = if listing.is_none() { confirms } else { None };
+        Ok(SyncState {
+            high_water_mark: get(&row, "high_water_mark")?,
+            incremental,
+            backfill,
+            listing,
+            pending_confirmation,
+        })
+    }
+
+    async fn start_run(
+        &self,
+        lease: &mut SqliteLease,
+        source: &str,
+        mode: RunMode,
+    ) -> Result<RunId, StoreError> {
+        let run_id = Uuid::new_v4();
+        let mut tx = lease
+            .connection
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db("opening a transaction"))?;
+        let now = now();
+        let abandoned = sqlx::query(
+            "UPDATE sync_runs SET status = 'failed', finished_at = ?2,
+                    error = 'abandoned: the process running it stopped before it finished'
+             WHERE source = ?1 AND status = 'running'",
+        )
+        .bind(source)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("closing runs abandoned by a stopped process"))?
+        .rows_affected();
+        if abandoned > 0 {
+            tracing::warn!(
+                source,
+                abandoned,
+                "runs left running by a stopped process recorded as failed"
+            );
+        }
+        sqlx::query(
+            "INSERT INTO sync_runs (run_id, source, mode, started_at) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(run_id.to_string())
+        .bind(source)
+        .bind(mode.as_str())
+        .bind(&now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("recording the start of the run"))?;
+        tx.commit()
+            .await
+            .map_err(db("recording the start of the run"))?;
+        Ok(RunId(run_id))
+    }
+
+    async fn commit_page(
+        &self,
+        lease: &mut SqliteLease,
+        run: RunId,
+        source: &str,
+        departments: &[Department],
+        rejected: &[RejectedRecord],
+        checkpoint: &Checkpoint,
+    ) -> Result<PageCounts, StoreError> {
+        // On the lock's own connection, holding the database's write lock throughout.
+        let mut tx = lease
+            .connection
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db("opening a transaction"))?;
+        let now = now();
+        let (inserted, updated) =
+            Self::upsert_departments(&mut tx, source, &now, departments).await?;
+        Self::keep_rejected(&mut tx, source, &now, rejected).await?;
+        let deletions =
+            Self::apply_checkpoint(&mut tx, source, &now, checkpoint, departments, rejected)
+                .await?;
+        let counts = PageCounts {
+            inserted,
+            updated,
+            unchanged: departments.len() as u64 - inserted - updated,
+            rejected: rejected.len() as u64,
+            deleted: deletions.deleted,
+            withheld_deletions: deletions.withheld,
+            awaiting_confirmation: deletions.awaiting_confirmation,
+        };
+        let counted = sqlx::query(
+            "UPDATE sync_runs SET pages = pages + ?8, fetched = fetched + ?2,
+                    inserted = inserted + ?3, updated = updated + ?4,
+                    unchanged = unchanged + ?5, rejected = rejected + ?6, deleted = deleted + ?7
+             WHERE run_id = ?1",
+        )
+        .bind(run.0.to_string())
+        .bind((departments.len() + rejected.len()) as i64)
+        .bind(counts.inserted as i64)
+        .bind(counts.updated as i64)
+        .bind(counts.unchanged as i64)
+        .bind(counts.rejected as i64)
+        .bind(counts.deleted as i64)
+        .bind(i64::from(checkpoint.follows_page()))
+        .execute(&mut *tx)
+        .await
+        .map_err(db("counting the page in its run"))?;
+        if counted.rows_affected() != 1 {
+            // Dropping the transaction rolls the page back: no page without its run.
+            return Err(StoreError::Corrupt(format!(
+                "run {run} is not in sync_runs"
+            )));
+        }
+        tx.commit().await.map_err(db("committing the page"))?;
+        Ok(counts)
+    }
+
+    async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
+        let error = match outcome {
+            RunOutcome::Failed { error } => Some(escape_nul(error)),
+            _ => None,
+        };
+        sqlx::query(
+            "UPDATE sync_runs SET finished_at = ?2, status = ?3, error = ?4 WHERE run_id = ?1",
+        )
+        .bind(run.0.to_string())
+        .bind(now())
+        .bind(outcome.status())
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording the end of the run"))?;
+        Ok(())
+    }
+
+    async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {
+        let names = serde_json::to_string(sources)
+            .map_err(|e| StoreError::Corrupt(format!("source names not serializable: {e}")))?;
+        let rows = sqlx::query(STATUS)
+            .bind(names)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading the status"))?;
+        rows.iter()
+            .map(|row| {
+                let high_water_mark = get(row, "high_water_mark")?;
+                Ok(SourceStatus {
+                    source: get(row, "source")?,
+                    state: get::<Option<String>>(row, "last_status")?
+                        .unwrap_or_else(|| "never run".to_owned()),
+                    last_run_started_at: get(row, "last_started_at")?,
+                    last_run_finished_at: get(row, "last_finished_at")?,
+                    last_success_at: get(row, "last_success_at")?,
+                    last_error: get(row, "last_error")?,
+                    last_error_at: get(row, "last_error_at")?,
+                    high_water_mark,
+                    position: describe_position(
+                        high_water_mark,
+                        (get(row, "windows_left")?, get(row, "windows_planned")?),
+                        get(row, "listing_cursor")?,
+                    ),
+                    first_run_at: get(row, "first_run_at")?,
+                    live_rows: get(row, "live_rows")?,
+                    deleted_rows: get(row, "deleted_rows")?,
+                    rejected_records: get(row, "rejected")?,
+                    backfill_in_progress: get::<Option<bool>>(row, "backfill_in_progress")?
+                        .unwrap_or(false),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn stamps_sort_as_their_instants() {
+        let instants = [
+            Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::microseconds(1),
+            Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 1).unwrap(),
+            Utc.with_ymd_and_hms(2021, 12, 31, 23, 59, 59).unwrap(),
+        ];
+        let stamps: Vec<String> = instants.iter().copied().map(stamp).collect();
+        assert_eq!(stamps[0], "2020-01-01T00:00:00.000000Z");
+        assert!(
+            stamps.windows(2).all(|pair| pair[0] < pair[1]),
+            "{stamps:?}"
+        );
+        let back = DateTime::parse_from_rfc3339(&stamps[1]).unwrap();
+        assert_eq!(back, instants[1]);
+    }
+
+    #[test]
+    fn sqlite_urls_name_a_file() {
+        assert_eq!(
+            database_path("sqlite://deptsync.db").unwrap(),
+            PathBuf::from("deptsync.db")
+        );
+        assert_eq!(
+            database_path("sqlite:///var/lib/deptsync/deptsync.db").unwrap(),
+            PathBuf::from("/var/lib/deptsync/deptsync.db")
+        );
+        for no_file in ["sqlite::memory:", "sqlite://", "sqlite://x.db?mode=memory"] {
+            let error = database_path(no_file).unwrap_err();
+            assert!(error.contains("names no file"), "{no_file}: {error}");
+        }
+        assert!(database_path("sqlite://x.db?colour=blue").is_err());
+    }
+
+    #[test]
+    fn lock_files_sit_beside_the_database() {
+        assert_eq!(file_name_safe("mews-main_2"), "mews-main_2");
+        assert_eq!(file_name_safe("../x y"), "%2E%2E%2Fx%20y");
+    }
+}
