@@ -12,6 +12,7 @@ use crate::config::{self, ConfigError, Schedule, Settings, SourceSettings};
 use crate::daemon::{Daemon, DaemonError};
 use crate::engine::{self, PassRequest, error_chain};
 use crate::model::{RunOutcome, SourceStatus};
+use crate::progress::Display;
 use crate::sources::{Connector, Source, SyncMode};
 use crate::store::{AnyStore, IfMissing, Store};
 
@@ -109,7 +110,7 @@ impl CliError {
 }
 
 /// Runs the command; `cancel` is triggered by a signal (or by a test).
-pub async fn run(cli: Cli, cancel: CancellationToken) -> Result<Exit, CliError> {
+pub async fn run(cli: Cli, cancel: CancellationToken, display: Display) -> Result<Exit, CliError> {
     let settings = Settings::load(&cli.config, &config::process_env)?;
     match cli.command {
         Command::Run => {
@@ -127,7 +128,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> Result<Exit, CliError> 
                 )),
             }
         }
-        Command::Sync(args) => sync(&settings, args, cancel).await,
+        Command::Sync(args) => sync(&settings, args, cancel, &display).await,
         Command::Status { json } => status(&settings, json).await,
         Command::Migrate => {
             connect(&settings).await?;
@@ -181,6 +182,7 @@ async fn sync(
     settings: &Settings,
     args: SyncArgs,
     cancel: CancellationToken,
+    display: &Display,
 ) -> Result<Exit, CliError> {
     let selected = select_sources(settings, &args.sources)?;
     let request = match (args.backfill, args.from) {
@@ -224,15 +226,22 @@ async fn sync(
         }
         let name = source_settings.name.as_str();
         let connector = Connector::new(source_settings).context("building the HTTP client")?;
-        match engine::run_pass(name, &connector, &store, request, &cancel).await {
+        let progress = display.source(name);
+        let result =
+            engine::run_pass_showing(name, &connector, &store, request, &cancel, &progress).await;
+        match result {
             Ok(report) if report.outcome == RunOutcome::Cancelled => {
+                progress.finish("cancelled");
                 tracing::warn!(
                     source = name,
                     "pass cancelled; the next sync resumes where it stopped"
                 );
             }
-            Ok(_) => {}
-            Err(e) => failed.push(format!("{name}: {}", error_chain(&e))),
+            Ok(_) => progress.finish("done"),
+            Err(e) => {
+                progress.finish("failed");
+                failed.push(format!("{name}: {}", error_chain(&e)));
+            }
         }
     }
     if cancel.is_cancelled() {

@@ -15,6 +15,7 @@ pub mod engine;
 pub mod metrics;
 pub mod model;
 pub mod plan;
+pub mod progress;
 pub mod sources;
 pub mod store;
 

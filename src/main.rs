@@ -5,12 +5,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use deptsync::cli::{self, Cli, Command, Exit, LogFormat};
+use deptsync::progress::Display;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli);
+    let display = progress_display(&cli);
+    init_logging(&cli, &display);
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -22,7 +24,7 @@ fn main() -> ExitCode {
     let exit = runtime.block_on(async {
         let cancel = CancellationToken::new();
         tokio::spawn(cancel_on_signal(cancel.clone()));
-        match cli::run(cli, cancel).await {
+        match cli::run(cli, cancel, display).await {
             Ok(exit) => exit,
             Err(e) => {
                 // `{:#}` prints anyhow's whole cause chain on one line.
@@ -37,10 +39,20 @@ fn main() -> ExitCode {
     ExitCode::from(exit as u8)
 }
 
+/// Bars for the long one-shot commands when stderr is a terminal (not journald) and the
+/// logs are text; log lines otherwise.
+fn progress_display(cli: &Cli) -> Display {
+    let long_work = matches!(cli.command, Command::Sync(_));
+    let terminal = std::io::stderr().is_terminal()
+        && std::env::var_os("JOURNAL_STREAM").is_none()
+        && cli.log_format == LogFormat::Text;
+    Display::new(long_work && terminal)
+}
+
 /// Logs go to stdout for the service (journald reads it) and to stderr for the one-shot
 /// commands, whose stdout is their output (`status --json`). Colours only on a terminal,
 /// never under journald; JSON lines with `--log-format json`; `RUST_LOG` filters.
-fn init_logging(cli: &Cli) {
+fn init_logging(cli: &Cli, display: &Display) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let to_stdout = matches!(cli.command, Command::Run);
     let on_terminal = if to_stdout {
@@ -49,11 +61,12 @@ fn init_logging(cli: &Cli) {
         std::io::stderr().is_terminal()
     };
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let display = display.clone();
     let writer = move || -> Box<dyn std::io::Write> {
         if to_stdout {
             Box::new(std::io::stdout())
         } else {
-            Box::new(std::io::stderr())
+            Box::new(display.log_writer())
         }
     };
     let builder = tracing_subscriber::fmt()
