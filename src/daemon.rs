@@ -107,6 +107,11 @@ impl Daemon {
             });
         }
 
+        tracing::info!(
+            database = %self.settings.database.redacted_url(),
+            kind = self.settings.database.kind.as_str(),
+            "opening the store"
+        );
         let store = tokio::select! {
             store = connect_with_backoff(&self.settings) => store,
             () = &mut shutdown => {

@@ -52,6 +52,23 @@ pub enum StoreError {
         path.display()
     )]
     Missing { path: PathBuf },
+    /// The real path of an SQLite database file (its lock files go beside it) could not
+    /// be found.
+    #[error("resolving the SQLite database path {}", path.display())]
+    DatabasePath {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite could not switch the database to a write-ahead log, on which deptsync's
+    /// readers beside a writer and its crash safety rely.
+    #[error(
+        "the SQLite database {} cannot use a write-ahead log: its journal mode stays \
+         {mode:?} (SQLite refuses to switch a file opened immutable, or one whose file \
+         system offers no shared memory)",
+        path.display()
+    )]
+    NotWal { path: PathBuf, mode: String },
     /// The lock file of an SQLite database could not be opened or locked.
     #[error("locking {}", path.display())]
     LockFile {
@@ -141,6 +158,14 @@ pub enum DatabaseKind {
 }
 
 impl DatabaseKind {
+    /// The kind's name, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatabaseKind::Postgres => "postgres",
+            DatabaseKind::Sqlite => "sqlite",
+        }
+    }
+
     /// The store `url` names, or what is wrong with it (never quoting it: it may hold a
     /// password). Does no I/O.
     pub fn of_url(url: &str) -> Result<DatabaseKind, String> {

@@ -17,7 +17,10 @@
 //!   beside the database: a second process (a manual `sync` beside the service) finds it
 //!   taken and skips the source, and the lock dies with the process that held it, however
 //!   that process ends. The lease holds the locked file and the connection the pass
-//!   writes through.
+//!   writes through. The lock files sit beside the database's real path (symlinks
+//!   resolved), so two names for one file share their locks; an existing lock file is
+//!   opened read-only (`flock` needs no more), so one left by another user (root running
+//!   a manual `sync`) serves every user who can read it.
 //! - **No `md5()` in SQLite:** `rejected_records.payload_md5` is computed here, the same
 //!   hex digest PostgreSQL's generated column holds.
 
@@ -132,7 +135,10 @@ struct IncomingDepartment<'a> {
     parent_external_id: Option<&'a str>,
     source_created_at: Option<String>,
     source_updated_at: Option<String>,
-    raw: &'a serde_json::Value,
+    /// The record's JSON as `serde_json` writes it, stored as this very text: SQLite's
+    /// JSON printer never rewrites it, so the stored text (and whether a row changed)
+    /// cannot depend on the SQLite version.
+    raw: String,
 }
 
 impl SqliteStore {
@@ -161,6 +167,10 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(db("opening the database file"))?;
+        // The file exists now. Its lock files go beside its real path: a second name for
+        // it (a symlink to the file or to its directory) must not give a second lock.
+        let path = std::fs::canonicalize(&path)
+            .map_err(|source| StoreError::DatabasePath { path, source })?;
         Ok(SqliteStore {
             pool,
             path: path.into(),
@@ -171,7 +181,7 @@ impl SqliteStore {
         &self.pool
     }
 
-    /// The database file.
+    /// The database file, its real path (symlinks resolved).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -197,7 +207,7 @@ impl SqliteStore {
     /// process at a time: SQLite's migrator takes no lock of its own, and two processes
     /// starting on a new file at once would both apply the first migration.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let path = self.lock_path(None);
+        let path = lock_path(&self.path, None);
         let lock = tokio::task::spawn_blocking({
             let path = path.clone();
             move || open_lock_file(&path).and_then(|file| file.lock().map(|()| file))
@@ -208,25 +218,22 @@ impl SqliteStore {
             source: std::io::Error::other(e),
         })?
         .map_err(|source| StoreError::LockFile { path, source })?;
-        // Persistent: set once, every later connection finds the file in WAL mode.
-        sqlx::query("PRAGMA journal_mode = WAL")
-            .execute(&self.pool)
+        // Persistent: set once, every later connection finds the file in WAL mode. SQLite
+        // answers with the mode the file is in after the switch, which is not WAL when it
+        // refused to switch (a file opened immutable, a VFS without shared memory).
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode = WAL")
+            .fetch_one(&self.pool)
             .await
             .map_err(db("switching the database to WAL"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::NotWal {
+                path: self.path.to_path_buf(),
+                mode,
+            });
+        }
         let migrated = MIGRATOR.run(&self.pool).await;
         drop(lock);
         Ok(migrated?)
-    }
-
-    /// The lock file of `source`, or with `None` the one migrations take.
-    fn lock_path(&self, source: Option<&str>) -> PathBuf {
-        let mut name = self.path.as_os_str().to_owned();
-        if let Some(source) = source {
-            name.push(".");
-            name.push(file_name_safe(source));
-        }
-        name.push(".lock");
-        PathBuf::from(name)
     }
 
     /// Moves `source` to `checkpoint`. For a full listing, first records the ids the page
@@ -630,19 +637,23 @@ impl SqliteStore {
             return Ok((0, 0));
         }
         // One statement cannot touch a row twice: keep the newest version of each id.
-        let rows: Vec<IncomingDepartment<'_>> = newest_versions(departments)
+        let rows = newest_versions(departments)
             .into_iter()
-            .map(|d| IncomingDepartment {
-                external_id: &d.external_id,
-                scope_id: d.scope_id.as_deref(),
-                name: &d.name,
-                is_active: d.is_active,
-                parent_external_id: d.parent_external_id.as_deref(),
-                source_created_at: d.source_created_at.map(stamp),
-                source_updated_at: d.source_updated_at.map(stamp),
-                raw: &d.raw,
+            .map(|d| {
+                Ok(IncomingDepartment {
+                    external_id: &d.external_id,
+                    scope_id: d.scope_id.as_deref(),
+                    name: &d.name,
+                    is_active: d.is_active,
+                    parent_external_id: d.parent_external_id.as_deref(),
+                    source_created_at: d.source_created_at.map(stamp),
+                    source_updated_at: d.source_updated_at.map(stamp),
+                    raw: serde_json::to_string(&d.raw).map_err(|e| {
+                        StoreError::Corrupt(format!("raw record not serializable: {e}"))
+                    })?,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<IncomingDepartment<'_>>, StoreError>>()?;
         let page = serde_json::to_string(&rows)
             .map_err(|e| StoreError::Corrupt(format!("page not serializable: {e}")))?;
         // The ids already stored: the upsert inserts every other one.
@@ -707,14 +718,31 @@ impl SqliteStore {
     }
 }
 
-/// Opens (creating it when missing) a lock file; its content is never used.
+/// The lock file of `source` beside the database file `database`, or with `None` the
+/// one migrations take.
+fn lock_path(database: &Path, source: Option<&str>) -> PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    if let Some(source) = source {
+        name.push(".");
+        name.push(file_name_safe(source));
+    }
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Opens a lock file, creating it when missing; its content is never used. An existing
+/// one is opened read-only: `flock` needs no more, and one created by another user (root
+/// running a manual `sync`) is then usable by every user who may read it.
 fn open_lock_file(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
+    match File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path),
+        opened => opened,
+    }
 }
 
 /// `name` as part of a file name: letters, digits, `-` and `_` as they are (every source
@@ -737,7 +765,7 @@ impl Store for SqliteStore {
     type Lease = SqliteLease;
 
     async fn try_lock(&self, source: &str) -> Result<Option<SqliteLease>, StoreError> {
-        let path = self.lock_path(Some(source));
+        let path = lock_path(&self.path, Some(source));
         let lock = open_lock_file(&path).map_err(|source| StoreError::LockFile {
             path: path.clone(),
             source,
@@ -935,6 +963,12 @@ impl Store for SqliteStore {
             RunOutcome::Failed { error } => Some(escape_nul(error)),
             _ => None,
         };
+        // Its instant is taken once it holds the write lock, like every write's.
+        let mut tx = self
+            .pool
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db("opening a transaction"))?;
         sqlx::query(
             "UPDATE sync_runs SET finished_at = ?2, status = ?3, error = ?4 WHERE run_id = ?1",
         )
@@ -942,9 +976,12 @@ impl Store for SqliteStore {
         .bind(now())
         .bind(outcome.status())
         .bind(error)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db("recording the end of the run"))?;
+        tx.commit()
+            .await
+            .map_err(db("recording the end of the run"))?;
         Ok(())
     }
 
@@ -1028,7 +1065,75 @@ mod tests {
 
     #[test]
     fn lock_files_sit_beside_the_database() {
-        assert_eq!(file_name_safe("mews-main_2"), "mews-main_2");
-        assert_eq!(file_name_safe("../x y"), "%2E%2E%2Fx%20y");
+        let database = Path::new("/var/lib/deptsync/deptsync.db");
+        assert_eq!(
+            lock_path(database, Some("mews-main_2")),
+            PathBuf::from("/var/lib/deptsync/deptsync.db.mews-main_2.lock")
+        );
+        assert_eq!(
+            lock_path(database, None),
+            PathBuf::from("/var/lib/deptsync/deptsync.db.lock"),
+            "the migrations' lock"
+        );
+        // No source name can reach another directory or another source's lock.
+        assert_eq!(
+            lock_path(database, Some("../x y")),
+            PathBuf::from("/var/lib/deptsync/deptsync.db.%2E%2E%2Fx%20y.lock")
+        );
+        assert_eq!(
+            lock_path(Path::new("deptsync.db"), Some("a.b")),
+            PathBuf::from("deptsync.db.a%2Eb.lock")
+        );
+    }
+
+    /// A directory of its own under the system's temporary one, removed at the end.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new() -> Scratch {
+            let path = std::env::temp_dir().join(format!("deptsync-unit-{}", Uuid::new_v4()));
+            std::fs::create_dir(&path).unwrap();
+            Scratch(path)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The access mode `file` was opened with.
+    fn access_mode(file: &File) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_GETFL only reads the flags of a descriptor `file` keeps open.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        assert!(flags >= 0, "{}", std::io::Error::last_os_error());
+        flags & libc::O_ACCMODE
+    }
+
+    #[test]
+    fn a_lock_file_is_created_when_missing_and_only_read_when_it_exists() {
+        use std::os::unix::fs::PermissionsExt;
+        let scratch = Scratch::new();
+        let path = scratch.0.join("deptsync.db.s.lock");
+
+        let created = open_lock_file(&path).unwrap();
+        assert!(path.exists());
+        created.lock().unwrap();
+        drop(created);
+
+        // Left read-only by another user: opening it asks for no more than reading (the
+        // access mode shows it, even where the tests run as root), and locks it all the
+        // same.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let existing = open_lock_file(&path).unwrap();
+        assert_eq!(access_mode(&existing), libc::O_RDONLY);
+        existing.try_lock().unwrap();
+        let second = open_lock_file(&path).unwrap();
+        assert!(
+            matches!(second.try_lock(), Err(TryLockError::WouldBlock)),
+            "a read-only open still excludes"
+        );
     }
 }

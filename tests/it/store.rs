@@ -10,7 +10,7 @@ use deptsync::model::{
     Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts, RejectedRecord,
     RunId, RunMode, RunOutcome, Window, WindowState,
 };
-use deptsync::store::{AnyLease, Store};
+use deptsync::store::{AnyLease, AnyStore, IfMissing, Store};
 use uuid::Uuid;
 
 use crate::fakes::mews::FakeMews;
@@ -40,6 +40,7 @@ macro_rules! on_both_stores {
 on_both_stores!(
     a_page_with_the_same_id_twice_keeps_the_newest,
     only_rows_whose_content_changed_are_written,
+    a_change_of_any_one_column_is_a_change,
     an_older_version_never_replaces_a_newer_one,
     the_high_water_mark_never_moves_backwards,
     the_mark_moves_only_when_every_window_of_the_ledger_is_done,
@@ -49,6 +50,7 @@ on_both_stores!(
     a_listing_resumes_and_an_abandoned_one_is_forgotten,
     deleting_takes_two_complete_listings,
     the_mass_deletion_guard_withholds_until_a_person_confirms,
+    paged_listings_keep_the_clock_of_the_first_listings_first_page,
     rejected_records_are_kept_once_and_counted,
     status_has_a_line_per_source,
     a_source_has_one_lock_holder_at_a_time,
@@ -220,6 +222,79 @@ async fn only_rows_whose_content_changed_are_written(db: TestStore) {
         .count("SELECT inserted * 100 + updated * 10 + unchanged FROM sync_runs")
         .await;
     assert_eq!(runs, 2 * 100 + 2 * 10 + 4, "the run counts every page");
+}
+
+async fn a_change_of_any_one_column_is_a_change(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let mut current = Department {
+        external_id: "1".to_owned(),
+        scope_id: Some("scope-a".to_owned()),
+        name: "one".to_owned(),
+        is_active: true,
+        parent_external_id: Some("p1".to_owned()),
+        source_created_at: Some(at(2019, 1, 1)),
+        source_updated_at: Some(at(2020, 1, 1)),
+        raw: serde_json::json!({ "id": "1" }),
+    };
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &[current.clone()]).await),
+        (1, 0, 0)
+    );
+    // Each changes one column and nothing else (not even source_updated_at): to another
+    // value, to NULL, and from NULL.
+    type Change = fn(&mut Department);
+    let changes: [(&str, Change); 11] = [
+        ("is_active", |d| d.is_active = false),
+        ("is_active back", |d| d.is_active = true),
+        ("parent_external_id", |d| {
+            d.parent_external_id = Some("p2".to_owned())
+        }),
+        ("parent_external_id to NULL", |d| {
+            d.parent_external_id = None
+        }),
+        ("parent_external_id from NULL", |d| {
+            d.parent_external_id = Some("p3".to_owned())
+        }),
+        ("scope_id", |d| d.scope_id = Some("scope-b".to_owned())),
+        ("scope_id to NULL", |d| d.scope_id = None),
+        ("scope_id from NULL", |d| {
+            d.scope_id = Some("scope-c".to_owned())
+        }),
+        ("source_created_at", |d| {
+            d.source_created_at = Some(at(2019, 6, 1))
+        }),
+        ("source_created_at to NULL", |d| d.source_created_at = None),
+        ("source_created_at from NULL", |d| {
+            d.source_created_at = Some(at(2019, 7, 1))
+        }),
+    ];
+    let changed_at = "SELECT last_changed_at FROM departments";
+    for (what, change) in changes {
+        change(&mut current);
+        let page = [current.clone()];
+        let before = db.instants(changed_at).await;
+        assert_eq!(
+            written(commit_windowed(&db, &mut lease, run, &page).await),
+            (0, 1, 0),
+            "a page changing only {what} is an update"
+        );
+        let after = db.instants(changed_at).await;
+        assert!(after > before, "{what}: {after:?} after {before:?}");
+        assert_eq!(
+            written(commit_windowed(&db, &mut lease, run, &page).await),
+            (0, 0, 1),
+            "the same page again after {what} is unchanged"
+        );
+        assert_eq!(db.instants(changed_at).await, after, "{what}");
+    }
+    let stored = db
+        .text("SELECT scope_id || ' ' || parent_external_id FROM departments WHERE is_active")
+        .await;
+    assert_eq!(stored.as_deref(), Some("scope-c p3"));
+    let created = db
+        .instants("SELECT source_created_at FROM departments")
+        .await;
+    assert_eq!(created, [Some(at(2019, 7, 1))]);
 }
 
 async fn an_older_version_never_replaces_a_newer_one(db: TestStore) {
@@ -547,6 +622,84 @@ async fn the_mass_deletion_guard_withholds_until_a_person_confirms(db: TestStore
     assert_eq!(live_ids(&db).await, ["1", "5"]);
 }
 
+/// Commits `ids` as a page of the listing `listing_id` (confirming `confirms`) after
+/// which more pages follow.
+async fn listing_page(
+    db: &TestStore,
+    lease: &mut AnyLease,
+    run: RunId,
+    ids: &[&str],
+    listing_id: Uuid,
+    confirms: Option<Uuid>,
+) -> PageCounts {
+    let page: Vec<Department> = ids.iter().map(|id| listed(id)).collect();
+    let more = Checkpoint::Listing(ListingProgress {
+        listing_id,
+        cursor: Some("page-2".to_owned()),
+        confirms,
+    });
+    commit(db, lease, run, &page, &more).await
+}
+
+/// Commits `ids` as the last page of the listing `listing_id` (confirming `confirms`).
+async fn last_listing_page(
+    db: &TestStore,
+    lease: &mut AnyLease,
+    run: RunId,
+    ids: &[&str],
+    listing_id: Uuid,
+    confirms: Option<Uuid>,
+    guard: Option<f64>,
+) -> PageCounts {
+    let page: Vec<Department> = ids.iter().map(|id| listed(id)).collect();
+    let last = Checkpoint::ListingDone {
+        listing_id,
+        confirms,
+        max_delete_fraction: guard,
+    };
+    commit(db, lease, run, &page, &last).await
+}
+
+async fn paged_listings_keep_the_clock_of_the_first_listings_first_page(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let guard = Some(0.5);
+    complete_listing(&db, &mut lease, run, &["1", "2", "3", "4"], None, guard).await;
+
+    // The first listing, in two pages, misses "2", "3" and "4" and adds five new rows:
+    // two on its first page, three on its last.
+    let first = Uuid::new_v4();
+    let counts = listing_page(&db, &mut lease, run, &["1", "5", "6"], first, None).await;
+    assert_eq!(written(counts), (2, 0, 1));
+    let last = ["7", "8", "9"];
+    let counts = last_listing_page(&db, &mut lease, run, &last, first, None, guard).await;
+    assert_eq!((counts.inserted, counts.awaiting_confirmation), (3, 3));
+    let state = db.store.load_state("s").await.unwrap();
+    assert_eq!(state.pending_confirmation, Some(first));
+
+    // The confirming listing, in two pages too, misses the same three.
+    let second = Uuid::new_v4();
+    let counts = listing_page(&db, &mut lease, run, &["1", "5", "6"], second, Some(first)).await;
+    assert_eq!(written(counts), (0, 0, 3));
+    let counts = last_listing_page(&db, &mut lease, run, &last, second, Some(first), guard).await;
+
+    // The guard's base is the 4 rows live when the first listing's first page was
+    // committed: 3 of 4 is more than half. Had the clock restarted at any later page, the
+    // base would hold the new rows too (6 at the first listing's last page, 9 after it)
+    // and the 3 would have been deleted.
+    assert_eq!(counts.deleted, 0);
+    let withheld = counts
+        .withheld_deletions
+        .expect("3 of the 4 live before the first listing is too many");
+    assert_eq!((withheld.would_delete, withheld.live), (3, 4));
+    let live = db
+        .count("SELECT count(*) FROM departments WHERE deleted_at IS NULL")
+        .await;
+    assert_eq!(live, 9);
+    let state = db.store.load_state("s").await.unwrap();
+    assert_eq!((state.listing, state.pending_confirmation), (None, None));
+    assert_eq!(db.count("SELECT count(*) FROM listing_seen").await, 0);
+}
+
 async fn rejected_records_are_kept_once_and_counted(db: TestStore) {
     let (mut lease, run) = locked_run(&db).await;
     let bad = |name: &str| RejectedRecord {
@@ -726,6 +879,91 @@ async fn a_lost_lock_loses_the_write_too() {
         .start_run(&mut other, "s", RunMode::Incremental)
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_keeps_the_raw_record_as_serde_json_wrote_it() {
+    let db = TestStore::sqlite().await;
+    let (mut lease, run) = locked_run(&db).await;
+    // Numbers, escapes and key order a JSON printer might write otherwise.
+    let raw = serde_json::json!({
+        "z": [1.5, 1e-7, 0.1, 12345678901234567890u64, -0.0, 1e300],
+        "a": "é \" \\ / \u{2028} \u{1} \u{0}",
+        "n": null,
+        "nested": { "b": true, "a": [] },
+    });
+    let department = Department {
+        raw: raw.clone(),
+        ..department("1", "one", at(2020, 1, 1))
+    };
+    let page = [department];
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &page).await),
+        (1, 0, 0)
+    );
+    let stored = db.text("SELECT raw FROM departments").await;
+    assert_eq!(stored, Some(serde_json::to_string(&raw).unwrap()));
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &page).await),
+        (0, 0, 1)
+    );
+}
+
+#[tokio::test]
+async fn two_names_for_one_sqlite_file_share_its_locks() {
+    let dir = TempDir::new();
+    let real = dir.join("deptsync.db");
+    let by_real = AnyStore::open(&sqlite_url(&real).into()).await.unwrap();
+    // A symlink to the file, and a file under a symlink to its directory.
+    let linked_file = dir.join("linked.db");
+    std::os::unix::fs::symlink(&real, &linked_file).unwrap();
+    let linked_dir = dir.join("linked-dir");
+    std::os::unix::fs::symlink(&dir.path, &linked_dir).unwrap();
+
+    let lease = by_real
+        .try_lock("s")
+        .await
+        .unwrap()
+        .expect("the lock is free");
+    for other_name in [linked_file, linked_dir.join("deptsync.db")] {
+        let by_other_name = AnyStore::connect(&sqlite_url(&other_name).into(), IfMissing::Fail)
+            .await
+            .unwrap();
+        assert!(
+            by_other_name.try_lock("s").await.unwrap().is_none(),
+            "{} has a lock of its own",
+            other_name.display()
+        );
+    }
+    assert!(!dir.join("linked.db.s.lock").exists());
+    by_real.unlock(lease).await;
+}
+
+#[tokio::test]
+async fn an_sqlite_file_that_cannot_use_a_write_ahead_log_is_refused() {
+    let dir = TempDir::new();
+    let path = dir.join("deptsync.db");
+    // A database in the default (rollback) journal mode, then opened as immutable: SQLite
+    // cannot switch it to WAL, and answers with the mode it stays in.
+    let url = sqlite_url(&path);
+    let plain = sqlx::SqlitePool::connect(&format!("{url}?mode=rwc"))
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE t (x)")
+        .execute(&plain)
+        .await
+        .unwrap();
+    plain.close().await;
+
+    let error = AnyStore::open(&format!("{url}?immutable=true").into())
+        .await
+        .err()
+        .expect("an immutable file cannot switch to WAL");
+    let message = error.to_string();
+    assert!(
+        message.contains("write-ahead log") && message.contains("\"delete\""),
+        "{message}"
+    );
 }
 
 fn stderr(output: &std::process::Output) -> String {

@@ -8,7 +8,10 @@
 -- every new id is inserted, and the statement's other changes are updates.
 --
 -- ?1 source, ?2 the transaction's instant, ?3 the page as a JSON array of objects (ids
--- unique; timestamps in the stored text form; raw the record's JSON).
+-- unique; timestamps in the stored text form; raw the record's JSON as a JSON string,
+-- stored as that very text: `->>` reads a string's text unchanged, where `->` would have
+-- SQLite's JSON printer rewrite the record, and a change of printer would make every row
+-- look changed).
 WITH incoming AS (
     SELECT value ->> 'external_id'        AS external_id,
            value ->> 'scope_id'           AS scope_id,
@@ -17,7 +20,7 @@ WITH incoming AS (
            value ->> 'parent_external_id' AS parent_external_id,
            value ->> 'source_created_at'  AS source_created_at,
            value ->> 'source_updated_at'  AS source_updated_at,
-           value -> 'raw'                 AS raw
+           value ->> 'raw'                AS raw
     FROM json_each(?3)
 )
 INSERT INTO departments AS d (
