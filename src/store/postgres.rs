@@ -522,6 +522,14 @@ impl Store for PgStore {
                 .await
                 .map_err(db("taking the source's lock"))?;
         if locked {
+            // Pages commit without waiting for their WAL to reach the disk. A server crash
+            // can then lose the last few commits, but whole and in order: a page never
+            // without its checkpoint, so the next pass re-reads what was lost. Only this
+            // session, which lives as long as the lock, commits this way.
+            sqlx::query("SET synchronous_commit = off")
+                .execute(&mut connection)
+                .await
+                .map_err(db("setting up the source's session"))?;
             Ok(Some(connection))
         } else {
             let _ = sqlx::Connection::close(connection).await;
