@@ -7,14 +7,22 @@
 //! - an `UpdatedUtc` interval of at most three months (deptsync always sends one);
 //! - `Limitation.Cursor` only as a cursor this fake issued for the same interval;
 //! - newest-first paging, the response `Cursor` being the oldest item returned, null when
-//!   nothing came back; `204` for an empty page when `Prefer: return=minimal` is sent.
+//!   nothing came back; `204` for an empty page when `Prefer: return=minimal` is sent;
+//! - when a test turns it on, at most R requests per access token in any sliding period
+//!   (Mews documents 200 per 30 seconds): a request over it gets a 429 with `Retry-After`.
+//!
+//! The fake must never be what a benchmark measures: each department is encoded to JSON
+//! once, when it arrives; departments are kept ordered by `(UpdatedUtc, Id)`, so a page is
+//! a range lookup; and a page's body is the pre-encoded records put together byte by byte.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::Write;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use chrono::{DateTime, Months, SubsecRound, Utc};
@@ -28,7 +36,8 @@ pub const CLIENT_TOKEN: &str = "fake-client-token";
 pub const ACCESS_TOKEN: &str = "fake-access-token";
 pub const PATH: &str = "/api/connector/v1/departments/getAll";
 
-/// One department as the fake holds it.
+/// One department as a test writes it: the record is a JSON value it may change before
+/// inserting it.
 #[derive(Debug, Clone)]
 pub struct FakeDepartment {
     pub id: Uuid,
@@ -67,6 +76,74 @@ pub fn format_utc(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// One department of a generated history, already encoded as the fake sends it. The same
+/// records can be loaded elsewhere (a benchmark copies them into PostgreSQL directly).
+#[derive(Debug, Clone)]
+pub struct GeneratedDepartment {
+    pub id: Uuid,
+    pub enterprise_id: Uuid,
+    pub name: String,
+    pub created: DateTime<Utc>,
+    pub updated: DateTime<Utc>,
+    /// The record as the fake sends it (`IsActive` is always true).
+    pub json: Vec<u8>,
+}
+
+/// `count` departments over `enterprises` enterprises, updated evenly over `[from, to)` in
+/// whole seconds, oldest first. Department `i` has id `0x1000_0000 + i`, enterprise
+/// `0xE000 + i % enterprises` and name `Department {i}`, whatever `count` is.
+pub fn history(
+    count: usize,
+    enterprises: u128,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> impl Iterator<Item = GeneratedDepartment> {
+    let span = (to - from).num_seconds().max(1);
+    let enterprises = enterprises.max(1);
+    (0..count).map(move |i| {
+        let offset = span * i as i64 / count as i64;
+        let updated = (from + chrono::Duration::seconds(offset)).trunc_subsecs(0);
+        let created = updated - chrono::Duration::days(30);
+        let id = Uuid::from_u128(0x1000_0000 + i as u128);
+        let enterprise_id = Uuid::from_u128(0xE000 + (i as u128 % enterprises));
+        let name = format!("Department {i}");
+        let json = encode(id, enterprise_id, &name, created, updated);
+        GeneratedDepartment {
+            id,
+            enterprise_id,
+            name,
+            created,
+            updated,
+            json,
+        }
+    })
+}
+
+/// The record of an active department, written straight to bytes (no `Value` on the way).
+fn encode(
+    id: Uuid,
+    enterprise_id: Uuid,
+    name: &str,
+    created: DateTime<Utc>,
+    updated: DateTime<Utc>,
+) -> Vec<u8> {
+    let mut json = Vec::with_capacity(200 + name.len());
+    write!(
+        json,
+        r#"{{"Id":"{id}","EnterpriseId":"{enterprise_id}","IsActive":true,"Name":"#
+    )
+    .expect("writing to a Vec cannot fail");
+    serde_json::to_writer(&mut json, name).expect("a str always encodes");
+    write!(
+        json,
+        r#","CreatedUtc":"{}","UpdatedUtc":"{}"}}"#,
+        format_utc(created),
+        format_utc(updated)
+    )
+    .expect("writing to a Vec cannot fail");
+    json
+}
+
 /// What one request asked for and what it got.
 #[derive(Debug, Clone)]
 pub struct RecordedRequest {
@@ -77,17 +154,71 @@ pub struct RecordedRequest {
     pub returned: usize,
 }
 
+/// Where a department sits in the fake's order: newest first means the largest key first;
+/// the id breaks ties so that the order is total.
+type SortKey = (DateTime<Utc>, Uuid);
+
+/// A department as the fake keeps it.
+struct StoredDepartment {
+    enterprise_id: Uuid,
+    /// The record, encoded once.
+    json: Box<[u8]>,
+}
+
+/// Mews' request limit: at most `requests` per access token in any sliding `period`.
+struct RateLimit {
+    requests: usize,
+    period: Duration,
+    /// Per access token, when each of its requests in the last `period` arrived.
+    arrivals: HashMap<String, VecDeque<Instant>>,
+}
+
+impl RateLimit {
+    /// Counts a request of `token` arriving at `now` (a refused one counts too: the
+    /// vendor saw it); when it is over the limit, how long until one more would fit.
+    fn admit(&mut self, token: &str, now: Instant) -> Option<Duration> {
+        let arrivals = self.arrivals.entry(token.to_owned()).or_default();
+        while arrivals
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.period)
+        {
+            arrivals.pop_front();
+        }
+        let over = (arrivals.len() >= self.requests).then(|| {
+            let oldest = *arrivals.front().expect("over a limit of at least one");
+            self.period - now.duration_since(oldest)
+        });
+        arrivals.push_back(now);
+        over
+    }
+}
+
 #[derive(Default)]
 pub struct MewsState {
-    departments: Vec<FakeDepartment>,
+    departments: BTreeMap<SortKey, StoredDepartment>,
+    /// Each department's key in `departments`, to replace it when it comes again.
+    keys: HashMap<Uuid, SortKey>,
     requests: Vec<RecordedRequest>,
     /// (cursor, the interval it was issued for) → the sort key it stands at.
-    cursors: HashMap<(String, Window), (DateTime<Utc>, Uuid)>,
+    cursors: HashMap<(String, Window), SortKey>,
     access_token: String,
     /// Answer empty pages with 200 and an empty list even when 204 is asked for.
     never_204: bool,
     /// Misbehave: send back the cursor that was asked with, so that paging never ends.
     loop_cursor: bool,
+    rate_limit: Option<RateLimit>,
+}
+
+impl MewsState {
+    fn put(&mut self, id: Uuid, updated: DateTime<Utc>, department: StoredDepartment) {
+        let key = (updated, id);
+        if let Some(old) = self.keys.insert(id, key)
+            && old != key
+        {
+            self.departments.remove(&old);
+        }
+        self.departments.insert(key, department);
+    }
 }
 
 /// A running fake Mews server on a loopback port.
@@ -112,13 +243,33 @@ impl FakeMews {
         }
     }
 
+    /// Adds `department`, or replaces the one with its id.
     pub fn insert(&self, department: FakeDepartment) {
-        let state = &mut self.shared.lock().1;
-        state.departments.retain(|d| d.id != department.id);
-        state.departments.push(department);
+        let json = serde_json::to_vec(&department.json).expect("a Value always encodes");
+        let stored = StoredDepartment {
+            enterprise_id: department.enterprise_id,
+            json: json.into_boxed_slice(),
+        };
+        self.shared
+            .lock()
+            .1
+            .put(department.id, department.updated, stored);
     }
 
-    /// `count` departments over `enterprises` enterprises, updated evenly over `[from, to)`.
+    /// Adds (or replaces) every department of `departments`, under one lock.
+    pub fn load(&self, departments: impl IntoIterator<Item = GeneratedDepartment>) {
+        let state = &mut self.shared.lock().1;
+        for department in departments {
+            let stored = StoredDepartment {
+                enterprise_id: department.enterprise_id,
+                json: department.json.into_boxed_slice(),
+            };
+            state.put(department.id, department.updated, stored);
+        }
+    }
+
+    /// `count` departments over `enterprises` enterprises, updated evenly over `[from, to)`:
+    /// the [`history`] of those arguments.
     pub fn generate(
         &self,
         count: usize,
@@ -126,23 +277,35 @@ impl FakeMews {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) {
-        let span = (to - from).num_seconds().max(1);
-        for i in 0..count {
-            let offset = span * i as i64 / count as i64;
-            let updated = from + chrono::Duration::seconds(offset);
-            let id = Uuid::from_u128(0x1000_0000 + i as u128);
-            let enterprise = Uuid::from_u128(0xE000 + (i as u128 % enterprises));
-            self.insert(FakeDepartment::new(
-                id,
-                enterprise,
-                &format!("Department {i}"),
-                updated,
-            ));
-        }
+        self.load(history(count, enterprises, from, to));
     }
 
+    /// Forgets every department (a benchmark frees one step's data before the next).
+    pub fn clear(&self) {
+        let state = &mut self.shared.lock().1;
+        state.departments = BTreeMap::new();
+        state.keys = HashMap::new();
+        state.cursors = HashMap::new();
+    }
+
+    /// How many departments the fake holds.
+    pub fn department_count(&self) -> usize {
+        self.shared.lock().1.departments.len()
+    }
+
+    /// Every department, oldest update first (decoded again: for tests, not for bulk).
     pub fn departments(&self) -> Vec<FakeDepartment> {
-        self.shared.lock().1.departments.clone()
+        let state = &self.shared.lock().1;
+        state
+            .departments
+            .iter()
+            .map(|(&(updated, id), stored)| FakeDepartment {
+                id,
+                enterprise_id: stored.enterprise_id,
+                updated,
+                json: serde_json::from_slice(&stored.json).expect("the fake encoded it"),
+            })
+            .collect()
     }
 
     /// Answers request number `n` (from 1, over the fake's life) with `status`.
@@ -153,6 +316,22 @@ impl FakeMews {
     /// Calls `hook` with the request number before each request is answered.
     pub fn on_request(&self, hook: impl Fn(usize) + Send + 'static) {
         self.shared.on_request(hook);
+    }
+
+    /// Every page from now on takes `delay` more (a slow upstream).
+    pub fn set_delay(&self, delay: Duration) {
+        self.shared.set_delay(delay);
+    }
+
+    /// From now on, at most `requests` per access token in any sliding `period`, as Mews
+    /// enforces it (200 per 30 s): a request over it is answered 429 with `Retry-After`
+    /// and recorded as a violation, since deptsync's budget must keep it under.
+    pub fn enforce_rate_limit(&self, requests: usize, period: Duration) {
+        self.shared.lock().1.rate_limit = Some(RateLimit {
+            requests: requests.max(1),
+            period,
+            arrivals: HashMap::new(),
+        });
     }
 
     /// From now on, every page's cursor is the one it was asked with (a broken upstream).
@@ -197,11 +376,34 @@ fn parse_time(value: &Value) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// The access token a request body carries, if it is JSON with one.
+fn access_token_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Tokens {
+        #[serde(rename = "AccessToken")]
+        access_token: Option<String>,
+    }
+    serde_json::from_slice::<Tokens>(body)
+        .ok()
+        .and_then(|t| t.access_token)
+}
+
 async fn get_all(
     State(shared): State<Shared<MewsState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    // The limit counts requests as they arrive; the slowness is the upstream's, after that.
+    let arrived = Instant::now();
+    let throttled = {
+        let state = &mut shared.lock().1;
+        match (state.rate_limit.as_mut(), access_token_of(&body)) {
+            (Some(limit), Some(token)) => limit
+                .admit(&token, arrived)
+                .map(|wait| (wait, limit.requests, limit.period)),
+            _ => None,
+        }
+    };
     shared.slow_down().await;
     let (number, failure) = shared.arrive();
     let mut guard = shared.lock();
@@ -214,15 +416,30 @@ async fn get_all(
         status: 200,
         returned: 0,
     };
-    let failure = failure.map(|fault| (number, fault));
-    let result = answer(state, &headers, &body, &request_id, &mut record, failure);
-    let response = match result {
-        Ok(response) => response,
-        Err((status, message, violation)) => {
-            if violation {
-                control.violation(format!("request {number}: {message}"));
+    let response = if let Some((wait, requests, period)) = throttled {
+        control.violation(format!(
+            "request {number} went over {requests} requests per {period:?} for its access token"
+        ));
+        let mut response = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            &request_id,
+            "Too many requests.",
+        );
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, seconds.max(1).into());
+        response
+    } else {
+        let failure = failure.map(|fault| (number, fault));
+        match answer(state, &headers, &body, &request_id, &mut record, failure) {
+            Ok(response) => response,
+            Err((status, message, violation)) => {
+                if violation {
+                    control.violation(format!("request {number}: {message}"));
+                }
+                error(status, &request_id, &message)
             }
-            error(status, &request_id, &message)
         }
     };
     record.status = response.status().as_u16();
@@ -340,26 +557,28 @@ fn answer(
         },
     };
 
-    let mut matching: Vec<&FakeDepartment> = state
-        .departments
-        .iter()
-        .filter(|d| start <= d.updated && d.updated < end)
-        .filter(|d| {
-            enterprises
-                .as_ref()
-                .is_none_or(|ids| ids.contains(&d.enterprise_id))
-        })
-        .collect();
-    // Newest first; the id breaks ties so that the order is total.
-    matching.sort_by_key(|d| std::cmp::Reverse((d.updated, d.id)));
-    let page: Vec<&FakeDepartment> = matching
-        .into_iter()
-        .filter(|d| after.is_none_or(|key| (d.updated, d.id) < key))
-        .take(count as usize)
-        .collect();
+    // Newest first, below the cursor when there is one: a range of the ordered map. The
+    // nil id is the smallest, so `(end, nil)` excludes every department updated at `end`.
+    let lowest: SortKey = (start, Uuid::nil());
+    let above = after.map_or((end, Uuid::nil()), |key| key.min((end, Uuid::nil())));
+    let page: Vec<(&SortKey, &StoredDepartment)> = if lowest < above {
+        state
+            .departments
+            .range(lowest..above)
+            .rev()
+            .filter(|(_, d)| {
+                enterprises
+                    .as_ref()
+                    .is_none_or(|ids| ids.contains(&d.enterprise_id))
+            })
+            .take(count as usize)
+            .collect()
+    } else {
+        Vec::new()
+    };
     record.returned = page.len();
 
-    let Some(oldest) = page.last() else {
+    let Some(&(&oldest, _)) = page.last() else {
         let minimal = headers
             .get("Prefer")
             .and_then(|v| v.to_str().ok())
@@ -376,11 +595,27 @@ fn answer(
     };
     let next_cursor = match (&cursor, state.loop_cursor) {
         (Some(asked), true) => asked.clone(),
-        _ => oldest.id.to_string(),
+        _ => oldest.1.to_string(),
     };
-    let key = (oldest.updated, oldest.id);
-    let departments: Vec<Value> = page.iter().map(|d| d.json.clone()).collect();
-    state.cursors.insert((next_cursor.clone(), window), key);
-    let body = json!({ "Departments": departments, "Cursor": next_cursor });
-    Ok(([("Request-Id", request_id.to_owned())], axum::Json(body)).into_response())
+    let encoded: usize = page.iter().map(|(_, d)| d.json.len() + 1).sum();
+    let mut body = Vec::with_capacity(encoded + next_cursor.len() + 64);
+    body.extend_from_slice(br#"{"Departments":["#);
+    for (i, (_, department)) in page.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&department.json);
+    }
+    body.extend_from_slice(br#"],"Cursor":"#);
+    serde_json::to_writer(&mut body, &next_cursor).expect("a str always encodes");
+    body.push(b'}');
+    state.cursors.insert((next_cursor, window), oldest);
+    Ok((
+        [
+            ("Request-Id", request_id.to_owned()),
+            ("Content-Type", "application/json".to_owned()),
+        ],
+        body,
+    )
+        .into_response())
 }

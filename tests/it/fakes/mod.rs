@@ -1,6 +1,10 @@
 //! Fakes of the vendors' APIs. They stand for the outside world and enforce its rules:
 //! a request that breaks one is recorded as a violation (and refused), and every test
 //! ends by asserting there were none.
+//!
+//! The integration tests and the benchmark (`benches/sync.rs`) both compile these files, and
+//! each uses only part of them.
+#![allow(dead_code)]
 
 pub mod data_v1;
 pub mod mews;

@@ -6,8 +6,13 @@
 //! - `GET /api/v3/departments/` wants `Authorization: Bearer` with a live token (else 401)
 //!   and `X-Procurify-Client: api`; it pages DRF style (`next` a full URL or null) and
 //!   answers 404 past the last page.
+//!
+//! Departments are encoded to JSON once, when they arrive, and kept in a vector ordered by
+//! id, so a page is a slice and its body the slice's bytes put together: the fake is never
+//! what a benchmark measures.
 
 use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
 
 use axum::Router;
 use axum::extract::{Query, State};
@@ -21,9 +26,35 @@ use super::Shared;
 pub const CLIENT_ID: &str = "procurify-client";
 pub const CLIENT_SECRET: &str = "procurify-secret";
 
+/// The record of department `id` as the fake sends it, written straight to bytes.
+fn encode(id: i64, name: &str, branch: i64, active: bool) -> Box<[u8]> {
+    let mut json = Vec::with_capacity(160 + name.len());
+    write!(json, r#"{{"id":{id},"name":"#).expect("writing to a Vec cannot fail");
+    serde_json::to_writer(&mut json, name).expect("a str always encodes");
+    write!(
+        json,
+        r#","branch":{{"id":{branch},"name":"Branch {branch}","headquarter":{headquarter}}},"external_id":null,"active":{active},"punchout_email":null}}"#,
+        headquarter = branch == 1,
+    )
+    .expect("writing to a Vec cannot fail");
+    json.into_boxed_slice()
+}
+
+/// `count` departments over `branches` branches (from 1), all active: department `i`
+/// (from 1) has name `Department {i}` and branch `i % branches + 1`. Pairs of id and
+/// record as the fake sends it, in id order.
+pub fn history(count: usize, branches: i64) -> impl Iterator<Item = (i64, Box<[u8]>)> {
+    let branches = branches.max(1);
+    (1..=count as i64).map(move |id| {
+        let record = encode(id, &format!("Department {id}"), id % branches + 1, true);
+        (id, record)
+    })
+}
+
 #[derive(Default)]
 pub struct ProcurifyState {
-    departments: BTreeMap<i64, Value>,
+    /// Ordered by id, each record encoded once.
+    departments: Vec<(i64, Box<[u8]>)>,
     live_tokens: HashSet<String>,
     /// When each token issued expires.
     expiries: std::collections::HashMap<String, std::time::Instant>,
@@ -57,19 +88,40 @@ impl FakeProcurify {
 
     /// Adds or replaces department `id`.
     pub fn put(&self, id: i64, name: &str, branch: i64, active: bool) {
-        let record = json!({
-            "id": id,
-            "name": name,
-            "branch": { "id": branch, "name": format!("Branch {branch}"), "headquarter": branch == 1 },
-            "external_id": null,
-            "active": active,
-            "punchout_email": null,
-        });
-        self.shared.lock().1.departments.insert(id, record);
+        self.load([(id, encode(id, name, branch, active))]);
+    }
+
+    /// Adds (or replaces) every department of `records` (from [`history`]), under one lock;
+    /// fastest when they come in increasing id order after the ones already there.
+    pub fn load(&self, records: impl IntoIterator<Item = (i64, Box<[u8]>)>) {
+        let departments = &mut self.shared.lock().1.departments;
+        for (id, record) in records {
+            if departments.last().is_none_or(|(last, _)| *last < id) {
+                departments.push((id, record));
+                continue;
+            }
+            match departments.binary_search_by_key(&id, |(id, _)| *id) {
+                Ok(at) => departments[at].1 = record,
+                Err(at) => departments.insert(at, (id, record)),
+            }
+        }
+    }
+
+    /// `count` active departments over `branches` branches: the [`history`] of those.
+    pub fn generate(&self, count: usize, branches: i64) {
+        self.load(history(count, branches));
+    }
+
+    /// Forgets every department (a benchmark frees one step's data before the next).
+    pub fn clear(&self) {
+        self.shared.lock().1.departments = Vec::new();
     }
 
     pub fn remove(&self, id: i64) {
-        self.shared.lock().1.departments.remove(&id);
+        let departments = &mut self.shared.lock().1.departments;
+        if let Ok(at) = departments.binary_search_by_key(&id, |(id, _)| *id) {
+            departments.remove(at);
+        }
     }
 
     /// Every token issued so far stops working (it expired, or was revoked).
@@ -102,8 +154,9 @@ impl FakeProcurify {
         let mut rows: Vec<_> = state
             .1
             .departments
-            .values()
-            .map(|d| {
+            .iter()
+            .map(|(_, record)| {
+                let d: Value = serde_json::from_slice(record).expect("the fake encoded it");
                 (
                     d["id"].to_string(),
                     d["branch"]["id"].to_string(),
@@ -217,26 +270,31 @@ async fn departments(
         return refuse(StatusCode::NOT_FOUND, "Invalid page.");
     }
     state.department_pages += 1;
-    let data: Vec<Value> = state
-        .departments
-        .values()
-        .skip(((page - 1) * page_size) as usize)
-        .take(page_size as usize)
-        .cloned()
-        .collect();
+    let first = ((page - 1) * page_size) as usize;
+    let last = (first + page_size as usize).min(state.departments.len());
+    let records = &state.departments[first..last];
     let link = |p: u64| {
         format!("https://acme.procurify.com/api/v3/departments/?page={p}&page_size={page_size}")
     };
-    axum::Json(json!({
-        "metadata": { "pagination": {
-            "count": count,
-            "next": (page < num_pages).then(|| link(page + 1)),
-            "previous": (page > 1).then(|| link(page - 1)),
-            "page_size": page_size,
-            "num_pages": num_pages,
-            "current_page": page,
-        }},
-        "data": data,
-    }))
-    .into_response()
+    let metadata = json!({ "pagination": {
+        "count": count,
+        "next": (page < num_pages).then(|| link(page + 1)),
+        "previous": (page > 1).then(|| link(page - 1)),
+        "page_size": page_size,
+        "num_pages": num_pages,
+        "current_page": page,
+    }});
+    let encoded: usize = records.iter().map(|(_, record)| record.len() + 1).sum();
+    let mut body = Vec::with_capacity(encoded + 512);
+    body.extend_from_slice(br#"{"metadata":"#);
+    serde_json::to_writer(&mut body, &metadata).expect("a Value always encodes");
+    body.extend_from_slice(br#","data":["#);
+    for (i, (_, record)) in records.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(record);
+    }
+    body.extend_from_slice(b"]}");
+    ([("Content-Type", "application/json")], body).into_response()
 }
