@@ -1,5 +1,6 @@
 //! The PostgreSQL store.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -248,7 +249,7 @@ impl PgStore {
             }
             Checkpoint::ListingAbandoned { listing_id } => sqlx::query(
                 // Forget what it saw; a confirming listing stays one when it starts again.
-                "WITH forgotten AS (DELETE FROM listing_seen WHERE source = $1 AND listing_id = $2)
+                "WITH forgotten AS (DELETE FROM listing_seen_pages WHERE source = $1 AND listing_id = $2)
                  UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, updated_at = now()
                  WHERE source = $1",
             )
@@ -351,9 +352,7 @@ impl PgStore {
             return Ok(());
         }
         sqlx::query(
-            "INSERT INTO listing_seen (source, listing_id, external_id)
-             SELECT $1, $2, unnest($3::text[])
-             ON CONFLICT DO NOTHING",
+            "INSERT INTO listing_seen_pages (source, listing_id, external_ids) VALUES ($1, $2, $3)",
         )
         .bind(source)
         .bind(listing_id)
@@ -411,19 +410,55 @@ impl PgStore {
         }
         // One statement cannot touch a row twice: keep the newest version of each id.
         let rows = newest_versions(departments);
-        let column =
-            |f: fn(&Department) -> Option<String>| rows.iter().map(|d| f(d)).collect::<Vec<_>>();
-        let external_ids = column(|d| Some(d.external_id.clone()));
-        let scope_ids = column(|d| d.scope_id.clone());
-        let names = column(|d| Some(d.name.clone()));
-        let parents = column(|d| d.parent_external_id.clone());
-        let active: Vec<bool> = rows.iter().map(|d| d.is_active).collect();
-        let created: Vec<Option<DateTime<Utc>>> =
-            rows.iter().map(|d| d.source_created_at).collect();
-        let updated: Vec<Option<DateTime<Utc>>> =
-            rows.iter().map(|d| d.source_updated_at).collect();
-        let raw: Vec<sqlx::types::Json<&serde_json::Value>> =
-            rows.iter().map(|d| sqlx::types::Json(&d.raw)).collect();
+        // What is stored for these ids: one index lookup each, 16 bytes back. A row whose
+        // digest matches is unchanged and is not sent at all: a pass where nothing
+        // changed costs these lookups, not the parsing and comparing of every record.
+        let ids: Vec<&str> = rows.iter().map(|d| d.external_id.as_str()).collect();
+        let stored: HashMap<String, Option<Vec<u8>>> = sqlx::query_as(
+            "SELECT external_id, CASE WHEN deleted_at IS NULL THEN content_md5 END
+             FROM departments WHERE source = $1 AND external_id = ANY($2)",
+        )
+        .bind(source)
+        .bind(&ids)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db("looking up the stored departments"))?
+        .into_iter()
+        .collect();
+        let mut to_write = Vec::with_capacity(rows.len());
+        for department in rows {
+            let digest = content_digest(department)?;
+            match stored.get(department.external_id.as_str()) {
+                Some(Some(known)) if known.as_slice() == digest.as_slice() => {}
+                Some(_) => to_write.push((department, digest, true)),
+                None => to_write.push((department, digest, false)),
+            }
+        }
+        if to_write.is_empty() {
+            return Ok((0, 0));
+        }
+        let texts = |f: fn(&Department) -> Option<&str>| {
+            to_write.iter().map(|(d, _, _)| f(d)).collect::<Vec<_>>()
+        };
+        let external_ids = texts(|d| Some(d.external_id.as_str()));
+        let scope_ids = texts(|d| d.scope_id.as_deref());
+        let names = texts(|d| Some(d.name.as_str()));
+        let parents = texts(|d| d.parent_external_id.as_deref());
+        let active: Vec<bool> = to_write.iter().map(|(d, _, _)| d.is_active).collect();
+        let created: Vec<Option<DateTime<Utc>>> = to_write
+            .iter()
+            .map(|(d, _, _)| d.source_created_at)
+            .collect();
+        let updated: Vec<Option<DateTime<Utc>>> = to_write
+            .iter()
+            .map(|(d, _, _)| d.source_updated_at)
+            .collect();
+        let raw: Vec<sqlx::types::Json<&serde_json::Value>> = to_write
+            .iter()
+            .map(|(d, _, _)| sqlx::types::Json(&d.raw))
+            .collect();
+        let digests: Vec<&[u8]> = to_write.iter().map(|(_, digest, _)| &digest[..]).collect();
+        let known: Vec<bool> = to_write.iter().map(|(_, _, stored)| *stored).collect();
 
         let row = sqlx::query(UPSERT_DEPARTMENTS)
             .bind(source)
@@ -435,6 +470,8 @@ impl PgStore {
             .bind(&created)
             .bind(&updated)
             .bind(&raw)
+            .bind(&digests)
+            .bind(&known)
             .fetch_one(&mut **tx)
             .await
             .map_err(db("upserting departments"))?;
@@ -474,6 +511,45 @@ impl PgStore {
     }
 }
 
+/// A digest of what a department row holds (every column the upsert compares), to tell an
+/// unchanged row without sending it. Each field is framed (a tag, and a length for text),
+/// so that no two different rows can run together into the same bytes.
+fn content_digest(department: &Department) -> Result<[u8; 16], StoreError> {
+    use md5::{Digest, Md5};
+    fn text(hasher: &mut Md5, value: Option<&str>) {
+        match value {
+            None => hasher.update([0]),
+            Some(text) => {
+                hasher.update([1]);
+                hasher.update((text.len() as u64).to_le_bytes());
+                hasher.update(text.as_bytes());
+            }
+        }
+    }
+    fn instant(hasher: &mut Md5, value: Option<DateTime<Utc>>) {
+        match value {
+            None => hasher.update([0]),
+            // Microseconds: what PostgreSQL keeps of an instant.
+            Some(t) => {
+                hasher.update([1]);
+                hasher.update(t.timestamp_micros().to_le_bytes());
+            }
+        }
+    }
+    let mut hasher = Md5::new();
+    text(&mut hasher, Some(&department.external_id));
+    text(&mut hasher, department.scope_id.as_deref());
+    text(&mut hasher, Some(&department.name));
+    hasher.update([u8::from(department.is_active)]);
+    text(&mut hasher, department.parent_external_id.as_deref());
+    instant(&mut hasher, department.source_created_at);
+    instant(&mut hasher, department.source_updated_at);
+    // serde_json writes an object's keys in one order, so equal records give equal text.
+    serde_json::to_writer(&mut hasher, &department.raw)
+        .map_err(|e| StoreError::Corrupt(format!("department not serializable: {e}")))?;
+    Ok(hasher.finalize().into())
+}
+
 /// The statement that forgets what `listings` saw and clears the source's listing state.
 fn end_listings(
     source: &str,
@@ -481,7 +557,7 @@ fn end_listings(
 ) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments> {
     sqlx::query(
         "WITH forgotten AS (
-             DELETE FROM listing_seen WHERE source = $1 AND listing_id = ANY($2::uuid[])
+             DELETE FROM listing_seen_pages WHERE source = $1 AND listing_id = ANY($2::uuid[])
          )
          UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, listing_confirms = NULL,
                                listing_started_at = NULL, updated_at = now()

@@ -1,65 +1,70 @@
--- Upserts one page of departments in one statement and tells how each row landed.
+-- Writes the departments of a page that may have changed, in one statement, and tells how
+-- many were inserted and how many updated (the caller counts the rest as unchanged).
 --
--- A row is written only when its content differs (IS DISTINCT FROM, so NULLs compare as
--- values), and never replaced by a version whose source_updated_at is older than the one
--- stored: a late page or a backfill cannot roll a department back. last_changed_at moves
--- only with the content. Rows that need no write are set aside before the INSERT (`needed`):
--- ON CONFLICT DO UPDATE locks every conflicting row, even one its WHERE then skips, and a
--- row lock is a write (of the heap page, and of WAL): a pass where nothing changed must
--- write nothing. The same conditions stay on the UPDATE for a row that changed between the
--- two. Rows that were skipped come back from neither branch and are counted as unchanged
--- by the caller.
+-- The caller has already looked up what is stored for these ids and sends only the rows
+-- that are new (`stored` false) or whose content digest differs from the stored one (or
+-- is not known). A row is updated only when its content really differs (IS DISTINCT
+-- FROM, so NULLs compare as values), and never replaced by a version whose
+-- source_updated_at is older than the one stored: a late page or a backfill cannot roll a
+-- department back. last_changed_at moves only with the content; a row written before
+-- digests existed gets its digest without counting as a change.
 --
--- $1 source, $2..$9 one array per column, all of the same length, ids unique.
+-- Not INSERT ... ON CONFLICT: that locks every conflicting row, even one it then skips
+-- (a write of the heap page and of WAL), and searches the index twice per row. Nothing
+-- else writes a source's rows while its pass holds the source's lock; a row inserted
+-- behind its back would fail the page (a unique violation), never corrupt it.
+--
+-- $1 source; $2..$11 one array per column, all of the same length, ids unique.
 WITH incoming AS (
     SELECT *
     FROM UNNEST($2::text[], $3::text[], $4::text[], $5::boolean[], $6::text[],
-                $7::timestamptz[], $8::timestamptz[], $9::jsonb[])
+                $7::timestamptz[], $8::timestamptz[], $9::jsonb[], $10::bytea[], $11::boolean[])
          AS t(external_id, scope_id, name, is_active, parent_external_id,
-              source_created_at, source_updated_at, raw)
+              source_created_at, source_updated_at, raw, content_md5, stored)
 ),
-needed AS (
-    SELECT i.*
+inserted AS (
+    INSERT INTO departments (
+        source, external_id, scope_id, name, is_active, parent_external_id,
+        source_created_at, source_updated_at, raw, content_md5, deleted_at,
+        first_synced_at, last_changed_at
+    )
+    SELECT $1, external_id, scope_id, name, is_active, parent_external_id,
+           source_created_at, source_updated_at, raw, content_md5, NULL, now(), now()
+    FROM incoming
+    WHERE NOT stored
+    RETURNING 1
+),
+updated AS (
+    UPDATE departments d SET
+        scope_id           = i.scope_id,
+        name               = i.name,
+        is_active          = i.is_active,
+        parent_external_id = i.parent_external_id,
+        source_created_at  = i.source_created_at,
+        source_updated_at  = i.source_updated_at,
+        raw                = i.raw,
+        content_md5        = i.content_md5,
+        deleted_at         = NULL,
+        last_changed_at    = CASE
+            WHEN (d.scope_id, d.name, d.is_active, d.parent_external_id,
+                  d.source_created_at, d.source_updated_at, d.raw, d.deleted_at)
+                 IS DISTINCT FROM
+                 (i.scope_id, i.name, i.is_active, i.parent_external_id,
+                  i.source_created_at, i.source_updated_at, i.raw, NULL::timestamptz)
+            THEN now() ELSE d.last_changed_at END
     FROM incoming i
-    LEFT JOIN departments d ON d.source = $1 AND d.external_id = i.external_id
-    WHERE d.external_id IS NULL
-       OR ((d.scope_id, d.name, d.is_active, d.parent_external_id,
+    WHERE i.stored
+      AND d.source = $1 AND d.external_id = i.external_id
+      AND ((d.scope_id, d.name, d.is_active, d.parent_external_id,
             d.source_created_at, d.source_updated_at, d.raw, d.deleted_at)
            IS DISTINCT FROM
            (i.scope_id, i.name, i.is_active, i.parent_external_id,
             i.source_created_at, i.source_updated_at, i.raw, NULL::timestamptz)
-           AND (d.source_updated_at IS NULL
-                OR i.source_updated_at IS NULL
-                OR i.source_updated_at >= d.source_updated_at))
-),
-written AS (
-    INSERT INTO departments AS d (
-        source, external_id, scope_id, name, is_active, parent_external_id,
-        source_created_at, source_updated_at, raw, deleted_at, first_synced_at, last_changed_at
-    )
-    SELECT $1, external_id, scope_id, name, is_active, parent_external_id,
-           source_created_at, source_updated_at, raw, NULL, now(), now()
-    FROM needed
-    ON CONFLICT (source, external_id) DO UPDATE SET
-        scope_id           = EXCLUDED.scope_id,
-        name               = EXCLUDED.name,
-        is_active          = EXCLUDED.is_active,
-        parent_external_id = EXCLUDED.parent_external_id,
-        source_created_at  = EXCLUDED.source_created_at,
-        source_updated_at  = EXCLUDED.source_updated_at,
-        raw                = EXCLUDED.raw,
-        deleted_at         = NULL,
-        last_changed_at    = now()
-    WHERE (d.scope_id, d.name, d.is_active, d.parent_external_id,
-           d.source_created_at, d.source_updated_at, d.raw, d.deleted_at)
-          IS DISTINCT FROM
-          (EXCLUDED.scope_id, EXCLUDED.name, EXCLUDED.is_active, EXCLUDED.parent_external_id,
-           EXCLUDED.source_created_at, EXCLUDED.source_updated_at, EXCLUDED.raw, NULL::timestamptz)
+           OR d.content_md5 IS DISTINCT FROM i.content_md5)
       AND (d.source_updated_at IS NULL
-           OR EXCLUDED.source_updated_at IS NULL
-           OR EXCLUDED.source_updated_at >= d.source_updated_at)
-    RETURNING (xmax = 0) AS inserted
+           OR i.source_updated_at IS NULL
+           OR i.source_updated_at >= d.source_updated_at)
+    RETURNING d.last_changed_at = now() AS changed
 )
-SELECT count(*) FILTER (WHERE inserted)     AS inserted,
-       count(*) FILTER (WHERE NOT inserted) AS updated
-FROM written
+SELECT (SELECT count(*) FROM inserted)                  AS inserted,
+       (SELECT count(*) FROM updated WHERE changed)     AS updated
