@@ -24,9 +24,6 @@
 //! runs the same steps on small numbers, asserting correctness only. `BENCH_N` sets N.
 //! No mode asserts any speed: timings on shared machines are noise.
 
-#[path = "../tests/it/fakes/mod.rs"]
-mod fakes;
-
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -39,8 +36,8 @@ use serde_json::json;
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
-use fakes::mews::{self, FakeMews, GeneratedDepartment};
-use fakes::procurify::{self, FakeProcurify};
+use deptsync::fakes::mews::{self, FakeMews, GeneratedDepartment};
+use deptsync::fakes::procurify::{self, FakeProcurify};
 use launcher::{ChildRun, Launcher};
 
 /// Enterprises (Mews) and branches (Procurify) the generated departments spread over.
@@ -344,7 +341,7 @@ concurrent_windows = {CONCURRENT_WINDOWS}
     async fn copy_ceiling(&mut self, n: usize) -> anyhow::Result<Throughput> {
         let database = self.fresh_database().await?;
         // A config whose source is never reached: `migrate` only needs the database.
-        let fake = FakeMews::start().await;
+        let fake = FakeMews::start().await?;
         let config = self.config("ceiling", &database, &self.mews_source(&fake, None))?;
         self.deptsync(&config, &["migrate"]).await?;
 
@@ -388,7 +385,7 @@ concurrent_windows = {CONCURRENT_WINDOWS}
 
     /// Steps 2 and 4: a full Mews sync of `n` departments from a fake that answers at once.
     async fn mews_sync(&mut self, n: usize) -> anyhow::Result<SyncFigures> {
-        let fake = FakeMews::start().await;
+        let fake = FakeMews::start().await?;
         fake.load(self.generated(n));
         let database = self.fresh_database().await?;
         let label = format!("mews-{n}");
@@ -419,7 +416,7 @@ concurrent_windows = {CONCURRENT_WINDOWS}
 
     /// Step 3: a full Procurify listing of N, then one more with nothing changed.
     async fn procurify_two_passes(&mut self, n: usize) -> anyhow::Result<ProcurifyFigures> {
-        let fake = FakeProcurify::start().await;
+        let fake = FakeProcurify::start().await?;
         fake.generate(n, SCOPES.into());
         let database = self.fresh_database().await?;
         let source = format!(
@@ -468,7 +465,7 @@ page_size = {PROCURIFY_PAGE_SIZE}
     /// Step 5: Mews with slow pages and its request limit enforced, under the default budget.
     async fn rate_limited(&mut self) -> anyhow::Result<RateLimitedFigures> {
         let n = self.sizes.rate_limited_departments;
-        let fake = FakeMews::start().await;
+        let fake = FakeMews::start().await?;
         fake.load(self.generated(n));
         fake.set_delay(SLOW_PAGE);
         fake.enforce_rate_limit(MEWS_LIMIT, MEWS_LIMIT_PERIOD);

@@ -55,6 +55,27 @@ pub enum Command {
     Migrate,
     /// Validate the config, then try the database and each source's credentials.
     Check,
+    /// See deptsync at work with nothing set up: simulated Mews, Procurify, Snapbooks and
+    /// HR APIs on loopback ports, synced into a fresh database, changed, synced again;
+    /// then `status` and a query over `departments`. Needs no config file (--config is
+    /// not read).
+    #[cfg(feature = "demo")]
+    Demo(DemoArgs),
+}
+
+/// The options of `deptsync demo`.
+#[cfg(feature = "demo")]
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// The database to sync into. Default: the SQLite file deptsync-demo.db in the working
+    /// directory, removed and made afresh by every demo. DATABASE_URL is not read, so that
+    /// the demo never writes into the service's database by accident.
+    #[arg(long, value_name = "URL")]
+    pub database: Option<String>,
+    /// Only start the simulated APIs, print a config (TOML) that points at them, and serve
+    /// until Ctrl-C: for trying `sync`, `run` and `status` by hand.
+    #[arg(long)]
+    pub serve: bool,
 }
 
 #[derive(Debug, Args)]
@@ -111,10 +132,11 @@ impl CliError {
 
 /// Runs the command; `cancel` is triggered by a signal (or by a test).
 pub async fn run(cli: Cli, cancel: CancellationToken, display: Display) -> Result<Exit, CliError> {
-    let settings = Settings::load(&cli.config, &config::process_env)?;
+    // Every command but the demo (which makes its own) starts from the config file.
+    let load = || Settings::load(&cli.config, &config::process_env);
     match cli.command {
         Command::Run => {
-            let daemon = Daemon::build(settings).context("starting the service")?;
+            let daemon = Daemon::build(load()?).context("starting the service")?;
             match daemon.run_until(cancel.cancelled_owned()).await {
                 Ok(()) => Ok(Exit::Success),
                 // The address is the config's: restarting cannot mend it (the unit does
@@ -128,14 +150,33 @@ pub async fn run(cli: Cli, cancel: CancellationToken, display: Display) -> Resul
                 )),
             }
         }
-        Command::Sync(args) => sync(&settings, args, cancel, &display).await,
-        Command::Status { json } => status(&settings, json).await,
+        Command::Sync(args) => sync(&load()?, args, cancel, &display).await,
+        Command::Status { json } => status(&load()?, json).await,
         Command::Migrate => {
-            connect(&settings).await?;
+            connect(&load()?).await?;
             tracing::info!("migrations applied");
             Ok(Exit::Success)
         }
-        Command::Check => check(&settings).await,
+        Command::Check => check(&load()?).await,
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => demo(args, cancel, &display).await,
+    }
+}
+
+#[cfg(feature = "demo")]
+async fn demo(
+    args: DemoArgs,
+    cancel: CancellationToken,
+    display: &Display,
+) -> Result<Exit, CliError> {
+    let options = crate::demo::DemoOptions {
+        database: args.database,
+        serve: args.serve,
+    };
+    match crate::demo::run(options, cancel, display).await {
+        Ok(()) => Ok(Exit::Success),
+        Err(crate::demo::DemoError::Usage(message)) => Err(CliError::Usage(message)),
+        Err(crate::demo::DemoError::Failed(e)) => Err(CliError::Failed(e)),
     }
 }
 
@@ -254,7 +295,7 @@ async fn sync(
 
 /// A source as `status` shows it: what the store knows, and what the schedule says.
 #[derive(serde::Serialize)]
-struct StatusLine {
+pub(crate) struct StatusLine {
     #[serde(flatten)]
     status: SourceStatus,
     schedule: Option<String>,
@@ -286,6 +327,27 @@ async fn status(settings: &Settings, json: bool) -> Result<Exit, CliError> {
     let store = AnyStore::connect(&settings.database.url, IfMissing::Fail)
         .await
         .with_context(|| format!("database {}", settings.database.redacted_url()))?;
+    let lines = status_lines(settings, &store).await?;
+    let mut out = std::io::stdout().lock();
+    let written = if json {
+        serde_json::to_writer_pretty(&mut out, &lines)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(out))
+    } else {
+        writeln!(out, "{}", status_table(&lines))
+    };
+    written.context("writing the status")?;
+    if lines.iter().any(|line| line.stale) {
+        return Ok(Exit::Stale);
+    }
+    Ok(Exit::Success)
+}
+
+/// Every configured source (and any other the store has seen) as `status` shows it.
+pub(crate) async fn status_lines(
+    settings: &Settings,
+    store: &AnyStore,
+) -> anyhow::Result<Vec<StatusLine>> {
     let names: Vec<String> = settings
         .sources
         .iter()
@@ -307,22 +369,11 @@ async fn status(settings: &Settings, json: bool) -> Result<Exit, CliError> {
             StatusLine::new(status, schedule, now)
         })
         .collect();
-    let mut out = std::io::stdout().lock();
-    let written = if json {
-        serde_json::to_writer_pretty(&mut out, &lines)
-            .map_err(std::io::Error::from)
-            .and_then(|()| writeln!(out))
-    } else {
-        writeln!(out, "{}", status_table(&lines))
-    };
-    written.context("writing the status")?;
-    if lines.iter().any(|line| line.stale) {
-        return Ok(Exit::Stale);
-    }
-    Ok(Exit::Success)
+    Ok(lines)
 }
 
-fn status_table(lines: &[StatusLine]) -> comfy_table::Table {
+/// The status lines as the table `status` prints.
+pub(crate) fn status_table(lines: &[StatusLine]) -> comfy_table::Table {
     let time = |t: Option<DateTime<Utc>>| {
         t.map_or_else(
             || "-".to_owned(),

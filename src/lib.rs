@@ -7,11 +7,17 @@
 //! - [`plan`]: cutting time ranges into the windows an API accepts.
 //! - [`model`]: the words every module shares.
 //! - [`cli`]: the subcommands.
+//! - `demo` and `fakes` (feature `demo`, on by default): `deptsync demo`, and the simulated
+//!   vendor APIs it syncs from, which the tests and the benchmark use too.
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod engine;
+#[cfg(feature = "demo")]
+pub mod fakes;
 pub mod metrics;
 pub mod model;
 pub mod plan;

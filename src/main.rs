@@ -42,7 +42,12 @@ fn main() -> ExitCode {
 /// Bars for the long one-shot commands when stderr is a terminal (not journald) and the
 /// logs are text; log lines otherwise.
 fn progress_display(cli: &Cli) -> Display {
-    let long_work = matches!(cli.command, Command::Sync(_));
+    let long_work = match &cli.command {
+        Command::Sync(_) => true,
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => !args.serve,
+        _ => false,
+    };
     let terminal = std::io::stderr().is_terminal()
         && std::env::var_os("JOURNAL_STREAM").is_none()
         && cli.log_format == LogFormat::Text;

@@ -1,8 +1,8 @@
 //! The real binary: exit codes, messages, and `sync` / `status` end to end.
 
 use chrono::{TimeZone, Utc};
+use deptsync::fakes::mews::FakeMews;
 
-use crate::fakes::mews::FakeMews;
 use crate::helpers::{TestDb, mews_config, run_binary};
 
 fn write_config(text: &str) -> tempfile_path::TempConfig {
@@ -98,7 +98,7 @@ async fn a_missing_config_file_exits_2() {
 #[tokio::test]
 async fn sync_then_status_end_to_end() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     let from = Utc.with_ymd_and_hms(2019, 6, 1, 0, 0, 0).unwrap();
     fake.generate(250, 2, from, Utc::now() - chrono::Duration::hours(1));
     let config = write_config(&mews_config(
@@ -134,14 +134,14 @@ async fn sync_then_status_end_to_end() {
 #[tokio::test]
 async fn one_failing_source_does_not_stop_the_others_and_exits_1() {
     let db = TestDb::new().await;
-    let good = FakeMews::start().await;
+    let good = FakeMews::start().await.unwrap();
     good.generate(
         30,
         1,
         Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap(),
         Utc::now(),
     );
-    let bad = FakeMews::start().await;
+    let bad = FakeMews::start().await.unwrap();
     bad.set_access_token("something-else");
     let mut text = mews_config(&db.url, "bad", &bad.base_url, "");
     let good_source = mews_config(&db.url, "good", &good.base_url, "");
@@ -157,7 +157,8 @@ async fn one_failing_source_does_not_stop_the_others_and_exits_1() {
         "{message}"
     );
     assert!(
-        !message.contains("something-else") && !message.contains(crate::fakes::mews::ACCESS_TOKEN)
+        !message.contains("something-else")
+            && !message.contains(deptsync::fakes::mews::ACCESS_TOKEN)
     );
     let rows: i64 = db
         .scalar("SELECT count(*) FROM departments WHERE source = 'good'")
@@ -207,7 +208,7 @@ async fn usage_errors_exit_2() {
 #[tokio::test]
 async fn a_manual_backfill_through_the_binary() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(
         90,
         1,
@@ -261,7 +262,7 @@ async fn a_manual_sync_takes_the_same_lock_as_the_service() {
     use deptsync::store::Store;
 
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     let config = write_config(&mews_config(&db.url, "mews", &fake.base_url, ""));
     let lease = db
         .store

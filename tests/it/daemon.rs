@@ -6,11 +6,11 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use deptsync::config::Settings;
 use deptsync::daemon::Daemon;
+use deptsync::fakes::data_v1::{self, FakeDataV1};
+use deptsync::fakes::mews::FakeMews;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::fakes::data_v1::{self, FakeDataV1};
-use crate::fakes::mews::FakeMews;
 use crate::helpers::{TestDb, config, mews_config};
 use crate::proxy::PgProxy;
 
@@ -101,7 +101,7 @@ fn assert_no_overlap(runs: &[Run]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_upstream_appear_within_a_few_ticks() {
     let db = TestDb::new().await;
-    let fake = FakeDataV1::start().await;
+    let fake = FakeDataV1::start().await.unwrap();
     fake.put("a", None, "Alpha");
     let port = free_port();
     let toml = config(
@@ -151,7 +151,7 @@ async fn changes_upstream_appear_within_a_few_ticks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_pass_makes_the_next_ticks_skip() {
     let db = TestDb::new().await;
-    let fake = FakeDataV1::start().await;
+    let fake = FakeDataV1::start().await.unwrap();
     fake.put("a", None, "Alpha");
     fake.shared.set_delay(Duration::from_millis(2_500));
     let (stop, handle) = start_daemon(&config(
@@ -175,7 +175,7 @@ async fn a_slow_pass_makes_the_next_ticks_skip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_on_one_database_never_run_a_source_at_once() {
     let db = TestDb::new().await;
-    let fake = FakeDataV1::start().await;
+    let fake = FakeDataV1::start().await.unwrap();
     fake.put("a", None, "Alpha");
     fake.shared.set_delay(Duration::from_millis(700));
     let toml = config(&db.url, &data_v1_source(&fake, "hr", "* * * * * *"));
@@ -195,7 +195,7 @@ async fn two_daemons_on_one_database_never_run_a_source_at_once() {
 async fn the_database_away_at_start_and_later_never_ends_the_daemon() {
     let db = TestDb::new().await;
     let proxy = PgProxy::start("127.0.0.1:5432".to_owned()).await;
-    let fake = FakeDataV1::start().await;
+    let fake = FakeDataV1::start().await.unwrap();
     fake.put("a", None, "Alpha");
     proxy.down();
     let toml = config(
@@ -224,7 +224,7 @@ async fn the_database_away_at_start_and_later_never_ends_the_daemon() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_in_the_middle_of_a_pass_exits_0_and_the_next_start_resumes() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     let from = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap();
     fake.generate(400, 1, from, from + chrono::Duration::days(20));
     fake.shared.set_delay(Duration::from_millis(200));
@@ -328,7 +328,7 @@ async fn next_message(socket: &tokio::net::UnixDatagram) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_tells_systemd_when_it_is_ready_and_when_it_stops() {
     let db = TestDb::new().await;
-    let fake = FakeDataV1::start().await;
+    let fake = FakeDataV1::start().await.unwrap();
     fake.put("a", None, "Alpha");
     let file = std::env::temp_dir().join(format!("deptsync-{}.toml", uuid::Uuid::new_v4()));
     std::fs::write(

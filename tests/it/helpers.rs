@@ -113,8 +113,8 @@ start = "2019-01-01T00:00:00Z"
 {rate}
 {extra}
 "#,
-        client = crate::fakes::mews::CLIENT_TOKEN,
-        access = crate::fakes::mews::ACCESS_TOKEN,
+        client = deptsync::fakes::mews::CLIENT_TOKEN,
+        access = deptsync::fakes::mews::ACCESS_TOKEN,
     );
     config(database_url, &source)
 }
@@ -122,7 +122,7 @@ start = "2019-01-01T00:00:00Z"
 /// Asserts that `rerun` (the requests of the pass after an interrupted one) resumed
 /// `ledger`, the interrupted pass's windows: each window in progress first asked for at its
 /// saved cursor, each pending one from its start, none that was done asked for again.
-pub fn assert_resumed(ledger: &Ledger, rerun: &[crate::fakes::mews::RecordedRequest]) {
+pub fn assert_resumed(ledger: &Ledger, rerun: &[deptsync::fakes::mews::RecordedRequest]) {
     assert!(
         ledger.outstanding().next().is_some(),
         "the interrupted pass left nothing to resume"

@@ -4,12 +4,12 @@
 
 use chrono::{DateTime, Utc};
 use deptsync::engine::{PassReport, PassRequest, error_chain, run_pass};
+use deptsync::fakes::data_v1::{self, FakeDataV1};
+use deptsync::fakes::procurify::{self, FakeProcurify};
+use deptsync::fakes::snapbooks::{self, FakeSnapbooks};
 use deptsync::store::Store;
 use tokio_util::sync::CancellationToken;
 
-use crate::fakes::data_v1::{self, FakeDataV1};
-use crate::fakes::procurify::{self, FakeProcurify};
-use crate::fakes::snapbooks::{self, FakeSnapbooks};
 use crate::helpers::{TestDb, config, connector, run_binary};
 
 fn procurify_source(fake: &FakeProcurify, extra: &str) -> String {
@@ -32,7 +32,7 @@ client_secret = "{}"
 /// A database and a fake Procurify with `count` departments, synced once.
 async fn procurify_synced(count: i64, extra: &str) -> (TestDb, FakeProcurify, String) {
     let db = TestDb::new().await;
-    let fake = FakeProcurify::start().await;
+    let fake = FakeProcurify::start().await.unwrap();
     for id in 1..=count {
         fake.put(id, &format!("Department {id}"), 1, true);
     }
@@ -93,7 +93,7 @@ fn sorted_by_id(
 #[tokio::test]
 async fn procurify_full_sync_then_a_pass_with_no_change_writes_nothing() {
     let db = TestDb::new().await;
-    let fake = FakeProcurify::start().await;
+    let fake = FakeProcurify::start().await.unwrap();
     for id in 1..=250 {
         fake.put(id, &format!("Department {id}"), id % 3 + 1, id % 7 != 0);
     }
@@ -181,7 +181,7 @@ async fn renames_deactivations_deletions_and_reappearances() {
 #[tokio::test]
 async fn a_token_that_expires_in_the_middle_of_a_pass_is_renewed_once() {
     let db = TestDb::new().await;
-    let fake = FakeProcurify::start().await;
+    let fake = FakeProcurify::start().await.unwrap();
     for id in 1..=30 {
         fake.put(id, &format!("Department {id}"), 1, true);
     }
@@ -210,7 +210,7 @@ async fn a_token_that_expires_in_the_middle_of_a_pass_is_renewed_once() {
 #[tokio::test]
 async fn bad_client_credentials_fail_with_the_token_endpoint_named() {
     let db = TestDb::new().await;
-    let fake = FakeProcurify::start().await;
+    let fake = FakeProcurify::start().await.unwrap();
     let source = procurify_source(&fake, "").replace(procurify::CLIENT_SECRET, "wrong-secret");
 
     let error = sync(&db, &source, PassRequest::INCREMENTAL)
@@ -346,7 +346,7 @@ async fn the_mass_deletion_guard_deletes_nothing_until_a_person_confirms() {
 #[tokio::test]
 async fn an_empty_listing_never_wipes_the_table() {
     let db = TestDb::new().await;
-    let fake = FakeDataV1::start().await;
+    let fake = FakeDataV1::start().await.unwrap();
     fake.put("a", None, "Alpha");
     fake.put("b", None, "Beta");
     let source = data_v1_source(&fake, "");
@@ -379,7 +379,7 @@ base_url = "{}"
 #[tokio::test]
 async fn snapbooks_lists_inactive_departments_and_reads_each_client_account() {
     let db = TestDb::new().await;
-    let fake = FakeSnapbooks::start(&[456, 789, 999]).await;
+    let fake = FakeSnapbooks::start(&[456, 789, 999]).await.unwrap();
     for id in 1..=23 {
         let account = if id % 2 == 0 { 456 } else { 789 };
         let active = match id % 5 {
@@ -427,7 +427,7 @@ async fn snapbooks_lists_inactive_departments_and_reads_each_client_account() {
 #[tokio::test]
 async fn snapbooks_with_client_credentials() {
     let db = TestDb::new().await;
-    let fake = FakeSnapbooks::start(&[456]).await;
+    let fake = FakeSnapbooks::start(&[456]).await.unwrap();
     fake.put(1, "Sales", 456, Some(true));
     let auth = format!(
         "client_id = \"{}\"\nclient_secret = \"{}\"\ntoken_url = \"{}\"",
@@ -467,7 +467,7 @@ token = "{}"
 #[tokio::test]
 async fn data_v1_keeps_the_tree_of_parents_and_children() {
     let db = TestDb::new().await;
-    let fake = FakeDataV1::start().await;
+    let fake = FakeDataV1::start().await.unwrap();
     fake.put("root", None, "Company");
     fake.put("hr", Some("root"), "Human Resources");
     fake.put("mobility", Some("hr"), "Mobility");
@@ -523,11 +523,11 @@ async fn data_v1_keeps_the_tree_of_parents_and_children() {
 #[tokio::test]
 async fn every_kind_syncs_through_the_binary_and_backfill_is_only_for_windows() {
     let db = TestDb::new().await;
-    let procurify = FakeProcurify::start().await;
+    let procurify = FakeProcurify::start().await.unwrap();
     procurify.put(1, "Purchasing", 1, true);
-    let snapbooks = FakeSnapbooks::start(&[456]).await;
+    let snapbooks = FakeSnapbooks::start(&[456]).await.unwrap();
     snapbooks.put(1, "Sales", 456, None);
-    let data = FakeDataV1::start().await;
+    let data = FakeDataV1::start().await.unwrap();
     data.put("x", None, "HR");
     let token = format!("token = \"{}\"", snapbooks::TOKEN);
     let sources = [
@@ -589,7 +589,7 @@ async fn every_kind_syncs_through_the_binary_and_backfill_is_only_for_windows() 
 #[tokio::test]
 async fn a_resumed_listing_whose_next_page_is_gone_starts_again() {
     let db = TestDb::new().await;
-    let fake = FakeProcurify::start().await;
+    let fake = FakeProcurify::start().await.unwrap();
     for id in 1..=20 {
         fake.put(id, &format!("Department {id}"), 1, true);
     }
@@ -662,7 +662,7 @@ async fn departments_the_listing_adds_do_not_dilute_the_guard() {
 #[tokio::test]
 async fn a_token_is_renewed_before_it_expires() {
     let db = TestDb::new().await;
-    let fake = FakeProcurify::start().await;
+    let fake = FakeProcurify::start().await.unwrap();
     for id in 1..=12 {
         fake.put(id, &format!("Department {id}"), 1, true);
     }

@@ -2,7 +2,7 @@
 
 mod cli;
 mod daemon;
-mod fakes;
+mod demo;
 mod helpers;
 mod listings;
 mod mews;

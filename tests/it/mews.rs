@@ -2,13 +2,13 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use deptsync::engine::{PassRequest, run_pass};
+use deptsync::fakes::mews::{FakeDepartment, FakeMews};
 use deptsync::model::{RunOutcome, Window, WindowState};
 use deptsync::store::Store;
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::fakes::mews::{FakeDepartment, FakeMews};
 use crate::helpers::{TestDb, assert_resumed, connector, mews_config};
 
 fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
@@ -120,7 +120,7 @@ async fn sync(
 #[tokio::test]
 async fn a_full_sync_copies_every_department_in_windows_mews_accepts() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(
         1_250,
         3,
@@ -168,7 +168,7 @@ async fn a_full_sync_copies_every_department_in_windows_mews_accepts() {
 #[tokio::test]
 async fn an_incremental_sync_rereads_only_recent_windows_and_writes_only_changes() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(
         300,
         2,
@@ -253,7 +253,7 @@ async fn a_sync_that_fails_mid_window_resumes_each_window_at_its_cursor() {
     let settings = "page_size = 50\nconcurrent_windows = 4";
     let clean_pages = {
         let db = TestDb::new().await;
-        let fake = FakeMews::start().await;
+        let fake = FakeMews::start().await.unwrap();
         fake.generate(1_000, 1, at(2019, 1, 1), at(2019, 12, 1));
         sync(&db, &fake, settings, PassRequest::INCREMENTAL)
             .await
@@ -265,7 +265,7 @@ async fn a_sync_that_fails_mid_window_resumes_each_window_at_its_cursor() {
     };
 
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(1_000, 1, at(2019, 1, 1), at(2019, 12, 1));
     fake.fail_request(11, 500);
 
@@ -329,7 +329,7 @@ async fn a_sync_that_fails_mid_window_resumes_each_window_at_its_cursor() {
 #[tokio::test]
 async fn a_cancelled_pass_is_recorded_and_the_next_one_resumes() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(500, 1, at(2019, 1, 1), at(2019, 2, 1));
     let cancel = CancellationToken::new();
     let trigger = cancel.clone();
@@ -373,7 +373,7 @@ async fn a_cancelled_pass_is_recorded_and_the_next_one_resumes() {
 #[tokio::test]
 async fn a_backfill_restores_deleted_rows_and_leaves_the_high_water_mark() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(600, 2, at(2019, 1, 1), at(2022, 1, 1));
     sync(&db, &fake, "page_size = 40", PassRequest::INCREMENTAL)
         .await
@@ -417,7 +417,7 @@ async fn a_backfill_restores_deleted_rows_and_leaves_the_high_water_mark() {
 #[tokio::test]
 async fn an_interrupted_backfill_resumes_when_run_again() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(400, 1, at(2020, 1, 1), at(2020, 12, 1));
     fake.fail_request(5, 503);
     let request = PassRequest::Backfill {
@@ -455,7 +455,7 @@ async fn an_interrupted_backfill_resumes_when_run_again() {
 #[tokio::test]
 async fn an_older_version_never_replaces_a_newer_row() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     let id = Uuid::from_u128(7);
     let enterprise = Uuid::from_u128(8);
     fake.insert(FakeDepartment::new(
@@ -494,7 +494,7 @@ async fn an_older_version_never_replaces_a_newer_row() {
 #[tokio::test]
 async fn bad_tokens_fail_the_source_with_the_vendor_message_and_request_id() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(10, 1, at(2020, 1, 1), at(2020, 2, 1));
     fake.set_access_token("another-token");
 
@@ -507,7 +507,7 @@ async fn bad_tokens_fail_the_source_with_the_vendor_message_and_request_id() {
         "{error}"
     );
     assert!(
-        !error.contains(crate::fakes::mews::ACCESS_TOKEN),
+        !error.contains(deptsync::fakes::mews::ACCESS_TOKEN),
         "the token leaked: {error}"
     );
     let recorded: String = db.scalar("SELECT error FROM sync_runs").await;
@@ -518,7 +518,7 @@ async fn bad_tokens_fail_the_source_with_the_vendor_message_and_request_id() {
 #[tokio::test]
 async fn records_that_cannot_be_stored_are_kept_aside_and_the_page_goes_on() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(20, 1, at(2020, 1, 1), at(2020, 2, 1));
     let mut nameless =
         FakeDepartment::new(Uuid::from_u128(1), Uuid::from_u128(2), "x", at(2020, 1, 5));
@@ -574,7 +574,7 @@ async fn records_that_cannot_be_stored_are_kept_aside_and_the_page_goes_on() {
 #[tokio::test]
 async fn enterprise_ids_limit_the_sync_and_empty_pages_may_come_as_200() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.never_204();
     // Data only in 2020: the 2019 windows and those after come back empty.
     fake.generate(90, 3, at(2020, 2, 1), at(2020, 11, 1));
@@ -611,7 +611,7 @@ async fn enterprise_ids_limit_the_sync_and_empty_pages_may_come_as_200() {
 #[tokio::test]
 async fn windows_are_read_several_at_once_up_to_concurrent_windows() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(300, 2, at(2019, 1, 1), at(2021, 1, 1));
     fake.shared.set_delay(std::time::Duration::from_millis(200));
 

@@ -5,15 +5,15 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use deptsync::engine::{PassRequest, error_chain, run_pass};
+use deptsync::fakes::Fault;
+use deptsync::fakes::data_v1::{self, FakeDataV1};
+use deptsync::fakes::mews::FakeMews;
+use deptsync::fakes::procurify::{self, FakeProcurify};
+use deptsync::fakes::snapbooks::{self, FakeSnapbooks};
 use deptsync::store::postgres::{IfMissing, PgStore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::fakes::Fault;
-use crate::fakes::data_v1::{self, FakeDataV1};
-use crate::fakes::mews::FakeMews;
-use crate::fakes::procurify::{self, FakeProcurify};
-use crate::fakes::snapbooks::{self, FakeSnapbooks};
 use crate::helpers::{TestDb, config, connector, mews_config, run_binary};
 use crate::proxy::PgProxy;
 
@@ -90,7 +90,7 @@ async fn live_names(db: &TestDb) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mews_converges_through_a_storm_of_faults() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(400, 2, at(2019, 1, 1), at(2021, 1, 1));
     fake.shared.chaos(7, 0.3, STORM);
     fake.shared.inject(
@@ -121,7 +121,7 @@ async fn mews_converges_through_a_storm_of_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn procurify_converges_through_a_storm_of_faults() {
     let db = TestDb::new().await;
-    let fake = FakeProcurify::start().await;
+    let fake = FakeProcurify::start().await.unwrap();
     for id in 1..=120 {
         fake.put(id, &format!("Department {id}"), 1, true);
     }
@@ -153,7 +153,7 @@ async fn procurify_converges_through_a_storm_of_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapbooks_converges_through_a_storm_of_faults() {
     let db = TestDb::new().await;
-    let fake = FakeSnapbooks::start(&[1, 2]).await;
+    let fake = FakeSnapbooks::start(&[1, 2]).await.unwrap();
     for id in 1..=90 {
         fake.put(
             id,
@@ -187,7 +187,7 @@ async fn snapbooks_converges_through_a_storm_of_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_v1_converges_through_a_storm_of_faults() {
     let db = TestDb::new().await;
-    let fake = FakeDataV1::start().await;
+    let fake = FakeDataV1::start().await.unwrap();
     for i in 0..50 {
         fake.put(&format!("d{i:02}"), None, &format!("Department {i}"));
     }
@@ -218,7 +218,7 @@ async fn data_v1_converges_through_a_storm_of_faults() {
 #[tokio::test]
 async fn a_408_from_mews_halves_the_window_and_goes_on() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(60, 1, at(2019, 1, 1), at(2019, 4, 1));
     fake.fail_request(1, 408);
     // One window at a time, so that the first request is the window with the data.
@@ -245,7 +245,7 @@ async fn a_408_from_mews_halves_the_window_and_goes_on() {
 #[tokio::test]
 async fn a_cursor_that_never_ends_fails_the_window_instead_of_looping() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(50, 1, at(2019, 1, 1), at(2019, 2, 1));
     fake.loop_cursor();
     let toml = mews_config(&db.url, "mews", &fake.base_url, "page_size = 10");
@@ -269,7 +269,7 @@ async fn a_cursor_that_never_ends_fails_the_window_instead_of_looping() {
 #[tokio::test]
 async fn the_rate_budget_spaces_requests_out() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(60, 1, at(2019, 1, 1), at(2019, 2, 1));
     // A credential of its own: the budget belongs to the credential, and the other tests
     // share theirs.
@@ -280,7 +280,7 @@ async fn the_rate_budget_spaces_requests_out() {
         &fake.base_url,
         "page_size = 5\nrate_limit = \"4/1s\"",
     )
-    .replace(crate::fakes::mews::ACCESS_TOKEN, "a-token-of-its-own");
+    .replace(deptsync::fakes::mews::ACCESS_TOKEN, "a-token-of-its-own");
 
     pass(&db, &toml).await.unwrap();
 
@@ -298,7 +298,7 @@ async fn killed_at_random_moments_it_resumes_and_ends_with_the_upstream_truth() 
     // One clean sync first: how many pages a sync takes.
     let clean_pages = {
         let db = TestDb::new().await;
-        let fake = FakeMews::start().await;
+        let fake = FakeMews::start().await.unwrap();
         fake.generate(count, 3, from, from + chrono::Duration::days(200));
         let toml = mews_config(&db.url, "mews", &fake.base_url, "page_size = 25");
         pass(&db, &toml).await.unwrap();
@@ -309,7 +309,7 @@ async fn killed_at_random_moments_it_resumes_and_ends_with_the_upstream_truth() 
     };
 
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(count, 3, from, from + chrono::Duration::days(200));
     // Slow enough that every kill lands mid-pass, with all three windows read at once.
     fake.shared.set_delay(Duration::from_millis(100));
@@ -384,7 +384,7 @@ async fn the_database_going_away_mid_pass_fails_it_cleanly_and_the_next_complete
     let store = PgStore::connect(&proxy.url_for(&db.url).into(), IfMissing::Fail)
         .await
         .unwrap();
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(300, 1, at(2020, 1, 1), at(2020, 3, 1));
     fake.shared.set_delay(Duration::from_millis(20));
     let toml = mews_config(&db.url, "mews", &fake.base_url, "page_size = 10");
@@ -467,7 +467,7 @@ async fn the_database_going_away_mid_pass_fails_it_cleanly_and_the_next_complete
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_appears_in_any_output_even_at_trace_level() {
     let db = TestDb::new().await;
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     fake.generate(5, 1, at(2020, 1, 1), at(2020, 2, 1));
     let password = "pw-never-printed-7f3a";
     // Trust authentication ignores the password, so the URL still works.
@@ -476,8 +476,8 @@ async fn no_secret_appears_in_any_output_even_at_trace_level() {
     let url = url.to_string();
     let secrets = [
         password,
-        crate::fakes::mews::CLIENT_TOKEN,
-        crate::fakes::mews::ACCESS_TOKEN,
+        deptsync::fakes::mews::CLIENT_TOKEN,
+        deptsync::fakes::mews::ACCESS_TOKEN,
         "a-slow-secret-token",
         "a-refused-client-secret",
     ];
@@ -492,7 +492,7 @@ async fn no_secret_appears_in_any_output_even_at_trace_level() {
     fake.set_access_token("not-the-configured-one");
     let unauthorized = write(mews_config(&url, "mews", &fake.base_url, ""));
     // A timeout.
-    let slow = FakeDataV1::start().await;
+    let slow = FakeDataV1::start().await.unwrap();
     slow.shared.set_delay(Duration::from_secs(3));
     let timeout = write(config(
         &url,
@@ -505,11 +505,11 @@ async fn no_secret_appears_in_any_output_even_at_trace_level() {
     let bad = write(mews_config(&url, "mews", &fake.base_url, "page_size = 0"));
     // A TOML syntax error on the very line of a secret.
     let broken = write(mews_config(&url, "mews", &fake.base_url, "").replace(
-        &format!("\"{}\"", crate::fakes::mews::ACCESS_TOKEN),
-        &format!("\"{}", crate::fakes::mews::ACCESS_TOKEN),
+        &format!("\"{}\"", deptsync::fakes::mews::ACCESS_TOKEN),
+        &format!("\"{}", deptsync::fakes::mews::ACCESS_TOKEN),
     ));
     // A client secret refused by a token endpoint.
-    let procurify = FakeProcurify::start().await;
+    let procurify = FakeProcurify::start().await.unwrap();
     let refused = write(config(
         &url,
         &format!(
@@ -577,7 +577,7 @@ async fn no_secret_appears_in_any_output_even_at_trace_level() {
 #[tokio::test]
 async fn a_nul_in_an_id_rejects_the_record_and_never_blocks_the_source() {
     let db = TestDb::new().await;
-    let fake = FakeDataV1::start().await;
+    let fake = FakeDataV1::start().await.unwrap();
     fake.put("good", None, "Fine");
     fake.put("bad\0id", None, "Unstorable");
     let source = format!(
@@ -618,7 +618,7 @@ async fn sources_sharing_a_credential_share_its_budget() {
     let mut fakes = Vec::new();
     let mut sources = Vec::new();
     for name in ["hotel-a", "hotel-b"] {
-        let fake = FakeMews::start().await;
+        let fake = FakeMews::start().await.unwrap();
         fake.generate(30, 1, at(2019, 1, 1), at(2019, 2, 1));
         fake.set_access_token(token);
         let toml = mews_config(
@@ -627,7 +627,7 @@ async fn sources_sharing_a_credential_share_its_budget() {
             &fake.base_url,
             "page_size = 5\nrate_limit = \"8/1s\"",
         )
-        .replace(crate::fakes::mews::ACCESS_TOKEN, token);
+        .replace(deptsync::fakes::mews::ACCESS_TOKEN, token);
         sources.push(connector(&toml));
         fakes.push(fake);
     }
@@ -651,7 +651,7 @@ async fn sources_sharing_a_credential_share_its_budget() {
         .flat_map(|fake| fake.shared.arrivals())
         .collect();
     assert!(arrivals.len() >= 16);
-    let busiest = crate::fakes::busiest(arrivals, Duration::from_secs(1));
+    let busiest = deptsync::fakes::busiest(arrivals, Duration::from_secs(1));
     // One budget of 8 a second (with room for network jitter at the edges); two budgets
     // would let about 16 through.
     assert!(

@@ -6,6 +6,7 @@
 //! real binary on an SQLite file.
 
 use chrono::{DateTime, TimeZone, Utc};
+use deptsync::fakes::mews::FakeMews;
 use deptsync::model::{
     Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts, RejectedRecord,
     RunId, RunMode, RunOutcome, Window, WindowState,
@@ -13,7 +14,6 @@ use deptsync::model::{
 use deptsync::store::{AnyLease, AnyStore, IfMissing, Store};
 use uuid::Uuid;
 
-use crate::fakes::mews::FakeMews;
 use crate::helpers::{
     TempDir, TestDb, TestStore, mews_config, run_binary, run_binary_in, sqlite_url,
 };
@@ -973,7 +973,7 @@ fn stderr(output: &std::process::Output) -> String {
 #[tokio::test]
 async fn the_binary_syncs_into_an_sqlite_file_and_reports_its_status() {
     let dir = TempDir::new();
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     let from = Utc.with_ymd_and_hms(2019, 6, 1, 0, 0, 0).unwrap();
     fake.generate(250, 2, from, Utc::now() - chrono::Duration::hours(1));
     let url = sqlite_url(&dir.join("deptsync.db"));
@@ -1056,7 +1056,7 @@ async fn the_binary_syncs_into_an_sqlite_file_and_reports_its_status() {
 #[tokio::test]
 async fn a_manual_sync_beside_a_holder_of_the_sqlite_lock_skips_the_source() {
     let dir = TempDir::new();
-    let fake = FakeMews::start().await;
+    let fake = FakeMews::start().await.unwrap();
     let url = sqlite_url(&dir.join("deptsync.db"));
     let config = dir.join("deptsync.toml");
     std::fs::write(&config, mews_config(&url, "mews", &fake.base_url, "")).unwrap();
@@ -1134,7 +1134,10 @@ async fn a_database_url_of_another_kind_exits_2() {
 async fn two_mews_sources(url: &str, count: usize) -> (FakeMews, FakeMews, String) {
     let from = Utc.with_ymd_and_hms(2019, 6, 1, 0, 0, 0).unwrap();
     let to = Utc::now() - chrono::Duration::hours(1);
-    let (a, b) = (FakeMews::start().await, FakeMews::start().await);
+    let (a, b) = (
+        FakeMews::start().await.unwrap(),
+        FakeMews::start().await.unwrap(),
+    );
     a.generate(count, 1, from, to);
     b.generate(count, 1, from, to);
     let mut text = mews_config(url, "a", &a.base_url, "page_size = 100");

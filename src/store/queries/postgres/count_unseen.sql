@@ -1,6 +1,9 @@
 -- For a source ($1) and a complete listing ($2), possibly confirming an earlier one ($3):
 -- the rows that were live when the first listing began (the guard's base: rows the
 -- listings themselves added do not dilute it), and the live rows neither listing saw.
+--
+-- Joins, not NOT EXISTS: inside an aggregate's FILTER a NOT EXISTS runs once per row,
+-- and each run would read every id the listing saw.
 WITH started AS (
     SELECT COALESCE(
         (SELECT listing_started_at FROM sync_state
@@ -16,10 +19,10 @@ seen_before AS (
     WHERE source = $1 AND listing_id = $3
 )
 SELECT count(*) FILTER (WHERE d.first_synced_at < started.at) AS live,
-       count(*) FILTER (WHERE NOT EXISTS (
-           SELECT 1 FROM seen s WHERE s.external_id = d.external_id
-       ) AND ($3::uuid IS NULL OR NOT EXISTS (
-           SELECT 1 FROM seen_before s WHERE s.external_id = d.external_id
-       ))) AS unseen
-FROM departments d, started
+       count(*) FILTER (WHERE s.external_id IS NULL
+                          AND ($3::uuid IS NULL OR b.external_id IS NULL)) AS unseen
+FROM departments d
+CROSS JOIN started
+LEFT JOIN seen s ON s.external_id = d.external_id
+LEFT JOIN seen_before b ON b.external_id = d.external_id
 WHERE d.source = $1 AND d.deleted_at IS NULL

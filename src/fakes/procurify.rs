@@ -23,12 +23,15 @@ use serde_json::{Value, json};
 
 use super::Shared;
 
+/// The OAuth2 client id the fake's token endpoint accepts.
 pub const CLIENT_ID: &str = "procurify-client";
+/// The OAuth2 client secret the fake's token endpoint accepts.
 pub const CLIENT_SECRET: &str = "procurify-secret";
 
 /// The record of department `id` as the fake sends it, written straight to bytes.
 fn encode(id: i64, name: &str, branch: i64, active: bool) -> Box<[u8]> {
     let mut json = Vec::with_capacity(160 + name.len());
+    // Invariant (the three expects): writing to a Vec cannot fail, and a str always encodes.
     write!(json, r#"{{"id":{id},"name":"#).expect("writing to a Vec cannot fail");
     serde_json::to_writer(&mut json, name).expect("a str always encodes");
     write!(
@@ -51,6 +54,7 @@ pub fn history(count: usize, branches: i64) -> impl Iterator<Item = (i64, Box<[u
     })
 }
 
+/// The fake's departments and the tokens it issued.
 #[derive(Default)]
 pub struct ProcurifyState {
     /// Ordered by id, each record encoded once.
@@ -67,23 +71,27 @@ pub struct ProcurifyState {
     department_pages: usize,
 }
 
+/// A running fake Procurify on a loopback port.
 #[derive(Clone)]
 pub struct FakeProcurify {
+    /// Its base URL, as configured (`http://127.0.0.1:PORT`).
     pub base_url: String,
+    /// Its state and the controls every fake offers.
     pub shared: Shared<ProcurifyState>,
 }
 
 impl FakeProcurify {
-    pub async fn start() -> FakeProcurify {
+    /// Starts serving, with no departments, on an ephemeral loopback port.
+    pub async fn start() -> std::io::Result<FakeProcurify> {
         let shared = Shared::new(ProcurifyState::default());
         let router = Router::new()
             .route("/oauth/token", post(token))
             .route("/api/v3/departments/", get(departments))
             .with_state(shared.clone());
-        FakeProcurify {
-            base_url: super::serve(router).await,
+        Ok(FakeProcurify {
+            base_url: super::serve(router).await?,
             shared,
-        }
+        })
     }
 
     /// Adds or replaces department `id`.
@@ -117,6 +125,7 @@ impl FakeProcurify {
         self.shared.lock().1.departments = Vec::new();
     }
 
+    /// Removes department `id` from the listing.
     pub fn remove(&self, id: i64) {
         let departments = &mut self.shared.lock().1.departments;
         if let Ok(at) = departments.binary_search_by_key(&id, |(id, _)| *id) {
@@ -139,6 +148,7 @@ impl FakeProcurify {
         self.shared.lock().1.expired_rejections
     }
 
+    /// Requests made to the token endpoint.
     pub fn token_requests(&self) -> usize {
         self.shared.lock().1.token_requests
     }
@@ -155,13 +165,14 @@ impl FakeProcurify {
             .1
             .departments
             .iter()
-            .map(|(_, record)| {
-                let d: Value = serde_json::from_slice(record).expect("the fake encoded it");
+            // Every record was encoded by `encode`: none fails to decode.
+            .filter_map(|(_, record)| serde_json::from_slice::<Value>(record).ok())
+            .map(|d| {
                 (
                     d["id"].to_string(),
                     d["branch"]["id"].to_string(),
-                    d["name"].as_str().unwrap().to_owned(),
-                    d["active"].as_bool().unwrap(),
+                    d["name"].as_str().unwrap_or_default().to_owned(),
+                    d["active"].as_bool().unwrap_or_default(),
                 )
             })
             .collect();
@@ -287,6 +298,7 @@ async fn departments(
     let encoded: usize = records.iter().map(|(_, record)| record.len() + 1).sum();
     let mut body = Vec::with_capacity(encoded + 512);
     body.extend_from_slice(br#"{"metadata":"#);
+    // Invariant: a Value (string keys) always encodes, and into a Vec cannot fail.
     serde_json::to_writer(&mut body, &metadata).expect("a Value always encodes");
     body.extend_from_slice(br#","data":["#);
     for (i, (_, record)) in records.iter().enumerate() {

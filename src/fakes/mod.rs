@@ -1,10 +1,13 @@
-//! Fakes of the vendors' APIs. They stand for the outside world and enforce its rules:
-//! a request that breaks one is recorded as a violation (and refused), and every test
-//! ends by asserting there were none.
+//! Simulated vendor APIs: Mews, Procurify, Snapbooks and a tenant data API, each served
+//! on a loopback port. They stand for the outside world and enforce its rules: a request
+//! that breaks one is recorded as a violation (and refused), and every test ends by
+//! asserting there were none.
 //!
-//! The integration tests and the benchmark (`benches/sync.rs`) both compile these files, and
-//! each uses only part of them.
-#![allow(dead_code)]
+//! `deptsync demo` serves them with generated departments ([`crate::demo`]); the
+//! integration tests and the benchmark (`benches/sync.rs`) drive them to every corner of
+//! the vendors' behaviour (faults, throttling, slow pages). Compiled with the `demo`
+//! feature (on by default).
+#![warn(missing_docs)]
 
 pub mod data_v1;
 pub mod mews;
@@ -20,12 +23,17 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-/// Serves `router` on a loopback port for the rest of the test; returns its base URL.
-pub async fn serve(router: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    format!("http://{address}")
+/// Serves `router` on an ephemeral loopback port for as long as the runtime runs; returns
+/// its base URL (`http://127.0.0.1:PORT`).
+pub async fn serve(router: Router) -> std::io::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(%address, error = %e, "a simulated upstream stopped serving");
+        }
+    });
+    Ok(format!("http://{address}"))
 }
 
 /// Reads page-number paging parameters (`page` and `size_key`, both from 1), or says why
@@ -71,7 +79,10 @@ pub enum Fault {
     Status(u16),
     /// 429, with or without `Retry-After` (seconds). A request that comes back before the
     /// time it asked for is a violation.
-    TooManyRequests { retry_after: Option<u64> },
+    TooManyRequests {
+        /// The `Retry-After` header, in seconds; none when `None`.
+        retry_after: Option<u64>,
+    },
     /// The connection drops after the status line, before any body.
     Dropped,
     /// The body stops half way.
@@ -100,7 +111,7 @@ impl Fault {
         let cut = || std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected");
         match self {
             Fault::Status(status) => (
-                StatusCode::from_u16(status).unwrap(),
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 [("Request-Id", request_id.clone())],
                 axum::Json(body),
             )
@@ -125,7 +136,10 @@ impl Fault {
             Fault::InvalidJson => (
                 StatusCode::OK,
                 [("Request-Id", request_id.clone())],
-                format!("{{\"oops\": {}", &sample[..sample.len() / 3]),
+                format!(
+                    "{{\"oops\": {}",
+                    sample.get(..sample.len() / 3).unwrap_or_default()
+                ),
             )
                 .into_response(),
         }
@@ -161,6 +175,7 @@ pub struct Control {
 }
 
 impl Control {
+    /// Records a breach of the API's rules.
     pub fn violation(&mut self, message: impl Into<String>) {
         self.violations.push(message.into());
     }
@@ -186,6 +201,7 @@ impl<T> Clone for Shared<T> {
 }
 
 impl<T> Shared<T> {
+    /// A fake's state `state`, with no request seen yet.
     pub fn new(state: T) -> Self {
         Shared {
             inner: Arc::new(Mutex::new((Control::default(), state))),
@@ -296,6 +312,7 @@ impl<T> Shared<T> {
             .push(Box::new(hook));
     }
 
+    /// Requests seen so far.
     pub fn requests(&self) -> usize {
         self.lock().0.requests
     }
@@ -315,7 +332,7 @@ impl<T> Shared<T> {
         self.lock().0.violations.clone()
     }
 
-    /// Fails the test if deptsync broke a rule of the API.
+    /// Fails the test if deptsync broke a rule of the API (for tests: it panics).
     pub fn assert_no_violations(&self) {
         let violations = self.violations();
         assert!(

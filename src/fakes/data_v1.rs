@@ -13,31 +13,38 @@ use serde_json::{Value, json};
 
 use super::Shared;
 
+/// The bearer token the fake accepts.
 pub const TOKEN: &str = "data-api-token";
 
+/// The fake's departments, by id.
 #[derive(Default)]
 pub struct DataV1State {
     departments: BTreeMap<String, Value>,
 }
 
+/// A running fake data API on a loopback port.
 #[derive(Clone)]
 pub struct FakeDataV1 {
+    /// Its base URL, as configured (`http://127.0.0.1:PORT`).
     pub base_url: String,
+    /// Its state and the controls every fake offers.
     pub shared: Shared<DataV1State>,
 }
 
 impl FakeDataV1 {
-    pub async fn start() -> FakeDataV1 {
+    /// Starts serving, with no departments, on an ephemeral loopback port.
+    pub async fn start() -> std::io::Result<FakeDataV1> {
         let shared = Shared::new(DataV1State::default());
         let router = Router::new()
             .route("/v1/data/departments", get(departments))
             .with_state(shared.clone());
-        FakeDataV1 {
-            base_url: super::serve(router).await,
+        Ok(FakeDataV1 {
+            base_url: super::serve(router).await?,
             shared,
-        }
+        })
     }
 
+    /// Adds or replaces department `id`, under `parent` (`None`: a root).
     pub fn put(&self, id: &str, parent: Option<&str>, name: &str) {
         let record = json!({ "id": id, "parent_id": parent, "name": name });
         self.shared
@@ -47,6 +54,7 @@ impl FakeDataV1 {
             .insert(id.to_owned(), record);
     }
 
+    /// Removes department `id` from the listing.
     pub fn remove(&self, id: &str) {
         self.shared.lock().1.departments.remove(id);
     }

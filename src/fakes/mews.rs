@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use crate::model::Window;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -26,28 +27,35 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use chrono::{DateTime, Months, SubsecRound, Utc};
-use deptsync::model::Window;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{Fault, Shared};
 
+/// The `ClientToken` the fake accepts.
 pub const CLIENT_TOKEN: &str = "fake-client-token";
+/// The `AccessToken` the fake accepts (unless [`FakeMews::set_access_token`] says otherwise).
 pub const ACCESS_TOKEN: &str = "fake-access-token";
+/// Where the fake serves `departments/getAll`.
 pub const PATH: &str = "/api/connector/v1/departments/getAll";
 
 /// One department as a test writes it: the record is a JSON value it may change before
 /// inserting it.
 #[derive(Debug, Clone)]
 pub struct FakeDepartment {
+    /// `Id`.
     pub id: Uuid,
+    /// `EnterpriseId`.
     pub enterprise_id: Uuid,
+    /// `UpdatedUtc`, by which the fake orders and selects departments.
     pub updated: DateTime<Utc>,
     /// The record as the fake sends it.
     pub json: Value,
 }
 
 impl FakeDepartment {
+    /// An active department named `name`, updated at `updated` (whole seconds) and
+    /// created 30 days before.
     pub fn new(id: Uuid, enterprise_id: Uuid, name: &str, updated: DateTime<Utc>) -> Self {
         // Whole seconds, as the fake sends them.
         let updated = updated.trunc_subsecs(0);
@@ -67,11 +75,13 @@ impl FakeDepartment {
         }
     }
 
+    /// `Name`.
     pub fn name(&self) -> &str {
         self.json["Name"].as_str().unwrap_or_default()
     }
 }
 
+/// `t` as the fake writes instants: RFC 3339 in whole seconds, `Z`.
 pub fn format_utc(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
@@ -80,10 +90,15 @@ pub fn format_utc(t: DateTime<Utc>) -> String {
 /// records can be loaded elsewhere (a benchmark copies them into PostgreSQL directly).
 #[derive(Debug, Clone)]
 pub struct GeneratedDepartment {
+    /// `Id`.
     pub id: Uuid,
+    /// `EnterpriseId`.
     pub enterprise_id: Uuid,
+    /// `Name`.
     pub name: String,
+    /// `CreatedUtc`.
     pub created: DateTime<Utc>,
+    /// `UpdatedUtc`.
     pub updated: DateTime<Utc>,
     /// The record as the fake sends it (`IsActive` is always true).
     pub json: Vec<u8>,
@@ -128,6 +143,7 @@ fn encode(
     updated: DateTime<Utc>,
 ) -> Vec<u8> {
     let mut json = Vec::with_capacity(200 + name.len());
+    // Invariant (the three expects): writing to a Vec cannot fail, and a str always encodes.
     write!(
         json,
         r#"{{"Id":"{id}","EnterpriseId":"{enterprise_id}","IsActive":true,"Name":"#
@@ -147,10 +163,15 @@ fn encode(
 /// What one request asked for and what it got.
 #[derive(Debug, Clone)]
 pub struct RecordedRequest {
+    /// The `UpdatedUtc` interval asked for, when the request got that far.
     pub window: Option<Window>,
+    /// `Limitation.Cursor`.
     pub cursor: Option<String>,
+    /// `Limitation.Count`.
     pub count: i64,
+    /// The status answered.
     pub status: u16,
+    /// Departments returned.
     pub returned: usize,
 }
 
@@ -184,15 +205,16 @@ impl RateLimit {
         {
             arrivals.pop_front();
         }
-        let over = (arrivals.len() >= self.requests).then(|| {
-            let oldest = *arrivals.front().expect("over a limit of at least one");
-            self.period - now.duration_since(oldest)
-        });
+        let over = arrivals
+            .front()
+            .filter(|_| arrivals.len() >= self.requests)
+            .map(|oldest| self.period.saturating_sub(now.duration_since(*oldest)));
         arrivals.push_back(now);
         over
     }
 }
 
+/// The fake's departments, the requests it saw and the cursors it issued.
 #[derive(Default)]
 pub struct MewsState {
     departments: BTreeMap<SortKey, StoredDepartment>,
@@ -224,12 +246,15 @@ impl MewsState {
 /// A running fake Mews server on a loopback port.
 #[derive(Clone)]
 pub struct FakeMews {
+    /// Its base URL, as configured (`http://127.0.0.1:PORT`).
     pub base_url: String,
+    /// Its state and the controls every fake offers.
     pub shared: Shared<MewsState>,
 }
 
 impl FakeMews {
-    pub async fn start() -> FakeMews {
+    /// Starts serving, with no departments, on an ephemeral loopback port.
+    pub async fn start() -> std::io::Result<FakeMews> {
         let shared = Shared::new(MewsState {
             access_token: ACCESS_TOKEN.to_owned(),
             ..MewsState::default()
@@ -237,14 +262,15 @@ impl FakeMews {
         let app = Router::new()
             .route(PATH, post(get_all))
             .with_state(shared.clone());
-        FakeMews {
-            base_url: super::serve(app).await,
+        Ok(FakeMews {
+            base_url: super::serve(app).await?,
             shared,
-        }
+        })
     }
 
     /// Adds `department`, or replaces the one with its id.
     pub fn insert(&self, department: FakeDepartment) {
+        // Invariant: a Value (string keys) always encodes, and into a Vec cannot fail.
         let json = serde_json::to_vec(&department.json).expect("a Value always encodes");
         let stored = StoredDepartment {
             enterprise_id: department.enterprise_id,
@@ -299,11 +325,15 @@ impl FakeMews {
         state
             .departments
             .iter()
-            .map(|(&(updated, id), stored)| FakeDepartment {
-                id,
-                enterprise_id: stored.enterprise_id,
-                updated,
-                json: serde_json::from_slice(&stored.json).expect("the fake encoded it"),
+            // The fake encoded every record itself: none fails to decode.
+            .filter_map(|(&(updated, id), stored)| {
+                let json = serde_json::from_slice(&stored.json).ok()?;
+                Some(FakeDepartment {
+                    id,
+                    enterprise_id: stored.enterprise_id,
+                    updated,
+                    json,
+                })
             })
             .collect()
     }
@@ -349,6 +379,7 @@ impl FakeMews {
         self.shared.lock().1.access_token = token.to_owned();
     }
 
+    /// Every request so far, in the order they were answered.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.lock().1.requests.clone()
     }
@@ -515,7 +546,11 @@ fn answer(
         )));
     }
     // At most three calendar months (the last day clamped to the shorter month).
-    let limit = start.checked_add_months(Months::new(3)).unwrap();
+    let Some(limit) = start.checked_add_months(Months::new(3)) else {
+        return Err(violation(format!(
+            "UpdatedUtc {window} starts too late to be an instant"
+        )));
+    };
     if end > limit {
         return Err(violation(format!(
             "UpdatedUtc {window} is longer than 3 months"
@@ -607,6 +642,7 @@ fn answer(
         body.extend_from_slice(&department.json);
     }
     body.extend_from_slice(br#"],"Cursor":"#);
+    // Invariant: a str always encodes, and into a Vec cannot fail.
     serde_json::to_writer(&mut body, &next_cursor).expect("a str always encodes");
     body.push(b'}');
     state.cursors.insert((next_cursor, window), oldest);

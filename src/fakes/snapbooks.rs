@@ -17,10 +17,14 @@ use serde_json::{Value, json};
 
 use super::Shared;
 
+/// The account token (a bearer token) the fake accepts.
 pub const TOKEN: &str = "snapbooks-account-token";
+/// The client id of the client-credentials grant the fake accepts.
 pub const CLIENT_ID: &str = "snapbooks-client";
+/// The client secret of the client-credentials grant the fake accepts.
 pub const CLIENT_SECRET: &str = "snapbooks-secret";
 
+/// The fake's departments, the client accounts its tokens see, and the tokens it issued.
 #[derive(Default)]
 pub struct SnapbooksState {
     departments: BTreeMap<i64, Value>,
@@ -29,17 +33,21 @@ pub struct SnapbooksState {
     token_requests: usize,
 }
 
+/// A running fake Snapbooks on a loopback port.
 #[derive(Clone)]
 pub struct FakeSnapbooks {
     /// The API's base URL, as configured (`…/snapbooks`).
     pub base_url: String,
     /// The client-credentials token endpoint.
     pub token_url: String,
+    /// Its state and the controls every fake offers.
     pub shared: Shared<SnapbooksState>,
 }
 
 impl FakeSnapbooks {
-    pub async fn start(visible_accounts: &[i64]) -> FakeSnapbooks {
+    /// Starts serving, with no departments, on an ephemeral loopback port; its tokens
+    /// see the client accounts `visible_accounts` (403 for any other).
+    pub async fn start(visible_accounts: &[i64]) -> std::io::Result<FakeSnapbooks> {
         let shared = Shared::new(SnapbooksState {
             visible_accounts: visible_accounts.iter().copied().collect(),
             live_tokens: HashSet::from([TOKEN.to_owned()]),
@@ -49,12 +57,12 @@ impl FakeSnapbooks {
             .route("/v2/oauth/token", post(token))
             .route("/snapbooks/api/v2/departments", get(departments))
             .with_state(shared.clone());
-        let root = super::serve(router).await;
-        FakeSnapbooks {
+        let root = super::serve(router).await?;
+        Ok(FakeSnapbooks {
             base_url: format!("{root}/snapbooks"),
             token_url: format!("{root}/v2/oauth/token"),
             shared,
-        }
+        })
     }
 
     /// Adds or replaces department `id`; `is_active: None` leaves the field out.
@@ -75,6 +83,7 @@ impl FakeSnapbooks {
         self.shared.lock().1.departments.insert(id, record);
     }
 
+    /// Requests made to the token endpoint.
     pub fn token_requests(&self) -> usize {
         self.shared.lock().1.token_requests
     }
@@ -90,7 +99,7 @@ impl FakeSnapbooks {
                 (
                     d["id"].to_string(),
                     d["client_account_id"].to_string(),
-                    d["name"].as_str().unwrap().to_owned(),
+                    d["name"].as_str().unwrap_or_default().to_owned(),
                     d.get("is_active").and_then(Value::as_bool).unwrap_or(true),
                 )
             })
@@ -185,8 +194,11 @@ async fn departments(
         .departments
         .values()
         .filter(|d| {
-            let in_account = d["client_account_id"].as_i64().unwrap();
-            state.visible_accounts.contains(&in_account) && account.is_none_or(|a| a == in_account)
+            // `put` always writes the account.
+            d["client_account_id"].as_i64().is_some_and(|in_account| {
+                state.visible_accounts.contains(&in_account)
+                    && account.is_none_or(|a| a == in_account)
+            })
         })
         .filter(|d| {
             let active = d.get("is_active").and_then(Value::as_bool).unwrap_or(true);
