@@ -2,27 +2,23 @@
 -- the rows that were live when the first listing began (the guard's base: rows the
 -- listings themselves added do not dilute it), and the live rows neither listing saw.
 --
--- Joins, not NOT EXISTS: inside an aggregate's FILTER a NOT EXISTS runs once per row,
--- and each run would read every id the listing saw.
+-- EXCEPT, not a join or NOT EXISTS: the planner cannot know how many ids the listings'
+-- arrays hold, and a nested loop over them is quadratic; a set difference is not.
 WITH started AS (
     SELECT COALESCE(
         (SELECT listing_started_at FROM sync_state
          WHERE source = $1 AND (listing_id = $2 OR listing_confirms IS NOT NULL)),
         now()) AS at
-),
-seen AS (
-    SELECT DISTINCT unnest(external_ids) AS external_id FROM listing_seen_pages
-    WHERE source = $1 AND listing_id = $2
-),
-seen_before AS (
-    SELECT DISTINCT unnest(external_ids) AS external_id FROM listing_seen_pages
-    WHERE source = $1 AND listing_id = $3
 )
-SELECT count(*) FILTER (WHERE d.first_synced_at < started.at) AS live,
-       count(*) FILTER (WHERE s.external_id IS NULL
-                          AND ($3::uuid IS NULL OR b.external_id IS NULL)) AS unseen
-FROM departments d
-CROSS JOIN started
-LEFT JOIN seen s ON s.external_id = d.external_id
-LEFT JOIN seen_before b ON b.external_id = d.external_id
-WHERE d.source = $1 AND d.deleted_at IS NULL
+SELECT (SELECT count(*) FROM departments d, started
+        WHERE d.source = $1 AND d.deleted_at IS NULL
+          AND d.first_synced_at < started.at) AS live,
+       (SELECT count(*) FROM (
+            SELECT external_id FROM departments WHERE source = $1 AND deleted_at IS NULL
+            EXCEPT
+            SELECT unnest(external_ids) FROM listing_seen_pages
+            WHERE source = $1 AND listing_id = $2
+            EXCEPT
+            SELECT unnest(external_ids) FROM listing_seen_pages
+            WHERE source = $1 AND listing_id = $3 AND $3 IS NOT NULL
+        ) unseen) AS unseen
