@@ -400,65 +400,75 @@ impl PgStore {
         })
     }
 
+    /// Writes the departments of a page that are new or changed. `by_digest`: tell
+    /// unchanged rows by their content digest without sending them (full listings, whose
+    /// pages are mostly unchanged); otherwise send every row and let the statement
+    /// compare (windowed pages hold what changed, so a digest would be wasted work).
     async fn upsert_departments(
         tx: &mut Transaction<'_, Postgres>,
         source: &str,
         departments: &[Department],
+        by_digest: bool,
     ) -> Result<(u64, u64), StoreError> {
         if departments.is_empty() {
             return Ok((0, 0));
         }
         // One statement cannot touch a row twice: keep the newest version of each id.
         let rows = newest_versions(departments);
-        // What is stored for these ids: one index lookup each, 16 bytes back. A row whose
-        // digest matches is unchanged and is not sent at all: a pass where nothing
-        // changed costs these lookups, not the parsing and comparing of every record.
-        let ids: Vec<&str> = rows.iter().map(|d| d.external_id.as_str()).collect();
-        let stored: HashMap<String, Option<Vec<u8>>> = sqlx::query_as(
-            "SELECT external_id, CASE WHEN deleted_at IS NULL THEN content_md5 END
-             FROM departments WHERE source = $1 AND external_id = ANY($2)",
-        )
-        .bind(source)
-        .bind(&ids)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db("looking up the stored departments"))?
-        .into_iter()
-        .collect();
+        // With `by_digest`, what is stored for these ids: one index lookup each, 16 bytes
+        // back. A row whose digest matches is unchanged and is not sent at all: a listing
+        // where nothing changed costs these lookups, not the parsing and comparing of
+        // every record.
+        let stored: HashMap<String, Option<Vec<u8>>> = if by_digest {
+            let ids: Vec<&str> = rows.iter().map(|d| d.external_id.as_str()).collect();
+            sqlx::query_as(
+                "SELECT external_id, CASE WHEN deleted_at IS NULL THEN content_md5 END
+                 FROM departments WHERE source = $1 AND external_id = ANY($2)",
+            )
+            .bind(source)
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db("looking up the stored departments"))?
+            .into_iter()
+            .collect()
+        } else {
+            HashMap::new()
+        };
         let mut to_write = Vec::with_capacity(rows.len());
         for department in rows {
-            let digest = content_digest(department)?;
-            match stored.get(department.external_id.as_str()) {
-                Some(Some(known)) if known.as_slice() == digest.as_slice() => {}
-                Some(_) => to_write.push((department, digest, true)),
-                None => to_write.push((department, digest, false)),
+            // Written once, for the digest and for the database.
+            let raw = serde_json::to_string(&department.raw)
+                .map_err(|e| StoreError::Corrupt(format!("department not serializable: {e}")))?;
+            let digest = by_digest.then(|| content_digest(department, &raw));
+            if let (Some(Some(known)), Some(digest)) =
+                (stored.get(department.external_id.as_str()), &digest)
+                && known.as_slice() == digest.as_slice()
+            {
+                continue;
             }
+            to_write.push((department, raw, digest));
         }
         if to_write.is_empty() {
             return Ok((0, 0));
         }
         let texts = |f: fn(&Department) -> Option<&str>| {
-            to_write.iter().map(|(d, _, _)| f(d)).collect::<Vec<_>>()
+            to_write.iter().map(|(d, ..)| f(d)).collect::<Vec<_>>()
         };
         let external_ids = texts(|d| Some(d.external_id.as_str()));
         let scope_ids = texts(|d| d.scope_id.as_deref());
         let names = texts(|d| Some(d.name.as_str()));
         let parents = texts(|d| d.parent_external_id.as_deref());
-        let active: Vec<bool> = to_write.iter().map(|(d, _, _)| d.is_active).collect();
-        let created: Vec<Option<DateTime<Utc>>> = to_write
+        let active: Vec<bool> = to_write.iter().map(|(d, ..)| d.is_active).collect();
+        let created: Vec<Option<DateTime<Utc>>> =
+            to_write.iter().map(|(d, ..)| d.source_created_at).collect();
+        let updated: Vec<Option<DateTime<Utc>>> =
+            to_write.iter().map(|(d, ..)| d.source_updated_at).collect();
+        let raw: Vec<&str> = to_write.iter().map(|(_, raw, _)| raw.as_str()).collect();
+        let digests: Vec<Option<&[u8]>> = to_write
             .iter()
-            .map(|(d, _, _)| d.source_created_at)
+            .map(|(_, _, digest)| digest.as_ref().map(|d| &d[..]))
             .collect();
-        let updated: Vec<Option<DateTime<Utc>>> = to_write
-            .iter()
-            .map(|(d, _, _)| d.source_updated_at)
-            .collect();
-        let raw: Vec<sqlx::types::Json<&serde_json::Value>> = to_write
-            .iter()
-            .map(|(d, _, _)| sqlx::types::Json(&d.raw))
-            .collect();
-        let digests: Vec<&[u8]> = to_write.iter().map(|(_, digest, _)| &digest[..]).collect();
-        let known: Vec<bool> = to_write.iter().map(|(_, _, stored)| *stored).collect();
 
         let row = sqlx::query(UPSERT_DEPARTMENTS)
             .bind(source)
@@ -471,7 +481,6 @@ impl PgStore {
             .bind(&updated)
             .bind(&raw)
             .bind(&digests)
-            .bind(&known)
             .fetch_one(&mut **tx)
             .await
             .map_err(db("upserting departments"))?;
@@ -514,7 +523,7 @@ impl PgStore {
 /// A digest of what a department row holds (every column the upsert compares), to tell an
 /// unchanged row without sending it. Each field is framed (a tag, and a length for text),
 /// so that no two different rows can run together into the same bytes.
-fn content_digest(department: &Department) -> Result<[u8; 16], StoreError> {
+fn content_digest(department: &Department, raw: &str) -> [u8; 16] {
     use md5::{Digest, Md5};
     fn text(hasher: &mut Md5, value: Option<&str>) {
         match value {
@@ -545,9 +554,8 @@ fn content_digest(department: &Department) -> Result<[u8; 16], StoreError> {
     instant(&mut hasher, department.source_created_at);
     instant(&mut hasher, department.source_updated_at);
     // serde_json writes an object's keys in one order, so equal records give equal text.
-    serde_json::to_writer(&mut hasher, &department.raw)
-        .map_err(|e| StoreError::Corrupt(format!("department not serializable: {e}")))?;
-    Ok(hasher.finalize().into())
+    text(&mut hasher, Some(raw));
+    hasher.finalize().into()
 }
 
 /// The statement that forgets what `listings` saw and clears the source's listing state.
@@ -723,7 +731,12 @@ impl Store for PgStore {
         let mut tx = sqlx::Connection::begin(lease)
             .await
             .map_err(db("opening a transaction"))?;
-        let (inserted, updated) = Self::upsert_departments(&mut tx, source, departments).await?;
+        let listing = matches!(
+            checkpoint,
+            Checkpoint::Listing(_) | Checkpoint::ListingDone { .. }
+        );
+        let (inserted, updated) =
+            Self::upsert_departments(&mut tx, source, departments, listing).await?;
         Self::keep_rejected(&mut tx, source, rejected).await?;
         let deletions =
             Self::apply_checkpoint(&mut tx, source, checkpoint, departments, rejected).await?;

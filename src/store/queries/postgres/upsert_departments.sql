@@ -1,9 +1,8 @@
 -- Writes the departments of a page that may have changed, in one statement, and tells how
 -- many were inserted and how many updated (the caller counts the rest as unchanged).
 --
--- The caller has already looked up what is stored for these ids and sends only the rows
--- that are new (`stored` false) or whose content digest differs from the stored one (or
--- is not known). A row is updated only when its content really differs (IS DISTINCT
+-- For a full listing the caller has already set aside the rows whose content digest
+-- matches the stored one; a NULL digest means "compare in full". A row is updated only when its content really differs (IS DISTINCT
 -- FROM, so NULLs compare as values), and never replaced by a version whose
 -- source_updated_at is older than the one stored: a late page or a backfill cannot roll a
 -- department back. last_changed_at moves only with the content; a row written before
@@ -14,13 +13,19 @@
 -- else writes a source's rows while its pass holds the source's lock; a row inserted
 -- behind its back would fail the page (a unique violation), never corrupt it.
 --
--- $1 source; $2..$11 one array per column, all of the same length, ids unique.
+-- $1 source; $2..$10 one array per column, all of the same length, ids unique.
 WITH incoming AS (
     SELECT *
     FROM UNNEST($2::text[], $3::text[], $4::text[], $5::boolean[], $6::text[],
-                $7::timestamptz[], $8::timestamptz[], $9::jsonb[], $10::bytea[], $11::boolean[])
+                $7::timestamptz[], $8::timestamptz[], $9::text[]::jsonb[], $10::bytea[])
          AS t(external_id, scope_id, name, is_active, parent_external_id,
-              source_created_at, source_updated_at, raw, content_md5, stored)
+              source_created_at, source_updated_at, raw, content_md5)
+),
+-- One index lookup per row: stored or new.
+compared AS (
+    SELECT i.*, d.external_id IS NOT NULL AS stored
+    FROM incoming i
+    LEFT JOIN departments d ON d.source = $1 AND d.external_id = i.external_id
 ),
 inserted AS (
     INSERT INTO departments (
@@ -30,7 +35,7 @@ inserted AS (
     )
     SELECT $1, external_id, scope_id, name, is_active, parent_external_id,
            source_created_at, source_updated_at, raw, content_md5, NULL, now(), now()
-    FROM incoming
+    FROM compared
     WHERE NOT stored
     RETURNING 1
 ),
@@ -52,7 +57,7 @@ updated AS (
                  (i.scope_id, i.name, i.is_active, i.parent_external_id,
                   i.source_created_at, i.source_updated_at, i.raw, NULL::timestamptz)
             THEN now() ELSE d.last_changed_at END
-    FROM incoming i
+    FROM compared i
     WHERE i.stored
       AND d.source = $1 AND d.external_id = i.external_id
       AND ((d.scope_id, d.name, d.is_active, d.parent_external_id,
