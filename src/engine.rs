@@ -251,6 +251,8 @@ pub trait Progress: Send + Sync {
     }
     /// A window was read to its end.
     fn window_done(&self) {}
+    /// A window was split in two: one more to read.
+    fn window_split(&self) {}
     /// A page of `departments` records was stored.
     fn page_stored(&self, departments: u64) {
         let _ = departments;
@@ -643,6 +645,7 @@ impl<St: Store> Writer<'_, St> {
                         });
                         ledger.windows.splice(index..=index, halves);
                     }
+                    self.progress.window_split();
                     let plan = Checkpoint::Ledger(ledger.clone());
                     self.commit(Page::default(), &plan, || {
                         format!("the split of window {window}")

@@ -163,6 +163,13 @@ impl Progress for SourceProgress {
         }
     }
 
+    fn window_split(&self) {
+        self.windows.fetch_add(1, Ordering::Relaxed);
+        if let Some(bar) = &self.bar {
+            bar.inc_length(1);
+        }
+    }
+
     fn page_stored(&self, departments: u64) {
         let pages = self.pages.fetch_add(1, Ordering::Relaxed) + 1;
         self.departments.fetch_add(departments, Ordering::Relaxed);
