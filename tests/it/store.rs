@@ -38,6 +38,7 @@ macro_rules! on_both_stores {
 }
 
 on_both_stores!(
+    text_with_tabs_newlines_and_backslashes_is_stored_as_sent,
     a_page_with_the_same_id_twice_keeps_the_newest,
     only_rows_whose_content_changed_are_written,
     a_change_of_any_one_column_is_a_change,
@@ -161,6 +162,33 @@ async fn assert_nothing_kept(db: &TestStore) {
     let state = db.store.load_state("s").await.unwrap();
     assert_eq!(state.high_water_mark, None);
     assert_eq!(state.incremental, None);
+}
+
+async fn text_with_tabs_newlines_and_backslashes_is_stored_as_sent(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    // What the bulk path (COPY's text format) must escape, and what it must not touch.
+    let awkward = "tab\there, line\nbreak, cr\r, back\\slash \\N, quote \" and ' é";
+    let mut page = [department("x\\1\t", awkward, at(2020, 1, 1))];
+    page[0].scope_id = Some("s\\N".to_owned());
+    page[0].parent_external_id = None;
+    page[0].raw = serde_json::json!({ "name": awkward, "path": "C:\\dir\\n" });
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &page).await),
+        (1, 0, 0)
+    );
+    let name = db.text("SELECT name FROM departments").await;
+    assert_eq!(name.as_deref(), Some(awkward));
+    let id = db.text("SELECT external_id FROM departments").await;
+    assert_eq!(id.as_deref(), Some("x\\1\t"));
+    let scope = db.text("SELECT scope_id FROM departments").await;
+    assert_eq!(scope.as_deref(), Some("s\\N"));
+    let nulls = "SELECT count(*) FROM departments WHERE parent_external_id IS NULL";
+    assert_eq!(db.count(nulls).await, 1, "NULL stays NULL");
+    // The same page again is unchanged: what was stored is exactly what was sent.
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &page).await),
+        (0, 0, 1)
+    );
 }
 
 async fn a_page_with_the_same_id_twice_keeps_the_newest(db: TestStore) {
