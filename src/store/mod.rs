@@ -24,8 +24,8 @@ use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
 use crate::model::{
-    Checkpoint, Department, PageCounts, RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus,
-    SyncState, WithheldDeletions,
+    Checkpoint, Department, LedgerWindow, PageCounts, RejectedRecord, RunId, RunMode, RunOutcome,
+    SourceStatus, SyncState, Window, WindowState, WithheldDeletions,
 };
 use postgres::PgStore;
 use sqlite::{SqliteLease, SqliteStore};
@@ -380,6 +380,35 @@ fn judge_unseen(
 
 /// The newest version of each department of a page (a page may hold an id twice; one
 /// statement cannot write a row twice). Of two versions with the same time, the later.
+/// How `sync_windows` keeps a window's state: its `state` and `cursor` columns.
+fn window_columns(state: &WindowState) -> (&'static str, Option<&str>) {
+    match state {
+        WindowState::Pending => ("pending", None),
+        WindowState::InProgress { cursor } => ("in_progress", Some(cursor.as_str())),
+        WindowState::Done => ("done", None),
+    }
+}
+
+/// The state of `window` (of `source`) from its `state` and `cursor` columns.
+fn window_state(
+    source: &str,
+    window: Window,
+    state: &str,
+    cursor: Option<String>,
+) -> Result<LedgerWindow, StoreError> {
+    let state = match (state, cursor) {
+        ("pending", _) => WindowState::Pending,
+        ("done", _) => WindowState::Done,
+        ("in_progress", Some(cursor)) => WindowState::InProgress { cursor },
+        (state, _) => {
+            return Err(StoreError::Corrupt(format!(
+                "window {window} of {source} is in an unknown state {state:?}"
+            )));
+        }
+    };
+    Ok(LedgerWindow { window, state })
+}
+
 fn newest_versions(departments: &[Department]) -> Vec<&Department> {
     let mut newest: HashMap<&str, &Department> = HashMap::with_capacity(departments.len());
     for department in departments {

@@ -14,11 +14,11 @@ use uuid::Uuid;
 pub use super::IfMissing;
 use super::{
     Deletions, Store, StoreError, UnseenVerdict, describe_position, escape_nul, judge_unseen,
-    newest_versions, seen_ids,
+    newest_versions, seen_ids, window_columns, window_state,
 };
 use crate::model::{
     BackfillRange, Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts,
-    RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
+    RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window,
 };
 
 /// deptsync's PostgreSQL migrations, embedded in the binary.
@@ -28,6 +28,21 @@ const UPSERT_DEPARTMENTS: &str = include_str!("queries/postgres/upsert_departmen
 const STATUS: &str = include_str!("queries/postgres/status.sql");
 const COUNT_UNSEEN: &str = include_str!("queries/postgres/count_unseen.sql");
 const MARK_UNSEEN_DELETED: &str = include_str!("queries/postgres/mark_unseen_deleted.sql");
+
+/// The start of a statement that, when every window of the `$2` ledger of source `$1` is
+/// done, deletes that ledger; `finished` has a row then, and only then.
+macro_rules! finished_ledger {
+    () => {
+        "WITH finished AS (
+             DELETE FROM sync_windows w
+             WHERE w.source = $1 AND w.mode = $2
+               AND NOT EXISTS (SELECT 1 FROM sync_windows o
+                               WHERE o.source = $1 AND o.mode = $2 AND o.state <> 'done')
+             RETURNING 1
+         )
+         "
+    };
+}
 
 fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Database { context, source }
@@ -167,37 +182,23 @@ impl PgStore {
                 }
                 // When no window is left, the pass is complete.
                 let finish = match mode {
-                    RunMode::Incremental => {
-                        "WITH finished AS (
-                             DELETE FROM sync_windows w
-                             WHERE w.source = $1 AND w.mode = 'incremental'
-                               AND NOT EXISTS (SELECT 1 FROM sync_windows o
-                                               WHERE o.source = $1 AND o.mode = 'incremental'
-                                                 AND o.state <> 'done')
-                             RETURNING 1
-                         )
-                         -- GREATEST ignores NULLs; the mark never moves backwards.
-                         UPDATE sync_state
+                    RunMode::Incremental => concat!(
+                        finished_ledger!(),
+                        // GREATEST ignores NULLs; the mark never moves backwards.
+                        "UPDATE sync_state
                          SET high_water_mark = GREATEST(high_water_mark, incremental_until),
                              incremental_until = NULL, updated_at = now()
                          WHERE source = $1 AND EXISTS (SELECT 1 FROM finished)"
-                    }
-                    RunMode::Backfill => {
-                        "WITH finished AS (
-                             DELETE FROM sync_windows w
-                             WHERE w.source = $1 AND w.mode = 'backfill'
-                               AND NOT EXISTS (SELECT 1 FROM sync_windows o
-                                               WHERE o.source = $1 AND o.mode = 'backfill'
-                                                 AND o.state <> 'done')
-                             RETURNING 1
-                         )
-                         UPDATE sync_state
+                    ),
+                    RunMode::Backfill => concat!(
+                        finished_ledger!(),
+                        "UPDATE sync_state
                          SET backfill_from = NULL, backfill_to = NULL, backfill_until = NULL,
                              updated_at = now()
                          WHERE source = $1 AND EXISTS (SELECT 1 FROM finished)"
-                    }
+                    ),
                 };
-                sqlx::query(finish).bind(source)
+                sqlx::query(finish).bind(source).bind(mode.as_str())
             }
             Checkpoint::Listing(progress) => {
                 Self::record_seen(tx, source, progress.listing_id, &seen()).await?;
@@ -281,11 +282,7 @@ impl PgStore {
         let (states, cursors): (Vec<&str>, Vec<Option<&str>>) = ledger
             .windows
             .iter()
-            .map(|w| match &w.state {
-                WindowState::Pending => ("pending", None),
-                WindowState::InProgress { cursor } => ("in_progress", Some(cursor.as_str())),
-                WindowState::Done => ("done", None),
-            })
+            .map(|w| window_columns(&w.state))
             .unzip();
         sqlx::query(
             "INSERT INTO sync_windows (source, mode, window_start, window_end, state, cursor)
@@ -324,20 +321,7 @@ impl PgStore {
                     start: row.get("window_start"),
                     end: row.get("window_end"),
                 };
-                let state = match (
-                    row.get::<&str, _>("state"),
-                    row.get::<Option<String>, _>("cursor"),
-                ) {
-                    ("pending", _) => WindowState::Pending,
-                    ("done", _) => WindowState::Done,
-                    ("in_progress", Some(cursor)) => WindowState::InProgress { cursor },
-                    (state, _) => {
-                        return Err(StoreError::Corrupt(format!(
-                            "window {window} of {source} is in an unknown state {state:?}"
-                        )));
-                    }
-                };
-                Ok(LedgerWindow { window, state })
+                window_state(source, window, row.get("state"), row.get("cursor"))
             })
             .collect()
     }

@@ -42,11 +42,11 @@ use uuid::Uuid;
 
 use super::{
     Deletions, IfMissing, Store, StoreError, UnseenVerdict, describe_position, escape_nul,
-    judge_unseen, newest_versions, seen_ids,
+    judge_unseen, newest_versions, seen_ids, window_columns, window_state,
 };
 use crate::model::{
     BackfillRange, Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts,
-    RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
+    RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window,
 };
 
 /// deptsync's SQLite migrations, embedded in the binary.
@@ -471,11 +471,7 @@ impl SqliteStore {
             .await
             .map_err(db("replacing the window ledger"))?;
         for entry in &ledger.windows {
-            let (state, cursor) = match &entry.state {
-                WindowState::Pending => ("pending", None),
-                WindowState::InProgress { cursor } => ("in_progress", Some(cursor.as_str())),
-                WindowState::Done => ("done", None),
-            };
+            let (state, cursor) = window_columns(&entry.state);
             sqlx::query(
                 "INSERT INTO sync_windows (source, mode, window_start, window_end, state, cursor)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -514,20 +510,12 @@ impl SqliteStore {
                     start: get(row, "window_start")?,
                     end: get(row, "window_end")?,
                 };
-                let state = match (
-                    get::<String>(row, "state")?.as_str(),
-                    get::<Option<String>>(row, "cursor")?,
-                ) {
-                    ("pending", _) => WindowState::Pending,
-                    ("done", _) => WindowState::Done,
-                    ("in_progress", Some(cursor)) => WindowState::InProgress { cursor },
-                    (state, _) => {
-                        return Err(StoreError::Corrupt(format!(
-                            "window {window} of {source} is in an unknown state {state:?}"
-                        )));
-                    }
-                };
-                Ok(LedgerWindow { window, state })
+                window_state(
+                    source,
+                    window,
+                    &get::<String>(row, "state")?,
+                    get(row, "cursor")?,
+                )
             })
             .collect()
     }
