@@ -24,8 +24,9 @@ use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
 use crate::model::{
-    Checkpoint, Department, LedgerWindow, PageCounts, RejectedRecord, RunId, RunMode, RunOutcome,
-    SourceStatus, SyncState, Window, WindowState, WithheldDeletions,
+    BackfillRange, Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts,
+    RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
+    WithheldDeletions,
 };
 use postgres::PgStore;
 use sqlite::{SqliteLease, SqliteStore};
@@ -380,6 +381,72 @@ fn judge_unseen(
 
 /// The newest version of each department of a page (a page may hold an id twice; one
 /// statement cannot write a row twice). Of two versions with the same time, the later.
+/// A source's `sync_state` columns, as both stores read them.
+struct StateColumns {
+    high_water_mark: Option<DateTime<Utc>>,
+    incremental_until: Option<DateTime<Utc>>,
+    backfill_from: Option<DateTime<Utc>>,
+    backfill_to: Option<DateTime<Utc>>,
+    backfill_until: Option<DateTime<Utc>>,
+    listing_id: Option<Uuid>,
+    listing_cursor: Option<String>,
+    listing_confirms: Option<Uuid>,
+}
+
+impl StateColumns {
+    /// The state these columns and the source's window ledgers (its `sync_windows` rows,
+    /// each with its mode, oldest first) say.
+    fn into_state(self, windows: Vec<(RunMode, LedgerWindow)>) -> SyncState {
+        let (incremental_windows, backfill_windows): (Vec<_>, Vec<_>) = windows
+            .into_iter()
+            .partition(|(mode, _)| *mode == RunMode::Incremental);
+        let only_windows = |windows: Vec<(RunMode, LedgerWindow)>| {
+            windows.into_iter().map(|(_, window)| window).collect()
+        };
+        let incremental = self.incremental_until.map(|until| Ledger {
+            until,
+            backfill: None,
+            windows: only_windows(incremental_windows),
+        });
+        let backfill = match (self.backfill_from, self.backfill_until) {
+            (Some(from), Some(until)) => Some(Ledger {
+                until,
+                backfill: Some(BackfillRange {
+                    from,
+                    requested_to: self.backfill_to,
+                }),
+                windows: only_windows(backfill_windows),
+            }),
+            _ => None,
+        };
+        let confirms = self.listing_confirms;
+        let listing = self.listing_id.map(|listing_id| ListingProgress {
+            listing_id,
+            cursor: self.listing_cursor,
+            confirms,
+        });
+        let pending_confirmation = if listing.is_none() { confirms } else { None };
+        SyncState {
+            high_water_mark: self.high_water_mark,
+            incremental,
+            backfill,
+            listing,
+            pending_confirmation,
+        }
+    }
+}
+
+/// The mode a `sync_windows.mode` value names.
+fn run_mode(mode: &str) -> Result<RunMode, StoreError> {
+    match mode {
+        "incremental" => Ok(RunMode::Incremental),
+        "backfill" => Ok(RunMode::Backfill),
+        other => Err(StoreError::Corrupt(format!(
+            "unknown ledger mode {other:?}"
+        ))),
+    }
+}
+
 /// How `sync_windows` keeps a window's state: its `state` and `cursor` columns.
 fn window_columns(state: &WindowState) -> (&'static str, Option<&str>) {
     match state {

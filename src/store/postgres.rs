@@ -13,12 +13,12 @@ use uuid::Uuid;
 
 pub use super::IfMissing;
 use super::{
-    Deletions, Store, StoreError, UnseenVerdict, describe_position, escape_nul, judge_unseen,
-    newest_versions, seen_ids, window_columns, window_state,
+    Deletions, StateColumns, Store, StoreError, UnseenVerdict, describe_position, escape_nul,
+    judge_unseen, newest_versions, run_mode, seen_ids, window_columns, window_state,
 };
 use crate::model::{
-    BackfillRange, Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts,
-    RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window,
+    Checkpoint, Department, Ledger, LedgerWindow, PageCounts, RejectedRecord, RunId, RunMode,
+    RunOutcome, SourceStatus, SyncState, Window,
 };
 
 /// deptsync's PostgreSQL migrations, embedded in the binary.
@@ -301,17 +301,13 @@ impl PgStore {
     }
 
     /// The windows of `source`'s `mode` ledger, oldest first.
-    async fn read_ledger(
-        &self,
-        source: &str,
-        mode: RunMode,
-    ) -> Result<Vec<LedgerWindow>, StoreError> {
+    /// Every window of `source`'s ledgers, with its mode, oldest first.
+    async fn read_ledgers(&self, source: &str) -> Result<Vec<(RunMode, LedgerWindow)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT window_start, window_end, state, cursor FROM sync_windows
-             WHERE source = $1 AND mode = $2 ORDER BY window_start",
+            "SELECT mode, window_start, window_end, state, cursor FROM sync_windows
+             WHERE source = $1 ORDER BY mode, window_start",
         )
         .bind(source)
-        .bind(mode.as_str())
         .fetch_all(&self.pool)
         .await
         .map_err(db("loading the window ledger"))?;
@@ -321,7 +317,8 @@ impl PgStore {
                     start: row.get("window_start"),
                     end: row.get("window_end"),
                 };
-                window_state(source, window, row.get("state"), row.get("cursor"))
+                let state = window_state(source, window, row.get("state"), row.get("cursor"))?;
+                Ok((run_mode(row.get("mode"))?, state))
             })
             .collect()
     }
@@ -621,44 +618,17 @@ impl Store for PgStore {
         let Some(row) = row else {
             return Ok(SyncState::default());
         };
-        let incremental = match row.get::<Option<DateTime<Utc>>, _>("incremental_until") {
-            Some(until) => Some(Ledger {
-                until,
-                backfill: None,
-                windows: self.read_ledger(source, RunMode::Incremental).await?,
-            }),
-            None => None,
-        };
-        let backfill = match (
-            row.get::<Option<DateTime<Utc>>, _>("backfill_from"),
-            row.get::<Option<DateTime<Utc>>, _>("backfill_until"),
-        ) {
-            (Some(from), Some(until)) => Some(Ledger {
-                until,
-                backfill: Some(BackfillRange {
-                    from,
-                    requested_to: row.get("backfill_to"),
-                }),
-                windows: self.read_ledger(source, RunMode::Backfill).await?,
-            }),
-            _ => None,
-        };
-        let confirms: Option<Uuid> = row.get("listing_confirms");
-        let listing = row
-            .get::<Option<Uuid>, _>("listing_id")
-            .map(|listing_id| ListingProgress {
-                listing_id,
-                cursor: row.get("listing_cursor"),
-                confirms,
-            });
-        let pending_confirmation = if listing.is_none() { confirms } else { None };
-        Ok(SyncState {
+        let columns = StateColumns {
             high_water_mark: row.get("high_water_mark"),
-            incremental,
-            backfill,
-            listing,
-            pending_confirmation,
-        })
+            incremental_until: row.get("incremental_until"),
+            backfill_from: row.get("backfill_from"),
+            backfill_to: row.get("backfill_to"),
+            backfill_until: row.get("backfill_until"),
+            listing_id: row.get("listing_id"),
+            listing_cursor: row.get("listing_cursor"),
+            listing_confirms: row.get("listing_confirms"),
+        };
+        Ok(columns.into_state(self.read_ledgers(source).await?))
     }
 
     async fn start_run(

@@ -41,12 +41,12 @@ use sqlx::{Connection, Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use super::{
-    Deletions, IfMissing, Store, StoreError, UnseenVerdict, describe_position, escape_nul,
-    judge_unseen, newest_versions, seen_ids, window_columns, window_state,
+    Deletions, IfMissing, StateColumns, Store, StoreError, UnseenVerdict, describe_position,
+    escape_nul, judge_unseen, newest_versions, run_mode, seen_ids, window_columns, window_state,
 };
 use crate::model::{
-    BackfillRange, Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts,
-    RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window,
+    Checkpoint, Department, Ledger, LedgerWindow, PageCounts, RejectedRecord, RunId, RunMode,
+    RunOutcome, SourceStatus, SyncState, Window,
 };
 
 /// deptsync's SQLite migrations, embedded in the binary.
@@ -490,17 +490,13 @@ impl SqliteStore {
     }
 
     /// The windows of `source`'s `mode` ledger, oldest first.
-    async fn read_ledger(
-        &self,
-        source: &str,
-        mode: RunMode,
-    ) -> Result<Vec<LedgerWindow>, StoreError> {
+    /// Every window of `source`'s ledgers, with its mode, oldest first.
+    async fn read_ledgers(&self, source: &str) -> Result<Vec<(RunMode, LedgerWindow)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT window_start, window_end, state, cursor FROM sync_windows
-             WHERE source = ?1 AND mode = ?2 ORDER BY window_start",
+            "SELECT mode, window_start, window_end, state, cursor FROM sync_windows
+             WHERE source = ?1 ORDER BY mode, window_start",
         )
         .bind(source)
-        .bind(mode.as_str())
         .fetch_all(&self.pool)
         .await
         .map_err(db("loading the window ledger"))?;
@@ -510,12 +506,13 @@ impl SqliteStore {
                     start: get(row, "window_start")?,
                     end: get(row, "window_end")?,
                 };
-                window_state(
+                let state = window_state(
                     source,
                     window,
                     &get::<String>(row, "state")?,
                     get(row, "cursor")?,
-                )
+                )?;
+                Ok((run_mode(&get::<String>(row, "mode")?)?, state))
             })
             .collect()
     }
@@ -800,45 +797,17 @@ impl Store for SqliteStore {
         let Some(row) = row else {
             return Ok(SyncState::default());
         };
-        let incremental = match get::<Option<DateTime<Utc>>>(&row, "incremental_until")? {
-            Some(until) => Some(Ledger {
-                until,
-                backfill: None,
-                windows: self.read_ledger(source, RunMode::Incremental).await?,
-            }),
-            None => None,
-        };
-        let backfill = match (
-            get::<Option<DateTime<Utc>>>(&row, "backfill_from")?,
-            get::<Option<DateTime<Utc>>>(&row, "backfill_until")?,
-        ) {
-            (Some(from), Some(until)) => Some(Ledger {
-                until,
-                backfill: Some(BackfillRange {
-                    from,
-                    requested_to: get(&row, "backfill_to")?,
-                }),
-                windows: self.read_ledger(source, RunMode::Backfill).await?,
-            }),
-            _ => None,
-        };
-        let confirms = uuid_in(&row, "listing_confirms")?;
-        let listing = match uuid_in(&row, "listing_id")? {
-            Some(listing_id) => Some(ListingProgress {
-                listing_id,
-                cursor: get(&row, "listing_cursor")?,
-                confirms,
-            }),
-            None => None,
-        };
-        let pending_confirmation = if listing.is_none() { confirms } else { None };
-        Ok(SyncState {
+        let columns = StateColumns {
             high_water_mark: get(&row, "high_water_mark")?,
-            incremental,
-            backfill,
-            listing,
-            pending_confirmation,
-        })
+            incremental_until: get(&row, "incremental_until")?,
+            backfill_from: get(&row, "backfill_from")?,
+            backfill_to: get(&row, "backfill_to")?,
+            backfill_until: get(&row, "backfill_until")?,
+            listing_id: uuid_in(&row, "listing_id")?,
+            listing_cursor: get(&row, "listing_cursor")?,
+            listing_confirms: uuid_in(&row, "listing_confirms")?,
+        };
+        Ok(columns.into_state(self.read_ledgers(source).await?))
     }
 
     async fn start_run(
