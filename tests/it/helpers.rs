@@ -158,18 +158,7 @@ pub fn connector(toml: &str) -> (SourceSettings, Connector) {
 
 /// Runs the real binary with `args` and the environment given, waiting at most a minute.
 pub async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_deptsync"));
-    command
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .kill_on_drop(true);
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    tokio::time::timeout(Duration::from_secs(60), command.output())
-        .await
-        .expect("deptsync did not finish within a minute")
-        .unwrap()
+    run_binary_in(&std::env::current_dir().unwrap(), args, env).await
 }
 
 /// A directory of one test's own under the system's temporary directory, removed with
