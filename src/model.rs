@@ -4,7 +4,7 @@
 //! persists them and the engine moves them from one to the other.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// One department, normalized from whichever API it came from.
@@ -20,7 +20,52 @@ pub struct Department {
     pub source_created_at: Option<DateTime<Utc>>,
     pub source_updated_at: Option<DateTime<Utc>>,
     /// The record exactly as the vendor sent it.
-    pub raw: serde_json::Value,
+    pub raw: RawRecord,
+}
+
+/// A vendor's record as it came in the response: its JSON text, checked but not parsed
+/// into a tree. Connectors read the fields they need from it; the store keeps it whole.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct RawRecord(Box<serde_json::value::RawValue>);
+
+impl RawRecord {
+    /// `value` written as JSON text (records made here, not received: tests and the demo).
+    pub fn from_value(value: &serde_json::Value) -> RawRecord {
+        // Invariant: a `Value` always serializes (its map keys are strings).
+        RawRecord(serde_json::value::to_raw_value(value).expect("a JSON value always serializes"))
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The record as a tree, for the rare paths that need one (a rejected record).
+    pub fn to_value(&self) -> serde_json::Value {
+        // Valid JSON by construction; a nesting too deep for a tree is kept as its text.
+        serde_json::from_str(self.as_str())
+            .unwrap_or_else(|_| serde_json::Value::String(self.as_str().to_owned()))
+    }
+
+    /// Whether the record holds a NUL character anywhere (PostgreSQL stores none). JSON
+    /// writes one only as the escape `\u0000`, so the text is searched first and the tree
+    /// walked only when the escape appears (it may be an escaped backslash before "u0000").
+    pub fn has_nul(&self) -> bool {
+        self.as_str().contains("\\u0000") && json_has_nul(&self.to_value())
+    }
+}
+
+impl PartialEq for RawRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl std::fmt::Debug for RawRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A record the vendor sent that cannot be stored as a department. It is kept, with the
@@ -298,7 +343,7 @@ impl Department {
             self.scope_id.as_deref(),
             self.parent_external_id.as_deref(),
         ];
-        if texts.into_iter().flatten().any(|t| t.contains('\0')) || json_has_nul(&self.raw) {
+        if texts.into_iter().flatten().any(|t| t.contains('\0')) || self.raw.has_nul() {
             return Some("it contains a NUL character, which PostgreSQL cannot store".to_owned());
         }
         None
@@ -309,7 +354,7 @@ impl Department {
         RejectedRecord {
             external_id: Some(self.external_id),
             reason,
-            payload: self.raw,
+            payload: self.raw.to_value(),
         }
     }
 }
@@ -338,7 +383,7 @@ mod tests {
             parent_external_id: None,
             source_created_at: None,
             source_updated_at: None,
-            raw: serde_json::json!({ "name": name }),
+            raw: RawRecord::from_value(&serde_json::json!({ "name": name })),
         }
     }
 
@@ -369,7 +414,18 @@ mod tests {
                 .contains("longer")
         );
         let mut nul_in_raw = department("Sales");
-        nul_in_raw.raw = serde_json::json!({ "note": ["fine", { "deep\0": 1 }] });
+        nul_in_raw.raw =
+            RawRecord::from_value(&serde_json::json!({ "note": ["fine", { "deep\0": 1 }] }));
         assert!(nul_in_raw.storage_problem().unwrap().contains("NUL"));
+    }
+
+    #[test]
+    fn only_a_real_nul_in_the_record_is_one() {
+        let read = |text: &str| serde_json::from_str::<RawRecord>(text).unwrap();
+        assert!(read(r#"{"a": "x\u0000y"}"#).has_nul());
+        assert!(read(r#"{"a\u0000": 1}"#).has_nul());
+        // An escaped backslash followed by the letters "u0000" is no NUL.
+        assert!(!read(r#"{"a": "C:\\u0000"}"#).has_nul());
+        assert!(!read(r#"{"a": "fine"}"#).has_nul());
     }
 }

@@ -9,9 +9,9 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use super::http::{Auth, ErrorBody, SourceClient, Vendor};
-use super::{Page, PageRequest, Source, SourceError, SyncMode, unreadable};
+use super::{Page, PageRequest, Source, SourceError, SyncMode, read_record};
 use crate::config::{ConfigError, FieldContext};
-use crate::model::{Department, RejectedRecord};
+use crate::model::{Department, RawRecord, RejectedRecord};
 
 const ENDPOINT: &str = "v1/data/departments";
 const VENDOR: Vendor = Vendor {
@@ -62,7 +62,7 @@ pub struct DataV1 {
 struct ListResponse {
     success: bool,
     #[serde(default)]
-    result: Vec<serde_json::Value>,
+    result: Vec<RawRecord>,
 }
 
 #[derive(Deserialize)]
@@ -87,7 +87,7 @@ impl DataV1 {
         }
     }
 
-    async fn list(&self) -> Result<Vec<serde_json::Value>, SourceError> {
+    async fn list(&self) -> Result<Vec<RawRecord>, SourceError> {
         let replied = self
             .client
             .call(&VENDOR, Some(&self.auth), || {
@@ -107,20 +107,18 @@ impl DataV1 {
     }
 }
 
-fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
-    match DataV1Department::deserialize(&raw) {
-        Ok(d) => Ok(Department {
-            external_id: d.id,
-            scope_id: None,
-            name: d.name,
-            is_active: true,
-            parent_external_id: d.parent_id,
-            source_created_at: None,
-            source_updated_at: None,
-            raw,
-        }),
-        Err(e) => Err(unreadable(raw, "id", "data API", e)),
-    }
+fn to_department(raw: RawRecord) -> Result<Department, RejectedRecord> {
+    let d: DataV1Department = read_record(&raw, "id", "data API")?;
+    Ok(Department {
+        external_id: d.id,
+        scope_id: None,
+        name: d.name,
+        is_active: true,
+        parent_external_id: d.parent_id,
+        source_created_at: None,
+        source_updated_at: None,
+        raw,
+    })
 }
 
 impl Source for DataV1 {

@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::http::{ErrorBody, Reply, SourceClient, Vendor};
-use super::{Page, PageRequest, Source, SourceError, SyncMode, WindowedMode, unreadable};
+use super::{Page, PageRequest, Source, SourceError, SyncMode, WindowedMode, read_record};
 use crate::config::{ConfigError, FieldContext};
-use crate::model::{Department, RejectedRecord, Window};
+use crate::model::{Department, RawRecord, RejectedRecord, Window};
 
 /// The longest `UpdatedUtc` interval Mews accepts, in calendar months.
 pub const MAX_WINDOW_MONTHS: u32 = 3;
@@ -178,7 +178,7 @@ struct Limitation<'a> {
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct GetAllResponse {
-    departments: Vec<serde_json::Value>,
+    departments: Vec<RawRecord>,
     #[serde(default)]
     cursor: Option<String>,
 }
@@ -247,21 +247,18 @@ impl Mews {
     }
 }
 
-fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
-    // Read through a reference: no copy of the record.
-    match MewsDepartment::deserialize(&raw) {
-        Ok(d) => Ok(Department {
-            external_id: d.id.to_string(),
-            scope_id: Some(d.enterprise_id.to_string()),
-            name: d.name,
-            is_active: d.is_active,
-            parent_external_id: None,
-            source_created_at: Some(d.created_utc),
-            source_updated_at: Some(d.updated_utc),
-            raw,
-        }),
-        Err(e) => Err(unreadable(raw, "Id", "Mews", e)),
-    }
+fn to_department(raw: RawRecord) -> Result<Department, RejectedRecord> {
+    let d: MewsDepartment = read_record(&raw, "Id", "Mews")?;
+    Ok(Department {
+        external_id: d.id.to_string(),
+        scope_id: Some(d.enterprise_id.to_string()),
+        name: d.name,
+        is_active: d.is_active,
+        parent_external_id: None,
+        source_created_at: Some(d.created_utc),
+        source_updated_at: Some(d.updated_utc),
+        raw,
+    })
 }
 
 impl Source for Mews {

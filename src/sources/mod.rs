@@ -26,9 +26,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use secrecy::ExposeSecret;
+use serde::de::DeserializeOwned;
 
 use crate::config::{SourceKindSettings, SourceSettings};
-use crate::model::{Department, RejectedRecord, Window};
+use crate::model::{Department, RawRecord, RejectedRecord, Window};
 
 /// How the engine must read a source.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -79,8 +80,8 @@ pub struct Page {
 impl Page {
     /// A page of `records`, each read by `read` into a department or kept aside as rejected.
     pub(crate) fn from_records(
-        records: Vec<serde_json::Value>,
-        read: impl Fn(serde_json::Value) -> Result<Department, RejectedRecord>,
+        records: Vec<RawRecord>,
+        read: impl Fn(RawRecord) -> Result<Department, RejectedRecord>,
         next_cursor: Option<String>,
     ) -> Page {
         let mut page = Page {
@@ -258,16 +259,20 @@ pub(crate) fn id_text(record: &serde_json::Value, field: &str) -> Option<String>
     }
 }
 
-/// A record that could not be read as a department of `vendor`, kept with the reason.
-pub(crate) fn unreadable(
-    raw: serde_json::Value,
+/// The fields of `raw` a connector needs, read straight from the record's text; a record
+/// that is not a department of `vendor` becomes a rejected record, with the reason and the
+/// id from `id_field` when it has one.
+pub(crate) fn read_record<T: DeserializeOwned>(
+    raw: &RawRecord,
     id_field: &str,
     vendor: &str,
-    error: serde_json::Error,
-) -> RejectedRecord {
-    RejectedRecord {
-        external_id: id_text(&raw, id_field),
-        reason: format!("not a {vendor} department: {error}"),
-        payload: raw,
-    }
+) -> Result<T, RejectedRecord> {
+    serde_json::from_str(raw.as_str()).map_err(|error| {
+        let payload = raw.to_value();
+        RejectedRecord {
+            external_id: id_text(&payload, id_field),
+            reason: format!("not a {vendor} department: {error}"),
+            payload,
+        }
+    })
 }

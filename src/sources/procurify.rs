@@ -17,10 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle, Vendor};
 use super::{
-    Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, unreadable,
+    Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, read_record,
 };
 use crate::config::{ConfigError, FieldContext};
-use crate::model::{Department, RejectedRecord};
+use crate::model::{Department, RawRecord, RejectedRecord};
 
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -111,7 +111,7 @@ struct Cursor {
 #[derive(Deserialize)]
 struct ListResponse {
     metadata: Metadata,
-    data: Vec<serde_json::Value>,
+    data: Vec<RawRecord>,
 }
 
 #[derive(Deserialize)]
@@ -179,22 +179,20 @@ impl Procurify {
     }
 }
 
-fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
-    match ProcurifyDepartment::deserialize(&raw) {
-        Ok(d) => Ok(Department {
-            external_id: d.id.to_string(),
-            scope_id: Some(match d.branch {
-                Branch::Object { id } | Branch::Id(id) => id.to_string(),
-            }),
-            name: d.name,
-            is_active: d.active,
-            parent_external_id: None,
-            source_created_at: None,
-            source_updated_at: None,
-            raw,
+fn to_department(raw: RawRecord) -> Result<Department, RejectedRecord> {
+    let d: ProcurifyDepartment = read_record(&raw, "id", "Procurify")?;
+    Ok(Department {
+        external_id: d.id.to_string(),
+        scope_id: Some(match d.branch {
+            Branch::Object { id } | Branch::Id(id) => id.to_string(),
         }),
-        Err(e) => Err(unreadable(raw, "id", "Procurify", e)),
-    }
+        name: d.name,
+        is_active: d.active,
+        parent_external_id: None,
+        source_created_at: None,
+        source_updated_at: None,
+        raw,
+    })
 }
 
 impl Source for Procurify {

@@ -18,10 +18,10 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle, Vendor};
 use super::{
-    Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, unreadable,
+    Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, read_record,
 };
 use crate::config::{ConfigError, FieldContext};
-use crate::model::{Department, RejectedRecord};
+use crate::model::{Department, RawRecord, RejectedRecord};
 
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -146,7 +146,7 @@ struct Cursor {
 
 #[derive(Deserialize)]
 struct ListResponse {
-    data: Vec<serde_json::Value>,
+    data: Vec<RawRecord>,
     meta: Meta,
 }
 
@@ -228,20 +228,18 @@ impl Snapbooks {
     }
 }
 
-fn to_department(raw: serde_json::Value) -> Result<Department, RejectedRecord> {
-    match SnapbooksDepartment::deserialize(&raw) {
-        Ok(d) => Ok(Department {
-            external_id: d.id.to_string(),
-            scope_id: Some(d.client_account_id.to_string()),
-            name: d.name,
-            is_active: d.is_active.unwrap_or(true),
-            parent_external_id: None,
-            source_created_at: d.created_at,
-            source_updated_at: d.updated_at,
-            raw,
-        }),
-        Err(e) => Err(unreadable(raw, "id", "Snapbooks", e)),
-    }
+fn to_department(raw: RawRecord) -> Result<Department, RejectedRecord> {
+    let d: SnapbooksDepartment = read_record(&raw, "id", "Snapbooks")?;
+    Ok(Department {
+        external_id: d.id.to_string(),
+        scope_id: Some(d.client_account_id.to_string()),
+        name: d.name,
+        is_active: d.is_active.unwrap_or(true),
+        parent_external_id: None,
+        source_created_at: d.created_at,
+        source_updated_at: d.updated_at,
+        raw,
+    })
 }
 
 impl Source for Snapbooks {

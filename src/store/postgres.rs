@@ -418,10 +418,8 @@ impl PgStore {
         };
         let mut to_write = Vec::with_capacity(rows.len());
         for department in rows {
-            // Written once, for the digest and for the database.
-            let raw = serde_json::to_string(&department.raw)
-                .map_err(|e| StoreError::Corrupt(format!("department not serializable: {e}")))?;
-            let digest = by_digest.then(|| content_digest(department, &raw));
+            let raw = department.raw.as_str();
+            let digest = by_digest.then(|| content_digest(department, raw));
             if let (Some(Some(known)), Some(digest)) =
                 (stored.get(department.external_id.as_str()), &digest)
                 && known.as_slice() == digest.as_slice()
@@ -445,7 +443,7 @@ impl PgStore {
             to_write.iter().map(|(d, ..)| d.source_created_at).collect();
         let updated: Vec<Option<DateTime<Utc>>> =
             to_write.iter().map(|(d, ..)| d.source_updated_at).collect();
-        let raw: Vec<&str> = to_write.iter().map(|(_, raw, _)| raw.as_str()).collect();
+        let raw: Vec<&str> = to_write.iter().map(|(_, raw, _)| *raw).collect();
         let digests: Vec<Option<&[u8]>> = to_write
             .iter()
             .map(|(_, _, digest)| digest.as_ref().map(|d| &d[..]))
@@ -534,7 +532,8 @@ fn content_digest(department: &Department, raw: &str) -> [u8; 16] {
     text(&mut hasher, department.parent_external_id.as_deref());
     instant(&mut hasher, department.source_created_at);
     instant(&mut hasher, department.source_updated_at);
-    // serde_json writes an object's keys in one order, so equal records give equal text.
+    // The record as received: a vendor that writes the same record differently (its keys
+    // in another order) only costs a full comparison, which finds it unchanged.
     text(&mut hasher, Some(raw));
     hasher.finalize().into()
 }

@@ -135,10 +135,10 @@ struct IncomingDepartment<'a> {
     parent_external_id: Option<&'a str>,
     source_created_at: Option<String>,
     source_updated_at: Option<String>,
-    /// The record's JSON as `serde_json` writes it, stored as this very text: SQLite's
-    /// JSON printer never rewrites it, so the stored text (and whether a row changed)
-    /// cannot depend on the SQLite version.
-    raw: String,
+    /// The record's JSON as the vendor sent it, stored as this very text: SQLite's JSON
+    /// printer never rewrites it, so the stored text (and whether a row changed) cannot
+    /// depend on the SQLite version.
+    raw: &'a str,
 }
 
 impl SqliteStore {
@@ -624,21 +624,17 @@ impl SqliteStore {
         // One statement cannot touch a row twice: keep the newest version of each id.
         let rows = newest_versions(departments)
             .into_iter()
-            .map(|d| {
-                Ok(IncomingDepartment {
-                    external_id: &d.external_id,
-                    scope_id: d.scope_id.as_deref(),
-                    name: &d.name,
-                    is_active: d.is_active,
-                    parent_external_id: d.parent_external_id.as_deref(),
-                    source_created_at: d.source_created_at.map(stamp),
-                    source_updated_at: d.source_updated_at.map(stamp),
-                    raw: serde_json::to_string(&d.raw).map_err(|e| {
-                        StoreError::Corrupt(format!("raw record not serializable: {e}"))
-                    })?,
-                })
+            .map(|d| IncomingDepartment {
+                external_id: &d.external_id,
+                scope_id: d.scope_id.as_deref(),
+                name: &d.name,
+                is_active: d.is_active,
+                parent_external_id: d.parent_external_id.as_deref(),
+                source_created_at: d.source_created_at.map(stamp),
+                source_updated_at: d.source_updated_at.map(stamp),
+                raw: d.raw.as_str(),
             })
-            .collect::<Result<Vec<IncomingDepartment<'_>>, StoreError>>()?;
+            .collect::<Vec<IncomingDepartment<'_>>>();
         let page = serde_json::to_string(&rows)
             .map_err(|e| StoreError::Corrupt(format!("page not serializable: {e}")))?;
         // The ids already stored: the upsert inserts every other one.
