@@ -177,10 +177,22 @@ impl Bench {
 
         eprintln!("bench: COPY ceiling");
         let ceiling = self.copy_ceiling(n).await?;
+        eprintln!("bench:   {:.0} departments/s", ceiling.per_second());
         eprintln!("bench: Mews full sync of N");
         let mews = self.mews_sync(n).await?;
+        eprintln!(
+            "bench:   {:.0} departments/s, {:.2} of the ceiling",
+            mews.throughput.per_second(),
+            mews.throughput.per_second() / ceiling.per_second()
+        );
         eprintln!("bench: Procurify, two passes");
         let procurify = self.procurify_two_passes(n).await?;
+        eprintln!(
+            "bench:   first {:.2} s, nothing changed {:.2} s ({:.2} of the first)",
+            procurify.first.took.as_secs_f64(),
+            procurify.second.as_secs_f64(),
+            procurify.second.as_secs_f64() / procurify.first.took.as_secs_f64()
+        );
         eprintln!("bench: Mews full sync of 5 x N");
         let mews_five = self.mews_sync(5 * n).await?;
         eprintln!("bench: Mews with 300 ms pages and 200 requests per 30 s");

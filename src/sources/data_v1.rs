@@ -9,9 +9,9 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use super::http::{Auth, ErrorBody, SourceClient, Vendor};
-use super::{Page, PageRequest, Source, SourceError, SyncMode, read_record};
+use super::{Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord};
 use crate::config::{ConfigError, FieldContext};
-use crate::model::{Department, RawRecord, RejectedRecord};
+use crate::model::{Department, RawRecord};
 
 const ENDPOINT: &str = "v1/data/departments";
 const VENDOR: Vendor = Vendor {
@@ -62,7 +62,7 @@ pub struct DataV1 {
 struct ListResponse {
     success: bool,
     #[serde(default)]
-    result: Vec<RawRecord>,
+    result: Vec<Record<DataV1Department>>,
 }
 
 #[derive(Deserialize)]
@@ -87,7 +87,7 @@ impl DataV1 {
         }
     }
 
-    async fn list(&self) -> Result<Vec<RawRecord>, SourceError> {
+    async fn list(&self) -> Result<Vec<Record<DataV1Department>>, SourceError> {
         let replied = self
             .client
             .call(&VENDOR, Some(&self.auth), || {
@@ -107,18 +107,22 @@ impl DataV1 {
     }
 }
 
-fn to_department(raw: RawRecord) -> Result<Department, RejectedRecord> {
-    let d: DataV1Department = read_record(&raw, "id", "data API")?;
-    Ok(Department {
-        external_id: d.id,
-        scope_id: None,
-        name: d.name,
-        is_active: true,
-        parent_external_id: d.parent_id,
-        source_created_at: None,
-        source_updated_at: None,
-        raw,
-    })
+impl VendorRecord for DataV1Department {
+    const VENDOR: &'static str = "data API";
+    const ID_FIELD: &'static str = "id";
+
+    fn into_department(self, raw: RawRecord) -> Department {
+        Department {
+            external_id: self.id,
+            scope_id: None,
+            name: self.name,
+            is_active: true,
+            parent_external_id: self.parent_id,
+            source_created_at: None,
+            source_updated_at: None,
+            raw,
+        }
+    }
 }
 
 impl Source for DataV1 {
@@ -134,7 +138,7 @@ impl Source for DataV1 {
                 "the data API is read in one request",
             ));
         }
-        Ok(Page::from_records(self.list().await?, to_department, None))
+        Ok(Page::from_records(self.list().await?, None))
     }
 
     async fn check(&self) -> Result<(), SourceError> {

@@ -213,7 +213,7 @@ impl SourceClient {
 
     /// Sends the request `build` makes (again for each attempt), with a bearer token from
     /// `auth` when given, and reads its JSON reply, retrying what is worth retrying.
-    pub async fn call<T: DeserializeOwned>(
+    pub async fn call<T: DeserializeOwned + Send + 'static>(
         &self,
         vendor: &Vendor,
         auth: Option<&Auth>,
@@ -289,7 +289,7 @@ impl SourceClient {
         retry_after.map_or(jittered, |floor| jittered.max(floor))
     }
 
-    async fn attempt<T: DeserializeOwned>(
+    async fn attempt<T: DeserializeOwned + Send + 'static>(
         &self,
         vendor: &Vendor,
         request: reqwest::RequestBuilder,
@@ -368,20 +368,35 @@ pub fn request_id(headers: &HeaderMap, header: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Bodies at least this long are decoded on the blocking pool.
+const DECODE_ASIDE_BYTES: usize = 64 * 1024;
+
 /// Reads the whole body and decodes it as JSON. A body that is cut short or is not the
 /// JSON we expect is a [`SourceError::Decode`] naming the request.
-async fn read_json<T: DeserializeOwned>(
+///
+/// A page of departments is decoded (every record read) on the blocking pool: a pass
+/// stores its pages from the same thread that reads them, and a page's decoding there
+/// would keep the database waiting for the next one.
+async fn read_json<T: DeserializeOwned + Send + 'static>(
     response: reqwest::Response,
     request_id: Option<&str>,
 ) -> Result<T, SourceError> {
-    let body = response.bytes().await.map_err(|e| SourceError::Decode {
-        message: format!("body could not be read: {e}"),
+    let unreadable = |message: String| SourceError::Decode {
+        message,
         request_id: request_id.map(str::to_owned),
-    })?;
-    serde_json::from_slice(&body).map_err(|e| SourceError::Decode {
-        message: e.to_string(),
-        request_id: request_id.map(str::to_owned),
-    })
+    };
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| unreadable(format!("body could not be read: {e}")))?;
+    let decoded = if body.len() < DECODE_ASIDE_BYTES {
+        serde_json::from_slice(&body)
+    } else {
+        tokio::task::spawn_blocking(move || serde_json::from_slice(&body))
+            .await
+            .map_err(|e| unreadable(format!("decoding stopped: {e}")))?
+    };
+    decoded.map_err(|e| unreadable(e.to_string()))
 }
 
 /// Where a vendor puts the explanation in an error body.

@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::http::{ErrorBody, Reply, SourceClient, Vendor};
-use super::{Page, PageRequest, Source, SourceError, SyncMode, WindowedMode, read_record};
+use super::{Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord, WindowedMode};
 use crate::config::{ConfigError, FieldContext};
-use crate::model::{Department, RawRecord, RejectedRecord, Window};
+use crate::model::{Department, RawRecord, Window};
 
 /// The longest `UpdatedUtc` interval Mews accepts, in calendar months.
 pub const MAX_WINDOW_MONTHS: u32 = 3;
@@ -178,7 +178,7 @@ struct Limitation<'a> {
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct GetAllResponse {
-    departments: Vec<RawRecord>,
+    departments: Vec<Record<MewsDepartment>>,
     #[serde(default)]
     cursor: Option<String>,
 }
@@ -247,18 +247,22 @@ impl Mews {
     }
 }
 
-fn to_department(raw: RawRecord) -> Result<Department, RejectedRecord> {
-    let d: MewsDepartment = read_record(&raw, "Id", "Mews")?;
-    Ok(Department {
-        external_id: d.id.to_string(),
-        scope_id: Some(d.enterprise_id.to_string()),
-        name: d.name,
-        is_active: d.is_active,
-        parent_external_id: None,
-        source_created_at: Some(d.created_utc),
-        source_updated_at: Some(d.updated_utc),
-        raw,
-    })
+impl VendorRecord for MewsDepartment {
+    const VENDOR: &'static str = "Mews";
+    const ID_FIELD: &'static str = "Id";
+
+    fn into_department(self, raw: RawRecord) -> Department {
+        Department {
+            external_id: self.id.to_string(),
+            scope_id: Some(self.enterprise_id.to_string()),
+            name: self.name,
+            is_active: self.is_active,
+            parent_external_id: None,
+            source_created_at: Some(self.created_utc),
+            source_updated_at: Some(self.updated_utc),
+            raw,
+        }
+    }
 }
 
 impl Source for Mews {
@@ -291,7 +295,7 @@ impl Source for Mews {
         // A null cursor or a short page ends the window. (A cursor that comes back is the
         // engine's to catch, for every windowed source.)
         let next_cursor = response.cursor.filter(|_| full_page);
-        let mut page = Page::from_records(response.departments, to_department, next_cursor);
+        let mut page = Page::from_records(response.departments, next_cursor);
         tracing::debug!(
             request_id = request_id.as_deref().unwrap_or(""),
             received,

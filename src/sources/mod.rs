@@ -21,12 +21,13 @@ pub mod procurify;
 pub mod snapbooks;
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use secrecy::ExposeSecret;
-use serde::de::DeserializeOwned;
+use serde::de::{Deserialize, DeserializeOwned, Deserializer};
 
 use crate::config::{SourceKindSettings, SourceSettings};
 use crate::model::{Department, RawRecord, RejectedRecord, Window};
@@ -78,25 +79,55 @@ pub struct Page {
 }
 
 impl Page {
-    /// A page of `records`, each read by `read` into a department or kept aside as rejected.
-    pub(crate) fn from_records(
-        records: Vec<RawRecord>,
-        read: impl Fn(RawRecord) -> Result<Department, RejectedRecord>,
-        next_cursor: Option<String>,
-    ) -> Page {
+    /// A page of `records`, read as the response was decoded.
+    pub(crate) fn from_records<T>(records: Vec<Record<T>>, next_cursor: Option<String>) -> Page {
         let mut page = Page {
             departments: Vec::with_capacity(records.len()),
             rejected: Vec::new(),
             next_cursor,
             request_id: None,
         };
-        for raw in records {
-            match read(raw) {
+        for Record(read, _) in records {
+            match read {
                 Ok(department) => page.departments.push(department),
                 Err(rejected) => page.rejected.push(rejected),
             }
         }
         page
+    }
+}
+
+/// A department record as one vendor writes it: the fields deptsync reads from it, and
+/// how they make a [`Department`].
+pub(crate) trait VendorRecord: DeserializeOwned {
+    /// The vendor's name, in the reason a record is rejected.
+    const VENDOR: &'static str;
+    /// The field holding a record's id, to name a rejected record.
+    const ID_FIELD: &'static str;
+
+    fn into_department(self, raw: RawRecord) -> Department;
+}
+
+/// One record of a response, read while the response is decoded: its text is kept as it
+/// came, and the fields `T` needs are read from that text. A record that is not a `T` is
+/// kept aside, with the reason, instead of failing the page.
+pub(crate) struct Record<T>(Result<Department, RejectedRecord>, PhantomData<fn() -> T>);
+
+impl<'de, T: VendorRecord> Deserialize<'de> for Record<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = RawRecord::deserialize(deserializer)?;
+        let read = match serde_json::from_str::<T>(raw.as_str()) {
+            Ok(fields) => Ok(fields.into_department(raw)),
+            Err(error) => {
+                let payload = raw.to_value();
+                Err(RejectedRecord {
+                    external_id: id_text(&payload, T::ID_FIELD),
+                    reason: format!("not a {} department: {error}", T::VENDOR),
+                    payload,
+                })
+            }
+        };
+        Ok(Record(read, PhantomData))
     }
 }
 
@@ -257,22 +288,4 @@ pub(crate) fn id_text(record: &serde_json::Value, field: &str) -> Option<String>
         serde_json::Value::Number(id) => Some(id.to_string()),
         _ => None,
     }
-}
-
-/// The fields of `raw` a connector needs, read straight from the record's text; a record
-/// that is not a department of `vendor` becomes a rejected record, with the reason and the
-/// id from `id_field` when it has one.
-pub(crate) fn read_record<T: DeserializeOwned>(
-    raw: &RawRecord,
-    id_field: &str,
-    vendor: &str,
-) -> Result<T, RejectedRecord> {
-    serde_json::from_str(raw.as_str()).map_err(|error| {
-        let payload = raw.to_value();
-        RejectedRecord {
-            external_id: id_text(&payload, id_field),
-            reason: format!("not a {vendor} department: {error}"),
-            payload,
-        }
-    })
 }

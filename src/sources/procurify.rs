@@ -17,10 +17,11 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle, Vendor};
 use super::{
-    Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, read_record,
+    Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord, decode_cursor,
+    encode_cursor,
 };
 use crate::config::{ConfigError, FieldContext};
-use crate::model::{Department, RawRecord, RejectedRecord};
+use crate::model::{Department, RawRecord};
 
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -111,7 +112,7 @@ struct Cursor {
 #[derive(Deserialize)]
 struct ListResponse {
     metadata: Metadata,
-    data: Vec<RawRecord>,
+    data: Vec<Record<ProcurifyDepartment>>,
 }
 
 #[derive(Deserialize)]
@@ -179,20 +180,24 @@ impl Procurify {
     }
 }
 
-fn to_department(raw: RawRecord) -> Result<Department, RejectedRecord> {
-    let d: ProcurifyDepartment = read_record(&raw, "id", "Procurify")?;
-    Ok(Department {
-        external_id: d.id.to_string(),
-        scope_id: Some(match d.branch {
-            Branch::Object { id } | Branch::Id(id) => id.to_string(),
-        }),
-        name: d.name,
-        is_active: d.active,
-        parent_external_id: None,
-        source_created_at: None,
-        source_updated_at: None,
-        raw,
-    })
+impl VendorRecord for ProcurifyDepartment {
+    const VENDOR: &'static str = "Procurify";
+    const ID_FIELD: &'static str = "id";
+
+    fn into_department(self, raw: RawRecord) -> Department {
+        Department {
+            external_id: self.id.to_string(),
+            scope_id: Some(match self.branch {
+                Branch::Object { id } | Branch::Id(id) => id.to_string(),
+            }),
+            name: self.name,
+            is_active: self.active,
+            parent_external_id: None,
+            source_created_at: None,
+            source_updated_at: None,
+            raw,
+        }
+    }
 }
 
 impl Source for Procurify {
@@ -228,11 +233,7 @@ impl Source for Procurify {
                 count,
             })
         });
-        Ok(Page::from_records(
-            response.data,
-            to_department,
-            next_cursor,
-        ))
+        Ok(Page::from_records(response.data, next_cursor))
     }
 
     async fn check(&self) -> Result<(), SourceError> {

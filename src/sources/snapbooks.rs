@@ -18,10 +18,11 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle, Vendor};
 use super::{
-    Page, PageRequest, Source, SourceError, SyncMode, decode_cursor, encode_cursor, read_record,
+    Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord, decode_cursor,
+    encode_cursor,
 };
 use crate::config::{ConfigError, FieldContext};
-use crate::model::{Department, RawRecord, RejectedRecord};
+use crate::model::{Department, RawRecord};
 
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -146,7 +147,7 @@ struct Cursor {
 
 #[derive(Deserialize)]
 struct ListResponse {
-    data: Vec<RawRecord>,
+    data: Vec<Record<SnapbooksDepartment>>,
     meta: Meta,
 }
 
@@ -228,18 +229,22 @@ impl Snapbooks {
     }
 }
 
-fn to_department(raw: RawRecord) -> Result<Department, RejectedRecord> {
-    let d: SnapbooksDepartment = read_record(&raw, "id", "Snapbooks")?;
-    Ok(Department {
-        external_id: d.id.to_string(),
-        scope_id: Some(d.client_account_id.to_string()),
-        name: d.name,
-        is_active: d.is_active.unwrap_or(true),
-        parent_external_id: None,
-        source_created_at: d.created_at,
-        source_updated_at: d.updated_at,
-        raw,
-    })
+impl VendorRecord for SnapbooksDepartment {
+    const VENDOR: &'static str = "Snapbooks";
+    const ID_FIELD: &'static str = "id";
+
+    fn into_department(self, raw: RawRecord) -> Department {
+        Department {
+            external_id: self.id.to_string(),
+            scope_id: Some(self.client_account_id.to_string()),
+            name: self.name,
+            is_active: self.is_active.unwrap_or(true),
+            parent_external_id: None,
+            source_created_at: self.created_at,
+            source_updated_at: self.updated_at,
+            raw,
+        }
+    }
 }
 
 impl Source for Snapbooks {
@@ -299,11 +304,7 @@ impl Source for Snapbooks {
             })
         };
         let next_cursor = next.as_ref().map(encode_cursor);
-        Ok(Page::from_records(
-            response.data,
-            to_department,
-            next_cursor,
-        ))
+        Ok(Page::from_records(response.data, next_cursor))
     }
 
     async fn check(&self) -> Result<(), SourceError> {
