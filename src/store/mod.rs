@@ -79,6 +79,14 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the database refused a row because its key is already stored.
+    pub(crate) fn is_unique_violation(&self) -> bool {
+        matches!(self, StoreError::Database { source: sqlx::Error::Database(e), .. }
+            if e.is_unique_violation())
+    }
+}
+
 /// What the engine needs from a store.
 pub trait Store: Send + Sync {
     /// Proof that this process holds a source's lock, through which the pass writes; the

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 pub use super::IfMissing;
@@ -52,6 +52,23 @@ fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+}
+
+/// A source's lock: the connection that holds it (see [`Store::Lease`] for [`PgStore`]),
+/// through which the pass writes.
+pub struct PgLease {
+    connection: PgConnection,
+    /// Whether the pass's last windowed page held only departments not stored before. New
+    /// departments come in runs (a first sync, a backfill into an empty table): while they
+    /// do, the next page is loaded with `COPY`, without looking each id up first.
+    loading_new: bool,
+}
+
+impl PgLease {
+    /// The connection that holds the lock.
+    pub fn connection(&mut self) -> &mut PgConnection {
+        &mut self.connection
+    }
 }
 
 impl PgStore {
@@ -110,6 +127,65 @@ impl PgStore {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
+    }
+
+    /// Stores `page` in one transaction, its departments written as `load` says.
+    async fn try_commit_page(
+        connection: &mut PgConnection,
+        page: &Page<'_>,
+        load: Load,
+    ) -> Result<PageCounts, StoreError> {
+        let Page {
+            run,
+            source,
+            departments,
+            rejected,
+            checkpoint,
+        } = *page;
+        // On the lock's own connection: a lost lock (the connection gone) fails the write
+        // instead of letting two holders write at once.
+        let mut tx = sqlx::Connection::begin(connection)
+            .await
+            .map_err(db("opening a transaction"))?;
+        let (inserted, updated) =
+            Self::write_departments(&mut tx, source, departments, load).await?;
+        Self::keep_rejected(&mut tx, source, rejected).await?;
+        let deletions =
+            Self::apply_checkpoint(&mut tx, source, checkpoint, departments, rejected).await?;
+        let counts = PageCounts {
+            inserted,
+            updated,
+            unchanged: departments.len() as u64 - inserted - updated,
+            rejected: rejected.len() as u64,
+            deleted: deletions.deleted,
+            withheld_deletions: deletions.withheld,
+            awaiting_confirmation: deletions.awaiting_confirmation,
+        };
+        let counted = sqlx::query(
+            "UPDATE sync_runs SET pages = pages + $8, fetched = fetched + $2, inserted = inserted + $3,
+                    updated = updated + $4, unchanged = unchanged + $5, rejected = rejected + $6,
+                    deleted = deleted + $7
+             WHERE run_id = $1",
+        )
+        .bind(run.0)
+        .bind((departments.len() + rejected.len()) as i64)
+        .bind(counts.inserted as i64)
+        .bind(counts.updated as i64)
+        .bind(counts.unchanged as i64)
+        .bind(counts.rejected as i64)
+        .bind(counts.deleted as i64)
+        .bind(i64::from(checkpoint.follows_page()))
+        .execute(&mut *tx)
+        .await
+        .map_err(db("counting the page in its run"))?;
+        if counted.rows_affected() != 1 {
+            // Dropping the transaction rolls the page back: no page without its run.
+            return Err(StoreError::Corrupt(format!(
+                "run {run} is not in sync_runs"
+            )));
+        }
+        tx.commit().await.map_err(db("committing the page"))?;
+        Ok(counts)
     }
 
     /// Moves `source` to `checkpoint`. For a full listing, first records the ids the page
@@ -381,72 +457,116 @@ impl PgStore {
         })
     }
 
-    /// Writes the departments of a page that are new or changed. `by_digest`: tell
-    /// unchanged rows by their content digest without sending them (full listings, whose
-    /// pages are mostly unchanged); otherwise send every row and let the statement
-    /// compare (windowed pages hold what changed, so a digest would be wasted work).
-    async fn upsert_departments(
+    /// Writes the departments of a page that are new or changed, as `load` says, and tells
+    /// how many it inserted and how many it updated (the rest were unchanged).
+    async fn write_departments(
         tx: &mut Transaction<'_, Postgres>,
         source: &str,
         departments: &[Department],
-        by_digest: bool,
+        load: Load,
     ) -> Result<(u64, u64), StoreError> {
         if departments.is_empty() {
             return Ok((0, 0));
         }
         // One statement cannot touch a row twice: keep the newest version of each id.
         let rows = newest_versions(departments);
-        // With `by_digest`, what is stored for these ids: one index lookup each, 16 bytes
-        // back. A row whose digest matches is unchanged and is not sent at all: a listing
-        // where nothing changed costs these lookups, not the parsing and comparing of
-        // every record.
-        let stored: HashMap<String, Option<Vec<u8>>> = if by_digest {
-            let ids: Vec<&str> = rows.iter().map(|d| d.external_id.as_str()).collect();
-            sqlx::query_as(
-                "SELECT external_id, CASE WHEN deleted_at IS NULL THEN content_md5 END
-                 FROM departments WHERE source = $1 AND external_id = ANY($2)",
-            )
-            .bind(source)
-            .bind(&ids)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(db("looking up the stored departments"))?
-            .into_iter()
-            .collect()
-        } else {
-            HashMap::new()
-        };
-        let mut to_write = Vec::with_capacity(rows.len());
-        for department in rows {
-            let raw = department.raw.as_str();
-            let digest = by_digest.then(|| content_digest(department, raw));
-            if let (Some(Some(known)), Some(digest)) =
-                (stored.get(department.external_id.as_str()), &digest)
-                && known.as_slice() == digest.as_slice()
-            {
-                continue;
+        match load {
+            Load::AllNew => {
+                let rows: Vec<_> = rows.into_iter().map(|d| (d, None)).collect();
+                Ok((Self::copy_new(tx, source, &rows).await?, 0))
             }
-            to_write.push((department, raw, digest));
+            Load::Compare => {
+                let rows: Vec<_> = rows.into_iter().map(|d| (d, None)).collect();
+                Self::upsert(tx, source, &rows).await
+            }
+            Load::Listing => {
+                // What is stored for these ids: one index lookup each, 16 bytes back. A
+                // row whose digest matches is unchanged and is not sent at all: a listing
+                // where nothing changed costs these lookups, not the parsing and
+                // comparing of every record. A row not stored is loaded with COPY.
+                let ids: Vec<&str> = rows.iter().map(|d| d.external_id.as_str()).collect();
+                let stored: HashMap<String, Option<Vec<u8>>> = sqlx::query_as(
+                    "SELECT external_id, CASE WHEN deleted_at IS NULL THEN content_md5 END
+                     FROM departments WHERE source = $1 AND external_id = ANY($2)",
+                )
+                .bind(source)
+                .bind(&ids)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(db("looking up the stored departments"))?
+                .into_iter()
+                .collect();
+                let mut new = Vec::new();
+                let mut changed = Vec::new();
+                for department in rows {
+                    let digest = content_digest(department);
+                    match stored.get(department.external_id.as_str()) {
+                        None => new.push((department, Some(digest))),
+                        Some(Some(known)) if known.as_slice() == digest.as_slice() => {}
+                        Some(_) => changed.push((department, Some(digest))),
+                    }
+                }
+                let inserted = Self::copy_new(tx, source, &new).await?;
+                let (also_inserted, updated) = Self::upsert(tx, source, &changed).await?;
+                Ok((inserted + also_inserted, updated))
+            }
         }
-        if to_write.is_empty() {
+    }
+
+    /// Loads `rows`, none of them stored yet, with `COPY`: no lookup per row, rows
+    /// written in batches. A row that was stored after all fails the statement (a unique
+    /// violation), and with it the transaction; nothing is half written.
+    async fn copy_new(
+        tx: &mut Transaction<'_, Postgres>,
+        source: &str,
+        rows: &[(&Department, Option<[u8; 16]>)],
+    ) -> Result<u64, StoreError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut data = Vec::with_capacity(rows.len() * 400);
+        for (department, digest) in rows {
+            copy_row(&mut data, source, department, digest.as_ref());
+        }
+        let mut copy = tx
+            .copy_in_raw(
+                "COPY departments (source, external_id, scope_id, name, is_active,
+                     parent_external_id, source_created_at, source_updated_at, raw, content_md5)
+                 FROM STDIN",
+            )
+            .await
+            .map_err(db("loading new departments"))?;
+        copy.send(data)
+            .await
+            .map_err(db("loading new departments"))?;
+        copy.finish().await.map_err(db("loading new departments"))
+    }
+
+    /// Writes `rows` (each with its content digest, for a listing) with the upsert
+    /// statement, which compares each with what is stored.
+    async fn upsert(
+        tx: &mut Transaction<'_, Postgres>,
+        source: &str,
+        rows: &[(&Department, Option<[u8; 16]>)],
+    ) -> Result<(u64, u64), StoreError> {
+        if rows.is_empty() {
             return Ok((0, 0));
         }
-        let texts = |f: fn(&Department) -> Option<&str>| {
-            to_write.iter().map(|(d, ..)| f(d)).collect::<Vec<_>>()
-        };
+        let texts =
+            |f: fn(&Department) -> Option<&str>| rows.iter().map(|(d, _)| f(d)).collect::<Vec<_>>();
         let external_ids = texts(|d| Some(d.external_id.as_str()));
         let scope_ids = texts(|d| d.scope_id.as_deref());
         let names = texts(|d| Some(d.name.as_str()));
         let parents = texts(|d| d.parent_external_id.as_deref());
-        let active: Vec<bool> = to_write.iter().map(|(d, ..)| d.is_active).collect();
+        let raw = texts(|d| Some(d.raw.as_str()));
+        let active: Vec<bool> = rows.iter().map(|(d, _)| d.is_active).collect();
         let created: Vec<Option<DateTime<Utc>>> =
-            to_write.iter().map(|(d, ..)| d.source_created_at).collect();
+            rows.iter().map(|(d, _)| d.source_created_at).collect();
         let updated: Vec<Option<DateTime<Utc>>> =
-            to_write.iter().map(|(d, ..)| d.source_updated_at).collect();
-        let raw: Vec<&str> = to_write.iter().map(|(_, raw, _)| *raw).collect();
-        let digests: Vec<Option<&[u8]>> = to_write
+            rows.iter().map(|(d, _)| d.source_updated_at).collect();
+        let digests: Vec<Option<&[u8]>> = rows
             .iter()
-            .map(|(_, _, digest)| digest.as_ref().map(|d| &d[..]))
+            .map(|(_, digest)| digest.as_ref().map(|d| &d[..]))
             .collect();
 
         let row = sqlx::query(UPSERT_DEPARTMENTS)
@@ -499,10 +619,81 @@ impl PgStore {
     }
 }
 
+/// How a page's departments are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// Expected to be new, every one: loaded with `COPY`, no lookups.
+    AllNew,
+    /// Each compared with what is stored, by the upsert statement.
+    Compare,
+    /// A full listing's page: each id looked up with its digest; new rows loaded with
+    /// `COPY`, changed ones upserted, unchanged ones not sent.
+    Listing,
+}
+
+/// What one commit stores.
+#[derive(Clone, Copy)]
+struct Page<'a> {
+    run: RunId,
+    source: &'a str,
+    departments: &'a [Department],
+    rejected: &'a [RejectedRecord],
+    checkpoint: &'a Checkpoint,
+}
+
+/// Appends `department` as one line of `COPY`'s text format, in the column order of
+/// [`PgStore::copy_new`].
+fn copy_row(data: &mut Vec<u8>, source: &str, department: &Department, digest: Option<&[u8; 16]>) {
+    let instant =
+        |t: Option<DateTime<Utc>>| t.map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string());
+    copy_field(data, Some(source));
+    copy_field(data, Some(&department.external_id));
+    copy_field(data, department.scope_id.as_deref());
+    copy_field(data, Some(&department.name));
+    copy_field(data, Some(if department.is_active { "t" } else { "f" }));
+    copy_field(data, department.parent_external_id.as_deref());
+    copy_field(data, instant(department.source_created_at).as_deref());
+    copy_field(data, instant(department.source_updated_at).as_deref());
+    copy_field(data, Some(department.raw.as_str()));
+    let digest = digest.map(|d| {
+        let mut hex = String::with_capacity(34);
+        hex.push_str("\\x");
+        for byte in d {
+            hex.push_str(&format!("{byte:02x}"));
+        }
+        hex
+    });
+    copy_field(data, digest.as_deref());
+    // The last field's tab becomes the end of the line.
+    data.pop();
+    data.push(b'\n');
+}
+
+/// Appends one field of `COPY`'s text format and the tab after it: `\N` for NULL; a
+/// backslash, tab, newline or carriage return escaped with a backslash. (A NUL never
+/// reaches here: such a department is rejected before it is stored.)
+fn copy_field(data: &mut Vec<u8>, value: Option<&str>) {
+    match value {
+        None => data.extend_from_slice(b"\\N"),
+        Some(text) => {
+            for byte in text.bytes() {
+                match byte {
+                    b'\\' => data.extend_from_slice(b"\\\\"),
+                    b'\t' => data.extend_from_slice(b"\\t"),
+                    b'\n' => data.extend_from_slice(b"\\n"),
+                    b'\r' => data.extend_from_slice(b"\\r"),
+                    _ => data.push(byte),
+                }
+            }
+        }
+    }
+    data.push(b'\t');
+}
+
 /// A digest of what a department row holds (every column the upsert compares), to tell an
 /// unchanged row without sending it. Each field is framed (a tag, and a length for text),
 /// so that no two different rows can run together into the same bytes.
-fn content_digest(department: &Department, raw: &str) -> [u8; 16] {
+fn content_digest(department: &Department) -> [u8; 16] {
     use md5::{Digest, Md5};
     fn text(hasher: &mut Md5, value: Option<&str>) {
         match value {
@@ -534,7 +725,7 @@ fn content_digest(department: &Department, raw: &str) -> [u8; 16] {
     instant(&mut hasher, department.source_updated_at);
     // The record as received: a vendor that writes the same record differently (its keys
     // in another order) only costs a full comparison, which finds it unchanged.
-    text(&mut hasher, Some(raw));
+    text(&mut hasher, Some(department.raw.as_str()));
     hasher.finalize().into()
 }
 
@@ -570,7 +761,7 @@ impl Store for PgStore {
     /// lease is that connection, taken out of the pool, so that a holder that dies (or
     /// loses its database connection) frees the lock with it, and the pass writes through
     /// it, so that no write happens without the lock.
-    type Lease = sqlx::PgConnection;
+    type Lease = PgLease;
 
     async fn try_lock(&self, source: &str) -> Result<Option<Self::Lease>, StoreError> {
         let mut connection = self
@@ -594,7 +785,10 @@ impl Store for PgStore {
                 .execute(&mut connection)
                 .await
                 .map_err(db("setting up the source's session"))?;
-            Ok(Some(connection))
+            Ok(Some(PgLease {
+                connection,
+                loading_new: false,
+            }))
         } else {
             let _ = sqlx::Connection::close(connection).await;
             Ok(None)
@@ -603,7 +797,7 @@ impl Store for PgStore {
 
     async fn unlock(&self, lease: Self::Lease) {
         // Closing the session frees its advisory locks.
-        if let Err(e) = sqlx::Connection::close(lease).await {
+        if let Err(e) = sqlx::Connection::close(lease.connection).await {
             tracing::debug!(error = %e, "closing the lock's connection");
         }
     }
@@ -637,7 +831,7 @@ impl Store for PgStore {
         mode: RunMode,
     ) -> Result<RunId, StoreError> {
         let run_id = Uuid::new_v4();
-        let mut tx = sqlx::Connection::begin(lease)
+        let mut tx = sqlx::Connection::begin(&mut lease.connection)
             .await
             .map_err(db("opening a transaction"))?;
         let abandoned = sqlx::query(
@@ -679,53 +873,42 @@ impl Store for PgStore {
         rejected: &[RejectedRecord],
         checkpoint: &Checkpoint,
     ) -> Result<PageCounts, StoreError> {
-        // On the lock's own connection: a lost lock (the connection gone) fails the write
-        // instead of letting two holders write at once.
-        let mut tx = sqlx::Connection::begin(lease)
-            .await
-            .map_err(db("opening a transaction"))?;
         let listing = matches!(
             checkpoint,
             Checkpoint::Listing(_) | Checkpoint::ListingDone { .. }
         );
-        let (inserted, updated) =
-            Self::upsert_departments(&mut tx, source, departments, listing).await?;
-        Self::keep_rejected(&mut tx, source, rejected).await?;
-        let deletions =
-            Self::apply_checkpoint(&mut tx, source, checkpoint, departments, rejected).await?;
-        let counts = PageCounts {
-            inserted,
-            updated,
-            unchanged: departments.len() as u64 - inserted - updated,
-            rejected: rejected.len() as u64,
-            deleted: deletions.deleted,
-            withheld_deletions: deletions.withheld,
-            awaiting_confirmation: deletions.awaiting_confirmation,
+        let load = if listing {
+            // A listing looks every id up anyway (digests): it knows which rows are new.
+            Load::Listing
+        } else if lease.loading_new && !departments.is_empty() {
+            Load::AllNew
+        } else {
+            Load::Compare
         };
-        let counted = sqlx::query(
-            "UPDATE sync_runs SET pages = pages + $8, fetched = fetched + $2, inserted = inserted + $3,
-                    updated = updated + $4, unchanged = unchanged + $5, rejected = rejected + $6,
-                    deleted = deleted + $7
-             WHERE run_id = $1",
-        )
-        .bind(run.0)
-        .bind((departments.len() + rejected.len()) as i64)
-        .bind(counts.inserted as i64)
-        .bind(counts.updated as i64)
-        .bind(counts.unchanged as i64)
-        .bind(counts.rejected as i64)
-        .bind(counts.deleted as i64)
-        .bind(i64::from(checkpoint.follows_page()))
-        .execute(&mut *tx)
-        .await
-        .map_err(db("counting the page in its run"))?;
-        if counted.rows_affected() != 1 {
-            // Dropping the transaction rolls the page back: no page without its run.
-            return Err(StoreError::Corrupt(format!(
-                "run {run} is not in sync_runs"
-            )));
+        let page = Page {
+            run,
+            source,
+            departments,
+            rejected,
+            checkpoint,
+        };
+        let counts = match Self::try_commit_page(&mut lease.connection, &page, load).await {
+            // A page expected to be all new held a stored department: the whole
+            // transaction rolled back; store the page again, comparing every row.
+            Err(e) if load == Load::AllNew && e.is_unique_violation() => {
+                tracing::debug!(
+                    source,
+                    "a page expected to be new was not; comparing its rows"
+                );
+                Self::try_commit_page(&mut lease.connection, &page, Load::Compare).await?
+            }
+            result => result?,
+        };
+        if !listing && !departments.is_empty() {
+            // New departments come in runs (a first sync, a backfill into an empty
+            // table); while they do, the next page is loaded without lookups.
+            lease.loading_new = counts.inserted == departments.len() as u64;
         }
-        tx.commit().await.map_err(db("committing the page"))?;
         Ok(counts)
     }
 

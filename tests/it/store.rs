@@ -39,6 +39,7 @@ macro_rules! on_both_stores {
 
 on_both_stores!(
     text_with_tabs_newlines_and_backslashes_is_stored_as_sent,
+    a_page_expected_new_that_is_not_is_compared_row_by_row,
     a_page_with_the_same_id_twice_keeps_the_newest,
     only_rows_whose_content_changed_are_written,
     a_change_of_any_one_column_is_a_change,
@@ -166,30 +167,80 @@ async fn assert_nothing_kept(db: &TestStore) {
 
 async fn text_with_tabs_newlines_and_backslashes_is_stored_as_sent(db: TestStore) {
     let (mut lease, run) = locked_run(&db).await;
-    // What the bulk path (COPY's text format) must escape, and what it must not touch.
+    // A page of new departments first: the next page is then expected to be new as well,
+    // and PostgreSQL loads it in bulk (COPY's text format).
+    let plain = [department("plain", "Plain", at(2020, 1, 1))];
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &plain).await),
+        (1, 0, 0)
+    );
+    // What the bulk path must escape, and what it must not touch.
     let awkward = "tab\there, line\nbreak, cr\r, back\\slash \\N, quote \" and ' é";
     let mut page = [department("x\\1\t", awkward, at(2020, 1, 1))];
     page[0].scope_id = Some("s\\N".to_owned());
     page[0].parent_external_id = None;
+    let created = at(2019, 12, 31) + chrono::Duration::microseconds(123_456);
+    page[0].source_created_at = Some(created);
     page[0].raw =
         RawRecord::from_value(&serde_json::json!({ "name": awkward, "path": "C:\\dir\\n" }));
     assert_eq!(
         written(commit_windowed(&db, &mut lease, run, &page).await),
         (1, 0, 0)
     );
-    let name = db.text("SELECT name FROM departments").await;
+    let awkward_row = "FROM departments WHERE external_id <> 'plain'";
+    let name = db.text(&format!("SELECT name {awkward_row}")).await;
     assert_eq!(name.as_deref(), Some(awkward));
-    let id = db.text("SELECT external_id FROM departments").await;
+    let id = db.text(&format!("SELECT external_id {awkward_row}")).await;
     assert_eq!(id.as_deref(), Some("x\\1\t"));
-    let scope = db.text("SELECT scope_id FROM departments").await;
+    let scope = db.text(&format!("SELECT scope_id {awkward_row}")).await;
     assert_eq!(scope.as_deref(), Some("s\\N"));
     let nulls = "SELECT count(*) FROM departments WHERE parent_external_id IS NULL";
-    assert_eq!(db.count(nulls).await, 1, "NULL stays NULL");
+    assert_eq!(db.count(nulls).await, 2, "NULL stays NULL");
+
     // The same page again is unchanged: what was stored is exactly what was sent.
     assert_eq!(
         written(commit_windowed(&db, &mut lease, run, &page).await),
         (0, 0, 1)
     );
+}
+
+async fn a_page_expected_new_that_is_not_is_compared_row_by_row(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let first = [
+        department("1", "one", at(2020, 1, 1)),
+        department("2", "two", at(2020, 1, 1)),
+    ];
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &first).await),
+        (2, 0, 0)
+    );
+    // All new so far, so this page is expected new too; it holds a stored department
+    // (renamed) and an unchanged one, and every row must still be judged exactly.
+    let second = [
+        department("3", "three", at(2020, 1, 2)),
+        department("1", "one renamed", at(2020, 1, 2)),
+        department("2", "two", at(2020, 1, 1)),
+    ];
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &second).await),
+        (1, 1, 1)
+    );
+    let third = [department("4", "four", at(2020, 1, 3))];
+    assert_eq!(
+        written(commit_windowed(&db, &mut lease, run, &third).await),
+        (1, 0, 0)
+    );
+    for (id, name) in [
+        ("1", "one renamed"),
+        ("2", "two"),
+        ("3", "three"),
+        ("4", "four"),
+    ] {
+        let sql = format!("SELECT name FROM departments WHERE external_id = '{id}'");
+        assert_eq!(db.text(&sql).await.as_deref(), Some(name));
+    }
+    let runs = "SELECT inserted * 100 + updated * 10 + unchanged FROM sync_runs";
+    assert_eq!(db.count(runs).await, 411);
 }
 
 async fn a_page_with_the_same_id_twice_keeps_the_newest(db: TestStore) {
@@ -871,7 +922,7 @@ async fn a_lost_lock_loses_the_write_too() {
         .unwrap();
     // The lock's connection dies (a network blip, pg_terminate_backend): the lock is free...
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut lease)
+        .fetch_one(lease.connection())
         .await
         .unwrap();
     sqlx::query("SELECT pg_terminate_backend($1)")

@@ -14,12 +14,15 @@
 -- behind its back would fail the page (a unique violation), never corrupt it.
 --
 -- $1 source; $2..$10 one array per column, all of the same length, ids unique.
+-- Each record is parsed as jsonb once, from its own text: casting the whole text[] to
+-- jsonb[] first would build (and allocate) one more copy of the page.
 WITH incoming AS (
-    SELECT *
+    SELECT external_id, scope_id, name, is_active, parent_external_id,
+           source_created_at, source_updated_at, raw_text::jsonb AS raw, content_md5
     FROM UNNEST($2::text[], $3::text[], $4::text[], $5::boolean[], $6::text[],
-                $7::timestamptz[], $8::timestamptz[], $9::text[]::jsonb[], $10::bytea[])
+                $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[])
          AS t(external_id, scope_id, name, is_active, parent_external_id,
-              source_created_at, source_updated_at, raw, content_md5)
+              source_created_at, source_updated_at, raw_text, content_md5)
 ),
 -- One index lookup per row: stored or new.
 compared AS (
