@@ -147,11 +147,15 @@ impl PgStore {
         let mut tx = sqlx::Connection::begin(connection)
             .await
             .map_err(db("opening a transaction"))?;
-        let (inserted, updated) =
-            Self::write_departments(&mut tx, source, departments, load).await?;
+        let Written {
+            inserted,
+            updated,
+            any: wrote,
+        } = Self::write_departments(&mut tx, source, departments, load).await?;
         Self::keep_rejected(&mut tx, source, rejected).await?;
         let deletions =
-            Self::apply_checkpoint(&mut tx, source, checkpoint, departments, rejected).await?;
+            Self::apply_checkpoint(&mut tx, source, checkpoint, departments, rejected, wrote)
+                .await?;
         let counts = PageCounts {
             inserted,
             updated,
@@ -196,6 +200,7 @@ impl PgStore {
         checkpoint: &Checkpoint,
         departments: &[Department],
         rejected: &[RejectedRecord],
+        wrote: bool,
     ) -> Result<Deletions, StoreError> {
         let seen = || seen_ids(departments, rejected);
         let mut deletions = Deletions::default();
@@ -281,13 +286,15 @@ impl PgStore {
                 sqlx::query(
                     // A first listing starts the clock of the mass-deletion guard; the same
                     // listing going on, or a confirming one, keeps it.
-                    "INSERT INTO sync_state AS s (source, listing_id, listing_cursor, listing_confirms, listing_started_at)
-                     VALUES ($1, $2, $3, $4, now())
+                    "INSERT INTO sync_state AS s (source, listing_id, listing_cursor, listing_confirms, listing_started_at, listing_wrote)
+                     VALUES ($1, $2, $3, $4, now(), $5)
                      ON CONFLICT (source) DO UPDATE SET
                          listing_started_at = CASE
                              WHEN s.listing_id = EXCLUDED.listing_id OR EXCLUDED.listing_confirms IS NOT NULL
                              THEN COALESCE(s.listing_started_at, now())
                              ELSE now() END,
+                         listing_wrote = CASE WHEN s.listing_id = EXCLUDED.listing_id
+                                              THEN s.listing_wrote OR $5 ELSE $5 END,
                          listing_id = EXCLUDED.listing_id,
                          listing_cursor = EXCLUDED.listing_cursor,
                          listing_confirms = EXCLUDED.listing_confirms,
@@ -297,6 +304,7 @@ impl PgStore {
                 .bind(progress.listing_id)
                 .bind(progress.cursor.as_deref())
                 .bind(progress.confirms)
+                .bind(wrote)
             }
             Checkpoint::ListingDone {
                 listing_id,
@@ -304,6 +312,7 @@ impl PgStore {
                 max_delete_fraction,
             } => {
                 Self::record_seen(tx, source, *listing_id, &seen()).await?;
+                Self::settle_page_digests(tx, source, *listing_id, wrote).await?;
                 deletions =
                     Self::delete_unseen(tx, source, *listing_id, *confirms, *max_delete_fraction)
                         .await?;
@@ -326,7 +335,8 @@ impl PgStore {
             }
             Checkpoint::ListingAbandoned { listing_id } => sqlx::query(
                 // Forget what it saw; a confirming listing stays one when it starts again.
-                "WITH forgotten AS (DELETE FROM listing_seen_pages WHERE source = $1 AND listing_id = $2)
+                "WITH forgotten AS (DELETE FROM listing_seen_pages WHERE source = $1 AND listing_id = $2),
+                      untrusted AS (DELETE FROM listing_page_digests WHERE source = $1 AND listing_id = $2)
                  UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, updated_at = now()
                  WHERE source = $1",
             )
@@ -377,6 +387,59 @@ impl PgStore {
     }
 
     /// The windows of `source`'s `mode` ledger, oldest first.
+    /// Once `listing_id` is complete, makes its page digests the ones the next listing
+    /// trusts, and forgets every other listing's. Each digest was true when its page was
+    /// stored; it stays true unless a later page of the same listing rewrote one of its
+    /// rows, which needs the same id twice in the listing with different contents. A
+    /// listing that wrote nothing (`wrote`: this last page) cannot have done that; one that
+    /// wrote is trusted only when no id appears in it twice.
+    async fn settle_page_digests(
+        tx: &mut Transaction<'_, Postgres>,
+        source: &str,
+        listing_id: Uuid,
+        wrote: bool,
+    ) -> Result<(), StoreError> {
+        let earlier_pages_wrote: Option<bool> = sqlx::query_scalar(
+            "SELECT listing_wrote FROM sync_state WHERE source = $1 AND listing_id = $2",
+        )
+        .bind(source)
+        .bind(listing_id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db("reading what the listing wrote"))?;
+        let trusted = if wrote || earlier_pages_wrote == Some(true) {
+            let repeats: bool = sqlx::query_scalar(
+                "SELECT EXISTS (
+                     SELECT 1 FROM listing_seen_pages p, unnest(p.external_ids) AS id
+                     WHERE p.source = $1 AND p.listing_id = $2
+                     GROUP BY id HAVING count(*) > 1)",
+            )
+            .bind(source)
+            .bind(listing_id)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(db("looking for ids the listing saw twice"))?;
+            !repeats
+        } else {
+            true
+        };
+        sqlx::query(
+            "WITH forgotten AS (
+                 DELETE FROM listing_page_digests
+                 WHERE source = $1 AND (listing_id <> $2 OR NOT $3)
+             )
+             UPDATE sync_state SET trusted_listing = CASE WHEN $3 THEN $2 END
+             WHERE source = $1",
+        )
+        .bind(source)
+        .bind(listing_id)
+        .bind(trusted)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("settling the listing's page digests"))?;
+        Ok(())
+    }
+
     /// Every window of `source`'s ledgers, with its mode, oldest first.
     async fn read_ledgers(&self, source: &str) -> Result<Vec<(RunMode, LedgerWindow)>, StoreError> {
         let rows = sqlx::query(
@@ -457,60 +520,123 @@ impl PgStore {
         })
     }
 
-    /// Writes the departments of a page that are new or changed, as `load` says, and tells
-    /// how many it inserted and how many it updated (the rest were unchanged).
+    /// Writes the departments of a page that are new or changed, as `load` says.
     async fn write_departments(
         tx: &mut Transaction<'_, Postgres>,
         source: &str,
         departments: &[Department],
         load: Load,
-    ) -> Result<(u64, u64), StoreError> {
+    ) -> Result<Written, StoreError> {
         if departments.is_empty() {
-            return Ok((0, 0));
+            return Ok(Written::default());
         }
         // One statement cannot touch a row twice: keep the newest version of each id.
         let rows = newest_versions(departments);
         match load {
             Load::AllNew => {
                 let rows: Vec<_> = rows.into_iter().map(|d| (d, None)).collect();
-                Ok((Self::copy_new(tx, source, &rows).await?, 0))
+                let inserted = Self::copy_new(tx, source, &rows).await?;
+                Ok(Written {
+                    inserted,
+                    updated: 0,
+                    any: inserted > 0,
+                })
             }
             Load::Compare => {
                 let rows: Vec<_> = rows.into_iter().map(|d| (d, None)).collect();
-                Self::upsert(tx, source, &rows).await
+                let upserted = Self::upsert(tx, source, &rows).await?;
+                Ok(Written {
+                    inserted: upserted.inserted,
+                    updated: upserted.updated,
+                    any: upserted.inserted + upserted.touched > 0,
+                })
             }
-            Load::Listing => {
-                // What is stored for these ids: one index lookup each, 16 bytes back. A
-                // row whose digest matches is unchanged and is not sent at all: a listing
-                // where nothing changed costs these lookups, not the parsing and
-                // comparing of every record. A row not stored is loaded with COPY.
-                let ids: Vec<&str> = rows.iter().map(|d| d.external_id.as_str()).collect();
-                let stored: HashMap<String, Option<Vec<u8>>> = sqlx::query_as(
-                    "SELECT external_id, CASE WHEN deleted_at IS NULL THEN content_md5 END
-                     FROM departments WHERE source = $1 AND external_id = ANY($2)",
-                )
-                .bind(source)
-                .bind(&ids)
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(db("looking up the stored departments"))?
-                .into_iter()
-                .collect();
-                let mut new = Vec::new();
-                let mut changed = Vec::new();
-                for department in rows {
-                    let digest = content_digest(department);
-                    match stored.get(department.external_id.as_str()) {
-                        None => new.push((department, Some(digest))),
-                        Some(Some(known)) if known.as_slice() == digest.as_slice() => {}
-                        Some(_) => changed.push((department, Some(digest))),
-                    }
-                }
-                let inserted = Self::copy_new(tx, source, &new).await?;
-                let (also_inserted, updated) = Self::upsert(tx, source, &changed).await?;
-                Ok((inserted + also_inserted, updated))
+            Load::Listing { listing_id } => {
+                Self::write_listing_page(tx, source, listing_id, rows).await
             }
         }
+    }
+
+    /// Writes a full listing's page (`rows`, one per id). A page exactly as the trusted
+    /// listing saw it costs one lookup of its digest. Otherwise each id is looked up with
+    /// its content digest (16 bytes back): rows not stored are loaded with `COPY`, changed
+    /// ones upserted, and unchanged ones not sent at all.
+    async fn write_listing_page(
+        tx: &mut Transaction<'_, Postgres>,
+        source: &str,
+        listing_id: Uuid,
+        mut rows: Vec<&Department>,
+    ) -> Result<Written, StoreError> {
+        rows.sort_unstable_by(|a, b| a.external_id.cmp(&b.external_id));
+        let digests: Vec<[u8; 16]> = rows.iter().map(|d| content_digest(d)).collect();
+        let page = page_digest(&digests);
+        // The digest is recorded for this listing too: the page's rows are stored as it
+        // has them.
+        let known: bool = sqlx::query_scalar(
+            "WITH known AS (
+                 SELECT EXISTS (
+                     SELECT 1 FROM listing_page_digests d JOIN sync_state s
+                       ON s.source = d.source AND s.trusted_listing = d.listing_id
+                     WHERE d.source = $1 AND d.page_md5 = $3 AND d.listing_id <> $2) AS known
+             ),
+             recorded AS (
+                 INSERT INTO listing_page_digests (source, listing_id, page_md5)
+                 SELECT $1, $2, $3 FROM known WHERE known
+                 ON CONFLICT DO NOTHING
+             )
+             SELECT known FROM known",
+        )
+        .bind(source)
+        .bind(listing_id)
+        .bind(&page[..])
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db("looking up the page's digest"))?;
+        if known {
+            return Ok(Written::default());
+        }
+        let ids: Vec<&str> = rows.iter().map(|d| d.external_id.as_str()).collect();
+        let stored: HashMap<String, Option<Vec<u8>>> = sqlx::query_as(
+            "SELECT external_id, CASE WHEN deleted_at IS NULL THEN content_md5 END
+             FROM departments WHERE source = $1 AND external_id = ANY($2)",
+        )
+        .bind(source)
+        .bind(&ids)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db("looking up the stored departments"))?
+        .into_iter()
+        .collect();
+        let mut new = Vec::new();
+        let mut changed = Vec::new();
+        for (department, digest) in rows.into_iter().zip(digests) {
+            match stored.get(department.external_id.as_str()) {
+                None => new.push((department, Some(digest))),
+                Some(Some(known)) if known.as_slice() == digest.as_slice() => {}
+                Some(_) => changed.push((department, Some(digest))),
+            }
+        }
+        let copied = Self::copy_new(tx, source, &new).await?;
+        let upserted = Self::upsert(tx, source, &changed).await?;
+        // Every row as the page has it, unless a stored one was newer: then the page's
+        // digest would not tell what is stored, and is not recorded.
+        if upserted.inserted + upserted.touched == changed.len() as u64 {
+            sqlx::query(
+                "INSERT INTO listing_page_digests (source, listing_id, page_md5)
+                 VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            )
+            .bind(source)
+            .bind(listing_id)
+            .bind(&page[..])
+            .execute(&mut **tx)
+            .await
+            .map_err(db("recording the page's digest"))?;
+        }
+        Ok(Written {
+            inserted: copied + upserted.inserted,
+            updated: upserted.updated,
+            any: copied + upserted.inserted + upserted.touched > 0,
+        })
     }
 
     /// Loads `rows`, none of them stored yet, with `COPY`: no lookup per row, rows
@@ -548,9 +674,9 @@ impl PgStore {
         tx: &mut Transaction<'_, Postgres>,
         source: &str,
         rows: &[(&Department, Option<[u8; 16]>)],
-    ) -> Result<(u64, u64), StoreError> {
+    ) -> Result<Upserted, StoreError> {
         if rows.is_empty() {
-            return Ok((0, 0));
+            return Ok(Upserted::default());
         }
         let texts =
             |f: fn(&Department) -> Option<&str>| rows.iter().map(|(d, _)| f(d)).collect::<Vec<_>>();
@@ -583,9 +709,12 @@ impl PgStore {
             .fetch_one(&mut **tx)
             .await
             .map_err(db("upserting departments"))?;
-        let inserted: i64 = row.get("inserted");
-        let updated: i64 = row.get("updated");
-        Ok((inserted as u64, updated as u64))
+        let count = |column: &str| row.get::<i64, _>(column) as u64;
+        Ok(Upserted {
+            inserted: count("inserted"),
+            updated: count("updated"),
+            touched: count("touched"),
+        })
     }
 
     async fn keep_rejected(
@@ -626,9 +755,38 @@ enum Load {
     AllNew,
     /// Each compared with what is stored, by the upsert statement.
     Compare,
-    /// A full listing's page: each id looked up with its digest; new rows loaded with
-    /// `COPY`, changed ones upserted, unchanged ones not sent.
-    Listing,
+    /// A page of full listing `listing_id`: see [`PgStore::write_listing_page`].
+    Listing { listing_id: Uuid },
+}
+
+/// What writing a page's departments did.
+#[derive(Debug, Default)]
+struct Written {
+    inserted: u64,
+    /// Updated with a change of content.
+    updated: u64,
+    /// Whether any row was written at all (giving a row its digest counts).
+    any: bool,
+}
+
+/// What the upsert statement did.
+#[derive(Debug, Default)]
+struct Upserted {
+    inserted: u64,
+    /// Updated with a change of content.
+    updated: u64,
+    /// Updated at all.
+    touched: u64,
+}
+
+/// The digest of a listing page, from the content digests of its rows in id order.
+fn page_digest(rows: &[[u8; 16]]) -> [u8; 16] {
+    use md5::{Digest, Md5};
+    let mut hasher = Md5::new();
+    for row in rows {
+        hasher.update(row);
+    }
+    hasher.finalize().into()
 }
 
 /// What one commit stores.
@@ -873,13 +1031,14 @@ impl Store for PgStore {
         rejected: &[RejectedRecord],
         checkpoint: &Checkpoint,
     ) -> Result<PageCounts, StoreError> {
-        let listing = matches!(
-            checkpoint,
-            Checkpoint::Listing(_) | Checkpoint::ListingDone { .. }
-        );
-        let load = if listing {
+        let listing = match checkpoint {
+            Checkpoint::Listing(progress) => Some(progress.listing_id),
+            Checkpoint::ListingDone { listing_id, .. } => Some(*listing_id),
+            _ => None,
+        };
+        let load = if let Some(listing_id) = listing {
             // A listing looks every id up anyway (digests): it knows which rows are new.
-            Load::Listing
+            Load::Listing { listing_id }
         } else if lease.loading_new && !departments.is_empty() {
             Load::AllNew
         } else {
@@ -904,7 +1063,7 @@ impl Store for PgStore {
             }
             result => result?,
         };
-        if !listing && !departments.is_empty() {
+        if listing.is_none() && !departments.is_empty() {
             // New departments come in runs (a first sync, a backfill into an empty
             // table); while they do, the next page is loaded without lookups.
             lease.loading_new = counts.inserted == departments.len() as u64;

@@ -133,6 +133,53 @@ async fn procurify_full_sync_then_a_pass_with_no_change_writes_nothing() {
     );
     let seen_left: i64 = db.scalar("SELECT count(*) FROM listing_seen").await;
     assert_eq!(seen_left, 0, "a finished listing leaves no seen ids behind");
+    // The second listing's pages are the ones the next listing trusts: one digest each.
+    let trusted: i64 = db
+        .scalar(
+            "SELECT count(*) FROM listing_page_digests d JOIN sync_state s
+               ON s.source = d.source AND s.trusted_listing = d.listing_id",
+        )
+        .await;
+    assert_eq!(trusted, 3);
+    let digests: i64 = db.scalar("SELECT count(*) FROM listing_page_digests").await;
+    assert_eq!(
+        digests, 3,
+        "only the last complete listing's digests are kept"
+    );
+    fake.shared.assert_no_violations();
+}
+
+#[tokio::test]
+async fn a_page_seen_before_is_trusted_only_while_it_tells_what_is_stored() {
+    let (db, fake, source) = procurify_synced(12, "page_size = 4").await;
+
+    // The next listing reads department 4 renamed on page 1. Then, before page 2, four
+    // departments appear before department 1 and the last four go (the count stays 12),
+    // and 4 gets its old name back: page 2 is now exactly the first listing's page 1, which
+    // that listing stored, but 4 no longer holds what that page says.
+    fake.put(4, "Renamed", 1, true);
+    let changing = fake.clone();
+    let start = fake.shared.requests();
+    fake.shared.on_request(move |n| {
+        // start + 1 gets a token, start + 2 reads page 1, start + 3 asks for page 2.
+        if n == start + 3 {
+            for id in -3..=0 {
+                changing.put(id, &format!("Department {id}"), 1, true);
+            }
+            for id in 9..=12 {
+                changing.remove(id);
+            }
+            changing.put(4, "Department 4", 1, true);
+        }
+    });
+    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+    // Whatever that listing (which met 1 to 4 twice) kept, the next one stores the truth.
+    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+    assert_eq!(live(&db, "proc").await, sorted_by_id(fake.truth()));
+    let name: String = db
+        .scalar("SELECT name FROM departments WHERE external_id = '4'")
+        .await;
+    assert_eq!(name, "Department 4");
     fake.shared.assert_no_violations();
 }
 

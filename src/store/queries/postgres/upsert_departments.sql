@@ -1,5 +1,6 @@
 -- Writes the departments of a page that may have changed, in one statement, and tells how
--- many were inserted and how many updated (the caller counts the rest as unchanged).
+-- many were inserted and how many updated (the caller counts the rest as unchanged), and
+-- how many rows it wrote in all.
 --
 -- For a full listing the caller has already set aside the rows whose content digest
 -- matches the stored one; a NULL digest means "compare in full". A row is updated only when its content really differs (IS DISTINCT
@@ -75,4 +76,7 @@ updated AS (
     RETURNING d.last_changed_at = now() AS changed
 )
 SELECT (SELECT count(*) FROM inserted)                  AS inserted,
-       (SELECT count(*) FROM updated WHERE changed)     AS updated
+       (SELECT count(*) FROM updated WHERE changed)     AS updated,
+       -- Rows written at all: with the inserted ones, every row sent unless some were
+       -- older than what is stored.
+       (SELECT count(*) FROM updated)                   AS touched
