@@ -344,6 +344,29 @@ struct Deletions {
     awaiting_confirmation: u64,
 }
 
+impl Deletions {
+    /// The counts of a page that inserted `inserted` and changed `updated` of its
+    /// `departments` (the rest were unchanged), set `rejected` records aside and ended with
+    /// these deletions.
+    fn page_counts(
+        self,
+        departments: usize,
+        rejected: usize,
+        inserted: u64,
+        updated: u64,
+    ) -> PageCounts {
+        PageCounts {
+            inserted,
+            updated,
+            unchanged: departments as u64 - inserted - updated,
+            rejected: rejected as u64,
+            deleted: self.deleted,
+            withheld_deletions: self.withheld,
+            awaiting_confirmation: self.awaiting_confirmation,
+        }
+    }
+}
+
 /// What to do with the `unseen` live departments that the complete listing (and the
 /// listing it `confirms`, if any) did not see, of the `live` ones the guard counts.
 enum UnseenVerdict {

@@ -875,15 +875,7 @@ impl Store for SqliteStore {
         let deletions =
             Self::apply_checkpoint(&mut tx, source, &now, checkpoint, departments, rejected)
                 .await?;
-        let counts = PageCounts {
-            inserted,
-            updated,
-            unchanged: departments.len() as u64 - inserted - updated,
-            rejected: rejected.len() as u64,
-            deleted: deletions.deleted,
-            withheld_deletions: deletions.withheld,
-            awaiting_confirmation: deletions.awaiting_confirmation,
-        };
+        let counts = deletions.page_counts(departments.len(), rejected.len(), inserted, updated);
         let counted = sqlx::query(
             "UPDATE sync_runs SET pages = pages + ?8, fetched = fetched + ?2,
                     inserted = inserted + ?3, updated = updated + ?4,
