@@ -48,11 +48,24 @@ impl RawRecord {
             .unwrap_or_else(|_| serde_json::Value::String(self.as_str().to_owned()))
     }
 
-    /// Whether the record holds a NUL character anywhere (PostgreSQL stores none). JSON
-    /// writes one only as the escape `\u0000`, so the text is searched first and the tree
-    /// walked only when the escape appears (it may be an escaped backslash before "u0000").
-    pub fn has_nul(&self) -> bool {
-        self.as_str().contains("\\u0000") && json_has_nul(&self.to_value())
+    /// Why PostgreSQL would refuse this record's JSON, if it would: a NUL character, or a
+    /// `\u` escape of half a surrogate pair (checked while reading the response only in
+    /// the fields a connector reads). JSON writes both only as escapes, so the text is
+    /// parsed only when it holds one (the escape may also be an escaped backslash
+    /// followed by "u0000", which is fine).
+    pub fn storage_problem(&self) -> Option<&'static str> {
+        let text = self.as_str();
+        if !(text.contains("\\u0000") || text.contains("\\ud") || text.contains("\\uD")) {
+            return None;
+        }
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(value) if json_has_nul(&value) => {
+                Some("it contains a NUL character, which PostgreSQL cannot store")
+            }
+            Ok(_) => None,
+            // A lone surrogate (or a record nested too deeply to check).
+            Err(_) => Some("it holds a \\u escape PostgreSQL cannot store"),
+        }
     }
 }
 
@@ -343,10 +356,10 @@ impl Department {
             self.scope_id.as_deref(),
             self.parent_external_id.as_deref(),
         ];
-        if texts.into_iter().flatten().any(|t| t.contains('\0')) || self.raw.has_nul() {
+        if texts.into_iter().flatten().any(|t| t.contains('\0')) {
             return Some("it contains a NUL character, which PostgreSQL cannot store".to_owned());
         }
-        None
+        self.raw.storage_problem().map(str::to_owned)
     }
 
     /// This department as a rejected record, for `reason`.
@@ -420,12 +433,23 @@ mod tests {
     }
 
     #[test]
-    fn only_a_real_nul_in_the_record_is_one() {
-        let read = |text: &str| serde_json::from_str::<RawRecord>(text).unwrap();
-        assert!(read(r#"{"a": "x\u0000y"}"#).has_nul());
-        assert!(read(r#"{"a\u0000": 1}"#).has_nul());
-        // An escaped backslash followed by the letters "u0000" is no NUL.
-        assert!(!read(r#"{"a": "C:\\u0000"}"#).has_nul());
-        assert!(!read(r#"{"a": "fine"}"#).has_nul());
+    fn only_escapes_postgresql_refuses_make_a_record_unstorable() {
+        let problem = |text: &str| {
+            serde_json::from_str::<RawRecord>(text)
+                .unwrap()
+                .storage_problem()
+        };
+        assert!(problem(r#"{"a": "x\u0000y"}"#).unwrap().contains("NUL"));
+        assert!(problem(r#"{"a\u0000": 1}"#).unwrap().contains("NUL"));
+        assert!(
+            problem(r#"{"a": "half \ud800 a pair"}"#)
+                .unwrap()
+                .contains("escape")
+        );
+        // An escaped backslash followed by the letters "u0000" is no NUL; a whole
+        // surrogate pair is one character.
+        assert_eq!(problem(r#"{"a": "C:\\u0000"}"#), None);
+        assert_eq!(problem(r#"{"a": "\ud83d\ude00"}"#), None);
+        assert_eq!(problem(r#"{"a": "fine"}"#), None);
     }
 }

@@ -80,10 +80,16 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether the database refused a row because its key is already stored.
-    pub(crate) fn is_unique_violation(&self) -> bool {
-        matches!(self, StoreError::Database { source: sqlx::Error::Database(e), .. }
-            if e.is_unique_violation())
+    /// Whether the database refused the statement (a stored key, a value out of range),
+    /// rather than failing to answer.
+    pub(crate) fn is_refused_by_database(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database {
+                source: sqlx::Error::Database(_),
+                ..
+            }
+        )
     }
 }
 

@@ -150,11 +150,11 @@ impl PgStore {
         let Written {
             inserted,
             updated,
-            any: wrote,
+            rewrote,
         } = Self::write_departments(&mut tx, source, departments, load).await?;
         Self::keep_rejected(&mut tx, source, rejected).await?;
         let deletions =
-            Self::apply_checkpoint(&mut tx, source, checkpoint, departments, rejected, wrote)
+            Self::apply_checkpoint(&mut tx, source, checkpoint, departments, rejected, rewrote)
                 .await?;
         let counts = deletions.page_counts(departments.len(), rejected.len(), inserted, updated);
         let counted = sqlx::query(
@@ -192,7 +192,7 @@ impl PgStore {
         checkpoint: &Checkpoint,
         departments: &[Department],
         rejected: &[RejectedRecord],
-        wrote: bool,
+        rewrote: bool,
     ) -> Result<Deletions, StoreError> {
         let seen = || seen_ids(departments, rejected);
         let mut deletions = Deletions::default();
@@ -278,15 +278,15 @@ impl PgStore {
                 sqlx::query(
                     // A first listing starts the clock of the mass-deletion guard; the same
                     // listing going on, or a confirming one, keeps it.
-                    "INSERT INTO sync_state AS s (source, listing_id, listing_cursor, listing_confirms, listing_started_at, listing_wrote)
+                    "INSERT INTO sync_state AS s (source, listing_id, listing_cursor, listing_confirms, listing_started_at, listing_rewrote)
                      VALUES ($1, $2, $3, $4, now(), $5)
                      ON CONFLICT (source) DO UPDATE SET
                          listing_started_at = CASE
                              WHEN s.listing_id = EXCLUDED.listing_id OR EXCLUDED.listing_confirms IS NOT NULL
                              THEN COALESCE(s.listing_started_at, now())
                              ELSE now() END,
-                         listing_wrote = CASE WHEN s.listing_id = EXCLUDED.listing_id
-                                              THEN s.listing_wrote OR $5 ELSE $5 END,
+                         listing_rewrote = CASE WHEN s.listing_id = EXCLUDED.listing_id
+                                              THEN s.listing_rewrote OR $5 ELSE $5 END,
                          listing_id = EXCLUDED.listing_id,
                          listing_cursor = EXCLUDED.listing_cursor,
                          listing_confirms = EXCLUDED.listing_confirms,
@@ -296,7 +296,7 @@ impl PgStore {
                 .bind(progress.listing_id)
                 .bind(progress.cursor.as_deref())
                 .bind(progress.confirms)
-                .bind(wrote)
+                .bind(rewrote)
             }
             Checkpoint::ListingDone {
                 listing_id,
@@ -304,7 +304,7 @@ impl PgStore {
                 max_delete_fraction,
             } => {
                 Self::record_seen(tx, source, *listing_id, &seen()).await?;
-                Self::settle_page_digests(tx, source, *listing_id, wrote).await?;
+                Self::settle_page_digests(tx, source, *listing_id, rewrote).await?;
                 deletions =
                     Self::delete_unseen(tx, source, *listing_id, *confirms, *max_delete_fraction)
                         .await?;
@@ -327,9 +327,12 @@ impl PgStore {
             }
             Checkpoint::ListingAbandoned { listing_id } => sqlx::query(
                 // Forget what it saw; a confirming listing stays one when it starts again.
+                // Its pages may have rewritten rows that the trusted listing's pages hold
+                // otherwise: trust no page until a listing completes again.
                 "WITH forgotten AS (DELETE FROM listing_seen_pages WHERE source = $1 AND listing_id = $2),
-                      untrusted AS (DELETE FROM listing_page_digests WHERE source = $1 AND listing_id = $2)
-                 UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, updated_at = now()
+                      untrusted AS (DELETE FROM listing_page_digests WHERE source = $1)
+                 UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, trusted_listing = NULL,
+                                       updated_at = now()
                  WHERE source = $1",
             )
             .bind(source)
@@ -383,23 +386,23 @@ impl PgStore {
     /// trusts, and forgets every other listing's. Each digest was true when its page was
     /// stored; it stays true unless a later page of the same listing rewrote one of its
     /// rows, which needs the same id twice in the listing with different contents. A
-    /// listing that wrote nothing (`wrote`: this last page) cannot have done that; one that
-    /// wrote is trusted only when no id appears in it twice.
+    /// listing that rewrote no stored row (`rewrote`: this last page) cannot have done
+    /// that; one that did is trusted only when no id appears in it twice.
     async fn settle_page_digests(
         tx: &mut Transaction<'_, Postgres>,
         source: &str,
         listing_id: Uuid,
-        wrote: bool,
+        rewrote: bool,
     ) -> Result<(), StoreError> {
-        let earlier_pages_wrote: Option<bool> = sqlx::query_scalar(
-            "SELECT listing_wrote FROM sync_state WHERE source = $1 AND listing_id = $2",
+        let earlier_pages_rewrote: Option<bool> = sqlx::query_scalar(
+            "SELECT listing_rewrote FROM sync_state WHERE source = $1 AND listing_id = $2",
         )
         .bind(source)
         .bind(listing_id)
         .fetch_optional(&mut **tx)
         .await
-        .map_err(db("reading what the listing wrote"))?;
-        let trusted = if wrote || earlier_pages_wrote == Some(true) {
+        .map_err(db("reading what the listing rewrote"))?;
+        let trusted = if rewrote || earlier_pages_rewrote == Some(true) {
             let repeats: bool = sqlx::query_scalar(
                 "SELECT EXISTS (
                      SELECT 1 FROM listing_seen_pages p, unnest(p.external_ids) AS id
@@ -531,7 +534,7 @@ impl PgStore {
                 Ok(Written {
                     inserted,
                     updated: 0,
-                    any: inserted > 0,
+                    rewrote: false,
                 })
             }
             Load::Compare => {
@@ -540,7 +543,7 @@ impl PgStore {
                 Ok(Written {
                     inserted: upserted.inserted,
                     updated: upserted.updated,
-                    any: upserted.inserted + upserted.touched > 0,
+                    rewrote: upserted.touched > 0,
                 })
             }
             Load::Listing { listing_id } => {
@@ -562,14 +565,18 @@ impl PgStore {
         rows.sort_unstable_by(|a, b| a.external_id.cmp(&b.external_id));
         let digests: Vec<[u8; 16]> = rows.iter().map(|d| content_digest(d)).collect();
         let page = page_digest(&digests);
-        // The digest is recorded for this listing too: the page's rows are stored as it
-        // has them.
+        // Known: the trusted listing stored this very page, and this listing has rewritten
+        // no stored row since (one it rewrote may be on this page, as it was before). The
+        // digest is then recorded for this listing too.
         let known: bool = sqlx::query_scalar(
             "WITH known AS (
                  SELECT EXISTS (
                      SELECT 1 FROM listing_page_digests d JOIN sync_state s
                        ON s.source = d.source AND s.trusted_listing = d.listing_id
-                     WHERE d.source = $1 AND d.page_md5 = $3 AND d.listing_id <> $2) AS known
+                     WHERE d.source = $1 AND d.page_md5 = $3 AND d.listing_id <> $2)
+                 AND NOT EXISTS (
+                     SELECT 1 FROM sync_state
+                     WHERE source = $1 AND listing_id = $2 AND listing_rewrote) AS known
              ),
              recorded AS (
                  INSERT INTO listing_page_digests (source, listing_id, page_md5)
@@ -627,7 +634,7 @@ impl PgStore {
         Ok(Written {
             inserted: copied + upserted.inserted,
             updated: upserted.updated,
-            any: copied + upserted.inserted + upserted.touched > 0,
+            rewrote: upserted.touched > 0,
         })
     }
 
@@ -757,8 +764,9 @@ struct Written {
     inserted: u64,
     /// Updated with a change of content.
     updated: u64,
-    /// Whether any row was written at all (giving a row its digest counts).
-    any: bool,
+    /// Whether a stored row was written at all (giving a row its digest counts); a new
+    /// row is not.
+    rewrote: bool,
 }
 
 /// What the upsert statement did.
@@ -1046,11 +1054,9 @@ impl Store for PgStore {
         let counts = match Self::try_commit_page(&mut lease.connection, &page, load).await {
             // A page expected to be all new held a stored department: the whole
             // transaction rolled back; store the page again, comparing every row.
-            Err(e) if load == Load::AllNew && e.is_unique_violation() => {
-                tracing::debug!(
-                    source,
-                    "a page expected to be new was not; comparing its rows"
-                );
+            // (Or COPY refused a value the statement may take, or report better.)
+            Err(e) if load == Load::AllNew && e.is_refused_by_database() => {
+                tracing::debug!(source, error = %e, "loading a page as new failed; comparing its rows");
                 Self::try_commit_page(&mut lease.connection, &page, Load::Compare).await?
             }
             result => result?,

@@ -45,8 +45,8 @@ use super::{
     escape_nul, judge_unseen, newest_versions, run_mode, seen_ids, window_columns, window_state,
 };
 use crate::model::{
-    Checkpoint, Department, Ledger, LedgerWindow, PageCounts, RejectedRecord, RunId, RunMode,
-    RunOutcome, SourceStatus, SyncState, Window,
+    Checkpoint, Department, Ledger, LedgerWindow, PageCounts, RawRecord, RejectedRecord, RunId,
+    RunMode, RunOutcome, SourceStatus, SyncState, Window,
 };
 
 /// deptsync's SQLite migrations, embedded in the binary.
@@ -135,10 +135,20 @@ struct IncomingDepartment<'a> {
     parent_external_id: Option<&'a str>,
     source_created_at: Option<String>,
     source_updated_at: Option<String>,
-    /// The record's JSON as the vendor sent it, stored as this very text: SQLite's JSON
-    /// printer never rewrites it, so the stored text (and whether a row changed) cannot
-    /// depend on the SQLite version.
-    raw: &'a str,
+    /// The record's JSON as `serde_json` writes it (see [`canonical_json`]), stored as this
+    /// very text: SQLite's JSON printer never rewrites it, so the stored text (and whether
+    /// a row changed) cannot depend on the SQLite version.
+    raw: String,
+}
+
+/// `raw` as `serde_json` writes it: keys in order, no spaces. SQLite compares the text, so
+/// a record the vendor writes differently from one response to the next (its keys in
+/// another order) is not taken for a change. A record too deeply nested to rewrite is
+/// kept as it came.
+fn canonical_json(raw: &RawRecord) -> String {
+    serde_json::from_str::<serde_json::Value>(raw.as_str())
+        .and_then(|value| serde_json::to_string(&value))
+        .unwrap_or_else(|_| raw.as_str().to_owned())
 }
 
 impl SqliteStore {
@@ -632,7 +642,7 @@ impl SqliteStore {
                 parent_external_id: d.parent_external_id.as_deref(),
                 source_created_at: d.source_created_at.map(stamp),
                 source_updated_at: d.source_updated_at.map(stamp),
-                raw: d.raw.as_str(),
+                raw: canonical_json(&d.raw),
             })
             .collect::<Vec<IncomingDepartment<'_>>>();
         let page = serde_json::to_string(&rows)

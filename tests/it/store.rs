@@ -51,6 +51,8 @@ on_both_stores!(
     a_page_whose_run_cannot_be_counted_is_not_kept,
     a_listing_resumes_and_an_abandoned_one_is_forgotten,
     deleting_takes_two_complete_listings,
+    a_listing_that_rewrote_a_row_trusts_no_page_after_it,
+    an_abandoned_listing_leaves_no_page_trusted,
     the_mass_deletion_guard_withholds_until_a_person_confirms,
     paged_listings_keep_the_clock_of_the_first_listings_first_page,
     rejected_records_are_kept_once_and_counted,
@@ -703,6 +705,78 @@ async fn the_mass_deletion_guard_withholds_until_a_person_confirms(db: TestStore
     assert_eq!(live_ids(&db).await, ["1", "5"]);
 }
 
+/// The position after a listing page that more pages follow.
+fn listing_goes_on(listing_id: Uuid) -> Checkpoint {
+    Checkpoint::Listing(ListingProgress {
+        listing_id,
+        cursor: Some("next".to_owned()),
+        confirms: None,
+    })
+}
+
+/// The position after a listing's last page.
+fn listing_ends(listing_id: Uuid) -> Checkpoint {
+    Checkpoint::ListingDone {
+        listing_id,
+        confirms: None,
+        max_delete_fraction: None,
+    }
+}
+
+/// Departments "1" and "2", named `names`.
+fn one_and_two(names: [&str; 2]) -> [Department; 2] {
+    let t = at(2020, 1, 1);
+    [department("1", names[0], t), department("2", names[1], t)]
+}
+
+async fn a_listing_that_rewrote_a_row_trusts_no_page_after_it(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let first = Uuid::new_v4();
+    let page = one_and_two(["one", "two"]);
+    commit(&db, &mut lease, run, &page, &listing_goes_on(first)).await;
+    let last = [department("3", "three", at(2020, 1, 1))];
+    commit(&db, &mut lease, run, &last, &listing_ends(first)).await;
+
+    // The next listing renames "1" on its first page; the listing shifts under it and its
+    // second page is the first listing's first page again, "1" as it was: stored as it
+    // is, not taken for what is stored.
+    let second = Uuid::new_v4();
+    let renamed = one_and_two(["renamed", "two"]);
+    let counts = commit(&db, &mut lease, run, &renamed, &listing_goes_on(second)).await;
+    assert_eq!(written(counts), (0, 1, 1));
+    let counts = commit(&db, &mut lease, run, &page, &listing_goes_on(second)).await;
+    assert_eq!(written(counts), (0, 1, 1));
+    let name = db
+        .text("SELECT name FROM departments WHERE external_id = '1'")
+        .await;
+    assert_eq!(name.as_deref(), Some("one"));
+}
+
+async fn an_abandoned_listing_leaves_no_page_trusted(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let first = Uuid::new_v4();
+    let page = one_and_two(["one", "two"]);
+    commit(&db, &mut lease, run, &page, &listing_goes_on(first)).await;
+    let last = [department("3", "three", at(2020, 1, 1))];
+    commit(&db, &mut lease, run, &last, &listing_ends(first)).await;
+
+    // A listing renames "1", then is abandoned (the listing changed under it).
+    let second = Uuid::new_v4();
+    let renamed = one_and_two(["renamed", "two"]);
+    commit(&db, &mut lease, run, &renamed, &listing_goes_on(second)).await;
+    let abandoned = Checkpoint::ListingAbandoned { listing_id: second };
+    commit(&db, &mut lease, run, &[], &abandoned).await;
+
+    // The next listing has the first listing's first page again, "1" as it was.
+    let third = Uuid::new_v4();
+    let counts = commit(&db, &mut lease, run, &page, &listing_goes_on(third)).await;
+    assert_eq!(written(counts), (0, 1, 1));
+    let name = db
+        .text("SELECT name FROM departments WHERE external_id = '1'")
+        .await;
+    assert_eq!(name.as_deref(), Some("one"));
+}
+
 /// Commits `ids` as a page of the listing `listing_id` (confirming `confirms`) after
 /// which more pages follow.
 async fn listing_page(
@@ -963,23 +1037,29 @@ async fn a_lost_lock_loses_the_write_too() {
 }
 
 #[tokio::test]
-async fn sqlite_keeps_the_raw_record_as_the_vendor_sent_it() {
+async fn sqlite_keeps_the_raw_record_as_serde_json_writes_it() {
     let db = TestStore::sqlite().await;
     let (mut lease, run) = locked_run(&db).await;
     // Spacing, key order, numbers and escapes a JSON printer might write otherwise.
     let sent = r#"{ "z": [1.50, 1e-7, 0.1, 12345678901234567890, -0.0, 1E300],
         "a": "\u00e9 \" \\ \/ \u2028 \u0001", "n" : null, "nested": {"b": true, "a": []} }"#;
-    let department = Department {
+    let page = [Department {
         raw: serde_json::from_str::<RawRecord>(sent).unwrap(),
         ..department("1", "one", at(2020, 1, 1))
-    };
-    let page = [department];
+    }];
     assert_eq!(
         written(commit_windowed(&db, &mut lease, run, &page).await),
         (1, 0, 0)
     );
+    let value: serde_json::Value = serde_json::from_str(sent).unwrap();
     let stored = db.text("SELECT raw FROM departments").await;
-    assert_eq!(stored.as_deref(), Some(sent));
+    assert_eq!(stored, Some(serde_json::to_string(&value).unwrap()));
+    // The same record written another way is the same record.
+    let reordered = r#"{"nested":{"a":[],"b":true},"n":null,"a":"\u00e9 \" \\ / \u2028 \u0001","z":[1.50,1e-7,0.1,12345678901234567890,-0.0,1E300]}"#;
+    let page = [Department {
+        raw: serde_json::from_str::<RawRecord>(reordered).unwrap(),
+        ..department("1", "one", at(2020, 1, 1))
+    }];
     assert_eq!(
         written(commit_windowed(&db, &mut lease, run, &page).await),
         (0, 0, 1)
