@@ -729,13 +729,20 @@ fn one_and_two(names: [&str; 2]) -> [Department; 2] {
     [department("1", names[0], t), department("2", names[1], t)]
 }
 
+/// Commits a complete listing of two pages, whose pages the next listing trusts, and
+/// returns its first page.
+async fn one_complete_listing(db: &TestStore, lease: &mut AnyLease, run: RunId) -> [Department; 2] {
+    let listing = Uuid::new_v4();
+    let page = one_and_two(["one", "two"]);
+    commit(db, lease, run, &page, &listing_goes_on(listing)).await;
+    let last = [department("3", "three", at(2020, 1, 1))];
+    commit(db, lease, run, &last, &listing_ends(listing)).await;
+    page
+}
+
 async fn a_listing_that_rewrote_a_row_trusts_no_page_after_it(db: TestStore) {
     let (mut lease, run) = locked_run(&db).await;
-    let first = Uuid::new_v4();
-    let page = one_and_two(["one", "two"]);
-    commit(&db, &mut lease, run, &page, &listing_goes_on(first)).await;
-    let last = [department("3", "three", at(2020, 1, 1))];
-    commit(&db, &mut lease, run, &last, &listing_ends(first)).await;
+    let page = one_complete_listing(&db, &mut lease, run).await;
 
     // The next listing renames "1" on its first page; the listing shifts under it and its
     // second page is the first listing's first page again, "1" as it was: stored as it
@@ -754,11 +761,7 @@ async fn a_listing_that_rewrote_a_row_trusts_no_page_after_it(db: TestStore) {
 
 async fn an_abandoned_listing_leaves_no_page_trusted(db: TestStore) {
     let (mut lease, run) = locked_run(&db).await;
-    let first = Uuid::new_v4();
-    let page = one_and_two(["one", "two"]);
-    commit(&db, &mut lease, run, &page, &listing_goes_on(first)).await;
-    let last = [department("3", "three", at(2020, 1, 1))];
-    commit(&db, &mut lease, run, &last, &listing_ends(first)).await;
+    let page = one_complete_listing(&db, &mut lease, run).await;
 
     // A listing renames "1", then is abandoned (the listing changed under it).
     let second = Uuid::new_v4();
