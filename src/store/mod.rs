@@ -79,6 +79,11 @@ pub enum StoreError {
     },
 }
 
+/// Wraps a database error with what was being done.
+fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Database { context, source }
+}
+
 impl StoreError {
     /// Whether the database refused the statement (a stored key, a value out of range),
     /// rather than failing to answer.

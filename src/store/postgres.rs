@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 pub use super::IfMissing;
 use super::{
-    Deletions, StateColumns, Store, StoreError, UnseenVerdict, describe_position, escape_nul,
+    Deletions, StateColumns, Store, StoreError, UnseenVerdict, db, describe_position, escape_nul,
     judge_unseen, newest_versions, run_mode, seen_ids, window_columns, window_state,
 };
 use crate::model::{
@@ -42,10 +42,6 @@ macro_rules! finished_ledger {
          )
          "
     };
-}
-
-fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |source| StoreError::Database { context, source }
 }
 
 /// A store in one PostgreSQL database.
@@ -113,14 +109,6 @@ impl PgStore {
             .await
             .map_err(db("asking the database"))?;
         Ok(())
-    }
-
-    /// Connects, creating the database when missing, and applies the pending migrations:
-    /// how every command that writes opens its store.
-    pub async fn open(url: &SecretString) -> Result<PgStore, StoreError> {
-        let store = PgStore::connect(url, IfMissing::Create).await?;
-        store.migrate().await?;
-        Ok(store)
     }
 
     /// Applies the migrations that have not run yet.

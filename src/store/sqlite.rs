@@ -41,7 +41,7 @@ use sqlx::{Connection, Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use super::{
-    Deletions, IfMissing, StateColumns, Store, StoreError, UnseenVerdict, describe_position,
+    Deletions, IfMissing, StateColumns, Store, StoreError, UnseenVerdict, db, describe_position,
     escape_nul, judge_unseen, newest_versions, run_mode, seen_ids, window_columns, window_state,
 };
 use crate::model::{
@@ -63,10 +63,6 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a write transaction begins: with the write lock (see the module's docs).
 const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
-
-fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |source| StoreError::Database { context, source }
-}
 
 /// The file an `sqlite:` URL names (relative to the working directory unless absolute),
 /// or why it names none. Does no I/O.
@@ -203,14 +199,6 @@ impl SqliteStore {
             .await
             .map_err(db("asking the database"))?;
         Ok(())
-    }
-
-    /// Connects, creating the file when missing, and applies the pending migrations: how
-    /// every command that writes opens its store.
-    pub async fn open(url: &SecretString) -> Result<SqliteStore, StoreError> {
-        let store = SqliteStore::connect(url, IfMissing::Create).await?;
-        store.migrate().await?;
-        Ok(store)
     }
 
     /// Switches the file to WAL and applies the migrations that have not run yet, one

@@ -3,7 +3,7 @@
 use chrono::{TimeZone, Utc};
 use deptsync::fakes::mews::FakeMews;
 
-use crate::helpers::{TestDb, mews_config, run_binary};
+use crate::helpers::{TestDb, a_sync_skips_the_locked_source, mews_config, run_binary, stderr};
 
 fn write_config(text: &str) -> tempfile_path::TempConfig {
     tempfile_path::TempConfig::new(text)
@@ -32,10 +32,6 @@ mod tempfile_path {
             let _ = std::fs::remove_file(&self.path);
         }
     }
-}
-
-fn stderr(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 #[tokio::test]
@@ -270,19 +266,7 @@ async fn a_manual_sync_takes_the_same_lock_as_the_service() {
         .await
         .unwrap()
         .expect("the lock is free");
-
-    let output = run_binary(&["--config", config.arg(), "sync"], &[]).await;
-
-    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-    assert!(
-        stderr(&output).contains("another process is syncing"),
-        "{}",
-        stderr(&output)
-    );
-    assert!(fake.requests().is_empty());
-    db.store.unlock(lease).await;
-    let output = run_binary(&["--config", config.arg(), "sync"], &[]).await;
-    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    a_sync_skips_the_locked_source(config.arg(), &db.store, lease, &fake).await;
 }
 
 #[tokio::test]

@@ -161,6 +161,33 @@ pub async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> std::process::Ou
     run_binary_in(&std::env::current_dir().unwrap(), args, env).await
 }
 
+/// What a run of the binary wrote to stderr.
+pub fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// While `lease` (the lock of source "mews", taken as the service would) is held, `sync`
+/// with `config` skips the source without asking `fake` anything and exits 1; once
+/// `store` frees it, the same `sync` succeeds.
+pub async fn a_sync_skips_the_locked_source<St: deptsync::store::Store>(
+    config: &str,
+    store: &St,
+    lease: St::Lease,
+    fake: &deptsync::fakes::mews::FakeMews,
+) {
+    let output = run_binary(&["--config", config, "sync"], &[]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("another process is syncing"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(fake.requests().is_empty());
+    store.unlock(lease).await;
+    let output = run_binary(&["--config", config, "sync"], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
+
 /// A directory of one test's own under the system's temporary directory, removed with
 /// everything in it when the test ends.
 pub struct TempDir {

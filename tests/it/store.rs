@@ -15,7 +15,8 @@ use deptsync::store::{AnyLease, AnyStore, IfMissing, Store};
 use uuid::Uuid;
 
 use crate::helpers::{
-    TempDir, TestDb, TestStore, mews_config, run_binary, run_binary_in, sqlite_url,
+    TempDir, TestDb, TestStore, a_sync_skips_the_locked_source, mews_config, run_binary,
+    run_binary_in, sqlite_url, stderr,
 };
 
 /// Runs each named case (an `async fn(TestStore)`) once on each store.
@@ -1126,10 +1127,6 @@ async fn an_sqlite_file_that_cannot_use_a_write_ahead_log_is_refused() {
     );
 }
 
-fn stderr(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 #[tokio::test]
 async fn the_binary_syncs_into_an_sqlite_file_and_reports_its_status() {
     let dir = TempDir::new();
@@ -1229,19 +1226,7 @@ async fn a_manual_sync_beside_a_holder_of_the_sqlite_lock_skips_the_source() {
         .await
         .unwrap()
         .expect("the lock is free");
-
-    let output = run_binary(&["--config", config, "sync"], &[]).await;
-
-    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-    assert!(
-        stderr(&output).contains("another process is syncing"),
-        "{}",
-        stderr(&output)
-    );
-    assert!(fake.requests().is_empty());
-    store.unlock(lease).await;
-    let output = run_binary(&["--config", config, "sync"], &[]).await;
-    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    a_sync_skips_the_locked_source(config, &store, lease, &fake).await;
 }
 
 #[tokio::test]
