@@ -478,9 +478,10 @@ impl FieldContext<'_> {
         parse_base_url(text).map_err(|m| self.error(field, m))
     }
 
-    /// An optional page size in `1..=max`.
-    pub fn page_size(
+    /// An optional count `field` in `1..=max` (a page size, windows read at once).
+    pub fn count(
         &self,
+        field: &str,
         value: Option<i64>,
         default: u32,
         max: u32,
@@ -488,9 +489,7 @@ impl FieldContext<'_> {
         match value {
             None => Ok(default),
             Some(n) if (1..=i64::from(max)).contains(&n) => Ok(n as u32),
-            Some(n) => {
-                Err(self.error("page_size", format!("must be between 1 and {max}, got {n}")))
-            }
+            Some(n) => Err(self.error(field, format!("must be between 1 and {max}, got {n}"))),
         }
     }
 

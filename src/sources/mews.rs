@@ -116,18 +116,14 @@ impl MewsConfig {
                     ),
                 )
             })?;
-        let page_size = fields.page_size(self.page_size, MAX_PAGE_SIZE, MAX_PAGE_SIZE)?;
+        let page_size = fields.count("page_size", self.page_size, MAX_PAGE_SIZE, MAX_PAGE_SIZE)?;
         let lookback = fields.duration("lookback", self.lookback.as_deref(), DEFAULT_LOOKBACK)?;
-        let concurrent_windows = match self.concurrent_windows {
-            None => DEFAULT_CONCURRENT_WINDOWS,
-            Some(n) if (1..=i64::from(MAX_CONCURRENT_WINDOWS)).contains(&n) => n as u32,
-            Some(n) => {
-                return Err(fields.error(
-                    "concurrent_windows",
-                    format!("must be between 1 and {MAX_CONCURRENT_WINDOWS}, got {n}"),
-                ));
-            }
-        };
+        let concurrent_windows = fields.count(
+            "concurrent_windows",
+            self.concurrent_windows,
+            DEFAULT_CONCURRENT_WINDOWS,
+            MAX_CONCURRENT_WINDOWS,
+        )?;
         Ok(MewsSettings {
             base_url,
             client_token: fields.secret("client_token", self.client_token)?,

@@ -80,7 +80,12 @@ impl ProcurifyConfig {
                 },
             },
             base_url,
-            page_size: fields.page_size(self.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?,
+            page_size: fields.count(
+                "page_size",
+                self.page_size,
+                DEFAULT_PAGE_SIZE,
+                MAX_PAGE_SIZE,
+            )?,
             max_delete_fraction: fields.delete_fraction(self.max_delete_fraction)?,
         })
     }

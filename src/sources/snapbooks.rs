@@ -123,7 +123,12 @@ impl SnapbooksConfig {
             base_url,
             auth,
             client_account_ids: self.client_account_ids,
-            page_size: fields.page_size(self.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)?,
+            page_size: fields.count(
+                "page_size",
+                self.page_size,
+                DEFAULT_PAGE_SIZE,
+                MAX_PAGE_SIZE,
+            )?,
             max_delete_fraction: fields.delete_fraction(self.max_delete_fraction)?,
         })
     }

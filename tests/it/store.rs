@@ -1378,3 +1378,32 @@ async fn the_service_runs_on_an_sqlite_file() {
         [("a", "succeeded", 300), ("b", "succeeded", 300)]
     );
 }
+
+#[tokio::test]
+async fn both_stores_have_the_same_tables_and_columns() {
+    let postgres = TestDb::new().await;
+    let sqlite = TestStore::sqlite().await;
+    let AnyStore::Sqlite(sqlite_store) = &sqlite.store else {
+        unreachable!("an SQLite test store")
+    };
+    let mut in_postgres: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text FROM information_schema.columns
+         WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations'
+           -- How PostgreSQL keeps `listing_seen` (a view of it, on both stores).
+           AND table_name <> 'listing_seen_pages'",
+    )
+    .fetch_all(postgres.pool())
+    .await
+    .unwrap();
+    let mut in_sqlite: Vec<(String, String)> = sqlx::query_as(
+        "SELECT m.name, c.name FROM sqlite_master m, pragma_table_info(m.name) c
+         WHERE m.type IN ('table', 'view') AND m.name NOT LIKE '\\_%' ESCAPE '\\'
+           AND m.name NOT LIKE 'sqlite\\_%' ESCAPE '\\'",
+    )
+    .fetch_all(sqlite_store.pool())
+    .await
+    .unwrap();
+    in_postgres.sort();
+    in_sqlite.sort();
+    assert_eq!(in_sqlite, in_postgres);
+}
