@@ -4,12 +4,12 @@
 //! one to a [`Store`] together with the position that follows it, in one commit. That is
 //! the whole recovery story: after a crash, [`Store::load_state`] returns the position
 //! after the last committed page, so a rerun repeats at most the page that was in flight
-//! and never skips one.
+//! (one per window read at once) and never skips one.
 //!
 //! A windowed pass reads `[high-water mark - lookback, now)` (the first time, from the
 //! source's `start`) in windows the source allows; when its last page is committed the
-//! high-water mark becomes the pass's `now`. An interrupted pass resumes at the window and
-//! cursor it had reached, then plans on from there to the new `now`. A backfill reads a
+//! high-water mark becomes the pass's `now`. An interrupted pass resumes every window of
+//! its ledger not done, each at its cursor, then plans on from there to the new `now`. A backfill reads a
 //! range given by a person, keeps its own progress, and never touches the high-water mark.
 //!
 //! A full-listing pass reads the whole listing under a listing id; the store records the
@@ -253,9 +253,9 @@ pub trait Progress: Send + Sync {
     fn window_done(&self) {}
     /// A window was split in two: one more to read.
     fn window_split(&self) {}
-    /// A page of `departments` records was stored.
-    fn page_stored(&self, departments: u64) {
-        let _ = departments;
+    /// A page of `records` records (departments and rejected ones) was stored.
+    fn page_stored(&self, records: u64) {
+        let _ = records;
     }
 }
 
@@ -461,7 +461,7 @@ impl<S: Source> Reader<'_, S> {
         let mut queue: VecDeque<_> = outstanding.into();
         let mut reading = FuturesUnordered::new();
         loop {
-            while reading.len() < concurrency.max(1)
+            while reading.len() < concurrency
                 && let Some((window, cursor)) = queue.pop_front()
             {
                 reading.push(self.read_window(window, cursor, &writer));
@@ -722,8 +722,9 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
                 "the pass's plan".to_owned()
             })
             .await?;
-        let concurrency = windowed.concurrent_windows as usize;
-        let (events, received) = mpsc::channel(concurrency.max(1));
+        // At least one (a channel of none cannot be made).
+        let concurrency = (windowed.concurrent_windows as usize).max(1);
+        let (events, received) = mpsc::channel(concurrency);
         let (read, written) = tokio::join!(
             self.reader.read_windows(outstanding, concurrency, events),
             self.writer.write_windows(&mut ledger, received),

@@ -71,7 +71,7 @@ fn init_logging(cli: &Cli, display: &Display) {
         if to_stdout {
             Box::new(std::io::stdout())
         } else {
-            Box::new(display.log_writer())
+            display.log_writer()
         }
     };
     let builder = tracing_subscriber::fmt()

@@ -189,7 +189,8 @@ pub struct SyncState {
     pub pending_confirmation: Option<Uuid>,
 }
 
-/// The position to commit together with a page: what the next read starts from.
+/// The position to commit together with a page: what the next read starts from. (A plan
+/// and an abandoned listing are committed with an empty page; see [`Checkpoint::follows_page`].)
 #[derive(Debug, Clone, PartialEq)]
 pub enum Checkpoint {
     /// A windowed pass's plan: replaces the ledger of its mode (a new pass, a resumed one
@@ -288,6 +289,16 @@ pub enum RunOutcome {
     Succeeded,
     Failed { error: String },
     Cancelled,
+}
+
+impl RunOutcome {
+    /// Why the run failed, if it did.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            RunOutcome::Failed { error } => Some(error),
+            _ => None,
+        }
+    }
 }
 
 impl RunOutcome {

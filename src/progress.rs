@@ -31,11 +31,15 @@ impl Display {
         Display { bars: None }
     }
 
-    /// A writer for one log line to stderr that does not tear through the bars.
-    pub fn log_writer(&self) -> LogLine {
-        LogLine {
-            bars: self.bars.clone(),
-            line: Vec::new(),
+    /// A writer for one log line to stderr that does not tear through the bars (stderr
+    /// itself when there are none).
+    pub fn log_writer(&self) -> Box<dyn Write> {
+        match &self.bars {
+            None => Box::new(std::io::stderr()),
+            Some(bars) => Box::new(LogLine {
+                bars: bars.clone(),
+                line: Vec::new(),
+            }),
         }
     }
 
@@ -55,7 +59,7 @@ impl Display {
             windows: AtomicU64::new(0),
             windows_done: AtomicU64::new(0),
             pages: AtomicU64::new(0),
-            departments: AtomicU64::new(0),
+            records: AtomicU64::new(0),
         }
     }
 }
@@ -73,8 +77,8 @@ fn windows_style() -> ProgressStyle {
 
 /// One log line, written to stderr when dropped (the fmt layer drops the writer at the
 /// end of each event), with the bars lifted meanwhile.
-pub struct LogLine {
-    bars: Option<MultiProgress>,
+struct LogLine {
+    bars: MultiProgress,
     line: Vec<u8>,
 }
 
@@ -91,14 +95,10 @@ impl Write for LogLine {
 
 impl Drop for LogLine {
     fn drop(&mut self) {
-        let write = || {
+        self.bars.suspend(|| {
             // A log line that cannot reach stderr has nowhere else to go.
             let _ = std::io::stderr().write_all(&self.line);
-        };
-        match &self.bars {
-            Some(bars) => bars.suspend(write),
-            None => write(),
-        }
+        });
     }
 }
 
@@ -111,7 +111,7 @@ pub struct SourceProgress {
     windows: AtomicU64,
     windows_done: AtomicU64,
     pages: AtomicU64,
-    departments: AtomicU64,
+    records: AtomicU64,
 }
 
 /// Pages between two log lines of a listing, when there are no bars.
@@ -119,12 +119,12 @@ const PAGES_PER_LINE: u64 = 50;
 
 impl SourceProgress {
     fn summary(&self) -> String {
-        let departments = self.departments.load(Ordering::Relaxed);
+        let records = self.records.load(Ordering::Relaxed);
         let pages = self.pages.load(Ordering::Relaxed);
         let seconds = self.started.elapsed().as_secs_f64().max(0.001);
         format!(
-            "{pages} pages, {departments} departments ({:.0}/s)",
-            departments as f64 / seconds
+            "{pages} pages, {records} records ({:.0}/s)",
+            records as f64 / seconds
         )
     }
 
@@ -140,13 +140,11 @@ impl SourceProgress {
 impl Progress for SourceProgress {
     fn windows_planned(&self, windows: u64) {
         self.windows.store(windows, Ordering::Relaxed);
-        match &self.bar {
-            Some(bar) => {
-                bar.set_style(windows_style());
-                bar.set_length(windows);
-                bar.set_position(0);
-            }
-            None => tracing::info!(source = %self.name, windows, "reading windows"),
+        // Without bars, the engine's log line of the plan says it.
+        if let Some(bar) = &self.bar {
+            bar.set_style(windows_style());
+            bar.set_length(windows);
+            bar.set_position(0);
         }
     }
 
@@ -170,9 +168,9 @@ impl Progress for SourceProgress {
         }
     }
 
-    fn page_stored(&self, departments: u64) {
+    fn page_stored(&self, records: u64) {
         let pages = self.pages.fetch_add(1, Ordering::Relaxed) + 1;
-        self.departments.fetch_add(departments, Ordering::Relaxed);
+        self.records.fetch_add(records, Ordering::Relaxed);
         match &self.bar {
             Some(bar) => bar.set_message(self.summary()),
             None if self.windows.load(Ordering::Relaxed) == 0
@@ -198,8 +196,8 @@ mod tests {
         progress.page_stored(10);
         progress.page_stored(5);
         progress.window_done();
-        assert_eq!(progress.departments.load(Ordering::Relaxed), 15);
+        assert_eq!(progress.records.load(Ordering::Relaxed), 15);
         assert_eq!(progress.windows_done.load(Ordering::Relaxed), 1);
-        assert!(progress.summary().starts_with("2 pages, 15 departments"));
+        assert!(progress.summary().starts_with("2 pages, 15 records"));
     }
 }

@@ -421,8 +421,6 @@ fn judge_unseen(
     UnseenVerdict::Delete
 }
 
-/// The newest version of each department of a page (a page may hold an id twice; one
-/// statement cannot write a row twice). Of two versions with the same time, the later.
 /// A source's `sync_state` columns, as both stores read them.
 struct StateColumns {
     high_water_mark: Option<DateTime<Utc>>,
@@ -518,6 +516,8 @@ fn window_state(
     Ok(LedgerWindow { window, state })
 }
 
+/// The newest version of each department of a page (a page may hold an id twice; one
+/// statement cannot write a row twice). Of two versions with the same time, the later.
 fn newest_versions(departments: &[Department]) -> Vec<&Department> {
     let mut newest: HashMap<&str, &Department> = HashMap::with_capacity(departments.len());
     for department in departments {
@@ -558,6 +558,13 @@ fn seen_ids<'a>(departments: &'a [Department], rejected: &'a [RejectedRecord]) -
         .chain(rejected.iter().filter_map(|r| r.external_id.as_deref()))
         .filter(|id| !id.contains('\0'))
         .collect()
+}
+
+/// A rejected record's payload as stored: JSON text, in which serde_json escapes every
+/// control character, so it holds no NUL.
+fn rejected_payload(record: &RejectedRecord) -> Result<String, StoreError> {
+    serde_json::to_string(&record.payload)
+        .map_err(|e| StoreError::Corrupt(format!("rejected record not serializable: {e}")))
 }
 
 /// `text` with NUL characters written as `\u0000`: PostgreSQL refuses NUL in text, and

@@ -14,7 +14,8 @@ use uuid::Uuid;
 pub use super::IfMissing;
 use super::{
     Deletions, StateColumns, Store, StoreError, UnseenVerdict, db, describe_position, escape_nul,
-    judge_unseen, newest_versions, run_mode, seen_ids, window_columns, window_state,
+    judge_unseen, newest_versions, rejected_payload, run_mode, seen_ids, window_columns,
+    window_state,
 };
 use crate::model::{
     Checkpoint, Department, Ledger, LedgerWindow, PageCounts, RejectedRecord, RunId, RunMode,
@@ -369,7 +370,6 @@ impl PgStore {
         Ok(())
     }
 
-    /// The windows of `source`'s `mode` ledger, oldest first.
     /// Once `listing_id` is complete, makes its page digests the ones the next listing
     /// trusts, and forgets every other listing's. Each digest was true when its page was
     /// stored; it stays true unless a later page of the same listing rewrote one of its
@@ -515,29 +515,25 @@ impl PgStore {
         }
         // One statement cannot touch a row twice: keep the newest version of each id.
         let rows = newest_versions(departments);
-        match load {
-            Load::AllNew => {
-                let rows: Vec<_> = rows.into_iter().map(|d| (d, None)).collect();
-                let inserted = Self::copy_new(tx, source, &rows).await?;
-                Ok(Written {
-                    inserted,
-                    updated: 0,
-                    rewrote: false,
-                })
-            }
-            Load::Compare => {
-                let rows: Vec<_> = rows.into_iter().map(|d| (d, None)).collect();
-                let upserted = Self::upsert(tx, source, &rows).await?;
-                Ok(Written {
-                    inserted: upserted.inserted,
-                    updated: upserted.updated,
-                    rewrote: upserted.touched > 0,
-                })
-            }
-            Load::Listing { listing_id } => {
-                Self::write_listing_page(tx, source, listing_id, rows).await
-            }
+        if let Load::Listing { listing_id } = load {
+            return Self::write_listing_page(tx, source, listing_id, rows).await;
         }
+        // A windowed page has no digests: its rows are new or compared in full.
+        let rows: Vec<_> = rows.into_iter().map(|d| (d, None)).collect();
+        if load == Load::AllNew {
+            let inserted = Self::copy_new(tx, source, &rows).await?;
+            return Ok(Written {
+                inserted,
+                updated: 0,
+                rewrote: false,
+            });
+        }
+        let upserted = Self::upsert(tx, source, &rows).await?;
+        Ok(Written {
+            inserted: upserted.inserted,
+            updated: upserted.updated,
+            rewrote: upserted.touched > 0,
+        })
     }
 
     /// Writes a full listing's page (`rows`, one per id). A page exactly as the trusted
@@ -710,11 +706,8 @@ impl PgStore {
         rejected: &[RejectedRecord],
     ) -> Result<(), StoreError> {
         for record in rejected {
-            // serde_json escapes control characters, so the payload text holds no NUL;
-            // the reason and id may quote the record, so escape NUL there too.
-            let payload = serde_json::to_string(&record.payload).map_err(|e| {
-                StoreError::Corrupt(format!("rejected record not serializable: {e}"))
-            })?;
+            // The reason and id may quote the record: escape NUL there too.
+            let payload = rejected_payload(record)?;
             sqlx::query(
                 "INSERT INTO rejected_records (source, external_id, reason, payload)
                  VALUES ($1, $2, $3, $4)
@@ -1058,10 +1051,7 @@ impl Store for PgStore {
     }
 
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
-        let error = match outcome {
-            RunOutcome::Failed { error } => Some(escape_nul(error)),
-            _ => None,
-        };
+        let error = outcome.error().map(escape_nul);
         sqlx::query(
             "UPDATE sync_runs SET finished_at = now(), status = $2, error = $3 WHERE run_id = $1",
         )

@@ -42,7 +42,8 @@ use uuid::Uuid;
 
 use super::{
     Deletions, IfMissing, StateColumns, Store, StoreError, UnseenVerdict, db, describe_position,
-    escape_nul, judge_unseen, newest_versions, run_mode, seen_ids, window_columns, window_state,
+    escape_nul, judge_unseen, newest_versions, rejected_payload, run_mode, seen_ids,
+    window_columns, window_state,
 };
 use crate::model::{
     Checkpoint, Department, Ledger, LedgerWindow, PageCounts, RawRecord, RejectedRecord, RunId,
@@ -185,11 +186,6 @@ impl SqliteStore {
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
-    }
-
-    /// The database file, its real path (symlinks resolved).
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Whether the database answers.
@@ -487,7 +483,6 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// The windows of `source`'s `mode` ledger, oldest first.
     /// Every window of `source`'s ledgers, with its mode, oldest first.
     async fn read_ledgers(&self, source: &str) -> Result<Vec<(RunMode, LedgerWindow)>, StoreError> {
         let rows = sqlx::query(
@@ -670,9 +665,7 @@ impl SqliteStore {
         rejected: &[RejectedRecord],
     ) -> Result<(), StoreError> {
         for record in rejected {
-            let payload = serde_json::to_string(&record.payload).map_err(|e| {
-                StoreError::Corrupt(format!("rejected record not serializable: {e}"))
-            })?;
+            let payload = rejected_payload(record)?;
             let payload_md5 = format!("{:x}", Md5::digest(payload.as_bytes()));
             sqlx::query(
                 "INSERT INTO rejected_records
@@ -902,10 +895,7 @@ impl Store for SqliteStore {
     }
 
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
-        let error = match outcome {
-            RunOutcome::Failed { error } => Some(escape_nul(error)),
-            _ => None,
-        };
+        let error = outcome.error().map(escape_nul);
         // Its instant is taken once it holds the write lock, like every write's.
         let mut tx = self
             .pool
