@@ -183,7 +183,7 @@ impl Bench {
         eprintln!(
             "bench:   {:.0} departments/s, {:.2} of the ceiling",
             mews.throughput.per_second(),
-            mews.throughput.per_second() / ceiling.per_second()
+            mews.throughput.ratio_to(&ceiling)
         );
         eprintln!("bench: Procurify, two passes");
         let procurify = self.procurify_two_passes(n).await?;
@@ -191,7 +191,7 @@ impl Bench {
             "bench:   first {:.2} s, nothing changed {:.2} s ({:.2} of the first)",
             procurify.first.took.as_secs_f64(),
             procurify.second.as_secs_f64(),
-            procurify.second.as_secs_f64() / procurify.first.took.as_secs_f64()
+            procurify.second_pass_ratio()
         );
         eprintln!("bench: Mews full sync of 5 x N");
         let mews_five = self.mews_sync(5 * n).await?;
@@ -626,6 +626,11 @@ impl Throughput {
         self.departments as f64 / self.took.as_secs_f64().max(f64::EPSILON)
     }
 
+    /// This speed as a share of `ceiling`'s.
+    fn ratio_to(&self, ceiling: &Throughput) -> f64 {
+        self.per_second() / ceiling.per_second()
+    }
+
     fn json(&self) -> serde_json::Value {
         json!({
             "departments": self.departments,
@@ -685,6 +690,13 @@ struct ProcurifyFigures {
     first_cpu: Cpu,
 }
 
+impl ProcurifyFigures {
+    /// The second pass's time as a share of the first's.
+    fn second_pass_ratio(&self) -> f64 {
+        self.second.as_secs_f64() / self.first.took.as_secs_f64()
+    }
+}
+
 struct RateLimitedFigures {
     departments: usize,
     wall: Duration,
@@ -708,14 +720,6 @@ struct Report {
 }
 
 impl Report {
-    fn ratio_to_ceiling(&self) -> f64 {
-        self.mews.throughput.per_second() / self.ceiling.per_second()
-    }
-
-    fn second_pass_ratio(&self) -> f64 {
-        self.procurify.second.as_secs_f64() / self.procurify.first.took.as_secs_f64()
-    }
-
     fn print(&self) {
         let n = self.n;
         let rate = &self.rate_limited;
@@ -753,7 +757,7 @@ impl Report {
             format!(
                 "N in {}, {:.2} of the ceiling; {} requests, {CONCURRENT_WINDOWS} windows at once, budget lifted; {}",
                 seconds(self.mews.throughput.took),
-                self.ratio_to_ceiling(),
+                self.mews.throughput.ratio_to(&self.ceiling),
                 self.mews.requests,
                 self.mews.cpu.describe(),
             ),
@@ -765,8 +769,9 @@ impl Report {
                 thousands(self.procurify.first.per_second() as u64)
             ),
             format!(
-                "N in {}, pages of {PROCURIFY_PAGE_SIZE}; {}",
+                "N in {}, {:.2} of the ceiling; pages of {PROCURIFY_PAGE_SIZE}; {}",
                 seconds(self.procurify.first.took),
+                self.procurify.first.ratio_to(&self.ceiling),
                 self.procurify.first_cpu.describe(),
             ),
         ]);
@@ -776,7 +781,7 @@ impl Report {
             format!(
                 "{} rows written to departments; {:.2} of the first pass's time",
                 self.procurify.second_rows_written,
-                self.second_pass_ratio()
+                self.procurify.second_pass_ratio()
             ),
         ]);
         table.add_row(vec![
@@ -825,7 +830,7 @@ impl Report {
             "copy_ceiling": self.ceiling.json(),
             "mews_full_sync": {
                 "throughput": self.mews.throughput.json(),
-                "ratio_to_ceiling": self.ratio_to_ceiling(),
+                "ratio_to_ceiling": self.mews.throughput.ratio_to(&self.ceiling),
                 "requests": self.mews.requests,
                 "concurrent_windows": CONCURRENT_WINDOWS,
                 "cpu": self.mews.cpu.json(),
@@ -833,11 +838,12 @@ impl Report {
             "procurify": {
                 "page_size": PROCURIFY_PAGE_SIZE,
                 "first_pass": self.procurify.first.json(),
+                "first_pass_ratio_to_ceiling": self.procurify.first.ratio_to(&self.ceiling),
                 "first_pass_cpu": self.procurify.first_cpu.json(),
                 "second_pass": {
                     "seconds": self.procurify.second.as_secs_f64(),
                     "rows_written": self.procurify.second_rows_written,
-                    "ratio_to_first": self.second_pass_ratio(),
+                    "ratio_to_first": self.procurify.second_pass_ratio(),
                 },
                 "peak_rss_mib": self.procurify.max_rss_mib,
             },
