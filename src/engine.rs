@@ -417,13 +417,18 @@ struct Writer<'a, St: Store> {
     progress: &'a dyn Progress,
 }
 
+/// Where a page of a window is, for errors and logs.
+fn window_page(number: u64, window: &Window) -> String {
+    format!("page {number} of window {window}")
+}
+
 /// What the reading side of a windowed pass tells the writing side, in order.
 enum WindowEvent {
-    /// A page of `window` to store; `stored` is answered once it is.
+    /// Page `number` of `window` to store; `stored` is answered once it is.
     Page {
         window: Window,
+        number: u64,
         page: Page,
-        at: String,
         stored: oneshot::Sender<()>,
     },
     /// The upstream found `window` too heavy: it is replaced by `halves`, read afresh.
@@ -495,7 +500,7 @@ impl<S: Source> Reader<'_, S> {
         let mut seen_cursors = HashSet::new();
         loop {
             page_number += 1;
-            let at = || format!("page {page_number} of window {window}");
+            let at = || window_page(page_number, &window);
             let request = PageRequest::Window {
                 window: &window,
                 cursor: cursor.as_deref(),
@@ -539,8 +544,8 @@ impl<S: Source> Reader<'_, S> {
             let (stored, is_stored) = oneshot::channel();
             let event = WindowEvent::Page {
                 window,
+                number: page_number,
                 page,
-                at: at(),
                 stored,
             };
             if writer.send(event).await.is_err() || is_stored.await.is_err() {
@@ -600,20 +605,19 @@ impl<St: Store> Writer<'_, St> {
         Ok(counts)
     }
 
-    /// Stores what the readers send, in the order they send it, keeping `ledger` (the
-    /// pass's windows) as the store has it. Ends when every reader has stopped.
+    /// Stores what the readers send, in the order they send it, each page with its
+    /// window's new position in the `mode` ledger. Ends when every reader has stopped.
     async fn write_windows(
         &mut self,
-        ledger: &mut Ledger,
+        mode: RunMode,
         mut events: mpsc::Receiver<WindowEvent>,
     ) -> Result<(), PassError> {
-        let mode = ledger.mode();
         while let Some(event) = events.recv().await {
             match event {
                 WindowEvent::Page {
                     window,
+                    number,
                     mut page,
-                    at,
                     stored,
                 } => {
                     let cursor = page.next_cursor.take();
@@ -621,15 +625,10 @@ impl<St: Store> Writer<'_, St> {
                     let checkpoint = Checkpoint::Window {
                         mode,
                         window,
-                        cursor: cursor.clone(),
+                        cursor,
                     };
-                    self.commit(page, &checkpoint, || at.clone()).await?;
-                    if let Some(entry) = ledger.windows.iter_mut().find(|w| w.window == window) {
-                        entry.state = match cursor {
-                            Some(cursor) => WindowState::InProgress { cursor },
-                            None => WindowState::Done,
-                        };
-                    }
+                    let at = || window_page(number, &window);
+                    self.commit(page, &checkpoint, at).await?;
                     if done {
                         self.totals.windows += 1;
                         self.progress.window_done();
@@ -638,16 +637,13 @@ impl<St: Store> Writer<'_, St> {
                     let _ = stored.send(());
                 }
                 WindowEvent::Split { window, halves } => {
-                    if let Some(index) = ledger.windows.iter().position(|w| w.window == window) {
-                        let halves = halves.map(|window| LedgerWindow {
-                            window,
-                            state: WindowState::Pending,
-                        });
-                        ledger.windows.splice(index..=index, halves);
-                    }
                     self.progress.window_split();
-                    let plan = Checkpoint::Ledger(ledger.clone());
-                    self.commit(Page::default(), &plan, || {
+                    let split = Checkpoint::Split {
+                        mode,
+                        window,
+                        halves,
+                    };
+                    self.commit(Page::default(), &split, || {
                         format!("the split of window {window}")
                     })
                     .await?;
@@ -699,7 +695,7 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
     ) -> Result<Finished, PassError> {
         // Whole seconds keep the windows sent to the vendor and the stored marks readable.
         let now = Utc::now().trunc_subsecs(0);
-        let mut ledger = plan_pass(self.writer.name, windowed, state, request, now)?;
+        let ledger = plan_pass(self.writer.name, windowed, state, request, now)?;
         let outstanding: Vec<(Window, Option<String>)> = ledger
             .outstanding()
             .map(|entry| {
@@ -717,8 +713,9 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
         if outstanding.is_empty() {
             return Ok(Finished::Completed);
         }
+        let mode = ledger.mode();
         self.writer
-            .commit(Page::default(), &Checkpoint::Ledger(ledger.clone()), || {
+            .commit(Page::default(), &Checkpoint::Ledger(ledger), || {
                 "the pass's plan".to_owned()
             })
             .await?;
@@ -727,7 +724,7 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
         let (events, received) = mpsc::channel(concurrency);
         let (read, written) = tokio::join!(
             self.reader.read_windows(outstanding, concurrency, events),
-            self.writer.write_windows(&mut ledger, received),
+            self.writer.write_windows(mode, received),
         );
         // A store failure first: it is why the readers stopped.
         written?;

@@ -193,9 +193,16 @@ pub struct SyncState {
 /// and an abandoned listing are committed with an empty page; see [`Checkpoint::follows_page`].)
 #[derive(Debug, Clone, PartialEq)]
 pub enum Checkpoint {
-    /// A windowed pass's plan: replaces the ledger of its mode (a new pass, a resumed one
-    /// planned on to a new end, or a window split in two).
+    /// A windowed pass's plan: replaces the ledger of its mode (a new pass, or a resumed
+    /// one planned on to a new end).
     Ledger(Ledger),
+    /// The upstream found `window` of the `mode` ledger too heavy: it is replaced by
+    /// `halves`, both pending (a cursor belongs to the window it was issued for).
+    Split {
+        mode: RunMode,
+        window: Window,
+        halves: [Window; 2],
+    },
     /// A page of `window` of the `mode` ledger is stored: the window goes on at `cursor`,
     /// or, with `None`, is done. When that was the last window not done, the pass is
     /// complete: the ledger is cleared and, for an incremental pass, the high-water mark
@@ -225,11 +232,11 @@ pub enum Checkpoint {
 
 impl Checkpoint {
     /// Whether this checkpoint follows a page fetched from the source, rather than being
-    /// bookkeeping committed between pages (a plan, an abandoned listing).
+    /// bookkeeping committed between pages (a plan, a split, an abandoned listing).
     pub fn follows_page(&self) -> bool {
         !matches!(
             self,
-            Checkpoint::Ledger(_) | Checkpoint::ListingAbandoned { .. }
+            Checkpoint::Ledger(_) | Checkpoint::Split { .. } | Checkpoint::ListingAbandoned { .. }
         )
     }
 }

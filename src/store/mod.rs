@@ -560,6 +560,14 @@ fn seen_ids<'a>(departments: &'a [Department], rejected: &'a [RejectedRecord]) -
         .collect()
 }
 
+/// The error of a window position or split for a window the ledger does not hold.
+fn not_in_ledger(source: &str, mode: RunMode, window: &Window) -> StoreError {
+    StoreError::Corrupt(format!(
+        "window {window} is not in the {} ledger of {source}",
+        mode.as_str()
+    ))
+}
+
 /// A rejected record's payload as stored: JSON text, in which serde_json escapes every
 /// control character, so it holds no NUL.
 fn rejected_payload(record: &RejectedRecord) -> Result<String, StoreError> {

@@ -14,12 +14,12 @@ use uuid::Uuid;
 pub use super::IfMissing;
 use super::{
     Deletions, StateColumns, Store, StoreError, UnseenVerdict, db, describe_position, escape_nul,
-    judge_unseen, newest_versions, rejected_payload, run_mode, seen_ids, window_columns,
-    window_state,
+    judge_unseen, newest_versions, not_in_ledger, rejected_payload, run_mode, seen_ids,
+    window_columns, window_state,
 };
 use crate::model::{
     Checkpoint, Department, Ledger, LedgerWindow, PageCounts, RejectedRecord, RunId, RunMode,
-    RunOutcome, SourceStatus, SyncState, Window,
+    RunOutcome, SourceStatus, SyncState, Window, WindowState,
 };
 
 /// deptsync's PostgreSQL migrations, embedded in the binary.
@@ -212,6 +212,38 @@ impl PgStore {
                     .bind(ledger.until),
                 }
             }
+            Checkpoint::Split {
+                mode,
+                window,
+                halves: [first, second],
+            } => {
+                let replaced = sqlx::query(
+                    "DELETE FROM sync_windows
+                     WHERE source = $1 AND mode = $2 AND window_start = $3 AND window_end = $4",
+                )
+                .bind(source)
+                .bind(mode.as_str())
+                .bind(window.start)
+                .bind(window.end)
+                .execute(&mut **tx)
+                .await
+                .map_err(db("splitting the window"))?
+                .rows_affected();
+                if replaced != 1 {
+                    return Err(not_in_ledger(source, *mode, window));
+                }
+                sqlx::query(
+                    "INSERT INTO sync_windows (source, mode, window_start, window_end, state)
+                     VALUES ($1, $2, $3, $4, $7), ($1, $2, $5, $6, $7)",
+                )
+                .bind(source)
+                .bind(mode.as_str())
+                .bind(first.start)
+                .bind(first.end)
+                .bind(second.start)
+                .bind(second.end)
+                .bind(window_columns(&WindowState::Pending).0)
+            }
             Checkpoint::Window {
                 mode,
                 window,
@@ -234,10 +266,7 @@ impl PgStore {
                 .rows_affected();
                 if moved != 1 {
                     // Dropping the transaction rolls the page back with it.
-                    return Err(StoreError::Corrupt(format!(
-                        "window {window} is not in the {} ledger of {source}",
-                        mode.as_str()
-                    )));
+                    return Err(not_in_ledger(source, *mode, window));
                 }
                 if cursor.is_some() {
                     return Ok(deletions);

@@ -42,12 +42,12 @@ use uuid::Uuid;
 
 use super::{
     Deletions, IfMissing, StateColumns, Store, StoreError, UnseenVerdict, db, describe_position,
-    escape_nul, judge_unseen, newest_versions, rejected_payload, run_mode, seen_ids,
+    escape_nul, judge_unseen, newest_versions, not_in_ledger, rejected_payload, run_mode, seen_ids,
     window_columns, window_state,
 };
 use crate::model::{
     Checkpoint, Department, Ledger, LedgerWindow, PageCounts, RawRecord, RejectedRecord, RunId,
-    RunMode, RunOutcome, SourceStatus, SyncState, Window,
+    RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
 };
 
 /// deptsync's SQLite migrations, embedded in the binary.
@@ -283,6 +283,41 @@ impl SqliteStore {
             } => {
                 Self::move_window(tx, source, now, *mode, window, cursor.as_deref()).await?;
             }
+            Checkpoint::Split {
+                mode,
+                window,
+                halves,
+            } => {
+                let replaced = sqlx::query(
+                    "DELETE FROM sync_windows
+                     WHERE source = ?1 AND mode = ?2 AND window_start = ?3 AND window_end = ?4",
+                )
+                .bind(source)
+                .bind(mode.as_str())
+                .bind(stamp(window.start))
+                .bind(stamp(window.end))
+                .execute(&mut **tx)
+                .await
+                .map_err(db("splitting the window"))?
+                .rows_affected();
+                if replaced != 1 {
+                    return Err(not_in_ledger(source, *mode, window));
+                }
+                for half in halves {
+                    sqlx::query(
+                        "INSERT INTO sync_windows (source, mode, window_start, window_end, state)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .bind(source)
+                    .bind(mode.as_str())
+                    .bind(stamp(half.start))
+                    .bind(stamp(half.end))
+                    .bind(window_columns(&WindowState::Pending).0)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db("splitting the window"))?;
+                }
+            }
             Checkpoint::Listing(progress) => {
                 Self::record_seen(tx, source, progress.listing_id, &seen()).await?;
                 sqlx::query(
@@ -400,10 +435,7 @@ impl SqliteStore {
         .rows_affected();
         if moved != 1 {
             // Dropping the transaction rolls the page back with it.
-            return Err(StoreError::Corrupt(format!(
-                "window {window} is not in the {} ledger of {source}",
-                mode.as_str()
-            )));
+            return Err(not_in_ledger(source, mode, window));
         }
         if cursor.is_some() {
             return Ok(());

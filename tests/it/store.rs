@@ -11,7 +11,7 @@ use deptsync::model::{
     Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts, RawRecord,
     RejectedRecord, RunId, RunMode, RunOutcome, Window, WindowState,
 };
-use deptsync::store::{AnyLease, AnyStore, IfMissing, Store};
+use deptsync::store::{AnyLease, AnyStore, IfMissing, Store, StoreError};
 use uuid::Uuid;
 
 use crate::helpers::{
@@ -47,6 +47,7 @@ on_both_stores!(
     an_older_version_never_replaces_a_newer_one,
     the_high_water_mark_never_moves_backwards,
     the_mark_moves_only_when_every_window_of_the_ledger_is_done,
+    a_split_window_becomes_two_pending_halves,
     a_backfill_ledger_never_moves_the_mark,
     a_failed_commit_keeps_neither_rows_nor_position,
     a_page_whose_run_cannot_be_counted_is_not_kept,
@@ -410,6 +411,59 @@ async fn the_high_water_mark_never_moves_backwards(db: TestStore) {
     }
     let state = db.store.load_state("s").await.unwrap();
     assert_eq!(state.high_water_mark, Some(at(2021, 1, 1)));
+}
+
+async fn a_split_window_becomes_two_pending_halves(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let first = window(at(2020, 1, 1), at(2020, 4, 1));
+    let second = window(at(2020, 4, 1), at(2020, 6, 1));
+    let until = at(2020, 6, 1);
+    commit(&db, &mut lease, run, &[], &plan(until, &[first, second])).await;
+    // The first window was half read when the upstream found it too heavy.
+    let in_progress = Checkpoint::Window {
+        mode: RunMode::Incremental,
+        window: first,
+        cursor: Some("c1".to_owned()),
+    };
+    let page = [department("1", "one", at(2020, 2, 1))];
+    commit(&db, &mut lease, run, &page, &in_progress).await;
+    let halves = [
+        window(at(2020, 1, 1), at(2020, 2, 15)),
+        window(at(2020, 2, 15), at(2020, 4, 1)),
+    ];
+    let split = Checkpoint::Split {
+        mode: RunMode::Incremental,
+        window: first,
+        halves,
+    };
+    commit(&db, &mut lease, run, &[], &split).await;
+    let ledger = db
+        .store
+        .load_state("s")
+        .await
+        .unwrap()
+        .incremental
+        .expect("the pass is not complete");
+    assert_eq!(ledger.until, until);
+    let windows: Vec<_> = ledger
+        .windows
+        .iter()
+        .map(|w| (w.window, w.state.clone()))
+        .collect();
+    assert_eq!(
+        windows,
+        [
+            (halves[0], WindowState::Pending),
+            (halves[1], WindowState::Pending),
+            (second, WindowState::Pending),
+        ]
+    );
+    // A window the ledger no longer holds cannot be split again.
+    let again = db
+        .store
+        .commit_page(&mut lease, run, "s", &[], &[], &split)
+        .await;
+    assert!(matches!(again, Err(StoreError::Corrupt(_))), "{again:?}");
 }
 
 async fn the_mark_moves_only_when_every_window_of_the_ledger_is_done(db: TestStore) {
