@@ -1313,6 +1313,59 @@ async fn without_a_database_the_commands_use_deptsync_db_in_the_working_director
 }
 
 #[tokio::test]
+async fn check_and_a_backfill_work_on_sqlite_through_the_binary() {
+    let dir = TempDir::new();
+    let fake = FakeMews::start().await.unwrap();
+    fake.generate(90, 1, at(2020, 1, 1), at(2021, 1, 1));
+    let path = dir.join("deptsync.db");
+    let config = dir.join("deptsync.toml");
+    std::fs::write(
+        &config,
+        mews_config(&sqlite_url(&path), "mews", &fake.base_url, ""),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+
+    let output = run_binary(&["--config", config, "check"], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let args = [
+        "--config",
+        config,
+        "sync",
+        "--source",
+        "mews",
+        "--backfill",
+        "--from",
+        "2020-03-01T00:00:00Z",
+        "--to",
+        "2020-06-01T00:00:00Z",
+    ];
+    let output = run_binary(&args, &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    fake.assert_no_violations();
+
+    let store = AnyStore::connect(&sqlite_url(&path).into(), IfMissing::Fail)
+        .await
+        .unwrap();
+    let AnyStore::Sqlite(sqlite) = &store else {
+        unreachable!("an SQLite url")
+    };
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM departments")
+        .fetch_one(sqlite.pool())
+        .await
+        .unwrap();
+    let in_range = fake
+        .departments()
+        .iter()
+        .filter(|d| d.updated >= at(2020, 3, 1) && d.updated < at(2020, 6, 1))
+        .count() as i64;
+    assert_eq!(rows, in_range);
+    // A backfill never moves the incremental mark.
+    let state = store.load_state("mews").await.unwrap();
+    assert_eq!(state.high_water_mark, None);
+}
+
+#[tokio::test]
 async fn a_database_url_of_another_kind_exits_2() {
     let dir = TempDir::new();
     let config = dir.join("deptsync.toml");
