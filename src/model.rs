@@ -339,6 +339,9 @@ pub struct SourceStatus {
     pub deleted_rows: i64,
     pub rejected_records: i64,
     pub backfill_in_progress: bool,
+    /// When and why the source's position was last dropped (its settings changed, or an
+    /// operator reset it), so that the next pass read it again from `start`.
+    pub reset: Option<String>,
 }
 
 /// The longest department name deptsync stores, in characters. Longer names are not

@@ -11,6 +11,11 @@
 //! - when a test turns it on, at most R requests per access token in any sliding period
 //!   (Mews documents 200 per 30 seconds): a request over it gets a 429 with `Retry-After`.
 //!
+//! Switches for what the real API does and a friendly fake would not (BEHAVIOUR.md): a
+//! request too heavy for it gets a 408 ([`FakeMews::too_heavy_over`]); cursors it issued
+//! can stop being accepted (400, [`FakeMews::forget_cursors`]); a department can become
+//! visible with an `UpdatedUtc` earlier than the moment it did ([`FakeMews::commit_late`]).
+//!
 //! The fake must never be what a benchmark measures: each department is encoded to JSON
 //! once, when it arrives; departments are kept ordered by `(UpdatedUtc, Id)`, so a page is
 //! a range lookup; and a page's body is the pre-encoded records put together byte by byte.
@@ -229,6 +234,14 @@ pub struct MewsState {
     /// Misbehave: send back the cursor that was asked with, so that paging never ends.
     loop_cursor: bool,
     rate_limit: Option<RateLimit>,
+    /// A request asking for more than this `Limitation.Count` over an interval longer
+    /// than this is too heavy: 408.
+    too_heavy_over: Option<(i64, chrono::Duration)>,
+    /// Cursors issued before [`FakeMews::forget_cursors`]: the API no longer takes them
+    /// (400, which is the vendor's right, not deptsync's fault).
+    forgotten_cursors: std::collections::HashSet<String>,
+    /// Departments committed late: each becomes visible when request number `n` arrives.
+    late: Vec<(usize, Uuid, DateTime<Utc>, StoredDepartment)>,
 }
 
 impl MewsState {
@@ -338,6 +351,41 @@ impl FakeMews {
             .collect()
     }
 
+    /// A late commit: `department` becomes visible only when request number `n` (from 1,
+    /// over the fake's life) arrives, with the `UpdatedUtc` it carries (which may be long
+    /// before that moment, as when the vendor's transaction commits after its timestamp).
+    pub fn commit_late(&self, n: usize, department: FakeDepartment) {
+        // Invariant: a Value (string keys) always encodes, and into a Vec cannot fail.
+        let json = serde_json::to_vec(&department.json).expect("a Value always encodes");
+        let stored = StoredDepartment {
+            enterprise_id: department.enterprise_id,
+            json: json.into_boxed_slice(),
+        };
+        self.shared
+            .lock()
+            .1
+            .late
+            .push((n, department.id, department.updated, stored));
+    }
+
+    /// From now on, a request whose `Limitation.Count` is over `count` and whose
+    /// interval is longer than `window` is too heavy and answered 408, as Mews answers
+    /// requests that would take it tens of seconds. Asking for less is the cure.
+    pub fn too_heavy_over(&self, count: i64, window: chrono::Duration) {
+        self.shared.lock().1.too_heavy_over = Some((count, window));
+    }
+
+    /// The API stops accepting every cursor it issued so far: they are answered 400.
+    pub fn forget_cursors(&self) {
+        let state = &mut self.shared.lock().1;
+        let issued: Vec<String> = state
+            .cursors
+            .drain()
+            .map(|((cursor, _), _)| cursor)
+            .collect();
+        state.forgotten_cursors.extend(issued);
+    }
+
     /// Answers request number `n` (from 1, over the fake's life) with `status`.
     pub fn fail_request(&self, n: usize, status: u16) {
         self.shared.fail_request(n, status);
@@ -439,6 +487,13 @@ async fn get_all(
     let (number, failure) = shared.arrive();
     let mut guard = shared.lock();
     let (control, state) = &mut *guard;
+    let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut state.late)
+        .into_iter()
+        .partition(|(visible_at, ..)| *visible_at <= number);
+    state.late = later;
+    for (_, id, updated, department) in due {
+        state.put(id, updated, department);
+    }
     let request_id = format!("req-{number}");
     let mut record = RecordedRequest {
         window: None,
@@ -580,10 +635,27 @@ fn answer(
         ));
     }
 
+    if let Some((max_count, max_window)) = state.too_heavy_over
+        && count > max_count
+        && end - start > max_window
+    {
+        return Err((
+            StatusCode::REQUEST_TIMEOUT,
+            "The request took too long; ask for less.".to_owned(),
+            false,
+        ));
+    }
     let after = match &cursor {
         None => None,
         Some(cursor) => match state.cursors.get(&(cursor.clone(), window)) {
             Some(key) => Some(*key),
+            None if state.forgotten_cursors.contains(cursor) => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    format!("Invalid Cursor {cursor}."),
+                    false,
+                ));
+            }
             None => {
                 return Err(violation(format!(
                     "cursor {cursor} was never issued for {window}"

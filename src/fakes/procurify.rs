@@ -7,6 +7,9 @@
 //!   and `X-Procurify-Client: api`; it pages DRF style (`next` a full URL or null) and
 //!   answers 404 past the last page.
 //!
+//! Switches for what the real API may do (BEHAVIOUR.md): serve fewer per page than asked
+//! and say so in `pagination` ([`FakeProcurify::cap_page_size`]).
+//!
 //! Departments are encoded to JSON once, when they arrive, and kept in a vector ordered by
 //! id, so a page is a slice and its body the slice's bytes put together: the fake is never
 //! what a benchmark measures.
@@ -69,6 +72,8 @@ pub struct ProcurifyState {
     issued: usize,
     token_requests: usize,
     department_pages: usize,
+    /// The most departments served in one page, whatever `page_size` asks.
+    page_size_cap: Option<u64>,
 }
 
 /// A running fake Procurify on a loopback port.
@@ -92,6 +97,12 @@ impl FakeProcurify {
             base_url: super::serve(router).await?,
             shared,
         })
+    }
+
+    /// From now on, at most `cap` departments a page, however many `page_size` asks for;
+    /// `pagination.page_size`, `num_pages` and `next` say what is served.
+    pub fn cap_page_size(&self, cap: u64) {
+        self.shared.lock().1.page_size_cap = Some(cap.max(1));
     }
 
     /// Adds or replaces department `id`.
@@ -275,6 +286,9 @@ async fn departments(
             return refuse(StatusCode::BAD_REQUEST, "bad paging");
         }
     };
+    let page_size = state
+        .page_size_cap
+        .map_or(page_size, |cap| page_size.min(cap));
     let count = state.departments.len() as u64;
     let num_pages = count.div_ceil(page_size).max(1);
     if page > num_pages {

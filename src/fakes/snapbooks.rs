@@ -5,6 +5,11 @@
 //! - `GET /snapbooks/api/v2/departments?page&per_page[&client_account_id][&is_active]`,
 //!   `meta.pages` telling how many pages; 403 for a client account the token cannot see;
 //! - only active departments are listed unless `is_active=null` is asked for.
+//!
+//! Switches for what the real API may do (BEHAVIOUR.md): serve fewer per page than asked
+//! and say so in `meta` ([`FakeSnapbooks::cap_per_page`]); answer one client account with
+//! an empty 200 ([`FakeSnapbooks::empty_account`]); send `meta` that disagrees with itself
+//! ([`FakeSnapbooks::misstate_pages`]).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -31,6 +36,12 @@ pub struct SnapbooksState {
     visible_accounts: HashSet<i64>,
     live_tokens: HashSet<String>,
     token_requests: usize,
+    /// The most departments served in one page, whatever `per_page` asks.
+    per_page_cap: Option<u64>,
+    /// Client accounts answered with an empty 200 (a permission change, a vendor fault).
+    empty_accounts: HashSet<i64>,
+    /// `meta.pages` as sent, whatever the listing holds.
+    misstated_pages: Option<u64>,
 }
 
 /// A running fake Snapbooks on a loopback port.
@@ -81,6 +92,33 @@ impl FakeSnapbooks {
             record["is_active"] = json!(active);
         }
         self.shared.lock().1.departments.insert(id, record);
+    }
+
+    /// From now on, at most `cap` departments a page, however many `per_page` asks for;
+    /// `meta.per_page` and `meta.pages` say what is served.
+    pub fn cap_per_page(&self, cap: u64) {
+        self.shared.lock().1.per_page_cap = Some(cap.max(1));
+    }
+
+    /// From now on, client account `account` is answered with an empty 200 (no data,
+    /// `records` 0) while the others are whole; `empty: false` lifts it.
+    pub fn empty_account(&self, account: i64, empty: bool) {
+        let accounts = &mut self.shared.lock().1.empty_accounts;
+        if empty {
+            accounts.insert(account);
+        } else {
+            accounts.remove(&account);
+        }
+    }
+
+    /// From now on, `meta.pages` says `pages`, whatever the listing holds.
+    pub fn misstate_pages(&self, pages: u64) {
+        self.shared.lock().1.misstated_pages = Some(pages);
+    }
+
+    /// Removes department `id` (as a hard delete upstream would).
+    pub fn remove(&self, id: i64) {
+        self.shared.lock().1.departments.remove(&id);
     }
 
     /// Requests made to the token endpoint.
@@ -204,9 +242,17 @@ async fn departments(
             let active = d.get("is_active").and_then(Value::as_bool).unwrap_or(true);
             wanted.is_none_or(|w| w == active)
         })
+        .filter(|d| {
+            d["client_account_id"]
+                .as_i64()
+                .is_some_and(|a| !state.empty_accounts.contains(&a))
+        })
         .collect();
+    let per_page = state.per_page_cap.map_or(per_page, |cap| per_page.min(cap));
     let records = listed.len() as u64;
-    let pages = records.div_ceil(per_page).max(1);
+    let pages = state
+        .misstated_pages
+        .unwrap_or_else(|| records.div_ceil(per_page).max(1));
     let data: Vec<&Value> = listed
         .into_iter()
         .skip(((page - 1) * per_page) as usize)

@@ -17,6 +17,7 @@
 pub mod data_v1;
 pub mod http;
 pub mod mews;
+mod paging;
 pub mod procurify;
 pub mod snapbooks;
 

@@ -16,6 +16,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use super::http::{Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle, Vendor};
+use super::paging::PageMeta;
 use super::{
     Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord, decode_cursor,
     encode_cursor,
@@ -129,6 +130,9 @@ struct Metadata {
 struct Pagination {
     count: u64,
     next: Option<String>,
+    /// The page size the server used, which may be less than the one asked for.
+    page_size: Option<u64>,
+    num_pages: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -232,7 +236,21 @@ impl Source for Procurify {
                 expected.count
             )));
         }
-        let next_cursor = response.metadata.pagination.next.map(|_| {
+        let pagination = &response.metadata.pagination;
+        let more = PageMeta {
+            page,
+            served: response.data.len() as u64,
+            total: count,
+            per_page: pagination.page_size,
+            pages: pagination.num_pages,
+            has_next: Some(pagination.next.is_some()),
+        }
+        .next_page_follows()
+        .map_err(|message| SourceError::Protocol {
+            message,
+            request_id: None,
+        })?;
+        let next_cursor = more.then(|| {
             encode_cursor(&Cursor {
                 page: page + 1,
                 count,

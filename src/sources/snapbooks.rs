@@ -2,6 +2,8 @@
 //!
 //! - A bearer token, or one obtained with OAuth2 client credentials (a form post).
 //! - `page` (from 1) and `per_page`; `meta.pages` says how many; the last is `page >= pages`.
+//!   The server may serve fewer than `per_page` asks (`meta.per_page` says): its metadata,
+//!   not the request, says where the listing ends ([`super::paging`]).
 //! - The list holds only active departments unless asked with `is_active=null`: without
 //!   it a deactivation would never be seen, so every request sends it. A record without
 //!   `is_active` is active.
@@ -17,6 +19,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use super::http::{Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle, Vendor};
+use super::paging::PageMeta;
 use super::{
     Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord, decode_cursor,
     encode_cursor,
@@ -160,6 +163,13 @@ struct ListResponse {
 struct Meta {
     pages: u64,
     records: u64,
+    /// The page size the server used, which may be less than the one asked for.
+    per_page: Option<u64>,
+}
+
+/// A client account as logs and errors name it.
+fn account_name(account: Option<i64>) -> String {
+    account.map_or("(all)".to_owned(), |a| a.to_string())
 }
 
 #[derive(Deserialize)]
@@ -289,13 +299,25 @@ impl Source for Snapbooks {
         {
             return Err(SourceError::ListingChanged(format!(
                 "client account {}: {first} departments on its first page, {records} on page {page}",
-                account.map_or("(all)".to_owned(), |a| a.to_string()),
+                account_name(account),
             )));
         }
-        // The last page is `page >= pages`; a page count that grows while the record
-        // count stays put must not page for ever, so the records bound it too.
-        let pages_for_records = records.div_ceil(u64::from(self.settings.page_size)).max(1);
-        let next = if page < response.meta.pages.min(pages_for_records) {
+        // The server's metadata, not the page size asked for, says whether a page follows:
+        // a server that caps its pages serves fewer and says so.
+        let more = PageMeta {
+            page,
+            served: response.data.len() as u64,
+            total: records,
+            per_page: response.meta.per_page,
+            pages: Some(response.meta.pages),
+            has_next: None,
+        }
+        .next_page_follows()
+        .map_err(|message| SourceError::Protocol {
+            message: format!("client account {}: {message}", account_name(account)),
+            request_id: None,
+        })?;
+        let next = if more {
             Some(Cursor {
                 account,
                 page: page + 1,

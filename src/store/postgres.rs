@@ -1124,6 +1124,7 @@ impl Store for PgStore {
                 backfill_in_progress: row
                     .get::<Option<bool>, _>("backfill_in_progress")
                     .unwrap_or(false),
+                reset: None,
             })
             .collect())
     }

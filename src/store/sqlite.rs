@@ -982,6 +982,7 @@ impl Store for SqliteStore {
                     rejected_records: get(row, "rejected")?,
                     backfill_in_progress: get::<Option<bool>>(row, "backfill_in_progress")?
                         .unwrap_or(false),
+                    reset: None,
                 })
             })
             .collect()

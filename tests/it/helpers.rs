@@ -101,6 +101,11 @@ pub fn mews_config(database_url: &str, name: &str, base_url: &str, extra: &str) 
     } else {
         "rate_limit = \"1000/1s\""
     };
+    let start = if extra.contains("start =") {
+        ""
+    } else {
+        "start = \"2019-01-01T00:00:00Z\""
+    };
     let source = format!(
         r#"
 [[sources]]
@@ -109,7 +114,7 @@ kind = "mews"
 base_url = "{base_url}"
 client_token = "{client}"
 access_token = "{access}"
-start = "2019-01-01T00:00:00Z"
+{start}
 {rate}
 {extra}
 "#,

@@ -7,5 +7,6 @@ mod helpers;
 mod listings;
 mod mews;
 mod proxy;
+mod real_upstreams;
 mod resilience;
 mod store;
