@@ -38,6 +38,8 @@ use crate::store::{Store, StoreError};
 
 /// The smallest window a 408 can halve down to.
 const MIN_WINDOW: chrono::Duration = chrono::Duration::hours(1);
+/// The fewest records a page a 408 can halve the page size down to.
+const MIN_PAGE_SIZE: u32 = 10;
 
 /// `window` cut in two at its middle (whole seconds), unless it is already at the floor.
 fn halve(window: &Window) -> Option<[Window; 2]> {
@@ -177,6 +179,14 @@ fn plan_pass(
         max_window_months,
         ..
     } = windowed;
+    let lookback = chrono::Duration::from_std(lookback).unwrap_or(chrono::Duration::MAX);
+    // `lookback` before `point`, but not before `floor`.
+    let looking_back = |point: DateTime<Utc>, floor: DateTime<Utc>| {
+        point
+            .checked_sub_signed(lookback)
+            .unwrap_or(floor)
+            .max(floor)
+    };
     let pending = |from: DateTime<Utc>, to: DateTime<Utc>| {
         plan_windows(from, to, max_window_months)
             .into_iter()
@@ -185,16 +195,27 @@ fn plan_pass(
                 state: WindowState::Pending,
             })
     };
-    let resume = |saved: Ledger, to: DateTime<Utc>| {
+    // An interrupted pass resumes its windows not done, each at its cursor, then plans on
+    // to `to`, re-reading `lookback` before the interrupted pass's end first, as every
+    // plan does before the point it continues from: an update the vendor committed late
+    // may sit there, in a part of a window read before it became visible.
+    let resume = |saved: Ledger, to: DateTime<Utc>, floor: DateTime<Utc>| {
         let mut windows: Vec<LedgerWindow> = saved.outstanding().cloned().collect();
         tracing::info!(
             source,
             windows_left = windows.len(),
             "resuming the interrupted pass"
         );
-        windows.extend(pending(saved.until, to));
+        let until = saved.until.max(to);
+        let mut from = looking_back(saved.until, floor);
+        // The ledger keys a window by its start: when a resumed window starts there, the
+        // re-read starts a second earlier (reading more is always safe).
+        while windows.iter().any(|w| w.window.start == from) {
+            from -= chrono::Duration::seconds(1);
+        }
+        windows.extend(pending(from, until));
         Ledger {
-            until: saved.until.max(to),
+            until,
             backfill: saved.backfill,
             windows,
         }
@@ -202,14 +223,10 @@ fn plan_pass(
     match request {
         PassRequest::Incremental { .. } => {
             if let Some(saved) = state.incremental {
-                return Ok(resume(saved, now));
+                return Ok(resume(saved, now, start));
             }
-            let lookback = chrono::Duration::from_std(lookback).unwrap_or(chrono::Duration::MAX);
             let from = match state.high_water_mark {
-                Some(mark) => mark
-                    .checked_sub_signed(lookback)
-                    .unwrap_or(start)
-                    .max(start),
+                Some(mark) => looking_back(mark, start),
                 None => start,
             };
             Ok(Ledger {
@@ -228,7 +245,7 @@ fn plan_pass(
                 requested_to: to,
             };
             match state.backfill.filter(|saved| saved.backfill == Some(range)) {
-                Some(saved) => Ok(resume(saved, until)),
+                Some(saved) => Ok(resume(saved, until, from)),
                 None => {
                     tracing::info!(source, %from, to = %until, "starting a backfill");
                     Ok(Ledger {
@@ -435,10 +452,22 @@ enum WindowEvent {
     Split { window: Window, halves: [Window; 2] },
 }
 
+/// One window to read: from `cursor` (from its start when `None`), `page_size` records
+/// a page.
+struct WindowRequest {
+    window: Window,
+    cursor: Option<String>,
+    page_size: u32,
+}
+
 /// How the reading of one window ended.
 enum WindowRead {
     Done,
-    Split([Window; 2]),
+    /// Too heavy: read `halves` instead, `page_size` records a page.
+    Split {
+        halves: [Window; 2],
+        page_size: u32,
+    },
     Cancelled,
     /// The writing side stopped (it failed; its error is the pass's).
     WriterStopped,
@@ -459,7 +488,7 @@ impl<S: Source> Reader<'_, S> {
     /// bounds the request rate; `concurrency` only keeps it busy while pages are slow.
     async fn read_windows(
         &self,
-        outstanding: Vec<(Window, Option<String>)>,
+        outstanding: Vec<WindowRequest>,
         concurrency: usize,
         writer: mpsc::Sender<WindowEvent>,
     ) -> Result<Finished, PassError> {
@@ -467,16 +496,21 @@ impl<S: Source> Reader<'_, S> {
         let mut reading = FuturesUnordered::new();
         loop {
             while reading.len() < concurrency
-                && let Some((window, cursor)) = queue.pop_front()
+                && let Some(request) = queue.pop_front()
             {
-                reading.push(self.read_window(window, cursor, &writer));
+                reading.push(self.read_window(request, &writer));
             }
             match reading.next().await {
                 None => return Ok(Finished::Completed),
                 Some(Ok(WindowRead::Done)) => {}
-                Some(Ok(WindowRead::Split([first, second]))) => {
-                    queue.push_front((second, None));
-                    queue.push_front((first, None));
+                Some(Ok(WindowRead::Split { halves, page_size })) => {
+                    for window in halves.into_iter().rev() {
+                        queue.push_front(WindowRequest {
+                            window,
+                            cursor: None,
+                            page_size,
+                        });
+                    }
                 }
                 // The other windows' requests are abandoned; their committed pages stay.
                 Some(Ok(WindowRead::Cancelled | WindowRead::WriterStopped)) => {
@@ -487,23 +521,37 @@ impl<S: Source> Reader<'_, S> {
         }
     }
 
-    /// Reads one window from `cursor` to its end. It fetches the next page only once the
-    /// last one is stored: a window has at most one page in flight, so a resume repeats
-    /// at most one page of it.
+    /// Reads one window from its cursor to its end. It fetches the next page only once
+    /// the last one is stored: a window has at most one page in flight, so a resume
+    /// repeats at most one page of it.
+    ///
+    /// Two answers make it ask again rather than fail. A 408 (too heavy) makes it ask for
+    /// less: a window not started yet is split in two halves, each read with half the
+    /// page size; one under way keeps its position and asks for half as many records a
+    /// page (down to [`MIN_PAGE_SIZE`]), then is split once the page size is at that
+    /// floor. A 400 for a request with a cursor (the vendor no longer takes it, as after
+    /// a long pause) drops the cursor once and reads the window again from its start:
+    /// upserts make the repeat harmless, and no saved position makes every pass fail.
     async fn read_window(
         &self,
-        window: Window,
-        mut cursor: Option<String>,
+        request: WindowRequest,
         writer: &mpsc::Sender<WindowEvent>,
     ) -> Result<WindowRead, PassError> {
+        let WindowRequest {
+            window,
+            mut cursor,
+            mut page_size,
+        } = request;
         let mut page_number = 0;
         let mut seen_cursors = HashSet::new();
+        let mut dropped_a_cursor = false;
         loop {
             page_number += 1;
             let at = || window_page(page_number, &window);
             let request = PageRequest::Window {
                 window: &window,
                 cursor: cursor.as_deref(),
+                page_size,
             };
             let Some(fetched) = self.fetch(request).await else {
                 return Ok(WindowRead::Cancelled);
@@ -511,21 +559,49 @@ impl<S: Source> Reader<'_, S> {
             let mut page = match fetched {
                 Ok(page) => page,
                 Err(SourceError::TooHeavy { request_id }) => {
-                    // Ask for less: this window becomes two halves, read afresh (a cursor
-                    // belongs to the window it was issued for).
-                    let Some(halves) = halve(&window) else {
-                        let source = SourceError::TooHeavy { request_id };
-                        return Err(PassError::Fetch {
-                            at: format!("{} (already at the smallest window)", at()),
-                            source,
+                    let smaller = (page_size / 2).max(MIN_PAGE_SIZE);
+                    // Split a window not started yet, or one whose page size is at its
+                    // floor; otherwise keep the position and ask for fewer a page.
+                    let split = halve(&window).filter(|_| cursor.is_none() || smaller == page_size);
+                    let logged_id = request_id.as_deref().unwrap_or("");
+                    if let Some(halves) = split {
+                        tracing::warn!(%window, page_size = smaller, request_id = logged_id, "too heavy for the upstream; halving the window and the page size");
+                        // A cursor belongs to the window it was issued for: the halves are
+                        // read afresh.
+                        let split = WindowEvent::Split { window, halves };
+                        if writer.send(split).await.is_err() {
+                            return Ok(WindowRead::WriterStopped);
+                        }
+                        return Ok(WindowRead::Split {
+                            halves,
+                            page_size: smaller,
                         });
-                    };
-                    tracing::warn!(%window, request_id = request_id.as_deref().unwrap_or(""), "too heavy for the upstream; halving the window");
-                    let split = WindowEvent::Split { window, halves };
-                    if writer.send(split).await.is_err() {
-                        return Ok(WindowRead::WriterStopped);
                     }
-                    return Ok(WindowRead::Split(halves));
+                    if smaller < page_size {
+                        tracing::warn!(%window, page_size = smaller, request_id = logged_id, "too heavy for the upstream; asking for fewer records a page");
+                        page_size = smaller;
+                        page_number -= 1;
+                        continue;
+                    }
+                    return Err(PassError::Fetch {
+                        at: format!(
+                            "{} (already at the smallest window and {MIN_PAGE_SIZE} records a page)",
+                            at()
+                        ),
+                        source: SourceError::TooHeavy { request_id },
+                    });
+                }
+                Err(SourceError::Http {
+                    status: 400,
+                    message,
+                    request_id,
+                }) if cursor.is_some() && !dropped_a_cursor => {
+                    tracing::warn!(%window, cursor = cursor.as_deref().unwrap_or(""), %message, request_id = request_id.as_deref().unwrap_or(""), "the upstream refused the cursor; reading the window again from its start");
+                    dropped_a_cursor = true;
+                    cursor = None;
+                    seen_cursors.clear();
+                    page_number = 0;
+                    continue;
                 }
                 Err(source) => return Err(PassError::Fetch { at: at(), source }),
             };
@@ -696,14 +772,15 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
         // Whole seconds keep the windows sent to the vendor and the stored marks readable.
         let now = Utc::now().trunc_subsecs(0);
         let ledger = plan_pass(self.writer.name, windowed, state, request, now)?;
-        let outstanding: Vec<(Window, Option<String>)> = ledger
+        let outstanding: Vec<WindowRequest> = ledger
             .outstanding()
-            .map(|entry| {
-                let cursor = match &entry.state {
+            .map(|entry| WindowRequest {
+                window: entry.window,
+                cursor: match &entry.state {
                     WindowState::InProgress { cursor } => Some(cursor.clone()),
                     _ => None,
-                };
-                (entry.window, cursor)
+                },
+                page_size: windowed.page_size,
             })
             .collect();
         tracing::info!(windows = outstanding.len(), "pass planned");
@@ -864,6 +941,7 @@ mod tests {
             lookback: Duration::from_secs(300),
             max_window_months: 3,
             concurrent_windows: 4,
+            page_size: 1000,
         }
     }
 
@@ -950,13 +1028,52 @@ mod tests {
                 window(4),
                 window(7),
                 Window {
-                    start: at(2020, 10, 1),
+                    start: at(2020, 10, 1) - chrono::Duration::minutes(5),
                     end: now
                 }
             ],
-            "done windows are not read again; the pass goes on to now"
+            "done windows are not read again; the pass goes on to now from the lookback \
+             before the interrupted pass's end"
         );
         assert_eq!(plan.until, now);
+    }
+
+    #[test]
+    fn a_resumed_pass_rereads_the_lookback_even_when_now_has_not_moved() {
+        let until = at(2020, 10, 1);
+        // A resumed window that starts exactly where the re-read would.
+        let resumed = LedgerWindow {
+            window: Window {
+                start: until - chrono::Duration::minutes(5),
+                end: until,
+            },
+            state: WindowState::InProgress {
+                cursor: "c".to_owned(),
+            },
+        };
+        let state = SyncState {
+            incremental: Some(Ledger {
+                until,
+                backfill: None,
+                windows: vec![resumed.clone()],
+            }),
+            ..SyncState::default()
+        };
+        let plan = plan_pass("s", mode(), state, PassRequest::INCREMENTAL, until).unwrap();
+        assert_eq!(
+            plan.windows,
+            vec![
+                resumed,
+                LedgerWindow {
+                    window: Window {
+                        start: until - chrono::Duration::seconds(301),
+                        end: until
+                    },
+                    state: WindowState::Pending
+                }
+            ],
+            "one window per start in the ledger; the re-read starts a second earlier"
+        );
     }
 
     #[test]
@@ -987,7 +1104,14 @@ mod tests {
             to: Some(at(2021, 1, 1)),
         };
         let plan = plan_pass("s", mode(), state.clone(), same, at(2022, 1, 1)).unwrap();
-        assert_eq!(plan.windows, vec![open]);
+        let reread = LedgerWindow {
+            window: Window {
+                start: at(2021, 1, 1) - chrono::Duration::minutes(5),
+                end: at(2021, 1, 1),
+            },
+            state: WindowState::Pending,
+        };
+        assert_eq!(plan.windows, vec![open, reread]);
         assert_eq!(plan.mode(), RunMode::Backfill);
         let other = PassRequest::Backfill {
             from: at(2020, 2, 1),

@@ -268,16 +268,23 @@ impl Source for Mews {
             lookback: self.settings.lookback,
             max_window_months: MAX_WINDOW_MONTHS,
             concurrent_windows: self.settings.concurrent_windows,
+            page_size: self.settings.page_size,
         })
     }
 
     async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {
-        let PageRequest::Window { window, cursor } = request else {
+        let PageRequest::Window {
+            window,
+            cursor,
+            page_size,
+        } = request
+        else {
             return Err(SourceError::Unsupported(
                 "Mews is read in update-time windows, not as a full listing",
             ));
         };
-        let page_size = self.settings.page_size;
+        // The engine asks for fewer after a 408; never more than Mews takes.
+        let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
         let (response, request_id) = self.get_all(window, cursor, page_size).await?;
         let Some(response) = response else {
             tracing::debug!(

@@ -46,22 +46,25 @@ pub enum SyncMode {
 
 /// How a source that filters by update time is read: `[high-water mark - lookback, now)`
 /// (the first time, from `start`) in windows of at most `max_window_months`, paging
-/// through each with a cursor, `concurrent_windows` windows at a time.
+/// through each with a cursor, `page_size` records a page (less when the upstream finds
+/// that too heavy), `concurrent_windows` windows at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowedMode {
     pub start: DateTime<Utc>,
     pub lookback: Duration,
     pub max_window_months: u32,
     pub concurrent_windows: u32,
+    pub page_size: u32,
 }
 
 /// Which page to fetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageRequest<'a> {
-    /// A page of the updates in `window` (windowed sources).
+    /// A page of at most `page_size` of the updates in `window` (windowed sources).
     Window {
         window: &'a Window,
         cursor: Option<&'a str>,
+        page_size: u32,
     },
     /// A page of the whole listing (full-listing sources).
     Listing { cursor: Option<&'a str> },
