@@ -55,6 +55,9 @@ pub enum Command {
     Migrate,
     /// Validate the config, then try the database and each source's credentials.
     Check,
+    /// Drop a source's saved position (high-water mark, window ledgers, the listing in
+    /// progress; rows stay), so that its next pass reads everything again from `start`.
+    Reset(ResetArgs),
     /// See deptsync at work with nothing set up: simulated Mews, Procurify, Snapbooks and
     /// HR APIs on loopback ports, synced into a fresh database, changed, synced again;
     /// then `status` and a query over `departments`. Needs no config file (--config is
@@ -97,6 +100,19 @@ pub struct SyncArgs {
     #[arg(long, conflicts_with = "backfill")]
     pub allow_mass_delete: bool,
 }
+
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    /// The source whose position to drop.
+    #[arg(long = "source", value_name = "NAME")]
+    pub source: String,
+    /// Do not ask for confirmation (needed when not on a terminal).
+    #[arg(long)]
+    pub yes: bool,
+}
+
+/// Why a source's position was dropped by `deptsync reset`, as `status` shows it.
+pub const RESET_BY_OPERATOR: &str = "reset by an operator (`deptsync reset`)";
 
 /// How the process ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +174,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken, display: Display) -> Resul
             Ok(Exit::Success)
         }
         Command::Check => check(&load()?).await,
+        Command::Reset(args) => reset(&load()?, args).await,
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo(args, cancel, &display).await,
     }
@@ -293,6 +310,62 @@ async fn sync(
     summary(failed, "")
 }
 
+/// Drops a source's saved position, under its lock, after a person confirmed it.
+async fn reset(settings: &Settings, args: ResetArgs) -> Result<Exit, CliError> {
+    let selected = select_sources(settings, std::slice::from_ref(&args.source))?;
+    let name = selected
+        .first()
+        .map(|s| s.name.as_str())
+        .unwrap_or(args.source.as_str());
+    let what = format!(
+        "this drops the saved position of source {name} (its rows stay); its next pass \
+         reads everything again from its start"
+    );
+    if !args.yes && !confirmed(&what)? {
+        return Err(CliError::Usage(format!(
+            "{what}: confirm with --yes (nothing was changed)"
+        )));
+    }
+    let store = connect(settings).await?;
+    let mut lease = store
+        .try_lock(name)
+        .await
+        .context("taking the source's lock")?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "another process is syncing this source now; nothing was changed (try again \
+                 once its pass has ended)"
+            )
+        })?;
+    let dropped = store
+        .set_scope(&mut lease, name, None, Some(RESET_BY_OPERATOR))
+        .await;
+    store.unlock(lease).await;
+    dropped.context("dropping the source's position")?;
+    tracing::warn!(
+        source = name,
+        "position dropped by an operator; the next pass reads everything again from start"
+    );
+    Ok(Exit::Success)
+}
+
+/// Whether the person at the terminal answers yes to `question`; never on anything but
+/// a terminal, where no one can answer.
+fn confirmed(question: &str) -> anyhow::Result<bool> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return Ok(false);
+    }
+    let mut stderr = std::io::stderr().lock();
+    write!(stderr, "{question}. Go on? [y/N] ").context("asking for confirmation")?;
+    stderr.flush().context("asking for confirmation")?;
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .context("reading the answer")?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "Yes"))
+}
+
 /// A source as `status` shows it: what the store knows, and what the schedule says.
 #[derive(serde::Serialize)]
 pub(crate) struct StatusLine {
@@ -419,12 +492,25 @@ pub(crate) fn status_table(lines: &[StatusLine]) -> comfy_table::Table {
             s.live_rows.to_string(),
             s.deleted_rows.to_string(),
             s.rejected_records.to_string(),
-            s.position.clone(),
+            position(s),
             time(line.next_run_at),
             error,
         ]);
     }
     table
+}
+
+/// Where a source stands; while no pass has succeeded since its position was dropped,
+/// when and why it was.
+fn position(status: &SourceStatus) -> String {
+    match (&status.reset, status.reset_at) {
+        (Some(reason), Some(at)) if status.last_success_at.is_none_or(|ok| ok < at) => format!(
+            "{}; reading again from start since {}: {reason}",
+            status.position,
+            at.format("%Y-%m-%d %H:%M:%S")
+        ),
+        _ => status.position.clone(),
+    }
 }
 
 async fn check(settings: &Settings) -> Result<Exit, CliError> {

@@ -366,7 +366,7 @@ fn pass_table(runs: &[SourceRun]) -> comfy_table::Table {
         let time = format!("{:.1} s", run.elapsed.as_secs_f64());
         match &run.result {
             Ok(totals) => {
-                let counts = totals.counts;
+                let counts = &totals.counts;
                 let read = counts.inserted + counts.updated + counts.unchanged + counts.rejected;
                 table.add_row([
                     run.name.clone(),
@@ -418,7 +418,7 @@ fn second_pass_notes(runs: &[SourceRun]) -> Vec<String> {
     runs.iter()
         .filter_map(|run| {
             let totals = run.result.as_ref().ok()?;
-            let counts = totals.counts;
+            let counts = &totals.counts;
             let written = counts.inserted + counts.updated + counts.deleted;
             Some(if run.windowed {
                 format!(

@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::model::{
-    BackfillRange, Checkpoint, Ledger, LedgerWindow, ListingProgress, PageCounts, RunId, RunMode,
-    RunOutcome, SyncState, Window, WindowState,
+    BackfillRange, Checkpoint, DeletionPolicy, Ledger, LedgerWindow, ListingProgress, PageCounts,
+    RunId, RunMode, RunOutcome, SyncState, Window, WindowState, WithheldDeletions,
 };
 use crate::plan::plan_windows;
 use crate::sources::{Page, PageRequest, Source, SourceError, SyncMode, WindowedMode};
@@ -93,7 +93,7 @@ impl PassRequest {
 }
 
 /// The totals of a pass.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PassTotals {
     pub pages: u64,
     pub windows: u64,
@@ -101,7 +101,7 @@ pub struct PassTotals {
 }
 
 impl PassTotals {
-    fn add(&mut self, page: PageCounts) {
+    fn add(&mut self, page: &PageCounts) {
         self.pages += 1;
         self.counts.inserted += page.inserted;
         self.counts.updated += page.updated;
@@ -151,18 +151,52 @@ pub enum PassError {
     #[error("a backfill re-reads update-time windows; this source is read in full on every pass")]
     BackfillUnsupported,
     #[error(
-        "the complete listing would mark {would_delete} of {live} live departments deleted, \
-         more than max_delete_fraction {max_delete_fraction} allows; nothing was deleted \
-         (if they really are gone, confirm with `deptsync sync --source NAME --allow-mass-delete`)"
+        "{}; if they really are gone, confirm with \
+         `deptsync sync --source NAME --allow-mass-delete`",
+        withheld_message(withheld, scope_noun, *max_delete_fraction)
     )]
     MassDeletion {
-        would_delete: u64,
-        live: u64,
+        withheld: Vec<WithheldDeletions>,
+        scope_noun: &'static str,
         max_delete_fraction: f64,
     },
 }
 
 pub use crate::error_chain;
+
+/// What the mass-deletion guard held back, in words: for the whole source, or for each
+/// scope that would have lost too many.
+fn withheld_message(
+    withheld: &[WithheldDeletions],
+    scope_noun: &str,
+    max_delete_fraction: f64,
+) -> String {
+    if let Some(whole) = withheld.iter().find(|w| w.scope.is_none()) {
+        return format!(
+            "the complete listing would mark {} of {} live departments deleted, more than \
+             max_delete_fraction {max_delete_fraction} allows; nothing was deleted",
+            whole.would_delete, whole.live
+        );
+    }
+    let scopes: Vec<String> = withheld
+        .iter()
+        .map(|w| {
+            format!(
+                "{scope_noun} {} would lose {} of {} live departments",
+                w.scope.as_deref().unwrap_or_default(),
+                w.would_delete,
+                w.live
+            )
+        })
+        .collect();
+    format!(
+        "{}, more than max_delete_fraction {max_delete_fraction} allows (one {scope_noun} \
+         coming back empty is what a permission change or a vendor fault looks like); \
+         nothing of {} was deleted, the other deletions were made",
+        scopes.join("; "),
+        if withheld.len() == 1 { "it" } else { "them" }
+    )
+}
 
 /// The ledger a windowed pass works through: the interrupted pass's windows not done yet
 /// (each at its cursor) planned on to the new end, or a new plan.
@@ -635,7 +669,63 @@ impl<S: Source> Reader<'_, S> {
     }
 }
 
+/// Why a pass dropped its source's position: the settings that decide what it reads
+/// changed since the position was saved.
+pub const SETTINGS_CHANGED: &str =
+    "its settings changed what it reads (kind, base URL, the scopes it names or start)";
+/// Why a pass dropped its source's position: the position was saved before deptsync kept
+/// a record of the settings it was read with.
+pub const SETTINGS_UNRECORDED: &str = "no record of the settings its position was read with";
+
 impl<St: Store> Writer<'_, St> {
+    /// Makes sure the saved position in `state` is a position of the source's current
+    /// settings, whose fingerprint is `scope`. When they changed (or the position does
+    /// not say), the position is dropped, rows staying, so that this pass reads again
+    /// from `start` or starts a new listing: a position of other settings would leave out
+    /// for good what the new settings add (an enterprise's departments updated long ago).
+    async fn settle_scope(
+        &mut self,
+        state: SyncState,
+        scope: String,
+    ) -> Result<SyncState, PassError> {
+        if state.scope.as_deref() == Some(scope.as_str()) {
+            return Ok(state);
+        }
+        let bare = SyncState {
+            scope: state.scope.clone(),
+            ..SyncState::default()
+        };
+        let reset = match (&state.scope, state == bare) {
+            (_, true) => None,
+            (Some(_), false) => Some(SETTINGS_CHANGED),
+            (None, false) => Some(SETTINGS_UNRECORDED),
+        };
+        if let Some(reason) = reset {
+            tracing::warn!(
+                reason,
+                "the saved position is not one of these settings; dropping it (rows stay) \
+                 and reading again from start"
+            );
+        }
+        self.store
+            .set_scope(self.lease, self.name, Some(&scope), reset)
+            .await
+            .map_err(|source| PassError::Bookkeeping {
+                context: "recording what the source's position is a position of",
+                source,
+            })?;
+        Ok(match reset {
+            Some(_) => SyncState {
+                scope: Some(scope),
+                ..SyncState::default()
+            },
+            None => SyncState {
+                scope: Some(scope),
+                ..state
+            },
+        })
+    }
+
     /// Commits `page` with `checkpoint`, after setting aside the records that cannot be
     /// stored, and counts it.
     async fn commit(
@@ -674,7 +764,7 @@ impl<St: Store> Writer<'_, St> {
         if checkpoint.follows_page() {
             self.progress
                 .page_stored((departments.len() + rejected.len()) as u64);
-            self.totals.add(counts);
+            self.totals.add(&counts);
             crate::metrics::page_committed(self.name, &counts);
             tracing::debug!(at = %at(), ?counts, "page committed");
         }
@@ -741,21 +831,25 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
                 context: "loading the sync state",
                 source,
             })?;
+        let state = self
+            .writer
+            .settle_scope(state, self.reader.source.scope())
+            .await?;
         match (self.reader.source.mode(), request) {
             (SyncMode::Windowed(windowed), request) => {
                 self.read_windows(windowed, state, request).await
             }
-            (SyncMode::FullListing { .. }, PassRequest::Backfill { .. }) => {
+            (SyncMode::FullListing(_), PassRequest::Backfill { .. }) => {
                 Err(PassError::BackfillUnsupported)
             }
-            (
-                SyncMode::FullListing {
-                    max_delete_fraction,
-                },
-                PassRequest::Incremental { allow_mass_delete },
-            ) => {
-                let guard = (!allow_mass_delete).then_some(max_delete_fraction);
-                self.read_listing(state.listing, state.pending_confirmation, guard)
+            (SyncMode::FullListing(listing), PassRequest::Incremental { allow_mass_delete }) => {
+                let deletions = DeletionPolicy {
+                    max_delete_fraction: (!allow_mass_delete)
+                        .then_some(listing.max_delete_fraction),
+                    scopes: listing.scopes,
+                };
+                let saved = (state.listing, state.pending_confirmation);
+                self.read_listing(saved, deletions, listing.scope_noun)
                     .await
             }
         }
@@ -808,14 +902,16 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
         read
     }
 
-    /// Reads the whole listing, resuming `saved` if a pass left one half way.
-    /// `max_delete_fraction` is the guard on deletions (`None`: confirmed by a person).
+    /// Reads the whole listing, resuming the listing a pass left half way, or confirming
+    /// the one that awaits confirmation (`saved`). `deletions` says what the listings may
+    /// delete; `scope_noun` names the source's scopes in errors.
     async fn read_listing(
         &mut self,
-        saved: Option<ListingProgress>,
-        pending_confirmation: Option<Uuid>,
-        max_delete_fraction: Option<f64>,
+        saved: (Option<ListingProgress>, Option<Uuid>),
+        deletions: DeletionPolicy,
+        scope_noun: &'static str,
     ) -> Result<Finished, PassError> {
+        let (saved, pending_confirmation) = saved;
         let new_listing = |confirms: Option<Uuid>| ListingProgress {
             listing_id: Uuid::new_v4(),
             cursor: None,
@@ -882,7 +978,7 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
                 None => Checkpoint::ListingDone {
                     listing_id: listing.listing_id,
                     confirms: listing.confirms,
-                    max_delete_fraction,
+                    deletions: deletions.clone(),
                 },
             };
             // The next page is fetched while this one is stored.
@@ -908,12 +1004,13 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
                 page_number = 0;
                 continue;
             }
-            if let (Some(withheld), Some(max_delete_fraction)) =
-                (counts.withheld_deletions, max_delete_fraction)
-            {
+            if let (false, Some(max_delete_fraction)) = (
+                counts.withheld_deletions.is_empty(),
+                deletions.max_delete_fraction,
+            ) {
                 return Err(PassError::MassDeletion {
-                    would_delete: withheld.would_delete,
-                    live: withheld.live,
+                    withheld: counts.withheld_deletions,
+                    scope_noun,
                     max_delete_fraction,
                 });
             }

@@ -187,6 +187,9 @@ pub struct SyncState {
     pub listing: Option<ListingProgress>,
     /// A complete listing whose missing departments await a confirming listing.
     pub pending_confirmation: Option<Uuid>,
+    /// What this position is a position of: the fingerprint of the settings that decide
+    /// what the source reads ([`crate::sources::Source::scope`]), when recorded.
+    pub scope: Option<String>,
 }
 
 /// The position to commit together with a page: what the next read starts from. (A plan
@@ -218,12 +221,11 @@ pub enum Checkpoint {
     /// departments are missing from it and it `confirms` no other listing, nothing is
     /// deleted yet: they await a confirming listing ([`PageCounts::awaiting_confirmation`]).
     /// When it confirms one, every live department missing from both is marked deleted,
-    /// unless that is more than `max_delete_fraction` of the rows that were live when the
-    /// first listing began (`None`: a person confirmed any number).
+    /// as far as `deletions` allows.
     ListingDone {
         listing_id: Uuid,
         confirms: Option<Uuid>,
-        max_delete_fraction: Option<f64>,
+        deletions: DeletionPolicy,
     },
     /// The listing cannot be completed (it changed under its page numbers): forget what it
     /// saw, delete nothing, and start the next one from the beginning.
@@ -241,8 +243,21 @@ impl Checkpoint {
     }
 }
 
+/// What a complete listing confirmed by another may mark deleted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeletionPolicy {
+    /// The mass-deletion guard: the largest share of the rows live when the first listing
+    /// began that may be deleted, of the whole source and of each scope that held a
+    /// meaningful number of them (`None`: a person confirmed any number).
+    pub max_delete_fraction: Option<f64>,
+    /// The scopes (`scope_id`s) the listing reads, when its settings name them: a
+    /// department of any other scope is out of the listing's sight, never deleted for
+    /// missing from it. `None`: the listing reads every scope of the source.
+    pub scopes: Option<Vec<String>>,
+}
+
 /// How a page's departments landed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PageCounts {
     pub inserted: u64,
     pub updated: u64,
@@ -250,16 +265,19 @@ pub struct PageCounts {
     pub rejected: u64,
     /// Departments marked deleted (only by the last page of a full listing).
     pub deleted: u64,
-    /// Deletions the mass-deletion guard refused to make.
-    pub withheld_deletions: Option<WithheldDeletions>,
+    /// Deletions the mass-deletion guard refused to make: for the whole source, or for
+    /// each scope it held back.
+    pub withheld_deletions: Vec<WithheldDeletions>,
     /// Departments missing from a complete listing, awaiting a confirming listing.
     pub awaiting_confirmation: u64,
 }
 
 /// A complete listing would have marked `would_delete` of `live` rows deleted, more than
-/// the source allows: nothing was deleted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// the source allows: nothing of them was deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WithheldDeletions {
+    /// The scope (`scope_id`) held back, or `None` for the whole source.
+    pub scope: Option<String>,
     pub would_delete: u64,
     pub live: u64,
 }
@@ -339,9 +357,11 @@ pub struct SourceStatus {
     pub deleted_rows: i64,
     pub rejected_records: i64,
     pub backfill_in_progress: bool,
-    /// When and why the source's position was last dropped (its settings changed, or an
-    /// operator reset it), so that the next pass read it again from `start`.
+    /// Why the source's position was last dropped (its settings changed, or an operator
+    /// reset it), so that the pass after it read everything again from `start`.
     pub reset: Option<String>,
+    /// When it was dropped.
+    pub reset_at: Option<DateTime<Utc>>,
 }
 
 /// The longest department name deptsync stores, in characters. Longer names are not

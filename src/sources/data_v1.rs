@@ -9,7 +9,10 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use super::http::{Auth, ErrorBody, SourceClient, Vendor};
-use super::{Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord};
+use super::{
+    FullListingMode, Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord,
+    fingerprint,
+};
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RawRecord};
 
@@ -127,9 +130,15 @@ impl VendorRecord for DataV1Department {
 
 impl Source for DataV1 {
     fn mode(&self) -> SyncMode {
-        SyncMode::FullListing {
+        SyncMode::FullListing(FullListingMode {
             max_delete_fraction: self.settings.max_delete_fraction,
-        }
+            scope_noun: "scope",
+            scopes: None,
+        })
+    }
+
+    fn scope(&self) -> String {
+        fingerprint(&["data_v1", self.settings.base_url.as_str()])
     }
 
     async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {

@@ -16,7 +16,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::http::{ErrorBody, Reply, SourceClient, Vendor};
-use super::{Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord, WindowedMode};
+use super::{
+    Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord, WindowedMode,
+    fingerprint, id_set,
+};
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RawRecord, Window};
 
@@ -270,6 +273,17 @@ impl Source for Mews {
             concurrent_windows: self.settings.concurrent_windows,
             page_size: self.settings.page_size,
         })
+    }
+
+    fn scope(&self) -> String {
+        let enterprises = id_set(&self.settings.enterprise_ids);
+        let start = utc(self.settings.start);
+        fingerprint(&[
+            "mews",
+            self.settings.base_url.as_str(),
+            &enterprises,
+            &start,
+        ])
     }
 
     async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {

@@ -34,14 +34,26 @@ use crate::config::{SourceKindSettings, SourceSettings};
 use crate::model::{Department, RawRecord, RejectedRecord, Window};
 
 /// How the engine must read a source.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SyncMode {
     /// The API filters by update time.
     Windowed(WindowedMode),
     /// The API can only list everything: every pass reads the whole listing, and a
-    /// department missing from a complete listing is marked deleted, unless that would
-    /// delete more than `max_delete_fraction` of the live rows.
-    FullListing { max_delete_fraction: f64 },
+    /// department missing from complete listings is marked deleted, behind the guards.
+    FullListing(FullListingMode),
+}
+
+/// How a source that can only list everything is read, and what its listings may delete.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FullListingMode {
+    /// The most of the source's live rows (and of each scope's) one listing may delete.
+    pub max_delete_fraction: f64,
+    /// What the vendor calls the scope a department is filed under (`scope_id`), for
+    /// messages: "client account", "branch".
+    pub scope_noun: &'static str,
+    /// The scopes the settings name, when they name some: the listing reads only those,
+    /// so it may delete only departments of those. `None`: whatever the credential sees.
+    pub scopes: Option<Vec<String>>,
 }
 
 /// How a source that filters by update time is read: `[high-water mark - lookback, now)`
@@ -193,6 +205,37 @@ pub trait Source: Send + Sync {
 
     /// One cheap authenticated call, to prove the URL and the credentials work.
     fn check(&self) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// A fingerprint of the settings that decide what this source reads (its kind, base
+    /// URL, the scopes it names, where it starts; never a secret), so that a saved
+    /// position is known to be a position of these settings. A change of tokens alone
+    /// does not change it: a rotation for the same scope is routine.
+    fn scope(&self) -> String;
+}
+
+/// The fingerprint of the settings `parts` (see [`Source::scope`]): an md5 digest in hex,
+/// short enough to keep whatever the lists hold.
+pub(crate) fn fingerprint(parts: &[&str]) -> String {
+    use md5::{Digest, Md5};
+    let mut hasher = Md5::new();
+    for part in parts {
+        // Lengths first: no two lists of parts give the same bytes.
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// `items` sorted and joined by commas: a set of ids as one fingerprint part.
+pub(crate) fn id_set<T: ToString>(items: &[T]) -> String {
+    let mut ids: Vec<String> = items.iter().map(ToString::to_string).collect();
+    ids.sort();
+    ids.dedup();
+    ids.join(",")
 }
 
 /// Every connector, known at compile time.
@@ -259,6 +302,10 @@ impl Source for Connector {
 
     async fn check(&self) -> Result<(), SourceError> {
         each_connector!(self, source => source.check().await)
+    }
+
+    fn scope(&self) -> String {
+        each_connector!(self, source => source.scope())
     }
 }
 

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use super::http::{Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle, Vendor};
 use super::paging::PageMeta;
 use super::{
-    Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord, decode_cursor,
-    encode_cursor,
+    FullListingMode, Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord,
+    decode_cursor, encode_cursor, fingerprint,
 };
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RawRecord};
@@ -211,9 +211,15 @@ impl VendorRecord for ProcurifyDepartment {
 
 impl Source for Procurify {
     fn mode(&self) -> SyncMode {
-        SyncMode::FullListing {
+        SyncMode::FullListing(FullListingMode {
             max_delete_fraction: self.settings.max_delete_fraction,
-        }
+            scope_noun: "branch",
+            scopes: None,
+        })
+    }
+
+    fn scope(&self) -> String {
+        fingerprint(&["procurify", self.settings.base_url.as_str()])
     }
 
     async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {

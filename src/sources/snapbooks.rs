@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use super::http::{Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle, Vendor};
 use super::paging::PageMeta;
 use super::{
-    Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord, decode_cursor,
-    encode_cursor,
+    FullListingMode, Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord,
+    decode_cursor, encode_cursor, fingerprint, id_set,
 };
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RawRecord};
@@ -264,9 +264,18 @@ impl VendorRecord for SnapbooksDepartment {
 
 impl Source for Snapbooks {
     fn mode(&self) -> SyncMode {
-        SyncMode::FullListing {
+        let accounts = &self.settings.client_account_ids;
+        SyncMode::FullListing(FullListingMode {
             max_delete_fraction: self.settings.max_delete_fraction,
-        }
+            scope_noun: "client account",
+            scopes: (!accounts.is_empty())
+                .then(|| accounts.iter().map(ToString::to_string).collect()),
+        })
+    }
+
+    fn scope(&self) -> String {
+        let accounts = id_set(&self.settings.client_account_ids);
+        fingerprint(&["snapbooks", self.settings.base_url.as_str(), &accounts])
     }
 
     async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {

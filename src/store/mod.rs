@@ -144,6 +144,20 @@ pub trait Store: Send + Sync {
         checkpoint: &Checkpoint,
     ) -> impl Future<Output = Result<PageCounts, StoreError>> + Send;
 
+    /// Records that `source`'s saved position is a position of `scope` (a fingerprint of
+    /// the settings that decide what it reads; `None`: unknown, for the next pass to
+    /// record). With `reset` (why), first drops the position: the high-water mark, the
+    /// window ledgers, the listing in progress and the one awaiting confirmation, and the
+    /// page digests a listing would trust (rows stay), and records when and why. Written
+    /// under the lock's `lease`.
+    fn set_scope(
+        &self,
+        lease: &mut Self::Lease,
+        source: &str,
+        scope: Option<&str>,
+        reset: Option<&str>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Records how a pass ended.
     fn finish_run(
         &self,
@@ -332,6 +346,24 @@ impl Store for AnyStore {
         }
     }
 
+    async fn set_scope(
+        &self,
+        lease: &mut AnyLease,
+        source: &str,
+        scope: Option<&str>,
+        reset: Option<&str>,
+    ) -> Result<(), StoreError> {
+        match (self, lease) {
+            (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => {
+                store.set_scope(lease, source, scope, reset).await
+            }
+            (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => {
+                store.set_scope(lease, source, scope, reset).await
+            }
+            _ => Err(foreign_lease()),
+        }
+    }
+
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
         match self {
             AnyStore::Postgres(store) => store.finish_run(run, outcome).await,
@@ -351,7 +383,7 @@ impl Store for AnyStore {
 #[derive(Default)]
 struct Deletions {
     deleted: u64,
-    withheld: Option<WithheldDeletions>,
+    withheld: Vec<WithheldDeletions>,
     awaiting_confirmation: u64,
 }
 
@@ -378,26 +410,45 @@ impl Deletions {
     }
 }
 
-/// What to do with the `unseen` live departments that the complete listing (and the
-/// listing it `confirms`, if any) did not see, of the `live` ones the guard counts.
+/// The fewest live departments a scope (a Snapbooks client account, a Procurify branch)
+/// must hold for the mass-deletion guard to watch it on its own. A scope this small
+/// losing most of them is ordinary churn, and the guard over the whole source still
+/// counts them.
+pub const MIN_GUARDED_SCOPE_ROWS: u64 = 10;
+
+/// One scope's share of what a complete listing did not see: its departments live when
+/// the first listing began, and its live departments no listing saw. `scope` is the
+/// `scope_id`, `""` for none.
+struct ScopeCount {
+    scope: String,
+    live: u64,
+    unseen: u64,
+}
+
+/// What to do with the live departments that the complete listing (and the listing it
+/// `confirms`, if any) did not see.
 enum UnseenVerdict {
     /// Keep them all: nothing is missing, or it awaits a confirming listing, or the guard
-    /// withholds it.
+    /// withholds it all.
     Keep(Deletions),
-    /// Mark them deleted.
-    Delete,
+    /// Mark them deleted, except those of the scopes the guard `withheld`.
+    Delete { withheld: Vec<WithheldDeletions> },
 }
 
 /// One listing alone never deletes: departments it missed await a second listing that
 /// confirms it. A confirming listing deletes what both missed, unless that is more than
-/// `max_delete_fraction` of the rows live when the first began (`None`: a person
-/// confirmed any number).
+/// `max_delete_fraction` of the rows live when the first began, counted over the whole
+/// source (then nothing is deleted) and over each scope of at least
+/// [`MIN_GUARDED_SCOPE_ROWS`] (then nothing of that scope is: one scope coming back
+/// empty is what a permission change or a vendor fault looks like). `None`: a person
+/// confirmed any number.
 fn judge_unseen(
-    live: u64,
-    unseen: u64,
+    scopes: &[ScopeCount],
     confirms: Option<Uuid>,
     max_delete_fraction: Option<f64>,
 ) -> UnseenVerdict {
+    let live: u64 = scopes.iter().map(|s| s.live).sum();
+    let unseen: u64 = scopes.iter().map(|s| s.unseen).sum();
     if unseen == 0 {
         return UnseenVerdict::Keep(Deletions::default());
     }
@@ -407,18 +458,37 @@ fn judge_unseen(
             ..Deletions::default()
         });
     }
-    if let Some(fraction) = max_delete_fraction
-        && unseen as f64 > fraction * live as f64
-    {
+    let Some(fraction) = max_delete_fraction else {
+        return UnseenVerdict::Delete {
+            withheld: Vec::new(),
+        };
+    };
+    let too_many = |unseen: u64, live: u64| unseen as f64 > fraction * live as f64;
+    if too_many(unseen, live) {
         return UnseenVerdict::Keep(Deletions {
-            withheld: Some(WithheldDeletions {
+            withheld: vec![WithheldDeletions {
+                scope: None,
                 would_delete: unseen,
                 live,
-            }),
+            }],
             ..Deletions::default()
         });
     }
-    UnseenVerdict::Delete
+    let withheld: Vec<WithheldDeletions> = scopes
+        .iter()
+        .filter(|s| s.live >= MIN_GUARDED_SCOPE_ROWS && too_many(s.unseen, s.live))
+        .map(|s| WithheldDeletions {
+            scope: Some(s.scope.clone()),
+            would_delete: s.unseen,
+            live: s.live,
+        })
+        .collect();
+    UnseenVerdict::Delete { withheld }
+}
+
+/// The scopes the guard withheld, as the statement that marks deletions spares them.
+fn spared_scopes(withheld: &[WithheldDeletions]) -> Vec<&str> {
+    withheld.iter().filter_map(|w| w.scope.as_deref()).collect()
 }
 
 /// A source's `sync_state` columns, as both stores read them.
@@ -431,6 +501,7 @@ struct StateColumns {
     listing_id: Option<Uuid>,
     listing_cursor: Option<String>,
     listing_confirms: Option<Uuid>,
+    scope_fingerprint: Option<String>,
 }
 
 impl StateColumns {
@@ -472,6 +543,7 @@ impl StateColumns {
             backfill,
             listing,
             pending_confirmation,
+            scope: self.scope_fingerprint,
         }
     }
 }

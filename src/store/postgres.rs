@@ -13,13 +13,13 @@ use uuid::Uuid;
 
 pub use super::IfMissing;
 use super::{
-    Deletions, StateColumns, Store, StoreError, UnseenVerdict, db, describe_position, escape_nul,
-    judge_unseen, newest_versions, not_in_ledger, rejected_payload, run_mode, seen_ids,
-    window_columns, window_state,
+    Deletions, ScopeCount, StateColumns, Store, StoreError, UnseenVerdict, db, describe_position,
+    escape_nul, judge_unseen, newest_versions, not_in_ledger, rejected_payload, run_mode, seen_ids,
+    spared_scopes, window_columns, window_state,
 };
 use crate::model::{
-    Checkpoint, Department, Ledger, LedgerWindow, PageCounts, RejectedRecord, RunId, RunMode,
-    RunOutcome, SourceStatus, SyncState, Window, WindowState,
+    Checkpoint, DeletionPolicy, Department, Ledger, LedgerWindow, PageCounts, RejectedRecord,
+    RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
 };
 
 /// deptsync's PostgreSQL migrations, embedded in the binary.
@@ -319,13 +319,11 @@ impl PgStore {
             Checkpoint::ListingDone {
                 listing_id,
                 confirms,
-                max_delete_fraction,
+                deletions: policy,
             } => {
                 Self::record_seen(tx, source, *listing_id, &seen()).await?;
                 Self::settle_page_digests(tx, source, *listing_id, rewrote).await?;
-                deletions =
-                    Self::delete_unseen(tx, source, *listing_id, *confirms, *max_delete_fraction)
-                        .await?;
+                deletions = Self::delete_unseen(tx, source, *listing_id, *confirms, policy).await?;
                 if deletions.awaiting_confirmation > 0 {
                     // Keep what this listing saw, for the confirming listing to compare.
                     sqlx::query(
@@ -496,38 +494,48 @@ impl PgStore {
     }
 
     /// Counts the live departments of `source` that the complete listing `listing_id`
-    /// (and `confirms`, the listing it confirms) did not see. Without `confirms` they only
-    /// await confirmation; with it they are marked deleted, unless the guard forbids that
-    /// many.
+    /// (and `confirms`, the listing it confirms) did not see, scope by scope, and deletes
+    /// them or keeps them as [`judge_unseen`] says.
     async fn delete_unseen(
         tx: &mut Transaction<'_, Postgres>,
         source: &str,
         listing_id: Uuid,
         confirms: Option<Uuid>,
-        max_delete_fraction: Option<f64>,
+        policy: &DeletionPolicy,
     ) -> Result<Deletions, StoreError> {
-        let (live, unseen): (i64, i64) = sqlx::query_as(COUNT_UNSEEN)
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(COUNT_UNSEEN)
             .bind(source)
             .bind(listing_id)
             .bind(confirms)
-            .fetch_one(&mut **tx)
+            .bind(policy.scopes.as_deref())
+            .fetch_all(&mut **tx)
             .await
             .map_err(db("counting the departments the listing did not see"))?;
-        if let UnseenVerdict::Keep(kept) =
-            judge_unseen(live as u64, unseen as u64, confirms, max_delete_fraction)
-        {
-            return Ok(kept);
-        }
+        let scopes: Vec<ScopeCount> = rows
+            .into_iter()
+            .map(|(scope, live, unseen)| ScopeCount {
+                scope,
+                live: live as u64,
+                unseen: unseen as u64,
+            })
+            .collect();
+        let withheld = match judge_unseen(&scopes, confirms, policy.max_delete_fraction) {
+            UnseenVerdict::Keep(kept) => return Ok(kept),
+            UnseenVerdict::Delete { withheld } => withheld,
+        };
         let deleted = sqlx::query(MARK_UNSEEN_DELETED)
             .bind(source)
             .bind(listing_id)
             .bind(confirms)
+            .bind(policy.scopes.as_deref())
+            .bind(spared_scopes(&withheld))
             .execute(&mut **tx)
             .await
             .map_err(db("marking unlisted departments deleted"))?
             .rows_affected();
         Ok(Deletions {
             deleted,
+            withheld,
             ..Deletions::default()
         })
     }
@@ -988,6 +996,7 @@ impl Store for PgStore {
             listing_id: row.get("listing_id"),
             listing_cursor: row.get("listing_cursor"),
             listing_confirms: row.get("listing_confirms"),
+            scope_fingerprint: row.get("scope_fingerprint"),
         };
         Ok(columns.into_state(self.read_ledgers(source).await?))
     }
@@ -1079,6 +1088,57 @@ impl Store for PgStore {
         Ok(counts)
     }
 
+    async fn set_scope(
+        &self,
+        lease: &mut Self::Lease,
+        source: &str,
+        scope: Option<&str>,
+        reset: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut tx = sqlx::Connection::begin(&mut lease.connection)
+            .await
+            .map_err(db("opening a transaction"))?;
+        if reset.is_some() {
+            for table in ["sync_windows", "listing_seen_pages", "listing_page_digests"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE source = $1"))
+                    .bind(source)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("dropping the source's position"))?;
+            }
+        }
+        sqlx::query(
+            "INSERT INTO sync_state AS s (source, scope_fingerprint, reset_at, reset_reason)
+             VALUES ($1, $2, CASE WHEN $3::text IS NOT NULL THEN now() END, $3)
+             ON CONFLICT (source) DO UPDATE SET
+                 scope_fingerprint = EXCLUDED.scope_fingerprint,
+                 high_water_mark = CASE WHEN $3 IS NULL THEN s.high_water_mark END,
+                 incremental_until = CASE WHEN $3 IS NULL THEN s.incremental_until END,
+                 backfill_from = CASE WHEN $3 IS NULL THEN s.backfill_from END,
+                 backfill_to = CASE WHEN $3 IS NULL THEN s.backfill_to END,
+                 backfill_until = CASE WHEN $3 IS NULL THEN s.backfill_until END,
+                 listing_id = CASE WHEN $3 IS NULL THEN s.listing_id END,
+                 listing_cursor = CASE WHEN $3 IS NULL THEN s.listing_cursor END,
+                 listing_confirms = CASE WHEN $3 IS NULL THEN s.listing_confirms END,
+                 listing_started_at = CASE WHEN $3 IS NULL THEN s.listing_started_at END,
+                 listing_rewrote = $3 IS NULL AND s.listing_rewrote,
+                 trusted_listing = CASE WHEN $3 IS NULL THEN s.trusted_listing END,
+                 reset_at = CASE WHEN $3 IS NULL THEN s.reset_at ELSE now() END,
+                 reset_reason = COALESCE($3, s.reset_reason),
+                 updated_at = now()",
+        )
+        .bind(source)
+        .bind(scope)
+        .bind(reset)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("recording what the source's position is a position of"))?;
+        tx.commit()
+            .await
+            .map_err(db("recording what the source's position is a position of"))?;
+        Ok(())
+    }
+
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
         let error = outcome.error().map(escape_nul);
         sqlx::query(
@@ -1124,7 +1184,8 @@ impl Store for PgStore {
                 backfill_in_progress: row
                     .get::<Option<bool>, _>("backfill_in_progress")
                     .unwrap_or(false),
-                reset: None,
+                reset: row.get("reset_reason"),
+                reset_at: row.get("reset_at"),
             })
             .collect())
     }

@@ -41,13 +41,13 @@ use sqlx::{Connection, Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use super::{
-    Deletions, IfMissing, StateColumns, Store, StoreError, UnseenVerdict, db, describe_position,
-    escape_nul, judge_unseen, newest_versions, not_in_ledger, rejected_payload, run_mode, seen_ids,
-    window_columns, window_state,
+    Deletions, IfMissing, ScopeCount, StateColumns, Store, StoreError, UnseenVerdict, db,
+    describe_position, escape_nul, judge_unseen, newest_versions, not_in_ledger, rejected_payload,
+    run_mode, seen_ids, spared_scopes, window_columns, window_state,
 };
 use crate::model::{
-    Checkpoint, Department, Ledger, LedgerWindow, PageCounts, RawRecord, RejectedRecord, RunId,
-    RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
+    Checkpoint, DeletionPolicy, Department, Ledger, LedgerWindow, PageCounts, RawRecord,
+    RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
 };
 
 /// deptsync's SQLite migrations, embedded in the binary.
@@ -349,18 +349,11 @@ impl SqliteStore {
             Checkpoint::ListingDone {
                 listing_id,
                 confirms,
-                max_delete_fraction,
+                deletions: policy,
             } => {
                 Self::record_seen(tx, source, *listing_id, &seen()).await?;
-                let deletions = Self::delete_unseen(
-                    tx,
-                    source,
-                    now,
-                    *listing_id,
-                    *confirms,
-                    *max_delete_fraction,
-                )
-                .await?;
+                let deletions =
+                    Self::delete_unseen(tx, source, now, *listing_id, *confirms, policy).await?;
                 if deletions.awaiting_confirmation > 0 {
                     // Keep what this listing saw, for the confirming listing to compare.
                     sqlx::query(
@@ -568,42 +561,54 @@ impl SqliteStore {
     }
 
     /// Counts the live departments of `source` that the complete listing `listing_id`
-    /// (and `confirms`, the listing it confirms) did not see, and deletes them or keeps
-    /// them as [`judge_unseen`] says.
+    /// (and `confirms`, the listing it confirms) did not see, scope by scope, and deletes
+    /// them or keeps them as [`judge_unseen`] says.
     async fn delete_unseen(
         tx: &mut Transaction<'_, Sqlite>,
         source: &str,
         now: &str,
         listing_id: Uuid,
         confirms: Option<Uuid>,
-        max_delete_fraction: Option<f64>,
+        policy: &DeletionPolicy,
     ) -> Result<Deletions, StoreError> {
         let listing_id = listing_id.to_string();
         let confirms_id = confirms.map(|id| id.to_string());
-        let (live, unseen): (i64, i64) = sqlx::query_as(COUNT_UNSEEN)
+        let scopes = policy.scopes.as_ref().map(json_text).transpose()?;
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(COUNT_UNSEEN)
             .bind(source)
             .bind(&listing_id)
             .bind(&confirms_id)
             .bind(now)
-            .fetch_one(&mut **tx)
+            .bind(&scopes)
+            .fetch_all(&mut **tx)
             .await
             .map_err(db("counting the departments the listing did not see"))?;
-        if let UnseenVerdict::Keep(kept) =
-            judge_unseen(live as u64, unseen as u64, confirms, max_delete_fraction)
-        {
-            return Ok(kept);
-        }
+        let counts: Vec<ScopeCount> = rows
+            .into_iter()
+            .map(|(scope, live, unseen)| ScopeCount {
+                scope,
+                live: live as u64,
+                unseen: unseen as u64,
+            })
+            .collect();
+        let withheld = match judge_unseen(&counts, confirms, policy.max_delete_fraction) {
+            UnseenVerdict::Keep(kept) => return Ok(kept),
+            UnseenVerdict::Delete { withheld } => withheld,
+        };
         let deleted = sqlx::query(MARK_UNSEEN_DELETED)
             .bind(source)
             .bind(&listing_id)
             .bind(&confirms_id)
             .bind(now)
+            .bind(&scopes)
+            .bind(json_text(&spared_scopes(&withheld))?)
             .execute(&mut **tx)
             .await
             .map_err(db("marking unlisted departments deleted"))?
             .rows_affected();
         Ok(Deletions {
             deleted,
+            withheld,
             ..Deletions::default()
         })
     }
@@ -761,6 +766,12 @@ fn file_name_safe(name: &str) -> String {
 }
 
 /// The transaction's instant, taken once it holds the write lock.
+/// `value` as JSON text, for a statement that reads it with `json_each`.
+fn json_text(value: &impl Serialize) -> Result<String, StoreError> {
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::Corrupt(format!("a list not serializable: {e}")))
+}
+
 fn now() -> String {
     stamp(Utc::now())
 }
@@ -806,7 +817,8 @@ impl Store for SqliteStore {
     async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
         let row = sqlx::query(
             "SELECT high_water_mark, incremental_until, backfill_from, backfill_to,
-                    backfill_until, listing_id, listing_cursor, listing_confirms
+                    backfill_until, listing_id, listing_cursor, listing_confirms,
+                    scope_fingerprint
              FROM sync_state WHERE source = ?1",
         )
         .bind(source)
@@ -825,6 +837,7 @@ impl Store for SqliteStore {
             listing_id: uuid_in(&row, "listing_id")?,
             listing_cursor: get(&row, "listing_cursor")?,
             listing_confirms: uuid_in(&row, "listing_confirms")?,
+            scope_fingerprint: get(&row, "scope_fingerprint")?,
         };
         Ok(columns.into_state(self.read_ledgers(source).await?))
     }
@@ -874,6 +887,61 @@ impl Store for SqliteStore {
             .await
             .map_err(db("recording the start of the run"))?;
         Ok(RunId(run_id))
+    }
+
+    async fn set_scope(
+        &self,
+        lease: &mut SqliteLease,
+        source: &str,
+        scope: Option<&str>,
+        reset: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut tx = lease
+            .connection
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db("opening a transaction"))?;
+        let now = now();
+        if reset.is_some() {
+            for table in ["sync_windows", "listing_seen", "listing_page_digests"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE source = ?1"))
+                    .bind(source)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("dropping the source's position"))?;
+            }
+        }
+        sqlx::query(
+            "INSERT INTO sync_state AS s (source, scope_fingerprint, reset_at, reset_reason, updated_at)
+             VALUES (?1, ?2, CASE WHEN ?3 IS NOT NULL THEN ?4 END, ?3, ?4)
+             ON CONFLICT (source) DO UPDATE SET
+                 scope_fingerprint = excluded.scope_fingerprint,
+                 high_water_mark = CASE WHEN ?3 IS NULL THEN s.high_water_mark END,
+                 incremental_until = CASE WHEN ?3 IS NULL THEN s.incremental_until END,
+                 backfill_from = CASE WHEN ?3 IS NULL THEN s.backfill_from END,
+                 backfill_to = CASE WHEN ?3 IS NULL THEN s.backfill_to END,
+                 backfill_until = CASE WHEN ?3 IS NULL THEN s.backfill_until END,
+                 listing_id = CASE WHEN ?3 IS NULL THEN s.listing_id END,
+                 listing_cursor = CASE WHEN ?3 IS NULL THEN s.listing_cursor END,
+                 listing_confirms = CASE WHEN ?3 IS NULL THEN s.listing_confirms END,
+                 listing_started_at = CASE WHEN ?3 IS NULL THEN s.listing_started_at END,
+                 listing_rewrote = ?3 IS NULL AND s.listing_rewrote,
+                 trusted_listing = CASE WHEN ?3 IS NULL THEN s.trusted_listing END,
+                 reset_at = CASE WHEN ?3 IS NULL THEN s.reset_at ELSE ?4 END,
+                 reset_reason = COALESCE(?3, s.reset_reason),
+                 updated_at = ?4",
+        )
+        .bind(source)
+        .bind(scope)
+        .bind(reset)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("recording what the source's position is a position of"))?;
+        tx.commit()
+            .await
+            .map_err(db("recording what the source's position is a position of"))?;
+        Ok(())
     }
 
     async fn commit_page(
@@ -982,7 +1050,8 @@ impl Store for SqliteStore {
                     rejected_records: get(row, "rejected")?,
                     backfill_in_progress: get::<Option<bool>>(row, "backfill_in_progress")?
                         .unwrap_or(false),
-                    reset: None,
+                    reset: get(row, "reset_reason")?,
+                    reset_at: get(row, "reset_at")?,
                 })
             })
             .collect()

@@ -8,8 +8,9 @@
 use chrono::{DateTime, TimeZone, Utc};
 use deptsync::fakes::mews::FakeMews;
 use deptsync::model::{
-    Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts, RawRecord,
-    RejectedRecord, RunId, RunMode, RunOutcome, Window, WindowState,
+    Checkpoint, DeletionPolicy, Department, Ledger, LedgerWindow, ListingProgress, PageCounts,
+    RawRecord, RejectedRecord, RunId, RunMode, RunOutcome, SyncState, Window, WindowState,
+    WithheldDeletions,
 };
 use deptsync::store::{AnyLease, AnyStore, IfMissing, Store, StoreError};
 use uuid::Uuid;
@@ -60,7 +61,172 @@ on_both_stores!(
     rejected_records_are_kept_once_and_counted,
     status_has_a_line_per_source,
     a_source_has_one_lock_holder_at_a_time,
+    one_scope_losing_too_many_keeps_them_all_and_the_others_go_on,
+    a_listing_deletes_only_in_the_scopes_it_reads,
+    a_reset_drops_the_position_and_keeps_the_rows,
 );
+
+/// A department `id` of a full listing, filed under `scope`.
+fn in_scope(id: &str, scope: &str) -> Department {
+    Department {
+        scope_id: Some(scope.to_owned()),
+        ..listed(id)
+    }
+}
+
+/// Commits `page` as a complete listing confirmed by a second one that sees the same,
+/// under `deletions`; returns the confirming listing's counts.
+async fn confirmed_listing(
+    db: &TestStore,
+    lease: &mut AnyLease,
+    run: RunId,
+    page: &[Department],
+    deletions: &DeletionPolicy,
+) -> PageCounts {
+    let first = Uuid::new_v4();
+    let done = |listing_id, confirms| Checkpoint::ListingDone {
+        listing_id,
+        confirms,
+        deletions: deletions.clone(),
+    };
+    commit(db, lease, run, page, &done(first, None)).await;
+    commit(db, lease, run, page, &done(Uuid::new_v4(), Some(first))).await
+}
+
+async fn live_in_scope(db: &TestStore, scope: &str) -> i64 {
+    db.count(&format!(
+        "SELECT count(*) FROM departments WHERE deleted_at IS NULL AND scope_id = '{scope}'"
+    ))
+    .await
+}
+
+async fn one_scope_losing_too_many_keeps_them_all_and_the_others_go_on(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    // Scope "a" holds 12, "b" 12, "c" 20, "small" 3.
+    let ids = |scope: &str, n: usize| -> Vec<Department> {
+        (0..n)
+            .map(|i| in_scope(&format!("{scope}{i}"), scope))
+            .collect()
+    };
+    let everything: Vec<Department> = [("a", 12), ("b", 12), ("c", 20), ("small", 3)]
+        .into_iter()
+        .flat_map(|(scope, n)| ids(scope, n))
+        .collect();
+    let guarded = DeletionPolicy {
+        max_delete_fraction: Some(0.5),
+        scopes: None,
+    };
+    complete_listing(&db, &mut lease, run, &[], None, None).await;
+    confirmed_listing(&db, &mut lease, run, &everything, &guarded).await;
+
+    // "a" comes back empty, "b" loses one, "small" loses all three: 16 of 47 is under
+    // half of the source, but all of "a" is more than half of "a".
+    let listed: Vec<Department> = everything
+        .iter()
+        .filter(|d| {
+            let scope = d.scope_id.as_deref().unwrap_or_default();
+            scope != "a" && scope != "small" && d.external_id != "b0"
+        })
+        .cloned()
+        .collect();
+    let counts = confirmed_listing(&db, &mut lease, run, &listed, &guarded).await;
+
+    assert_eq!(
+        counts.withheld_deletions,
+        vec![WithheldDeletions {
+            scope: Some("a".to_owned()),
+            would_delete: 12,
+            live: 12
+        }]
+    );
+    assert_eq!(counts.deleted, 4, "b0 and the small scope's three");
+    assert_eq!(live_in_scope(&db, "a").await, 12);
+    assert_eq!(live_in_scope(&db, "b").await, 11);
+    assert_eq!(live_in_scope(&db, "small").await, 0);
+
+    // A person confirms.
+    let confirmed = DeletionPolicy {
+        max_delete_fraction: None,
+        scopes: None,
+    };
+    let counts = confirmed_listing(&db, &mut lease, run, &listed, &confirmed).await;
+    assert_eq!((counts.deleted, counts.withheld_deletions), (12, vec![]));
+    assert_eq!(live_in_scope(&db, "a").await, 0);
+}
+
+async fn a_listing_deletes_only_in_the_scopes_it_reads(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let both = [in_scope("1", "a"), in_scope("2", "a"), in_scope("3", "b")];
+    let every_scope = DeletionPolicy {
+        max_delete_fraction: None,
+        scopes: None,
+    };
+    confirmed_listing(&db, &mut lease, run, &both, &every_scope).await;
+
+    // Scope "b" is no longer read; "2" is really gone from "a".
+    let only_a = DeletionPolicy {
+        max_delete_fraction: None,
+        scopes: Some(vec!["a".to_owned()]),
+    };
+    let counts = confirmed_listing(&db, &mut lease, run, &both[..1], &only_a).await;
+
+    assert_eq!(counts.deleted, 1);
+    assert_eq!(
+        live_ids(&db).await,
+        ["1", "3"],
+        "out of scope is not deleted"
+    );
+}
+
+async fn a_reset_drops_the_position_and_keeps_the_rows(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    commit_windowed(&db, &mut lease, run, &[listed("1")]).await;
+    let w = window(at(2022, 1, 1), at(2022, 4, 1));
+    commit(&db, &mut lease, run, &[], &plan(at(2022, 4, 1), &[w])).await;
+    let listing = ListingProgress {
+        listing_id: Uuid::new_v4(),
+        cursor: Some("page-2".to_owned()),
+        confirms: None,
+    };
+    commit(
+        &db,
+        &mut lease,
+        run,
+        &[listed("2")],
+        &Checkpoint::Listing(listing),
+    )
+    .await;
+
+    // Recording the scope alone keeps the position.
+    db.store
+        .set_scope(&mut lease, "s", Some("fingerprint"), None)
+        .await
+        .unwrap();
+    let state = db.store.load_state("s").await.unwrap();
+    assert_eq!(state.scope.as_deref(), Some("fingerprint"));
+    assert!(state.high_water_mark.is_some() && state.incremental.is_some());
+    assert!(state.listing.is_some());
+
+    db.store
+        .set_scope(&mut lease, "s", Some("other"), Some("its settings changed"))
+        .await
+        .unwrap();
+
+    let state = db.store.load_state("s").await.unwrap();
+    assert_eq!(
+        state,
+        SyncState {
+            scope: Some("other".to_owned()),
+            ..SyncState::default()
+        }
+    );
+    assert_eq!(db.count("SELECT count(*) FROM sync_windows").await, 0);
+    assert_eq!(db.count("SELECT count(*) FROM listing_seen").await, 0);
+    assert_eq!(db.count("SELECT count(*) FROM departments").await, 2);
+    let status = db.store.status(&["s".to_owned()]).await.unwrap();
+    assert_eq!(status[0].reset.as_deref(), Some("its settings changed"));
+    assert!(status[0].reset_at.is_some());
+}
 
 fn department(id: &str, name: &str, updated: DateTime<Utc>) -> Department {
     Department {
@@ -667,7 +833,10 @@ async fn complete_listing(
     let last = Checkpoint::ListingDone {
         listing_id,
         confirms,
-        max_delete_fraction: guard,
+        deletions: DeletionPolicy {
+            max_delete_fraction: guard,
+            scopes: None,
+        },
     };
     (listing_id, commit(db, lease, run, &page, &last).await)
 }
@@ -706,7 +875,7 @@ async fn deleting_takes_two_complete_listings(db: TestStore) {
     // The confirming listing sees "3" gone too, but "3" was seen by the first: only what
     // both missed is deleted.
     let (_, counts) = complete_listing(&db, &mut lease, run, &["1", "2"], Some(first), guard).await;
-    assert_eq!((counts.deleted, counts.withheld_deletions), (1, None));
+    assert_eq!((counts.deleted, counts.withheld_deletions), (1, vec![]));
     assert_eq!(live_ids(&db).await, ["1", "2", "3"]);
     let state = db.store.load_state("s").await.unwrap();
     assert_eq!(state.pending_confirmation, None);
@@ -733,7 +902,11 @@ async fn the_mass_deletion_guard_withholds_until_a_person_confirms(db: TestStore
     assert_eq!(counts.awaiting_confirmation, 4);
     let (_, counts) = complete_listing(&db, &mut lease, run, &[], Some(first), guard).await;
     assert_eq!(counts.deleted, 0);
-    let withheld = counts.withheld_deletions.expect("the guard withholds");
+    let withheld = &counts.withheld_deletions[0];
+    assert_eq!(
+        withheld.scope, None,
+        "the guard withholds for the whole source"
+    );
     assert_eq!((withheld.would_delete, withheld.live), (4, 4));
     assert_eq!(live_ids(&db).await, ["1", "2", "3", "4"]);
     assert_eq!(
@@ -747,16 +920,15 @@ async fn the_mass_deletion_guard_withholds_until_a_person_confirms(db: TestStore
     let (first, counts) = complete_listing(&db, &mut lease, run, &listing, None, guard).await;
     assert_eq!((counts.inserted, counts.awaiting_confirmation), (5, 3));
     let (_, counts) = complete_listing(&db, &mut lease, run, &listing, Some(first), guard).await;
-    let withheld = counts
-        .withheld_deletions
-        .expect("3 of the 4 live before is too many");
+    // 3 of the 4 live before is too many.
+    let withheld = &counts.withheld_deletions[0];
     assert_eq!((withheld.would_delete, withheld.live), (3, 4));
     assert_eq!(live_ids(&db).await, ["1", "2", "3", "4", "5"]);
 
     // A person confirms (no guard): the chain deletes what both listings missed.
     let (first, _) = complete_listing(&db, &mut lease, run, &listing, None, None).await;
     let (_, counts) = complete_listing(&db, &mut lease, run, &listing, Some(first), None).await;
-    assert_eq!((counts.deleted, counts.withheld_deletions), (3, None));
+    assert_eq!((counts.deleted, counts.withheld_deletions), (3, vec![]));
     assert_eq!(live_ids(&db).await, ["1", "5"]);
 }
 
@@ -774,7 +946,10 @@ fn listing_ends(listing_id: Uuid) -> Checkpoint {
     Checkpoint::ListingDone {
         listing_id,
         confirms: None,
-        max_delete_fraction: None,
+        deletions: DeletionPolicy {
+            max_delete_fraction: None,
+            scopes: None,
+        },
     }
 }
 
@@ -868,7 +1043,10 @@ async fn last_listing_page(
     let last = Checkpoint::ListingDone {
         listing_id,
         confirms,
-        max_delete_fraction: guard,
+        deletions: DeletionPolicy {
+            max_delete_fraction: guard,
+            scopes: None,
+        },
     };
     commit(db, lease, run, &page, &last).await
 }
@@ -900,9 +1078,8 @@ async fn paged_listings_keep_the_clock_of_the_first_listings_first_page(db: Test
     // base would hold the new rows too (6 at the first listing's last page, 9 after it)
     // and the 3 would have been deleted.
     assert_eq!(counts.deleted, 0);
-    let withheld = counts
-        .withheld_deletions
-        .expect("3 of the 4 live before the first listing is too many");
+    // 3 of the 4 live before the first listing is too many.
+    let withheld = &counts.withheld_deletions[0];
     assert_eq!((withheld.would_delete, withheld.live), (3, 4));
     let live = db
         .count("SELECT count(*) FROM departments WHERE deleted_at IS NULL")

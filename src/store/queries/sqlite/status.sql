@@ -19,6 +19,8 @@ SELECT n.source,
        (SELECT count(*) FROM sync_windows w
          WHERE w.source = n.source AND w.mode = 'incremental') AS windows_planned,
        s.listing_cursor,
+       s.reset_at,
+       s.reset_reason,
        (SELECT min(started_at) FROM sync_runs r WHERE r.source = n.source) AS first_run_at,
        (s.backfill_from IS NOT NULL)                 AS backfill_in_progress,
        (SELECT count(*) FROM departments d
