@@ -191,6 +191,18 @@ struct StoredDepartment {
     json: Box<[u8]>,
 }
 
+impl StoredDepartment {
+    /// `department` as the fake keeps it.
+    fn of(department: &FakeDepartment) -> StoredDepartment {
+        // Invariant: a Value (string keys) always encodes, and into a Vec cannot fail.
+        let json = serde_json::to_vec(&department.json).expect("a Value always encodes");
+        StoredDepartment {
+            enterprise_id: department.enterprise_id,
+            json: json.into_boxed_slice(),
+        }
+    }
+}
+
 /// Mews' request limit: at most `requests` per access token in any sliding `period`.
 struct RateLimit {
     requests: usize,
@@ -283,12 +295,7 @@ impl FakeMews {
 
     /// Adds `department`, or replaces the one with its id.
     pub fn insert(&self, department: FakeDepartment) {
-        // Invariant: a Value (string keys) always encodes, and into a Vec cannot fail.
-        let json = serde_json::to_vec(&department.json).expect("a Value always encodes");
-        let stored = StoredDepartment {
-            enterprise_id: department.enterprise_id,
-            json: json.into_boxed_slice(),
-        };
+        let stored = StoredDepartment::of(&department);
         self.shared
             .lock()
             .1
@@ -355,12 +362,7 @@ impl FakeMews {
     /// over the fake's life) arrives, with the `UpdatedUtc` it carries (which may be long
     /// before that moment, as when the vendor's transaction commits after its timestamp).
     pub fn commit_late(&self, n: usize, department: FakeDepartment) {
-        // Invariant: a Value (string keys) always encodes, and into a Vec cannot fail.
-        let json = serde_json::to_vec(&department.json).expect("a Value always encodes");
-        let stored = StoredDepartment {
-            enterprise_id: department.enterprise_id,
-            json: json.into_boxed_slice(),
-        };
+        let stored = StoredDepartment::of(&department);
         self.shared
             .lock()
             .1

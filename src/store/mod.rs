@@ -425,6 +425,20 @@ struct ScopeCount {
     unseen: u64,
 }
 
+impl ScopeCount {
+    /// The counts as both stores' `count_unseen` statements return them: one row of
+    /// scope, live and unseen per scope.
+    fn from_rows(rows: Vec<(String, i64, i64)>) -> Vec<ScopeCount> {
+        rows.into_iter()
+            .map(|(scope, live, unseen)| ScopeCount {
+                scope,
+                live: live as u64,
+                unseen: unseen as u64,
+            })
+            .collect()
+    }
+}
+
 /// What to do with the live departments that the complete listing (and the listing it
 /// `confirms`, if any) did not see.
 enum UnseenVerdict {

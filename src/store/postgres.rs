@@ -511,14 +511,7 @@ impl PgStore {
             .fetch_all(&mut **tx)
             .await
             .map_err(db("counting the departments the listing did not see"))?;
-        let scopes: Vec<ScopeCount> = rows
-            .into_iter()
-            .map(|(scope, live, unseen)| ScopeCount {
-                scope,
-                live: live as u64,
-                unseen: unseen as u64,
-            })
-            .collect();
+        let scopes = ScopeCount::from_rows(rows);
         let withheld = match judge_unseen(&scopes, confirms, policy.max_delete_fraction) {
             UnseenVerdict::Keep(kept) => return Ok(kept),
             UnseenVerdict::Delete { withheld } => withheld,

@@ -583,14 +583,7 @@ impl SqliteStore {
             .fetch_all(&mut **tx)
             .await
             .map_err(db("counting the departments the listing did not see"))?;
-        let counts: Vec<ScopeCount> = rows
-            .into_iter()
-            .map(|(scope, live, unseen)| ScopeCount {
-                scope,
-                live: live as u64,
-                unseen: unseen as u64,
-            })
-            .collect();
+        let counts = ScopeCount::from_rows(rows);
         let withheld = match judge_unseen(&counts, confirms, policy.max_delete_fraction) {
             UnseenVerdict::Keep(kept) => return Ok(kept),
             UnseenVerdict::Delete { withheld } => withheld,

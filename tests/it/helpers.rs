@@ -161,6 +161,24 @@ pub fn connector(toml: &str) -> (SourceSettings, Connector) {
     (source, connector)
 }
 
+/// One pass of the first source of `toml` into `db`, its error as the chain of causes.
+pub async fn pass(
+    db: &TestDb,
+    toml: &str,
+    request: deptsync::engine::PassRequest,
+) -> Result<deptsync::engine::PassReport, String> {
+    let (settings, source) = connector(toml);
+    deptsync::engine::run_pass(
+        settings.name.as_str(),
+        &source,
+        &db.store,
+        request,
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .map_err(|e| deptsync::engine::error_chain(&e))
+}
+
 /// Runs the real binary with `args` and the environment given, waiting at most a minute.
 pub async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     run_binary_in(&std::env::current_dir().unwrap(), args, env).await

@@ -3,14 +3,13 @@
 //! deletions come only from complete listings, behind the mass-deletion guard.
 
 use chrono::{DateTime, Utc};
-use deptsync::engine::{PassReport, PassRequest, error_chain, run_pass};
+use deptsync::engine::{PassReport, PassRequest};
 use deptsync::fakes::data_v1::{self, FakeDataV1};
 use deptsync::fakes::procurify::{self, FakeProcurify};
 use deptsync::fakes::snapbooks::{self, FakeSnapbooks};
 use deptsync::store::Store;
-use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{TestDb, config, connector, run_binary};
+use crate::helpers::{TestDb, config, pass, run_binary};
 
 fn procurify_source(fake: &FakeProcurify, extra: &str) -> String {
     format!(
@@ -42,16 +41,7 @@ async fn procurify_synced(count: i64, extra: &str) -> (TestDb, FakeProcurify, St
 }
 
 async fn sync(db: &TestDb, source_toml: &str, request: PassRequest) -> Result<PassReport, String> {
-    let (settings, source) = connector(&config(&db.url, source_toml));
-    run_pass(
-        settings.name.as_str(),
-        &source,
-        &db.store,
-        request,
-        &CancellationToken::new(),
-    )
-    .await
-    .map_err(|e| error_chain(&e))
+    pass(db, &config(&db.url, source_toml), request).await
 }
 
 /// The live rows of `source` as (id, scope, name, active).

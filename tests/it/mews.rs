@@ -9,7 +9,7 @@ use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::helpers::{TestDb, assert_resumed, connector, mews_config};
+use crate::helpers::{TestDb, assert_resumed, connector, mews_config, pass};
 
 fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
@@ -105,16 +105,12 @@ async fn sync(
     extra: &str,
     request: PassRequest,
 ) -> Result<deptsync::engine::PassReport, String> {
-    let (_, source) = connector(&mews_config(&db.url, "mews", &fake.base_url, extra));
-    run_pass(
-        "mews",
-        &source,
-        &db.store,
+    pass(
+        db,
+        &mews_config(&db.url, "mews", &fake.base_url, extra),
         request,
-        &CancellationToken::new(),
     )
     .await
-    .map_err(|e| deptsync::engine::error_chain(&e))
 }
 
 #[tokio::test]

@@ -5,27 +5,17 @@
 //! one scope coming back empty. None of them may lose data or delete what is still there.
 
 use chrono::{DateTime, Duration, SubsecRound, Utc};
-use deptsync::engine::{PassReport, PassRequest, error_chain, run_pass};
+use deptsync::engine::{PassReport, PassRequest};
 use deptsync::fakes::mews::{self, FakeDepartment, FakeMews, format_utc};
 use deptsync::fakes::procurify::{self, FakeProcurify};
 use deptsync::fakes::snapbooks::{self, FakeSnapbooks};
 use deptsync::store::Store;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::helpers::{TestDb, config, connector, mews_config, run_binary, stderr};
+use crate::helpers::{TestDb, config, mews_config, pass, run_binary, stderr};
 
 async fn sync(db: &TestDb, toml: &str, request: PassRequest) -> Result<PassReport, String> {
-    let (settings, source) = connector(toml);
-    run_pass(
-        settings.name.as_str(),
-        &source,
-        &db.store,
-        request,
-        &CancellationToken::new(),
-    )
-    .await
-    .map_err(|e| error_chain(&e))
+    pass(db, toml, request).await
 }
 
 async fn count(db: &TestDb, sql: &str) -> i64 {
@@ -412,8 +402,13 @@ async fn reset_drops_the_position_so_the_next_pass_reads_from_start() {
     .await
     .unwrap();
 
+    let reset = |yes: bool| {
+        let mut args = vec!["reset", "--source", "mews", "--config", config_arg.as_str()];
+        args.extend(yes.then_some("--yes"));
+        async move { run_binary(&args, &[]).await }
+    };
     // Not on a terminal, it wants --yes.
-    let output = run_binary(&["reset", "--source", "mews", "--config", &config_arg], &[]).await;
+    let output = reset(false).await;
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(stderr(&output).contains("--yes"), "{}", stderr(&output));
     assert!(
