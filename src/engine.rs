@@ -42,13 +42,19 @@ const MIN_WINDOW: chrono::Duration = chrono::Duration::hours(1);
 const MIN_PAGE_SIZE: u32 = 10;
 
 /// `window` cut in two at its middle (whole seconds), unless it is already at the floor.
-fn halve(window: &Window) -> Option<[Window; 2]> {
+/// The ledger keys a window by its start, and a resumed pass's windows may overlap: a
+/// middle that is already the start of a window in `ledger_starts` moves a second
+/// earlier.
+fn halve(window: &Window, ledger_starts: &HashSet<DateTime<Utc>>) -> Option<[Window; 2]> {
     let span = window.end - window.start;
     if span < MIN_WINDOW * 2 {
         return None;
     }
-    let middle = (window.start + span / 2).trunc_subsecs(0);
-    Some([
+    let mut middle = (window.start + span / 2).trunc_subsecs(0);
+    while ledger_starts.contains(&middle) {
+        middle -= chrono::Duration::seconds(1);
+    }
+    (middle > window.start).then_some([
         Window {
             start: window.start,
             end: middle,
@@ -520,19 +526,22 @@ impl<S: Source> Reader<'_, S> {
     /// Reads the `outstanding` windows (each from its cursor), `concurrency` at a time, and
     /// sends their pages to the writer. The source's rate budget, shared by every window,
     /// bounds the request rate; `concurrency` only keeps it busy while pages are slow.
+    /// `ledger_starts` holds the start of every window of the ledger (a split adds one).
     async fn read_windows(
         &self,
         outstanding: Vec<WindowRequest>,
+        ledger_starts: HashSet<DateTime<Utc>>,
         concurrency: usize,
         writer: mpsc::Sender<WindowEvent>,
     ) -> Result<Finished, PassError> {
+        let ledger_starts = std::sync::Mutex::new(ledger_starts);
         let mut queue: VecDeque<_> = outstanding.into();
         let mut reading = FuturesUnordered::new();
         loop {
             while reading.len() < concurrency
                 && let Some(request) = queue.pop_front()
             {
-                reading.push(self.read_window(request, &writer));
+                reading.push(self.read_window(request, &ledger_starts, &writer));
             }
             match reading.next().await {
                 None => return Ok(Finished::Completed),
@@ -569,6 +578,7 @@ impl<S: Source> Reader<'_, S> {
     async fn read_window(
         &self,
         request: WindowRequest,
+        ledger_starts: &std::sync::Mutex<HashSet<DateTime<Utc>>>,
         writer: &mpsc::Sender<WindowEvent>,
     ) -> Result<WindowRead, PassError> {
         let WindowRequest {
@@ -593,10 +603,20 @@ impl<S: Source> Reader<'_, S> {
             let mut page = match fetched {
                 Ok(page) => page,
                 Err(SourceError::TooHeavy { request_id }) => {
-                    let smaller = (page_size / 2).max(MIN_PAGE_SIZE);
+                    // Never more than asked for, even below the floor.
+                    let smaller = (page_size / 2).max(MIN_PAGE_SIZE.min(page_size));
                     // Split a window not started yet, or one whose page size is at its
                     // floor; otherwise keep the position and ask for fewer a page.
-                    let split = halve(&window).filter(|_| cursor.is_none() || smaller == page_size);
+                    let split = if cursor.is_none() || smaller == page_size {
+                        let mut starts = ledger_starts.lock().unwrap_or_else(|p| p.into_inner());
+                        let halves = halve(&window, &starts);
+                        if let Some([_, second]) = halves {
+                            starts.insert(second.start);
+                        }
+                        halves
+                    } else {
+                        None
+                    };
                     let logged_id = request_id.as_deref().unwrap_or("");
                     if let Some(halves) = split {
                         tracing::warn!(%window, page_size = smaller, request_id = logged_id, "too heavy for the upstream; halving the window and the page size");
@@ -885,6 +905,7 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
             return Ok(Finished::Completed);
         }
         let mode = ledger.mode();
+        let ledger_starts = ledger.windows.iter().map(|w| w.window.start).collect();
         self.writer
             .commit(Page::default(), &Checkpoint::Ledger(ledger), || {
                 "the pass's plan".to_owned()
@@ -894,7 +915,8 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
         let concurrency = (windowed.concurrent_windows as usize).max(1);
         let (events, received) = mpsc::channel(concurrency);
         let (read, written) = tokio::join!(
-            self.reader.read_windows(outstanding, concurrency, events),
+            self.reader
+                .read_windows(outstanding, ledger_starts, concurrency, events),
             self.writer.write_windows(mode, received),
         );
         // A store failure first: it is why the readers stopped.
@@ -1044,6 +1066,26 @@ mod tests {
 
     fn windows(ledger: &Ledger) -> Vec<Window> {
         ledger.windows.iter().map(|w| w.window).collect()
+    }
+
+    #[test]
+    fn a_split_never_starts_a_half_where_a_window_of_the_ledger_starts() {
+        let window = Window {
+            start: at(2020, 1, 1),
+            end: at(2020, 1, 1) + chrono::Duration::hours(4),
+        };
+        let middle = at(2020, 1, 1) + chrono::Duration::hours(2);
+        let [first, second] = halve(&window, &HashSet::new()).unwrap();
+        assert_eq!((first.end, second.start), (middle, middle));
+        let taken = HashSet::from([middle]);
+        let [first, second] = halve(&window, &taken).unwrap();
+        let earlier = middle - chrono::Duration::seconds(1);
+        assert_eq!((first.end, second.start), (earlier, earlier));
+        let short = Window {
+            start: window.start,
+            end: window.start + chrono::Duration::minutes(90),
+        };
+        assert_eq!(halve(&short, &HashSet::new()), None);
     }
 
     #[test]

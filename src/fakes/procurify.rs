@@ -8,7 +8,8 @@
 //!   answers 404 past the last page.
 //!
 //! Switches for what the real API may do (BEHAVIOUR.md): serve fewer per page than asked
-//! and say so in `pagination` ([`FakeProcurify::cap_page_size`]).
+//! and say so in `pagination` ([`FakeProcurify::cap_page_size`]); send `pagination` that
+//! disagrees with itself ([`FakeProcurify::misstate_num_pages`]).
 //!
 //! Departments are encoded to JSON once, when they arrive, and kept in a vector ordered by
 //! id, so a page is a slice and its body the slice's bytes put together: the fake is never
@@ -74,6 +75,8 @@ pub struct ProcurifyState {
     department_pages: usize,
     /// The most departments served in one page, whatever `page_size` asks.
     page_size_cap: Option<u64>,
+    /// `num_pages` as sent (and `next` as it implies), whatever the listing holds.
+    misstated_num_pages: Option<u64>,
 }
 
 /// A running fake Procurify on a loopback port.
@@ -103,6 +106,12 @@ impl FakeProcurify {
     /// `pagination.page_size`, `num_pages` and `next` say what is served.
     pub fn cap_page_size(&self, cap: u64) {
         self.shared.lock().1.page_size_cap = Some(cap.max(1));
+    }
+
+    /// From now on, `pagination.num_pages` says `pages` and `next` follows it, whatever
+    /// the listing holds (a page past the real end is still a 404).
+    pub fn misstate_num_pages(&self, pages: u64) {
+        self.shared.lock().1.misstated_num_pages = Some(pages);
     }
 
     /// Adds or replaces department `id`.
@@ -290,10 +299,11 @@ async fn departments(
         .page_size_cap
         .map_or(page_size, |cap| page_size.min(cap));
     let count = state.departments.len() as u64;
-    let num_pages = count.div_ceil(page_size).max(1);
-    if page > num_pages {
+    let real_pages = count.div_ceil(page_size).max(1);
+    if page > real_pages {
         return refuse(StatusCode::NOT_FOUND, "Invalid page.");
     }
+    let num_pages = state.misstated_num_pages.unwrap_or(real_pages);
     state.department_pages += 1;
     let first = ((page - 1) * page_size) as usize;
     let last = (first + page_size as usize).min(state.departments.len());

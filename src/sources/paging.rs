@@ -40,6 +40,14 @@ impl PageMeta {
                 "the listing's metadata disagrees with itself: {what}"
             ))
         };
+        if page == 0 {
+            return disagree("a page 0".to_owned());
+        }
+        if served > total {
+            return disagree(format!(
+                "{served} records on a page of a listing of {total}"
+            ));
+        }
         if let Some(per_page) = per_page {
             if per_page == 0 {
                 return disagree("a page size of 0".to_owned());
@@ -89,12 +97,17 @@ impl PageMeta {
                     "a page after page {page} promised, but its {read} records are all {total}"
                 ));
             }
-        } else if let Some(read) = read
-            && read != total
-        {
-            return disagree(format!(
-                "the last page {page} ends at record {read} of {total}"
-            ));
+        } else {
+            // Without the page size, only a first page that is also the last can be
+            // checked: it must hold every record.
+            let read = read.or((page == 1).then_some(served));
+            if let Some(read) = read
+                && read != total
+            {
+                return disagree(format!(
+                    "the last page {page} ends at record {read} of {total}"
+                ));
+            }
         }
         Ok(more)
     }
@@ -166,5 +179,15 @@ mod tests {
         assert!(endless.next_page_follows().is_err());
         // The last page must end at the last record.
         assert!(meta(3, 40, 250).next_page_follows().is_err());
+        // A single page that says it is the last holds every record, whatever it says of
+        // its page size.
+        let alone = PageMeta {
+            per_page: None,
+            pages: None,
+            has_next: Some(false),
+            ..meta(1, 100, 450)
+        };
+        assert!(alone.next_page_follows().is_err());
+        assert!(wrong(|m| m.page = 0).contains("page 0"));
     }
 }

@@ -758,13 +758,13 @@ fn file_name_safe(name: &str) -> String {
         .collect()
 }
 
-/// The transaction's instant, taken once it holds the write lock.
 /// `value` as JSON text, for a statement that reads it with `json_each`.
 fn json_text(value: &impl Serialize) -> Result<String, StoreError> {
     serde_json::to_string(value)
         .map_err(|e| StoreError::Corrupt(format!("a list not serializable: {e}")))
 }
 
+/// The transaction's instant, taken once it holds the write lock.
 fn now() -> String {
     stamp(Utc::now())
 }

@@ -248,6 +248,34 @@ async fn procurify_follows_the_page_size_the_server_serves() {
 }
 
 #[tokio::test]
+async fn a_procurify_page_count_short_of_the_records_fails_and_deletes_nothing() {
+    let db = TestDb::new().await;
+    let fake = FakeProcurify::start().await.unwrap();
+    fake.generate(300, 3);
+    let source = config(
+        &db.url,
+        &format!(
+            "[[sources]]\nname = \"proc\"\nkind = \"procurify\"\nbase_url = \"{}\"\n\
+             client_id = \"{}\"\nclient_secret = \"{}\"\npage_size = 100\n",
+            fake.base_url,
+            procurify::CLIENT_ID,
+            procurify::CLIENT_SECRET
+        ),
+    );
+    sync(&db, &source, PassRequest::INCREMENTAL).await.unwrap();
+
+    // Two pages said for 300 records of 100 a page, and no next link after the second.
+    fake.misstate_num_pages(2);
+    let error = sync(&db, &source, PassRequest::INCREMENTAL)
+        .await
+        .unwrap_err();
+
+    assert!(error.contains("disagree"), "{error}");
+    assert_eq!(deleted(&db).await, 0);
+    fake.shared.assert_no_violations();
+}
+
+#[tokio::test]
 async fn a_listing_whose_metadata_disagrees_with_itself_fails_and_deletes_nothing() {
     let db = TestDb::new().await;
     let fake = FakeSnapbooks::start(&[456]).await.unwrap();
@@ -289,6 +317,84 @@ async fn a_408_on_a_short_window_asks_for_fewer_departments_a_page() {
     // The next pass's window is minutes long: it must not fail either.
     sync(&db, &toml, PassRequest::INCREMENTAL).await.unwrap();
     sync(&db, &toml, PassRequest::INCREMENTAL).await.unwrap();
+    fake.assert_no_violations();
+}
+
+#[tokio::test]
+async fn a_408_inside_a_window_keeps_its_place_and_asks_for_fewer() {
+    let db = TestDb::new().await;
+    let fake = FakeMews::start().await.unwrap();
+    let start = a_day_ago();
+    fake.generate(200, 1, start, Utc::now() - Duration::hours(1));
+    // From the second request on, more than 25 a page is too heavy.
+    let heavy = fake.clone();
+    fake.on_request(move |n| {
+        if n == 2 {
+            heavy.too_heavy_over(25, Duration::zero());
+        }
+    });
+    let toml = recent_mews(&db, &fake, start, "page_size = 50");
+
+    sync(&db, &toml, PassRequest::INCREMENTAL).await.unwrap();
+
+    let requests = fake.requests();
+    assert_eq!((requests[1].status, requests[1].count), (408, 50));
+    assert_eq!(
+        (requests[2].status, requests[2].count, requests[2].window),
+        (200, 25, requests[1].window),
+        "the same window, fewer a page"
+    );
+    assert_eq!(
+        requests[2].cursor, requests[1].cursor,
+        "from the same place: the window is not read again"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM departments").await, 200);
+    fake.assert_no_violations();
+}
+
+#[tokio::test]
+async fn a_position_saved_before_fingerprints_is_read_again_from_start_once() {
+    let db = TestDb::new().await;
+    let fake = FakeMews::start().await.unwrap();
+    fake.generate(
+        100,
+        1,
+        DateTime::parse_from_rfc3339("2019-02-01T00:00:00Z")
+            .unwrap()
+            .to_utc(),
+        Utc::now() - Duration::days(2),
+    );
+    let toml = mews_config(&db.url, "mews", &fake.base_url, "");
+    sync(&db, &toml, PassRequest::INCREMENTAL).await.unwrap();
+    // As a database from before the fingerprint was kept.
+    sqlx::query("UPDATE sync_state SET scope_fingerprint = NULL")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM departments")
+        .execute(db.pool())
+        .await
+        .unwrap();
+
+    sync(&db, &toml, PassRequest::INCREMENTAL).await.unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM departments").await, 100);
+    let status = db.store.status(&["mews".to_owned()]).await.unwrap();
+    assert!(
+        status[0]
+            .reset
+            .as_deref()
+            .is_some_and(|r| r.contains("no record")),
+        "{status:?}"
+    );
+
+    // Once: the next pass reads only the lookback again.
+    let before = fake.requests().len();
+    sync(&db, &toml, PassRequest::INCREMENTAL).await.unwrap();
+    assert!(
+        fake.requests()[before..]
+            .iter()
+            .all(|r| r.window.unwrap().start > Utc::now() - Duration::days(1))
+    );
     fake.assert_no_violations();
 }
 

@@ -183,10 +183,13 @@ async fn a_reset_drops_the_position_and_keeps_the_rows(db: TestStore) {
     commit_windowed(&db, &mut lease, run, &[listed("1")]).await;
     let w = window(at(2022, 1, 1), at(2022, 4, 1));
     commit(&db, &mut lease, run, &[], &plan(at(2022, 4, 1), &[w])).await;
+    // A complete listing that misses "1" awaits a confirming one, which is under way.
+    let (first, counts) = complete_listing(&db, &mut lease, run, &["2"], None, None).await;
+    assert_eq!(counts.awaiting_confirmation, 1);
     let listing = ListingProgress {
         listing_id: Uuid::new_v4(),
         cursor: Some("page-2".to_owned()),
-        confirms: None,
+        confirms: Some(first),
     };
     commit(
         &db,
@@ -222,6 +225,20 @@ async fn a_reset_drops_the_position_and_keeps_the_rows(db: TestStore) {
     );
     assert_eq!(db.count("SELECT count(*) FROM sync_windows").await, 0);
     assert_eq!(db.count("SELECT count(*) FROM listing_seen").await, 0);
+    assert_eq!(
+        db.count("SELECT count(*) FROM listing_page_digests").await,
+        0
+    );
+    let listing_state = db
+        .count(
+            "SELECT count(*) FROM sync_state
+             WHERE listing_confirms IS NOT NULL OR trusted_listing IS NOT NULL",
+        )
+        .await;
+    assert_eq!(
+        listing_state, 0,
+        "no listing awaits confirmation, none is trusted"
+    );
     assert_eq!(db.count("SELECT count(*) FROM departments").await, 2);
     let status = db.store.status(&["s".to_owned()]).await.unwrap();
     assert_eq!(status[0].reset.as_deref(), Some("its settings changed"));

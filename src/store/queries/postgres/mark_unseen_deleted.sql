@@ -7,7 +7,7 @@ SET deleted_at = now(), last_changed_at = now()
 WHERE d.source = $1
   AND d.deleted_at IS NULL
   AND ($4::text[] IS NULL OR COALESCE(d.scope_id, '') = ANY($4::text[]))
-  AND NOT COALESCE(d.scope_id, '') = ANY($5::text[])
+  AND NOT COALESCE(d.scope_id, '') = ANY(COALESCE($5::text[], '{}'))
   AND d.external_id IN (
       SELECT external_id FROM departments WHERE source = $1 AND deleted_at IS NULL
       EXCEPT

@@ -7,7 +7,7 @@ SET deleted_at = ?4, last_changed_at = ?4
 WHERE d.source = ?1
   AND d.deleted_at IS NULL
   AND (?5 IS NULL OR COALESCE(d.scope_id, '') IN (SELECT value FROM json_each(?5)))
-  AND COALESCE(d.scope_id, '') NOT IN (SELECT value FROM json_each(?6))
+  AND COALESCE(d.scope_id, '') NOT IN (SELECT value FROM json_each(COALESCE(?6, '[]')))
   AND NOT EXISTS (
       SELECT 1 FROM listing_seen s
       WHERE s.source = d.source AND s.listing_id = ?2 AND s.external_id = d.external_id
