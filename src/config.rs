@@ -456,6 +456,9 @@ fn without_quoted_lines(message: &str) -> String {
 pub struct FieldContext<'a> {
     source: &'a str,
     pub env: EnvLookup<'a>,
+    /// `allow_insecure_http`: the source may send its credentials over plain `http://`
+    /// to a host that is not loopback.
+    allow_insecure_http: bool,
 }
 
 impl FieldContext<'_> {
@@ -474,8 +477,30 @@ impl FieldContext<'_> {
 
     /// An `http(s)://` URL without credentials or query, ending in `/` so that relative
     /// paths join under it.
+    ///
+    /// Every request to it carries a secret, so plain `http://` is refused unless the host
+    /// is loopback (the demo and tests) or the source says `allow_insecure_http = true`,
+    /// which is warned about.
     pub fn base_url(&self, field: &str, text: &str) -> Result<reqwest::Url, ConfigError> {
-        parse_base_url(text).map_err(|m| self.error(field, m))
+        let url = parse_base_url(text).map_err(|m| self.error(field, m))?;
+        if url.scheme() == "http" && !is_loopback(&url) {
+            if !self.allow_insecure_http {
+                return Err(self.error(
+                    field,
+                    format!(
+                        "{text:?} would send the source's credentials unencrypted: use \
+                         https://, or set allow_insecure_http = true if that is really wanted"
+                    ),
+                ));
+            }
+            tracing::warn!(
+                source = self.source,
+                field,
+                url = %url,
+                "allow_insecure_http: credentials are sent unencrypted over plain http"
+            );
+        }
+        Ok(url)
     }
 
     /// An optional count `field` in `1..=max` (a page size, windows read at once).
@@ -528,6 +553,19 @@ impl FieldContext<'_> {
 /// deletes nothing, unless a person confirms it.
 pub const DEFAULT_MAX_DELETE_FRACTION: f64 = 0.5;
 
+/// Whether `url` names this machine: `localhost` or a loopback address.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    // An IPv6 host is written in brackets.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback())
+}
+
 fn parse_base_url(text: &str) -> Result<reqwest::Url, String> {
     let with_slash = if text.ends_with('/') {
         text.to_owned()
@@ -559,9 +597,16 @@ fn validate_source(
         .map_err(|e| at_index("sources", format!("must be a table: {e}")))?;
     let name = take_string(&mut table, "name").map_err(|m| at_index("name", m))?;
     let name = SourceName::parse(&name).map_err(|m| at_index("name", m))?;
+    let allow_insecure_http = match table.remove("allow_insecure_http") {
+        None => false,
+        Some(v) => v
+            .into_bool()
+            .map_err(|e| at_index("allow_insecure_http", e.to_string()))?,
+    };
     let fields = FieldContext {
         source: name.as_str(),
         env,
+        allow_insecure_http,
     };
     let kind = take_string(&mut table, "kind").map_err(|m| fields.error("kind", m))?;
     let schedule = match table.remove("schedule") {
@@ -830,6 +875,36 @@ mod tests {
             mews.client,
             format!("deptsync {}", env!("CARGO_PKG_VERSION"))
         );
+    }
+
+    #[test]
+    fn plain_http_is_refused_for_credentials_unless_loopback_or_allowed() {
+        let with_url = |url: &str, extra: &str| {
+            GOOD.replace("https://api.mews-demo.com", url)
+                .replace("page_size = 500", &format!("page_size = 500\n{extra}"))
+        };
+        let error = error_of(&with_url("http://api.mews.com", ""));
+        assert!(
+            error.contains("field `base_url`") && error.contains("unencrypted"),
+            "{error}"
+        );
+        for loopback in [
+            "http://127.0.0.1:8080",
+            "http://localhost",
+            "http://[::1]:9",
+        ] {
+            Settings::parse(&with_url(loopback, ""), &env).unwrap();
+        }
+        Settings::parse(
+            &with_url("http://api.mews.com", "allow_insecure_http = true"),
+            &env,
+        )
+        .unwrap();
+        let error = error_of(&with_url(
+            "http://api.mews.com",
+            "allow_insecure_http = \"maybe\"",
+        ));
+        assert!(error.contains("field `allow_insecure_http`"), "{error}");
     }
 
     #[test]
