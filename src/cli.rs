@@ -477,10 +477,11 @@ pub(crate) fn status_table(lines: &[StatusLine]) -> comfy_table::Table {
         if line.stale {
             state.push_str(" (STALE)");
         }
+        // Errors and positions quote vendors: nothing of theirs reaches the terminal raw.
         let error = match (&s.last_error, s.last_error_at) {
             (Some(error), at) => {
                 let short: String = error.chars().take(100).collect();
-                format!("{} {short}", time(at))
+                format!("{} {}", time(at), crate::printable(&short))
             }
             (None, _) => "-".to_owned(),
         };
@@ -492,7 +493,7 @@ pub(crate) fn status_table(lines: &[StatusLine]) -> comfy_table::Table {
             s.live_rows.to_string(),
             s.deleted_rows.to_string(),
             s.rejected_records.to_string(),
-            position(s),
+            crate::printable(&position(s)).into_owned(),
             time(line.next_run_at),
             error,
         ]);

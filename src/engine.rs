@@ -650,7 +650,13 @@ impl<S: Source> Reader<'_, S> {
                     message,
                     request_id,
                 }) if cursor.is_some() && !dropped_a_cursor => {
-                    tracing::warn!(%window, cursor = cursor.as_deref().unwrap_or(""), %message, request_id = request_id.as_deref().unwrap_or(""), "the upstream refused the cursor; reading the window again from its start");
+                    tracing::warn!(
+                        %window,
+                        cursor = %crate::printable(cursor.as_deref().unwrap_or("")),
+                        message = %crate::printable(&message),
+                        request_id = %crate::printable(request_id.as_deref().unwrap_or("")),
+                        "the upstream refused the cursor; reading the window again from its start"
+                    );
                     dropped_a_cursor = true;
                     cursor = None;
                     seen_cursors.clear();
@@ -764,8 +770,8 @@ impl<St: Store> Writer<'_, St> {
         }
         for record in &rejected {
             tracing::warn!(
-                external_id = record.external_id.as_deref().unwrap_or(""),
-                reason = %record.reason,
+                external_id = %crate::printable(record.external_id.as_deref().unwrap_or("")),
+                reason = %crate::printable(&record.reason),
                 "record rejected"
             );
         }
@@ -982,7 +988,7 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
                             )),
                         });
                     }
-                    tracing::warn!(%reason, "the listing changed while it was read; starting it again");
+                    tracing::warn!(reason = %crate::printable(&reason), "the listing changed while it was read; starting it again");
                     restarts += 1;
                     page_number = 0;
                     listing = new_listing(listing.confirms);

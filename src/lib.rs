@@ -26,7 +26,8 @@ pub mod sources;
 pub mod store;
 
 /// An error and all its causes on one line, `outer: inner: innermost`: what logs and
-/// `sync_runs.error` keep of a failure.
+/// `sync_runs.error` keep of a failure. The causes quote vendors (their error messages),
+/// so the line is [`printable`].
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
@@ -35,5 +36,47 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         text.push_str(&inner.to_string());
         cause = inner.source();
     }
-    text
+    printable(&text).into_owned()
+}
+
+/// `text` from outside (a vendor's message, a department's id, a cursor) made safe to
+/// show on a terminal or in a log line: control characters (an escape sequence could
+/// rewrite an operator's terminal, a newline forge a journald line) and the characters
+/// that reorder text (right-to-left overrides) are written as escapes, `\n`, `\u{1b}`.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn vendor_text_cannot_drive_a_terminal_or_forge_a_log_line() {
+        assert_eq!(
+            printable("Sales & Marketing – Oslo"),
+            "Sales & Marketing – Oslo"
+        );
+        assert_eq!(
+            printable("a\u{1b}[2Jb\nFORGED\r\t\u{7f}\u{9b}"),
+            "a\\u{1b}[2Jb\\nFORGED\\r\\t\\u{7f}\\u{9b}"
+        );
+        assert_eq!(printable("x\u{202e}y"), "x\\u{202e}y");
+        assert!(!printable("\u{0}\u{7}\u{8}").chars().any(char::is_control));
+    }
 }

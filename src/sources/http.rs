@@ -246,7 +246,7 @@ impl SourceClient {
                     }
                     tracing::info!(
                         source = %self.source,
-                        error = %error,
+                        error = %crate::error_chain(&error),
                         "access token rejected; getting a new one"
                     );
                     renewed_token = true;
