@@ -114,14 +114,28 @@ impl Budget {
         }
     }
 
+    /// Waits until a request may be sent: no `Retry-After` holds the credential back, and
+    /// the rate budget has a turn for it. A hold that arrives while the request waits for
+    /// its turn (another request got a 429 meanwhile) holds it too: the hold applies to
+    /// every request not sent yet, whenever it was queued.
     async fn wait_turn(&self) {
+        loop {
+            if let Some(until) = self.held_until() {
+                tokio::time::sleep_until(until).await;
+            }
+            if let Some(limiter) = &self.limiter {
+                limiter.until_ready().await;
+            }
+            if self.held_until().is_none() {
+                return;
+            }
+        }
+    }
+
+    /// Until when a `Retry-After` holds the credential back, if it still does.
+    fn held_until(&self) -> Option<Instant> {
         let blocked = *self.blocked_until.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(until) = blocked.filter(|until| *until > Instant::now()) {
-            tokio::time::sleep_until(until).await;
-        }
-        if let Some(limiter) = &self.limiter {
-            limiter.until_ready().await;
-        }
+        blocked.filter(|until| *until > Instant::now())
     }
 
     fn hold_back(&self, wait: Duration) {
