@@ -139,7 +139,15 @@ pub struct HttpSettings {
     /// `rate_limit` ("180/30s"): the request budget of the source's credential, shared by
     /// every source that uses the same credential. Default: the vendor's (Mews), or none.
     pub rate_limit: Option<RateLimit>,
+    /// `max_response_bytes`: the most bytes of one response body read, counted after
+    /// decompression while reading, default [`DEFAULT_MAX_RESPONSE_BYTES`].
+    pub max_response_bytes: u64,
 }
+
+/// The default bound on one response body, decompressed: 64 MiB. No departments listing
+/// page comes near it (a Mews page of 1000 departments is about 300 kB); a body past it is
+/// a fault or an attack (a gzip bomb), not data.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Default for HttpSettings {
     fn default() -> Self {
@@ -149,6 +157,7 @@ impl Default for HttpSettings {
             max_attempts: 5,
             max_backoff: std::time::Duration::from_secs(60),
             rate_limit: None,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -722,7 +731,22 @@ fn take_http_settings(
             Err(e) => return Err(fields.error("max_attempts", e.to_string())),
         },
     };
+    let max_response_bytes = match table.remove("max_response_bytes") {
+        None => defaults.max_response_bytes,
+        Some(v) => match v.into_int() {
+            // At least a page's worth; at most what a 32-bit build could hold.
+            Ok(n) if (1024..=1 << 31).contains(&n) => n as u64,
+            Ok(n) => {
+                return Err(fields.error(
+                    "max_response_bytes",
+                    format!("must be between 1024 and 2147483648 bytes, got {n}"),
+                ));
+            }
+            Err(e) => return Err(fields.error("max_response_bytes", e.to_string())),
+        },
+    };
     Ok(HttpSettings {
+        max_response_bytes,
         connect_timeout: fields.duration(
             "connect_timeout",
             connect_timeout.as_deref(),

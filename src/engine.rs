@@ -66,6 +66,22 @@ fn halve(window: &Window, ledger_starts: &HashSet<DateTime<Utc>>) -> Option<[Win
     ])
 }
 
+/// The most pages one window, or one listing, is read in: far past any real one (100
+/// million departments at 1000 a page), so that an upstream that goes on promising a
+/// next page for ever fails the pass instead of running it for ever.
+const MAX_PAGES: u64 = 100_000;
+
+/// The error of a window or listing that went past [`MAX_PAGES`].
+fn too_many_pages(at: String, request_id: Option<String>) -> PassError {
+    PassError::Fetch {
+        at,
+        source: SourceError::Protocol {
+            message: format!("more than {MAX_PAGES} pages; paging would never end"),
+            request_id,
+        },
+    }
+}
+
 /// How many times one pass starts a listing again after it changed under its page numbers.
 const MAX_LISTING_RESTARTS: u32 = 3;
 
@@ -677,6 +693,9 @@ impl<S: Source> Reader<'_, S> {
                 };
                 return Err(PassError::Fetch { at: at(), source });
             }
+            if next_cursor.is_some() && page_number >= MAX_PAGES {
+                return Err(too_many_pages(at(), page.request_id.take()));
+            }
             let (stored, is_stored) = oneshot::channel();
             let event = WindowEvent::Page {
                 window,
@@ -997,6 +1016,9 @@ impl<S: Source, St: Store> Pass<'_, S, St> {
                 Err(source) => return Err(PassError::Fetch { at: at(), source }),
             };
             let next_cursor = page.next_cursor.take();
+            if next_cursor.is_some() && page_number >= MAX_PAGES {
+                return Err(too_many_pages(at(), page.request_id.take()));
+            }
             let checkpoint = match &next_cursor {
                 Some(cursor) => Checkpoint::Listing(ListingProgress {
                     listing_id: listing.listing_id,

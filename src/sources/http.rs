@@ -198,6 +198,7 @@ pub struct SourceClient {
     source: Arc<str>,
     max_attempts: u32,
     max_backoff: Duration,
+    max_response_bytes: u64,
     budget: Arc<Budget>,
 }
 
@@ -213,6 +214,7 @@ impl SourceClient {
             source: source.into(),
             max_attempts: settings.max_attempts.max(1),
             max_backoff: settings.max_backoff,
+            max_response_bytes: settings.max_response_bytes,
             budget: budget_for(credential, settings.rate_limit, source),
         })
     }
@@ -330,11 +332,13 @@ impl SourceClient {
             });
         }
         if status.is_success() {
-            return match read_json(response, request_id.as_deref()).await {
+            return match read_json(response, request_id.as_deref(), self.max_response_bytes).await {
                 Ok(value) => Ok(Replied {
                     reply: Reply::Json(value),
                     request_id,
                 }),
+                // The same request would get the same body.
+                Err(error @ SourceError::TooLarge { .. }) => Err(Failure::Final(error)),
                 Err(error) => Err(Failure::Transient {
                     error,
                     retry_after: None,
@@ -385,8 +389,33 @@ pub fn request_id(headers: &HeaderMap, header: &str) -> Option<String> {
 /// Bodies at least this long are decoded on the blocking pool.
 const DECODE_ASIDE_BYTES: usize = 64 * 1024;
 
-/// Reads the whole body and decodes it as JSON. A body that is cut short or is not the
-/// JSON we expect is a [`SourceError::Decode`] naming the request.
+/// The most of an error body read: only its message is wanted.
+const MAX_ERROR_BODY_BYTES: u64 = 64 * 1024;
+
+/// Reads the body, decompressed, into memory, failing as soon as it holds more than
+/// `limit` bytes: the bound is counted while reading, so a body of any size (a gzip bomb
+/// of gigabytes in a few megabytes) costs at most `limit` of memory.
+async fn read_bounded(mut response: reqwest::Response, limit: u64) -> Result<Vec<u8>, BodyError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Read)? {
+        if body.len() as u64 + chunk.len() as u64 > limit {
+            return Err(BodyError::TooLarge(body));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Why a body could not be read whole.
+enum BodyError {
+    Read(reqwest::Error),
+    /// Past the limit: what was read up to it.
+    TooLarge(Vec<u8>),
+}
+
+/// Reads the body (at most `limit` bytes, decompressed) and decodes it as JSON. A body
+/// that is cut short or is not the JSON we expect is a [`SourceError::Decode`] naming the
+/// request; one over the limit is [`SourceError::TooLarge`].
 ///
 /// A page of departments is decoded (every record read) on the blocking pool: a pass
 /// stores its pages from the same thread that reads them, and a page's decoding there
@@ -394,15 +423,22 @@ const DECODE_ASIDE_BYTES: usize = 64 * 1024;
 async fn read_json<T: DeserializeOwned + Send + 'static>(
     response: reqwest::Response,
     request_id: Option<&str>,
+    limit: u64,
 ) -> Result<T, SourceError> {
     let unreadable = |message: String| SourceError::Decode {
         message,
         request_id: request_id.map(str::to_owned),
     };
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| unreadable(format!("body could not be read: {e}")))?;
+    let body = match read_bounded(response, limit).await {
+        Ok(body) => body,
+        Err(BodyError::Read(e)) => return Err(unreadable(format!("body could not be read: {e}"))),
+        Err(BodyError::TooLarge(_)) => {
+            return Err(SourceError::TooLarge {
+                limit,
+                request_id: request_id.map(str::to_owned),
+            });
+        }
+    };
     let decoded = if body.len() < DECODE_ASIDE_BYTES {
         serde_json::from_slice(&body)
     } else {
@@ -428,7 +464,11 @@ async fn error_from_response(
     fields: &ErrorBody<'_>,
 ) -> SourceError {
     let status = response.status().as_u16();
-    let body = response.text().await.unwrap_or_default();
+    // Only the message is wanted: what is past the bound, or unreadable, is left.
+    let body = match read_bounded(response, MAX_ERROR_BODY_BYTES).await {
+        Ok(body) | Err(BodyError::TooLarge(body)) => String::from_utf8_lossy(&body).into_owned(),
+        Err(BodyError::Read(_)) => String::new(),
+    };
     let parsed = serde_json::from_str::<serde_json::Value>(&body).ok();
     let message = parsed
         .as_ref()

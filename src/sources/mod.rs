@@ -158,6 +158,13 @@ pub enum SourceError {
     },
     #[error("request failed")]
     Transport(#[source] reqwest::Error),
+    /// The body went past the source's `max_response_bytes` (decompressed) and was not
+    /// read further: a fault or an attack, never a departments page.
+    #[error("the response body is larger than max_response_bytes = {limit}; it was not read further (request id {})", request_id.as_deref().unwrap_or("none"))]
+    TooLarge {
+        limit: u64,
+        request_id: Option<String>,
+    },
     #[error("unreadable response: {message} (request id {})", request_id.as_deref().unwrap_or("none"))]
     Decode {
         message: String,

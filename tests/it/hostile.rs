@@ -93,3 +93,126 @@ async fn a_retry_after_holds_back_requests_already_waiting_for_their_turn() {
     let stored: i64 = db.scalar("SELECT count(*) FROM departments").await;
     assert_eq!(stored, 40);
 }
+
+/// Raw deflate of `input` by a fresh compressor, ending with `flush`: a segment that
+/// refers to nothing before it, so segments can be put one after another.
+fn deflate(input: &[u8], flush: flate2::FlushCompress) -> Vec<u8> {
+    let mut compress = flate2::Compress::new(flate2::Compression::fast(), false);
+    let mut out = Vec::new();
+    let mut rest = input;
+    loop {
+        out.reserve(64 * 1024);
+        let before = compress.total_in();
+        compress.compress_vec(rest, &mut out, flush).unwrap();
+        rest = &rest[(compress.total_in() - before) as usize..];
+        if rest.is_empty() && out.len() < out.capacity() {
+            return out;
+        }
+    }
+}
+
+/// A gzip body that expands to `prefix`, `mib` MiB of the letter a, then `suffix`, in a
+/// few kilobytes a MiB on the wire. Its trailer's checksum is not computed: a reader that
+/// keeps to a bound never gets that far.
+fn gzip_bomb(prefix: &str, mib: usize, suffix: &str) -> Vec<u8> {
+    let mut body = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+    body.extend(deflate(prefix.as_bytes(), flate2::FlushCompress::Full));
+    let block = deflate(&vec![b'a'; 1024 * 1024], flate2::FlushCompress::Full);
+    for _ in 0..mib {
+        body.extend_from_slice(&block);
+    }
+    body.extend(deflate(suffix.as_bytes(), flate2::FlushCompress::Finish));
+    body.extend_from_slice(&[0; 8]);
+    body
+}
+
+/// Runs the binary with `args` and returns its exit code, its stderr and its peak
+/// resident memory in KiB, read by `wait4` from outside the process.
+// The child is reaped by the wait4 below, which is what reads its peak memory.
+#[allow(clippy::zombie_processes)]
+async fn run_binary_measured(args: &[&str]) -> (Option<i32>, String, u64) {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_deptsync"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    });
+    let pid = child.id() as libc::pid_t;
+    let (status, peak_kib) = tokio::task::spawn_blocking(move || {
+        let mut status = 0;
+        // SAFETY: a zeroed rusage is a valid value for wait4 to fill in.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: pid is our child, not waited for by anything else.
+        let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        assert_eq!(waited, pid, "wait4 failed");
+        (status, usage.ru_maxrss as u64)
+    })
+    .await
+    .unwrap();
+    let code = std::process::ExitStatus::from_raw(status).code();
+    (code, reader.join().unwrap(), peak_kib)
+}
+
+#[tokio::test]
+async fn a_gzip_bomb_fails_the_pass_within_the_body_bound() {
+    let db = TestDb::new().await;
+    let prefix = r#"{"Departments":[{"Id":"98776d06-60e4-495f-82f1-95ab2f644d63","EnterpriseId":"3fa85f64-5717-4562-b3fc-2c963f66afa6","IsActive":true,"Name":""#;
+    let suffix = r#"","CreatedUtc":"2024-01-01T00:00:00Z","UpdatedUtc":"2024-01-01T00:00:00Z"}],"Cursor":null}"#;
+    // 512 MiB of JSON in a few megabytes on the wire.
+    let bomb = axum::body::Bytes::from(gzip_bomb(prefix, 512, suffix));
+    assert!(
+        bomb.len() < 8 * 1024 * 1024,
+        "{} bytes on the wire",
+        bomb.len()
+    );
+    let router = axum::Router::new().route(
+        deptsync::fakes::mews::PATH,
+        post(move || {
+            let bomb = bomb.clone();
+            async move {
+                (
+                    [
+                        ("Content-Type", "application/json"),
+                        ("Content-Encoding", "gzip"),
+                    ],
+                    bomb,
+                )
+            }
+        }),
+    );
+    let base_url = deptsync::fakes::serve(router).await.unwrap();
+    let toml = mews_config(
+        &db.url,
+        "mews",
+        &base_url,
+        "max_response_bytes = 16777216\nmax_attempts = 1\nconcurrent_windows = 1",
+    );
+    let file = std::env::temp_dir().join(format!("deptsync-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(&file, &toml).unwrap();
+
+    let (code, stderr, peak_kib) =
+        run_binary_measured(&["sync", "--config", file.to_str().unwrap()]).await;
+    std::fs::remove_file(&file).unwrap();
+
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        peak_kib < 128 * 1024,
+        "memory stays near the 16 MiB limit, not the body's 512 MiB: peak {} MiB",
+        peak_kib / 1024
+    );
+    assert!(
+        stderr.contains("mews") && stderr.contains("max_response_bytes = 16777216"),
+        "the error names the source and the limit: {stderr}"
+    );
+    let stored: i64 = db.scalar("SELECT count(*) FROM departments").await;
+    assert_eq!(stored, 0);
+}
