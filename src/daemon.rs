@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Settings;
 use crate::engine::{self, PassError, PassRequest};
 use crate::sources::Connector;
-use crate::store::AnyStore;
+use crate::store::{AnyStore, StoreError};
 
 /// The longest wait between two attempts to reach the database at start, and between two
 /// passes of a source that keeps failing.
@@ -43,6 +43,14 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// The database refused in a way that waiting cannot mend (see
+    /// [`StoreError::is_permanent`]): the service ends, and its manager says so.
+    #[error("database {database}")]
+    Database {
+        database: String,
+        #[source]
+        source: StoreError,
+    },
 }
 
 /// The service, built from a valid config; [`Daemon::run_until`] runs it.
@@ -113,7 +121,13 @@ impl Daemon {
             "opening the store"
         );
         let store = tokio::select! {
-            store = connect_with_backoff(&self.settings) => store,
+            store = connect_with_backoff(&self.settings) => store.map_err(|source| {
+                cancel.cancel();
+                DaemonError::Database {
+                    database: self.settings.database.redacted_url(),
+                    source,
+                }
+            })?,
             () = &mut shutdown => {
                 tracing::info!("shutdown before the database was reached");
                 cancel.cancel();
@@ -185,12 +199,14 @@ async fn keep_watchdog_fed(interval: Duration, cancel: CancellationToken) {
     }
 }
 
-/// Connects to the database and applies the migrations, retrying with backoff.
-async fn connect_with_backoff(settings: &Settings) -> AnyStore {
+/// Connects to the database and applies the migrations, retrying an outage with
+/// backoff; an error that waiting cannot mend is returned at once.
+async fn connect_with_backoff(settings: &Settings) -> Result<AnyStore, StoreError> {
     let mut backoff = Backoff::default();
     loop {
         match AnyStore::open(&settings.database.url).await {
-            Ok(store) => return store,
+            Ok(store) => return Ok(store),
+            Err(e) if e.is_permanent() => return Err(e),
             Err(e) => {
                 let wait = backoff.failed();
                 tracing::error!(
@@ -199,6 +215,10 @@ async fn connect_with_backoff(settings: &Settings) -> AnyStore {
                     retry_in = ?wait,
                     "database not ready"
                 );
+                notify_systemd(&[sd_notify::NotifyState::Status(&format!(
+                    "waiting for the database: {}",
+                    engine::error_chain(&e)
+                ))]);
                 tokio::time::sleep(wait).await;
             }
         }

@@ -85,6 +85,49 @@ fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
 }
 
 impl StoreError {
+    /// Whether waiting cannot mend this: the credentials are refused, the role or the
+    /// database is missing and cannot be created, a permission is denied, the applied
+    /// migrations are not this binary's, the SQLite file cannot be opened or written.
+    /// Everything else (refused or reset connections, timeouts, too many connections, a
+    /// server starting or stopping) is an outage, waited out.
+    pub fn is_permanent(&self) -> bool {
+        use sqlx::migrate::MigrateError;
+        match self {
+            StoreError::Database { source, .. } => match source {
+                sqlx::Error::Database(error) => {
+                    let code = error.code();
+                    matches!(
+                        code.as_deref(),
+                        // PostgreSQL: invalid authorization, invalid password, no such
+                        // database, insufficient privilege, no such schema.
+                        Some("28000" | "28P01" | "3D000" | "42501" | "3F000")
+                            // SQLite: read-only, cannot open, not authorized, not a database.
+                            | Some("8" | "14" | "23" | "26")
+                    )
+                }
+                sqlx::Error::Configuration(_) | sqlx::Error::Tls(_) => true,
+                _ => false,
+            },
+            StoreError::Migrate(error) => {
+                matches!(
+                    error,
+                    MigrateError::VersionMismatch(_)
+                        | MigrateError::VersionMissing(_)
+                        | MigrateError::Dirty(_)
+                ) || matches!(
+                    error,
+                    MigrateError::Execute(sqlx::Error::Database(e))
+                        if e.code().as_deref() == Some("42501")
+                )
+            }
+            StoreError::Url(_)
+            | StoreError::Missing { .. }
+            | StoreError::DatabasePath { .. }
+            | StoreError::NotWal { .. } => true,
+            StoreError::Corrupt(_) | StoreError::LockFile { .. } => false,
+        }
+    }
+
     /// Whether the database refused the statement (a stored key, a value out of range),
     /// rather than failing to answer.
     pub(crate) fn is_refused_by_database(&self) -> bool {

@@ -216,3 +216,38 @@ async fn a_gzip_bomb_fails_the_pass_within_the_body_bound() {
     let stored: i64 = db.scalar("SELECT count(*) FROM departments").await;
     assert_eq!(stored, 0);
 }
+
+#[tokio::test]
+async fn a_permanent_database_error_ends_run_at_once_with_the_cause_on_one_line() {
+    // A role the server does not have: no wait will mend that.
+    let mut url = reqwest::Url::parse(&crate::helpers::server_url()).unwrap();
+    url.set_username("deptsync_no_such_role").unwrap();
+    url.set_password(None).unwrap();
+    url.set_path("deptsync_no_such_database");
+    let fake = deptsync::fakes::mews::FakeMews::start().await.unwrap();
+    let toml = mews_config(url.as_str(), "mews", &fake.base_url, "");
+    let file = std::env::temp_dir().join(format!("deptsync-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(&file, &toml).unwrap();
+
+    let started = std::time::Instant::now();
+    let run = run_binary(&["run", "--config", file.to_str().unwrap()], &[]).await;
+    std::fs::remove_file(&file).unwrap();
+
+    let stderr = stderr(&run);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "run waited {:?} for a database that cannot be reached: {stderr}",
+        started.elapsed()
+    );
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("deptsync_no_such_role"),
+        "the cause is named: {stderr}"
+    );
+    assert!(fake.requests().is_empty());
+}
