@@ -199,7 +199,7 @@ async fn demo(
 
 /// Connects to the database (creating it when missing) and applies pending migrations.
 async fn connect(settings: &Settings) -> anyhow::Result<AnyStore> {
-    AnyStore::open(&settings.database.url)
+    AnyStore::open_with(&settings.database.url, settings.database.statement_timeout)
         .await
         .with_context(|| format!("database {}", settings.database.redacted_url()))
 }
@@ -397,9 +397,13 @@ impl StatusLine {
 
 async fn status(settings: &Settings, json: bool) -> Result<Exit, CliError> {
     // Reads only: a database that does not exist is an error, not created empty.
-    let store = AnyStore::connect(&settings.database.url, IfMissing::Fail)
-        .await
-        .with_context(|| format!("database {}", settings.database.redacted_url()))?;
+    let store = AnyStore::connect_with(
+        &settings.database.url,
+        IfMissing::Fail,
+        settings.database.statement_timeout,
+    )
+    .await
+    .with_context(|| format!("database {}", settings.database.redacted_url()))?;
     let lines = status_lines(settings, &store).await?;
     let mut out = std::io::stdout().lock();
     let written = if json {

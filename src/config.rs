@@ -73,6 +73,10 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::f
 pub struct DatabaseSettings {
     pub url: SecretString,
     pub kind: DatabaseKind,
+    /// `statement_timeout`: how long one statement may run (PostgreSQL ends it), and so
+    /// what bounds every database call (see [`crate::store::call_timeout`]). Default
+    /// [`crate::store::DEFAULT_STATEMENT_TIMEOUT`].
+    pub statement_timeout: std::time::Duration,
 }
 
 impl DatabaseSettings {
@@ -268,6 +272,7 @@ struct RawConfig {
 struct RawDatabase {
     url: Option<SecretString>,
     url_file: Option<String>,
+    statement_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -368,7 +373,26 @@ impl Settings {
         let database = raw.database.unwrap_or(RawDatabase {
             url: None,
             url_file: None,
+            statement_timeout: None,
         });
+        let statement_timeout = match database.statement_timeout {
+            None => crate::store::DEFAULT_STATEMENT_TIMEOUT,
+            Some(text) => match humantime::parse_duration(&text) {
+                Ok(timeout) if timeout >= std::time::Duration::from_millis(100) => timeout,
+                Ok(_) => {
+                    return Err(ConfigError::top(
+                        "database.statement_timeout",
+                        format!("{text:?} is shorter than 100ms"),
+                    ));
+                }
+                Err(e) => {
+                    return Err(ConfigError::top(
+                        "database.statement_timeout",
+                        format!("{text:?} is not a duration like \"60s\": {e}"),
+                    ));
+                }
+            },
+        };
         let url_from_file = match database.url_file {
             None => None,
             Some(path) => Some(
@@ -437,7 +461,11 @@ impl Settings {
         };
 
         Ok(Settings {
-            database: DatabaseSettings { url, kind },
+            database: DatabaseSettings {
+                url,
+                kind,
+                statement_timeout,
+            },
             daemon,
             sources,
         })

@@ -8,6 +8,9 @@
 //!   running is skipped; across processes the store's per-source lock does the same.
 //! - A failing pass (the database or the vendor away) never ends the process: it is
 //!   recorded when possible, and the source's ticks back off until a pass succeeds.
+//! - The watchdog is fed only while every runner shows signs of life: a pass that has
+//!   heard nothing from its source or its database for longer than any call of theirs
+//!   may take is stuck, and systemd restarts the service.
 //! - Shutdown: stop scheduling, cancel the passes (each commits the page in hand and is
 //!   recorded as `cancelled`), wait for them at most `shutdown_timeout`, return.
 
@@ -138,6 +141,7 @@ impl Daemon {
 
         let mut scheduler = JobScheduler::new().await.map_err(DaemonError::Scheduler)?;
         let mut runners = Vec::with_capacity(self.settings.sources.len());
+        let call_timeout = crate::store::call_timeout(self.settings.database.statement_timeout);
         for (source, connector) in self.settings.sources.iter().zip(self.connectors) {
             let runner = Arc::new(Runner {
                 name: source.name.to_string(),
@@ -145,6 +149,10 @@ impl Daemon {
                 busy: AtomicBool::new(false),
                 wake: Notify::new(),
                 backoff: Mutex::new(Backoff::default()),
+                heartbeat: Heartbeat::default(),
+                // The silence a pass may keep: one call to its source, and the database
+                // calls around a page (its commit, the record of the run, the unlock).
+                stall_limit: crate::sources::http::longest_call(&source.http) + call_timeout * 3,
             });
             let ticking = runner.clone();
             let job = Job::new_async(source.schedule.as_str(), move |_, _| {
@@ -163,7 +171,7 @@ impl Daemon {
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         tracing::info!(sources = runners.len(), "deptsync is running");
         if let Some(interval) = sd_notify::watchdog_enabled() {
-            tracker.spawn(keep_watchdog_fed(interval, cancel.clone()));
+            tracker.spawn(keep_watchdog_fed(interval, runners.clone(), cancel.clone()));
         }
 
         shutdown.await;
@@ -189,13 +197,75 @@ fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-async fn keep_watchdog_fed(interval: Duration, cancel: CancellationToken) {
+/// Tells systemd the service is alive every half `interval`, while no runner is stuck:
+/// one that is makes systemd restart the service after `WatchdogSec`.
+async fn keep_watchdog_fed(
+    interval: Duration,
+    runners: Vec<Arc<Runner>>,
+    cancel: CancellationToken,
+) {
     let mut ticks = tokio::time::interval(interval / 2);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
-            _ = ticks.tick() => notify_systemd(&[sd_notify::NotifyState::Watchdog]),
+            _ = ticks.tick() => {}
         }
+        match runners.iter().find(|runner| runner.stuck()) {
+            None => notify_systemd(&[sd_notify::NotifyState::Watchdog]),
+            Some(stuck) => tracing::error!(
+                source = %stuck.name,
+                silent_for = ?stuck.heartbeat.silent_for(),
+                limit = ?stuck.stall_limit,
+                "a pass has heard nothing from its source or its database for longer than \
+                 any call may take; no longer telling systemd the service is alive"
+            ),
+        }
+    }
+}
+
+/// A runner's last sign of life: its pass started, its source answered, a page or a
+/// window was stored.
+#[derive(Debug)]
+struct Heartbeat {
+    last: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            last: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+}
+
+impl Heartbeat {
+    fn beat(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+    }
+
+    fn silent_for(&self) -> Duration {
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+}
+
+impl engine::Progress for Heartbeat {
+    fn windows_planned(&self, _: u64) {
+        self.beat();
+    }
+    fn window_done(&self) {
+        self.beat();
+    }
+    fn window_split(&self) {
+        self.beat();
+    }
+    fn page_stored(&self, _: u64) {
+        self.beat();
+    }
+    fn answered(&self) {
+        self.beat();
     }
 }
 
@@ -204,7 +274,8 @@ async fn keep_watchdog_fed(interval: Duration, cancel: CancellationToken) {
 async fn connect_with_backoff(settings: &Settings) -> Result<AnyStore, StoreError> {
     let mut backoff = Backoff::default();
     loop {
-        match AnyStore::open(&settings.database.url).await {
+        match AnyStore::open_with(&settings.database.url, settings.database.statement_timeout).await
+        {
             Ok(store) => return Ok(store),
             Err(e) if e.is_permanent() => return Err(e),
             Err(e) => {
@@ -258,6 +329,10 @@ struct Runner {
     busy: AtomicBool,
     wake: Notify,
     backoff: Mutex<Backoff>,
+    /// The pass's last sign of life.
+    heartbeat: Heartbeat,
+    /// How long a pass may go without one before it is stuck.
+    stall_limit: Duration,
 }
 
 impl Runner {
@@ -276,24 +351,31 @@ impl Runner {
         self.wake.notify_one();
     }
 
+    /// A pass is running and has been silent for longer than it may be.
+    fn stuck(&self) -> bool {
+        self.busy.load(Ordering::Acquire) && self.heartbeat.silent_for() > self.stall_limit
+    }
+
     async fn run(self: Arc<Self>, store: AnyStore, cancel: CancellationToken) {
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = self.wake.notified() => {}
             }
+            self.heartbeat.beat();
             self.busy.store(true, Ordering::Release);
             // In a task of its own, so that a panic in a pass fails that pass, not the
             // runner: the source keeps its schedule.
             let pass = {
                 let (runner, store, cancel) = (self.clone(), store.clone(), cancel.clone());
                 tokio::spawn(async move {
-                    engine::run_pass(
+                    engine::run_pass_showing(
                         &runner.name,
                         &runner.connector,
                         &store,
                         PassRequest::INCREMENTAL,
                         &cancel,
+                        &runner.heartbeat,
                     )
                     .await
                 })
@@ -318,5 +400,59 @@ impl Runner {
             drop(backoff);
             self.busy.store(false, Ordering::Release);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Progress;
+
+    fn runner(stall_limit: Duration) -> Runner {
+        let toml = r#"
+            [[sources]]
+            name = "hr"
+            kind = "data_v1"
+            base_url = "http://127.0.0.1:9"
+            token = "t"
+        "#;
+        let settings = Settings::parse(toml, &|_| None).unwrap();
+        Runner {
+            name: "hr".to_owned(),
+            connector: Connector::new(&settings.sources[0]).unwrap(),
+            busy: AtomicBool::new(false),
+            wake: Notify::new(),
+            backoff: Mutex::new(Backoff::default()),
+            heartbeat: Heartbeat::default(),
+            stall_limit,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_silent_for_longer_than_any_call_may_take_is_stuck() {
+        let runner = runner(Duration::from_secs(60));
+        tokio::time::advance(Duration::from_secs(120)).await;
+        assert!(!runner.stuck(), "an idle runner is never stuck");
+
+        runner.heartbeat.beat();
+        runner.busy.store(true, Ordering::Release);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(!runner.stuck());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(runner.stuck(), "61 s without a word, for a limit of 60 s");
+
+        // Any sign of life from the pass: the source answered.
+        runner.heartbeat.answered();
+        assert!(!runner.stuck());
+    }
+
+    #[test]
+    fn the_stall_limit_covers_the_longest_call_of_a_source() {
+        let settings = crate::config::HttpSettings::default();
+        // 5 attempts of 60 s each with up to 60 s between, a 5 min Retry-After, twice.
+        assert_eq!(
+            crate::sources::http::longest_call(&settings),
+            Duration::from_secs(2 * (5 * 120 + 300))
+        );
     }
 }

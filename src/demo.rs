@@ -175,7 +175,7 @@ async fn demo(
     // not read: the demo never writes into a configured database by accident.
     let toml = simulation.config_toml(database_url, None);
     let settings = Settings::parse(&toml, &|_| None).context("the demo's own config")?;
-    let store = AnyStore::open(&settings.database.url)
+    let store = AnyStore::open_with(&settings.database.url, settings.database.statement_timeout)
         .await
         .with_context(|| format!("database {}", settings.database.redacted_url()))?;
 

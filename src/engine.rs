@@ -330,6 +330,8 @@ pub trait Progress: Send + Sync {
     fn page_stored(&self, records: u64) {
         let _ = records;
     }
+    /// The source answered a request for a page (with the page or with an error).
+    fn answered(&self) {}
 }
 
 /// Shows nothing.
@@ -395,7 +397,11 @@ async fn run_locked_pass<S: Source, St: Store>(
         })?;
     tracing::Span::current().record("run_id", tracing::field::display(run_id));
     let mut pass = Pass {
-        reader: Reader { source, cancel },
+        reader: Reader {
+            source,
+            cancel,
+            progress,
+        },
         writer: Writer {
             name,
             store,
@@ -450,6 +456,12 @@ async fn record_end<St: Store>(store: &St, run_id: RunId, outcome: &RunOutcome) 
     for attempt in 1..=5 {
         match store.finish_run(run_id, outcome).await {
             Ok(()) => return,
+            // A database that does not answer at all is not waited for again: the pass
+            // ends now, and the next one closes the run as abandoned.
+            Err(e @ StoreError::Unanswered { .. }) => {
+                tracing::warn!(error = %error_chain(&e), "could not record the end of the run");
+                return;
+            }
             Err(e) if attempt == 5 => {
                 tracing::warn!(error = %error_chain(&e), "could not record the end of the run");
             }
@@ -477,6 +489,7 @@ struct Pass<'a, S, St: Store> {
 struct Reader<'a, S> {
     source: &'a S,
     cancel: &'a CancellationToken,
+    progress: &'a dyn Progress,
 }
 
 /// Stores pages with their checkpoints, and counts what it stored.
@@ -532,11 +545,13 @@ enum WindowRead {
 impl<S: Source> Reader<'_, S> {
     /// The page at `request`, or `None` when the pass is cancelled first.
     async fn fetch(&self, request: PageRequest<'_>) -> Option<Result<Page, SourceError>> {
-        tokio::select! {
+        let fetched = tokio::select! {
             biased;
             _ = self.cancel.cancelled() => None,
             fetched = self.source.fetch_page(request) => Some(fetched),
-        }
+        };
+        self.progress.answered();
+        fetched
     }
 
     /// Reads the `outstanding` windows (each from its cursor), `concurrency` at a time, and

@@ -30,6 +30,16 @@ use crate::config::{HttpSettings, RateLimit};
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// The longest `Retry-After` a pass waits out; a longer one ends the pass.
 const MAX_RETRY_AFTER_IN_PASS: Duration = Duration::from_secs(300);
+/// The longest one call of a source may take, retries, waits and a token fetch of its own
+/// included: how long a pass may go without a word from its source before it is stuck.
+pub fn longest_call(settings: &HttpSettings) -> Duration {
+    let attempts = (settings.request_timeout + settings.max_backoff)
+        .saturating_mul(settings.max_attempts)
+        + MAX_RETRY_AFTER_IN_PASS;
+    // A client-credentials token is itself fetched through the same retrying client.
+    attempts.saturating_mul(2)
+}
+
 /// The longest token life believed, whatever the token endpoint says.
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 

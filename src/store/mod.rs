@@ -44,6 +44,14 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Corrupt(String),
+    /// A call got no answer in time: a connection dropped without a reset (a firewall, a
+    /// partition), or a server that stopped answering. The call is given up; its
+    /// connection is not used again.
+    #[error(
+        "the database did not answer within {after:?} (a connection dropped without a \
+         word, or a server that stopped answering)"
+    )]
+    Unanswered { after: std::time::Duration },
     /// The URL names no store deptsync knows (the config validates it first).
     #[error("the database url {0}")]
     Url(String),
@@ -77,6 +85,27 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// How long one statement may run by default (`[database] statement_timeout`).
+pub const DEFAULT_STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The bound on one call to the store (a page's commit, a status query) when statements
+/// are bounded by `statement_timeout`: half as long again, so that a server that answers
+/// ends a slow statement itself and says why, and a connection that never answers (a
+/// firewall dropped it without a reset, a server frozen) still ends the call.
+pub fn call_timeout(statement_timeout: std::time::Duration) -> std::time::Duration {
+    statement_timeout + statement_timeout / 2
+}
+
+/// Runs a store call, failing it with [`StoreError::Unanswered`] after `limit`.
+async fn bounded<T>(
+    limit: std::time::Duration,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or(Err(StoreError::Unanswered { after: limit }))
 }
 
 /// Wraps a database error with what was being done.
@@ -124,7 +153,9 @@ impl StoreError {
             | StoreError::Missing { .. }
             | StoreError::DatabasePath { .. }
             | StoreError::NotWal { .. } => true,
-            StoreError::Corrupt(_) | StoreError::LockFile { .. } => false,
+            StoreError::Corrupt(_)
+            | StoreError::LockFile { .. }
+            | StoreError::Unanswered { .. } => false,
         }
     }
 
@@ -276,17 +307,27 @@ pub enum AnyLease {
 }
 
 impl AnyStore {
-    /// Connects to the store at `url`.
+    /// Connects to the store at `url`, statements bounded by the default timeout.
     pub async fn connect(
         url: &SecretString,
         if_missing: IfMissing,
     ) -> Result<AnyStore, StoreError> {
+        AnyStore::connect_with(url, if_missing, DEFAULT_STATEMENT_TIMEOUT).await
+    }
+
+    /// Connects to the store at `url`. A statement runs at most `statement_timeout`, and
+    /// every call through this store at most [`call_timeout`] of it.
+    pub async fn connect_with(
+        url: &SecretString,
+        if_missing: IfMissing,
+        statement_timeout: std::time::Duration,
+    ) -> Result<AnyStore, StoreError> {
         match DatabaseKind::of_url(url.expose_secret()).map_err(StoreError::Url)? {
-            DatabaseKind::Postgres => {
-                Ok(AnyStore::Postgres(PgStore::connect(url, if_missing).await?))
-            }
+            DatabaseKind::Postgres => Ok(AnyStore::Postgres(
+                PgStore::connect_with(url, if_missing, statement_timeout).await?,
+            )),
             DatabaseKind::Sqlite => Ok(AnyStore::Sqlite(
-                SqliteStore::connect(url, if_missing).await?,
+                SqliteStore::connect_with(url, if_missing, statement_timeout).await?,
             )),
         }
     }
@@ -294,9 +335,25 @@ impl AnyStore {
     /// Connects, creating the database when missing, and applies the pending migrations:
     /// how every command that writes opens its store.
     pub async fn open(url: &SecretString) -> Result<AnyStore, StoreError> {
-        let store = AnyStore::connect(url, IfMissing::Create).await?;
+        AnyStore::open_with(url, DEFAULT_STATEMENT_TIMEOUT).await
+    }
+
+    /// [`AnyStore::open`] with statements bounded by `statement_timeout`.
+    pub async fn open_with(
+        url: &SecretString,
+        statement_timeout: std::time::Duration,
+    ) -> Result<AnyStore, StoreError> {
+        let store = AnyStore::connect_with(url, IfMissing::Create, statement_timeout).await?;
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// The bound on every call through this store.
+    fn call_timeout(&self) -> std::time::Duration {
+        match self {
+            AnyStore::Postgres(store) => store.call_timeout,
+            AnyStore::Sqlite(store) => store.call_timeout,
+        }
     }
 
     /// Applies the migrations that have not run yet.
@@ -309,10 +366,13 @@ impl AnyStore {
 
     /// Whether the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        match self {
-            AnyStore::Postgres(store) => store.ping().await,
-            AnyStore::Sqlite(store) => store.ping().await,
-        }
+        bounded(self.call_timeout(), async {
+            match self {
+                AnyStore::Postgres(store) => store.ping().await,
+                AnyStore::Sqlite(store) => store.ping().await,
+            }
+        })
+        .await
     }
 }
 
@@ -322,30 +382,48 @@ fn foreign_lease() -> StoreError {
     StoreError::Corrupt("a lease of one store was used with another".to_owned())
 }
 
+/// Every call is bounded by [`call_timeout`]: no database call of a pass, the service or
+/// a command can hang, whatever the network does.
 impl Store for AnyStore {
     type Lease = AnyLease;
 
     async fn try_lock(&self, source: &str) -> Result<Option<AnyLease>, StoreError> {
-        Ok(match self {
-            AnyStore::Postgres(store) => store.try_lock(source).await?.map(AnyLease::Postgres),
-            AnyStore::Sqlite(store) => store.try_lock(source).await?.map(AnyLease::Sqlite),
+        bounded(self.call_timeout(), async {
+            Ok(match self {
+                AnyStore::Postgres(store) => store.try_lock(source).await?.map(AnyLease::Postgres),
+                AnyStore::Sqlite(store) => store.try_lock(source).await?.map(AnyLease::Sqlite),
+            })
         })
+        .await
     }
 
     async fn unlock(&self, lease: AnyLease) {
-        match (self, lease) {
-            (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => store.unlock(lease).await,
-            (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => store.unlock(lease).await,
-            // Cannot happen (see foreign_lease); dropping a lease frees its lock as well.
-            _ => {}
+        let unlocked = tokio::time::timeout(self.call_timeout(), async {
+            match (self, lease) {
+                (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => store.unlock(lease).await,
+                (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => store.unlock(lease).await,
+                // Cannot happen (see foreign_lease); dropping a lease frees its lock as well.
+                _ => {}
+            }
+        })
+        .await;
+        if unlocked.is_err() {
+            // The lease (its connection) was dropped with the call: the server frees the
+            // lock once it notices the connection gone.
+            tracing::warn!(
+                "the database did not answer the unlock in time; dropping the connection"
+            );
         }
     }
 
     async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
-        match self {
-            AnyStore::Postgres(store) => store.load_state(source).await,
-            AnyStore::Sqlite(store) => store.load_state(source).await,
-        }
+        bounded(self.call_timeout(), async {
+            match self {
+                AnyStore::Postgres(store) => store.load_state(source).await,
+                AnyStore::Sqlite(store) => store.load_state(source).await,
+            }
+        })
+        .await
     }
 
     async fn start_run(
@@ -354,15 +432,18 @@ impl Store for AnyStore {
         source: &str,
         mode: RunMode,
     ) -> Result<RunId, StoreError> {
-        match (self, lease) {
-            (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => {
-                store.start_run(lease, source, mode).await
+        bounded(self.call_timeout(), async {
+            match (self, lease) {
+                (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => {
+                    store.start_run(lease, source, mode).await
+                }
+                (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => {
+                    store.start_run(lease, source, mode).await
+                }
+                _ => Err(foreign_lease()),
             }
-            (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => {
-                store.start_run(lease, source, mode).await
-            }
-            _ => Err(foreign_lease()),
-        }
+        })
+        .await
     }
 
     async fn commit_page(
@@ -374,19 +455,22 @@ impl Store for AnyStore {
         rejected: &[RejectedRecord],
         checkpoint: &Checkpoint,
     ) -> Result<PageCounts, StoreError> {
-        match (self, lease) {
-            (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => {
-                store
-                    .commit_page(lease, run, source, departments, rejected, checkpoint)
-                    .await
+        bounded(self.call_timeout(), async {
+            match (self, lease) {
+                (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => {
+                    store
+                        .commit_page(lease, run, source, departments, rejected, checkpoint)
+                        .await
+                }
+                (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => {
+                    store
+                        .commit_page(lease, run, source, departments, rejected, checkpoint)
+                        .await
+                }
+                _ => Err(foreign_lease()),
             }
-            (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => {
-                store
-                    .commit_page(lease, run, source, departments, rejected, checkpoint)
-                    .await
-            }
-            _ => Err(foreign_lease()),
-        }
+        })
+        .await
     }
 
     async fn set_scope(
@@ -396,29 +480,38 @@ impl Store for AnyStore {
         scope: Option<&str>,
         reset: Option<&str>,
     ) -> Result<(), StoreError> {
-        match (self, lease) {
-            (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => {
-                store.set_scope(lease, source, scope, reset).await
+        bounded(self.call_timeout(), async {
+            match (self, lease) {
+                (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => {
+                    store.set_scope(lease, source, scope, reset).await
+                }
+                (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => {
+                    store.set_scope(lease, source, scope, reset).await
+                }
+                _ => Err(foreign_lease()),
             }
-            (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => {
-                store.set_scope(lease, source, scope, reset).await
-            }
-            _ => Err(foreign_lease()),
-        }
+        })
+        .await
     }
 
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
-        match self {
-            AnyStore::Postgres(store) => store.finish_run(run, outcome).await,
-            AnyStore::Sqlite(store) => store.finish_run(run, outcome).await,
-        }
+        bounded(self.call_timeout(), async {
+            match self {
+                AnyStore::Postgres(store) => store.finish_run(run, outcome).await,
+                AnyStore::Sqlite(store) => store.finish_run(run, outcome).await,
+            }
+        })
+        .await
     }
 
     async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {
-        match self {
-            AnyStore::Postgres(store) => store.status(sources).await,
-            AnyStore::Sqlite(store) => store.status(sources).await,
-        }
+        bounded(self.call_timeout(), async {
+            match self {
+                AnyStore::Postgres(store) => store.status(sources).await,
+                AnyStore::Sqlite(store) => store.status(sources).await,
+            }
+        })
+        .await
     }
 }
 

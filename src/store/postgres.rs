@@ -49,6 +49,8 @@ macro_rules! finished_ledger {
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The bound on every call through [`crate::store::AnyStore`].
+    pub(super) call_timeout: Duration,
 }
 
 /// A source's lock: the connection that holds it (see [`Store::Lease`] for [`PgStore`]),
@@ -69,15 +71,36 @@ impl PgLease {
 }
 
 impl PgStore {
-    /// Connects to the database at `url`.
+    /// Connects to the database at `url`, statements bounded by the default timeout.
     pub async fn connect(url: &SecretString, if_missing: IfMissing) -> Result<PgStore, StoreError> {
+        Self::connect_with(url, if_missing, super::DEFAULT_STATEMENT_TIMEOUT).await
+    }
+
+    /// Connects to the database at `url`. Every session ends a statement after
+    /// `statement_timeout` (a statement blocked on a lock for minutes fails instead), and
+    /// has the server probe its TCP connection (`tcp_keepalives_*`), so that a client
+    /// gone without a word (a firewall dropping the connection silently) frees its session
+    /// and its advisory locks within about a minute.
+    pub async fn connect_with(
+        url: &SecretString,
+        if_missing: IfMissing,
+        statement_timeout: Duration,
+    ) -> Result<PgStore, StoreError> {
+        let call_timeout = super::call_timeout(statement_timeout);
+        let statement_timeout = statement_timeout.as_millis().to_string();
         let options = PgConnectOptions::from_str(url.expose_secret())
-            .map_err(db("parsing the database url"))?;
+            .map_err(db("parsing the database url"))?
+            .options([
+                ("statement_timeout", statement_timeout.as_str()),
+                ("tcp_keepalives_idle", "30"),
+                ("tcp_keepalives_interval", "10"),
+                ("tcp_keepalives_count", "3"),
+            ]);
         let pool_options = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(15));
         match pool_options.clone().connect_with(options.clone()).await {
-            Ok(pool) => Ok(PgStore { pool }),
+            Ok(pool) => Ok(PgStore { pool, call_timeout }),
             Err(e) if is_missing_database(&e) && if_missing == IfMissing::Create => {
                 tracing::info!(
                     database = options.get_database().unwrap_or_default(),
@@ -90,7 +113,7 @@ impl PgStore {
                     .connect_with(options)
                     .await
                     .map_err(db("connecting to the database"))?;
-                Ok(PgStore { pool })
+                Ok(PgStore { pool, call_timeout })
             }
             Err(e) => Err(StoreError::Database {
                 context: "connecting to the database",

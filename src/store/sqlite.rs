@@ -112,6 +112,8 @@ fn uuid_in(row: &SqliteRow, column: &str) -> Result<Option<Uuid>, StoreError> {
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The bound on every call through [`crate::store::AnyStore`].
+    pub(super) call_timeout: Duration,
     /// The database file, beside which the lock files are.
     path: Arc<Path>,
 }
@@ -155,6 +157,16 @@ impl SqliteStore {
         url: &SecretString,
         if_missing: IfMissing,
     ) -> Result<SqliteStore, StoreError> {
+        Self::connect_with(url, if_missing, super::DEFAULT_STATEMENT_TIMEOUT).await
+    }
+
+    /// [`SqliteStore::connect`], every call through [`crate::store::AnyStore`] bounded
+    /// after `statement_timeout` (with the margin of [`super::call_timeout`]).
+    pub async fn connect_with(
+        url: &SecretString,
+        if_missing: IfMissing,
+        statement_timeout: Duration,
+    ) -> Result<SqliteStore, StoreError> {
         let path = database_path(url.expose_secret()).map_err(StoreError::Url)?;
         if !path.exists() {
             if if_missing == IfMissing::Fail {
@@ -180,6 +192,7 @@ impl SqliteStore {
             .map_err(|source| StoreError::DatabasePath { path, source })?;
         Ok(SqliteStore {
             pool,
+            call_timeout: super::call_timeout(statement_timeout),
             path: path.into(),
         })
     }

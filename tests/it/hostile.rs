@@ -251,3 +251,68 @@ async fn a_permanent_database_error_ends_run_at_once_with_the_cause_on_one_line(
     );
     assert!(fake.requests().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_without_a_word_ends_the_pass_within_its_bound() {
+    use deptsync::engine::{PassRequest, error_chain, run_pass};
+    use deptsync::store::{AnyStore, IfMissing};
+    use std::time::{Duration, Instant};
+
+    let db = TestDb::new().await;
+    let proxy = crate::proxy::PgProxy::start("127.0.0.1:5432".to_owned()).await;
+    // Statements end after 1 s, so every call is given up after 1.5 s.
+    let store = AnyStore::connect_with(
+        &proxy.url_for(&db.url).into(),
+        IfMissing::Fail,
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
+    let fake = deptsync::fakes::mews::FakeMews::start().await.unwrap();
+    let start = chrono::DateTime::parse_from_rfc3339("2020-01-01T00:00:00Z")
+        .unwrap()
+        .to_utc();
+    fake.generate(300, 1, start, start + chrono::Duration::days(60));
+    fake.shared.set_delay(Duration::from_millis(20));
+    let toml = mews_config(&db.url, "mews", &fake.base_url, "page_size = 10");
+    let (settings, source) = crate::helpers::connector(&toml);
+
+    let proxy = std::sync::Arc::new(proxy);
+    let frozen_at = {
+        let (pool, proxy) = (db.pool().clone(), proxy.clone());
+        tokio::spawn(async move {
+            loop {
+                let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM departments")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                if stored >= 50 {
+                    proxy.freeze();
+                    return Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let pass = run_pass(
+        settings.name.as_str(),
+        &source,
+        &store,
+        PassRequest::INCREMENTAL,
+        &cancel,
+    );
+    let result = tokio::time::timeout(Duration::from_secs(60), pass)
+        .await
+        .expect("the pass hung on a connection that never answers");
+    let frozen_at = frozen_at.await.unwrap();
+
+    let error = error_chain(&result.unwrap_err());
+    assert!(error.contains("did not answer within"), "{error}");
+    // The page's commit, the run's record and the unlock: three calls of 1.5 s at most.
+    let took = frozen_at.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the pass took {took:?} to end"
+    );
+}
