@@ -161,6 +161,20 @@ pub fn connector(toml: &str) -> (SourceSettings, Connector) {
     (source, connector)
 }
 
+/// Returns once `departments` holds at least `rows` rows (a pass under way got that far).
+pub async fn stored_at_least(pool: &sqlx::PgPool, rows: i64) {
+    loop {
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM departments")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        if stored >= rows {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// One pass of the first source of `toml` into `db`, its error as the chain of causes.
 pub async fn pass(
     db: &TestDb,

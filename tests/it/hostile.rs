@@ -281,17 +281,9 @@ async fn a_connection_dropped_without_a_word_ends_the_pass_within_its_bound() {
     let frozen_at = {
         let (pool, proxy) = (db.pool().clone(), proxy.clone());
         tokio::spawn(async move {
-            loop {
-                let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM departments")
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
-                if stored >= 50 {
-                    proxy.freeze();
-                    return Instant::now();
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            crate::helpers::stored_at_least(&pool, 50).await;
+            proxy.freeze();
+            Instant::now()
         })
     };
     let cancel = tokio_util::sync::CancellationToken::new();

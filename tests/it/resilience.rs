@@ -396,21 +396,12 @@ async fn the_database_going_away_mid_pass_fails_it_cleanly_and_the_next_complete
         let proxy_down = std::sync::Arc::new(proxy);
         let proxy = proxy_down.clone();
         tokio::spawn(async move {
-            loop {
-                let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM departments")
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
-                if stored >= 50 {
-                    // Away for a second: the pass fails, and its failure is recorded once
-                    // the database is back.
-                    proxy.down();
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    proxy.up();
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            crate::helpers::stored_at_least(&pool, 50).await;
+            // Away for a second: the pass fails, and its failure is recorded once the
+            // database is back.
+            proxy.down();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            proxy.up();
         });
         proxy_down
     };
