@@ -378,11 +378,17 @@ impl Settings {
         let statement_timeout = match database.statement_timeout {
             None => crate::store::DEFAULT_STATEMENT_TIMEOUT,
             Some(text) => match humantime::parse_duration(&text) {
-                Ok(timeout) if timeout >= std::time::Duration::from_millis(100) => timeout,
+                Ok(timeout)
+                    if (std::time::Duration::from_millis(100)
+                        ..=std::time::Duration::from_secs(3600))
+                        .contains(&timeout) =>
+                {
+                    timeout
+                }
                 Ok(_) => {
                     return Err(ConfigError::top(
                         "database.statement_timeout",
-                        format!("{text:?} is shorter than 100ms"),
+                        format!("{text:?} is not between 100ms and 1h"),
                     ));
                 }
                 Err(e) => {

@@ -66,10 +66,12 @@ fn halve(window: &Window, ledger_starts: &HashSet<DateTime<Utc>>) -> Option<[Win
     ])
 }
 
-/// The most pages one window, or one listing, is read in: far past any real one (100
-/// million departments at 1000 a page), so that an upstream that goes on promising a
-/// next page for ever fails the pass instead of running it for ever.
-const MAX_PAGES: u64 = 100_000;
+/// The most pages one pass reads of one window, or of one listing: far past any real one
+/// (10 million departments at 1000 a page), so that an upstream that goes on promising a
+/// next page for ever fails the pass (in under an hour at Mews' request rate) instead of
+/// running it for ever. A resumed pass counts afresh, so such an upstream fails every
+/// pass, and a listing that never ends never deletes.
+const MAX_PAGES: u64 = 10_000;
 
 /// The error of a window or listing that went past [`MAX_PAGES`].
 fn too_many_pages(at: String, request_id: Option<String>) -> PassError {
@@ -373,46 +375,13 @@ pub async fn run_pass_showing<S: Source, St: Store>(
             source,
         })?
         .ok_or(PassError::Busy)?;
-    let result = run_locked_pass(name, source, store, &mut lease, request, cancel, progress).await;
-    store.unlock(lease).await;
-    result
-}
-
-async fn run_locked_pass<S: Source, St: Store>(
-    name: &str,
-    source: &S,
-    store: &St,
-    lease: &mut St::Lease,
-    request: PassRequest,
-    cancel: &CancellationToken,
-    progress: &dyn Progress,
-) -> Result<PassReport, PassError> {
     let started = std::time::Instant::now();
-    let run_id = store
-        .start_run(lease, name, request.mode())
-        .await
-        .map_err(|source| PassError::Bookkeeping {
-            context: "recording the start of the run",
-            source,
-        })?;
-    tracing::Span::current().record("run_id", tracing::field::display(run_id));
-    let mut pass = Pass {
-        reader: Reader {
-            source,
-            cancel,
-            progress,
-        },
-        writer: Writer {
-            name,
-            store,
-            lease,
-            run_id,
-            totals: PassTotals::default(),
-            progress,
-        },
-    };
-    let result = pass.run(request).await;
-    let totals = pass.writer.totals;
+    let ran = run_locked_pass(name, source, store, &mut lease, request, cancel, progress).await;
+    // Unlocked before the end is recorded: a commit given up half way leaves its
+    // transaction open on the lock's connection, holding the run's row, and closing that
+    // connection is what lets the record of the failure through.
+    store.unlock(lease).await;
+    let (run_id, result, totals) = ran?;
     let outcome = match &result {
         Ok(Finished::Completed) => RunOutcome::Succeeded,
         Ok(Finished::Cancelled) => RunOutcome::Cancelled,
@@ -446,6 +415,45 @@ async fn run_locked_pass<S: Source, St: Store>(
             Err(e)
         }
     }
+}
+
+/// A pass under the source's lock: its run recorded as started, then read and stored.
+/// Returns the run, how the pass ended and what it stored; an error only when the run
+/// could not even be recorded.
+async fn run_locked_pass<S: Source, St: Store>(
+    name: &str,
+    source: &S,
+    store: &St,
+    lease: &mut St::Lease,
+    request: PassRequest,
+    cancel: &CancellationToken,
+    progress: &dyn Progress,
+) -> Result<(RunId, Result<Finished, PassError>, PassTotals), PassError> {
+    let run_id = store
+        .start_run(lease, name, request.mode())
+        .await
+        .map_err(|source| PassError::Bookkeeping {
+            context: "recording the start of the run",
+            source,
+        })?;
+    tracing::Span::current().record("run_id", tracing::field::display(run_id));
+    let mut pass = Pass {
+        reader: Reader {
+            source,
+            cancel,
+            progress,
+        },
+        writer: Writer {
+            name,
+            store,
+            lease,
+            run_id,
+            totals: PassTotals::default(),
+            progress,
+        },
+    };
+    let result = pass.run(request).await;
+    Ok((run_id, result, pass.writer.totals))
 }
 
 /// Records how the run ended, trying for a few seconds: the failure being recorded may be

@@ -46,7 +46,7 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     let unsafe_char = |c: char| {
         c.is_control()
-            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     };
     if !text.chars().any(unsafe_char) {
         return std::borrow::Cow::Borrowed(text);
@@ -77,6 +77,7 @@ mod tests {
             "a\\u{1b}[2Jb\\nFORGED\\r\\t\\u{7f}\\u{9b}"
         );
         assert_eq!(printable("x\u{202e}y"), "x\\u{202e}y");
+        assert_eq!(printable("a\u{2028}b"), "a\\u{2028}b", "a line separator");
         assert!(!printable("\u{0}\u{7}\u{8}").chars().any(char::is_control));
     }
 }

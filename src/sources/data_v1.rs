@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::http::{Auth, ErrorBody, SourceClient, Vendor};
 use super::{
-    FullListingMode, Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord,
+    FullListingMode, Page, PageRequest, Records, Source, SourceError, SyncMode, VendorRecord,
     fingerprint,
 };
 use crate::config::{ConfigError, FieldContext};
@@ -65,7 +65,7 @@ pub struct DataV1 {
 struct ListResponse {
     success: bool,
     #[serde(default)]
-    result: Vec<Record<DataV1Department>>,
+    result: Records<DataV1Department>,
 }
 
 #[derive(Deserialize)]
@@ -90,7 +90,7 @@ impl DataV1 {
         }
     }
 
-    async fn list(&self) -> Result<Vec<Record<DataV1Department>>, SourceError> {
+    async fn list(&self) -> Result<Records<DataV1Department>, SourceError> {
         let replied = self
             .client
             .call(&VENDOR, Some(&self.auth), || {

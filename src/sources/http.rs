@@ -128,16 +128,25 @@ impl Budget {
     /// the rate budget has a turn for it. A hold that arrives while the request waits for
     /// its turn (another request got a 429 meanwhile) holds it too: the hold applies to
     /// every request not sent yet, whenever it was queued.
-    async fn wait_turn(&self) {
+    ///
+    /// A hold longer than a pass waits out fails the request at once: the pass ends, and
+    /// a later one finds the hold over (a pass asleep for hours would also look stuck).
+    async fn wait_turn(&self) -> Result<(), SourceError> {
         loop {
             if let Some(until) = self.held_until() {
+                let wait = until - Instant::now();
+                if wait > MAX_RETRY_AFTER_IN_PASS {
+                    return Err(SourceError::HeldBack {
+                        seconds: wait.as_secs(),
+                    });
+                }
                 tokio::time::sleep_until(until).await;
             }
             if let Some(limiter) = &self.limiter {
                 limiter.until_ready().await;
             }
             if self.held_until().is_none() {
-                return;
+                return Ok(());
             }
         }
     }
@@ -249,7 +258,6 @@ impl SourceClient {
         let mut renewed_token = false;
         loop {
             attempt += 1;
-            self.budget.wait_turn().await;
             let mut request = build();
             let mut generation = None;
             if let Some(auth) = auth {
@@ -257,6 +265,8 @@ impl SourceClient {
                 request = request.bearer_auth(token.expose_secret());
                 generation = Some(issued);
             }
+            // After the token: a hold set while it was fetched holds this request too.
+            self.budget.wait_turn().await?;
             match self.attempt::<T>(vendor, request).await {
                 Ok(replied) => return Ok(replied),
                 Err(Failure::Final(error)) => return Err(error),

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::http::{ErrorBody, Reply, SourceClient, Vendor};
 use super::{
-    Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord, WindowedMode,
+    Page, PageRequest, Records, Source, SourceError, SyncMode, VendorRecord, WindowedMode,
     fingerprint, id_set,
 };
 use crate::config::{ConfigError, FieldContext};
@@ -177,7 +177,7 @@ struct Limitation<'a> {
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct GetAllResponse {
-    departments: Vec<Record<MewsDepartment>>,
+    departments: Records<MewsDepartment>,
     #[serde(default)]
     cursor: Option<String>,
 }

@@ -96,7 +96,8 @@ pub struct Page {
 
 impl Page {
     /// A page of `records`, read as the response was decoded.
-    pub(crate) fn from_records<T>(records: Vec<Record<T>>, next_cursor: Option<String>) -> Page {
+    pub(crate) fn from_records<T>(records: Records<T>, next_cursor: Option<String>) -> Page {
+        let Records(records) = records;
         let mut page = Page {
             departments: Vec::with_capacity(records.len()),
             rejected: Vec::new(),
@@ -147,6 +148,64 @@ impl<'de, T: VendorRecord> Deserialize<'de> for Record<T> {
     }
 }
 
+/// The most records of one page that may fail to read as departments. Each is kept aside
+/// with its payload and a reason, several times its size in the body; past this many the
+/// response is not a departments page at all (`[{},{},…]` in a bounded body would
+/// otherwise cost gigabytes), and the page fails.
+pub const MAX_REJECTED_PER_PAGE: usize = 1000;
+
+/// The records of a page, read as the response is decoded (see [`Record`]); more than
+/// [`MAX_REJECTED_PER_PAGE`] that are not departments fail the page.
+pub(crate) struct Records<T>(pub(crate) Vec<Record<T>>);
+
+impl<T> Records<T> {
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl<T> Default for Records<T> {
+    fn default() -> Self {
+        Records(Vec::new())
+    }
+}
+
+impl<'de, T: VendorRecord> Deserialize<'de> for Records<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<T>(PhantomData<fn() -> T>);
+        impl<'de, T: VendorRecord> serde::de::Visitor<'de> for Visit<T> {
+            type Value = Records<T>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of department records")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Records<T>, A::Error> {
+                let mut records = Vec::new();
+                let mut rejected = 0;
+                while let Some(record) = seq.next_element::<Record<T>>()? {
+                    if record.0.is_err() {
+                        rejected += 1;
+                        if rejected > MAX_REJECTED_PER_PAGE {
+                            return Err(serde::de::Error::custom(format!(
+                                "more than {MAX_REJECTED_PER_PAGE} records of one page are not \
+                                 {} departments",
+                                T::VENDOR
+                            )));
+                        }
+                    }
+                    records.push(record);
+                }
+                Ok(Records(records))
+            }
+        }
+        deserializer.deserialize_seq(Visit(PhantomData))
+    }
+}
+
 /// What a vendor said, or why we could not hear it. Never holds a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -188,6 +247,11 @@ pub enum SourceError {
     /// Mews' 408: the request was too heavy; ask for less (a smaller window).
     #[error("the request was too heavy for the upstream (408; ask for less) (request id {})", request_id.as_deref().unwrap_or("none"))]
     TooHeavy { request_id: Option<String> },
+    /// A `Retry-After` longer than a pass waits holds the credential back.
+    #[error(
+        "the upstream asked to wait {seconds} s more before any request (Retry-After); a later pass goes on"
+    )]
+    HeldBack { seconds: u64 },
     #[error("gave up after {attempts} attempts")]
     GaveUp {
         attempts: u32,
@@ -345,5 +409,60 @@ pub(crate) fn id_text(record: &serde_json::Value, field: &str) -> Option<String>
         serde_json::Value::String(id) => Some(id.clone()),
         serde_json::Value::Number(id) => Some(id.to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize)]
+    struct Named {
+        id: i64,
+        name: String,
+    }
+
+    impl VendorRecord for Named {
+        const VENDOR: &'static str = "Test";
+        const ID_FIELD: &'static str = "id";
+
+        fn into_department(self, raw: RawRecord) -> Department {
+            Department {
+                external_id: self.id.to_string(),
+                scope_id: None,
+                name: self.name,
+                is_active: true,
+                parent_external_id: None,
+                source_created_at: None,
+                source_updated_at: None,
+                raw,
+            }
+        }
+    }
+
+    fn records(good: usize, bad: usize) -> Result<Records<Named>, serde_json::Error> {
+        let items: Vec<String> = (0..good)
+            .map(|i| format!(r#"{{"id":{i},"name":"D{i}"}}"#))
+            .chain((0..bad).map(|_| "{}".to_owned()))
+            .collect();
+        serde_json::from_str(&format!("[{}]", items.join(",")))
+    }
+
+    #[test]
+    fn records_that_are_not_departments_are_kept_aside_up_to_a_bound() {
+        let page = Page::from_records(records(5, MAX_REJECTED_PER_PAGE).unwrap(), None);
+        assert_eq!(
+            (page.departments.len(), page.rejected.len()),
+            (5, MAX_REJECTED_PER_PAGE)
+        );
+        let error = records(5, MAX_REJECTED_PER_PAGE + 1)
+            .err()
+            .expect("a page of mostly junk fails");
+        assert!(
+            error.to_string().contains("are not Test departments"),
+            "{error}"
+        );
+        // Any number of good ones.
+        assert_eq!(records(5_000, 0).unwrap().len(), 5_000);
     }
 }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::http::{Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle, Vendor};
 use super::paging::PageMeta;
 use super::{
-    FullListingMode, Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord,
+    FullListingMode, Page, PageRequest, Records, Source, SourceError, SyncMode, VendorRecord,
     decode_cursor, encode_cursor, fingerprint,
 };
 use crate::config::{ConfigError, FieldContext};
@@ -118,7 +118,7 @@ struct Cursor {
 #[derive(Deserialize)]
 struct ListResponse {
     metadata: Metadata,
-    data: Vec<Record<ProcurifyDepartment>>,
+    data: Records<ProcurifyDepartment>,
 }
 
 #[derive(Deserialize)]

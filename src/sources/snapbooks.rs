@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::http::{Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle, Vendor};
 use super::paging::PageMeta;
 use super::{
-    FullListingMode, Page, PageRequest, Record, Source, SourceError, SyncMode, VendorRecord,
+    FullListingMode, Page, PageRequest, Records, Source, SourceError, SyncMode, VendorRecord,
     decode_cursor, encode_cursor, fingerprint, id_set,
 };
 use crate::config::{ConfigError, FieldContext};
@@ -155,7 +155,7 @@ struct Cursor {
 
 #[derive(Deserialize)]
 struct ListResponse {
-    data: Vec<Record<SnapbooksDepartment>>,
+    data: Records<SnapbooksDepartment>,
     meta: Meta,
 }
 

@@ -124,14 +124,19 @@ impl StoreError {
         match self {
             StoreError::Database { source, .. } => match source {
                 sqlx::Error::Database(error) => {
-                    let code = error.code();
+                    if let Some(sqlite) = error.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+                        // SQLite reports extended codes; the primary one is the low byte:
+                        // read-only, cannot open, not authorized, not a database.
+                        let primary = sqlx::error::DatabaseError::code(sqlite)
+                            .and_then(|code| code.parse::<i32>().ok())
+                            .map(|code| code & 0xff);
+                        return matches!(primary, Some(8 | 14 | 23 | 26));
+                    }
+                    // PostgreSQL: invalid authorization, invalid password, no such
+                    // database, insufficient privilege, no such schema.
                     matches!(
-                        code.as_deref(),
-                        // PostgreSQL: invalid authorization, invalid password, no such
-                        // database, insufficient privilege, no such schema.
+                        error.code().as_deref(),
                         Some("28000" | "28P01" | "3D000" | "42501" | "3F000")
-                            // SQLite: read-only, cannot open, not authorized, not a database.
-                            | Some("8" | "14" | "23" | "26")
                     )
                 }
                 sqlx::Error::Configuration(_) | sqlx::Error::Tls(_) => true,
@@ -159,16 +164,19 @@ impl StoreError {
         }
     }
 
-    /// Whether the database refused the statement (a stored key, a value out of range),
-    /// rather than failing to answer.
+    /// Whether the database refused the statement's data (a stored key, a value out of
+    /// range: SQLSTATE classes 23 and 22), rather than failing to answer or giving up on
+    /// it (a statement timeout is no reason to try the same page another way).
     pub(crate) fn is_refused_by_database(&self) -> bool {
-        matches!(
-            self,
+        match self {
             StoreError::Database {
-                source: sqlx::Error::Database(_),
+                source: sqlx::Error::Database(error),
                 ..
-            }
-        )
+            } => error
+                .code()
+                .is_some_and(|code| code.starts_with("23") || code.starts_with("22")),
+            _ => false,
+        }
     }
 }
 

@@ -49,6 +49,8 @@ macro_rules! finished_ledger {
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// How to connect, without the session's bounds: for the migrations.
+    options: std::sync::Arc<PgConnectOptions>,
     /// The bound on every call through [`crate::store::AnyStore`].
     pub(super) call_timeout: Duration,
 }
@@ -87,20 +89,33 @@ impl PgStore {
         statement_timeout: Duration,
     ) -> Result<PgStore, StoreError> {
         let call_timeout = super::call_timeout(statement_timeout);
-        let statement_timeout = statement_timeout.as_millis().to_string();
         let options = PgConnectOptions::from_str(url.expose_secret())
-            .map_err(db("parsing the database url"))?
-            .options([
-                ("statement_timeout", statement_timeout.as_str()),
-                ("tcp_keepalives_idle", "30"),
-                ("tcp_keepalives_interval", "10"),
-                ("tcp_keepalives_count", "3"),
-            ]);
+            .map_err(db("parsing the database url"))?;
+        // Set once each connection is made, not as startup `options` (which PgBouncer
+        // refuses): a transaction left open by a client that went away ends too.
+        let session = format!(
+            "SET statement_timeout = {ms}; SET idle_in_transaction_session_timeout = {ms}; \
+             SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; \
+             SET tcp_keepalives_count = 3",
+            ms = statement_timeout.as_millis()
+        );
         let pool_options = PgPoolOptions::new()
             .max_connections(4)
-            .acquire_timeout(Duration::from_secs(15));
+            .acquire_timeout(Duration::from_secs(15))
+            .after_connect(move |connection, _| {
+                let session = session.clone();
+                Box::pin(async move {
+                    // No arguments: the simple protocol, which takes several statements.
+                    sqlx::Executor::execute(connection, session.as_str()).await?;
+                    Ok(())
+                })
+            });
         match pool_options.clone().connect_with(options.clone()).await {
-            Ok(pool) => Ok(PgStore { pool, call_timeout }),
+            Ok(pool) => Ok(PgStore {
+                pool,
+                options: options.into(),
+                call_timeout,
+            }),
             Err(e) if is_missing_database(&e) && if_missing == IfMissing::Create => {
                 tracing::info!(
                     database = options.get_database().unwrap_or_default(),
@@ -110,10 +125,14 @@ impl PgStore {
                     .await
                     .map_err(db("creating the database (it does not exist)"))?;
                 let pool = pool_options
-                    .connect_with(options)
+                    .connect_with(options.clone())
                     .await
                     .map_err(db("connecting to the database"))?;
-                Ok(PgStore { pool, call_timeout })
+                Ok(PgStore {
+                    pool,
+                    options: options.into(),
+                    call_timeout,
+                })
             }
             Err(e) => Err(StoreError::Database {
                 context: "connecting to the database",
@@ -135,10 +154,18 @@ impl PgStore {
         Ok(())
     }
 
-    /// Applies the migrations that have not run yet.
+    /// Applies the migrations that have not run yet, on a connection of their own whose
+    /// statements are not bounded: a migration may rightly take long on a big table.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(15))
+            .connect_with(PgConnectOptions::clone(&self.options))
+            .await
+            .map_err(db("connecting for the migrations"))?;
+        let migrated = MIGRATOR.run(&pool).await;
+        pool.close().await;
+        Ok(migrated?)
     }
 
     /// Stores `page` in one transaction, its departments written as `load` says.

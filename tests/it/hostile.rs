@@ -308,3 +308,58 @@ async fn a_connection_dropped_without_a_word_ends_the_pass_within_its_bound() {
         "the pass took {took:?} to end"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_blocked_on_a_lock_ends_at_the_statement_timeout() {
+    use deptsync::engine::{PassRequest, error_chain, run_pass};
+    use deptsync::store::{AnyStore, IfMissing};
+    use std::time::Duration;
+
+    let db = TestDb::new().await;
+    let store = AnyStore::connect_with(
+        &db.url.clone().into(),
+        IfMissing::Fail,
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
+    let fake = deptsync::fakes::mews::FakeMews::start().await.unwrap();
+    let start = chrono::DateTime::parse_from_rfc3339("2020-01-01T00:00:00Z")
+        .unwrap()
+        .to_utc();
+    fake.generate(300, 1, start, start + chrono::Duration::days(60));
+    fake.shared.set_delay(Duration::from_millis(20));
+    let toml = mews_config(&db.url, "mews", &fake.base_url, "page_size = 10");
+    let (settings, source) = crate::helpers::connector(&toml);
+
+    // Another session takes the window ledger's rows and keeps them.
+    let pool = db.pool().clone();
+    let locker = tokio::spawn(async move {
+        crate::helpers::stored_at_least(&pool, 50).await;
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SELECT * FROM sync_windows FOR UPDATE")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let result = tokio::time::timeout(
+        Duration::from_secs(20),
+        run_pass(
+            settings.name.as_str(),
+            &source,
+            &store,
+            PassRequest::INCREMENTAL,
+            &cancel,
+        ),
+    )
+    .await
+    .expect("the pass waited on the lock");
+    locker.abort();
+
+    let error = error_chain(&result.unwrap_err());
+    assert!(error.contains("statement timeout"), "{error}");
+    let status: String = db.scalar("SELECT status FROM sync_runs").await;
+    assert_eq!(status, "failed", "the failure is recorded");
+}
