@@ -29,14 +29,24 @@ pub mod store;
 /// `sync_runs.error` keep of a failure. The causes quote vendors (their error messages),
 /// so the line is [`printable`].
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    printable(&cause_chain(error)).into_owned()
+}
+
+/// An error and its causes, `outer: inner: innermost`, each said once: a cause whose
+/// text its error already shows (many libraries print their source in their own
+/// message) is not repeated.
+pub fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
+        let said = inner.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
         cause = inner.source();
     }
-    printable(&text).into_owned()
+    text
 }
 
 /// `text` from outside (a vendor's message, a department's id, a cursor) made safe to

@@ -27,9 +27,11 @@ fn main() -> ExitCode {
         match cli::run(cli, cancel, display).await {
             Ok(exit) => exit,
             Err(e) => {
-                // `{:#}` prints anyhow's whole cause chain on one line.
+                // The whole cause chain on one line, each cause once.
                 match &e {
-                    cli::CliError::Failed(inner) => eprintln!("error: {inner:#}"),
+                    cli::CliError::Failed(inner) => {
+                        eprintln!("error: {}", deptsync::cause_chain(inner.as_ref()));
+                    }
                     other => eprintln!("error: {other}"),
                 }
                 e.exit()

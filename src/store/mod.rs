@@ -44,6 +44,30 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     Corrupt(String),
+    /// Nothing answered at the server's address: said at once, with what to check,
+    /// rather than after a pool has waited out its timeout.
+    #[error(
+        "nothing listens at {address} (is PostgreSQL running there, and are the host and \
+         port right?): {source}"
+    )]
+    Unreachable {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database does not exist and the role may not create it.
+    #[error(
+        "the database does not exist and this role may not create it: create it (see \
+         deploy/postgres-setup.sql), or use a role with CREATEDB"
+    )]
+    CannotCreate(#[source] sqlx::Error),
+    /// An SQLite file's directory is missing (SQLite would only say it cannot open it).
+    #[error(
+        "the directory {} of the SQLite database does not exist: create it, or point the \
+         url at another file",
+        directory.display()
+    )]
+    NoDirectory { directory: PathBuf },
     /// A call got no answer in time: a connection dropped without a reset (a firewall, a
     /// partition), or a server that stopped answering. The call is given up; its
     /// connection is not used again.
@@ -155,11 +179,14 @@ impl StoreError {
                 )
             }
             StoreError::Url(_)
+            | StoreError::CannotCreate(_)
+            | StoreError::NoDirectory { .. }
             | StoreError::Missing { .. }
             | StoreError::DatabasePath { .. }
             | StoreError::NotWal { .. } => true,
             StoreError::Corrupt(_)
             | StoreError::LockFile { .. }
+            | StoreError::Unreachable { .. }
             | StoreError::Unanswered { .. } => false,
         }
     }

@@ -110,6 +110,17 @@ impl PgStore {
                     Ok(())
                 })
             });
+        // One connection first: a refused one is said at once (a pool would retry it
+        // until its timeout and then say only that it timed out).
+        if let Err(sqlx::Error::Io(source)) = sqlx::Connection::connect_with(&options)
+            .await
+            .map(|c: PgConnection| drop(c))
+        {
+            return Err(StoreError::Unreachable {
+                address: format!("{}:{}", options.get_host(), options.get_port()),
+                source,
+            });
+        }
         match pool_options.clone().connect_with(options.clone()).await {
             Ok(pool) => Ok(PgStore {
                 pool,
@@ -123,7 +134,17 @@ impl PgStore {
                 );
                 Postgres::create_database(url.expose_secret())
                     .await
-                    .map_err(db("creating the database (it does not exist)"))?;
+                    .map_err(|e| match &e {
+                        sqlx::Error::Database(refused)
+                            if refused.code().as_deref() == Some("42501") =>
+                        {
+                            StoreError::CannotCreate(e)
+                        }
+                        _ => StoreError::Database {
+                            context: "creating the database (it does not exist)",
+                            source: e,
+                        },
+                    })?;
                 let pool = pool_options
                     .connect_with(options.clone())
                     .await

@@ -172,6 +172,14 @@ impl SqliteStore {
             if if_missing == IfMissing::Fail {
                 return Err(StoreError::Missing { path });
             }
+            if let Some(directory) = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
+            {
+                return Err(StoreError::NoDirectory {
+                    directory: directory.to_owned(),
+                });
+            }
             tracing::info!(path = %path.display(), "database file does not exist; creating it");
         }
         let options = SqliteConnectOptions::from_str(url.expose_secret())

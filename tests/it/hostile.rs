@@ -363,3 +363,72 @@ async fn a_statement_blocked_on_a_lock_ends_at_the_statement_timeout() {
     let status: String = db.scalar("SELECT status FROM sync_runs").await;
     assert_eq!(status, "failed", "the failure is recorded");
 }
+
+/// The one `error:` line of a run of the binary.
+fn error_line(output: &std::process::Output) -> String {
+    let text = stderr(output);
+    let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{text}");
+    errors[0].to_owned()
+}
+
+#[tokio::test]
+async fn database_errors_say_the_cause_once_and_what_to_check() {
+    let dir = crate::helpers::TempDir::new();
+    let config = dir.join("deptsync.toml");
+    let run = |url: String| {
+        let config = config.clone();
+        async move {
+            std::fs::write(&config, format!("[database]\nurl = \"{url}\"\n")).unwrap();
+            let started = std::time::Instant::now();
+            let output = run_binary(&["migrate", "--config", config.to_str().unwrap()], &[]).await;
+            (output, started.elapsed())
+        }
+    };
+
+    // Nothing listens there: said at once, not after a pool's timeout.
+    let (refused, took) = run("postgres://postgres@127.0.0.1:1/deptsync".to_owned()).await;
+    let line = error_line(&refused);
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "took {took:?}: {line}"
+    );
+    assert!(line.contains("nothing listens at 127.0.0.1:1"), "{line}");
+
+    // A role that does not exist: the cause once.
+    let mut url = reqwest::Url::parse(&crate::helpers::server_url()).unwrap();
+    url.set_username("deptsync_no_such_role").unwrap();
+    let (missing_role, _) = run(url.to_string()).await;
+    let line = error_line(&missing_role);
+    assert_eq!(line.matches("does not exist").count(), 1, "{line}");
+
+    // A database that does not exist, for a role that may not create one.
+    let role = format!("deptsync_test_{}", uuid::Uuid::new_v4().simple());
+    let mut admin =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&crate::helpers::server_url())
+            .await
+            .unwrap();
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN NOCREATEDB"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let mut url = reqwest::Url::parse(&crate::helpers::server_url()).unwrap();
+    url.set_username(&role).unwrap();
+    url.set_path(&format!("{role}_db"));
+    let (cannot_create, _) = run(url.to_string()).await;
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let line = error_line(&cannot_create);
+    assert!(line.contains("may not create it"), "{line}");
+
+    // An SQLite file in a directory that does not exist: the directory is named.
+    let file = dir.join("no-such-directory").join("deptsync.db");
+    let (no_directory, _) = run(format!("sqlite://{}", file.display())).await;
+    let line = error_line(&no_directory);
+    assert!(
+        line.contains("no-such-directory") && line.contains("does not exist"),
+        "{line}"
+    );
+}
