@@ -379,13 +379,20 @@ pub(crate) struct StatusLine {
 
 impl StatusLine {
     fn new(status: SourceStatus, schedule: Option<&Schedule>, now: DateTime<Utc>) -> StatusLine {
+        // A source that never succeeded counts from its first run, or from when the
+        // service first had it due; one no service has had yet is not late.
+        let since = status
+            .last_success_at
+            .or(status.first_run_at)
+            .or(status.registered_at);
         let stale = schedule
             .and_then(|s| s.interval_after(now))
-            .is_some_and(|interval| {
-                // Never succeeded: count from its first run (never run at all is stale).
-                let since = status.last_success_at.or(status.first_run_at);
-                since.is_none_or(|since| now - since > interval * 3)
-            });
+            .zip(since)
+            .is_some_and(|(interval, since)| now - since > interval * 3);
+        let mut status = status;
+        if status.first_run_at.is_none() && !stale {
+            status.state = "not run yet".to_owned();
+        }
         StatusLine {
             schedule: schedule.map(|s| s.as_str().to_owned()),
             next_run_at: schedule.and_then(|s| s.next_after(now)),

@@ -340,7 +340,8 @@ impl RunOutcome {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SourceStatus {
     pub source: String,
-    /// `running`, `succeeded`, `failed`, `cancelled`, or `never run`.
+    /// `running`, `succeeded`, `failed`, `cancelled`, or `never run` (`status` shows a
+    /// source that never ran and is not late yet as `not run yet`).
     pub state: String,
     pub last_run_started_at: Option<DateTime<Utc>>,
     pub last_run_finished_at: Option<DateTime<Utc>>,
@@ -362,6 +363,8 @@ pub struct SourceStatus {
     pub reset: Option<String>,
     /// When it was dropped.
     pub reset_at: Option<DateTime<Utc>>,
+    /// When the service first had the source on its schedule.
+    pub registered_at: Option<DateTime<Utc>>,
 }
 
 /// The longest department name deptsync stores, in characters. Longer names are not

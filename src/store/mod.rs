@@ -267,6 +267,10 @@ pub trait Store: Send + Sync {
         reset: Option<&str>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Records that the service has `sources` on its schedule, for those it did not have
+    /// before: `status` counts a source that never succeeded from then.
+    fn register(&self, sources: &[String]) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Records how a pass ended.
     fn finish_run(
         &self,
@@ -524,6 +528,16 @@ impl Store for AnyStore {
                     store.set_scope(lease, source, scope, reset).await
                 }
                 _ => Err(foreign_lease()),
+            }
+        })
+        .await
+    }
+
+    async fn register(&self, sources: &[String]) -> Result<(), StoreError> {
+        bounded(self.call_timeout(), async {
+            match self {
+                AnyStore::Postgres(store) => store.register(sources).await,
+                AnyStore::Sqlite(store) => store.register(sources).await,
             }
         })
         .await

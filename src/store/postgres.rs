@@ -1203,6 +1203,19 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn register(&self, sources: &[String]) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sync_state AS s (source, registered_at)
+             SELECT unnest($1::text[]), now()
+             ON CONFLICT (source) DO UPDATE SET registered_at = COALESCE(s.registered_at, now())",
+        )
+        .bind(sources)
+        .execute(&self.pool)
+        .await
+        .map_err(db("registering the scheduled sources"))?;
+        Ok(())
+    }
+
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
         let error = outcome.error().map(escape_nul);
         sqlx::query(
@@ -1250,6 +1263,7 @@ impl Store for PgStore {
                     .unwrap_or(false),
                 reset: row.get("reset_reason"),
                 reset_at: row.get("reset_at"),
+                registered_at: row.get("registered_at"),
             })
             .collect())
     }

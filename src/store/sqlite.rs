@@ -1008,6 +1008,22 @@ impl Store for SqliteStore {
         Ok(counts)
     }
 
+    async fn register(&self, sources: &[String]) -> Result<(), StoreError> {
+        let names = json_text(&sources)?;
+        let now = now();
+        sqlx::query(
+            "INSERT INTO sync_state AS s (source, registered_at, updated_at)
+             SELECT value, ?2, ?2 FROM json_each(?1) WHERE true
+             ON CONFLICT (source) DO UPDATE SET registered_at = COALESCE(s.registered_at, ?2)",
+        )
+        .bind(names)
+        .bind(&now)
+        .execute(&self.pool)
+        .await
+        .map_err(db("registering the scheduled sources"))?;
+        Ok(())
+    }
+
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
         let error = outcome.error().map(escape_nul);
         // Its instant is taken once it holds the write lock, like every write's.
@@ -1066,6 +1082,7 @@ impl Store for SqliteStore {
                         .unwrap_or(false),
                     reset: get(row, "reset_reason")?,
                     reset_at: get(row, "reset_at")?,
+                    registered_at: get(row, "registered_at")?,
                 })
             })
             .collect()

@@ -242,15 +242,44 @@ async fn a_manual_backfill_through_the_binary() {
 }
 
 #[tokio::test]
-async fn status_exits_3_for_a_source_without_a_recent_success() {
+async fn status_exits_3_only_for_a_source_without_a_success_for_three_intervals() {
     let db = TestDb::new().await;
     let config = write_config(&mews_config(&db.url, "never-run", "http://127.0.0.1:9", ""));
-    let output = run_binary(&["--config", config.arg(), "status", "--json"], &[]).await;
-    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
-    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(status[0]["stale"], true);
-    assert_eq!(status[0]["schedule"], "0 */15 * * * *");
-    assert!(status[0]["next_run_at"].is_string());
+    let status = || async {
+        let output = run_binary(&["--config", config.arg(), "status", "--json"], &[]).await;
+        let lines: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        (output.status.code(), lines[0].clone())
+    };
+
+    // Right after a deployment: nothing has run, nothing is late.
+    let (code, line) = status().await;
+    assert_eq!(code, Some(0), "{line}");
+    assert_eq!(
+        (&line["state"], &line["stale"]),
+        (&"not run yet".into(), &false.into())
+    );
+    assert_eq!(line["schedule"], "0 */15 * * * *");
+    assert!(line["next_run_at"].is_string());
+
+    // The service has had it due since an hour ago (four intervals), and it never ran.
+    use deptsync::store::Store;
+    db.store.register(&["never-run".to_owned()]).await.unwrap();
+    let (code, line) = status().await;
+    assert_eq!(
+        (code, &line["stale"]),
+        (Some(0), &false.into()),
+        "just registered: {line}"
+    );
+    sqlx::query("UPDATE sync_state SET registered_at = now() - interval '1 hour'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let (code, line) = status().await;
+    assert_eq!(code, Some(3), "{line}");
+    assert_eq!(
+        (&line["state"], &line["stale"]),
+        (&"never run".into(), &true.into())
+    );
 }
 
 #[tokio::test]

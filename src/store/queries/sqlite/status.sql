@@ -21,6 +21,7 @@ SELECT n.source,
        s.listing_cursor,
        s.reset_at,
        s.reset_reason,
+       s.registered_at,
        (SELECT min(started_at) FROM sync_runs r WHERE r.source = n.source) AS first_run_at,
        (s.backfill_from IS NOT NULL)                 AS backfill_in_progress,
        (SELECT count(*) FROM departments d
