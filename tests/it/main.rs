@@ -8,6 +8,7 @@ mod hostile;
 mod listings;
 mod mews;
 mod proxy;
+mod reader;
 mod real_upstreams;
 mod resilience;
 mod store;
