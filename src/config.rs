@@ -1295,10 +1295,53 @@ mod files_and_daemon {
 mod example {
     use super::*;
 
+    const EXAMPLE: &str = include_str!("../deploy/deptsync.example.toml");
+
     #[test]
     fn the_shipped_example_config_is_valid() {
-        let text = include_str!("../deploy/deptsync.example.toml");
-        let settings = Settings::parse(text, &|_| None).unwrap();
+        let settings = Settings::parse(EXAMPLE, &|_| None).unwrap();
         assert_eq!(settings.sources[0].name.as_str(), "mews-demo");
+    }
+
+    /// The example with the commented `[[sources]]` block starting at line `start`
+    /// uncommented as its comment says to (one `# ` taken off each line of the block; a
+    /// `## ` line stays a comment).
+    fn uncommented(start: usize) -> String {
+        let mut in_block = false;
+        EXAMPLE
+            .lines()
+            .enumerate()
+            .map(|(number, line)| {
+                if number == start {
+                    in_block = true;
+                }
+                if in_block && !line.starts_with('#') {
+                    in_block = false;
+                }
+                match line.strip_prefix("# ") {
+                    Some(rest) if in_block => rest.to_owned(),
+                    _ => line.to_owned(),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn each_commented_source_of_the_example_validates_once_uncommented() {
+        let blocks: Vec<usize> = EXAMPLE
+            .lines()
+            .enumerate()
+            .filter(|(_, line)| line.trim() == "# [[sources]]")
+            .map(|(number, _)| number)
+            .collect();
+        assert_eq!(blocks.len(), 3, "procurify, snapbooks, data_v1");
+        let env = |name: &str| (name != "DATABASE_URL").then(|| format!("value of {name}"));
+        for start in blocks {
+            let text = uncommented(start);
+            let settings = Settings::parse(&text, &env)
+                .unwrap_or_else(|e| panic!("the block at line {}: {e}", start + 1));
+            assert_eq!(settings.sources.len(), 2, "the block at line {}", start + 1);
+        }
     }
 }

@@ -560,8 +560,8 @@ fn query_hints(database_url: &str) -> String {
             let file = shell_word(&path.display().to_string());
             format!(
                 "The database is left for you to query:\n\n  \
-                 sqlite3 {file} \"{changed}\"\n  \
-                 sqlite3 {file} \"{tree}\"\n"
+                 sqlite3 -readonly {file} \"{changed}\"\n  \
+                 sqlite3 -readonly {file} \"{tree}\"\n"
             )
         }
         Err(_) => {

@@ -155,7 +155,7 @@ async fn without_a_database_the_demo_makes_its_file_afresh_in_the_working_direct
     assert_report(&stdout);
     assert!(stdout.contains("made afresh"), "{stdout}");
     assert!(
-        stdout.contains("sqlite3 deptsync-demo.db \"SELECT"),
+        stdout.contains("sqlite3 -readonly deptsync-demo.db \"SELECT"),
         "{stdout}"
     );
     assert_demo_rows(&sqlite_url(&dir.join("deptsync-demo.db"))).await;
@@ -254,4 +254,107 @@ async fn demo_serve_prints_a_config_that_sync_and_status_work_with() {
         "the server still serves"
     );
     drop(server);
+}
+
+/// The SQL of every `sqlite3 … "SQL"` command in the README's shell blocks.
+fn readme_sqlite3_commands() -> Vec<String> {
+    let readme = include_str!("../../README.md");
+    let mut commands = Vec::new();
+    let mut open: Option<String> = None;
+    for line in readme.lines() {
+        if let Some(sql) = &mut open {
+            sql.push('\n');
+            match line.find('"') {
+                Some(end) => {
+                    sql.push_str(&line[..end]);
+                    commands.push(std::mem::take(sql));
+                    open = None;
+                }
+                None => sql.push_str(line),
+            }
+            continue;
+        }
+        let Some(rest) = line.trim_start().strip_prefix("sqlite3 ") else {
+            continue;
+        };
+        let Some(start) = rest.find('"') else {
+            continue;
+        };
+        let after = &rest[start + 1..];
+        match after.find('"') {
+            Some(end) => commands.push(after[..end].to_owned()),
+            None => open = Some(after.to_owned()),
+        }
+    }
+    commands
+}
+
+#[tokio::test]
+async fn every_query_the_readme_shows_runs_on_the_demos_databases() {
+    // The SQLite translations the README gives, applied as it says.
+    let readme = include_str!("../../README.md");
+    let to_sqlite = [
+        (
+            "now() - interval '1 day'",
+            "strftime('%Y-%m-%dT%H:%M:%S', 'now', '-1 day')",
+        ),
+        ("name::text", "name"),
+        (
+            "finished_at - started_at",
+            "(julianday(finished_at) - julianday(started_at)) * 86400",
+        ),
+    ];
+    for (postgres, sqlite) in to_sqlite {
+        assert!(
+            readme.contains(postgres) && readme.contains(sqlite),
+            "{sqlite}"
+        );
+    }
+    let blocks = crate::helpers::readme_sql_blocks();
+    assert!(!blocks.is_empty());
+    let sqlite3_commands = readme_sqlite3_commands();
+    assert!(sqlite3_commands.len() >= 3, "{sqlite3_commands:?}");
+
+    let db = TestDb::new().await;
+    let dir = TempDir::new();
+    for args in [&["demo", "--database", db.url.as_str()][..], &["demo"][..]] {
+        let output = run_binary_in(&dir.path, args, &[]).await;
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    }
+    let sqlite = AnyStore::connect(
+        &sqlite_url(&dir.join("deptsync-demo.db")).into(),
+        IfMissing::Fail,
+    )
+    .await
+    .unwrap();
+    let AnyStore::Sqlite(sqlite) = sqlite else {
+        panic!("the demo's file is SQLite")
+    };
+
+    let mut failures = Vec::new();
+    for block in &blocks {
+        if let Err(e) = sqlx::raw_sql(block).execute(db.pool()).await {
+            failures.push(format!("PostgreSQL: {e}\n{block}"));
+        }
+        let translated = to_sqlite
+            .iter()
+            .fold(block.clone(), |sql, (from, to)| sql.replace(from, to));
+        if let Err(e) = sqlx::raw_sql(&translated).execute(sqlite.pool()).await {
+            failures.push(format!("SQLite: {e}\n{translated}"));
+        }
+    }
+    for command in &sqlite3_commands {
+        if let Err(e) = sqlx::raw_sql(command).execute(sqlite.pool()).await {
+            failures.push(format!("sqlite3: {e}\n{command}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n---\n"));
+    // And they find the demo's rows, not an empty table.
+    let tree: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM departments WHERE source = 'demo-hr' AND parent_external_id IS NULL",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert!(tree > 0);
 }

@@ -343,3 +343,25 @@ pub async fn run_binary_in(
         .expect("deptsync did not finish within a minute")
         .unwrap()
 }
+
+/// The README's PostgreSQL queries: every ```sql block.
+pub fn readme_sql_blocks() -> Vec<String> {
+    let readme = include_str!("../../README.md");
+    let mut blocks = Vec::new();
+    let mut block: Option<String> = None;
+    for line in readme.lines() {
+        match (&mut block, line.trim_start()) {
+            (None, "```sql") => block = Some(String::new()),
+            (Some(text), "```") => {
+                blocks.push(std::mem::take(text));
+                block = None;
+            }
+            (Some(text), _) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}

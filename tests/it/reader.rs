@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::helpers::{run_binary, server_url, stderr};
+use crate::helpers::{readme_sql_blocks, run_binary, server_url, stderr};
 
 /// Runs `psql` on `database` of the test server as `user`, with `args`; its output.
 fn psql(user: &str, database: &str, args: &[&str]) -> std::process::Output {
@@ -17,28 +17,6 @@ fn psql(user: &str, database: &str, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("psql is installed with PostgreSQL")
-}
-
-/// The README's PostgreSQL queries: every ```sql block.
-fn readme_sql_blocks() -> Vec<String> {
-    let readme = include_str!("../../README.md");
-    let mut blocks = Vec::new();
-    let mut block: Option<String> = None;
-    for line in readme.lines() {
-        match (&mut block, line.trim_start()) {
-            (None, "```sql") => block = Some(String::new()),
-            (Some(text), "```") => {
-                blocks.push(std::mem::take(text));
-                block = None;
-            }
-            (Some(text), _) => {
-                text.push_str(line);
-                text.push('\n');
-            }
-            (None, _) => {}
-        }
-    }
-    blocks
 }
 
 #[tokio::test]
