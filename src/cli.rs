@@ -90,10 +90,10 @@ pub struct SyncArgs {
     #[arg(long, requires = "from")]
     pub backfill: bool,
     /// Start of the backfill range (RFC 3339, inclusive).
-    #[arg(long, value_name = "RFC3339", requires = "backfill")]
+    #[arg(long, value_name = "RFC3339", requires = "backfill", value_parser = instant)]
     pub from: Option<DateTime<Utc>>,
     /// End of the backfill range (RFC 3339, exclusive; default: now).
-    #[arg(long, value_name = "RFC3339", requires = "backfill")]
+    #[arg(long, value_name = "RFC3339", requires = "backfill", value_parser = instant)]
     pub to: Option<DateTime<Utc>>,
     /// Confirm that a full listing may mark more than the source's max_delete_fraction of
     /// its departments deleted.
@@ -113,6 +113,13 @@ pub struct ResetArgs {
 
 /// Why a source's position was dropped by `deptsync reset`, as `status` shows it.
 pub const RESET_BY_OPERATOR: &str = "reset by an operator (`deptsync reset`)";
+
+/// An instant on the command line, or what form it should have.
+fn instant(text: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{e}: expected an RFC 3339 time like 2024-01-01T00:00:00Z"))
+}
 
 /// How the process ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,6 +278,23 @@ async fn sync(
             allow_mass_delete: args.allow_mass_delete,
         },
     };
+    if args.allow_mass_delete {
+        let never_delete: Vec<&str> = selected
+            .iter()
+            .filter(|s| {
+                Connector::new(s)
+                    .is_ok_and(|connector| matches!(connector.mode(), SyncMode::Windowed(_)))
+            })
+            .map(|s| s.name.as_str())
+            .collect();
+        if !never_delete.is_empty() && never_delete.len() == selected.len() {
+            return Err(CliError::Usage(format!(
+                "--allow-mass-delete: {} never deletes (read by update time, not as a \
+                 listing); nothing to confirm",
+                never_delete.join(", ")
+            )));
+        }
+    }
     if selected.is_empty() {
         tracing::warn!("the config has no sources; nothing to sync");
         return Ok(Exit::Success);
@@ -526,6 +550,12 @@ fn position(status: &SourceStatus) -> String {
 }
 
 async fn check(settings: &Settings) -> Result<Exit, CliError> {
+    if settings.sources.is_empty() {
+        return Err(CliError::Usage(
+            "the config has no sources: nothing would be synced (add a [[sources]] table)"
+                .to_owned(),
+        ));
+    }
     let url = settings.database.redacted_url();
     connect(settings).await?;
     tracing::info!(database = %url, "database reachable and migrated");

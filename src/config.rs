@@ -367,7 +367,7 @@ impl Settings {
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Invalid {
                 location: "config".to_owned(),
-                message: without_quoted_lines(&e.to_string()),
+                message: with_duplicate_key_named(&without_quoted_lines(&e.to_string()), toml),
             })?;
 
         let database = raw.database.unwrap_or(RawDatabase {
@@ -426,10 +426,20 @@ impl Settings {
             (None, None) => SecretString::from(DEFAULT_DATABASE_URL),
         };
         let kind = DatabaseKind::of_url(url.expose_secret()).map_err(|message| {
-            ConfigError::top(
-                "database.url",
-                format!("{} {message}", redact_url(url.expose_secret())),
-            )
+            let written = url.expose_secret();
+            // Text with no scheme (no `:`) and no `@` holds no password: show it as
+            // written, with the form that was probably meant.
+            if !written.contains(':') && !written.contains('@') {
+                return ConfigError::top(
+                    "database.url",
+                    format!(
+                        "{written:?} is not a database URL: for an SQLite file write \
+                         \"sqlite://{written}\", for PostgreSQL \
+                         \"postgres://user@host:port/database\""
+                    ),
+                );
+            }
+            ConfigError::top("database.url", format!("{} {message}", redact_url(written)))
         })?;
 
         let mut sources = Vec::with_capacity(raw.sources.len());
@@ -480,6 +490,27 @@ impl Settings {
 
 /// A TOML parser's message without the lines it quotes from the file: they may hold a
 /// secret (an unterminated token string, say). Line and column stay.
+/// A TOML parser's "duplicate key" message, with the key named: the text before `=` on
+/// the line it points at (a key, never a value, so nothing secret is quoted).
+fn with_duplicate_key_named(message: &str, toml: &str) -> String {
+    if !message.contains("duplicate key") {
+        return message.to_owned();
+    }
+    let key = message
+        .split("at line ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|number| number.parse::<usize>().ok())
+        .and_then(|number| toml.lines().nth(number.checked_sub(1)?))
+        .and_then(|line| line.split_once('='))
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.is_empty());
+    match key {
+        Some(key) => message.replacen("duplicate key", &format!("duplicate key `{key}`"), 1),
+        None => message.to_owned(),
+    }
+}
+
 fn without_quoted_lines(message: &str) -> String {
     message
         .lines()
@@ -692,15 +723,24 @@ fn validate_source(
     })
 }
 
+/// The fields every kind of source takes, besides its own.
+const SHARED_FIELDS: &str = "`name`, `kind`, `schedule`, `connect_timeout`, `request_timeout`, \
+     `max_attempts`, `max_backoff`, `rate_limit`, `max_response_bytes`, \
+     `allow_insecure_http`, and `X_file` for any secret field `X`";
+
 fn parse_kind<T: DeserializeOwned>(
     rest: config::Value,
     fields: &FieldContext<'_>,
 ) -> Result<T, ConfigError> {
     rest.try_deserialize::<T>().map_err(|e| {
-        let message = e.to_string();
+        let mut message = e.to_string();
         // serde names the offending field in its message ("unknown field `x`", "missing
         // field `y`", "... for key `z`"); pull it out so that the location names it.
         let field = field_named_in(&message).unwrap_or_else(|| "?".to_owned());
+        if message.contains("expected one of") {
+            // The kind's own fields only: the ones every kind takes are where typos are.
+            message.push_str(&format!(", or one every kind takes: {SHARED_FIELDS}"));
+        }
         fields.error(&field, message)
     })
 }
