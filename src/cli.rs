@@ -13,6 +13,7 @@ use crate::daemon::{Daemon, DaemonError};
 use crate::engine::{self, PassRequest, error_chain};
 use crate::model::{RunOutcome, SourceStatus};
 use crate::progress::Display;
+use crate::report::{SourceRun, pass_table};
 use crate::sources::{Connector, Source, SyncMode};
 use crate::store::{AnyStore, IfMissing, Store};
 
@@ -175,11 +176,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken, display: Display) -> Resul
         }
         Command::Sync(args) => sync(&load()?, args, cancel, &display).await,
         Command::Status { json } => status(&load()?, json).await,
-        Command::Migrate => {
-            connect(&load()?).await?;
-            tracing::info!("migrations applied");
-            Ok(Exit::Success)
-        }
+        Command::Migrate => migrate(&load()?).await,
         Command::Check => check(&load()?).await,
         Command::Reset(args) => reset(&load()?, args).await,
         #[cfg(feature = "demo")]
@@ -209,6 +206,26 @@ async fn connect(settings: &Settings) -> anyhow::Result<AnyStore> {
     AnyStore::open_with(&settings.database.url, settings.database.statement_timeout)
         .await
         .with_context(|| format!("database {}", settings.database.redacted_url()))
+}
+
+/// Applies the migrations that have not run yet, and says how many there were.
+async fn migrate(settings: &Settings) -> Result<Exit, CliError> {
+    let database = || format!("database {}", settings.database.redacted_url());
+    let store = AnyStore::connect_with(
+        &settings.database.url,
+        IfMissing::Create,
+        settings.database.statement_timeout,
+    )
+    .await
+    .with_context(database)?;
+    let before = store.applied_migrations().await.with_context(database)?;
+    store.migrate().await.with_context(database)?;
+    let after = store.applied_migrations().await.with_context(database)?;
+    match after - before {
+        0 => tracing::info!(migrations = after, "the database is up to date"),
+        applied => tracing::info!(applied, migrations = after, "migrations applied"),
+    }
+    Ok(Exit::Success)
 }
 
 /// Success, or the sources that `failed` and why.
@@ -302,6 +319,7 @@ async fn sync(
 
     let store = connect(settings).await?;
     let mut failed = Vec::new();
+    let mut runs = Vec::new();
     for source_settings in selected {
         if cancel.is_cancelled() {
             break;
@@ -309,8 +327,16 @@ async fn sync(
         let name = source_settings.name.as_str();
         let connector = Connector::new(source_settings).context("building the HTTP client")?;
         let progress = display.source(name);
+        let started = std::time::Instant::now();
         let result =
             engine::run_pass_showing(name, &connector, &store, request, &cancel, &progress).await;
+        let mut run = SourceRun {
+            name: name.to_owned(),
+            windowed: matches!(connector.mode(), SyncMode::Windowed(_)),
+            elapsed: started.elapsed(),
+            requests: None,
+            result: Err(String::new()),
+        };
         match result {
             Ok(report) if report.outcome == RunOutcome::Cancelled => {
                 progress.finish("cancelled");
@@ -319,12 +345,21 @@ async fn sync(
                     "pass cancelled; the next sync resumes where it stopped"
                 );
             }
-            Ok(_) => progress.finish("done"),
+            Ok(report) => {
+                progress.finish("done");
+                run.result = Ok(report.totals);
+            }
             Err(e) => {
                 progress.finish("failed");
                 failed.push(format!("{name}: {}", error_chain(&e)));
             }
         }
+        runs.push(run);
+    }
+    // What each pass read and wrote, on stdout (the logs are on stderr).
+    if !runs.is_empty() {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", pass_table(&runs)).context("writing the summary")?;
     }
     if cancel.is_cancelled() {
         return Err(CliError::Failed(anyhow::anyhow!(

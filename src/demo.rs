@@ -31,13 +31,14 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{Settings, redact_url};
-use crate::engine::{self, PassRequest, PassTotals, error_chain};
+use crate::engine::{self, PassRequest, error_chain};
 use crate::fakes::data_v1::{self, FakeDataV1};
 use crate::fakes::mews::{self, FakeDepartment, FakeMews};
 use crate::fakes::procurify::{self, FakeProcurify};
 use crate::fakes::snapbooks::{self, FakeSnapbooks};
 use crate::model::RunOutcome;
 use crate::progress::Display;
+use crate::report::{SourceRun, pass_table, table};
 use crate::sources::{Connector, Source, SyncMode};
 use crate::store::{AnyStore, DatabaseKind};
 
@@ -256,16 +257,6 @@ fn remove_demo_files(dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(removed)
 }
 
-/// How one source's pass went.
-struct SourceRun {
-    name: String,
-    windowed: bool,
-    elapsed: Duration,
-    /// Requests the simulated API answered during the pass.
-    requests: usize,
-    result: Result<PassTotals, String>,
-}
-
 /// One incremental pass of every source, one after the other as `deptsync sync` runs
 /// them, each with its progress bar (or log lines).
 async fn sync_all(
@@ -314,7 +305,7 @@ async fn sync_all(
             name: name.to_owned(),
             windowed,
             elapsed: started.elapsed(),
-            requests: simulation.requests(name).saturating_sub(requests_before),
+            requests: Some(simulation.requests(name).saturating_sub(requests_before)),
             result,
         });
     }
@@ -340,62 +331,6 @@ fn fail_on_errors(runs: &[SourceRun]) -> anyhow::Result<()> {
         failed.len(),
         failed.join("\n  ")
     )
-}
-
-fn table() -> comfy_table::Table {
-    let mut table = comfy_table::Table::new();
-    table.load_preset(comfy_table::presets::NOTHING);
-    table
-}
-
-/// What each source's pass read and wrote, from its report.
-fn pass_table(runs: &[SourceRun]) -> comfy_table::Table {
-    let mut table = table();
-    table.set_header([
-        "SOURCE",
-        "REQUESTS",
-        "PAGES",
-        "READ",
-        "INSERTED",
-        "UPDATED",
-        "UNCHANGED",
-        "DELETED",
-        "TIME",
-    ]);
-    for run in runs {
-        let time = format!("{:.1} s", run.elapsed.as_secs_f64());
-        match &run.result {
-            Ok(totals) => {
-                let counts = &totals.counts;
-                let read = counts.inserted + counts.updated + counts.unchanged + counts.rejected;
-                table.add_row([
-                    run.name.clone(),
-                    run.requests.to_string(),
-                    totals.pages.to_string(),
-                    read.to_string(),
-                    counts.inserted.to_string(),
-                    counts.updated.to_string(),
-                    counts.unchanged.to_string(),
-                    counts.deleted.to_string(),
-                    time,
-                ]);
-            }
-            Err(_) => {
-                table.add_row([
-                    run.name.clone(),
-                    run.requests.to_string(),
-                    "failed".to_owned(),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                    time,
-                ]);
-            }
-        }
-    }
-    table
 }
 
 /// What the first pass's figures mean.

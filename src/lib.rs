@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod progress;
+pub mod report;
 pub mod sources;
 pub mod store;
 

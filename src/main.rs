@@ -60,7 +60,15 @@ fn progress_display(cli: &Cli) -> Display {
 /// commands, whose stdout is their output (`status --json`). Colours only on a terminal,
 /// never under journald; JSON lines with `--log-format json`; `RUST_LOG` filters.
 fn init_logging(cli: &Cli, display: &Display) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // What an operator reads: deptsync's INFO and everyone's warnings, not the
+    // scheduler's start-up chatter or PostgreSQL's notices ("relation ... already exists,
+    // skipping"). The demo tells its own story on stdout: only warnings beside it.
+    let default = match cli.command {
+        #[cfg(feature = "demo")]
+        Command::Demo(_) => "warn",
+        _ => "info,tokio_cron_scheduler=warn,sqlx::postgres::notice=warn",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let to_stdout = matches!(cli.command, Command::Run);
     let on_terminal = if to_stdout {
         std::io::stdout().is_terminal()

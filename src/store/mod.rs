@@ -387,6 +387,24 @@ impl AnyStore {
         Ok(store)
     }
 
+    /// How many migrations the database has applied (none before the first).
+    pub async fn applied_migrations(&self) -> Result<i64, StoreError> {
+        let sql = "SELECT count(*) FROM _sqlx_migrations WHERE success";
+        let counted = match self {
+            AnyStore::Postgres(store) => sqlx::query_scalar(sql).fetch_one(store.pool()).await,
+            AnyStore::Sqlite(store) => sqlx::query_scalar(sql).fetch_one(store.pool()).await,
+        };
+        match counted {
+            Ok(count) => Ok(count),
+            // No table yet: nothing applied.
+            Err(sqlx::Error::Database(e)) if e.message().contains("_sqlx_migrations") => Ok(0),
+            Err(source) => Err(StoreError::Database {
+                context: "counting the applied migrations",
+                source,
+            }),
+        }
+    }
+
     /// The bound on every call through this store.
     fn call_timeout(&self) -> std::time::Duration {
         match self {

@@ -104,10 +104,42 @@ async fn sync_then_status_end_to_end() {
         "page_size = 100",
     ));
 
+    // Migrations, said as they are: applied the first time, up to date the second, and
+    // without PostgreSQL's notices.
+    let dir = crate::helpers::TempDir::new();
+    let fresh = write_config(&format!(
+        "[database]\nurl = \"{}\"\n",
+        crate::helpers::sqlite_url(&dir.join("fresh.db"))
+    ));
+    let first = run_binary(&["migrate", "--config", fresh.arg()], &[]).await;
+    assert!(
+        stderr(&first).contains("migrations applied"),
+        "{}",
+        stderr(&first)
+    );
+    let again = run_binary(&["migrate", "--config", config.arg()], &[]).await;
+    assert!(stderr(&again).contains("up to date"), "{}", stderr(&again));
+    assert!(
+        !stderr(&again).contains("_sqlx_migrations"),
+        "{}",
+        stderr(&again)
+    );
+
     // --config after the subcommand works as well as before it.
     let output = run_binary(&["sync", "--config", config.arg()], &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     fake.assert_no_violations();
+    // What the pass read and wrote, as a table on stdout.
+    let summary = String::from_utf8_lossy(&output.stdout);
+    let row = summary
+        .lines()
+        .find(|line| line.trim_start().starts_with("mews-main"))
+        .unwrap_or_else(|| panic!("no summary row: {summary}"));
+    assert!(summary.contains("INSERTED"), "{summary}");
+    assert!(
+        row.split_whitespace().any(|cell| cell == "250"),
+        "{summary}"
+    );
 
     let output = run_binary(&["--config", config.arg(), "status", "--json"], &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));

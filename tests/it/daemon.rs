@@ -235,10 +235,10 @@ async fn sigterm_in_the_middle_of_a_pass_exits_0_and_the_next_start_resumes() {
     )
     .unwrap();
 
-    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_deptsync"))
+    let daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_deptsync"))
         .args(["run", "--config", file.to_str().unwrap()])
         .env_remove("DATABASE_URL")
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -255,11 +255,18 @@ async fn sigterm_in_the_middle_of_a_pass_exits_0_and_the_next_start_resumes() {
         .status()
         .unwrap();
     assert!(sent.success());
-    let status = tokio::time::timeout(Duration::from_secs(12), daemon.wait())
+    let output = tokio::time::timeout(Duration::from_secs(12), daemon.wait_with_output())
         .await
         .expect("deptsync did not exit within 12 s of SIGTERM")
         .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(output.status.code(), Some(0));
+    // The service's log says what an operator needs, not the scheduler's start-up chatter
+    // or PostgreSQL's notices.
+    let log = String::from_utf8_lossy(&output.stdout);
+    assert!(log.contains("deptsync is running"), "{log}");
+    for chatter in ["Uninited", "Job creator created", "_sqlx_migrations"] {
+        assert!(!log.contains(chatter), "{chatter} in the log: {log}");
+    }
 
     let (status, fetched): (String, i64) = sqlx::query_as("SELECT status, fetched FROM sync_runs")
         .fetch_one(db.pool())
