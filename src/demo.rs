@@ -93,10 +93,14 @@ pub async fn run(
         }
         None => DEMO_DATABASE_URL.to_owned(),
     };
-    let simulation = Simulation::start(Upstream::generate(Utc::now()))
+    // The same world on every run: its history ends at a fixed instant, not at now.
+    let mut simulation = Simulation::start(Upstream::generate(demo_epoch()))
         .await
         .context("starting the simulated APIs on 127.0.0.1")?;
     if options.serve {
+        // The world as the demo leaves it (its changes made), so that a sync into the
+        // demo's database finds what the demo stored: nothing to delete or revert.
+        simulation.change_upstream(Utc::now());
         serve(&simulation, &database_url, &cancel).await?;
         return Ok(());
     }
@@ -234,7 +238,17 @@ async fn demo(
 /// (`-wal`, `-shm`, `-journal`, lock files) from `dir`; returns the names removed. Never
 /// called for a database a user named.
 fn remove_demo_files(dir: &Path) -> anyhow::Result<Vec<String>> {
-    let mut names: Vec<String> = ["", "-wal", "-shm", "-journal", ".lock"]
+    let database = dir.join(DEMO_DATABASE_FILE);
+    let used = crate::store::sqlite::in_use(&database)
+        .with_context(|| format!("checking whether {DEMO_DATABASE_FILE} is in use"))?;
+    if used {
+        anyhow::bail!(
+            "{DEMO_DATABASE_FILE} is in use by a running deptsync (a `run`, or a `sync` \
+             beside `demo --serve`): stop it first, or give the demo another file with \
+             --database sqlite://other.db"
+        );
+    }
+    let mut names: Vec<String> = ["", "-wal", "-shm", "-journal", ".lock", ".OPEN.lock"]
         .iter()
         .map(|suffix| format!("{DEMO_DATABASE_FILE}{suffix}"))
         .collect();
@@ -528,6 +542,15 @@ fn shell_word(text: &str) -> String {
 
 /// Every demo shows the same departments: the generator is seeded.
 const SEED: u64 = 0x00de_9751_2026;
+/// Where the simulated world's history ends (two days before it): a fixed instant, so
+/// that every demo, and every `demo --serve`, holds the same departments, updated at the
+/// same times.
+const DEMO_EPOCH_DAYS: i64 = 20_454; // 2026-01-01
+
+fn demo_epoch() -> DateTime<Utc> {
+    DateTime::UNIX_EPOCH + TimeDelta::days(DEMO_EPOCH_DAYS)
+}
+
 /// The Mews source's `start`: the earliest update the first pass reads.
 const MEWS_START: &str = "2021-01-01T00:00:00Z";
 /// [`MEWS_START`] in days after the Unix epoch.

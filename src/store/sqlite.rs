@@ -112,6 +112,8 @@ fn uuid_in(row: &SqliteRow, column: &str) -> Result<Option<Uuid>, StoreError> {
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The shared lock on [`in_use_lock_path`], held while the store is open.
+    _in_use: Arc<File>,
     /// The bound on every call through [`crate::store::AnyStore`].
     pub(super) call_timeout: Duration,
     /// The database file, beside which the lock files are.
@@ -198,8 +200,22 @@ impl SqliteStore {
         // it (a symlink to the file or to its directory) must not give a second lock.
         let path = std::fs::canonicalize(&path)
             .map_err(|source| StoreError::DatabasePath { path, source })?;
+        // Held shared as long as this store is open: whoever would remove the file (the
+        // demo making its own afresh) can tell that a deptsync process uses it.
+        let in_use = in_use_lock_path(&path);
+        let open = open_lock_file(&in_use)
+            .and_then(|file| {
+                file.try_lock_shared()
+                    .map(|()| file)
+                    .map_err(std::io::Error::from)
+            })
+            .map_err(|source| StoreError::LockFile {
+                path: in_use,
+                source,
+            })?;
         Ok(SqliteStore {
             pool,
+            _in_use: Arc::new(open),
             call_timeout: super::call_timeout(statement_timeout),
             path: path.into(),
         })
@@ -751,6 +767,29 @@ fn lock_path(database: &Path, source: Option<&str>) -> PathBuf {
     }
     name.push(".lock");
     PathBuf::from(name)
+}
+
+/// The lock file that every process with the database open holds shared (source names
+/// are lowercase: `OPEN` is none of theirs).
+pub fn in_use_lock_path(database: &Path) -> PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push(".OPEN.lock");
+    PathBuf::from(name)
+}
+
+/// Whether a process (this one included) has the database `database` open as a store.
+pub fn in_use(database: &Path) -> std::io::Result<bool> {
+    let path = in_use_lock_path(database);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(false),
+        Err(TryLockError::WouldBlock) => Ok(true),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
 }
 
 /// Opens a lock file, creating it when missing; its content is never used. An existing

@@ -197,9 +197,13 @@ impl Drop for Server {
 }
 
 #[tokio::test]
-async fn demo_serve_prints_a_config_that_sync_and_status_work_with() {
+async fn demo_serve_continues_the_demos_world_and_a_sync_deletes_nothing() {
     let dir = TempDir::new();
-    let url = sqlite_url(&dir.join("served.db"));
+    // The demo first; then --serve pointed at its database, as a person tries next.
+    let demo = run_binary_in(&dir.path, &["demo"], &[]).await;
+    assert_eq!(demo.status.code(), Some(0), "{}", text(&demo.stderr));
+    let world_after_demo = demo_world(&dir).await.0;
+    let url = sqlite_url(&dir.join("deptsync-demo.db"));
     let mut server = Server(
         Command::new(env!("CARGO_BIN_EXE_deptsync"))
             .args(["demo", "--serve", "--database", &url])
@@ -254,6 +258,17 @@ async fn demo_serve_prints_a_config_that_sync_and_status_work_with() {
         "the server still serves"
     );
     drop(server);
+    // Nothing deleted, nothing the demo changed reverted.
+    let world_after_sync = demo_world(&dir).await.0;
+    let moved: Vec<_> = world_after_sync
+        .iter()
+        .filter(|row| !world_after_demo.contains(row))
+        .take(5)
+        .collect();
+    assert!(
+        moved.is_empty() && world_after_sync.len() == world_after_demo.len(),
+        "the sync after --serve changed the demo's world: {moved:?}"
+    );
 }
 
 /// The SQL of every `sqlite3 … "SQL"` command in the README's shell blocks.
@@ -357,4 +372,86 @@ async fn every_query_the_readme_shows_runs_on_the_demos_databases() {
     .await
     .unwrap();
     assert!(tree > 0);
+}
+
+/// The demo's departments that its second pass did not change, and every department's
+/// identity and state, from the demo file in `dir`.
+async fn demo_world(dir: &TempDir) -> (Vec<(String, String, String, bool, bool)>, Vec<String>) {
+    let store = AnyStore::connect(
+        &sqlite_url(&dir.join("deptsync-demo.db")).into(),
+        IfMissing::Fail,
+    )
+    .await
+    .unwrap();
+    let AnyStore::Sqlite(store) = store else {
+        panic!("the demo's file is SQLite")
+    };
+    let rows = sqlx::query_as(
+        "SELECT source, external_id, name, is_active, deleted_at IS NULL FROM departments
+         ORDER BY source, external_id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let unchanged = sqlx::query_scalar(
+        // Those the first pass stored and the second left alone (the demo's changes are
+        // made at the time of the run).
+        "SELECT raw FROM departments d WHERE last_changed_at = first_synced_at
+           AND first_synced_at <= (SELECT min(finished_at) FROM sync_runs r
+                                   WHERE r.source = d.source)
+         ORDER BY source, external_id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    (rows, unchanged)
+}
+
+#[tokio::test]
+async fn the_demo_gives_the_same_world_on_every_run() {
+    let (first, second) = (TempDir::new(), TempDir::new());
+    for dir in [&first, &second] {
+        let output = run_binary_in(&dir.path, &["demo"], &[]).await;
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+        // Apart in time: the world must not move with the clock.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let (first, second) = (demo_world(&first).await, demo_world(&second).await);
+    assert_eq!(first.0, second.0);
+    // Mews' 1,580 among them: the records with update times.
+    assert!(first.1.len() > 2500, "{}", first.1.len());
+    assert!(
+        first.1 == second.1,
+        "the records the vendors send differ between runs"
+    );
+}
+
+#[tokio::test]
+async fn the_demo_never_removes_a_database_a_running_deptsync_holds() {
+    let dir = TempDir::new();
+    let output = run_binary_in(&dir.path, &["demo"], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    // A deptsync process has the file open (as `run` would).
+    let held = AnyStore::connect(
+        &sqlite_url(&dir.join("deptsync-demo.db")).into(),
+        IfMissing::Fail,
+    )
+    .await
+    .unwrap();
+
+    let again = run_binary_in(&dir.path, &["demo"], &[]).await;
+
+    assert_ne!(again.status.code(), Some(0));
+    assert!(
+        text(&again.stderr).contains("in use"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert!(
+        held.ping().await.is_ok(),
+        "the held database is still there"
+    );
+    drop(held);
+    let after = run_binary_in(&dir.path, &["demo"], &[]).await;
+    assert_eq!(after.status.code(), Some(0), "{}", text(&after.stderr));
 }
