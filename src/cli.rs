@@ -318,6 +318,11 @@ async fn sync(
     }
 
     let store = connect(settings).await?;
+    // A source synced by cron, with no service, counts for `status` from now too.
+    let names: Vec<String> = selected.iter().map(|s| s.name.to_string()).collect();
+    if let Err(e) = store.register(&names).await {
+        tracing::warn!(error = %error_chain(&e), "could not record the synced sources");
+    }
     let mut failed = Vec::new();
     let mut runs = Vec::new();
     for source_settings in selected {
@@ -340,6 +345,7 @@ async fn sync(
         match result {
             Ok(report) if report.outcome == RunOutcome::Cancelled => {
                 progress.finish("cancelled");
+                run.result = Err("cancelled".to_owned());
                 tracing::warn!(
                     source = name,
                     "pass cancelled; the next sync resumes where it stopped"

@@ -427,9 +427,11 @@ impl Settings {
         };
         let kind = DatabaseKind::of_url(url.expose_secret()).map_err(|message| {
             let written = url.expose_secret();
-            // Text with no scheme (no `:`) and no `@` holds no password: show it as
-            // written, with the form that was probably meant.
-            if !written.contains(':') && !written.contains('@') {
+            // A bare file name (no scheme, no `@`, no `key=value`, no space) holds no
+            // password: show it as written, with the form that was probably meant.
+            let a_file_name =
+                !written.contains([':', '@', '=']) && !written.contains(char::is_whitespace);
+            if a_file_name {
                 return ConfigError::top(
                     "database.url",
                     format!(
@@ -488,8 +490,6 @@ impl Settings {
     }
 }
 
-/// A TOML parser's message without the lines it quotes from the file: they may hold a
-/// secret (an unterminated token string, say). Line and column stay.
 /// A TOML parser's "duplicate key" message, with the key named: the text before `=` on
 /// the line it points at (a key, never a value, so nothing secret is quoted).
 fn with_duplicate_key_named(message: &str, toml: &str) -> String {
@@ -504,13 +504,20 @@ fn with_duplicate_key_named(message: &str, toml: &str) -> String {
         .and_then(|number| toml.lines().nth(number.checked_sub(1)?))
         .and_then(|line| line.split_once('='))
         .map(|(key, _)| key.trim())
-        .filter(|key| !key.is_empty());
+        .filter(|key| {
+            !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        });
     match key {
         Some(key) => message.replacen("duplicate key", &format!("duplicate key `{key}`"), 1),
         None => message.to_owned(),
     }
 }
 
+/// A TOML parser's message without the lines it quotes from the file: they may hold a
+/// secret (an unterminated token string, say). Line and column stay.
 fn without_quoted_lines(message: &str) -> String {
     message
         .lines()

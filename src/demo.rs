@@ -239,16 +239,20 @@ async fn demo(
 /// called for a database a user named.
 fn remove_demo_files(dir: &Path) -> anyhow::Result<Vec<String>> {
     let database = dir.join(DEMO_DATABASE_FILE);
-    let used = crate::store::sqlite::in_use(&database)
-        .with_context(|| format!("checking whether {DEMO_DATABASE_FILE} is in use"))?;
-    if used {
-        anyhow::bail!(
+    // Held until the files are gone: no store opens the file meanwhile.
+    let _unused = match crate::store::sqlite::lock_unused(&database) {
+        Ok(lock) => lock,
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
             "{DEMO_DATABASE_FILE} is in use by a running deptsync (a `run`, or a `sync` \
              beside `demo --serve`): stop it first, or give the demo another file with \
              --database sqlite://other.db"
-        );
-    }
-    let mut names: Vec<String> = ["", "-wal", "-shm", "-journal", ".lock", ".OPEN.lock"]
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e)
+                .with_context(|| format!("checking whether {DEMO_DATABASE_FILE} is in use"));
+        }
+    };
+    let mut names: Vec<String> = ["", "-wal", "-shm", "-journal", ".lock", ".in.use.lock"]
         .iter()
         .map(|suffix| format!("{DEMO_DATABASE_FILE}{suffix}"))
         .collect();

@@ -41,7 +41,8 @@ pub fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = error.source();
     while let Some(inner) = cause {
         let said = inner.to_string();
-        if !text.contains(&said) {
+        // Libraries that show their cause put it at the end of their own message.
+        if !text.ends_with(&said) {
             text.push_str(": ");
             text.push_str(&said);
         }

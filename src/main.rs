@@ -66,7 +66,7 @@ fn init_logging(cli: &Cli, display: &Display) {
     let default = match cli.command {
         #[cfg(feature = "demo")]
         Command::Demo(_) => "warn",
-        _ => "info,tokio_cron_scheduler=warn,sqlx::postgres::notice=warn",
+        _ => "warn,deptsync=info",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let to_stdout = matches!(cli.command, Command::Run);

@@ -59,8 +59,13 @@ pub fn pass_table(runs: &[SourceRun]) -> comfy_table::Table {
                     .map(|n| n.to_string()),
                 );
             }
-            Err(_) => {
-                row.push("failed".to_owned());
+            Err(reason) => {
+                let state = if reason == "cancelled" {
+                    "cancelled"
+                } else {
+                    "failed"
+                };
+                row.push(state.to_owned());
                 row.extend(std::iter::repeat_n(String::new(), 5));
             }
         }

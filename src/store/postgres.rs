@@ -112,9 +112,16 @@ impl PgStore {
             });
         // One connection first: a refused one is said at once (a pool would retry it
         // until its timeout and then say only that it timed out).
-        if let Err(sqlx::Error::Io(source)) = sqlx::Connection::connect_with(&options)
-            .await
-            .map(|c: PgConnection| drop(c))
+        let probe = tokio::time::timeout(
+            Duration::from_secs(15),
+            sqlx::Connection::connect_with(&options),
+        )
+        .await;
+        if let Ok(Err(sqlx::Error::Io(source))) = probe.map(|c| c.map(|c: PgConnection| drop(c)))
+            && matches!(
+                source.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            )
         {
             return Err(StoreError::Unreachable {
                 address: format!("{}:{}", options.get_host(), options.get_port()),

@@ -202,17 +202,19 @@ impl SqliteStore {
             .map_err(|source| StoreError::DatabasePath { path, source })?;
         // Held shared as long as this store is open: whoever would remove the file (the
         // demo making its own afresh) can tell that a deptsync process uses it.
+        // (Shared locks wait only for the demo's brief exclusive check.)
         let in_use = in_use_lock_path(&path);
-        let open = open_lock_file(&in_use)
-            .and_then(|file| {
-                file.try_lock_shared()
-                    .map(|()| file)
-                    .map_err(std::io::Error::from)
-            })
-            .map_err(|source| StoreError::LockFile {
-                path: in_use,
-                source,
-            })?;
+        let open = tokio::task::spawn_blocking({
+            let in_use = in_use.clone();
+            move || open_lock_file(&in_use).and_then(|file| file.lock_shared().map(|()| file))
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|locked| locked)
+        .map_err(|source| StoreError::LockFile {
+            path: in_use,
+            source,
+        })?;
         Ok(SqliteStore {
             pool,
             _in_use: Arc::new(open),
@@ -769,27 +771,27 @@ fn lock_path(database: &Path, source: Option<&str>) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The lock file that every process with the database open holds shared (source names
-/// are lowercase: `OPEN` is none of theirs).
+/// The lock file that every process with the database open holds shared. A source's
+/// lock file name escapes its dots, so `in.use` is none of theirs, whatever the file
+/// system's case rules.
 pub fn in_use_lock_path(database: &Path) -> PathBuf {
     let mut name = database.as_os_str().to_owned();
-    name.push(".OPEN.lock");
+    name.push(".in.use.lock");
     PathBuf::from(name)
 }
 
-/// Whether a process (this one included) has the database `database` open as a store.
-pub fn in_use(database: &Path) -> std::io::Result<bool> {
+/// Whether no process (this one included) has the database `database` open as a store:
+/// then the lock that keeps any from opening it (held until dropped), or `None` when
+/// there is no lock file (no store ever opened it). `Err(WouldBlock)` when one has.
+pub fn lock_unused(database: &Path) -> Result<Option<File>, TryLockError> {
     let path = in_use_lock_path(database);
     let file = match File::open(&path) {
         Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(TryLockError::Error(e)),
     };
-    match file.try_lock() {
-        Ok(()) => Ok(false),
-        Err(TryLockError::WouldBlock) => Ok(true),
-        Err(TryLockError::Error(e)) => Err(e),
-    }
+    file.try_lock()?;
+    Ok(Some(file))
 }
 
 /// Opens a lock file, creating it when missing; its content is never used. An existing

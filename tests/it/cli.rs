@@ -414,7 +414,7 @@ async fn config_and_usage_messages_say_what_the_user_most_needs() {
 
     // A bad --from shows the form expected.
     let config = write_config(&mews_config(
-        &crate::helpers::server_url(),
+        &crate::helpers::sqlite_url(&dir.join("unused.db")),
         "mews",
         "http://127.0.0.1:9",
         "",

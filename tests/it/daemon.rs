@@ -238,6 +238,7 @@ async fn sigterm_in_the_middle_of_a_pass_exits_0_and_the_next_start_resumes() {
     let daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_deptsync"))
         .args(["run", "--config", file.to_str().unwrap()])
         .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

@@ -334,6 +334,7 @@ pub async fn run_binary_in(
         .args(args)
         .current_dir(dir)
         .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
         .kill_on_drop(true);
     for (key, value) in env {
         command.env(key, value);

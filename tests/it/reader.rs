@@ -7,6 +7,12 @@ use crate::helpers::{readme_sql_blocks, run_binary, server_url, stderr};
 
 /// Runs `psql` on `database` of the test server as `user`, with `args`; its output.
 fn psql(user: &str, database: &str, args: &[&str]) -> std::process::Output {
+    try_psql(user, database, args)
+        .expect("psql is installed with PostgreSQL (scripts/ensure-postgres)")
+}
+
+/// [`psql`], or why it could not run.
+fn try_psql(user: &str, database: &str, args: &[&str]) -> std::io::Result<std::process::Output> {
     let mut url = reqwest::Url::parse(&server_url()).unwrap();
     url.set_username(user).unwrap();
     url.set_password(None).unwrap();
@@ -16,7 +22,6 @@ fn psql(user: &str, database: &str, args: &[&str]) -> std::process::Output {
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
         .args(args)
         .output()
-        .expect("psql is installed with PostgreSQL")
 }
 
 #[tokio::test]
@@ -33,8 +38,10 @@ async fn an_analyst_granted_the_reader_role_runs_every_query_the_readme_shows() 
     struct Cleanup(Vec<String>);
     impl Drop for Cleanup {
         fn drop(&mut self) {
-            let args: Vec<&str> = self.0.iter().flat_map(|s| ["-c", s.as_str()]).collect();
-            let _ = psql("postgres", "postgres", &args);
+            // One statement a call: one failing leaves the others to run.
+            for statement in &self.0 {
+                let _ = try_psql("postgres", "postgres", &["-c", statement]);
+            }
         }
     }
     let _cleanup = Cleanup(vec![
