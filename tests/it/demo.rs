@@ -336,15 +336,7 @@ async fn every_query_the_readme_shows_runs_on_the_demos_databases() {
         let output = run_binary_in(&dir.path, args, &[]).await;
         assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     }
-    let sqlite = AnyStore::connect(
-        &sqlite_url(&dir.join("deptsync-demo.db")).into(),
-        IfMissing::Fail,
-    )
-    .await
-    .unwrap();
-    let AnyStore::Sqlite(sqlite) = sqlite else {
-        panic!("the demo's file is SQLite")
-    };
+    let sqlite = demo_file(&dir).await;
 
     let mut failures = Vec::new();
     for block in &blocks {
@@ -374,9 +366,8 @@ async fn every_query_the_readme_shows_runs_on_the_demos_databases() {
     assert!(tree > 0);
 }
 
-/// The demo's departments that its second pass did not change, and every department's
-/// identity and state, from the demo file in `dir`.
-async fn demo_world(dir: &TempDir) -> (Vec<(String, String, String, bool, bool)>, Vec<String>) {
+/// The demo's SQLite file in `dir`, open as a store.
+async fn demo_file(dir: &TempDir) -> deptsync::store::sqlite::SqliteStore {
     let store = AnyStore::connect(
         &sqlite_url(&dir.join("deptsync-demo.db")).into(),
         IfMissing::Fail,
@@ -386,6 +377,13 @@ async fn demo_world(dir: &TempDir) -> (Vec<(String, String, String, bool, bool)>
     let AnyStore::Sqlite(store) = store else {
         panic!("the demo's file is SQLite")
     };
+    store
+}
+
+/// The demo's departments that its second pass did not change, and every department's
+/// identity and state, from the demo file in `dir`.
+async fn demo_world(dir: &TempDir) -> (Vec<(String, String, String, bool, bool)>, Vec<String>) {
+    let store = demo_file(dir).await;
     let rows = sqlx::query_as(
         "SELECT source, external_id, name, is_active, deleted_at IS NULL FROM departments
          ORDER BY source, external_id",
@@ -432,12 +430,7 @@ async fn the_demo_never_removes_a_database_a_running_deptsync_holds() {
     let output = run_binary_in(&dir.path, &["demo"], &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     // A deptsync process has the file open (as `run` would).
-    let held = AnyStore::connect(
-        &sqlite_url(&dir.join("deptsync-demo.db")).into(),
-        IfMissing::Fail,
-    )
-    .await
-    .unwrap();
+    let held = demo_file(&dir).await;
 
     let again = run_binary_in(&dir.path, &["demo"], &[]).await;
 

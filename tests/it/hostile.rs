@@ -252,18 +252,21 @@ async fn a_permanent_database_error_ends_run_at_once_with_the_cause_on_one_line(
     assert!(fake.requests().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_dropped_without_a_word_ends_the_pass_within_its_bound() {
-    use deptsync::engine::{PassRequest, error_chain, run_pass};
-    use deptsync::store::{AnyStore, IfMissing};
-    use std::time::{Duration, Instant};
-
-    let db = TestDb::new().await;
-    let proxy = crate::proxy::PgProxy::start("127.0.0.1:5432".to_owned()).await;
-    // Statements end after 1 s, so every call is given up after 1.5 s.
-    let store = AnyStore::connect_with(
-        &proxy.url_for(&db.url).into(),
-        IfMissing::Fail,
+/// A store at `url` whose statements end after 1 s, and a Mews source of 300 departments
+/// over 30 pages of 20 ms each: a pass long enough to interfere with.
+async fn slow_pass(
+    db: &TestDb,
+    url: &str,
+) -> (
+    deptsync::store::AnyStore,
+    deptsync::fakes::mews::FakeMews,
+    deptsync::config::SourceSettings,
+    deptsync::sources::Connector,
+) {
+    use std::time::Duration;
+    let store = deptsync::store::AnyStore::connect_with(
+        &url.to_owned().into(),
+        deptsync::store::IfMissing::Fail,
         Duration::from_secs(1),
     )
     .await
@@ -276,6 +279,18 @@ async fn a_connection_dropped_without_a_word_ends_the_pass_within_its_bound() {
     fake.shared.set_delay(Duration::from_millis(20));
     let toml = mews_config(&db.url, "mews", &fake.base_url, "page_size = 10");
     let (settings, source) = crate::helpers::connector(&toml);
+    (store, fake, settings, source)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_without_a_word_ends_the_pass_within_its_bound() {
+    use deptsync::engine::{PassRequest, error_chain, run_pass};
+    use std::time::{Duration, Instant};
+
+    let db = TestDb::new().await;
+    let proxy = crate::proxy::PgProxy::start("127.0.0.1:5432".to_owned()).await;
+    // Statements end after 1 s, so every call is given up after 1.5 s.
+    let (store, _fake, settings, source) = slow_pass(&db, &proxy.url_for(&db.url)).await;
 
     let proxy = std::sync::Arc::new(proxy);
     let frozen_at = {
@@ -312,25 +327,10 @@ async fn a_connection_dropped_without_a_word_ends_the_pass_within_its_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_blocked_on_a_lock_ends_at_the_statement_timeout() {
     use deptsync::engine::{PassRequest, error_chain, run_pass};
-    use deptsync::store::{AnyStore, IfMissing};
     use std::time::Duration;
 
     let db = TestDb::new().await;
-    let store = AnyStore::connect_with(
-        &db.url.clone().into(),
-        IfMissing::Fail,
-        Duration::from_secs(1),
-    )
-    .await
-    .unwrap();
-    let fake = deptsync::fakes::mews::FakeMews::start().await.unwrap();
-    let start = chrono::DateTime::parse_from_rfc3339("2020-01-01T00:00:00Z")
-        .unwrap()
-        .to_utc();
-    fake.generate(300, 1, start, start + chrono::Duration::days(60));
-    fake.shared.set_delay(Duration::from_millis(20));
-    let toml = mews_config(&db.url, "mews", &fake.base_url, "page_size = 10");
-    let (settings, source) = crate::helpers::connector(&toml);
+    let (store, _fake, settings, source) = slow_pass(&db, &db.url).await;
 
     // Another session takes the window ledger's rows and keeps them.
     let pool = db.pool().clone();
