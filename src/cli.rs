@@ -8,12 +8,12 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, ConfigError, Schedule, Settings, SourceSettings};
+use crate::config::{self, ConfigError, Settings, SourceSettings};
 use crate::daemon::{Daemon, DaemonError};
 use crate::engine::{self, PassRequest, error_chain};
-use crate::model::{RunOutcome, SourceStatus};
+use crate::model::RunOutcome;
 use crate::progress::Display;
-use crate::report::{SourceRun, pass_table};
+use crate::report::{SourceRun, pass_table, status_lines, status_table};
 use crate::sources::{Connector, Source, SyncMode};
 use crate::store::{AnyStore, IfMissing, Store};
 
@@ -431,42 +431,6 @@ fn confirmed(question: &str) -> anyhow::Result<bool> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "Yes"))
 }
 
-/// A source as `status` shows it: what the store knows, and what the schedule says.
-#[derive(serde::Serialize)]
-pub(crate) struct StatusLine {
-    #[serde(flatten)]
-    status: SourceStatus,
-    schedule: Option<String>,
-    next_run_at: Option<DateTime<Utc>>,
-    /// No success for three of the schedule's intervals.
-    stale: bool,
-}
-
-impl StatusLine {
-    fn new(status: SourceStatus, schedule: Option<&Schedule>, now: DateTime<Utc>) -> StatusLine {
-        // A source that never succeeded counts from its first run, or from when the
-        // service first had it due; one no service has had yet is not late.
-        let since = status
-            .last_success_at
-            .or(status.first_run_at)
-            .or(status.registered_at);
-        let stale = schedule
-            .and_then(|s| s.interval_after(now))
-            .zip(since)
-            .is_some_and(|(interval, since)| now - since > interval * 3);
-        let mut status = status;
-        if status.first_run_at.is_none() && !stale {
-            status.state = "not run yet".to_owned();
-        }
-        StatusLine {
-            schedule: schedule.map(|s| s.as_str().to_owned()),
-            next_run_at: schedule.and_then(|s| s.next_after(now)),
-            stale,
-            status,
-        }
-    }
-}
-
 async fn status(settings: &Settings, json: bool) -> Result<Exit, CliError> {
     // Reads only: a database that does not exist is an error, not created empty.
     let store = AnyStore::connect_with(
@@ -490,104 +454,6 @@ async fn status(settings: &Settings, json: bool) -> Result<Exit, CliError> {
         return Ok(Exit::Stale);
     }
     Ok(Exit::Success)
-}
-
-/// Every configured source (and any other the store has seen) as `status` shows it.
-pub(crate) async fn status_lines(
-    settings: &Settings,
-    store: &AnyStore,
-) -> anyhow::Result<Vec<StatusLine>> {
-    let names: Vec<String> = settings
-        .sources
-        .iter()
-        .map(|s| s.name.to_string())
-        .collect();
-    let statuses = store
-        .status(&names)
-        .await
-        .context("has `deptsync migrate` run on this database?")?;
-    let now = Utc::now();
-    let lines: Vec<StatusLine> = statuses
-        .into_iter()
-        .map(|status| {
-            let schedule = settings
-                .sources
-                .iter()
-                .find(|s| s.name.as_str() == status.source)
-                .map(|s| &s.schedule);
-            StatusLine::new(status, schedule, now)
-        })
-        .collect();
-    Ok(lines)
-}
-
-/// The status lines as the table `status` prints.
-pub(crate) fn status_table(lines: &[StatusLine]) -> comfy_table::Table {
-    let time = |t: Option<DateTime<Utc>>| {
-        t.map_or_else(
-            || "-".to_owned(),
-            |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
-        )
-    };
-    let mut table = comfy_table::Table::new();
-    table
-        .load_preset(comfy_table::presets::NOTHING)
-        .set_header([
-            "SOURCE",
-            "STATE",
-            "LAST RUN (UTC)",
-            "LAST SUCCESS",
-            "LIVE",
-            "DELETED",
-            "REJECTED",
-            "POSITION",
-            "NEXT RUN",
-            "LAST ERROR",
-        ]);
-    for line in lines {
-        let s = &line.status;
-        let mut state = s.state.clone();
-        if s.backfill_in_progress {
-            state.push_str(" +backfill");
-        }
-        if line.stale {
-            state.push_str(" (STALE)");
-        }
-        // Errors and positions quote vendors: nothing of theirs reaches the terminal raw.
-        let error = match (&s.last_error, s.last_error_at) {
-            (Some(error), at) => {
-                let short: String = error.chars().take(100).collect();
-                format!("{} {}", time(at), crate::printable(&short))
-            }
-            (None, _) => "-".to_owned(),
-        };
-        table.add_row([
-            s.source.clone(),
-            state,
-            time(s.last_run_started_at),
-            time(s.last_success_at),
-            s.live_rows.to_string(),
-            s.deleted_rows.to_string(),
-            s.rejected_records.to_string(),
-            crate::printable(&position(s)).into_owned(),
-            time(line.next_run_at),
-            error,
-        ]);
-    }
-    table
-}
-
-/// Where a source stands; while no pass has succeeded since its position was dropped,
-/// when and why it was.
-fn position(status: &SourceStatus) -> String {
-    match (&status.reset, status.reset_at) {
-        (Some(reason), Some(at)) if status.last_success_at.is_none_or(|ok| ok < at) => format!(
-            "{}; reading again from start since {}: {reason}",
-            status.position,
-            at.format("%Y-%m-%d %H:%M:%S")
-        ),
-        _ => status.position.clone(),
-    }
 }
 
 async fn check(settings: &Settings) -> Result<Exit, CliError> {

@@ -213,10 +213,10 @@ async fn demo(
     simulation.check_rules()?;
     fail_on_errors(&second)?;
 
-    let lines = crate::cli::status_lines(&settings, &store).await?;
+    let lines = crate::report::status_lines(&settings, &store).await?;
     say(&format!(
         "\n`deptsync status`:\n{}\n",
-        crate::cli::status_table(&lines)
+        crate::report::status_table(&lines)
     ))?;
 
     let summary = sample_query(&store).await?;

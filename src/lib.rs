@@ -7,6 +7,7 @@
 //! - [`plan`]: cutting time ranges into the windows an API accepts.
 //! - [`model`]: the words every module shares.
 //! - [`cli`]: the subcommands.
+//! - [`report`]: what a person reads: the pass table and `status`.
 //! - `demo` and `fakes` (feature `demo`, on by default): `deptsync demo`, and the simulated
 //!   vendor APIs it syncs from, which the tests and the benchmark use too.
 
