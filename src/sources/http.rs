@@ -653,3 +653,77 @@ async fn fetch_token(
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderValue, RETRY_AFTER};
+
+    fn with_retry_after(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+        headers
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_a_date() {
+        assert_eq!(
+            retry_after(&with_retry_after("7")),
+            Some(Duration::from_secs(7))
+        );
+        let in_a_minute =
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(60));
+        let wait = retry_after(&with_retry_after(&in_a_minute)).unwrap();
+        assert!(
+            wait > Duration::from_secs(55) && wait <= Duration::from_secs(60),
+            "{wait:?}"
+        );
+        // A date in the past is no wait; what is neither is no Retry-After.
+        assert_eq!(
+            retry_after(&with_retry_after("Thu, 01 Jan 1970 00:00:00 GMT")),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(&with_retry_after("soon")), None);
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    fn client(max_backoff: Duration) -> SourceClient {
+        let settings = HttpSettings {
+            max_backoff,
+            ..HttpSettings::default()
+        };
+        SourceClient::new(&settings, "test", "a credential of the http tests").unwrap()
+    }
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_and_never_undercuts_retry_after() {
+        let client = client(Duration::from_secs(2));
+        for attempt in 1..=20 {
+            let ceiling =
+                (FIRST_BACKOFF * 2u32.pow((attempt - 1).min(16))).min(Duration::from_secs(2));
+            assert!(
+                client.backoff(attempt, None) <= ceiling,
+                "attempt {attempt}"
+            );
+            assert!(
+                client.backoff(attempt, Some(Duration::from_secs(5))) >= Duration::from_secs(5),
+                "a Retry-After is the floor"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_delays_every_request_not_sent_and_a_long_one_fails_them() {
+        let budget = Budget::new(None);
+        budget.hold_back(Duration::from_secs(3));
+        let started = Instant::now();
+        budget.wait_turn().await.unwrap();
+        assert!(started.elapsed() >= Duration::from_secs(3));
+
+        budget.hold_back(MAX_RETRY_AFTER_IN_PASS + Duration::from_secs(60));
+        assert!(matches!(
+            budget.wait_turn().await,
+            Err(SourceError::HeldBack { .. })
+        ));
+    }
+}
