@@ -267,6 +267,13 @@ async fn sync(
     display: &Display,
 ) -> Result<Exit, CliError> {
     let selected = select_sources(settings, &args.sources)?;
+    // Each connector is built once (no I/O): the checks below ask its mode, the passes use it.
+    let connectors: Vec<(&SourceSettings, Connector)> = selected
+        .iter()
+        .map(|s| Connector::new(s).map(|connector| (*s, connector)))
+        .collect::<Result<_, _>>()
+        .context("building the HTTP client")?;
+    let windowed = |connector: &Connector| matches!(connector.mode(), SyncMode::Windowed(_));
     let request = match (args.backfill, args.from) {
         (true, Some(from)) => {
             if selected.len() != 1 || args.sources.is_empty() {
@@ -274,10 +281,7 @@ async fn sync(
                     "--backfill needs exactly one --source".to_owned(),
                 ));
             }
-            let mode = Connector::new(selected[0])
-                .context("building the HTTP client")?
-                .mode();
-            if !matches!(mode, SyncMode::Windowed(_)) {
+            if !windowed(&connectors[0].1) {
                 return Err(CliError::Usage(format!(
                     "--backfill: source {} is read in full on every pass; a plain sync re-reads everything",
                     selected[0].name
@@ -296,13 +300,10 @@ async fn sync(
         },
     };
     if args.allow_mass_delete {
-        let never_delete: Vec<&str> = selected
+        let never_delete: Vec<&str> = connectors
             .iter()
-            .filter(|s| {
-                Connector::new(s)
-                    .is_ok_and(|connector| matches!(connector.mode(), SyncMode::Windowed(_)))
-            })
-            .map(|s| s.name.as_str())
+            .filter(|(_, connector)| windowed(connector))
+            .map(|(s, _)| s.name.as_str())
             .collect();
         if !never_delete.is_empty() && never_delete.len() == selected.len() {
             return Err(CliError::Usage(format!(
@@ -325,19 +326,18 @@ async fn sync(
     }
     let mut failed = Vec::new();
     let mut runs = Vec::new();
-    for source_settings in selected {
+    for (source_settings, connector) in connectors {
         if cancel.is_cancelled() {
             break;
         }
         let name = source_settings.name.as_str();
-        let connector = Connector::new(source_settings).context("building the HTTP client")?;
         let progress = display.source(name);
         let started = std::time::Instant::now();
         let result =
             engine::run_pass_showing(name, &connector, &store, request, &cancel, &progress).await;
         let mut run = SourceRun {
             name: name.to_owned(),
-            windowed: matches!(connector.mode(), SyncMode::Windowed(_)),
+            windowed: windowed(&connector),
             elapsed: started.elapsed(),
             requests: None,
             result: Err(String::new()),
@@ -377,11 +377,9 @@ async fn sync(
 
 /// Drops a source's saved position, under its lock, after a person confirmed it.
 async fn reset(settings: &Settings, args: ResetArgs) -> Result<Exit, CliError> {
-    let selected = select_sources(settings, std::slice::from_ref(&args.source))?;
-    let name = selected
-        .first()
-        .map(|s| s.name.as_str())
-        .unwrap_or(args.source.as_str());
+    // Only a configured source may be reset (a typo must not pass silently).
+    select_sources(settings, std::slice::from_ref(&args.source))?;
+    let name = args.source.as_str();
     let what = format!(
         "this drops the saved position of source {name} (its rows stay); its next pass \
          reads everything again from its start"

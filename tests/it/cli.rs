@@ -356,24 +356,20 @@ async fn a_metrics_address_that_cannot_be_bound_exits_2() {
 #[tokio::test]
 async fn config_and_usage_messages_say_what_the_user_most_needs() {
     let hr = "[[sources]]\nname = \"hr\"\nkind = \"data_v1\"\nbase_url = \"https://hr.example.com\"\ntoken = \"t\"\n";
-    let first_error = |output: &std::process::Output| {
-        let text = stderr(output);
+    /// The first error line of a run that must exit 2.
+    async fn error_of_exit_2(args: &[&str]) -> String {
+        let output = run_binary(args, &[]).await;
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        let text = stderr(&output);
         text.lines()
             .find(|line| line.starts_with("error"))
             .unwrap_or_default()
             .to_owned()
-    };
-    let exit_2 = |args: Vec<String>| async move {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let output = run_binary(&args, &[]).await;
-        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
-        output
-    };
+    }
 
     // A typo of a field every kind takes: the list names those too.
     let config = write_config(&format!("{hr}schedulee = \"0 * * * * *\"\n"));
-    let line =
-        first_error(&exit_2(vec!["--config".into(), config.arg().into(), "check".into()]).await);
+    let line = error_of_exit_2(&["--config", config.arg(), "check"]).await;
     assert!(
         line.contains("schedulee") && line.contains("`schedule`"),
         "{line}"
@@ -385,8 +381,7 @@ async fn config_and_usage_messages_say_what_the_user_most_needs() {
 
     // A key given twice is named.
     let config = write_config(&hr.replace("token = \"t\"", "token = \"t\"\nname = \"again\""));
-    let line =
-        first_error(&exit_2(vec!["--config".into(), config.arg().into(), "check".into()]).await);
+    let line = error_of_exit_2(&["--config", config.arg(), "check"]).await;
     assert!(
         line.contains("duplicate key") && line.contains("`name`"),
         "{line}"
@@ -395,8 +390,7 @@ async fn config_and_usage_messages_say_what_the_user_most_needs() {
 
     // A file name where a URL belongs: what was written, and the form expected.
     let config = write_config("[database]\nurl = \"deptsync.db\"\n");
-    let line =
-        first_error(&exit_2(vec!["--config".into(), config.arg().into(), "check".into()]).await);
+    let line = error_of_exit_2(&["--config", config.arg(), "check"]).await;
     assert!(
         line.contains("\"deptsync.db\"") && line.contains("sqlite://deptsync.db"),
         "{line}"
@@ -408,8 +402,7 @@ async fn config_and_usage_messages_say_what_the_user_most_needs() {
         "[database]\nurl = \"{}\"\n",
         crate::helpers::sqlite_url(&dir.join("x.db"))
     ));
-    let line =
-        first_error(&exit_2(vec!["--config".into(), empty.arg().into(), "check".into()]).await);
+    let line = error_of_exit_2(&["--config", empty.arg(), "check"]).await;
     assert!(line.contains("no sources"), "{line}");
 
     // A bad --from shows the form expected.
@@ -429,7 +422,7 @@ async fn config_and_usage_messages_say_what_the_user_most_needs() {
         "--from",
         "yesterday",
     ];
-    let line = first_error(&exit_2(args.iter().map(|s| s.to_string()).collect()).await);
+    let line = error_of_exit_2(&args).await;
     assert!(line.contains("2024-01-01T00:00:00Z"), "{line}");
 
     // --allow-mass-delete for a source that never deletes.
@@ -441,6 +434,6 @@ async fn config_and_usage_messages_say_what_the_user_most_needs() {
         "mews",
         "--allow-mass-delete",
     ];
-    let line = first_error(&exit_2(args.iter().map(|s| s.to_string()).collect()).await);
+    let line = error_of_exit_2(&args).await;
     assert!(line.contains("never deletes"), "{line}");
 }

@@ -528,18 +528,7 @@ async fn reset_drops_the_position_so_the_next_pass_reads_from_start() {
 
     // It refuses while the source is being synced.
     let lease = db.store.try_lock("mews").await.unwrap().unwrap();
-    let output = run_binary(
-        &[
-            "reset",
-            "--source",
-            "mews",
-            "--yes",
-            "--config",
-            &config_arg,
-        ],
-        &[],
-    )
-    .await;
+    let output = reset(true).await;
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(
         stderr(&output).contains("another process is syncing"),
@@ -548,18 +537,7 @@ async fn reset_drops_the_position_so_the_next_pass_reads_from_start() {
     );
     db.store.unlock(lease).await;
 
-    let output = run_binary(
-        &[
-            "reset",
-            "--source",
-            "mews",
-            "--yes",
-            "--config",
-            &config_arg,
-        ],
-        &[],
-    )
-    .await;
+    let output = reset(true).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(
         db.store.load_state("mews").await.unwrap(),
