@@ -739,11 +739,11 @@ impl<S: Source> Reader<'_, S> {
 
 /// Why a pass dropped its source's position: the settings that decide what it reads
 /// changed since the position was saved.
-pub const SETTINGS_CHANGED: &str =
+const SETTINGS_CHANGED: &str =
     "its settings changed what it reads (kind, base URL, the scopes it names or start)";
 /// Why a pass dropped its source's position: the position was saved before deptsync kept
 /// a record of the settings it was read with.
-pub const SETTINGS_UNRECORDED: &str = "no record of the settings its position was read with";
+const SETTINGS_UNRECORDED: &str = "no record of the settings its position was read with";
 
 impl<St: Store> Writer<'_, St> {
     /// Makes sure the saved position in `state` is a position of the source's current
