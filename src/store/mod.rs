@@ -12,10 +12,12 @@
 //! are resolved, when a complete listing may delete, where a source stands) live here,
 //! once; the integration tests run one behaviour suite against both.
 
+mod checkpoint;
 pub mod postgres;
 pub mod sqlite;
 
-use std::collections::HashMap;
+pub use checkpoint::MIN_GUARDED_SCOPE_ROWS;
+
 use std::future::Future;
 use std::path::PathBuf;
 
@@ -26,7 +28,6 @@ use uuid::Uuid;
 use crate::model::{
     BackfillRange, Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts,
     RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
-    WithheldDeletions,
 };
 use postgres::PgStore;
 use sqlite::{SqliteLease, SqliteStore};
@@ -582,132 +583,6 @@ impl Store for AnyStore {
     }
 }
 
-/// What the end of a full listing deleted, or would have.
-#[derive(Default)]
-struct Deletions {
-    deleted: u64,
-    withheld: Vec<WithheldDeletions>,
-    awaiting_confirmation: u64,
-}
-
-impl Deletions {
-    /// The counts of a page that inserted `inserted` and changed `updated` of its
-    /// `departments` (the rest were unchanged), set `rejected` records aside and ended with
-    /// these deletions.
-    fn page_counts(
-        self,
-        departments: usize,
-        rejected: usize,
-        inserted: u64,
-        updated: u64,
-    ) -> PageCounts {
-        PageCounts {
-            inserted,
-            updated,
-            unchanged: departments as u64 - inserted - updated,
-            rejected: rejected as u64,
-            deleted: self.deleted,
-            withheld_deletions: self.withheld,
-            awaiting_confirmation: self.awaiting_confirmation,
-        }
-    }
-}
-
-/// The fewest live departments a scope (a Snapbooks client account, a Procurify branch)
-/// must hold for the mass-deletion guard to watch it on its own. A scope this small
-/// losing most of them is ordinary churn, and the guard over the whole source still
-/// counts them.
-pub const MIN_GUARDED_SCOPE_ROWS: u64 = 10;
-
-/// One scope's share of what a complete listing did not see: its departments live when
-/// the first listing began, and its live departments no listing saw. `scope` is the
-/// `scope_id`, `""` for none.
-struct ScopeCount {
-    scope: String,
-    live: u64,
-    unseen: u64,
-}
-
-impl ScopeCount {
-    /// The counts as both stores' `count_unseen` statements return them: one row of
-    /// scope, live and unseen per scope.
-    fn from_rows(rows: Vec<(String, i64, i64)>) -> Vec<ScopeCount> {
-        rows.into_iter()
-            .map(|(scope, live, unseen)| ScopeCount {
-                scope,
-                live: live as u64,
-                unseen: unseen as u64,
-            })
-            .collect()
-    }
-}
-
-/// What to do with the live departments that the complete listing (and the listing it
-/// `confirms`, if any) did not see.
-enum UnseenVerdict {
-    /// Keep them all: nothing is missing, or it awaits a confirming listing, or the guard
-    /// withholds it all.
-    Keep(Deletions),
-    /// Mark them deleted, except those of the scopes the guard `withheld`.
-    Delete { withheld: Vec<WithheldDeletions> },
-}
-
-/// One listing alone never deletes: departments it missed await a second listing that
-/// confirms it. A confirming listing deletes what both missed, unless that is more than
-/// `max_delete_fraction` of the rows live when the first began, counted over the whole
-/// source (then nothing is deleted) and over each scope of at least
-/// [`MIN_GUARDED_SCOPE_ROWS`] (then nothing of that scope is: one scope coming back
-/// empty is what a permission change or a vendor fault looks like). `None`: a person
-/// confirmed any number.
-fn judge_unseen(
-    scopes: &[ScopeCount],
-    confirms: Option<Uuid>,
-    max_delete_fraction: Option<f64>,
-) -> UnseenVerdict {
-    let live: u64 = scopes.iter().map(|s| s.live).sum();
-    let unseen: u64 = scopes.iter().map(|s| s.unseen).sum();
-    if unseen == 0 {
-        return UnseenVerdict::Keep(Deletions::default());
-    }
-    if confirms.is_none() {
-        return UnseenVerdict::Keep(Deletions {
-            awaiting_confirmation: unseen,
-            ..Deletions::default()
-        });
-    }
-    let Some(fraction) = max_delete_fraction else {
-        return UnseenVerdict::Delete {
-            withheld: Vec::new(),
-        };
-    };
-    let too_many = |unseen: u64, live: u64| unseen as f64 > fraction * live as f64;
-    if too_many(unseen, live) {
-        return UnseenVerdict::Keep(Deletions {
-            withheld: vec![WithheldDeletions {
-                scope: None,
-                would_delete: unseen,
-                live,
-            }],
-            ..Deletions::default()
-        });
-    }
-    let withheld: Vec<WithheldDeletions> = scopes
-        .iter()
-        .filter(|s| s.live >= MIN_GUARDED_SCOPE_ROWS && too_many(s.unseen, s.live))
-        .map(|s| WithheldDeletions {
-            scope: Some(s.scope.clone()),
-            would_delete: s.unseen,
-            live: s.live,
-        })
-        .collect();
-    UnseenVerdict::Delete { withheld }
-}
-
-/// The scopes the guard withheld, as the statement that marks deletions spares them.
-fn spared_scopes(withheld: &[WithheldDeletions]) -> Vec<&str> {
-    withheld.iter().filter_map(|w| w.scope.as_deref()).collect()
-}
-
 /// A source's `sync_state` columns, as both stores read them.
 struct StateColumns {
     high_water_mark: Option<DateTime<Utc>>,
@@ -805,23 +680,6 @@ fn window_state(
     Ok(LedgerWindow { window, state })
 }
 
-/// The newest version of each department of a page (a page may hold an id twice; one
-/// statement cannot write a row twice). Of two versions with the same time, the later.
-fn newest_versions(departments: &[Department]) -> Vec<&Department> {
-    let mut newest: HashMap<&str, &Department> = HashMap::with_capacity(departments.len());
-    for department in departments {
-        newest
-            .entry(department.external_id.as_str())
-            .and_modify(|kept| {
-                if department.source_updated_at >= kept.source_updated_at {
-                    *kept = department;
-                }
-            })
-            .or_insert(department);
-    }
-    newest.into_values().collect()
-}
-
 /// Where a source stands, for `status`.
 fn describe_position(
     high_water_mark: Option<DateTime<Utc>>,
@@ -835,26 +693,6 @@ fn describe_position(
         (false, None, Some(mark)) => format!("read up to {}", mark.format("%Y-%m-%d %H:%M:%SZ")),
         (false, None, None) => "-".to_owned(),
     }
-}
-
-/// The ids a listing's page saw. A rejected record still exists upstream: seen, so never
-/// deleted for being bad. (An id with a NUL cannot be stored at all, so it cannot be seen
-/// either.)
-fn seen_ids<'a>(departments: &'a [Department], rejected: &'a [RejectedRecord]) -> Vec<&'a str> {
-    departments
-        .iter()
-        .map(|d| d.external_id.as_str())
-        .chain(rejected.iter().filter_map(|r| r.external_id.as_deref()))
-        .filter(|id| !id.contains('\0'))
-        .collect()
-}
-
-/// The error of a window position or split for a window the ledger does not hold.
-fn not_in_ledger(source: &str, mode: RunMode, window: &Window) -> StoreError {
-    StoreError::Corrupt(format!(
-        "window {window} is not in the {} ledger of {source}",
-        mode.as_str()
-    ))
 }
 
 /// A rejected record's payload as stored: JSON text, in which serde_json escapes every

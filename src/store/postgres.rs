@@ -12,14 +12,16 @@ use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 pub use super::IfMissing;
+use super::checkpoint::{
+    self, ListingColumns, Page, PageTransaction, ScopeCount, StoredListing, Unseen, Written,
+};
 use super::{
-    Deletions, ScopeCount, StateColumns, Store, StoreError, UnseenVerdict, db, describe_position,
-    escape_nul, judge_unseen, newest_versions, not_in_ledger, rejected_payload, run_mode, seen_ids,
-    spared_scopes, window_columns, window_state,
+    StateColumns, Store, StoreError, db, describe_position, escape_nul, rejected_payload, run_mode,
+    window_columns, window_state,
 };
 use crate::model::{
-    Checkpoint, DeletionPolicy, Department, Ledger, LedgerWindow, PageCounts, RejectedRecord,
-    RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
+    Checkpoint, Department, Ledger, LedgerWindow, PageCounts, RejectedRecord, RunId, RunMode,
+    RunOutcome, SourceStatus, SyncState, Window, WindowState,
 };
 
 /// deptsync's PostgreSQL migrations, embedded in the binary.
@@ -29,21 +31,6 @@ const UPSERT_DEPARTMENTS: &str = include_str!("queries/postgres/upsert_departmen
 const STATUS: &str = include_str!("queries/postgres/status.sql");
 const COUNT_UNSEEN: &str = include_str!("queries/postgres/count_unseen.sql");
 const MARK_UNSEEN_DELETED: &str = include_str!("queries/postgres/mark_unseen_deleted.sql");
-
-/// The start of a statement that, when every window of the `$2` ledger of source `$1` is
-/// done, deletes that ledger; `finished` has a row then, and only then.
-macro_rules! finished_ledger {
-    () => {
-        "WITH finished AS (
-             DELETE FROM sync_windows w
-             WHERE w.source = $1 AND w.mode = $2
-               AND NOT EXISTS (SELECT 1 FROM sync_windows o
-                               WHERE o.source = $1 AND o.mode = $2 AND o.state <> 'done')
-             RETURNING 1
-         )
-         "
-    };
-}
 
 /// A store in one PostgreSQL database.
 #[derive(Clone)]
@@ -69,6 +56,425 @@ impl PgLease {
     /// The connection that holds the lock.
     pub fn connection(&mut self) -> &mut PgConnection {
         &mut self.connection
+    }
+
+    /// Opens a page's transaction on the lock's own connection: a lost lock (the
+    /// connection gone) fails the write instead of letting two holders write at once.
+    async fn begin(&mut self, load: Load) -> Result<PgPage<'_>, StoreError> {
+        let tx = sqlx::Connection::begin(&mut self.connection)
+            .await
+            .map_err(db("opening a transaction"))?;
+        Ok(PgPage { tx, load })
+    }
+}
+
+/// A page's transaction, and how its windowed departments are written.
+struct PgPage<'c> {
+    tx: Transaction<'c, Postgres>,
+    load: Load,
+}
+
+impl PageTransaction for PgPage<'_> {
+    async fn write_departments(
+        &mut self,
+        source: &str,
+        departments: &[&Department],
+        listing: Option<Uuid>,
+    ) -> Result<Written, StoreError> {
+        PgStore::write_departments(&mut self.tx, source, departments, listing, self.load).await
+    }
+
+    async fn keep_rejected(
+        &mut self,
+        source: &str,
+        rejected: &[RejectedRecord],
+    ) -> Result<(), StoreError> {
+        for record in rejected {
+            // The reason and id may quote the record: escape NUL there too.
+            let payload = rejected_payload(record)?;
+            sqlx::query(
+                "INSERT INTO rejected_records (source, external_id, reason, payload)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (source, payload_md5) DO UPDATE SET
+                     reason = EXCLUDED.reason,
+                     seen_at = now(),
+                     times_seen = rejected_records.times_seen + 1",
+            )
+            .bind(source)
+            .bind(record.external_id.as_deref().map(escape_nul))
+            .bind(escape_nul(&record.reason))
+            .bind(payload)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("keeping a rejected record"))?;
+        }
+        Ok(())
+    }
+
+    async fn replace_ledger(&mut self, source: &str, ledger: &Ledger) -> Result<(), StoreError> {
+        let mode = ledger.mode().as_str();
+        sqlx::query("DELETE FROM sync_windows WHERE source = $1 AND mode = $2")
+            .bind(source)
+            .bind(mode)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("replacing the window ledger"))?;
+        let starts: Vec<DateTime<Utc>> = ledger.windows.iter().map(|w| w.window.start).collect();
+        let ends: Vec<DateTime<Utc>> = ledger.windows.iter().map(|w| w.window.end).collect();
+        let (states, cursors): (Vec<&str>, Vec<Option<&str>>) = ledger
+            .windows
+            .iter()
+            .map(|w| window_columns(&w.state))
+            .unzip();
+        sqlx::query(
+            "INSERT INTO sync_windows (source, mode, window_start, window_end, state, cursor)
+             SELECT $1, $2, * FROM UNNEST($3::timestamptz[], $4::timestamptz[], $5::text[], $6::text[])",
+        )
+        .bind(source)
+        .bind(mode)
+        .bind(&starts)
+        .bind(&ends)
+        .bind(&states)
+        .bind(&cursors)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("writing the window ledger"))?;
+        let range = match ledger.backfill {
+            None => sqlx::query(
+                "INSERT INTO sync_state (source, incremental_until) VALUES ($1, $2)
+                 ON CONFLICT (source) DO UPDATE SET
+                     incremental_until = EXCLUDED.incremental_until,
+                     updated_at = now()",
+            )
+            .bind(source)
+            .bind(ledger.until),
+            Some(range) => sqlx::query(
+                "INSERT INTO sync_state (source, backfill_from, backfill_to, backfill_until)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (source) DO UPDATE SET
+                     backfill_from = EXCLUDED.backfill_from,
+                     backfill_to = EXCLUDED.backfill_to,
+                     backfill_until = EXCLUDED.backfill_until,
+                     updated_at = now()",
+            )
+            .bind(source)
+            .bind(range.from)
+            .bind(range.requested_to)
+            .bind(ledger.until),
+        };
+        range
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("saving the ledger's range"))?;
+        Ok(())
+    }
+
+    async fn move_window(
+        &mut self,
+        source: &str,
+        mode: RunMode,
+        window: &Window,
+        cursor: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let moved = sqlx::query(
+            "UPDATE sync_windows
+             SET state = CASE WHEN $5::text IS NULL THEN 'done' ELSE 'in_progress' END,
+                 cursor = $5
+             WHERE source = $1 AND mode = $2 AND window_start = $3 AND window_end = $4",
+        )
+        .bind(source)
+        .bind(mode.as_str())
+        .bind(window.start)
+        .bind(window.end)
+        .bind(cursor)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("saving the window's position"))?
+        .rows_affected();
+        Ok(moved == 1)
+    }
+
+    async fn split_window(
+        &mut self,
+        source: &str,
+        mode: RunMode,
+        window: &Window,
+        [first, second]: &[Window; 2],
+    ) -> Result<bool, StoreError> {
+        let replaced = sqlx::query(
+            "DELETE FROM sync_windows
+             WHERE source = $1 AND mode = $2 AND window_start = $3 AND window_end = $4",
+        )
+        .bind(source)
+        .bind(mode.as_str())
+        .bind(window.start)
+        .bind(window.end)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("splitting the window"))?
+        .rows_affected();
+        if replaced != 1 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO sync_windows (source, mode, window_start, window_end, state)
+             VALUES ($1, $2, $3, $4, $7), ($1, $2, $5, $6, $7)",
+        )
+        .bind(source)
+        .bind(mode.as_str())
+        .bind(first.start)
+        .bind(first.end)
+        .bind(second.start)
+        .bind(second.end)
+        .bind(window_columns(&WindowState::Pending).0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("splitting the window"))?;
+        Ok(true)
+    }
+
+    async fn windows_left(&mut self, source: &str, mode: RunMode) -> Result<u64, StoreError> {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sync_windows WHERE source = $1 AND mode = $2 AND state <> 'done'",
+        )
+        .bind(source)
+        .bind(mode.as_str())
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db("counting the windows left"))?;
+        Ok(left as u64)
+    }
+
+    async fn finish_ledger(&mut self, source: &str, mode: RunMode) -> Result<(), StoreError> {
+        let finish = match mode {
+            // GREATEST ignores NULLs; the mark never moves backwards.
+            RunMode::Incremental => {
+                "WITH finished AS (DELETE FROM sync_windows WHERE source = $1 AND mode = $2)
+                 UPDATE sync_state
+                 SET high_water_mark = GREATEST(high_water_mark, incremental_until),
+                     incremental_until = NULL, updated_at = now()
+                 WHERE source = $1"
+            }
+            RunMode::Backfill => {
+                "WITH finished AS (DELETE FROM sync_windows WHERE source = $1 AND mode = $2)
+                 UPDATE sync_state
+                 SET backfill_from = NULL, backfill_to = NULL, backfill_until = NULL,
+                     updated_at = now()
+                 WHERE source = $1"
+            }
+        };
+        sqlx::query(finish)
+            .bind(source)
+            .bind(mode.as_str())
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("finishing the ledger"))?;
+        Ok(())
+    }
+
+    async fn stored_listing(&mut self, source: &str) -> Result<StoredListing, StoreError> {
+        let row: Option<(Option<Uuid>, bool)> =
+            sqlx::query_as("SELECT listing_id, listing_rewrote FROM sync_state WHERE source = $1")
+                .bind(source)
+                .fetch_optional(&mut *self.tx)
+                .await
+                .map_err(db("reading the listing in progress"))?;
+        let (listing_id, rewrote) = row.unwrap_or_default();
+        Ok(StoredListing {
+            listing_id,
+            rewrote,
+        })
+    }
+
+    async fn set_listing(
+        &mut self,
+        source: &str,
+        listing: &ListingColumns<'_>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sync_state AS s (source, listing_id, listing_cursor, listing_confirms,
+                                          listing_started_at, listing_rewrote)
+             VALUES ($1, $2, $3, $4, CASE WHEN $6 <> 'clear' THEN now() END, $5)
+             ON CONFLICT (source) DO UPDATE SET
+                 listing_id = EXCLUDED.listing_id,
+                 listing_cursor = EXCLUDED.listing_cursor,
+                 listing_confirms = EXCLUDED.listing_confirms,
+                 listing_started_at = CASE $6 WHEN 'keep' THEN COALESCE(s.listing_started_at, now())
+                                             WHEN 'start' THEN now() END,
+                 listing_rewrote = EXCLUDED.listing_rewrote,
+                 updated_at = now()",
+        )
+        .bind(source)
+        .bind(listing.listing_id)
+        .bind(listing.cursor)
+        .bind(listing.confirms)
+        .bind(listing.rewrote)
+        .bind(listing.clock.as_str())
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("saving the listing's position"))?;
+        Ok(())
+    }
+
+    async fn drop_listing_in_progress(&mut self, source: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, updated_at = now()
+             WHERE source = $1",
+        )
+        .bind(source)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("dropping the listing in progress"))?;
+        Ok(())
+    }
+
+    async fn record_seen(
+        &mut self,
+        source: &str,
+        listing_id: Uuid,
+        ids: &[&str],
+    ) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO listing_seen_pages (source, listing_id, external_ids) VALUES ($1, $2, $3)",
+        )
+        .bind(source)
+        .bind(listing_id)
+        .bind(ids)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("recording the departments the listing saw"))?;
+        Ok(())
+    }
+
+    async fn forget_seen(&mut self, source: &str, listings: &[Uuid]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM listing_seen_pages WHERE source = $1 AND listing_id = ANY($2)")
+            .bind(source)
+            .bind(listings)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("forgetting what listings saw"))?;
+        Ok(())
+    }
+
+    async fn count_unseen(&mut self, unseen: &Unseen<'_>) -> Result<Vec<ScopeCount>, StoreError> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(COUNT_UNSEEN)
+            .bind(unseen.source)
+            .bind(unseen.listing_id)
+            .bind(unseen.confirms)
+            .bind(unseen.scopes)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(db("counting the departments the listing did not see"))?;
+        Ok(ScopeCount::from_rows(rows))
+    }
+
+    async fn mark_unseen_deleted(
+        &mut self,
+        unseen: &Unseen<'_>,
+        spared: &[&str],
+    ) -> Result<u64, StoreError> {
+        let deleted = sqlx::query(MARK_UNSEEN_DELETED)
+            .bind(unseen.source)
+            .bind(unseen.listing_id)
+            .bind(unseen.confirms)
+            .bind(unseen.scopes)
+            .bind(spared)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("marking unlisted departments deleted"))?
+            .rows_affected();
+        Ok(deleted)
+    }
+
+    /// Once `listing_id` is complete, makes its page digests the ones the next listing
+    /// trusts, and forgets every other listing's. Each digest was true when its page was
+    /// stored; it stays true unless a later page of the same listing rewrote one of its
+    /// rows, which needs the same id twice in the listing with different contents. A
+    /// listing that rewrote no stored row cannot have done that; one that did is trusted
+    /// only when no id appears in it twice.
+    async fn listing_complete(
+        &mut self,
+        source: &str,
+        listing_id: Uuid,
+        rewrote: bool,
+    ) -> Result<(), StoreError> {
+        let trusted = if rewrote {
+            let repeats: bool = sqlx::query_scalar(
+                "SELECT EXISTS (
+                     SELECT 1 FROM listing_seen_pages p, unnest(p.external_ids) AS id
+                     WHERE p.source = $1 AND p.listing_id = $2
+                     GROUP BY id HAVING count(*) > 1)",
+            )
+            .bind(source)
+            .bind(listing_id)
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(db("looking for ids the listing saw twice"))?;
+            !repeats
+        } else {
+            true
+        };
+        sqlx::query(
+            "WITH forgotten AS (
+                 DELETE FROM listing_page_digests
+                 WHERE source = $1 AND (listing_id <> $2 OR NOT $3)
+             )
+             UPDATE sync_state SET trusted_listing = CASE WHEN $3 THEN $2 END
+             WHERE source = $1",
+        )
+        .bind(source)
+        .bind(listing_id)
+        .bind(trusted)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("settling the listing's page digests"))?;
+        Ok(())
+    }
+
+    async fn distrust_pages(&mut self, source: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "WITH untrusted AS (DELETE FROM listing_page_digests WHERE source = $1)
+             UPDATE sync_state SET trusted_listing = NULL WHERE source = $1",
+        )
+        .bind(source)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("distrusting the listing's pages"))?;
+        Ok(())
+    }
+
+    async fn count_page(
+        &mut self,
+        run: RunId,
+        counts: &PageCounts,
+        fetched: u64,
+        pages: u64,
+    ) -> Result<bool, StoreError> {
+        let counted = sqlx::query(
+            "UPDATE sync_runs SET pages = pages + $8, fetched = fetched + $2, inserted = inserted + $3,
+                    updated = updated + $4, unchanged = unchanged + $5, rejected = rejected + $6,
+                    deleted = deleted + $7
+             WHERE run_id = $1",
+        )
+        .bind(run.0)
+        .bind(fetched as i64)
+        .bind(counts.inserted as i64)
+        .bind(counts.updated as i64)
+        .bind(counts.unchanged as i64)
+        .bind(counts.rejected as i64)
+        .bind(counts.deleted as i64)
+        .bind(pages as i64)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("counting the page in its run"))?;
+        Ok(counted.rows_affected() == 1)
+    }
+
+    async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await.map_err(db("committing the page"))
     }
 }
 
@@ -196,338 +602,6 @@ impl PgStore {
         Ok(migrated?)
     }
 
-    /// Stores `page` in one transaction, its departments written as `load` says.
-    async fn try_commit_page(
-        connection: &mut PgConnection,
-        page: &Page<'_>,
-        load: Load,
-    ) -> Result<PageCounts, StoreError> {
-        let Page {
-            run,
-            source,
-            departments,
-            rejected,
-            checkpoint,
-        } = *page;
-        // On the lock's own connection: a lost lock (the connection gone) fails the write
-        // instead of letting two holders write at once.
-        let mut tx = sqlx::Connection::begin(connection)
-            .await
-            .map_err(db("opening a transaction"))?;
-        let Written {
-            inserted,
-            updated,
-            rewrote,
-        } = Self::write_departments(&mut tx, source, departments, load).await?;
-        Self::keep_rejected(&mut tx, source, rejected).await?;
-        let deletions =
-            Self::apply_checkpoint(&mut tx, source, checkpoint, departments, rejected, rewrote)
-                .await?;
-        let counts = deletions.page_counts(departments.len(), rejected.len(), inserted, updated);
-        let counted = sqlx::query(
-            "UPDATE sync_runs SET pages = pages + $8, fetched = fetched + $2, inserted = inserted + $3,
-                    updated = updated + $4, unchanged = unchanged + $5, rejected = rejected + $6,
-                    deleted = deleted + $7
-             WHERE run_id = $1",
-        )
-        .bind(run.0)
-        .bind((departments.len() + rejected.len()) as i64)
-        .bind(counts.inserted as i64)
-        .bind(counts.updated as i64)
-        .bind(counts.unchanged as i64)
-        .bind(counts.rejected as i64)
-        .bind(counts.deleted as i64)
-        .bind(i64::from(checkpoint.follows_page()))
-        .execute(&mut *tx)
-        .await
-        .map_err(db("counting the page in its run"))?;
-        if counted.rows_affected() != 1 {
-            // Dropping the transaction rolls the page back: no page without its run.
-            return Err(StoreError::Corrupt(format!(
-                "run {run} is not in sync_runs"
-            )));
-        }
-        tx.commit().await.map_err(db("committing the page"))?;
-        Ok(counts)
-    }
-
-    /// Moves `source` to `checkpoint`. For a full listing, first records the ids the page
-    /// saw and, after its last page, marks what the listings did not see deleted.
-    async fn apply_checkpoint(
-        tx: &mut Transaction<'_, Postgres>,
-        source: &str,
-        checkpoint: &Checkpoint,
-        departments: &[Department],
-        rejected: &[RejectedRecord],
-        rewrote: bool,
-    ) -> Result<Deletions, StoreError> {
-        let seen = || seen_ids(departments, rejected);
-        let mut deletions = Deletions::default();
-        let query = match checkpoint {
-            Checkpoint::Ledger(ledger) => {
-                Self::write_ledger(tx, source, ledger).await?;
-                match ledger.backfill {
-                    None => sqlx::query(
-                        "INSERT INTO sync_state (source, incremental_until) VALUES ($1, $2)
-                         ON CONFLICT (source) DO UPDATE SET
-                             incremental_until = EXCLUDED.incremental_until,
-                             updated_at = now()",
-                    )
-                    .bind(source)
-                    .bind(ledger.until),
-                    Some(range) => sqlx::query(
-                        "INSERT INTO sync_state (source, backfill_from, backfill_to, backfill_until)
-                         VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (source) DO UPDATE SET
-                             backfill_from = EXCLUDED.backfill_from,
-                             backfill_to = EXCLUDED.backfill_to,
-                             backfill_until = EXCLUDED.backfill_until,
-                             updated_at = now()",
-                    )
-                    .bind(source)
-                    .bind(range.from)
-                    .bind(range.requested_to)
-                    .bind(ledger.until),
-                }
-            }
-            Checkpoint::Split {
-                mode,
-                window,
-                halves: [first, second],
-            } => {
-                let replaced = sqlx::query(
-                    "DELETE FROM sync_windows
-                     WHERE source = $1 AND mode = $2 AND window_start = $3 AND window_end = $4",
-                )
-                .bind(source)
-                .bind(mode.as_str())
-                .bind(window.start)
-                .bind(window.end)
-                .execute(&mut **tx)
-                .await
-                .map_err(db("splitting the window"))?
-                .rows_affected();
-                if replaced != 1 {
-                    return Err(not_in_ledger(source, *mode, window));
-                }
-                sqlx::query(
-                    "INSERT INTO sync_windows (source, mode, window_start, window_end, state)
-                     VALUES ($1, $2, $3, $4, $7), ($1, $2, $5, $6, $7)",
-                )
-                .bind(source)
-                .bind(mode.as_str())
-                .bind(first.start)
-                .bind(first.end)
-                .bind(second.start)
-                .bind(second.end)
-                .bind(window_columns(&WindowState::Pending).0)
-            }
-            Checkpoint::Window {
-                mode,
-                window,
-                cursor,
-            } => {
-                let moved = sqlx::query(
-                    "UPDATE sync_windows
-                     SET state = CASE WHEN $5::text IS NULL THEN 'done' ELSE 'in_progress' END,
-                         cursor = $5
-                     WHERE source = $1 AND mode = $2 AND window_start = $3 AND window_end = $4",
-                )
-                .bind(source)
-                .bind(mode.as_str())
-                .bind(window.start)
-                .bind(window.end)
-                .bind(cursor.as_deref())
-                .execute(&mut **tx)
-                .await
-                .map_err(db("saving the window's position"))?
-                .rows_affected();
-                if moved != 1 {
-                    // Dropping the transaction rolls the page back with it.
-                    return Err(not_in_ledger(source, *mode, window));
-                }
-                if cursor.is_some() {
-                    return Ok(deletions);
-                }
-                // When no window is left, the pass is complete.
-                let finish = match mode {
-                    RunMode::Incremental => concat!(
-                        finished_ledger!(),
-                        // GREATEST ignores NULLs; the mark never moves backwards.
-                        "UPDATE sync_state
-                         SET high_water_mark = GREATEST(high_water_mark, incremental_until),
-                             incremental_until = NULL, updated_at = now()
-                         WHERE source = $1 AND EXISTS (SELECT 1 FROM finished)"
-                    ),
-                    RunMode::Backfill => concat!(
-                        finished_ledger!(),
-                        "UPDATE sync_state
-                         SET backfill_from = NULL, backfill_to = NULL, backfill_until = NULL,
-                             updated_at = now()
-                         WHERE source = $1 AND EXISTS (SELECT 1 FROM finished)"
-                    ),
-                };
-                sqlx::query(finish).bind(source).bind(mode.as_str())
-            }
-            Checkpoint::Listing(progress) => {
-                Self::record_seen(tx, source, progress.listing_id, &seen()).await?;
-                sqlx::query(
-                    // A first listing starts the clock of the mass-deletion guard; the same
-                    // listing going on, or a confirming one, keeps it.
-                    "INSERT INTO sync_state AS s (source, listing_id, listing_cursor, listing_confirms, listing_started_at, listing_rewrote)
-                     VALUES ($1, $2, $3, $4, now(), $5)
-                     ON CONFLICT (source) DO UPDATE SET
-                         listing_started_at = CASE
-                             WHEN s.listing_id = EXCLUDED.listing_id OR EXCLUDED.listing_confirms IS NOT NULL
-                             THEN COALESCE(s.listing_started_at, now())
-                             ELSE now() END,
-                         listing_rewrote = CASE WHEN s.listing_id = EXCLUDED.listing_id
-                                              THEN s.listing_rewrote OR $5 ELSE $5 END,
-                         listing_id = EXCLUDED.listing_id,
-                         listing_cursor = EXCLUDED.listing_cursor,
-                         listing_confirms = EXCLUDED.listing_confirms,
-                         updated_at = now()",
-                )
-                .bind(source)
-                .bind(progress.listing_id)
-                .bind(progress.cursor.as_deref())
-                .bind(progress.confirms)
-                .bind(rewrote)
-            }
-            Checkpoint::ListingDone {
-                listing_id,
-                confirms,
-                deletions: policy,
-            } => {
-                Self::record_seen(tx, source, *listing_id, &seen()).await?;
-                Self::settle_page_digests(tx, source, *listing_id, rewrote).await?;
-                deletions = Self::delete_unseen(tx, source, *listing_id, *confirms, policy).await?;
-                if deletions.awaiting_confirmation > 0 {
-                    // Keep what this listing saw, for the confirming listing to compare.
-                    sqlx::query(
-                        "INSERT INTO sync_state AS s (source, listing_confirms, listing_started_at) VALUES ($1, $2, now())
-                         ON CONFLICT (source) DO UPDATE SET
-                             listing_id = NULL,
-                             listing_cursor = NULL,
-                             listing_confirms = EXCLUDED.listing_confirms,
-                             listing_started_at = CASE WHEN s.listing_id = $2 THEN s.listing_started_at ELSE now() END,
-                             updated_at = now()",
-                    )
-                    .bind(source)
-                    .bind(*listing_id)
-                } else {
-                    end_listings(source, [Some(*listing_id), *confirms])
-                }
-            }
-            Checkpoint::ListingAbandoned { listing_id } => sqlx::query(
-                // Forget what it saw; a confirming listing stays one when it starts again.
-                // Its pages may have rewritten rows that the trusted listing's pages hold
-                // otherwise: trust no page until a listing completes again.
-                "WITH forgotten AS (DELETE FROM listing_seen_pages WHERE source = $1 AND listing_id = $2),
-                      untrusted AS (DELETE FROM listing_page_digests WHERE source = $1)
-                 UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, trusted_listing = NULL,
-                                       updated_at = now()
-                 WHERE source = $1",
-            )
-            .bind(source)
-            .bind(*listing_id),
-        };
-        query
-            .execute(&mut **tx)
-            .await
-            .map_err(db("saving the checkpoint"))?;
-        Ok(deletions)
-    }
-
-    /// Replaces the `ledger.mode()` ledger of `source` with `ledger`'s windows.
-    async fn write_ledger(
-        tx: &mut Transaction<'_, Postgres>,
-        source: &str,
-        ledger: &Ledger,
-    ) -> Result<(), StoreError> {
-        let mode = ledger.mode().as_str();
-        sqlx::query("DELETE FROM sync_windows WHERE source = $1 AND mode = $2")
-            .bind(source)
-            .bind(mode)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("replacing the window ledger"))?;
-        let starts: Vec<DateTime<Utc>> = ledger.windows.iter().map(|w| w.window.start).collect();
-        let ends: Vec<DateTime<Utc>> = ledger.windows.iter().map(|w| w.window.end).collect();
-        let (states, cursors): (Vec<&str>, Vec<Option<&str>>) = ledger
-            .windows
-            .iter()
-            .map(|w| window_columns(&w.state))
-            .unzip();
-        sqlx::query(
-            "INSERT INTO sync_windows (source, mode, window_start, window_end, state, cursor)
-             SELECT $1, $2, * FROM UNNEST($3::timestamptz[], $4::timestamptz[], $5::text[], $6::text[])",
-        )
-        .bind(source)
-        .bind(mode)
-        .bind(&starts)
-        .bind(&ends)
-        .bind(&states)
-        .bind(&cursors)
-        .execute(&mut **tx)
-        .await
-        .map_err(db("writing the window ledger"))?;
-        Ok(())
-    }
-
-    /// Once `listing_id` is complete, makes its page digests the ones the next listing
-    /// trusts, and forgets every other listing's. Each digest was true when its page was
-    /// stored; it stays true unless a later page of the same listing rewrote one of its
-    /// rows, which needs the same id twice in the listing with different contents. A
-    /// listing that rewrote no stored row (`rewrote`: this last page) cannot have done
-    /// that; one that did is trusted only when no id appears in it twice.
-    async fn settle_page_digests(
-        tx: &mut Transaction<'_, Postgres>,
-        source: &str,
-        listing_id: Uuid,
-        rewrote: bool,
-    ) -> Result<(), StoreError> {
-        let earlier_pages_rewrote: Option<bool> = sqlx::query_scalar(
-            "SELECT listing_rewrote FROM sync_state WHERE source = $1 AND listing_id = $2",
-        )
-        .bind(source)
-        .bind(listing_id)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db("reading what the listing rewrote"))?;
-        let trusted = if rewrote || earlier_pages_rewrote == Some(true) {
-            let repeats: bool = sqlx::query_scalar(
-                "SELECT EXISTS (
-                     SELECT 1 FROM listing_seen_pages p, unnest(p.external_ids) AS id
-                     WHERE p.source = $1 AND p.listing_id = $2
-                     GROUP BY id HAVING count(*) > 1)",
-            )
-            .bind(source)
-            .bind(listing_id)
-            .fetch_one(&mut **tx)
-            .await
-            .map_err(db("looking for ids the listing saw twice"))?;
-            !repeats
-        } else {
-            true
-        };
-        sqlx::query(
-            "WITH forgotten AS (
-                 DELETE FROM listing_page_digests
-                 WHERE source = $1 AND (listing_id <> $2 OR NOT $3)
-             )
-             UPDATE sync_state SET trusted_listing = CASE WHEN $3 THEN $2 END
-             WHERE source = $1",
-        )
-        .bind(source)
-        .bind(listing_id)
-        .bind(trusted)
-        .execute(&mut **tx)
-        .await
-        .map_err(db("settling the listing's page digests"))?;
-        Ok(())
-    }
-
     /// Every window of `source`'s ledgers, with its mode, oldest first.
     async fn read_ledgers(&self, source: &str) -> Result<Vec<(RunMode, LedgerWindow)>, StoreError> {
         let rows = sqlx::query(
@@ -550,84 +624,20 @@ impl PgStore {
             .collect()
     }
 
-    async fn record_seen(
-        tx: &mut Transaction<'_, Postgres>,
-        source: &str,
-        listing_id: Uuid,
-        seen: &[&str],
-    ) -> Result<(), StoreError> {
-        if seen.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
-            "INSERT INTO listing_seen_pages (source, listing_id, external_ids) VALUES ($1, $2, $3)",
-        )
-        .bind(source)
-        .bind(listing_id)
-        .bind(seen)
-        .execute(&mut **tx)
-        .await
-        .map_err(db("recording the departments the listing saw"))?;
-        Ok(())
-    }
-
-    /// Counts the live departments of `source` that the complete listing `listing_id`
-    /// (and `confirms`, the listing it confirms) did not see, scope by scope, and deletes
-    /// them or keeps them as [`judge_unseen`] says.
-    async fn delete_unseen(
-        tx: &mut Transaction<'_, Postgres>,
-        source: &str,
-        listing_id: Uuid,
-        confirms: Option<Uuid>,
-        policy: &DeletionPolicy,
-    ) -> Result<Deletions, StoreError> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(COUNT_UNSEEN)
-            .bind(source)
-            .bind(listing_id)
-            .bind(confirms)
-            .bind(policy.scopes.as_deref())
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(db("counting the departments the listing did not see"))?;
-        let scopes = ScopeCount::from_rows(rows);
-        let withheld = match judge_unseen(&scopes, confirms, policy.max_delete_fraction) {
-            UnseenVerdict::Keep(kept) => return Ok(kept),
-            UnseenVerdict::Delete { withheld } => withheld,
-        };
-        let deleted = sqlx::query(MARK_UNSEEN_DELETED)
-            .bind(source)
-            .bind(listing_id)
-            .bind(confirms)
-            .bind(policy.scopes.as_deref())
-            .bind(spared_scopes(&withheld))
-            .execute(&mut **tx)
-            .await
-            .map_err(db("marking unlisted departments deleted"))?
-            .rows_affected();
-        Ok(Deletions {
-            deleted,
-            withheld,
-            ..Deletions::default()
-        })
-    }
-
-    /// Writes the departments of a page that are new or changed, as `load` says.
+    /// Writes the departments of a page (one version per id) that are new or changed: a
+    /// full listing's page with its digests, any other as `load` says.
     async fn write_departments(
         tx: &mut Transaction<'_, Postgres>,
         source: &str,
-        departments: &[Department],
+        rows: &[&Department],
+        listing: Option<Uuid>,
         load: Load,
     ) -> Result<Written, StoreError> {
-        if departments.is_empty() {
-            return Ok(Written::default());
-        }
-        // One statement cannot touch a row twice: keep the newest version of each id.
-        let rows = newest_versions(departments);
-        if let Load::Listing { listing_id } = load {
-            return Self::write_listing_page(tx, source, listing_id, rows).await;
+        if let Some(listing_id) = listing {
+            return Self::write_listing_page(tx, source, listing_id, rows.to_vec()).await;
         }
         // A windowed page has no digests: its rows are new or compared in full.
-        let rows: Vec<_> = rows.into_iter().map(|d| (d, None)).collect();
+        let rows: Vec<_> = rows.iter().map(|d| (*d, None)).collect();
         if load == Load::AllNew {
             let inserted = Self::copy_new(tx, source, &rows).await?;
             return Ok(Written {
@@ -807,55 +817,16 @@ impl PgStore {
             touched: count("touched"),
         })
     }
-
-    async fn keep_rejected(
-        tx: &mut Transaction<'_, Postgres>,
-        source: &str,
-        rejected: &[RejectedRecord],
-    ) -> Result<(), StoreError> {
-        for record in rejected {
-            // The reason and id may quote the record: escape NUL there too.
-            let payload = rejected_payload(record)?;
-            sqlx::query(
-                "INSERT INTO rejected_records (source, external_id, reason, payload)
-                 VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (source, payload_md5) DO UPDATE SET
-                     reason = EXCLUDED.reason,
-                     seen_at = now(),
-                     times_seen = rejected_records.times_seen + 1",
-            )
-            .bind(source)
-            .bind(record.external_id.as_deref().map(escape_nul))
-            .bind(escape_nul(&record.reason))
-            .bind(payload)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("keeping a rejected record"))?;
-        }
-        Ok(())
-    }
 }
 
-/// How a page's departments are written.
+/// How a windowed page's departments are written (a full listing's page is written with
+/// its digests: see [`PgStore::write_listing_page`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Load {
     /// Expected to be new, every one: loaded with `COPY`, no lookups.
     AllNew,
     /// Each compared with what is stored, by the upsert statement.
     Compare,
-    /// A page of full listing `listing_id`: see [`PgStore::write_listing_page`].
-    Listing { listing_id: Uuid },
-}
-
-/// What writing a page's departments did.
-#[derive(Debug, Default)]
-struct Written {
-    inserted: u64,
-    /// Updated with a change of content.
-    updated: u64,
-    /// Whether a stored row was written at all (giving a row its digest counts); a new
-    /// row is not.
-    rewrote: bool,
 }
 
 /// What the upsert statement did.
@@ -876,16 +847,6 @@ fn page_digest(rows: &[[u8; 16]]) -> [u8; 16] {
         hasher.update(row);
     }
     hasher.finalize().into()
-}
-
-/// What one commit stores.
-#[derive(Clone, Copy)]
-struct Page<'a> {
-    run: RunId,
-    source: &'a str,
-    departments: &'a [Department],
-    rejected: &'a [RejectedRecord],
-    checkpoint: &'a Checkpoint,
 }
 
 /// Appends `department` as one line of `COPY`'s text format, in the column order of
@@ -974,23 +935,6 @@ fn content_digest(department: &Department) -> [u8; 16] {
     // in another order) only costs a full comparison, which finds it unchanged.
     text(&mut hasher, Some(department.raw.as_str()));
     hasher.finalize().into()
-}
-
-/// The statement that forgets what `listings` saw and clears the source's listing state.
-fn end_listings(
-    source: &str,
-    listings: [Option<Uuid>; 2],
-) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments> {
-    sqlx::query(
-        "WITH forgotten AS (
-             DELETE FROM listing_seen_pages WHERE source = $1 AND listing_id = ANY($2::uuid[])
-         )
-         UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, listing_confirms = NULL,
-                               listing_started_at = NULL, updated_at = now()
-         WHERE source = $1",
-    )
-    .bind(source)
-    .bind(listings.into_iter().flatten().collect::<Vec<_>>())
 }
 
 /// The advisory-lock key of a source (hashed to a bigint by the server).
@@ -1121,19 +1065,6 @@ impl Store for PgStore {
         rejected: &[RejectedRecord],
         checkpoint: &Checkpoint,
     ) -> Result<PageCounts, StoreError> {
-        let listing = match checkpoint {
-            Checkpoint::Listing(progress) => Some(progress.listing_id),
-            Checkpoint::ListingDone { listing_id, .. } => Some(*listing_id),
-            _ => None,
-        };
-        let load = if let Some(listing_id) = listing {
-            // A listing looks every id up anyway (digests): it knows which rows are new.
-            Load::Listing { listing_id }
-        } else if lease.loading_new && !departments.is_empty() {
-            Load::AllNew
-        } else {
-            Load::Compare
-        };
         let page = Page {
             run,
             source,
@@ -1141,17 +1072,23 @@ impl Store for PgStore {
             rejected,
             checkpoint,
         };
-        let counts = match Self::try_commit_page(&mut lease.connection, &page, load).await {
+        let load = if lease.loading_new && page.listing().is_none() && !departments.is_empty() {
+            Load::AllNew
+        } else {
+            Load::Compare
+        };
+        let first = checkpoint::commit_page(lease.begin(load).await?, &page).await;
+        let counts = match first {
             // A page expected to be all new held a stored department: the whole
             // transaction rolled back; store the page again, comparing every row.
             // (Or COPY refused a value the statement may take, or report better.)
             Err(e) if load == Load::AllNew && e.is_refused_by_database() => {
                 tracing::debug!(source, error = %e, "loading a page as new failed; comparing its rows");
-                Self::try_commit_page(&mut lease.connection, &page, Load::Compare).await?
+                checkpoint::commit_page(lease.begin(Load::Compare).await?, &page).await?
             }
             result => result?,
         };
-        if listing.is_none() && !departments.is_empty() {
+        if page.listing().is_none() && !departments.is_empty() {
             // New departments come in runs (a first sync, a backfill into an empty
             // table); while they do, the next page is loaded without lookups.
             lease.loading_new = counts.inserted == departments.len() as u64;

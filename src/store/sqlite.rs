@@ -40,14 +40,16 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row, Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
+use super::checkpoint::{
+    self, ListingColumns, Page, PageTransaction, ScopeCount, StoredListing, Unseen, Written,
+};
 use super::{
-    Deletions, IfMissing, ScopeCount, StateColumns, Store, StoreError, UnseenVerdict, db,
-    describe_position, escape_nul, judge_unseen, newest_versions, not_in_ledger, rejected_payload,
-    run_mode, seen_ids, spared_scopes, window_columns, window_state,
+    IfMissing, StateColumns, Store, StoreError, db, describe_position, escape_nul,
+    rejected_payload, run_mode, window_columns, window_state,
 };
 use crate::model::{
-    Checkpoint, DeletionPolicy, Department, Ledger, LedgerWindow, PageCounts, RawRecord,
-    RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
+    Checkpoint, Department, Ledger, LedgerWindow, PageCounts, RawRecord, RejectedRecord, RunId,
+    RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
 };
 
 /// deptsync's SQLite migrations, embedded in the binary.
@@ -269,284 +271,6 @@ impl SqliteStore {
         Ok(migrated?)
     }
 
-    /// Moves `source` to `checkpoint`. For a full listing, first records the ids the page
-    /// saw and, after its last page, marks what the listings did not see deleted.
-    async fn apply_checkpoint(
-        tx: &mut Transaction<'_, Sqlite>,
-        source: &str,
-        now: &str,
-        checkpoint: &Checkpoint,
-        departments: &[Department],
-        rejected: &[RejectedRecord],
-    ) -> Result<Deletions, StoreError> {
-        let seen = || seen_ids(departments, rejected);
-        match checkpoint {
-            Checkpoint::Ledger(ledger) => {
-                Self::write_ledger(tx, source, ledger).await?;
-                let query = match ledger.backfill {
-                    None => sqlx::query(
-                        "INSERT INTO sync_state (source, incremental_until, updated_at)
-                         VALUES (?1, ?2, ?3)
-                         ON CONFLICT (source) DO UPDATE SET
-                             incremental_until = excluded.incremental_until,
-                             updated_at = excluded.updated_at",
-                    )
-                    .bind(source)
-                    .bind(stamp(ledger.until))
-                    .bind(now),
-                    Some(range) => sqlx::query(
-                        "INSERT INTO sync_state
-                             (source, backfill_from, backfill_to, backfill_until, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5)
-                         ON CONFLICT (source) DO UPDATE SET
-                             backfill_from = excluded.backfill_from,
-                             backfill_to = excluded.backfill_to,
-                             backfill_until = excluded.backfill_until,
-                             updated_at = excluded.updated_at",
-                    )
-                    .bind(source)
-                    .bind(stamp(range.from))
-                    .bind(range.requested_to.map(stamp))
-                    .bind(stamp(ledger.until))
-                    .bind(now),
-                };
-                query
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(db("saving the checkpoint"))?;
-            }
-            Checkpoint::Window {
-                mode,
-                window,
-                cursor,
-            } => {
-                Self::move_window(tx, source, now, *mode, window, cursor.as_deref()).await?;
-            }
-            Checkpoint::Split {
-                mode,
-                window,
-                halves,
-            } => {
-                let replaced = sqlx::query(
-                    "DELETE FROM sync_windows
-                     WHERE source = ?1 AND mode = ?2 AND window_start = ?3 AND window_end = ?4",
-                )
-                .bind(source)
-                .bind(mode.as_str())
-                .bind(stamp(window.start))
-                .bind(stamp(window.end))
-                .execute(&mut **tx)
-                .await
-                .map_err(db("splitting the window"))?
-                .rows_affected();
-                if replaced != 1 {
-                    return Err(not_in_ledger(source, *mode, window));
-                }
-                for half in halves {
-                    sqlx::query(
-                        "INSERT INTO sync_windows (source, mode, window_start, window_end, state)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                    )
-                    .bind(source)
-                    .bind(mode.as_str())
-                    .bind(stamp(half.start))
-                    .bind(stamp(half.end))
-                    .bind(window_columns(&WindowState::Pending).0)
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(db("splitting the window"))?;
-                }
-            }
-            Checkpoint::Listing(progress) => {
-                Self::record_seen(tx, source, progress.listing_id, &seen()).await?;
-                sqlx::query(
-                    // A first listing starts the clock of the mass-deletion guard; the same
-                    // listing going on, or a confirming one, keeps it.
-                    "INSERT INTO sync_state AS s (source, listing_id, listing_cursor,
-                                                  listing_confirms, listing_started_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?5)
-                     ON CONFLICT (source) DO UPDATE SET
-                         listing_started_at = CASE
-                             WHEN s.listing_id = excluded.listing_id
-                                  OR excluded.listing_confirms IS NOT NULL
-                             THEN COALESCE(s.listing_started_at, ?5)
-                             ELSE ?5 END,
-                         listing_id = excluded.listing_id,
-                         listing_cursor = excluded.listing_cursor,
-                         listing_confirms = excluded.listing_confirms,
-                         updated_at = ?5",
-                )
-                .bind(source)
-                .bind(progress.listing_id.to_string())
-                .bind(progress.cursor.as_deref())
-                .bind(progress.confirms.map(|id| id.to_string()))
-                .bind(now)
-                .execute(&mut **tx)
-                .await
-                .map_err(db("saving the checkpoint"))?;
-            }
-            Checkpoint::ListingDone {
-                listing_id,
-                confirms,
-                deletions: policy,
-            } => {
-                Self::record_seen(tx, source, *listing_id, &seen()).await?;
-                let deletions =
-                    Self::delete_unseen(tx, source, now, *listing_id, *confirms, policy).await?;
-                if deletions.awaiting_confirmation > 0 {
-                    // Keep what this listing saw, for the confirming listing to compare.
-                    sqlx::query(
-                        "INSERT INTO sync_state AS s
-                             (source, listing_confirms, listing_started_at, updated_at)
-                         VALUES (?1, ?2, ?3, ?3)
-                         ON CONFLICT (source) DO UPDATE SET
-                             listing_id = NULL,
-                             listing_cursor = NULL,
-                             listing_confirms = excluded.listing_confirms,
-                             listing_started_at = CASE WHEN s.listing_id = ?2
-                                                       THEN s.listing_started_at ELSE ?3 END,
-                             updated_at = ?3",
-                    )
-                    .bind(source)
-                    .bind(listing_id.to_string())
-                    .bind(now)
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(db("saving the checkpoint"))?;
-                } else {
-                    Self::end_listings(tx, source, now, [Some(*listing_id), *confirms]).await?;
-                }
-                return Ok(deletions);
-            }
-            Checkpoint::ListingAbandoned { listing_id } => {
-                // Forget what it saw; a confirming listing stays one when it starts again.
-                sqlx::query("DELETE FROM listing_seen WHERE source = ?1 AND listing_id = ?2")
-                    .bind(source)
-                    .bind(listing_id.to_string())
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(db("forgetting an abandoned listing"))?;
-                sqlx::query(
-                    "UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, updated_at = ?2
-                     WHERE source = ?1",
-                )
-                .bind(source)
-                .bind(now)
-                .execute(&mut **tx)
-                .await
-                .map_err(db("saving the checkpoint"))?;
-            }
-        }
-        Ok(Deletions::default())
-    }
-
-    /// A page of `window` is stored: the window goes on at `cursor`, or is done; when it
-    /// was the last window not done, the pass is complete: its ledger is cleared and, for
-    /// an incremental pass, the high-water mark moves to the pass's end.
-    async fn move_window(
-        tx: &mut Transaction<'_, Sqlite>,
-        source: &str,
-        now: &str,
-        mode: RunMode,
-        window: &Window,
-        cursor: Option<&str>,
-    ) -> Result<(), StoreError> {
-        let moved = sqlx::query(
-            "UPDATE sync_windows
-             SET state = CASE WHEN ?5 IS NULL THEN 'done' ELSE 'in_progress' END, cursor = ?5
-             WHERE source = ?1 AND mode = ?2 AND window_start = ?3 AND window_end = ?4",
-        )
-        .bind(source)
-        .bind(mode.as_str())
-        .bind(stamp(window.start))
-        .bind(stamp(window.end))
-        .bind(cursor)
-        .execute(&mut **tx)
-        .await
-        .map_err(db("saving the window's position"))?
-        .rows_affected();
-        if moved != 1 {
-            // Dropping the transaction rolls the page back with it.
-            return Err(not_in_ledger(source, mode, window));
-        }
-        if cursor.is_some() {
-            return Ok(());
-        }
-        let left: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sync_windows WHERE source = ?1 AND mode = ?2 AND state <> 'done'",
-        )
-        .bind(source)
-        .bind(mode.as_str())
-        .fetch_one(&mut **tx)
-        .await
-        .map_err(db("counting the windows left"))?;
-        if left > 0 {
-            return Ok(());
-        }
-        sqlx::query("DELETE FROM sync_windows WHERE source = ?1 AND mode = ?2")
-            .bind(source)
-            .bind(mode.as_str())
-            .execute(&mut **tx)
-            .await
-            .map_err(db("clearing the finished ledger"))?;
-        let finish = match mode {
-            // SQLite's max() of a NULL is NULL, where GREATEST ignores it; the mark never
-            // moves backwards.
-            RunMode::Incremental => {
-                "UPDATE sync_state
-                 SET high_water_mark = COALESCE(max(high_water_mark, incremental_until),
-                                                high_water_mark, incremental_until),
-                     incremental_until = NULL, updated_at = ?2
-                 WHERE source = ?1"
-            }
-            RunMode::Backfill => {
-                "UPDATE sync_state
-                 SET backfill_from = NULL, backfill_to = NULL, backfill_until = NULL,
-                     updated_at = ?2
-                 WHERE source = ?1"
-            }
-        };
-        sqlx::query(finish)
-            .bind(source)
-            .bind(now)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("saving the checkpoint"))?;
-        Ok(())
-    }
-
-    /// Replaces the `ledger.mode()` ledger of `source` with `ledger`'s windows.
-    async fn write_ledger(
-        tx: &mut Transaction<'_, Sqlite>,
-        source: &str,
-        ledger: &Ledger,
-    ) -> Result<(), StoreError> {
-        let mode = ledger.mode().as_str();
-        sqlx::query("DELETE FROM sync_windows WHERE source = ?1 AND mode = ?2")
-            .bind(source)
-            .bind(mode)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("replacing the window ledger"))?;
-        for entry in &ledger.windows {
-            let (state, cursor) = window_columns(&entry.state);
-            sqlx::query(
-                "INSERT INTO sync_windows (source, mode, window_start, window_end, state, cursor)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .bind(source)
-            .bind(mode)
-            .bind(stamp(entry.window.start))
-            .bind(stamp(entry.window.end))
-            .bind(state)
-            .bind(cursor)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("writing the window ledger"))?;
-        }
-        Ok(())
-    }
-
     /// Every window of `source`'s ledgers, with its mode, oldest first.
     async fn read_ledgers(&self, source: &str) -> Result<Vec<(RunMode, LedgerWindow)>, StoreError> {
         let rows = sqlx::query(
@@ -573,119 +297,38 @@ impl SqliteStore {
             })
             .collect()
     }
+}
 
-    async fn record_seen(
-        tx: &mut Transaction<'_, Sqlite>,
-        source: &str,
-        listing_id: Uuid,
-        seen: &[&str],
-    ) -> Result<(), StoreError> {
-        if seen.is_empty() {
-            return Ok(());
-        }
-        let ids = serde_json::to_string(seen)
-            .map_err(|e| StoreError::Corrupt(format!("ids not serializable: {e}")))?;
-        sqlx::query(
-            "INSERT INTO listing_seen (source, listing_id, external_id)
-             SELECT ?1, ?2, value FROM json_each(?3) WHERE true
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(source)
-        .bind(listing_id.to_string())
-        .bind(ids)
-        .execute(&mut **tx)
-        .await
-        .map_err(db("recording the departments the listing saw"))?;
-        Ok(())
-    }
+/// A page's transaction, holding the database's write lock throughout, and its instant.
+struct SqlitePage<'c> {
+    tx: Transaction<'c, Sqlite>,
+    /// The transaction's instant, taken once it holds the write lock (PostgreSQL's
+    /// `now()`).
+    now: String,
+}
 
-    /// Counts the live departments of `source` that the complete listing `listing_id`
-    /// (and `confirms`, the listing it confirms) did not see, scope by scope, and deletes
-    /// them or keeps them as [`judge_unseen`] says.
-    async fn delete_unseen(
-        tx: &mut Transaction<'_, Sqlite>,
-        source: &str,
-        now: &str,
-        listing_id: Uuid,
-        confirms: Option<Uuid>,
-        policy: &DeletionPolicy,
-    ) -> Result<Deletions, StoreError> {
-        let listing_id = listing_id.to_string();
-        let confirms_id = confirms.map(|id| id.to_string());
-        let scopes = policy.scopes.as_ref().map(json_text).transpose()?;
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(COUNT_UNSEEN)
-            .bind(source)
-            .bind(&listing_id)
-            .bind(&confirms_id)
-            .bind(now)
-            .bind(&scopes)
-            .fetch_all(&mut **tx)
+impl SqliteLease {
+    /// Opens a page's transaction on the lock's own connection.
+    async fn begin(&mut self) -> Result<SqlitePage<'_>, StoreError> {
+        let tx = self
+            .connection
+            .begin_with(BEGIN_WRITE)
             .await
-            .map_err(db("counting the departments the listing did not see"))?;
-        let counts = ScopeCount::from_rows(rows);
-        let withheld = match judge_unseen(&counts, confirms, policy.max_delete_fraction) {
-            UnseenVerdict::Keep(kept) => return Ok(kept),
-            UnseenVerdict::Delete { withheld } => withheld,
-        };
-        let deleted = sqlx::query(MARK_UNSEEN_DELETED)
-            .bind(source)
-            .bind(&listing_id)
-            .bind(&confirms_id)
-            .bind(now)
-            .bind(&scopes)
-            .bind(json_text(&spared_scopes(&withheld))?)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("marking unlisted departments deleted"))?
-            .rows_affected();
-        Ok(Deletions {
-            deleted,
-            withheld,
-            ..Deletions::default()
-        })
+            .map_err(db("opening a transaction"))?;
+        Ok(SqlitePage { tx, now: now() })
     }
+}
 
-    /// Forgets what `listings` saw and clears the source's listing state.
-    async fn end_listings(
-        tx: &mut Transaction<'_, Sqlite>,
+impl PageTransaction for SqlitePage<'_> {
+    async fn write_departments(
+        &mut self,
         source: &str,
-        now: &str,
-        listings: [Option<Uuid>; 2],
-    ) -> Result<(), StoreError> {
-        let [first, second] = listings.map(|id| id.map(|id| id.to_string()));
-        sqlx::query("DELETE FROM listing_seen WHERE source = ?1 AND listing_id IN (?2, ?3)")
-            .bind(source)
-            .bind(first)
-            .bind(second)
-            .execute(&mut **tx)
-            .await
-            .map_err(db("forgetting the completed listings"))?;
-        sqlx::query(
-            "UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL,
-                                   listing_confirms = NULL, listing_started_at = NULL,
-                                   updated_at = ?2
-             WHERE source = ?1",
-        )
-        .bind(source)
-        .bind(now)
-        .execute(&mut **tx)
-        .await
-        .map_err(db("saving the checkpoint"))?;
-        Ok(())
-    }
-
-    async fn upsert_departments(
-        tx: &mut Transaction<'_, Sqlite>,
-        source: &str,
-        now: &str,
-        departments: &[Department],
-    ) -> Result<(u64, u64), StoreError> {
-        if departments.is_empty() {
-            return Ok((0, 0));
-        }
-        // One statement cannot touch a row twice: keep the newest version of each id.
-        let rows = newest_versions(departments)
-            .into_iter()
+        departments: &[&Department],
+        _listing: Option<Uuid>,
+    ) -> Result<Written, StoreError> {
+        // Every row is compared in full: SQLite's store keeps no digests.
+        let rows = departments
+            .iter()
             .map(|d| IncomingDepartment {
                 external_id: &d.external_id,
                 scope_id: d.scope_id.as_deref(),
@@ -707,14 +350,14 @@ impl SqliteStore {
         )
         .bind(source)
         .bind(&page)
-        .fetch_one(&mut **tx)
+        .fetch_one(&mut *self.tx)
         .await
         .map_err(db("counting the stored departments"))?;
         let written = sqlx::query(UPSERT_DEPARTMENTS)
             .bind(source)
-            .bind(now)
+            .bind(&self.now)
             .bind(&page)
-            .execute(&mut **tx)
+            .execute(&mut *self.tx)
             .await
             .map_err(db("upserting departments"))?
             .rows_affected();
@@ -724,13 +367,16 @@ impl SqliteStore {
                 "the upsert wrote {written} rows, fewer than the {inserted} new ones"
             ))
         })?;
-        Ok((inserted, updated))
+        Ok(Written {
+            inserted,
+            updated,
+            rewrote: false,
+        })
     }
 
     async fn keep_rejected(
-        tx: &mut Transaction<'_, Sqlite>,
+        &mut self,
         source: &str,
-        now: &str,
         rejected: &[RejectedRecord],
     ) -> Result<(), StoreError> {
         for record in rejected {
@@ -750,12 +396,338 @@ impl SqliteStore {
             .bind(escape_nul(&record.reason))
             .bind(payload)
             .bind(payload_md5)
-            .bind(now)
-            .execute(&mut **tx)
+            .bind(&self.now)
+            .execute(&mut *self.tx)
             .await
             .map_err(db("keeping a rejected record"))?;
         }
         Ok(())
+    }
+
+    async fn replace_ledger(&mut self, source: &str, ledger: &Ledger) -> Result<(), StoreError> {
+        let mode = ledger.mode().as_str();
+        sqlx::query("DELETE FROM sync_windows WHERE source = ?1 AND mode = ?2")
+            .bind(source)
+            .bind(mode)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("replacing the window ledger"))?;
+        for entry in &ledger.windows {
+            let (state, cursor) = window_columns(&entry.state);
+            sqlx::query(
+                "INSERT INTO sync_windows (source, mode, window_start, window_end, state, cursor)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .bind(source)
+            .bind(mode)
+            .bind(stamp(entry.window.start))
+            .bind(stamp(entry.window.end))
+            .bind(state)
+            .bind(cursor)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("writing the window ledger"))?;
+        }
+        let range = match ledger.backfill {
+            None => sqlx::query(
+                "INSERT INTO sync_state (source, incremental_until, updated_at)
+                 VALUES (?1, ?2, ?3)
+                 ON CONFLICT (source) DO UPDATE SET
+                     incremental_until = excluded.incremental_until,
+                     updated_at = excluded.updated_at",
+            )
+            .bind(source)
+            .bind(stamp(ledger.until))
+            .bind(&self.now),
+            Some(range) => sqlx::query(
+                "INSERT INTO sync_state
+                     (source, backfill_from, backfill_to, backfill_until, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (source) DO UPDATE SET
+                     backfill_from = excluded.backfill_from,
+                     backfill_to = excluded.backfill_to,
+                     backfill_until = excluded.backfill_until,
+                     updated_at = excluded.updated_at",
+            )
+            .bind(source)
+            .bind(stamp(range.from))
+            .bind(range.requested_to.map(stamp))
+            .bind(stamp(ledger.until))
+            .bind(&self.now),
+        };
+        range
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("saving the ledger's range"))?;
+        Ok(())
+    }
+
+    async fn move_window(
+        &mut self,
+        source: &str,
+        mode: RunMode,
+        window: &Window,
+        cursor: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let moved = sqlx::query(
+            "UPDATE sync_windows
+             SET state = CASE WHEN ?5 IS NULL THEN 'done' ELSE 'in_progress' END, cursor = ?5
+             WHERE source = ?1 AND mode = ?2 AND window_start = ?3 AND window_end = ?4",
+        )
+        .bind(source)
+        .bind(mode.as_str())
+        .bind(stamp(window.start))
+        .bind(stamp(window.end))
+        .bind(cursor)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("saving the window's position"))?
+        .rows_affected();
+        Ok(moved == 1)
+    }
+
+    async fn split_window(
+        &mut self,
+        source: &str,
+        mode: RunMode,
+        window: &Window,
+        halves: &[Window; 2],
+    ) -> Result<bool, StoreError> {
+        let replaced = sqlx::query(
+            "DELETE FROM sync_windows
+             WHERE source = ?1 AND mode = ?2 AND window_start = ?3 AND window_end = ?4",
+        )
+        .bind(source)
+        .bind(mode.as_str())
+        .bind(stamp(window.start))
+        .bind(stamp(window.end))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("splitting the window"))?
+        .rows_affected();
+        if replaced != 1 {
+            return Ok(false);
+        }
+        for half in halves {
+            sqlx::query(
+                "INSERT INTO sync_windows (source, mode, window_start, window_end, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .bind(source)
+            .bind(mode.as_str())
+            .bind(stamp(half.start))
+            .bind(stamp(half.end))
+            .bind(window_columns(&WindowState::Pending).0)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("splitting the window"))?;
+        }
+        Ok(true)
+    }
+
+    async fn windows_left(&mut self, source: &str, mode: RunMode) -> Result<u64, StoreError> {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sync_windows WHERE source = ?1 AND mode = ?2 AND state <> 'done'",
+        )
+        .bind(source)
+        .bind(mode.as_str())
+        .fetch_one(&mut *self.tx)
+        .await
+        .map_err(db("counting the windows left"))?;
+        Ok(left as u64)
+    }
+
+    async fn finish_ledger(&mut self, source: &str, mode: RunMode) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM sync_windows WHERE source = ?1 AND mode = ?2")
+            .bind(source)
+            .bind(mode.as_str())
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("clearing the finished ledger"))?;
+        let finish = match mode {
+            // SQLite's max() of a NULL is NULL, where GREATEST ignores it; the mark never
+            // moves backwards.
+            RunMode::Incremental => {
+                "UPDATE sync_state
+                 SET high_water_mark = COALESCE(max(high_water_mark, incremental_until),
+                                                high_water_mark, incremental_until),
+                     incremental_until = NULL, updated_at = ?2
+                 WHERE source = ?1"
+            }
+            RunMode::Backfill => {
+                "UPDATE sync_state
+                 SET backfill_from = NULL, backfill_to = NULL, backfill_until = NULL,
+                     updated_at = ?2
+                 WHERE source = ?1"
+            }
+        };
+        sqlx::query(finish)
+            .bind(source)
+            .bind(&self.now)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("finishing the ledger"))?;
+        Ok(())
+    }
+
+    async fn stored_listing(&mut self, source: &str) -> Result<StoredListing, StoreError> {
+        let row =
+            sqlx::query("SELECT listing_id, listing_rewrote FROM sync_state WHERE source = ?1")
+                .bind(source)
+                .fetch_optional(&mut *self.tx)
+                .await
+                .map_err(db("reading the listing in progress"))?;
+        let Some(row) = row else {
+            return Ok(StoredListing::default());
+        };
+        Ok(StoredListing {
+            listing_id: uuid_in(&row, "listing_id")?,
+            rewrote: get(&row, "listing_rewrote")?,
+        })
+    }
+
+    async fn set_listing(
+        &mut self,
+        source: &str,
+        listing: &ListingColumns<'_>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sync_state AS s (source, listing_id, listing_cursor, listing_confirms,
+                                          listing_started_at, listing_rewrote, updated_at)
+             VALUES (?1, ?2, ?3, ?4, CASE WHEN ?6 <> 'clear' THEN ?7 END, ?5, ?7)
+             ON CONFLICT (source) DO UPDATE SET
+                 listing_id = excluded.listing_id,
+                 listing_cursor = excluded.listing_cursor,
+                 listing_confirms = excluded.listing_confirms,
+                 listing_started_at = CASE ?6 WHEN 'keep' THEN COALESCE(s.listing_started_at, ?7)
+                                             WHEN 'start' THEN ?7 END,
+                 listing_rewrote = excluded.listing_rewrote,
+                 updated_at = ?7",
+        )
+        .bind(source)
+        .bind(listing.listing_id.map(|id| id.to_string()))
+        .bind(listing.cursor)
+        .bind(listing.confirms.map(|id| id.to_string()))
+        .bind(listing.rewrote)
+        .bind(listing.clock.as_str())
+        .bind(&self.now)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("saving the listing's position"))?;
+        Ok(())
+    }
+
+    async fn drop_listing_in_progress(&mut self, source: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, updated_at = ?2
+             WHERE source = ?1",
+        )
+        .bind(source)
+        .bind(&self.now)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("dropping the listing in progress"))?;
+        Ok(())
+    }
+
+    async fn record_seen(
+        &mut self,
+        source: &str,
+        listing_id: Uuid,
+        ids: &[&str],
+    ) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO listing_seen (source, listing_id, external_id)
+             SELECT ?1, ?2, value FROM json_each(?3) WHERE true
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(source)
+        .bind(listing_id.to_string())
+        .bind(json_text(&ids)?)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("recording the departments the listing saw"))?;
+        Ok(())
+    }
+
+    async fn forget_seen(&mut self, source: &str, listings: &[Uuid]) -> Result<(), StoreError> {
+        let listings: Vec<String> = listings.iter().map(Uuid::to_string).collect();
+        sqlx::query(
+            "DELETE FROM listing_seen
+             WHERE source = ?1 AND listing_id IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(source)
+        .bind(json_text(&listings)?)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("forgetting what listings saw"))?;
+        Ok(())
+    }
+
+    async fn count_unseen(&mut self, unseen: &Unseen<'_>) -> Result<Vec<ScopeCount>, StoreError> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(COUNT_UNSEEN)
+            .bind(unseen.source)
+            .bind(unseen.listing_id.to_string())
+            .bind(unseen.confirms.map(|id| id.to_string()))
+            .bind(&self.now)
+            .bind(unseen.scopes.map(|scopes| json_text(&scopes)).transpose()?)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(db("counting the departments the listing did not see"))?;
+        Ok(ScopeCount::from_rows(rows))
+    }
+
+    async fn mark_unseen_deleted(
+        &mut self,
+        unseen: &Unseen<'_>,
+        spared: &[&str],
+    ) -> Result<u64, StoreError> {
+        let deleted = sqlx::query(MARK_UNSEEN_DELETED)
+            .bind(unseen.source)
+            .bind(unseen.listing_id.to_string())
+            .bind(unseen.confirms.map(|id| id.to_string()))
+            .bind(&self.now)
+            .bind(unseen.scopes.map(|scopes| json_text(&scopes)).transpose()?)
+            .bind(json_text(&spared)?)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("marking unlisted departments deleted"))?
+            .rows_affected();
+        Ok(deleted)
+    }
+
+    async fn count_page(
+        &mut self,
+        run: RunId,
+        counts: &PageCounts,
+        fetched: u64,
+        pages: u64,
+    ) -> Result<bool, StoreError> {
+        let counted = sqlx::query(
+            "UPDATE sync_runs SET pages = pages + ?8, fetched = fetched + ?2,
+                    inserted = inserted + ?3, updated = updated + ?4,
+                    unchanged = unchanged + ?5, rejected = rejected + ?6, deleted = deleted + ?7
+             WHERE run_id = ?1",
+        )
+        .bind(run.0.to_string())
+        .bind(fetched as i64)
+        .bind(counts.inserted as i64)
+        .bind(counts.updated as i64)
+        .bind(counts.unchanged as i64)
+        .bind(counts.rejected as i64)
+        .bind(counts.deleted as i64)
+        .bind(pages as i64)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("counting the page in its run"))?;
+        Ok(counted.rows_affected() == 1)
+    }
+
+    async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await.map_err(db("committing the page"))
     }
 }
 
@@ -1008,45 +980,14 @@ impl Store for SqliteStore {
         rejected: &[RejectedRecord],
         checkpoint: &Checkpoint,
     ) -> Result<PageCounts, StoreError> {
-        // On the lock's own connection, holding the database's write lock throughout.
-        let mut tx = lease
-            .connection
-            .begin_with(BEGIN_WRITE)
-            .await
-            .map_err(db("opening a transaction"))?;
-        let now = now();
-        let (inserted, updated) =
-            Self::upsert_departments(&mut tx, source, &now, departments).await?;
-        Self::keep_rejected(&mut tx, source, &now, rejected).await?;
-        let deletions =
-            Self::apply_checkpoint(&mut tx, source, &now, checkpoint, departments, rejected)
-                .await?;
-        let counts = deletions.page_counts(departments.len(), rejected.len(), inserted, updated);
-        let counted = sqlx::query(
-            "UPDATE sync_runs SET pages = pages + ?8, fetched = fetched + ?2,
-                    inserted = inserted + ?3, updated = updated + ?4,
-                    unchanged = unchanged + ?5, rejected = rejected + ?6, deleted = deleted + ?7
-             WHERE run_id = ?1",
-        )
-        .bind(run.0.to_string())
-        .bind((departments.len() + rejected.len()) as i64)
-        .bind(counts.inserted as i64)
-        .bind(counts.updated as i64)
-        .bind(counts.unchanged as i64)
-        .bind(counts.rejected as i64)
-        .bind(counts.deleted as i64)
-        .bind(i64::from(checkpoint.follows_page()))
-        .execute(&mut *tx)
-        .await
-        .map_err(db("counting the page in its run"))?;
-        if counted.rows_affected() != 1 {
-            // Dropping the transaction rolls the page back: no page without its run.
-            return Err(StoreError::Corrupt(format!(
-                "run {run} is not in sync_runs"
-            )));
-        }
-        tx.commit().await.map_err(db("committing the page"))?;
-        Ok(counts)
+        let page = Page {
+            run,
+            source,
+            departments,
+            rejected,
+            checkpoint,
+        };
+        checkpoint::commit_page(lease.begin().await?, &page).await
     }
 
     async fn register(&self, sources: &[String]) -> Result<(), StoreError> {

@@ -1,0 +1,721 @@
+//! What committing a page does to a source's state, written once, over the small
+//! primitives each backend offers inside the page's transaction ([`PageTransaction`]).
+//!
+//! A page commit ([`commit_page`]) is one transaction: the page's departments are
+//! written, its rejected records kept, the [`Checkpoint`] that follows it applied, and the
+//! page counted in its run. A crash anywhere loses the whole page and its checkpoint
+//! together, so the next pass reads the page again: nothing lost, at most one page
+//! repeated.
+//!
+//! What each checkpoint means is decided here, in Rust: how a window moves and when a
+//! ledger is finished, how a listing's clock runs, and when the departments a complete
+//! listing did not see may be deleted (the rule of two listings and the mass-deletion
+//! guard, [`judge_unseen`]). A backend only persists: each primitive is a statement or
+//! two of its own dialect.
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use uuid::Uuid;
+
+use super::StoreError;
+use crate::model::{
+    Checkpoint, DeletionPolicy, Department, Ledger, PageCounts, RejectedRecord, RunId, RunMode,
+    Window, WithheldDeletions,
+};
+
+/// One page to commit.
+#[derive(Clone, Copy)]
+pub(crate) struct Page<'a> {
+    pub run: RunId,
+    pub source: &'a str,
+    pub departments: &'a [Department],
+    pub rejected: &'a [RejectedRecord],
+    pub checkpoint: &'a Checkpoint,
+}
+
+impl Page<'_> {
+    /// The full listing the page belongs to, if it is a listing's page.
+    pub fn listing(&self) -> Option<Uuid> {
+        match self.checkpoint {
+            Checkpoint::Listing(progress) => Some(progress.listing_id),
+            Checkpoint::ListingDone { listing_id, .. } => Some(*listing_id),
+            _ => None,
+        }
+    }
+}
+
+/// What writing a page's departments did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Written {
+    pub inserted: u64,
+    /// Updated with a change of content.
+    pub updated: u64,
+    /// Whether a stored row was written at all (giving a row a digest counts); a new row
+    /// is not. Kept per listing for a backend that trusts unchanged listing pages.
+    pub rewrote: bool,
+}
+
+/// What a backend keeps of a source's listing in progress.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StoredListing {
+    pub listing_id: Option<Uuid>,
+    /// Whether an earlier page of `listing_id` rewrote a stored row.
+    pub rewrote: bool,
+}
+
+/// When the mass-deletion guard's count of live departments begins: the rows live when the
+/// first of two listings began are its base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ListingClock {
+    /// A new first listing begins now.
+    Start,
+    /// The same listing goes on, or a confirming one counts from the first's start (from
+    /// now if none was recorded).
+    Keep,
+    /// No listing is in progress or awaiting confirmation.
+    Clear,
+}
+
+impl ListingClock {
+    /// The clock's name, as a backend's statement reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListingClock::Start => "start",
+            ListingClock::Keep => "keep",
+            ListingClock::Clear => "clear",
+        }
+    }
+}
+
+/// A source's listing columns as a checkpoint leaves them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ListingColumns<'a> {
+    /// The listing in progress.
+    pub listing_id: Option<Uuid>,
+    /// Where it goes on.
+    pub cursor: Option<&'a str>,
+    /// The listing the one in progress confirms, or, with none in progress, the complete
+    /// listing awaiting confirmation.
+    pub confirms: Option<Uuid>,
+    pub clock: ListingClock,
+    /// Whether the listing in progress rewrote a stored row so far.
+    pub rewrote: bool,
+}
+
+impl ListingColumns<'_> {
+    /// No listing at all.
+    const NONE: ListingColumns<'static> = ListingColumns {
+        listing_id: None,
+        cursor: None,
+        confirms: None,
+        clock: ListingClock::Clear,
+        rewrote: false,
+    };
+}
+
+/// One scope's share of what a complete listing did not see: its departments live when the
+/// first listing began, and its live departments no listing saw. `scope` is the
+/// `scope_id`, `""` for none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ScopeCount {
+    pub scope: String,
+    pub live: u64,
+    pub unseen: u64,
+}
+
+impl ScopeCount {
+    /// The counts as both backends' statements return them: one row of scope, live and
+    /// unseen per scope.
+    pub fn from_rows(rows: Vec<(String, i64, i64)>) -> Vec<ScopeCount> {
+        rows.into_iter()
+            .map(|(scope, live, unseen)| ScopeCount {
+                scope,
+                live: live as u64,
+                unseen: unseen as u64,
+            })
+            .collect()
+    }
+}
+
+/// The unseen departments of a complete listing: those live in `source` (in `scopes`, when
+/// the listing's settings name them) that neither `listing_id` nor the listing it
+/// `confirms` saw.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Unseen<'a> {
+    pub source: &'a str,
+    pub listing_id: Uuid,
+    pub confirms: Option<Uuid>,
+    pub scopes: Option<&'a [String]>,
+}
+
+/// The statements a backend runs inside a page's transaction. Each does one small thing;
+/// what they add up to is decided by [`commit_page`].
+pub(crate) trait PageTransaction: Send {
+    /// Writes `departments` (one version per id, the newest), comparing each with what is
+    /// stored: only rows whose content changed are written, and a row is never replaced by
+    /// one with an older `source_updated_at`. `listing`: the full listing the page is of.
+    fn write_departments(
+        &mut self,
+        source: &str,
+        departments: &[&Department],
+        listing: Option<Uuid>,
+    ) -> impl Future<Output = Result<Written, StoreError>> + Send;
+
+    /// Keeps records that could not be read, counting those seen before.
+    fn keep_rejected(
+        &mut self,
+        source: &str,
+        rejected: &[RejectedRecord],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Replaces the `ledger.mode()` ledger with `ledger`: its windows and its range.
+    fn replace_ledger(
+        &mut self,
+        source: &str,
+        ledger: &Ledger,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Moves `window` of the `mode` ledger to `cursor` (in progress), or with `None` to
+    /// done. `false` when the ledger holds no such window.
+    fn move_window(
+        &mut self,
+        source: &str,
+        mode: RunMode,
+        window: &Window,
+        cursor: Option<&str>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Replaces `window` of the `mode` ledger by `halves`, both pending. `false` when the
+    /// ledger holds no such window.
+    fn split_window(
+        &mut self,
+        source: &str,
+        mode: RunMode,
+        window: &Window,
+        halves: &[Window; 2],
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// How many windows of the `mode` ledger are not done.
+    fn windows_left(
+        &mut self,
+        source: &str,
+        mode: RunMode,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Drops the `mode` ledger, its windows and its range. An incremental ledger first
+    /// moves the high-water mark to its end; the mark never moves backwards.
+    fn finish_ledger(
+        &mut self,
+        source: &str,
+        mode: RunMode,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The listing in progress, as stored.
+    fn stored_listing(
+        &mut self,
+        source: &str,
+    ) -> impl Future<Output = Result<StoredListing, StoreError>> + Send;
+
+    /// Writes the source's listing columns.
+    fn set_listing(
+        &mut self,
+        source: &str,
+        listing: &ListingColumns<'_>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Clears the listing in progress and where it goes on, keeping what it confirms.
+    fn drop_listing_in_progress(
+        &mut self,
+        source: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Records that `listing_id` saw `ids`.
+    fn record_seen(
+        &mut self,
+        source: &str,
+        listing_id: Uuid,
+        ids: &[&str],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Forgets what `listings` saw.
+    fn forget_seen(
+        &mut self,
+        source: &str,
+        listings: &[Uuid],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Counts, scope by scope, the live departments (those live when the first listing
+    /// began) and the unseen ones.
+    fn count_unseen(
+        &mut self,
+        unseen: &Unseen<'_>,
+    ) -> impl Future<Output = Result<Vec<ScopeCount>, StoreError>> + Send;
+
+    /// Marks the unseen departments deleted, except those of the `spared` scopes; how many.
+    fn mark_unseen_deleted(
+        &mut self,
+        unseen: &Unseen<'_>,
+        spared: &[&str],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// `listing_id` is complete, having rewritten a stored row (`rewrote`) or not: a
+    /// backend that trusts unchanged pages of the last complete listing settles them here.
+    fn listing_complete(
+        &mut self,
+        source: &str,
+        listing_id: Uuid,
+        rewrote: bool,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (source, listing_id, rewrote);
+        async { Ok(()) }
+    }
+
+    /// A listing was abandoned: its pages may have rewritten rows that a trusted listing's
+    /// pages hold otherwise, so no page may be trusted until a listing completes again.
+    fn distrust_pages(
+        &mut self,
+        source: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = source;
+        async { Ok(()) }
+    }
+
+    /// Adds the page to its run's counts: `fetched` records, `pages` (0 or 1) pages.
+    /// `false` when the run is not recorded.
+    fn count_page(
+        &mut self,
+        run: RunId,
+        counts: &PageCounts,
+        fetched: u64,
+        pages: u64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Commits the transaction. Dropping it instead rolls everything back.
+    fn commit(self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Commits `page` in `tx`: its departments, its rejected records, its checkpoint and its
+/// counts, or nothing.
+pub(crate) async fn commit_page<T: PageTransaction>(
+    mut tx: T,
+    page: &Page<'_>,
+) -> Result<PageCounts, StoreError> {
+    let Page {
+        run,
+        source,
+        departments,
+        rejected,
+        checkpoint,
+    } = *page;
+    // One statement cannot write a row twice: keep the newest version of each id.
+    let newest = newest_versions(departments);
+    let written = if newest.is_empty() {
+        Written::default()
+    } else {
+        tx.write_departments(source, &newest, page.listing())
+            .await?
+    };
+    tx.keep_rejected(source, rejected).await?;
+    let seen = seen_ids(departments, rejected);
+    let deletions = apply_checkpoint(&mut tx, source, checkpoint, &seen, written.rewrote).await?;
+    let counts = deletions.page_counts(departments.len(), rejected.len(), written);
+    let fetched = (departments.len() + rejected.len()) as u64;
+    let pages = u64::from(checkpoint.follows_page());
+    if !tx.count_page(run, &counts, fetched, pages).await? {
+        // Dropping the transaction rolls the page back: no page without its run.
+        return Err(StoreError::Corrupt(format!(
+            "run {run} is not in sync_runs"
+        )));
+    }
+    tx.commit().await?;
+    Ok(counts)
+}
+
+/// Moves `source` to `checkpoint`, after a page that saw the ids `seen` and rewrote a
+/// stored row or not.
+async fn apply_checkpoint<T: PageTransaction>(
+    tx: &mut T,
+    source: &str,
+    checkpoint: &Checkpoint,
+    seen: &[&str],
+    rewrote: bool,
+) -> Result<Deletions, StoreError> {
+    match checkpoint {
+        Checkpoint::Ledger(ledger) => tx.replace_ledger(source, ledger).await?,
+        Checkpoint::Split {
+            mode,
+            window,
+            halves,
+        } => {
+            if !tx.split_window(source, *mode, window, halves).await? {
+                return Err(not_in_ledger(source, *mode, window));
+            }
+        }
+        Checkpoint::Window {
+            mode,
+            window,
+            cursor,
+        } => {
+            if !tx
+                .move_window(source, *mode, window, cursor.as_deref())
+                .await?
+            {
+                return Err(not_in_ledger(source, *mode, window));
+            }
+            // When no window is left, the pass is complete.
+            if cursor.is_none() && tx.windows_left(source, *mode).await? == 0 {
+                tx.finish_ledger(source, *mode).await?;
+            }
+        }
+        Checkpoint::Listing(progress) => {
+            tx.record_seen(source, progress.listing_id, seen).await?;
+            let stored = tx.stored_listing(source).await?;
+            let same_listing = stored.listing_id == Some(progress.listing_id);
+            tx.set_listing(
+                source,
+                &ListingColumns {
+                    listing_id: Some(progress.listing_id),
+                    cursor: progress.cursor.as_deref(),
+                    confirms: progress.confirms,
+                    // A first listing starts the clock of the mass-deletion guard; the same
+                    // listing going on, or a confirming one, keeps it.
+                    clock: if same_listing || progress.confirms.is_some() {
+                        ListingClock::Keep
+                    } else {
+                        ListingClock::Start
+                    },
+                    rewrote: rewrote || (same_listing && stored.rewrote),
+                },
+            )
+            .await?;
+        }
+        Checkpoint::ListingDone {
+            listing_id,
+            confirms,
+            deletions: policy,
+        } => {
+            tx.record_seen(source, *listing_id, seen).await?;
+            let stored = tx.stored_listing(source).await?;
+            let same_listing = stored.listing_id == Some(*listing_id);
+            tx.listing_complete(
+                source,
+                *listing_id,
+                rewrote || (same_listing && stored.rewrote),
+            )
+            .await?;
+            let deletions = delete_unseen(tx, source, *listing_id, *confirms, policy).await?;
+            if deletions.awaiting_confirmation > 0 {
+                // Keep what this listing saw, for the confirming listing to compare.
+                tx.set_listing(
+                    source,
+                    &ListingColumns {
+                        confirms: Some(*listing_id),
+                        clock: if same_listing {
+                            ListingClock::Keep
+                        } else {
+                            ListingClock::Start
+                        },
+                        ..ListingColumns::NONE
+                    },
+                )
+                .await?;
+            } else {
+                let ended: Vec<Uuid> = [Some(*listing_id), *confirms]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                tx.forget_seen(source, &ended).await?;
+                tx.set_listing(source, &ListingColumns::NONE).await?;
+            }
+            return Ok(deletions);
+        }
+        Checkpoint::ListingAbandoned { listing_id } => {
+            // Forget what it saw; a confirming listing stays one when it starts again.
+            tx.forget_seen(source, &[*listing_id]).await?;
+            tx.distrust_pages(source).await?;
+            tx.drop_listing_in_progress(source).await?;
+        }
+    }
+    Ok(Deletions::default())
+}
+
+/// Counts the live departments of `source` that the complete listing `listing_id` (and
+/// `confirms`, the listing it confirms) did not see, scope by scope, and deletes them or
+/// keeps them as [`judge_unseen`] says.
+async fn delete_unseen<T: PageTransaction>(
+    tx: &mut T,
+    source: &str,
+    listing_id: Uuid,
+    confirms: Option<Uuid>,
+    policy: &DeletionPolicy,
+) -> Result<Deletions, StoreError> {
+    let unseen = Unseen {
+        source,
+        listing_id,
+        confirms,
+        scopes: policy.scopes.as_deref(),
+    };
+    let scopes = tx.count_unseen(&unseen).await?;
+    let withheld = match judge_unseen(&scopes, confirms, policy.max_delete_fraction) {
+        UnseenVerdict::Keep(kept) => return Ok(kept),
+        UnseenVerdict::Delete { withheld } => withheld,
+    };
+    let spared: Vec<&str> = withheld.iter().filter_map(|w| w.scope.as_deref()).collect();
+    let deleted = tx.mark_unseen_deleted(&unseen, &spared).await?;
+    Ok(Deletions {
+        deleted,
+        withheld,
+        ..Deletions::default()
+    })
+}
+
+/// What the end of a full listing deleted, or would have.
+#[derive(Debug, Default, PartialEq)]
+struct Deletions {
+    deleted: u64,
+    withheld: Vec<WithheldDeletions>,
+    awaiting_confirmation: u64,
+}
+
+impl Deletions {
+    /// The counts of a page of `departments` (the rest of `written` unchanged) that set
+    /// `rejected` records aside and ended with these deletions.
+    fn page_counts(self, departments: usize, rejected: usize, written: Written) -> PageCounts {
+        PageCounts {
+            inserted: written.inserted,
+            updated: written.updated,
+            unchanged: departments as u64 - written.inserted - written.updated,
+            rejected: rejected as u64,
+            deleted: self.deleted,
+            withheld_deletions: self.withheld,
+            awaiting_confirmation: self.awaiting_confirmation,
+        }
+    }
+}
+
+/// The fewest live departments a scope (a Snapbooks client account, a Procurify branch)
+/// must hold for the mass-deletion guard to watch it on its own. A scope this small
+/// losing most of them is ordinary churn, and the guard over the whole source still
+/// counts them.
+pub const MIN_GUARDED_SCOPE_ROWS: u64 = 10;
+
+/// What to do with the live departments that the complete listing (and the listing it
+/// `confirms`, if any) did not see.
+#[derive(Debug, PartialEq)]
+enum UnseenVerdict {
+    /// Keep them all: nothing is missing, or it awaits a confirming listing, or the guard
+    /// withholds it all.
+    Keep(Deletions),
+    /// Mark them deleted, except those of the scopes the guard `withheld`.
+    Delete { withheld: Vec<WithheldDeletions> },
+}
+
+/// One listing alone never deletes: departments it missed await a second listing that
+/// confirms it. A confirming listing deletes what both missed, unless that is more than
+/// `max_delete_fraction` of the rows live when the first began, counted over the whole
+/// source (then nothing is deleted) and over each scope of at least
+/// [`MIN_GUARDED_SCOPE_ROWS`] (then nothing of that scope is: one scope coming back
+/// empty is what a permission change or a vendor fault looks like). `None`: a person
+/// confirmed any number.
+fn judge_unseen(
+    scopes: &[ScopeCount],
+    confirms: Option<Uuid>,
+    max_delete_fraction: Option<f64>,
+) -> UnseenVerdict {
+    let live: u64 = scopes.iter().map(|s| s.live).sum();
+    let unseen: u64 = scopes.iter().map(|s| s.unseen).sum();
+    if unseen == 0 {
+        return UnseenVerdict::Keep(Deletions::default());
+    }
+    if confirms.is_none() {
+        return UnseenVerdict::Keep(Deletions {
+            awaiting_confirmation: unseen,
+            ..Deletions::default()
+        });
+    }
+    let Some(fraction) = max_delete_fraction else {
+        return UnseenVerdict::Delete {
+            withheld: Vec::new(),
+        };
+    };
+    let too_many = |unseen: u64, live: u64| unseen as f64 > fraction * live as f64;
+    if too_many(unseen, live) {
+        return UnseenVerdict::Keep(Deletions {
+            withheld: vec![WithheldDeletions {
+                scope: None,
+                would_delete: unseen,
+                live,
+            }],
+            ..Deletions::default()
+        });
+    }
+    let withheld: Vec<WithheldDeletions> = scopes
+        .iter()
+        .filter(|s| s.live >= MIN_GUARDED_SCOPE_ROWS && too_many(s.unseen, s.live))
+        .map(|s| WithheldDeletions {
+            scope: Some(s.scope.clone()),
+            would_delete: s.unseen,
+            live: s.live,
+        })
+        .collect();
+    UnseenVerdict::Delete { withheld }
+}
+
+/// The newest version of each department of a page (a page may hold an id twice; one
+/// statement cannot write a row twice). Of two versions with the same time, the later.
+fn newest_versions(departments: &[Department]) -> Vec<&Department> {
+    let mut newest: HashMap<&str, &Department> = HashMap::with_capacity(departments.len());
+    for department in departments {
+        newest
+            .entry(department.external_id.as_str())
+            .and_modify(|kept| {
+                if department.source_updated_at >= kept.source_updated_at {
+                    *kept = department;
+                }
+            })
+            .or_insert(department);
+    }
+    newest.into_values().collect()
+}
+
+/// The ids a listing's page saw. A rejected record still exists upstream: seen, so never
+/// deleted for being bad. (An id with a NUL cannot be stored at all, so it cannot be seen
+/// either.)
+fn seen_ids<'a>(departments: &'a [Department], rejected: &'a [RejectedRecord]) -> Vec<&'a str> {
+    departments
+        .iter()
+        .map(|d| d.external_id.as_str())
+        .chain(rejected.iter().filter_map(|r| r.external_id.as_deref()))
+        .filter(|id| !id.contains('\0'))
+        .collect()
+}
+
+/// The error of a window position or split for a window the ledger does not hold.
+fn not_in_ledger(source: &str, mode: RunMode, window: &Window) -> StoreError {
+    StoreError::Corrupt(format!(
+        "window {window} is not in the {} ledger of {source}",
+        mode.as_str()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(scope: &str, live: u64, unseen: u64) -> ScopeCount {
+        ScopeCount {
+            scope: scope.to_owned(),
+            live,
+            unseen,
+        }
+    }
+
+    const FIRST: Option<Uuid> = Some(Uuid::nil());
+
+    fn department(
+        id: &str,
+        name: &str,
+        updated: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Department {
+        Department {
+            external_id: id.to_owned(),
+            scope_id: None,
+            name: name.to_owned(),
+            is_active: true,
+            parent_external_id: None,
+            source_created_at: None,
+            source_updated_at: updated,
+            raw: crate::model::RawRecord::from_value(&serde_json::json!({ "id": id })),
+        }
+    }
+
+    #[test]
+    fn nothing_unseen_keeps_everything() {
+        let verdict = judge_unseen(&[scope("a", 100, 0)], FIRST, Some(0.1));
+        assert_eq!(verdict, UnseenVerdict::Keep(Deletions::default()));
+    }
+
+    #[test]
+    fn one_listing_alone_never_deletes() {
+        let verdict = judge_unseen(&[scope("a", 100, 3), scope("b", 5, 1)], None, None);
+        let awaiting = Deletions {
+            awaiting_confirmation: 4,
+            ..Deletions::default()
+        };
+        assert_eq!(verdict, UnseenVerdict::Keep(awaiting));
+    }
+
+    #[test]
+    fn the_guard_over_the_source_withholds_everything() {
+        let verdict = judge_unseen(&[scope("a", 10, 5), scope("b", 10, 5)], FIRST, Some(0.3));
+        let withheld = UnseenVerdict::Keep(Deletions {
+            withheld: vec![WithheldDeletions {
+                scope: None,
+                would_delete: 10,
+                live: 20,
+            }],
+            ..Deletions::default()
+        });
+        assert_eq!(verdict, withheld);
+    }
+
+    #[test]
+    fn the_guard_per_scope_spares_only_the_scope_over_it() {
+        let scopes = [
+            scope("big", 1000, 10),
+            scope("emptied", 20, 20),
+            // Too small to be watched on its own.
+            scope("small", 9, 9),
+        ];
+        let verdict = judge_unseen(&scopes, FIRST, Some(0.1));
+        let withheld = vec![WithheldDeletions {
+            scope: Some("emptied".to_owned()),
+            would_delete: 20,
+            live: 20,
+        }];
+        assert_eq!(verdict, UnseenVerdict::Delete { withheld });
+    }
+
+    #[test]
+    fn a_person_may_confirm_any_number() {
+        let verdict = judge_unseen(&[scope("a", 10, 10)], FIRST, None);
+        assert_eq!(
+            verdict,
+            UnseenVerdict::Delete {
+                withheld: Vec::new()
+            }
+        );
+    }
+
+    #[test]
+    fn the_newest_version_of_an_id_wins_and_ties_go_to_the_later() {
+        use chrono::TimeZone;
+        let at = |seconds| Some(chrono::Utc.timestamp_opt(seconds, 0).unwrap());
+        let page = [
+            department("1", "old", at(10)),
+            department("1", "new", at(20)),
+            department("1", "older", at(5)),
+            department("2", "first", at(10)),
+            department("2", "second", at(10)),
+        ];
+        let mut kept: Vec<(&str, &str)> = newest_versions(&page)
+            .into_iter()
+            .map(|d| (d.external_id.as_str(), d.name.as_str()))
+            .collect();
+        kept.sort();
+        assert_eq!(kept, [("1", "new"), ("2", "second")]);
+    }
+
+    #[test]
+    fn rejected_records_count_as_seen_but_ids_with_nul_do_not() {
+        let department = department("a", "A", None);
+        let rejected = |id: Option<&str>| RejectedRecord {
+            external_id: id.map(str::to_owned),
+            reason: "bad".to_owned(),
+            payload: serde_json::Value::Null,
+        };
+        let rejected = [rejected(Some("b")), rejected(None), rejected(Some("c\0"))];
+        assert_eq!(seen_ids(&[department], &rejected), ["a", "b"]);
+    }
+}
