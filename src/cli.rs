@@ -8,13 +8,15 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, ConfigError, Settings, SourceSettings};
+use crate::Settings;
+use crate::config::{self, ConfigError};
 use crate::daemon::{Daemon, DaemonError};
 use crate::engine::{self, PassRequest, error_chain};
 use crate::model::RunOutcome;
 use crate::progress::Display;
 use crate::report::{SourceRun, pass_table, status_lines, status_table};
-use crate::sources::{Connector, Source, SyncMode};
+use crate::sources::SourceSettings;
+use crate::sources::{Connector, Source};
 use crate::store::{AnyStore, IfMissing, Store};
 
 /// Keeps an SQL copy of the departments held in several SaaS APIs.
@@ -273,7 +275,7 @@ async fn sync(
         .map(|s| Connector::new(s).map(|connector| (*s, connector)))
         .collect::<Result<_, _>>()
         .context("building the HTTP client")?;
-    let windowed = |connector: &Connector| matches!(connector.mode(), SyncMode::Windowed(_));
+    let windowed = |connector: &Connector| matches!(connector, Connector::Windowed(_));
     let request = match (args.backfill, args.from) {
         (true, Some(from)) => {
             if selected.len() != 1 || args.sources.is_empty() {

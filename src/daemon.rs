@@ -23,7 +23,7 @@ use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Settings;
+use crate::Settings;
 use crate::engine::{self, PassError, PassRequest};
 use crate::sources::Connector;
 use crate::store::{AnyStore, StoreError};

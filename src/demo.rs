@@ -30,7 +30,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::config::{Settings, redact_url};
+use crate::Settings;
+use crate::config::redact_url;
 use crate::engine::{self, PassRequest, error_chain};
 use crate::fakes::data_v1::{self, FakeDataV1};
 use crate::fakes::mews::{self, FakeDepartment, FakeMews};
@@ -39,7 +40,7 @@ use crate::fakes::snapbooks::{self, FakeSnapbooks};
 use crate::model::RunOutcome;
 use crate::progress::Display;
 use crate::report::{SourceRun, pass_table, table};
-use crate::sources::{Connector, Source, SyncMode};
+use crate::sources::Connector;
 use crate::store::{AnyStore, DatabaseKind};
 
 /// The database of a demo not told otherwise: an SQLite file in the working directory,
@@ -288,7 +289,7 @@ async fn sync_all(
     for source_settings in &settings.sources {
         let name = source_settings.name.as_str();
         let connector = Connector::new(source_settings).context("building the HTTP client")?;
-        let windowed = matches!(connector.mode(), SyncMode::Windowed(_));
+        let windowed = matches!(connector, Connector::Windowed(_));
         let requests_before = simulation.requests(name);
         let started = Instant::now();
         let result = {

@@ -4,7 +4,6 @@
 //! - [`sources`]: one connector per vendor behind the [`sources::Source`] trait.
 //! - [`store`]: where departments and positions are kept, behind [`store::Store`].
 //! - [`engine`]: one pass of one source: plan, fetch, commit each page with its checkpoint.
-//! - [`plan`]: cutting time ranges into the windows an API accepts.
 //! - [`model`]: the words every module shares.
 //! - [`cli`]: the subcommands.
 //! - [`report`]: what a person reads: the pass table and `status`.
@@ -21,11 +20,14 @@ pub mod engine;
 pub mod fakes;
 pub mod metrics;
 pub mod model;
-pub mod plan;
 pub mod progress;
 pub mod report;
 pub mod sources;
 pub mod store;
+
+/// The validated configuration: the config file's settings, each source's validated by
+/// its kind ([`sources::SourceSettings`]).
+pub type Settings = config::Settings<sources::SourceSettings>;
 
 /// An error and all its causes on one line, `outer: inner: innermost`: what logs and
 /// `sync_runs.error` keep of a failure. The causes quote vendors (their error messages),

@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 
-use crate::config::{Schedule, Settings};
+use crate::Settings;
+use crate::config::Schedule;
 use crate::engine::PassTotals;
 use crate::model::SourceStatus;
 use crate::store::{AnyStore, Store};

@@ -5,13 +5,13 @@
 //! no active flag. The content itself is the only change signal, and a department is
 //! deleted when it is no longer listed. `parent_id` forms a tree.
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use super::http::{Auth, ErrorBody, SourceClient, Vendor};
+use super::kinds::SourceKind;
 use super::{
-    FullListingMode, Page, PageRequest, Records, Source, SourceError, SyncMode, VendorRecord,
-    fingerprint,
+    FullListingMode, ListingSource, Page, Records, Source, SourceError, VendorRecord, fingerprint,
 };
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RawRecord};
@@ -43,16 +43,6 @@ pub struct DataV1Settings {
     pub max_delete_fraction: f64,
 }
 
-impl DataV1Config {
-    pub fn validate(self, fields: &FieldContext<'_>) -> Result<DataV1Settings, ConfigError> {
-        Ok(DataV1Settings {
-            base_url: fields.base_url("base_url", &self.base_url)?,
-            token: fields.secret("token", self.token)?,
-            max_delete_fraction: fields.delete_fraction(self.max_delete_fraction)?,
-        })
-    }
-}
-
 /// The tenant data API connector.
 pub struct DataV1 {
     settings: DataV1Settings,
@@ -76,20 +66,6 @@ struct DataV1Department {
 }
 
 impl DataV1 {
-    pub fn new(settings: DataV1Settings, client: SourceClient) -> DataV1 {
-        let endpoint = settings
-            .base_url
-            .join(ENDPOINT)
-            .unwrap_or_else(|_| settings.base_url.clone());
-        let auth = Auth::Bearer(settings.token.clone());
-        DataV1 {
-            settings,
-            endpoint,
-            client,
-            auth,
-        }
-    }
-
     async fn list(&self) -> Result<Records<DataV1Department>, SourceError> {
         let replied = self
             .client
@@ -128,29 +104,68 @@ impl VendorRecord for DataV1Department {
     }
 }
 
-impl Source for DataV1 {
-    fn mode(&self) -> SyncMode {
-        SyncMode::FullListing(FullListingMode {
-            max_delete_fraction: self.settings.max_delete_fraction,
-            scope_noun: "scope",
-            scopes: None,
+impl SourceKind for DataV1 {
+    const KIND: &'static str = "data_v1";
+    type Config = DataV1Config;
+    type Settings = DataV1Settings;
+
+    fn validate(
+        config: DataV1Config,
+        fields: &FieldContext<'_>,
+    ) -> Result<DataV1Settings, ConfigError> {
+        Ok(DataV1Settings {
+            base_url: fields.base_url("base_url", &config.base_url)?,
+            token: fields.secret("token", config.token)?,
+            max_delete_fraction: fields.delete_fraction(config.max_delete_fraction)?,
         })
     }
 
+    fn credential(settings: &DataV1Settings) -> &str {
+        settings.token.expose_secret()
+    }
+
+    fn connect(settings: DataV1Settings, client: SourceClient) -> DataV1 {
+        let endpoint = settings
+            .base_url
+            .join(ENDPOINT)
+            .unwrap_or_else(|_| settings.base_url.clone());
+        let auth = Auth::Bearer(settings.token.clone());
+        DataV1 {
+            settings,
+            endpoint,
+            client,
+            auth,
+        }
+    }
+}
+
+impl Source for DataV1 {
     fn scope(&self) -> String {
         fingerprint(&["data_v1", self.settings.base_url.as_str()])
     }
 
-    async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {
-        if !matches!(request, PageRequest::Listing { cursor: None }) {
-            return Err(SourceError::Unsupported(
-                "the data API is read in one request",
+    async fn check(&self) -> Result<(), SourceError> {
+        self.list().await.map(|_| ())
+    }
+}
+
+impl ListingSource for DataV1 {
+    fn listing(&self) -> FullListingMode {
+        FullListingMode {
+            max_delete_fraction: self.settings.max_delete_fraction,
+            scope_noun: "scope",
+            scopes: None,
+        }
+    }
+
+    async fn fetch_listing_page(&self, cursor: Option<&str>) -> Result<Page, SourceError> {
+        if cursor.is_some() {
+            // The listing is one request, so it has no position but its start.
+            return Err(SourceError::ListingChanged(
+                "the data API is read in one request; a saved position is not one of its"
+                    .to_owned(),
             ));
         }
         Ok(Page::from_records(self.list().await?, None))
-    }
-
-    async fn check(&self) -> Result<(), SourceError> {
-        self.list().await.map(|_| ())
     }
 }

@@ -24,7 +24,106 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use super::SourceError;
-use crate::config::{HttpSettings, RateLimit};
+use crate::config::{ConfigError, FieldContext, Table};
+
+/// How a source's requests behave when the network or the vendor misbehaves. Every kind
+/// takes these fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpSettings {
+    /// `connect_timeout`, default 10 s.
+    pub connect_timeout: Duration,
+    /// `request_timeout` (the whole request), default 60 s.
+    pub request_timeout: Duration,
+    /// `max_attempts` for one request, default 5 (1 = no retry).
+    pub max_attempts: u32,
+    /// `max_backoff`: the longest wait between two attempts, default 60 s.
+    pub max_backoff: Duration,
+    /// `rate_limit` ("180/30s"): the request budget of the source's credential, shared by
+    /// every source that uses the same credential. Default: the vendor's (Mews), or none.
+    pub rate_limit: Option<RateLimit>,
+    /// `max_response_bytes`: the most bytes of one response body read, counted after
+    /// decompression while reading, default [`DEFAULT_MAX_RESPONSE_BYTES`].
+    pub max_response_bytes: u64,
+}
+
+/// The fields of [`HttpSettings`], as a source's table spells them.
+pub const HTTP_FIELDS: &str = "`connect_timeout`, `request_timeout`, `max_attempts`, \
+     `max_backoff`, `rate_limit`, `max_response_bytes`";
+
+/// The default bound on one response body, decompressed: 64 MiB. No departments listing
+/// page comes near it (a Mews page of 1000 departments is about 300 kB); a body past it is
+/// a fault or an attack (a gzip bomb), not data.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            max_attempts: 5,
+            max_backoff: Duration::from_secs(60),
+            rate_limit: None,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+        }
+    }
+}
+
+impl HttpSettings {
+    /// Takes the fields every kind shares about its requests out of a source's table.
+    pub fn take_from(
+        table: &mut Table,
+        fields: &FieldContext<'_>,
+    ) -> Result<HttpSettings, ConfigError> {
+        let defaults = HttpSettings::default();
+        let duration = |table: &mut Table, key: &str, default: Duration| {
+            let text = fields.take_text(table, key)?;
+            fields.duration(key, text.as_deref(), default)
+        };
+        let rate_limit = fields
+            .take_text(table, "rate_limit")?
+            .map(|r| RateLimit::parse(&r).map_err(|m| fields.error("rate_limit", m)))
+            .transpose()?;
+        Ok(HttpSettings {
+            connect_timeout: duration(table, "connect_timeout", defaults.connect_timeout)?,
+            request_timeout: duration(table, "request_timeout", defaults.request_timeout)?,
+            max_backoff: duration(table, "max_backoff", defaults.max_backoff)?,
+            max_attempts: fields
+                .take_int(table, "max_attempts", 1..=20, "")?
+                .map_or(defaults.max_attempts, |n| n as u32),
+            // At least a page's worth; at most what a 32-bit build could hold.
+            max_response_bytes: fields
+                .take_int(table, "max_response_bytes", 1024..=1 << 31, " bytes")?
+                .map_or(defaults.max_response_bytes, |n| n as u64),
+            rate_limit,
+        })
+    }
+}
+
+/// At most `requests` in any `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub per: Duration,
+}
+
+impl RateLimit {
+    /// Parses `"180/30s"`.
+    pub fn parse(text: &str) -> Result<RateLimit, String> {
+        let bad = || format!("{text:?} is not a rate like \"180/30s\" (requests/period)");
+        let (requests, per) = text.split_once('/').ok_or_else(bad)?;
+        let requests: u32 = requests.trim().parse().map_err(|_| bad())?;
+        let per = humantime::parse_duration(per.trim()).map_err(|_| bad())?;
+        if requests == 0 || per.is_zero() {
+            return Err(bad());
+        }
+        if (per / requests).is_zero() {
+            return Err(format!(
+                "{text:?} is more than one request per nanosecond: no limit at all"
+            ));
+        }
+        Ok(RateLimit { requests, per })
+    }
+}
 
 /// The first retry waits up to this long; each further one up to twice as long.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);

@@ -15,10 +15,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::http::{ErrorBody, Reply, SourceClient, Vendor};
+use super::http::{ErrorBody, RateLimit, Reply, SourceClient, Vendor};
+use super::kinds::SourceKind;
 use super::{
-    Page, PageRequest, Records, Source, SourceError, SyncMode, VendorRecord, WindowedMode,
-    fingerprint, id_set,
+    Page, Records, Source, SourceError, VendorRecord, WindowedMode, WindowedSource, fingerprint,
+    id_set,
 };
 use crate::config::{ConfigError, FieldContext};
 use crate::model::{Department, RawRecord, Window};
@@ -39,7 +40,7 @@ pub const MAX_CONCURRENT_WINDOWS: u32 = 16;
 pub const DEFAULT_LOOKBACK: Duration = Duration::from_secs(5 * 60);
 
 /// Mews allows 200 requests per access token in a sliding 30 seconds; stay a little under.
-pub const DEFAULT_RATE_LIMIT: crate::config::RateLimit = crate::config::RateLimit {
+pub const DEFAULT_RATE_LIMIT: RateLimit = RateLimit {
     requests: 180,
     per: Duration::from_secs(30),
 };
@@ -82,63 +83,6 @@ pub struct MewsSettings {
     pub page_size: u32,
     pub lookback: Duration,
     pub concurrent_windows: u32,
-}
-
-impl MewsConfig {
-    pub fn validate(self, fields: &FieldContext<'_>) -> Result<MewsSettings, ConfigError> {
-        let base_url = fields.base_url("base_url", &self.base_url)?;
-        let client = self
-            .client
-            .unwrap_or_else(|| format!("deptsync {}", env!("CARGO_PKG_VERSION")));
-        if client.trim().is_empty() {
-            return Err(fields.error("client", "must not be empty"));
-        }
-        if self.enterprise_ids.len() > MAX_ENTERPRISE_IDS {
-            return Err(fields.error(
-                "enterprise_ids",
-                format!("Mews takes at most {MAX_ENTERPRISE_IDS} ids"),
-            ));
-        }
-        let enterprise_ids = self
-            .enterprise_ids
-            .iter()
-            .map(|id| {
-                Uuid::parse_str(id).map_err(|e| {
-                    fields.error("enterprise_ids", format!("{id:?} is not a UUID: {e}"))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let start = DateTime::parse_from_rfc3339(&self.start)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(|e| {
-                fields.error(
-                    "start",
-                    format!(
-                        "{:?} is not an RFC 3339 time like 2019-01-01T00:00:00Z: {e}",
-                        self.start
-                    ),
-                )
-            })?;
-        let page_size = fields.count("page_size", self.page_size, MAX_PAGE_SIZE, MAX_PAGE_SIZE)?;
-        let lookback = fields.duration("lookback", self.lookback.as_deref(), DEFAULT_LOOKBACK)?;
-        let concurrent_windows = fields.count(
-            "concurrent_windows",
-            self.concurrent_windows,
-            DEFAULT_CONCURRENT_WINDOWS,
-            MAX_CONCURRENT_WINDOWS,
-        )?;
-        Ok(MewsSettings {
-            base_url,
-            client_token: fields.secret("client_token", self.client_token)?,
-            access_token: fields.secret("access_token", self.access_token)?,
-            client,
-            enterprise_ids,
-            start,
-            page_size,
-            lookback,
-            concurrent_windows,
-        })
-    }
 }
 
 /// The Mews connector.
@@ -198,20 +142,6 @@ fn utc(t: DateTime<Utc>) -> String {
 }
 
 impl Mews {
-    pub fn new(settings: MewsSettings, client: SourceClient) -> Mews {
-        // A base URL always ends in '/' (see FieldContext::base_url) and ENDPOINT is a relative
-        // path, so joining cannot fail.
-        let endpoint = settings
-            .base_url
-            .join(ENDPOINT)
-            .unwrap_or_else(|_| settings.base_url.clone());
-        Mews {
-            settings,
-            endpoint,
-            client,
-        }
-    }
-
     async fn get_all(
         &self,
         window: &Window,
@@ -264,17 +194,91 @@ impl VendorRecord for MewsDepartment {
     }
 }
 
-impl Source for Mews {
-    fn mode(&self) -> SyncMode {
-        SyncMode::Windowed(WindowedMode {
-            start: self.settings.start,
-            lookback: self.settings.lookback,
-            max_window_months: MAX_WINDOW_MONTHS,
-            concurrent_windows: self.settings.concurrent_windows,
-            page_size: self.settings.page_size,
+impl SourceKind for Mews {
+    const KIND: &'static str = "mews";
+    const DEFAULT_RATE_LIMIT: Option<RateLimit> = Some(DEFAULT_RATE_LIMIT);
+    type Config = MewsConfig;
+    type Settings = MewsSettings;
+
+    fn validate(
+        config: MewsConfig,
+        fields: &FieldContext<'_>,
+    ) -> Result<MewsSettings, ConfigError> {
+        let base_url = fields.base_url("base_url", &config.base_url)?;
+        let client = config
+            .client
+            .unwrap_or_else(|| format!("deptsync {}", env!("CARGO_PKG_VERSION")));
+        if client.trim().is_empty() {
+            return Err(fields.error("client", "must not be empty"));
+        }
+        if config.enterprise_ids.len() > MAX_ENTERPRISE_IDS {
+            return Err(fields.error(
+                "enterprise_ids",
+                format!("Mews takes at most {MAX_ENTERPRISE_IDS} ids"),
+            ));
+        }
+        let enterprise_ids = config
+            .enterprise_ids
+            .iter()
+            .map(|id| {
+                Uuid::parse_str(id).map_err(|e| {
+                    fields.error("enterprise_ids", format!("{id:?} is not a UUID: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let start = DateTime::parse_from_rfc3339(&config.start)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| {
+                fields.error(
+                    "start",
+                    format!(
+                        "{:?} is not an RFC 3339 time like 2019-01-01T00:00:00Z: {e}",
+                        config.start
+                    ),
+                )
+            })?;
+        let page_size =
+            fields.count("page_size", config.page_size, MAX_PAGE_SIZE, MAX_PAGE_SIZE)?;
+        let lookback = fields.duration("lookback", config.lookback.as_deref(), DEFAULT_LOOKBACK)?;
+        let concurrent_windows = fields.count(
+            "concurrent_windows",
+            config.concurrent_windows,
+            DEFAULT_CONCURRENT_WINDOWS,
+            MAX_CONCURRENT_WINDOWS,
+        )?;
+        Ok(MewsSettings {
+            base_url,
+            client_token: fields.secret("client_token", config.client_token)?,
+            access_token: fields.secret("access_token", config.access_token)?,
+            client,
+            enterprise_ids,
+            start,
+            page_size,
+            lookback,
+            concurrent_windows,
         })
     }
 
+    fn credential(settings: &MewsSettings) -> &str {
+        settings.access_token.expose_secret()
+    }
+
+    fn connect(settings: MewsSettings, client: SourceClient) -> Mews {
+        // A base URL always ends in '/' (see FieldContext::base_url) and ENDPOINT is a relative
+        // path, so joining cannot fail.
+        let endpoint = settings
+            .base_url
+            .join(ENDPOINT)
+            .unwrap_or_else(|_| settings.base_url.clone());
+        Mews {
+            settings,
+            endpoint,
+            client,
+        }
+    }
+}
+
+impl Source for Mews {
     fn scope(&self) -> String {
         let enterprises = id_set(&self.settings.enterprise_ids);
         let start = utc(self.settings.start);
@@ -286,17 +290,33 @@ impl Source for Mews {
         ])
     }
 
-    async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {
-        let PageRequest::Window {
-            window,
-            cursor,
-            page_size,
-        } = request
-        else {
-            return Err(SourceError::Unsupported(
-                "Mews is read in update-time windows, not as a full listing",
-            ));
+    async fn check(&self) -> Result<(), SourceError> {
+        let end = Utc::now();
+        let window = Window {
+            start: end - chrono::Duration::hours(1),
+            end,
         };
+        self.get_all(&window, None, 1).await.map(|_| ())
+    }
+}
+
+impl WindowedSource for Mews {
+    fn windowing(&self) -> WindowedMode {
+        WindowedMode {
+            start: self.settings.start,
+            lookback: self.settings.lookback,
+            max_window_months: MAX_WINDOW_MONTHS,
+            concurrent_windows: self.settings.concurrent_windows,
+            page_size: self.settings.page_size,
+        }
+    }
+
+    async fn fetch_window_page(
+        &self,
+        window: &Window,
+        cursor: Option<&str>,
+        page_size: u32,
+    ) -> Result<Page, SourceError> {
         // The engine asks for fewer after a 408; never more than Mews takes.
         let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
         let (response, request_id) = self.get_all(window, cursor, page_size).await?;
@@ -321,14 +341,5 @@ impl Source for Mews {
         );
         page.request_id = request_id;
         Ok(page)
-    }
-
-    async fn check(&self) -> Result<(), SourceError> {
-        let end = Utc::now();
-        let window = Window {
-            start: end - chrono::Duration::hours(1),
-            end,
-        };
-        self.get_all(&window, None, 1).await.map(|_| ())
     }
 }

@@ -5,21 +5,27 @@
 //! which positions to ask for and commits each page together with the position after it,
 //! so a connector never has to remember anything between calls.
 //!
-//! Two kinds of API exist: those that can say "what changed between T1 and T2" (Mews,
-//! read in [`SyncMode::Windowed`]) and those that can only list everything (read in
-//! [`SyncMode::FullListing`], where the engine works out deletions from a complete listing).
-//! A cursor is opaque to the engine: each connector encodes in it whatever it needs to
-//! find the next page, and checks that it still fits when it gets it back.
+//! Two kinds of API exist: those that can say "what changed between T1 and T2" (Mews: a
+//! [`WindowedSource`]) and those that can only list everything (a [`ListingSource`],
+//! whose deletions the engine works out from complete listings). A cursor is opaque to
+//! the engine: each connector encodes in it whatever it needs to find the next page, and
+//! checks that it still fits when it gets it back.
 //!
-//! Adding a kind: a module here with its config, settings and [`Source`] impl, an arm in
-//! [`crate::config::SourceKindSettings`] and one in [`Connector`].
+//! Each vendor owns its config: the module defines the fields of its `[[sources]]` table,
+//! validates them and builds its connector ([`kinds::SourceKind`]). Adding a kind: a
+//! module here, a fake in `crate::fakes`, and one line in the registry ([`kinds`]).
 
 pub mod data_v1;
 pub mod http;
+pub mod kinds;
 pub mod mews;
 mod paging;
 pub mod procurify;
+pub mod settings;
 pub mod snapbooks;
+
+pub use kinds::{Connector, KindSettings, ListingConnector, WindowedConnector};
+pub use settings::SourceSettings;
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -27,21 +33,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use secrecy::ExposeSecret;
 use serde::de::{Deserialize, DeserializeOwned, Deserializer};
 
-use crate::config::{SourceKindSettings, SourceSettings};
 use crate::model::{Department, RawRecord, RejectedRecord, Window};
-
-/// How the engine must read a source.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SyncMode {
-    /// The API filters by update time.
-    Windowed(WindowedMode),
-    /// The API can only list everything: every pass reads the whole listing, and a
-    /// department missing from complete listings is marked deleted, behind the guards.
-    FullListing(FullListingMode),
-}
 
 /// How a source that can only list everything is read, and what its listings may delete.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,19 +61,6 @@ pub struct WindowedMode {
     pub max_window_months: u32,
     pub concurrent_windows: u32,
     pub page_size: u32,
-}
-
-/// Which page to fetch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PageRequest<'a> {
-    /// A page of at most `page_size` of the updates in `window` (windowed sources).
-    Window {
-        window: &'a Window,
-        cursor: Option<&'a str>,
-        page_size: u32,
-    },
-    /// A page of the whole listing (full-listing sources).
-    Listing { cursor: Option<&'a str> },
 }
 
 /// One page of a listing.
@@ -258,22 +239,10 @@ pub enum SourceError {
         #[source]
         last: Box<SourceError>,
     },
-    /// The engine asked for a page the source cannot give (a bug, not the vendor's fault).
-    #[error("{0}")]
-    Unsupported(&'static str),
 }
 
-/// A connector.
+/// What every connector answers.
 pub trait Source: Send + Sync {
-    /// How the engine must read this source.
-    fn mode(&self) -> SyncMode;
-
-    /// The page at `request` (a `None` cursor asks for the first page).
-    fn fetch_page(
-        &self,
-        request: PageRequest<'_>,
-    ) -> impl Future<Output = Result<Page, SourceError>> + Send;
-
     /// One cheap authenticated call, to prove the URL and the credentials work.
     fn check(&self) -> impl Future<Output = Result<(), SourceError>> + Send;
 
@@ -282,6 +251,36 @@ pub trait Source: Send + Sync {
     /// position is known to be a position of these settings. A change of tokens alone
     /// does not change it: a rotation for the same scope is routine.
     fn scope(&self) -> String;
+}
+
+/// A connector to an API that filters by update time: a pass reads
+/// `[high-water mark - lookback, now)` in windows, each paged through with a cursor.
+pub trait WindowedSource: Source {
+    /// How its passes are windowed.
+    fn windowing(&self) -> WindowedMode;
+
+    /// The page of at most `page_size` of the updates in `window` at `cursor` (`None`: the
+    /// window's first page).
+    fn fetch_window_page(
+        &self,
+        window: &Window,
+        cursor: Option<&str>,
+        page_size: u32,
+    ) -> impl Future<Output = Result<Page, SourceError>> + Send;
+}
+
+/// A connector to an API that can only list everything: every pass reads the whole
+/// listing, and a department missing from complete listings is marked deleted, behind
+/// the guards.
+pub trait ListingSource: Source {
+    /// What its listings may delete.
+    fn listing(&self) -> FullListingMode;
+
+    /// The listing's page at `cursor` (`None`: its first page).
+    fn fetch_listing_page(
+        &self,
+        cursor: Option<&str>,
+    ) -> impl Future<Output = Result<Page, SourceError>> + Send;
 }
 
 /// The fingerprint of the settings `parts` (see [`Source::scope`]): an md5 digest in hex,
@@ -307,77 +306,6 @@ pub(crate) fn id_set<T: ToString>(items: &[T]) -> String {
     ids.sort();
     ids.dedup();
     ids.join(",")
-}
-
-/// Every connector, known at compile time.
-pub enum Connector {
-    Mews(mews::Mews),
-    Procurify(procurify::Procurify),
-    Snapbooks(snapbooks::Snapbooks),
-    DataV1(data_v1::DataV1),
-}
-
-impl Connector {
-    /// Builds the connector for a validated source, with an HTTP client of its own (its
-    /// timeouts) whose requests spend its credential's rate budget. Does no I/O.
-    pub fn new(settings: &SourceSettings) -> Result<Connector, reqwest::Error> {
-        let client = |credential: &str| {
-            http::SourceClient::new(&settings.http, settings.name.as_str(), credential)
-        };
-        Ok(match &settings.kind {
-            SourceKindSettings::Mews(s) => Connector::Mews(mews::Mews::new(
-                s.clone(),
-                client(s.access_token.expose_secret())?,
-            )),
-            SourceKindSettings::Procurify(s) => Connector::Procurify(procurify::Procurify::new(
-                s.clone(),
-                client(&s.credentials.client_id)?,
-            )),
-            SourceKindSettings::Snapbooks(s) => {
-                let credential = match &s.auth {
-                    snapbooks::SnapbooksAuth::Token(token) => token.expose_secret(),
-                    snapbooks::SnapbooksAuth::ClientCredentials(credentials) => {
-                        &credentials.client_id
-                    }
-                };
-                Connector::Snapbooks(snapbooks::Snapbooks::new(s.clone(), client(credential)?))
-            }
-            SourceKindSettings::DataV1(s) => Connector::DataV1(data_v1::DataV1::new(
-                s.clone(),
-                client(s.token.expose_secret())?,
-            )),
-        })
-    }
-}
-
-/// Forwards a call to whichever connector this is.
-macro_rules! each_connector {
-    ($self:ident, $source:ident => $call:expr) => {
-        match $self {
-            Connector::Mews($source) => $call,
-            Connector::Procurify($source) => $call,
-            Connector::Snapbooks($source) => $call,
-            Connector::DataV1($source) => $call,
-        }
-    };
-}
-
-impl Source for Connector {
-    fn mode(&self) -> SyncMode {
-        each_connector!(self, source => source.mode())
-    }
-
-    async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {
-        each_connector!(self, source => source.fetch_page(request).await)
-    }
-
-    async fn check(&self) -> Result<(), SourceError> {
-        each_connector!(self, source => source.check().await)
-    }
-
-    fn scope(&self) -> String {
-        each_connector!(self, source => source.scope())
-    }
 }
 
 /// Encodes a full-listing connector's cursor as JSON, readable in `sync_state`.

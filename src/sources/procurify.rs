@@ -16,9 +16,10 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use super::http::{Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle, Vendor};
+use super::kinds::SourceKind;
 use super::paging::PageMeta;
 use super::{
-    FullListingMode, Page, PageRequest, Records, Source, SourceError, SyncMode, VendorRecord,
+    FullListingMode, ListingSource, Page, Records, Source, SourceError, VendorRecord,
     decode_cursor, encode_cursor, fingerprint,
 };
 use crate::config::{ConfigError, FieldContext};
@@ -56,40 +57,6 @@ pub struct ProcurifySettings {
     pub credentials: ClientCredentials,
     pub page_size: u32,
     pub max_delete_fraction: f64,
-}
-
-impl ProcurifyConfig {
-    pub fn validate(self, fields: &FieldContext<'_>) -> Result<ProcurifySettings, ConfigError> {
-        let base_url = fields.base_url("base_url", &self.base_url)?;
-        let token_url = match &self.token_url {
-            Some(url) => fields.base_url("token_url", url)?,
-            // Joining a plain relative path onto a base URL ending in '/' cannot fail.
-            None => base_url
-                .join("oauth/token")
-                .map_err(|e| fields.error("base_url", e.to_string()))?,
-        };
-        if self.client_id.trim().is_empty() {
-            return Err(fields.error("client_id", "must not be empty"));
-        }
-        Ok(ProcurifySettings {
-            credentials: ClientCredentials {
-                token_url: without_trailing_slash(token_url),
-                client_id: self.client_id,
-                client_secret: fields.secret("client_secret", self.client_secret)?,
-                style: TokenRequestStyle::Json {
-                    audience: AUDIENCE.to_owned(),
-                },
-            },
-            base_url,
-            page_size: fields.count(
-                "page_size",
-                self.page_size,
-                DEFAULT_PAGE_SIZE,
-                MAX_PAGE_SIZE,
-            )?,
-            max_delete_fraction: fields.delete_fraction(self.max_delete_fraction)?,
-        })
-    }
 }
 
 /// A configured token URL is an endpoint, not a base: keep it as it was written.
@@ -152,20 +119,6 @@ enum Branch {
 }
 
 impl Procurify {
-    pub fn new(settings: ProcurifySettings, client: SourceClient) -> Procurify {
-        let endpoint = settings
-            .base_url
-            .join(ENDPOINT)
-            .unwrap_or_else(|_| settings.base_url.clone());
-        let auth = Auth::client_credentials(settings.credentials.clone());
-        Procurify {
-            settings,
-            endpoint,
-            client,
-            auth,
-        }
-    }
-
     async fn list(&self, page: u64, page_size: u32) -> Result<Option<ListResponse>, SourceError> {
         let called = self
             .client
@@ -209,25 +162,85 @@ impl VendorRecord for ProcurifyDepartment {
     }
 }
 
-impl Source for Procurify {
-    fn mode(&self) -> SyncMode {
-        SyncMode::FullListing(FullListingMode {
-            max_delete_fraction: self.settings.max_delete_fraction,
-            scope_noun: "branch",
-            scopes: None,
+impl SourceKind for Procurify {
+    const KIND: &'static str = "procurify";
+    type Config = ProcurifyConfig;
+    type Settings = ProcurifySettings;
+
+    fn validate(
+        config: ProcurifyConfig,
+        fields: &FieldContext<'_>,
+    ) -> Result<ProcurifySettings, ConfigError> {
+        let base_url = fields.base_url("base_url", &config.base_url)?;
+        let token_url = match &config.token_url {
+            Some(url) => fields.base_url("token_url", url)?,
+            // Joining a plain relative path onto a base URL ending in '/' cannot fail.
+            None => base_url
+                .join("oauth/token")
+                .map_err(|e| fields.error("base_url", e.to_string()))?,
+        };
+        if config.client_id.trim().is_empty() {
+            return Err(fields.error("client_id", "must not be empty"));
+        }
+        Ok(ProcurifySettings {
+            credentials: ClientCredentials {
+                token_url: without_trailing_slash(token_url),
+                client_id: config.client_id,
+                client_secret: fields.secret("client_secret", config.client_secret)?,
+                style: TokenRequestStyle::Json {
+                    audience: AUDIENCE.to_owned(),
+                },
+            },
+            base_url,
+            page_size: fields.count(
+                "page_size",
+                config.page_size,
+                DEFAULT_PAGE_SIZE,
+                MAX_PAGE_SIZE,
+            )?,
+            max_delete_fraction: fields.delete_fraction(config.max_delete_fraction)?,
         })
     }
 
+    fn credential(settings: &ProcurifySettings) -> &str {
+        &settings.credentials.client_id
+    }
+
+    fn connect(settings: ProcurifySettings, client: SourceClient) -> Procurify {
+        let endpoint = settings
+            .base_url
+            .join(ENDPOINT)
+            .unwrap_or_else(|_| settings.base_url.clone());
+        let auth = Auth::client_credentials(settings.credentials.clone());
+        Procurify {
+            settings,
+            endpoint,
+            client,
+            auth,
+        }
+    }
+}
+
+impl Source for Procurify {
     fn scope(&self) -> String {
         fingerprint(&["procurify", self.settings.base_url.as_str()])
     }
 
-    async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {
-        let PageRequest::Listing { cursor } = request else {
-            return Err(SourceError::Unsupported(
-                "Procurify can only be read as a full listing",
-            ));
-        };
+    async fn check(&self) -> Result<(), SourceError> {
+        self.list(1, 1).await.map(|_| ())
+    }
+}
+
+impl ListingSource for Procurify {
+    fn listing(&self) -> FullListingMode {
+        FullListingMode {
+            max_delete_fraction: self.settings.max_delete_fraction,
+            scope_noun: "branch",
+            scopes: None,
+        }
+    }
+
+    async fn fetch_listing_page(&self, cursor: Option<&str>) -> Result<Page, SourceError> {
         let expected: Option<Cursor> = decode_cursor(cursor)?;
         let page = expected.as_ref().map_or(1, |c| c.page);
         let Some(response) = self.list(page, self.settings.page_size).await? else {
@@ -263,9 +276,5 @@ impl Source for Procurify {
             })
         });
         Ok(Page::from_records(response.data, next_cursor))
-    }
-
-    async fn check(&self) -> Result<(), SourceError> {
-        self.list(1, 1).await.map(|_| ())
     }
 }

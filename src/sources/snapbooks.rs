@@ -15,13 +15,14 @@
 //! starts again.
 
 use chrono::{DateTime, Utc};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use super::http::{Auth, ClientCredentials, ErrorBody, SourceClient, TokenRequestStyle, Vendor};
+use super::kinds::SourceKind;
 use super::paging::PageMeta;
 use super::{
-    FullListingMode, Page, PageRequest, Records, Source, SourceError, SyncMode, VendorRecord,
+    FullListingMode, ListingSource, Page, Records, Source, SourceError, VendorRecord,
     decode_cursor, encode_cursor, fingerprint, id_set,
 };
 use crate::config::{ConfigError, FieldContext};
@@ -71,72 +72,6 @@ pub struct SnapbooksSettings {
     pub max_delete_fraction: f64,
 }
 
-impl SnapbooksConfig {
-    pub fn validate(self, fields: &FieldContext<'_>) -> Result<SnapbooksSettings, ConfigError> {
-        let base_url = fields.base_url("base_url", &self.base_url)?;
-        let auth = match (
-            self.token,
-            self.client_id,
-            self.client_secret,
-            self.token_url,
-        ) {
-            (Some(token), None, None, None) => SnapbooksAuth::Token(fields.secret("token", token)?),
-            (None, Some(client_id), Some(secret), Some(token_url)) => {
-                if client_id.trim().is_empty() {
-                    return Err(fields.error("client_id", "must not be empty"));
-                }
-                let mut token_url = fields.base_url("token_url", &token_url)?;
-                let path = token_url.path().trim_end_matches('/').to_owned();
-                token_url.set_path(&path);
-                SnapbooksAuth::ClientCredentials(ClientCredentials {
-                    token_url,
-                    client_id,
-                    client_secret: fields.secret("client_secret", secret)?,
-                    style: TokenRequestStyle::Form,
-                })
-            }
-            (Some(_), _, _, _) => {
-                return Err(fields.error(
-                    "token",
-                    "give either `token` or `client_id` + `client_secret` + `token_url`, not both",
-                ));
-            }
-            (None, client_id, secret, token_url) => {
-                let missing = [
-                    ("client_id", client_id.is_none()),
-                    ("client_secret", secret.is_none()),
-                    ("token_url", token_url.is_none()),
-                ]
-                .into_iter()
-                .find(|(_, missing)| *missing)
-                .map_or("token", |(field, _)| field);
-                return Err(fields.error(
-                    missing,
-                    "missing: give `token`, or `client_id` + `client_secret` + `token_url`",
-                ));
-            }
-        };
-        if let Some(bad) = self.client_account_ids.iter().find(|id| **id <= 0) {
-            return Err(fields.error(
-                "client_account_ids",
-                format!("{bad} is not a client account id"),
-            ));
-        }
-        Ok(SnapbooksSettings {
-            base_url,
-            auth,
-            client_account_ids: self.client_account_ids,
-            page_size: fields.count(
-                "page_size",
-                self.page_size,
-                DEFAULT_PAGE_SIZE,
-                MAX_PAGE_SIZE,
-            )?,
-            max_delete_fraction: fields.delete_fraction(self.max_delete_fraction)?,
-        })
-    }
-}
-
 /// The Snapbooks connector.
 pub struct Snapbooks {
     settings: SnapbooksSettings,
@@ -184,25 +119,6 @@ struct SnapbooksDepartment {
 }
 
 impl Snapbooks {
-    pub fn new(settings: SnapbooksSettings, client: SourceClient) -> Snapbooks {
-        let endpoint = settings
-            .base_url
-            .join(ENDPOINT)
-            .unwrap_or_else(|_| settings.base_url.clone());
-        let auth = match &settings.auth {
-            SnapbooksAuth::Token(token) => Auth::Bearer(token.clone()),
-            SnapbooksAuth::ClientCredentials(credentials) => {
-                Auth::client_credentials(credentials.clone())
-            }
-        };
-        Snapbooks {
-            settings,
-            endpoint,
-            client,
-            auth,
-        }
-    }
-
     /// The listings of one pass: one per configured client account, or one for all.
     fn accounts(&self) -> Vec<Option<i64>> {
         if self.settings.client_account_ids.is_empty() {
@@ -262,28 +178,131 @@ impl VendorRecord for SnapbooksDepartment {
     }
 }
 
-impl Source for Snapbooks {
-    fn mode(&self) -> SyncMode {
-        let accounts = &self.settings.client_account_ids;
-        SyncMode::FullListing(FullListingMode {
-            max_delete_fraction: self.settings.max_delete_fraction,
-            scope_noun: "client account",
-            scopes: (!accounts.is_empty())
-                .then(|| accounts.iter().map(ToString::to_string).collect()),
+impl SourceKind for Snapbooks {
+    const KIND: &'static str = "snapbooks";
+    type Config = SnapbooksConfig;
+    type Settings = SnapbooksSettings;
+
+    fn validate(
+        config: SnapbooksConfig,
+        fields: &FieldContext<'_>,
+    ) -> Result<SnapbooksSettings, ConfigError> {
+        let base_url = fields.base_url("base_url", &config.base_url)?;
+        let auth = match (
+            config.token,
+            config.client_id,
+            config.client_secret,
+            config.token_url,
+        ) {
+            (Some(token), None, None, None) => SnapbooksAuth::Token(fields.secret("token", token)?),
+            (None, Some(client_id), Some(secret), Some(token_url)) => {
+                if client_id.trim().is_empty() {
+                    return Err(fields.error("client_id", "must not be empty"));
+                }
+                let mut token_url = fields.base_url("token_url", &token_url)?;
+                let path = token_url.path().trim_end_matches('/').to_owned();
+                token_url.set_path(&path);
+                SnapbooksAuth::ClientCredentials(ClientCredentials {
+                    token_url,
+                    client_id,
+                    client_secret: fields.secret("client_secret", secret)?,
+                    style: TokenRequestStyle::Form,
+                })
+            }
+            (Some(_), _, _, _) => {
+                return Err(fields.error(
+                    "token",
+                    "give either `token` or `client_id` + `client_secret` + `token_url`, not both",
+                ));
+            }
+            (None, client_id, secret, token_url) => {
+                let missing = [
+                    ("client_id", client_id.is_none()),
+                    ("client_secret", secret.is_none()),
+                    ("token_url", token_url.is_none()),
+                ]
+                .into_iter()
+                .find(|(_, missing)| *missing)
+                .map_or("token", |(field, _)| field);
+                return Err(fields.error(
+                    missing,
+                    "missing: give `token`, or `client_id` + `client_secret` + `token_url`",
+                ));
+            }
+        };
+        if let Some(bad) = config.client_account_ids.iter().find(|id| **id <= 0) {
+            return Err(fields.error(
+                "client_account_ids",
+                format!("{bad} is not a client account id"),
+            ));
+        }
+        Ok(SnapbooksSettings {
+            base_url,
+            auth,
+            client_account_ids: config.client_account_ids,
+            page_size: fields.count(
+                "page_size",
+                config.page_size,
+                DEFAULT_PAGE_SIZE,
+                MAX_PAGE_SIZE,
+            )?,
+            max_delete_fraction: fields.delete_fraction(config.max_delete_fraction)?,
         })
     }
 
+    fn credential(settings: &SnapbooksSettings) -> &str {
+        match &settings.auth {
+            SnapbooksAuth::Token(token) => token.expose_secret(),
+            SnapbooksAuth::ClientCredentials(credentials) => &credentials.client_id,
+        }
+    }
+
+    fn connect(settings: SnapbooksSettings, client: SourceClient) -> Snapbooks {
+        let endpoint = settings
+            .base_url
+            .join(ENDPOINT)
+            .unwrap_or_else(|_| settings.base_url.clone());
+        let auth = match &settings.auth {
+            SnapbooksAuth::Token(token) => Auth::Bearer(token.clone()),
+            SnapbooksAuth::ClientCredentials(credentials) => {
+                Auth::client_credentials(credentials.clone())
+            }
+        };
+        Snapbooks {
+            settings,
+            endpoint,
+            client,
+            auth,
+        }
+    }
+}
+
+impl Source for Snapbooks {
     fn scope(&self) -> String {
         let accounts = id_set(&self.settings.client_account_ids);
         fingerprint(&["snapbooks", self.settings.base_url.as_str(), &accounts])
     }
 
-    async fn fetch_page(&self, request: PageRequest<'_>) -> Result<Page, SourceError> {
-        let PageRequest::Listing { cursor } = request else {
-            return Err(SourceError::Unsupported(
-                "Snapbooks can only be read as a full listing",
-            ));
-        };
+    async fn check(&self) -> Result<(), SourceError> {
+        for account in self.accounts() {
+            self.list(account, 1, 1).await?;
+        }
+        Ok(())
+    }
+}
+
+impl ListingSource for Snapbooks {
+    fn listing(&self) -> FullListingMode {
+        let accounts = &self.settings.client_account_ids;
+        FullListingMode {
+            max_delete_fraction: self.settings.max_delete_fraction,
+            scope_noun: "client account",
+            scopes: (!accounts.is_empty())
+                .then(|| accounts.iter().map(ToString::to_string).collect()),
+        }
+    }
+
+    async fn fetch_listing_page(&self, cursor: Option<&str>) -> Result<Page, SourceError> {
         let accounts = self.accounts();
         let saved: Option<Cursor> = decode_cursor(cursor)?;
         // A saved account that is no longer configured: the listing starts again.
@@ -341,12 +360,5 @@ impl Source for Snapbooks {
         };
         let next_cursor = next.as_ref().map(encode_cursor);
         Ok(Page::from_records(response.data, next_cursor))
-    }
-
-    async fn check(&self) -> Result<(), SourceError> {
-        for account in self.accounts() {
-            self.list(account, 1, 1).await?;
-        }
-        Ok(())
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use deptsync::config::Settings;
+use deptsync::Settings;
 use deptsync::daemon::Daemon;
 use deptsync::fakes::data_v1::{self, FakeDataV1};
 use deptsync::fakes::mews::FakeMews;

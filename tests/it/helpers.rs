@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use deptsync::config::{Settings, SourceSettings};
+use deptsync::Settings;
 use deptsync::model::{Ledger, WindowState};
 use deptsync::sources::Connector;
+use deptsync::sources::SourceSettings;
 use deptsync::store::postgres::{IfMissing, PgStore};
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;

@@ -260,7 +260,7 @@ async fn slow_pass(
 ) -> (
     deptsync::store::AnyStore,
     deptsync::fakes::mews::FakeMews,
-    deptsync::config::SourceSettings,
+    deptsync::sources::SourceSettings,
     deptsync::sources::Connector,
 ) {
     use std::time::Duration;

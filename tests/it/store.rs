@@ -1630,7 +1630,7 @@ async fn the_service_runs_on_an_sqlite_file() {
     let dir = TempDir::new();
     let url = sqlite_url(&dir.join("deptsync.db"));
     let (a, b, text) = two_mews_sources(&url, 300).await;
-    let settings = deptsync::config::Settings::parse(&text, &|_| None).unwrap();
+    let settings = deptsync::Settings::parse(&text, &|_| None).unwrap();
     let daemon = deptsync::daemon::Daemon::build(settings).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(daemon.run_until(async {

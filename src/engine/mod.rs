@@ -1,0 +1,541 @@
+//! One pass of one source: plan, fetch, store each page with its checkpoint.
+//!
+//! The engine knows neither vendor nor SQL: it asks a source for pages and hands each
+//! one to a [`Store`] together with the position that follows it, in one commit. That is
+//! the whole recovery story: after a crash, [`Store::load_state`] returns the position
+//! after the last committed page, so a rerun repeats at most the page that was in flight
+//! (one per window read at once) and never skips one.
+//!
+//! A windowed pass reads `[high-water mark - lookback, now)` (the first time, from the
+//! source's `start`) in windows the source allows; when its last page is committed the
+//! high-water mark becomes the pass's `now`. An interrupted pass resumes every window of
+//! its ledger not done, each at its cursor, then plans on from there to the new `now`. A backfill reads a
+//! range given by a person, keeps its own progress, and never touches the high-water mark.
+//!
+//! A full-listing pass reads the whole listing under a listing id; the store records the
+//! ids each page saw under it. When a complete listing misses live departments, a second
+//! listing confirms it, and the commit of its last page marks deleted what both missed
+//! (unless that is more than the source's `max_delete_fraction` of the rows live when the
+//! first began). A listing that fails or stops half way deletes nothing; the next pass
+//! resumes it. A listing that changed under its page numbers starts again.
+//!
+//! - this module: a pass from its lock to its record, its errors and its report, and the
+//!   two sides every pass has: the [`Reader`] that fetches pages and the [`Writer`] that
+//!   commits them;
+//! - [`windowed`]: reading a windowed source's windows, several at once;
+//! - [`listing`]: reading a listing source's whole listing, and confirming it;
+//! - [`plan`]: the ledger of windows a windowed pass works through.
+
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{
+    Checkpoint, PageCounts, RunId, RunMode, RunOutcome, SyncState, WithheldDeletions,
+};
+use crate::sources::{Connector, Page, Source, SourceError};
+use crate::store::{Store, StoreError};
+
+mod listing;
+pub(crate) mod plan;
+mod windowed;
+
+/// The most pages one pass reads of one window, or of one listing: far past any real one
+/// (10 million departments at 1000 a page), so that an upstream that goes on promising a
+/// next page for ever fails the pass (in under an hour at Mews' request rate) instead of
+/// running it for ever. A resumed pass counts afresh, so such an upstream fails every
+/// pass, and a listing that never ends never deletes.
+const MAX_PAGES: u64 = 10_000;
+
+/// The error of a window or listing that went past [`MAX_PAGES`].
+fn too_many_pages(at: String, request_id: Option<String>) -> PassError {
+    PassError::Fetch {
+        at,
+        source: SourceError::Protocol {
+            message: format!("more than {MAX_PAGES} pages; paging would never end"),
+            request_id,
+        },
+    }
+}
+
+/// What a pass should read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassRequest {
+    /// Everything updated since the last pass (windowed sources), or the whole listing
+    /// (full-listing sources). `allow_mass_delete` is a person's confirmation that a
+    /// listing may delete more than the source's `max_delete_fraction`.
+    Incremental { allow_mass_delete: bool },
+    /// `[from, to)` again (`to`: now when not given), resuming the same backfill if one
+    /// was interrupted. Only for windowed sources.
+    Backfill {
+        from: DateTime<Utc>,
+        to: Option<DateTime<Utc>>,
+    },
+}
+
+impl PassRequest {
+    /// The regular pass, with no confirmation of mass deletions.
+    pub const INCREMENTAL: PassRequest = PassRequest::Incremental {
+        allow_mass_delete: false,
+    };
+
+    fn mode(&self) -> RunMode {
+        match self {
+            PassRequest::Incremental { .. } => RunMode::Incremental,
+            PassRequest::Backfill { .. } => RunMode::Backfill,
+        }
+    }
+}
+
+/// The totals of a pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassTotals {
+    pub pages: u64,
+    pub windows: u64,
+    pub counts: PageCounts,
+}
+
+impl PassTotals {
+    fn add(&mut self, page: &PageCounts) {
+        self.pages += 1;
+        self.counts.inserted += page.inserted;
+        self.counts.updated += page.updated;
+        self.counts.unchanged += page.unchanged;
+        self.counts.rejected += page.rejected;
+        self.counts.deleted += page.deleted;
+    }
+}
+
+/// A pass that ran to its end or was cancelled (its progress is committed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassReport {
+    pub run_id: RunId,
+    pub outcome: RunOutcome,
+    pub totals: PassTotals,
+}
+
+/// Why a pass failed. The display of the whole chain is what `sync_runs.error` keeps.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("fetching {at}")]
+    Fetch {
+        at: String,
+        #[source]
+        source: SourceError,
+    },
+    #[error("storing {at}")]
+    Store {
+        at: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("{context}")]
+    Bookkeeping {
+        context: &'static str,
+        #[source]
+        source: StoreError,
+    },
+    /// Another process (or another pass in this one) holds the source's lock.
+    #[error("another process is syncing this source now")]
+    Busy,
+    #[error("backfill range is empty: --from {from} is not before --to {to}")]
+    EmptyBackfill {
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    },
+    #[error("a backfill re-reads update-time windows; this source is read in full on every pass")]
+    BackfillUnsupported,
+    #[error(
+        "{}; if they really are gone, confirm with \
+         `deptsync sync --source NAME --allow-mass-delete`",
+        withheld_message(withheld, scope_noun, *max_delete_fraction)
+    )]
+    MassDeletion {
+        withheld: Vec<WithheldDeletions>,
+        scope_noun: &'static str,
+        max_delete_fraction: f64,
+    },
+}
+
+pub use crate::error_chain;
+
+/// What the mass-deletion guard held back, in words: for the whole source, or for each
+/// scope that would have lost too many.
+fn withheld_message(
+    withheld: &[WithheldDeletions],
+    scope_noun: &str,
+    max_delete_fraction: f64,
+) -> String {
+    if let Some(whole) = withheld.iter().find(|w| w.scope.is_none()) {
+        return format!(
+            "the complete listing would mark {} of {} live departments deleted, more than \
+             max_delete_fraction {max_delete_fraction} allows; nothing was deleted",
+            whole.would_delete, whole.live
+        );
+    }
+    let scopes: Vec<String> = withheld
+        .iter()
+        .map(|w| {
+            format!(
+                "{scope_noun} {} would lose {} of {} live departments",
+                w.scope.as_deref().unwrap_or_default(),
+                w.would_delete,
+                w.live
+            )
+        })
+        .collect();
+    format!(
+        "{}, more than max_delete_fraction {max_delete_fraction} allows (one {scope_noun} \
+         coming back empty is what a permission change or a vendor fault looks like); \
+         nothing of {} was deleted, the other deletions were made",
+        scopes.join("; "),
+        if withheld.len() == 1 { "it" } else { "them" }
+    )
+}
+
+/// What a pass tells a progress display as it goes. Every method has a default that
+/// ignores the news, so a display implements only what it shows.
+pub trait Progress: Send + Sync {
+    /// A windowed pass has `windows` windows to read (resumed ones included).
+    fn windows_planned(&self, windows: u64) {
+        let _ = windows;
+    }
+    /// A window was read to its end.
+    fn window_done(&self) {}
+    /// A window was split in two: one more to read.
+    fn window_split(&self) {}
+    /// A page of `records` records (departments and rejected ones) was stored.
+    fn page_stored(&self, records: u64) {
+        let _ = records;
+    }
+    /// The source answered a request for a page (with the page or with an error).
+    fn answered(&self) {}
+}
+
+/// Shows nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
+
+/// Runs one pass of `source`, recorded in `sync_runs` from start to end, holding the
+/// source's lock throughout ([`PassError::Busy`] when another holds it).
+///
+/// Returns the report of a pass that succeeded or was cancelled, and the error of one
+/// that failed (after recording it). Cancellation stops between pages, or abandons the
+/// request in flight; a page that is being committed is always committed.
+#[tracing::instrument(skip_all, fields(source = name, run_id = tracing::field::Empty))]
+pub async fn run_pass<St: Store>(
+    name: &str,
+    source: &Connector,
+    store: &St,
+    request: PassRequest,
+    cancel: &CancellationToken,
+) -> Result<PassReport, PassError> {
+    run_pass_showing(name, source, store, request, cancel, &NoProgress).await
+}
+
+/// [`run_pass`], telling `progress` how it goes.
+pub async fn run_pass_showing<St: Store>(
+    name: &str,
+    source: &Connector,
+    store: &St,
+    request: PassRequest,
+    cancel: &CancellationToken,
+    progress: &dyn Progress,
+) -> Result<PassReport, PassError> {
+    let mut lease = store
+        .try_lock(name)
+        .await
+        .map_err(|source| PassError::Bookkeeping {
+            context: "taking the source's lock",
+            source,
+        })?
+        .ok_or(PassError::Busy)?;
+    let started = std::time::Instant::now();
+    let ran = run_locked_pass(name, source, store, &mut lease, request, cancel, progress).await;
+    // Unlocked before the end is recorded: a commit given up half way leaves its
+    // transaction open on the lock's connection, holding the run's row, and closing that
+    // connection is what lets the record of the failure through.
+    store.unlock(lease).await;
+    let (run_id, result, totals) = ran?;
+    let outcome = match &result {
+        Ok(Finished::Completed) => RunOutcome::Succeeded,
+        Ok(Finished::Cancelled) => RunOutcome::Cancelled,
+        Err(e) => RunOutcome::Failed {
+            error: error_chain(e),
+        },
+    };
+    record_end(store, run_id, &outcome).await;
+    crate::metrics::pass_finished(name, outcome.status(), started.elapsed());
+    match result {
+        Ok(_) => {
+            tracing::info!(
+                outcome = outcome.status(),
+                pages = totals.pages,
+                windows = totals.windows,
+                inserted = totals.counts.inserted,
+                updated = totals.counts.updated,
+                unchanged = totals.counts.unchanged,
+                deleted = totals.counts.deleted,
+                rejected = totals.counts.rejected,
+                "pass finished"
+            );
+            Ok(PassReport {
+                run_id,
+                outcome,
+                totals,
+            })
+        }
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), pages = totals.pages, "pass failed");
+            Err(e)
+        }
+    }
+}
+
+/// A pass under the source's lock: its run recorded as started, then read and stored.
+/// Returns the run, how the pass ended and what it stored; an error only when the run
+/// could not even be recorded.
+async fn run_locked_pass<St: Store>(
+    name: &str,
+    connector: &Connector,
+    store: &St,
+    lease: &mut St::Lease,
+    request: PassRequest,
+    cancel: &CancellationToken,
+    progress: &dyn Progress,
+) -> Result<(RunId, Result<Finished, PassError>, PassTotals), PassError> {
+    let run_id = store
+        .start_run(lease, name, request.mode())
+        .await
+        .map_err(|source| PassError::Bookkeeping {
+            context: "recording the start of the run",
+            source,
+        })?;
+    tracing::Span::current().record("run_id", tracing::field::display(run_id));
+    let mut writer = Writer {
+        name,
+        store,
+        lease,
+        run_id,
+        totals: PassTotals::default(),
+        progress,
+    };
+    let result = read(connector, &mut writer, request, cancel, progress).await;
+    Ok((run_id, result, writer.totals))
+}
+
+/// Reads the pass of `connector` that `request` asks for, `writer` storing its pages.
+async fn read<St: Store>(
+    connector: &Connector,
+    writer: &mut Writer<'_, St>,
+    request: PassRequest,
+    cancel: &CancellationToken,
+    progress: &dyn Progress,
+) -> Result<Finished, PassError> {
+    let state = writer.load_state(connector.scope()).await?;
+    match connector {
+        Connector::Windowed(source) => {
+            let reader = Reader {
+                source,
+                cancel,
+                progress,
+            };
+            windowed::read(&reader, writer, state, request).await
+        }
+        Connector::Listing(source) => {
+            let PassRequest::Incremental { allow_mass_delete } = request else {
+                return Err(PassError::BackfillUnsupported);
+            };
+            let reader = Reader {
+                source,
+                cancel,
+                progress,
+            };
+            listing::read(&reader, writer, state, allow_mass_delete).await
+        }
+    }
+}
+
+/// Records how the run ended, trying for a few seconds: the failure being recorded may be
+/// the database going away, and a short outage should not lose the reason. What cannot be
+/// recorded is closed by the next pass as abandoned.
+async fn record_end<St: Store>(store: &St, run_id: RunId, outcome: &RunOutcome) {
+    let mut wait = std::time::Duration::from_millis(250);
+    for attempt in 1..=5 {
+        match store.finish_run(run_id, outcome).await {
+            Ok(()) => return,
+            // A database that does not answer at all is not waited for again: the pass
+            // ends now, and the next one closes the run as abandoned.
+            Err(e @ StoreError::Unanswered { .. }) => {
+                tracing::warn!(error = %error_chain(&e), "could not record the end of the run");
+                return;
+            }
+            Err(e) if attempt == 5 => {
+                tracing::warn!(error = %error_chain(&e), "could not record the end of the run");
+            }
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+    }
+}
+
+enum Finished {
+    Completed,
+    Cancelled,
+}
+
+/// Fetches pages from the source, until the pass is cancelled.
+pub(crate) struct Reader<'a, S> {
+    source: &'a S,
+    cancel: &'a CancellationToken,
+    progress: &'a dyn Progress,
+}
+
+/// Stores pages with their checkpoints, and counts what it stored.
+pub(crate) struct Writer<'a, St: Store> {
+    name: &'a str,
+    store: &'a St,
+    /// The source's lock; every write of the pass goes through it.
+    lease: &'a mut St::Lease,
+    run_id: RunId,
+    totals: PassTotals,
+    progress: &'a dyn Progress,
+}
+
+impl<S> Reader<'_, S> {
+    /// What `fetching` (a page's request) gets, or `None` when the pass is cancelled
+    /// first.
+    async fn fetch(
+        &self,
+        fetching: impl Future<Output = Result<Page, SourceError>>,
+    ) -> Option<Result<Page, SourceError>> {
+        let fetched = tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => None,
+            fetched = fetching => Some(fetched),
+        };
+        self.progress.answered();
+        fetched
+    }
+}
+
+/// Why a pass dropped its source's position: the settings that decide what it reads
+/// changed since the position was saved.
+const SETTINGS_CHANGED: &str =
+    "its settings changed what it reads (kind, base URL, the scopes it names or start)";
+/// Why a pass dropped its source's position: the position was saved before deptsync kept
+/// a record of the settings it was read with.
+const SETTINGS_UNRECORDED: &str = "no record of the settings its position was read with";
+
+impl<St: Store> Writer<'_, St> {
+    /// The source's saved position, made sure to be one of its current settings (whose
+    /// fingerprint is `scope`).
+    async fn load_state(&mut self, scope: String) -> Result<SyncState, PassError> {
+        let state =
+            self.store
+                .load_state(self.name)
+                .await
+                .map_err(|source| PassError::Bookkeeping {
+                    context: "loading the sync state",
+                    source,
+                })?;
+        self.settle_scope(state, scope).await
+    }
+
+    /// Makes sure the saved position in `state` is a position of the source's current
+    /// settings, whose fingerprint is `scope`. When they changed (or the position does
+    /// not say), the position is dropped, rows staying, so that this pass reads again
+    /// from `start` or starts a new listing: a position of other settings would leave out
+    /// for good what the new settings add (an enterprise's departments updated long ago).
+    async fn settle_scope(
+        &mut self,
+        state: SyncState,
+        scope: String,
+    ) -> Result<SyncState, PassError> {
+        if state.scope.as_deref() == Some(scope.as_str()) {
+            return Ok(state);
+        }
+        let bare = SyncState {
+            scope: state.scope.clone(),
+            ..SyncState::default()
+        };
+        let reset = match (&state.scope, state == bare) {
+            (_, true) => None,
+            (Some(_), false) => Some(SETTINGS_CHANGED),
+            (None, false) => Some(SETTINGS_UNRECORDED),
+        };
+        if let Some(reason) = reset {
+            tracing::warn!(
+                reason,
+                "the saved position is not one of these settings; dropping it (rows stay) \
+                 and reading again from start"
+            );
+        }
+        self.store
+            .set_scope(self.lease, self.name, Some(&scope), reset)
+            .await
+            .map_err(|source| PassError::Bookkeeping {
+                context: "recording what the source's position is a position of",
+                source,
+            })?;
+        Ok(match reset {
+            Some(_) => SyncState {
+                scope: Some(scope),
+                ..SyncState::default()
+            },
+            None => SyncState {
+                scope: Some(scope),
+                ..state
+            },
+        })
+    }
+
+    /// Commits `page` with `checkpoint`, after setting aside the records that cannot be
+    /// stored, and counts it.
+    async fn commit(
+        &mut self,
+        page: Page,
+        checkpoint: &Checkpoint,
+        at: impl Fn() -> String,
+    ) -> Result<PageCounts, PassError> {
+        let mut departments = Vec::with_capacity(page.departments.len());
+        let mut rejected = page.rejected;
+        for department in page.departments {
+            match department.storage_problem() {
+                None => departments.push(department),
+                Some(reason) => rejected.push(department.into_rejected(reason)),
+            }
+        }
+        for record in &rejected {
+            tracing::warn!(
+                external_id = %crate::printable(record.external_id.as_deref().unwrap_or("")),
+                reason = %crate::printable(&record.reason),
+                "record rejected"
+            );
+        }
+        let counts = self
+            .store
+            .commit_page(
+                self.lease,
+                self.run_id,
+                self.name,
+                &departments,
+                &rejected,
+                checkpoint,
+            )
+            .await
+            .map_err(|source| PassError::Store { at: at(), source })?;
+        if checkpoint.follows_page() {
+            self.progress
+                .page_stored((departments.len() + rejected.len()) as u64);
+            self.totals.add(&counts);
+            crate::metrics::page_committed(self.name, &counts);
+            tracing::debug!(at = %at(), ?counts, "page committed");
+        }
+        Ok(counts)
+    }
+}
