@@ -9,14 +9,14 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::Settings;
+use crate::app;
 use crate::config::{self, ConfigError};
 use crate::daemon::{Daemon, DaemonError};
-use crate::engine::{self, PassRequest, error_chain};
-use crate::model::RunOutcome;
+use crate::engine::{PassRequest, error_chain};
 use crate::progress::Display;
-use crate::report::{SourceRun, pass_table, status_lines, status_table};
+use crate::report::{pass_table, status_lines, status_table};
+use crate::sources::Source;
 use crate::sources::SourceSettings;
-use crate::sources::{Connector, Source};
 use crate::store::{AnyStore, IfMissing, Store};
 
 /// Keeps an SQL copy of the departments held in several SaaS APIs.
@@ -268,14 +268,8 @@ async fn sync(
     cancel: CancellationToken,
     display: &Display,
 ) -> Result<Exit, CliError> {
-    let selected = select_sources(settings, &args.sources)?;
-    // Each connector is built once (no I/O): the checks below ask its mode, the passes use it.
-    let connectors: Vec<(&SourceSettings, Connector)> = selected
-        .iter()
-        .map(|s| Connector::new(s).map(|connector| (*s, connector)))
-        .collect::<Result<_, _>>()
-        .context("building the HTTP client")?;
-    let windowed = |connector: &Connector| matches!(connector, Connector::Windowed(_));
+    let selected =
+        app::ready(select_sources(settings, &args.sources)?).context("building the HTTP client")?;
     let request = match (args.backfill, args.from) {
         (true, Some(from)) => {
             if selected.len() != 1 || args.sources.is_empty() {
@@ -283,10 +277,10 @@ async fn sync(
                     "--backfill needs exactly one --source".to_owned(),
                 ));
             }
-            if !windowed(&connectors[0].1) {
+            if !selected[0].windowed() {
                 return Err(CliError::Usage(format!(
                     "--backfill: source {} is read in full on every pass; a plain sync re-reads everything",
-                    selected[0].name
+                    selected[0].name()
                 )));
             }
             if let Some(to) = args.to.filter(|to| *to <= from) {
@@ -302,10 +296,10 @@ async fn sync(
         },
     };
     if args.allow_mass_delete {
-        let never_delete: Vec<&str> = connectors
+        let never_delete: Vec<&str> = selected
             .iter()
-            .filter(|(_, connector)| windowed(connector))
-            .map(|(s, _)| s.name.as_str())
+            .filter(|source| source.windowed())
+            .map(|source| source.name())
             .collect();
         if !never_delete.is_empty() && never_delete.len() == selected.len() {
             return Err(CliError::Usage(format!(
@@ -322,45 +316,21 @@ async fn sync(
 
     let store = connect(settings).await?;
     // A source synced by cron, with no service, counts for `status` from now too.
-    let names: Vec<String> = selected.iter().map(|s| s.name.to_string()).collect();
-    if let Err(e) = store.register(&names).await {
-        tracing::warn!(error = %error_chain(&e), "could not record the synced sources");
-    }
+    app::register(&store, &selected).await;
     let mut failed = Vec::new();
     let mut runs = Vec::new();
-    for (source_settings, connector) in connectors {
+    for source in &selected {
         if cancel.is_cancelled() {
             break;
         }
-        let name = source_settings.name.as_str();
-        let progress = display.source(name);
-        let started = std::time::Instant::now();
-        let result =
-            engine::run_pass_showing(name, &connector, &store, request, &cancel, &progress).await;
-        let mut run = SourceRun {
-            name: name.to_owned(),
-            windowed: windowed(&connector),
-            elapsed: started.elapsed(),
-            requests: None,
-            result: Err(String::new()),
-        };
-        match result {
-            Ok(report) if report.outcome == RunOutcome::Cancelled => {
-                progress.finish("cancelled");
-                run.result = Err("cancelled".to_owned());
-                tracing::warn!(
-                    source = name,
-                    "pass cancelled; the next sync resumes where it stopped"
-                );
-            }
-            Ok(report) => {
-                progress.finish("done");
-                run.result = Ok(report.totals);
-            }
-            Err(e) => {
-                progress.finish("failed");
-                failed.push(format!("{name}: {}", error_chain(&e)));
-            }
+        let run = app::run_pass(source, &store, request, &cancel, display).await;
+        match &run.result {
+            Err(_) if run.cancelled => tracing::warn!(
+                source = run.name,
+                "pass cancelled; the next sync resumes where it stopped"
+            ),
+            Err(error) => failed.push(format!("{}: {error}", run.name)),
+            Ok(_) => {}
         }
         runs.push(run);
     }
@@ -467,10 +437,9 @@ async fn check(settings: &Settings) -> Result<Exit, CliError> {
     connect(settings).await?;
     tracing::info!(database = %url, "database reachable and migrated");
     let mut failed = Vec::new();
-    for source_settings in &settings.sources {
-        let name = source_settings.name.as_str();
-        let connector = Connector::new(source_settings).context("building the HTTP client")?;
-        match connector.check().await {
+    for source in app::ready(&settings.sources).context("building the HTTP client")? {
+        let name = source.name();
+        match source.connector.check().await {
             Ok(()) => tracing::info!(source = name, "credentials accepted"),
             Err(e) => {
                 tracing::error!(source = name, error = %error_chain(&e), "check failed");

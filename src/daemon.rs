@@ -65,12 +65,11 @@ pub struct Daemon {
 impl Daemon {
     /// Prepares the service. Does no I/O.
     pub fn build(settings: Settings) -> Result<Daemon, DaemonError> {
-        let connectors = settings
-            .sources
-            .iter()
-            .map(Connector::new)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(DaemonError::Http)?;
+        let connectors = crate::app::ready(&settings.sources)
+            .map_err(DaemonError::Http)?
+            .into_iter()
+            .map(|source| source.connector)
+            .collect();
         Ok(Daemon {
             settings,
             connectors,

@@ -31,16 +31,15 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::Settings;
+use crate::app;
 use crate::config::redact_url;
-use crate::engine::{self, PassRequest, error_chain};
+use crate::engine::PassRequest;
 use crate::fakes::data_v1::{self, FakeDataV1};
 use crate::fakes::mews::{self, FakeDepartment, FakeMews};
 use crate::fakes::procurify::{self, FakeProcurify};
 use crate::fakes::snapbooks::{self, FakeSnapbooks};
-use crate::model::RunOutcome;
 use crate::progress::Display;
 use crate::report::{SourceRun, pass_table, table};
-use crate::sources::Connector;
 use crate::store::{AnyStore, DatabaseKind};
 
 /// The database of a demo not told otherwise: an SQLite file in the working directory,
@@ -286,47 +285,19 @@ async fn sync_all(
     display: &Display,
 ) -> anyhow::Result<Vec<SourceRun>> {
     let mut runs = Vec::with_capacity(settings.sources.len());
-    for source_settings in &settings.sources {
-        let name = source_settings.name.as_str();
-        let connector = Connector::new(source_settings).context("building the HTTP client")?;
-        let windowed = matches!(connector, Connector::Windowed(_));
-        let requests_before = simulation.requests(name);
-        let started = Instant::now();
-        let result = {
-            // Dropped at the end of this block, before the next source's: a finished
-            // bar stays on screen as a line of its own, and what is printed next cannot
-            // be drawn over.
-            let progress = display.source(name);
-            let result = engine::run_pass_showing(
-                name,
-                &connector,
-                store,
-                PassRequest::INCREMENTAL,
-                cancel,
-                &progress,
-            )
-            .await;
-            progress.finish(match &result {
-                Ok(report) if report.outcome == RunOutcome::Cancelled => "cancelled",
-                Ok(_) => "done",
-                Err(_) => "failed",
-            });
-            result
-        };
-        let result = match result {
-            Ok(report) if report.outcome == RunOutcome::Cancelled => {
-                anyhow::bail!("interrupted; run the demo again to start afresh")
-            }
-            Ok(report) => Ok(report.totals),
-            Err(e) => Err(error_chain(&e)),
-        };
-        runs.push(SourceRun {
-            name: name.to_owned(),
-            windowed,
-            elapsed: started.elapsed(),
-            requests: Some(simulation.requests(name).saturating_sub(requests_before)),
-            result,
-        });
+    for source in app::ready(&settings.sources).context("building the HTTP client")? {
+        let requests_before = simulation.requests(source.name());
+        let mut run =
+            app::run_pass(&source, store, PassRequest::INCREMENTAL, cancel, display).await;
+        if run.cancelled {
+            anyhow::bail!("interrupted; run the demo again to start afresh");
+        }
+        run.requests = Some(
+            simulation
+                .requests(source.name())
+                .saturating_sub(requests_before),
+        );
+        runs.push(run);
     }
     Ok(runs)
 }

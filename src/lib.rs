@@ -5,11 +5,14 @@
 //! - [`store`]: where departments and positions are kept, behind [`store::Store`].
 //! - [`engine`]: one pass of one source: plan, fetch, commit each page with its checkpoint.
 //! - [`model`]: the words every module shares.
+//! - [`app`]: the configured sources made ready once, and passes of them run and
+//!   reported, for `sync`, the demo and the service alike.
 //! - [`cli`]: the subcommands.
 //! - [`report`]: what a person reads: the pass table and `status`.
 //! - `demo` and `fakes` (feature `demo`, on by default): `deptsync demo`, and the simulated
 //!   vendor APIs it syncs from, which the tests and the benchmark use too.
 
+pub mod app;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -22,6 +22,8 @@ pub struct SourceRun {
     pub requests: Option<usize>,
     /// The pass's totals, or why it failed.
     pub result: Result<PassTotals, String>,
+    /// The pass was cancelled (what it committed is kept).
+    pub cancelled: bool,
 }
 
 /// A table without borders, as deptsync prints them.

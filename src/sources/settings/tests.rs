@@ -4,8 +4,8 @@ use secrecy::ExposeSecret;
 
 use super::SourceSettings;
 use crate::config::{DEFAULT_DATABASE_URL, DEFAULT_SCHEDULE, DEFAULT_SHUTDOWN_TIMEOUT};
-use crate::store::DatabaseKind;
 use crate::sources::kinds::KindSettings;
+use crate::store::DatabaseKind;
 
 type Settings = crate::config::Settings<SourceSettings>;
 
