@@ -1,0 +1,491 @@
+//! The PostgreSQL store: its connection, its locks, and its state and status queries.
+//! A page's statements are in [`page`], its department writes in [`departments`].
+
+mod departments;
+mod page;
+
+use departments::Load;
+use page::PgPage;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgConnection, PgPool, Postgres, Row};
+use uuid::Uuid;
+
+pub use super::IfMissing;
+use super::checkpoint::{self, Page};
+use super::{
+    StateColumns, Store, StoreError, db, describe_position, escape_nul, run_mode, window_state,
+};
+use crate::model::{
+    Checkpoint, Department, LedgerWindow, PageCounts, RejectedRecord, RunId, RunMode, RunOutcome,
+    SourceStatus, SyncState, Window,
+};
+
+/// deptsync's PostgreSQL migrations, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+const STATUS: &str = include_str!("queries/status.sql");
+
+/// A store in one PostgreSQL database.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    /// How to connect, without the session's bounds: for the migrations.
+    options: std::sync::Arc<PgConnectOptions>,
+    /// The bound on every call through [`crate::store::AnyStore`].
+    pub(super) call_timeout: Duration,
+}
+
+/// A source's lock: the connection that holds it (see [`Store::Lease`] for [`PgStore`]),
+/// through which the pass writes.
+pub struct PgLease {
+    connection: PgConnection,
+    /// Whether the pass's last windowed page held only departments not stored before. New
+    /// departments come in runs (a first sync, a backfill into an empty table): while they
+    /// do, the next page is loaded with `COPY`, without looking each id up first.
+    loading_new: bool,
+}
+
+impl PgLease {
+    /// The connection that holds the lock.
+    pub fn connection(&mut self) -> &mut PgConnection {
+        &mut self.connection
+    }
+
+    /// Opens a page's transaction on the lock's own connection: a lost lock (the
+    /// connection gone) fails the write instead of letting two holders write at once.
+    async fn begin(&mut self, load: Load) -> Result<PgPage<'_>, StoreError> {
+        let tx = sqlx::Connection::begin(&mut self.connection)
+            .await
+            .map_err(db("opening a transaction"))?;
+        Ok(PgPage { tx, load })
+    }
+}
+
+impl PgStore {
+    /// Connects to the database at `url`, statements bounded by the default timeout.
+    pub async fn connect(url: &SecretString, if_missing: IfMissing) -> Result<PgStore, StoreError> {
+        Self::connect_with(url, if_missing, super::DEFAULT_STATEMENT_TIMEOUT).await
+    }
+
+    /// Connects to the database at `url`. Every session ends a statement after
+    /// `statement_timeout` (a statement blocked on a lock for minutes fails instead), and
+    /// has the server probe its TCP connection (`tcp_keepalives_*`), so that a client
+    /// gone without a word (a firewall dropping the connection silently) frees its session
+    /// and its advisory locks within about a minute.
+    pub async fn connect_with(
+        url: &SecretString,
+        if_missing: IfMissing,
+        statement_timeout: Duration,
+    ) -> Result<PgStore, StoreError> {
+        let call_timeout = super::call_timeout(statement_timeout);
+        let options = PgConnectOptions::from_str(url.expose_secret())
+            .map_err(db("parsing the database url"))?;
+        // Set once each connection is made, not as startup `options` (which PgBouncer
+        // refuses): a transaction left open by a client that went away ends too.
+        let session = format!(
+            "SET statement_timeout = {ms}; SET idle_in_transaction_session_timeout = {ms}; \
+             SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; \
+             SET tcp_keepalives_count = 3",
+            ms = statement_timeout.as_millis()
+        );
+        let pool_options = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(15))
+            .after_connect(move |connection, _| {
+                let session = session.clone();
+                Box::pin(async move {
+                    // No arguments: the simple protocol, which takes several statements.
+                    sqlx::Executor::execute(connection, session.as_str()).await?;
+                    Ok(())
+                })
+            });
+        // One connection first: a refused one is said at once (a pool would retry it
+        // until its timeout and then say only that it timed out).
+        let probe = tokio::time::timeout(
+            Duration::from_secs(15),
+            sqlx::Connection::connect_with(&options),
+        )
+        .await;
+        if let Ok(Err(sqlx::Error::Io(source))) = probe.map(|c| c.map(|c: PgConnection| drop(c)))
+            && matches!(
+                source.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            )
+        {
+            return Err(StoreError::Unreachable {
+                address: format!("{}:{}", options.get_host(), options.get_port()),
+                source,
+            });
+        }
+        match pool_options.clone().connect_with(options.clone()).await {
+            Ok(pool) => Ok(PgStore {
+                pool,
+                options: options.into(),
+                call_timeout,
+            }),
+            Err(e) if is_missing_database(&e) && if_missing == IfMissing::Create => {
+                tracing::info!(
+                    database = options.get_database().unwrap_or_default(),
+                    "database does not exist; creating it"
+                );
+                Postgres::create_database(url.expose_secret())
+                    .await
+                    .map_err(|e| match &e {
+                        sqlx::Error::Database(refused)
+                            if refused.code().as_deref() == Some("42501") =>
+                        {
+                            StoreError::CannotCreate(e)
+                        }
+                        _ => StoreError::Database {
+                            context: "creating the database (it does not exist)",
+                            source: e,
+                        },
+                    })?;
+                let pool = pool_options
+                    .connect_with(options.clone())
+                    .await
+                    .map_err(db("connecting to the database"))?;
+                Ok(PgStore {
+                    pool,
+                    options: options.into(),
+                    call_timeout,
+                })
+            }
+            Err(e) => Err(StoreError::Database {
+                context: "connecting to the database",
+                source: e,
+            }),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db("asking the database"))?;
+        Ok(())
+    }
+
+    /// Applies the migrations that have not run yet, on a connection of their own whose
+    /// statements are not bounded: a migration may rightly take long on a big table.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(15))
+            .connect_with(PgConnectOptions::clone(&self.options))
+            .await
+            .map_err(db("connecting for the migrations"))?;
+        let migrated = MIGRATOR.run(&pool).await;
+        pool.close().await;
+        Ok(migrated?)
+    }
+
+    /// Every window of `source`'s ledgers, with its mode, oldest first.
+    async fn read_ledgers(&self, source: &str) -> Result<Vec<(RunMode, LedgerWindow)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT mode, window_start, window_end, state, cursor FROM sync_windows
+             WHERE source = $1 ORDER BY mode, window_start",
+        )
+        .bind(source)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("loading the window ledger"))?;
+        rows.into_iter()
+            .map(|row| {
+                let window = Window {
+                    start: row.get("window_start"),
+                    end: row.get("window_end"),
+                };
+                let state = window_state(source, window, row.get("state"), row.get("cursor"))?;
+                Ok((run_mode(row.get("mode"))?, state))
+            })
+            .collect()
+    }
+}
+
+/// The advisory-lock key of a source (hashed to a bigint by the server).
+fn lock_key(source: &str) -> String {
+    format!("deptsync:{source}")
+}
+
+fn is_missing_database(error: &sqlx::Error) -> bool {
+    // SQLSTATE 3D000: invalid_catalog_name ("database ... does not exist").
+    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("3D000"))
+}
+
+impl Store for PgStore {
+    /// A session-level advisory lock lives as long as the connection that took it: the
+    /// lease is that connection, taken out of the pool, so that a holder that dies (or
+    /// loses its database connection) frees the lock with it, and the pass writes through
+    /// it, so that no write happens without the lock.
+    type Lease = PgLease;
+
+    async fn try_lock(&self, source: &str) -> Result<Option<Self::Lease>, StoreError> {
+        let mut connection = self
+            .pool
+            .acquire()
+            .await
+            .map_err(db("connecting for the source's lock"))?
+            .detach();
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                .bind(lock_key(source))
+                .fetch_one(&mut connection)
+                .await
+                .map_err(db("taking the source's lock"))?;
+        if locked {
+            // Pages commit without waiting for their WAL to reach the disk. A server crash
+            // can then lose the last few commits, but whole and in order: a page never
+            // without its checkpoint, so the next pass re-reads what was lost. Only this
+            // session, which lives as long as the lock, commits this way.
+            sqlx::query("SET synchronous_commit = off")
+                .execute(&mut connection)
+                .await
+                .map_err(db("setting up the source's session"))?;
+            Ok(Some(PgLease {
+                connection,
+                loading_new: false,
+            }))
+        } else {
+            let _ = sqlx::Connection::close(connection).await;
+            Ok(None)
+        }
+    }
+
+    async fn unlock(&self, lease: Self::Lease) {
+        // Closing the session frees its advisory locks.
+        if let Err(e) = sqlx::Connection::close(lease.connection).await {
+            tracing::debug!(error = %e, "closing the lock's connection");
+        }
+    }
+
+    async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
+        let row = sqlx::query("SELECT * FROM sync_state WHERE source = $1")
+            .bind(source)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("loading the sync state"))?;
+        let Some(row) = row else {
+            return Ok(SyncState::default());
+        };
+        let columns = StateColumns {
+            high_water_mark: row.get("high_water_mark"),
+            incremental_until: row.get("incremental_until"),
+            backfill_from: row.get("backfill_from"),
+            backfill_to: row.get("backfill_to"),
+            backfill_until: row.get("backfill_until"),
+            listing_id: row.get("listing_id"),
+            listing_cursor: row.get("listing_cursor"),
+            listing_confirms: row.get("listing_confirms"),
+            scope_fingerprint: row.get("scope_fingerprint"),
+        };
+        Ok(columns.into_state(self.read_ledgers(source).await?))
+    }
+
+    async fn start_run(
+        &self,
+        lease: &mut Self::Lease,
+        source: &str,
+        mode: RunMode,
+    ) -> Result<RunId, StoreError> {
+        let run_id = Uuid::new_v4();
+        let mut tx = sqlx::Connection::begin(&mut lease.connection)
+            .await
+            .map_err(db("opening a transaction"))?;
+        let abandoned = sqlx::query(
+            "UPDATE sync_runs SET status = 'failed', finished_at = now(),
+                    error = 'abandoned: the process running it stopped before it finished'
+             WHERE source = $1 AND status = 'running'",
+        )
+        .bind(source)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("closing runs abandoned by a stopped process"))?
+        .rows_affected();
+        if abandoned > 0 {
+            tracing::warn!(
+                source,
+                abandoned,
+                "runs left running by a stopped process recorded as failed"
+            );
+        }
+        sqlx::query("INSERT INTO sync_runs (run_id, source, mode) VALUES ($1, $2, $3)")
+            .bind(run_id)
+            .bind(source)
+            .bind(mode.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db("recording the start of the run"))?;
+        tx.commit()
+            .await
+            .map_err(db("recording the start of the run"))?;
+        Ok(RunId(run_id))
+    }
+
+    async fn commit_page(
+        &self,
+        lease: &mut Self::Lease,
+        run: RunId,
+        source: &str,
+        departments: &[Department],
+        rejected: &[RejectedRecord],
+        checkpoint: &Checkpoint,
+    ) -> Result<PageCounts, StoreError> {
+        let page = Page {
+            run,
+            source,
+            departments,
+            rejected,
+            checkpoint,
+        };
+        let load = if lease.loading_new && page.listing().is_none() && !departments.is_empty() {
+            Load::AllNew
+        } else {
+            Load::Compare
+        };
+        let first = checkpoint::commit_page(lease.begin(load).await?, &page).await;
+        let counts = match first {
+            // A page expected to be all new held a stored department: the whole
+            // transaction rolled back; store the page again, comparing every row.
+            // (Or COPY refused a value the statement may take, or report better.)
+            Err(e) if load == Load::AllNew && e.is_refused_by_database() => {
+                tracing::debug!(source, error = %e, "loading a page as new failed; comparing its rows");
+                checkpoint::commit_page(lease.begin(Load::Compare).await?, &page).await?
+            }
+            result => result?,
+        };
+        if page.listing().is_none() && !departments.is_empty() {
+            // New departments come in runs (a first sync, a backfill into an empty
+            // table); while they do, the next page is loaded without lookups.
+            lease.loading_new = counts.inserted == departments.len() as u64;
+        }
+        Ok(counts)
+    }
+
+    async fn set_scope(
+        &self,
+        lease: &mut Self::Lease,
+        source: &str,
+        scope: Option<&str>,
+        reset: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut tx = sqlx::Connection::begin(&mut lease.connection)
+            .await
+            .map_err(db("opening a transaction"))?;
+        if reset.is_some() {
+            for table in ["sync_windows", "listing_seen_pages", "listing_page_digests"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE source = $1"))
+                    .bind(source)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("dropping the source's position"))?;
+            }
+        }
+        sqlx::query(
+            "INSERT INTO sync_state AS s (source, scope_fingerprint, reset_at, reset_reason)
+             VALUES ($1, $2, CASE WHEN $3::text IS NOT NULL THEN now() END, $3)
+             ON CONFLICT (source) DO UPDATE SET
+                 scope_fingerprint = EXCLUDED.scope_fingerprint,
+                 high_water_mark = CASE WHEN $3 IS NULL THEN s.high_water_mark END,
+                 incremental_until = CASE WHEN $3 IS NULL THEN s.incremental_until END,
+                 backfill_from = CASE WHEN $3 IS NULL THEN s.backfill_from END,
+                 backfill_to = CASE WHEN $3 IS NULL THEN s.backfill_to END,
+                 backfill_until = CASE WHEN $3 IS NULL THEN s.backfill_until END,
+                 listing_id = CASE WHEN $3 IS NULL THEN s.listing_id END,
+                 listing_cursor = CASE WHEN $3 IS NULL THEN s.listing_cursor END,
+                 listing_confirms = CASE WHEN $3 IS NULL THEN s.listing_confirms END,
+                 listing_started_at = CASE WHEN $3 IS NULL THEN s.listing_started_at END,
+                 listing_rewrote = $3 IS NULL AND s.listing_rewrote,
+                 trusted_listing = CASE WHEN $3 IS NULL THEN s.trusted_listing END,
+                 reset_at = CASE WHEN $3 IS NULL THEN s.reset_at ELSE now() END,
+                 reset_reason = COALESCE($3, s.reset_reason),
+                 updated_at = now()",
+        )
+        .bind(source)
+        .bind(scope)
+        .bind(reset)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("recording what the source's position is a position of"))?;
+        tx.commit()
+            .await
+            .map_err(db("recording what the source's position is a position of"))?;
+        Ok(())
+    }
+
+    async fn register(&self, sources: &[String]) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sync_state AS s (source, registered_at)
+             SELECT unnest($1::text[]), now()
+             ON CONFLICT (source) DO UPDATE SET registered_at = COALESCE(s.registered_at, now())",
+        )
+        .bind(sources)
+        .execute(&self.pool)
+        .await
+        .map_err(db("registering the scheduled sources"))?;
+        Ok(())
+    }
+
+    async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
+        let error = outcome.error().map(escape_nul);
+        sqlx::query(
+            "UPDATE sync_runs SET finished_at = now(), status = $2, error = $3 WHERE run_id = $1",
+        )
+        .bind(run.0)
+        .bind(outcome.status())
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording the end of the run"))?;
+        Ok(())
+    }
+
+    async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {
+        let rows = sqlx::query(STATUS)
+            .bind(sources)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("reading the status"))?;
+        Ok(rows
+            .into_iter()
+            .map(|row| SourceStatus {
+                source: row.get("source"),
+                state: row
+                    .get::<Option<String>, _>("last_status")
+                    .unwrap_or_else(|| "never run".to_owned()),
+                last_run_started_at: row.get("last_started_at"),
+                last_run_finished_at: row.get("last_finished_at"),
+                last_success_at: row.get("last_success_at"),
+                last_error: row.get("last_error"),
+                last_error_at: row.get("last_error_at"),
+                high_water_mark: row.get("high_water_mark"),
+                position: describe_position(
+                    row.get("high_water_mark"),
+                    (row.get("windows_left"), row.get("windows_planned")),
+                    row.get("listing_cursor"),
+                ),
+                first_run_at: row.get("first_run_at"),
+                live_rows: row.get("live_rows"),
+                deleted_rows: row.get("deleted_rows"),
+                rejected_records: row.get("rejected"),
+                backfill_in_progress: row
+                    .get::<Option<bool>, _>("backfill_in_progress")
+                    .unwrap_or(false),
+                reset: row.get("reset_reason"),
+                reset_at: row.get("reset_at"),
+                registered_at: row.get("registered_at"),
+            })
+            .collect())
+    }
+}
