@@ -12,9 +12,12 @@
 //! are resolved, when a complete listing may delete, where a source stands) live here,
 //! once; the integration tests run one behaviour suite against both.
 
+mod any;
 mod checkpoint;
 pub mod postgres;
 pub mod sqlite;
+
+pub use any::{AnyLease, AnyStore, Backend, DatabaseKind};
 
 pub use checkpoint::MIN_GUARDED_SCOPE_ROWS;
 
@@ -22,15 +25,12 @@ use std::future::Future;
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
-use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
 use crate::model::{
     BackfillRange, Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts,
     RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
 };
-use postgres::PgStore;
-use sqlite::{SqliteLease, SqliteStore};
 
 /// A store failure, with what we were doing when it happened.
 #[derive(Debug, thiserror::Error)]
@@ -293,294 +293,6 @@ pub enum IfMissing {
     Create,
     /// For commands that only read (`status`).
     Fail,
-}
-
-/// Which store a database URL names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DatabaseKind {
-    /// `postgres://…` or `postgresql://…`: a PostgreSQL server.
-    Postgres,
-    /// `sqlite://path/to/file.db` (relative to the working directory) or
-    /// `sqlite:///absolute/path.db`: an SQLite file.
-    Sqlite,
-}
-
-impl DatabaseKind {
-    /// The kind's name, for logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DatabaseKind::Postgres => "postgres",
-            DatabaseKind::Sqlite => "sqlite",
-        }
-    }
-
-    /// The store `url` names, or what is wrong with it (never quoting it: it may hold a
-    /// password). Does no I/O.
-    pub fn of_url(url: &str) -> Result<DatabaseKind, String> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(DatabaseKind::Postgres);
-        }
-        if url.starts_with("sqlite:") {
-            sqlite::database_path(url)?;
-            return Ok(DatabaseKind::Sqlite);
-        }
-        Err(
-            "is neither a PostgreSQL URL (postgres://user@host:port/database) nor an SQLite \
-             one (sqlite://path/to/file.db)"
-                .to_owned(),
-        )
-    }
-}
-
-/// The configured store: PostgreSQL or SQLite, as the URL says. Commands and the service
-/// open their store through it and never name a backend.
-#[derive(Clone)]
-pub enum AnyStore {
-    Postgres(PgStore),
-    Sqlite(SqliteStore),
-}
-
-/// The lease of an [`AnyStore`]: its backend's.
-pub enum AnyLease {
-    Postgres(<PgStore as Store>::Lease),
-    Sqlite(SqliteLease),
-}
-
-impl AnyStore {
-    /// Connects to the store at `url`, statements bounded by the default timeout.
-    pub async fn connect(
-        url: &SecretString,
-        if_missing: IfMissing,
-    ) -> Result<AnyStore, StoreError> {
-        AnyStore::connect_with(url, if_missing, DEFAULT_STATEMENT_TIMEOUT).await
-    }
-
-    /// Connects to the store at `url`. A statement runs at most `statement_timeout`, and
-    /// every call through this store at most [`call_timeout`] of it.
-    pub async fn connect_with(
-        url: &SecretString,
-        if_missing: IfMissing,
-        statement_timeout: std::time::Duration,
-    ) -> Result<AnyStore, StoreError> {
-        match DatabaseKind::of_url(url.expose_secret()).map_err(StoreError::Url)? {
-            DatabaseKind::Postgres => Ok(AnyStore::Postgres(
-                PgStore::connect_with(url, if_missing, statement_timeout).await?,
-            )),
-            DatabaseKind::Sqlite => Ok(AnyStore::Sqlite(
-                SqliteStore::connect_with(url, if_missing, statement_timeout).await?,
-            )),
-        }
-    }
-
-    /// Connects, creating the database when missing, and applies the pending migrations:
-    /// how every command that writes opens its store.
-    pub async fn open(url: &SecretString) -> Result<AnyStore, StoreError> {
-        AnyStore::open_with(url, DEFAULT_STATEMENT_TIMEOUT).await
-    }
-
-    /// [`AnyStore::open`] with statements bounded by `statement_timeout`.
-    pub async fn open_with(
-        url: &SecretString,
-        statement_timeout: std::time::Duration,
-    ) -> Result<AnyStore, StoreError> {
-        let store = AnyStore::connect_with(url, IfMissing::Create, statement_timeout).await?;
-        store.migrate().await?;
-        Ok(store)
-    }
-
-    /// How many migrations the database has applied (none before the first).
-    pub async fn applied_migrations(&self) -> Result<i64, StoreError> {
-        let sql = "SELECT count(*) FROM _sqlx_migrations WHERE success";
-        let counted = match self {
-            AnyStore::Postgres(store) => sqlx::query_scalar(sql).fetch_one(store.pool()).await,
-            AnyStore::Sqlite(store) => sqlx::query_scalar(sql).fetch_one(store.pool()).await,
-        };
-        match counted {
-            Ok(count) => Ok(count),
-            // No table yet: nothing applied.
-            Err(sqlx::Error::Database(e)) if e.message().contains("_sqlx_migrations") => Ok(0),
-            Err(source) => Err(StoreError::Database {
-                context: "counting the applied migrations",
-                source,
-            }),
-        }
-    }
-
-    /// The bound on every call through this store.
-    fn call_timeout(&self) -> std::time::Duration {
-        match self {
-            AnyStore::Postgres(store) => store.call_timeout,
-            AnyStore::Sqlite(store) => store.call_timeout,
-        }
-    }
-
-    /// Applies the migrations that have not run yet.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        match self {
-            AnyStore::Postgres(store) => store.migrate().await,
-            AnyStore::Sqlite(store) => store.migrate().await,
-        }
-    }
-
-    /// Whether the database answers.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        bounded(self.call_timeout(), async {
-            match self {
-                AnyStore::Postgres(store) => store.ping().await,
-                AnyStore::Sqlite(store) => store.ping().await,
-            }
-        })
-        .await
-    }
-}
-
-/// A lease used with a store it does not come from: cannot happen, since an [`AnyStore`]
-/// only hands out leases of its own backend; an error rather than a panic all the same.
-fn foreign_lease() -> StoreError {
-    StoreError::Corrupt("a lease of one store was used with another".to_owned())
-}
-
-/// Every call is bounded by [`call_timeout`]: no database call of a pass, the service or
-/// a command can hang, whatever the network does.
-impl Store for AnyStore {
-    type Lease = AnyLease;
-
-    async fn try_lock(&self, source: &str) -> Result<Option<AnyLease>, StoreError> {
-        bounded(self.call_timeout(), async {
-            Ok(match self {
-                AnyStore::Postgres(store) => store.try_lock(source).await?.map(AnyLease::Postgres),
-                AnyStore::Sqlite(store) => store.try_lock(source).await?.map(AnyLease::Sqlite),
-            })
-        })
-        .await
-    }
-
-    async fn unlock(&self, lease: AnyLease) {
-        let unlocked = tokio::time::timeout(self.call_timeout(), async {
-            match (self, lease) {
-                (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => store.unlock(lease).await,
-                (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => store.unlock(lease).await,
-                // Cannot happen (see foreign_lease); dropping a lease frees its lock as well.
-                _ => {}
-            }
-        })
-        .await;
-        if unlocked.is_err() {
-            // The lease (its connection) was dropped with the call: the server frees the
-            // lock once it notices the connection gone.
-            tracing::warn!(
-                "the database did not answer the unlock in time; dropping the connection"
-            );
-        }
-    }
-
-    async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
-        bounded(self.call_timeout(), async {
-            match self {
-                AnyStore::Postgres(store) => store.load_state(source).await,
-                AnyStore::Sqlite(store) => store.load_state(source).await,
-            }
-        })
-        .await
-    }
-
-    async fn start_run(
-        &self,
-        lease: &mut AnyLease,
-        source: &str,
-        mode: RunMode,
-    ) -> Result<RunId, StoreError> {
-        bounded(self.call_timeout(), async {
-            match (self, lease) {
-                (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => {
-                    store.start_run(lease, source, mode).await
-                }
-                (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => {
-                    store.start_run(lease, source, mode).await
-                }
-                _ => Err(foreign_lease()),
-            }
-        })
-        .await
-    }
-
-    async fn commit_page(
-        &self,
-        lease: &mut AnyLease,
-        run: RunId,
-        source: &str,
-        departments: &[Department],
-        rejected: &[RejectedRecord],
-        checkpoint: &Checkpoint,
-    ) -> Result<PageCounts, StoreError> {
-        bounded(self.call_timeout(), async {
-            match (self, lease) {
-                (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => {
-                    store
-                        .commit_page(lease, run, source, departments, rejected, checkpoint)
-                        .await
-                }
-                (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => {
-                    store
-                        .commit_page(lease, run, source, departments, rejected, checkpoint)
-                        .await
-                }
-                _ => Err(foreign_lease()),
-            }
-        })
-        .await
-    }
-
-    async fn set_scope(
-        &self,
-        lease: &mut AnyLease,
-        source: &str,
-        scope: Option<&str>,
-        reset: Option<&str>,
-    ) -> Result<(), StoreError> {
-        bounded(self.call_timeout(), async {
-            match (self, lease) {
-                (AnyStore::Postgres(store), AnyLease::Postgres(lease)) => {
-                    store.set_scope(lease, source, scope, reset).await
-                }
-                (AnyStore::Sqlite(store), AnyLease::Sqlite(lease)) => {
-                    store.set_scope(lease, source, scope, reset).await
-                }
-                _ => Err(foreign_lease()),
-            }
-        })
-        .await
-    }
-
-    async fn register(&self, sources: &[String]) -> Result<(), StoreError> {
-        bounded(self.call_timeout(), async {
-            match self {
-                AnyStore::Postgres(store) => store.register(sources).await,
-                AnyStore::Sqlite(store) => store.register(sources).await,
-            }
-        })
-        .await
-    }
-
-    async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
-        bounded(self.call_timeout(), async {
-            match self {
-                AnyStore::Postgres(store) => store.finish_run(run, outcome).await,
-                AnyStore::Sqlite(store) => store.finish_run(run, outcome).await,
-            }
-        })
-        .await
-    }
-
-    async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {
-        bounded(self.call_timeout(), async {
-            match self {
-                AnyStore::Postgres(store) => store.status(sources).await,
-                AnyStore::Sqlite(store) => store.status(sources).await,
-            }
-        })
-        .await
-    }
 }
 
 /// A source's `sync_state` columns, as both stores read them.

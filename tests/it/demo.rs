@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use deptsync::demo::SERVE_CONFIG_END;
-use deptsync::store::{AnyStore, IfMissing};
+use deptsync::store::{AnyStore, Backend, IfMissing};
 
 use crate::helpers::{TempDir, TestDb, run_binary_in, sqlite_url};
 

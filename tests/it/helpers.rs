@@ -6,6 +6,7 @@ use deptsync::Settings;
 use deptsync::model::{Ledger, WindowState};
 use deptsync::sources::Connector;
 use deptsync::sources::SourceSettings;
+use deptsync::store::Backend;
 use deptsync::store::postgres::{IfMissing, PgStore};
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;

@@ -17,6 +17,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Row};
 use uuid::Uuid;
 
 pub use super::IfMissing;
+use super::any::{APPLIED_MIGRATIONS, Backend, applied};
 use super::checkpoint::{self, Page};
 use super::{
     StateColumns, Store, StoreError, db, describe_position, escape_nul, run_mode, window_state,
@@ -73,16 +74,63 @@ impl PgStore {
         Self::connect_with(url, if_missing, super::DEFAULT_STATEMENT_TIMEOUT).await
     }
 
+    /// The pool, for SQL of a reader's own: the demo's sample query and the tests.
+    #[cfg(feature = "demo")]
+    #[doc(hidden)]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Every window of `source`'s ledgers, with its mode, oldest first.
+    async fn read_ledgers(&self, source: &str) -> Result<Vec<(RunMode, LedgerWindow)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT mode, window_start, window_end, state, cursor FROM sync_windows
+             WHERE source = $1 ORDER BY mode, window_start",
+        )
+        .bind(source)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("loading the window ledger"))?;
+        rows.into_iter()
+            .map(|row| {
+                let window = Window {
+                    start: row.get("window_start"),
+                    end: row.get("window_end"),
+                };
+                let state = window_state(source, window, row.get("state"), row.get("cursor"))?;
+                Ok((run_mode(row.get("mode"))?, state))
+            })
+            .collect()
+    }
+}
+
+/// The advisory-lock key of a source (hashed to a bigint by the server).
+fn lock_key(source: &str) -> String {
+    format!("deptsync:{source}")
+}
+
+fn is_missing_database(error: &sqlx::Error) -> bool {
+    // SQLSTATE 3D000: invalid_catalog_name ("database ... does not exist").
+    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("3D000"))
+}
+
+impl Backend for PgStore {
+    const NAME: &'static str = "postgres";
+
+    fn claims(url: &str) -> Option<Result<(), String>> {
+        (url.starts_with("postgres://") || url.starts_with("postgresql://")).then_some(Ok(()))
+    }
+
     /// Connects to the database at `url`. Every session ends a statement after
     /// `statement_timeout` (a statement blocked on a lock for minutes fails instead), and
     /// has the server probe its TCP connection (`tcp_keepalives_*`), so that a client
     /// gone without a word (a firewall dropping the connection silently) frees its session
     /// and its advisory locks within about a minute.
-    pub async fn connect_with(
+    async fn connect_with(
         url: &SecretString,
         if_missing: IfMissing,
         statement_timeout: Duration,
-    ) -> Result<PgStore, StoreError> {
+    ) -> Result<Self, StoreError> {
         let call_timeout = super::call_timeout(statement_timeout);
         let options = PgConnectOptions::from_str(url.expose_secret())
             .map_err(db("parsing the database url"))?;
@@ -164,22 +212,9 @@ impl PgStore {
         }
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    /// Whether the database answers.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(db("asking the database"))?;
-        Ok(())
-    }
-
     /// Applies the migrations that have not run yet, on a connection of their own whose
     /// statements are not bounded: a migration may rightly take long on a big table.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
+    async fn migrate(&self) -> Result<(), StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(15))
@@ -191,37 +226,22 @@ impl PgStore {
         Ok(migrated?)
     }
 
-    /// Every window of `source`'s ledgers, with its mode, oldest first.
-    async fn read_ledgers(&self, source: &str) -> Result<Vec<(RunMode, LedgerWindow)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT mode, window_start, window_end, state, cursor FROM sync_windows
-             WHERE source = $1 ORDER BY mode, window_start",
-        )
-        .bind(source)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("loading the window ledger"))?;
-        rows.into_iter()
-            .map(|row| {
-                let window = Window {
-                    start: row.get("window_start"),
-                    end: row.get("window_end"),
-                };
-                let state = window_state(source, window, row.get("state"), row.get("cursor"))?;
-                Ok((run_mode(row.get("mode"))?, state))
-            })
-            .collect()
+    async fn ping(&self) -> Result<(), StoreError> {
+        let answered = sqlx::query("SELECT 1").execute(&self.pool).await;
+        answered.map(|_| ()).map_err(db("asking the database"))
     }
-}
 
-/// The advisory-lock key of a source (hashed to a bigint by the server).
-fn lock_key(source: &str) -> String {
-    format!("deptsync:{source}")
-}
+    async fn applied_migrations(&self) -> Result<i64, StoreError> {
+        applied(
+            sqlx::query_scalar(APPLIED_MIGRATIONS)
+                .fetch_one(&self.pool)
+                .await,
+        )
+    }
 
-fn is_missing_database(error: &sqlx::Error) -> bool {
-    // SQLSTATE 3D000: invalid_catalog_name ("database ... does not exist").
-    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("3D000"))
+    fn call_timeout(&self) -> Duration {
+        self.call_timeout
+    }
 }
 
 impl Store for PgStore {

@@ -45,6 +45,7 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
+use super::any::{APPLIED_MIGRATIONS, Backend, applied};
 use super::checkpoint::{self, Page};
 use super::{
     IfMissing, StateColumns, Store, StoreError, db, describe_position, escape_nul, run_mode,
@@ -138,13 +139,67 @@ impl SqliteStore {
         Self::connect_with(url, if_missing, super::DEFAULT_STATEMENT_TIMEOUT).await
     }
 
+    /// The pool, for SQL of a reader's own: the demo's sample query and the tests.
+    #[cfg(feature = "demo")]
+    #[doc(hidden)]
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Every window of `source`'s ledgers, with its mode, oldest first.
+    async fn read_ledgers(&self, source: &str) -> Result<Vec<(RunMode, LedgerWindow)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT mode, window_start, window_end, state, cursor FROM sync_windows
+             WHERE source = ?1 ORDER BY mode, window_start",
+        )
+        .bind(source)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("loading the window ledger"))?;
+        rows.iter()
+            .map(|row| {
+                let window = Window {
+                    start: get(row, "window_start")?,
+                    end: get(row, "window_end")?,
+                };
+                let state = window_state(
+                    source,
+                    window,
+                    &get::<String>(row, "state")?,
+                    get(row, "cursor")?,
+                )?;
+                Ok((run_mode(&get::<String>(row, "mode")?)?, state))
+            })
+            .collect()
+    }
+}
+
+/// `value` as JSON text, for a statement that reads it with `json_each`.
+fn json_text(value: &impl Serialize) -> Result<String, StoreError> {
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::Corrupt(format!("a list not serializable: {e}")))
+}
+
+/// The transaction's instant, taken once it holds the write lock.
+fn now() -> String {
+    stamp(Utc::now())
+}
+
+impl Backend for SqliteStore {
+    const NAME: &'static str = "sqlite";
+
+    fn claims(url: &str) -> Option<Result<(), String>> {
+        url.starts_with("sqlite:")
+            .then(|| database_path(url).map(|_| ()))
+    }
+
     /// [`SqliteStore::connect`], every call through [`crate::store::AnyStore`] bounded
     /// after `statement_timeout` (with the margin of [`super::call_timeout`]).
-    pub async fn connect_with(
+    async fn connect_with(
         url: &SecretString,
         if_missing: IfMissing,
         statement_timeout: Duration,
-    ) -> Result<SqliteStore, StoreError> {
+    ) -> Result<Self, StoreError> {
         let path = database_path(url.expose_secret()).map_err(StoreError::Url)?;
         if !path.exists() {
             if if_missing == IfMissing::Fail {
@@ -199,23 +254,10 @@ impl SqliteStore {
         })
     }
 
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    /// Whether the database answers.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(db("asking the database"))?;
-        Ok(())
-    }
-
     /// Switches the file to WAL and applies the migrations that have not run yet, one
     /// process at a time: SQLite's migrator takes no lock of its own, and two processes
     /// starting on a new file at once would both apply the first migration.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
+    async fn migrate(&self) -> Result<(), StoreError> {
         let path = lock_path(&self.path, None);
         let lock = tokio::task::spawn_blocking({
             let path = path.clone();
@@ -245,43 +287,22 @@ impl SqliteStore {
         Ok(migrated?)
     }
 
-    /// Every window of `source`'s ledgers, with its mode, oldest first.
-    async fn read_ledgers(&self, source: &str) -> Result<Vec<(RunMode, LedgerWindow)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT mode, window_start, window_end, state, cursor FROM sync_windows
-             WHERE source = ?1 ORDER BY mode, window_start",
-        )
-        .bind(source)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("loading the window ledger"))?;
-        rows.iter()
-            .map(|row| {
-                let window = Window {
-                    start: get(row, "window_start")?,
-                    end: get(row, "window_end")?,
-                };
-                let state = window_state(
-                    source,
-                    window,
-                    &get::<String>(row, "state")?,
-                    get(row, "cursor")?,
-                )?;
-                Ok((run_mode(&get::<String>(row, "mode")?)?, state))
-            })
-            .collect()
+    async fn ping(&self) -> Result<(), StoreError> {
+        let answered = sqlx::query("SELECT 1").execute(&self.pool).await;
+        answered.map(|_| ()).map_err(db("asking the database"))
     }
-}
 
-/// `value` as JSON text, for a statement that reads it with `json_each`.
-fn json_text(value: &impl Serialize) -> Result<String, StoreError> {
-    serde_json::to_string(value)
-        .map_err(|e| StoreError::Corrupt(format!("a list not serializable: {e}")))
-}
+    async fn applied_migrations(&self) -> Result<i64, StoreError> {
+        applied(
+            sqlx::query_scalar(APPLIED_MIGRATIONS)
+                .fetch_one(&self.pool)
+                .await,
+        )
+    }
 
-/// The transaction's instant, taken once it holds the write lock.
-fn now() -> String {
-    stamp(Utc::now())
+    fn call_timeout(&self) -> Duration {
+        self.call_timeout
+    }
 }
 
 impl Store for SqliteStore {

@@ -1,0 +1,332 @@
+//! The configured store: the backend a database URL names, chosen once when the store is
+//! opened. Commands, the demo and the service open their store here and never name a
+//! backend; the engine is generic over [`Store`] and knows none.
+//!
+//! A backend implements [`Store`] and [`Backend`] in its own folder and registers with
+//! one line at the bottom of this file, from which [`DatabaseKind`], [`AnyStore`],
+//! [`AnyLease`] and their dispatch are made. Every call through an [`AnyStore`] is
+//! bounded by [`call_timeout`], so that no database call of a pass, the service or a
+//! command can hang, whatever the network does.
+
+use std::future::Future;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use super::postgres::PgStore;
+use super::sqlite::SqliteStore;
+use super::{DEFAULT_STATEMENT_TIMEOUT, IfMissing, Store, StoreError, bounded};
+use crate::model::{
+    Checkpoint, Department, PageCounts, RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus,
+    SyncState,
+};
+
+#[cfg(doc)]
+use super::call_timeout;
+
+/// What a backend offers besides [`Store`]: how a URL names it, how it connects and
+/// migrates.
+pub trait Backend: Store + Clone + Sized {
+    /// The backend's name, for logs.
+    const NAME: &'static str;
+
+    /// Whether `url` names a database of this backend: `None` when it is another's;
+    /// `Some(Err(why))` when it is one of this backend's, unusable. Does no I/O and never
+    /// quotes the URL (it may hold a password).
+    fn claims(url: &str) -> Option<Result<(), String>>;
+
+    /// Connects to the database at `url` (creating it when missing, with
+    /// [`IfMissing::Create`]). A statement runs at most `statement_timeout`.
+    fn connect_with(
+        url: &SecretString,
+        if_missing: IfMissing,
+        statement_timeout: Duration,
+    ) -> impl Future<Output = Result<Self, StoreError>> + Send;
+
+    /// Applies the migrations that have not run yet.
+    fn migrate(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Whether the database answers.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// How many migrations the database has applied (none before the first).
+    fn applied_migrations(&self) -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// The bound on every call through an [`AnyStore`] of this backend.
+    fn call_timeout(&self) -> Duration;
+}
+
+/// The count of applied migrations from the statement that counts them: none when the
+/// table is not there yet.
+pub(super) fn applied(counted: Result<i64, sqlx::Error>) -> Result<i64, StoreError> {
+    match counted {
+        Ok(count) => Ok(count),
+        Err(sqlx::Error::Database(e)) if e.message().contains("_sqlx_migrations") => Ok(0),
+        Err(source) => Err(StoreError::Database {
+            context: "counting the applied migrations",
+            source,
+        }),
+    }
+}
+
+/// The statement [`applied`] reads.
+pub(super) const APPLIED_MIGRATIONS: &str = "SELECT count(*) FROM _sqlx_migrations WHERE success";
+
+/// What a URL that no backend claims is told.
+const NO_BACKEND: &str = "is neither a PostgreSQL URL (postgres://user@host:port/database) nor \
+     an SQLite one (sqlite://path/to/file.db)";
+
+/// Makes [`DatabaseKind`], [`AnyStore`], [`AnyLease`] and their dispatch from the list of
+/// backends.
+macro_rules! backends {
+    ($($variant:ident($backend:ty)),* $(,)?) => {
+        /// Which store a database URL names.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum DatabaseKind {
+            $($variant,)*
+        }
+
+        impl DatabaseKind {
+            /// The kind's name, for logs.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(DatabaseKind::$variant => <$backend as Backend>::NAME,)*
+                }
+            }
+
+            /// The store `url` names, or what is wrong with it (never quoting it: it may
+            /// hold a password). Does no I/O.
+            pub fn of_url(url: &str) -> Result<DatabaseKind, String> {
+                $(if let Some(claimed) = <$backend as Backend>::claims(url) {
+                    return claimed.map(|()| DatabaseKind::$variant);
+                })*
+                Err(NO_BACKEND.to_owned())
+            }
+        }
+
+        /// The configured store, as the URL says.
+        #[derive(Clone)]
+        pub enum AnyStore {
+            $($variant($backend),)*
+        }
+
+        /// The lease of an [`AnyStore`]: its backend's, with the store that gave it, so
+        /// that a lease is only ever used with its own backend.
+        pub enum AnyLease {
+            $($variant($backend, <$backend as Store>::Lease),)*
+        }
+
+        impl AnyStore {
+            /// Connects to the store at `url`. A statement runs at most
+            /// `statement_timeout`, and every call through this store at most
+            /// [`call_timeout`] of it.
+            pub async fn connect_with(
+                url: &SecretString,
+                if_missing: IfMissing,
+                statement_timeout: Duration,
+            ) -> Result<AnyStore, StoreError> {
+                match DatabaseKind::of_url(url.expose_secret()).map_err(StoreError::Url)? {
+                    $(DatabaseKind::$variant => Ok(AnyStore::$variant(
+                        <$backend>::connect_with(url, if_missing, statement_timeout).await?,
+                    )),)*
+                }
+            }
+
+            /// Which backend this is.
+            pub fn kind(&self) -> DatabaseKind {
+                match self {
+                    $(AnyStore::$variant(_) => DatabaseKind::$variant,)*
+                }
+            }
+
+            /// Applies the migrations that have not run yet (not bounded: a migration may
+            /// rightly take long on a big table).
+            pub async fn migrate(&self) -> Result<(), StoreError> {
+                match self {
+                    $(AnyStore::$variant(store) => store.migrate().await,)*
+                }
+            }
+
+            /// Whether the database answers.
+            pub async fn ping(&self) -> Result<(), StoreError> {
+                bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => store.ping().await,)*
+                    }
+                })
+                .await
+            }
+
+            /// How many migrations the database has applied (none before the first).
+            pub async fn applied_migrations(&self) -> Result<i64, StoreError> {
+                bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => store.applied_migrations().await,)*
+                    }
+                })
+                .await
+            }
+
+            /// The bound on every call through this store.
+            fn call_timeout(&self) -> Duration {
+                match self {
+                    $(AnyStore::$variant(store) => store.call_timeout(),)*
+                }
+            }
+        }
+
+        impl Store for AnyStore {
+            type Lease = AnyLease;
+
+            async fn try_lock(&self, source: &str) -> Result<Option<AnyLease>, StoreError> {
+                bounded(self.call_timeout(), async {
+                    Ok(match self {
+                        $(AnyStore::$variant(store) => store
+                            .try_lock(source)
+                            .await?
+                            .map(|lease| AnyLease::$variant(store.clone(), lease)),)*
+                    })
+                })
+                .await
+            }
+
+            async fn unlock(&self, lease: AnyLease) {
+                let unlocked = tokio::time::timeout(self.call_timeout(), async {
+                    match lease {
+                        $(AnyLease::$variant(store, lease) => store.unlock(lease).await,)*
+                    }
+                })
+                .await;
+                if unlocked.is_err() {
+                    // The lease (its connection) was dropped with the call: the server
+                    // frees the lock once it notices the connection gone.
+                    tracing::warn!(
+                        "the database did not answer the unlock in time; dropping the connection"
+                    );
+                }
+            }
+
+            async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
+                bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => store.load_state(source).await,)*
+                    }
+                })
+                .await
+            }
+
+            async fn start_run(
+                &self,
+                lease: &mut AnyLease,
+                source: &str,
+                mode: RunMode,
+            ) -> Result<RunId, StoreError> {
+                bounded(self.call_timeout(), async {
+                    match lease {
+                        $(AnyLease::$variant(store, lease) => {
+                            store.start_run(lease, source, mode).await
+                        })*
+                    }
+                })
+                .await
+            }
+
+            async fn commit_page(
+                &self,
+                lease: &mut AnyLease,
+                run: RunId,
+                source: &str,
+                departments: &[Department],
+                rejected: &[RejectedRecord],
+                checkpoint: &Checkpoint,
+            ) -> Result<PageCounts, StoreError> {
+                bounded(self.call_timeout(), async {
+                    match lease {
+                        $(AnyLease::$variant(store, lease) => {
+                            store
+                                .commit_page(lease, run, source, departments, rejected, checkpoint)
+                                .await
+                        })*
+                    }
+                })
+                .await
+            }
+
+            async fn set_scope(
+                &self,
+                lease: &mut AnyLease,
+                source: &str,
+                scope: Option<&str>,
+                reset: Option<&str>,
+            ) -> Result<(), StoreError> {
+                bounded(self.call_timeout(), async {
+                    match lease {
+                        $(AnyLease::$variant(store, lease) => {
+                            store.set_scope(lease, source, scope, reset).await
+                        })*
+                    }
+                })
+                .await
+            }
+
+            async fn register(&self, sources: &[String]) -> Result<(), StoreError> {
+                bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => store.register(sources).await,)*
+                    }
+                })
+                .await
+            }
+
+            async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
+                bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => store.finish_run(run, outcome).await,)*
+                    }
+                })
+                .await
+            }
+
+            async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {
+                bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => store.status(sources).await,)*
+                    }
+                })
+                .await
+            }
+        }
+    };
+}
+
+impl AnyStore {
+    /// Connects to the store at `url`, statements bounded by the default timeout.
+    pub async fn connect(
+        url: &SecretString,
+        if_missing: IfMissing,
+    ) -> Result<AnyStore, StoreError> {
+        AnyStore::connect_with(url, if_missing, DEFAULT_STATEMENT_TIMEOUT).await
+    }
+
+    /// Connects, creating the database when missing, and applies the pending migrations:
+    /// how every command that writes opens its store.
+    pub async fn open(url: &SecretString) -> Result<AnyStore, StoreError> {
+        AnyStore::open_with(url, DEFAULT_STATEMENT_TIMEOUT).await
+    }
+
+    /// [`AnyStore::open`] with statements bounded by `statement_timeout`.
+    pub async fn open_with(
+        url: &SecretString,
+        statement_timeout: Duration,
+    ) -> Result<AnyStore, StoreError> {
+        let store = AnyStore::connect_with(url, IfMissing::Create, statement_timeout).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+}
+
+// The registry: a new backend is one line here.
+backends! {
+    Postgres(PgStore),
+    Sqlite(SqliteStore),
+}
