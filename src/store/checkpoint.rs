@@ -19,9 +19,10 @@ use std::future::Future;
 use uuid::Uuid;
 
 use super::StoreError;
+use super::statements::{self, Statements};
 use crate::model::{
-    Checkpoint, DeletionPolicy, Department, Ledger, PageCounts, RejectedRecord, RunId, RunMode,
-    Window, WithheldDeletions,
+    Checkpoint, DeletionPolicy, Department, PageCounts, RejectedRecord, RunId, RunMode, Window,
+    WithheldDeletions,
 };
 
 /// One page to commit.
@@ -149,9 +150,10 @@ pub(crate) struct Unseen<'a> {
     pub scopes: Option<&'a [String]>,
 }
 
-/// The statements a backend runs inside a page's transaction. Each does one small thing;
-/// what they add up to is decided by [`commit_page`].
-pub(crate) trait PageTransaction: Send {
+/// The statements a backend runs inside a page's transaction, besides the ones both
+/// dialects share ([`Statements`]). Each does one small thing; what they add up to is
+/// decided by [`commit_page`].
+pub(crate) trait PageTransaction: Statements {
     /// Writes `departments` (one version per id, the newest), comparing each with what is
     /// stored: only rows whose content changed are written, and a row is never replaced by
     /// one with an older `source_updated_at`. `listing`: the full listing the page is of.
@@ -169,66 +171,11 @@ pub(crate) trait PageTransaction: Send {
         rejected: &[RejectedRecord],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Replaces the `ledger.mode()` ledger with `ledger`: its windows and its range.
-    fn replace_ledger(
-        &mut self,
-        source: &str,
-        ledger: &Ledger,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// Moves `window` of the `mode` ledger to `cursor` (in progress), or with `None` to
-    /// done. `false` when the ledger holds no such window.
-    fn move_window(
-        &mut self,
-        source: &str,
-        mode: RunMode,
-        window: &Window,
-        cursor: Option<&str>,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-
-    /// Replaces `window` of the `mode` ledger by `halves`, both pending. `false` when the
-    /// ledger holds no such window.
-    fn split_window(
-        &mut self,
-        source: &str,
-        mode: RunMode,
-        window: &Window,
-        halves: &[Window; 2],
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-
-    /// How many windows of the `mode` ledger are not done.
-    fn windows_left(
-        &mut self,
-        source: &str,
-        mode: RunMode,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
-
-    /// Drops the `mode` ledger, its windows and its range. An incremental ledger first
-    /// moves the high-water mark to its end; the mark never moves backwards.
-    fn finish_ledger(
-        &mut self,
-        source: &str,
-        mode: RunMode,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
     /// The listing in progress, as stored.
     fn stored_listing(
         &mut self,
         source: &str,
     ) -> impl Future<Output = Result<StoredListing, StoreError>> + Send;
-
-    /// Writes the source's listing columns.
-    fn set_listing(
-        &mut self,
-        source: &str,
-        listing: &ListingColumns<'_>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// Clears the listing in progress and where it goes on, keeping what it confirms.
-    fn drop_listing_in_progress(
-        &mut self,
-        source: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Records that `listing_id` saw `ids`.
     fn record_seen(
@@ -238,11 +185,11 @@ pub(crate) trait PageTransaction: Send {
         ids: &[&str],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Forgets what `listings` saw.
+    /// Forgets what `listings` saw (`None`: every listing of `source`).
     fn forget_seen(
         &mut self,
         source: &str,
-        listings: &[Uuid],
+        listings: Option<&[Uuid]>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Counts, scope by scope, the live departments (those live when the first listing
@@ -280,19 +227,6 @@ pub(crate) trait PageTransaction: Send {
         let _ = source;
         async { Ok(()) }
     }
-
-    /// Adds the page to its run's counts: `fetched` records, `pages` (0 or 1) pages.
-    /// `false` when the run is not recorded.
-    fn count_page(
-        &mut self,
-        run: RunId,
-        counts: &PageCounts,
-        fetched: u64,
-        pages: u64,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-
-    /// Commits the transaction. Dropping it instead rolls everything back.
-    fn commit(self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// Commits `page` in `tx`: its departments, its rejected records, its checkpoint and its
@@ -322,7 +256,7 @@ pub(crate) async fn commit_page<T: PageTransaction>(
     let counts = deletions.page_counts(departments.len(), rejected.len(), written);
     let fetched = (departments.len() + rejected.len()) as u64;
     let pages = u64::from(checkpoint.follows_page());
-    if !tx.count_page(run, &counts, fetched, pages).await? {
+    if !statements::count_page(&mut tx, run, &counts, fetched, pages).await? {
         // Dropping the transaction rolls the page back: no page without its run.
         return Err(StoreError::Corrupt(format!(
             "run {run} is not in sync_runs"
@@ -330,6 +264,38 @@ pub(crate) async fn commit_page<T: PageTransaction>(
     }
     tx.commit().await?;
     Ok(counts)
+}
+
+/// Writes `source`'s listing columns as `listing` says.
+async fn set_listing<T: PageTransaction>(
+    tx: &mut T,
+    source: &str,
+    listing: &ListingColumns<'_>,
+) -> Result<(), StoreError> {
+    let columns = (
+        listing.listing_id,
+        listing.cursor,
+        listing.confirms,
+        listing.rewrote,
+    );
+    statements::set_listing(tx, source, columns, listing.clock.as_str()).await
+}
+
+/// Records that `source`'s saved position is a position of `scope` (a fingerprint of the
+/// settings that decide what it reads). With `reset` (why), first drops the position:
+/// what its listings saw, its window ledgers, its trusted page digests, its high-water
+/// mark and its listing state; rows stay.
+pub(crate) async fn set_scope<T: PageTransaction>(
+    mut tx: T,
+    source: &str,
+    scope: Option<&str>,
+    reset: Option<&str>,
+) -> Result<(), StoreError> {
+    if reset.is_some() {
+        tx.forget_seen(source, None).await?;
+    }
+    statements::set_scope(&mut tx, source, scope, reset).await?;
+    tx.commit().await
 }
 
 /// Moves `source` to `checkpoint`, after a page that saw the ids `seen` and rewrote a
@@ -342,13 +308,13 @@ async fn apply_checkpoint<T: PageTransaction>(
     rewrote: bool,
 ) -> Result<Deletions, StoreError> {
     match checkpoint {
-        Checkpoint::Ledger(ledger) => tx.replace_ledger(source, ledger).await?,
+        Checkpoint::Ledger(ledger) => statements::replace_ledger(tx, source, ledger).await?,
         Checkpoint::Split {
             mode,
             window,
             halves,
         } => {
-            if !tx.split_window(source, *mode, window, halves).await? {
+            if !statements::split_window(tx, source, *mode, window, halves).await? {
                 return Err(not_in_ledger(source, *mode, window));
             }
         }
@@ -357,22 +323,20 @@ async fn apply_checkpoint<T: PageTransaction>(
             window,
             cursor,
         } => {
-            if !tx
-                .move_window(source, *mode, window, cursor.as_deref())
-                .await?
-            {
+            if !statements::move_window(tx, source, *mode, window, cursor.as_deref()).await? {
                 return Err(not_in_ledger(source, *mode, window));
             }
             // When no window is left, the pass is complete.
-            if cursor.is_none() && tx.windows_left(source, *mode).await? == 0 {
-                tx.finish_ledger(source, *mode).await?;
+            if cursor.is_none() && statements::windows_left(tx, source, *mode).await? == 0 {
+                statements::finish_ledger(tx, source, *mode).await?;
             }
         }
         Checkpoint::Listing(progress) => {
             tx.record_seen(source, progress.listing_id, seen).await?;
             let stored = tx.stored_listing(source).await?;
             let same_listing = stored.listing_id == Some(progress.listing_id);
-            tx.set_listing(
+            set_listing(
+                tx,
                 source,
                 &ListingColumns {
                     listing_id: Some(progress.listing_id),
@@ -407,7 +371,8 @@ async fn apply_checkpoint<T: PageTransaction>(
             let deletions = delete_unseen(tx, source, *listing_id, *confirms, policy).await?;
             if deletions.awaiting_confirmation > 0 {
                 // Keep what this listing saw, for the confirming listing to compare.
-                tx.set_listing(
+                set_listing(
+                    tx,
                     source,
                     &ListingColumns {
                         confirms: Some(*listing_id),
@@ -425,16 +390,16 @@ async fn apply_checkpoint<T: PageTransaction>(
                     .into_iter()
                     .flatten()
                     .collect();
-                tx.forget_seen(source, &ended).await?;
-                tx.set_listing(source, &ListingColumns::NONE).await?;
+                tx.forget_seen(source, Some(&ended)).await?;
+                set_listing(tx, source, &ListingColumns::NONE).await?;
             }
             return Ok(deletions);
         }
         Checkpoint::ListingAbandoned { listing_id } => {
             // Forget what it saw; a confirming listing stays one when it starts again.
-            tx.forget_seen(source, &[*listing_id]).await?;
+            tx.forget_seen(source, Some(&[*listing_id])).await?;
             tx.distrust_pages(source).await?;
-            tx.drop_listing_in_progress(source).await?;
+            statements::drop_listing_in_progress(tx, source).await?;
         }
     }
     Ok(Deletions::default())

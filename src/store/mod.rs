@@ -16,6 +16,7 @@ mod any;
 mod checkpoint;
 pub mod postgres;
 pub mod sqlite;
+mod statements;
 
 pub use any::{AnyLease, AnyStore, Backend, DatabaseKind};
 
@@ -360,15 +361,6 @@ fn run_mode(mode: &str) -> Result<RunMode, StoreError> {
         other => Err(StoreError::Corrupt(format!(
             "unknown ledger mode {other:?}"
         ))),
-    }
-}
-
-/// How `sync_windows` keeps a window's state: its `state` and `cursor` columns.
-fn window_columns(state: &WindowState) -> (&'static str, Option<&str>) {
-    match state {
-        WindowState::Pending => ("pending", None),
-        WindowState::InProgress { cursor } => ("in_progress", Some(cursor.as_str())),
-        WindowState::Done => ("done", None),
     }
 }
 

@@ -14,14 +14,12 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool, Postgres, Row};
-use uuid::Uuid;
 
 pub use super::IfMissing;
 use super::any::{APPLIED_MIGRATIONS, Backend, applied};
 use super::checkpoint::{self, Page};
-use super::{
-    StateColumns, Store, StoreError, db, describe_position, escape_nul, run_mode, window_state,
-};
+use super::statements;
+use super::{StateColumns, Store, StoreError, db, describe_position, run_mode, window_state};
 use crate::model::{
     Checkpoint, Department, LedgerWindow, PageCounts, RejectedRecord, RunId, RunMode, RunOutcome,
     SourceStatus, SyncState, Window,
@@ -64,7 +62,7 @@ impl PgLease {
         let tx = sqlx::Connection::begin(&mut self.connection)
             .await
             .map_err(db("opening a transaction"))?;
-        Ok(PgPage { tx, load })
+        Ok(PgPage::new(tx, load))
     }
 }
 
@@ -319,38 +317,7 @@ impl Store for PgStore {
         source: &str,
         mode: RunMode,
     ) -> Result<RunId, StoreError> {
-        let run_id = Uuid::new_v4();
-        let mut tx = sqlx::Connection::begin(&mut lease.connection)
-            .await
-            .map_err(db("opening a transaction"))?;
-        let abandoned = sqlx::query(
-            "UPDATE sync_runs SET status = 'failed', finished_at = now(),
-                    error = 'abandoned: the process running it stopped before it finished'
-             WHERE source = $1 AND status = 'running'",
-        )
-        .bind(source)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("closing runs abandoned by a stopped process"))?
-        .rows_affected();
-        if abandoned > 0 {
-            tracing::warn!(
-                source,
-                abandoned,
-                "runs left running by a stopped process recorded as failed"
-            );
-        }
-        sqlx::query("INSERT INTO sync_runs (run_id, source, mode) VALUES ($1, $2, $3)")
-            .bind(run_id)
-            .bind(source)
-            .bind(mode.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db("recording the start of the run"))?;
-        tx.commit()
-            .await
-            .map_err(db("recording the start of the run"))?;
-        Ok(RunId(run_id))
+        statements::start_run(lease.begin(Load::Compare).await?, source, mode).await
     }
 
     async fn commit_page(
@@ -400,48 +367,8 @@ impl Store for PgStore {
         scope: Option<&str>,
         reset: Option<&str>,
     ) -> Result<(), StoreError> {
-        let mut tx = sqlx::Connection::begin(&mut lease.connection)
-            .await
-            .map_err(db("opening a transaction"))?;
-        if reset.is_some() {
-            for table in ["sync_windows", "listing_seen_pages", "listing_page_digests"] {
-                sqlx::query(&format!("DELETE FROM {table} WHERE source = $1"))
-                    .bind(source)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db("dropping the source's position"))?;
-            }
-        }
-        sqlx::query(
-            "INSERT INTO sync_state AS s (source, scope_fingerprint, reset_at, reset_reason)
-             VALUES ($1, $2, CASE WHEN $3::text IS NOT NULL THEN now() END, $3)
-             ON CONFLICT (source) DO UPDATE SET
-                 scope_fingerprint = EXCLUDED.scope_fingerprint,
-                 high_water_mark = CASE WHEN $3 IS NULL THEN s.high_water_mark END,
-                 incremental_until = CASE WHEN $3 IS NULL THEN s.incremental_until END,
-                 backfill_from = CASE WHEN $3 IS NULL THEN s.backfill_from END,
-                 backfill_to = CASE WHEN $3 IS NULL THEN s.backfill_to END,
-                 backfill_until = CASE WHEN $3 IS NULL THEN s.backfill_until END,
-                 listing_id = CASE WHEN $3 IS NULL THEN s.listing_id END,
-                 listing_cursor = CASE WHEN $3 IS NULL THEN s.listing_cursor END,
-                 listing_confirms = CASE WHEN $3 IS NULL THEN s.listing_confirms END,
-                 listing_started_at = CASE WHEN $3 IS NULL THEN s.listing_started_at END,
-                 listing_rewrote = $3 IS NULL AND s.listing_rewrote,
-                 trusted_listing = CASE WHEN $3 IS NULL THEN s.trusted_listing END,
-                 reset_at = CASE WHEN $3 IS NULL THEN s.reset_at ELSE now() END,
-                 reset_reason = COALESCE($3, s.reset_reason),
-                 updated_at = now()",
-        )
-        .bind(source)
-        .bind(scope)
-        .bind(reset)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("recording what the source's position is a position of"))?;
-        tx.commit()
-            .await
-            .map_err(db("recording what the source's position is a position of"))?;
-        Ok(())
+        let tx = lease.begin(Load::Compare).await?;
+        checkpoint::set_scope(tx, source, scope, reset).await
     }
 
     async fn register(&self, sources: &[String]) -> Result<(), StoreError> {
@@ -458,17 +385,12 @@ impl Store for PgStore {
     }
 
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
-        let error = outcome.error().map(escape_nul);
-        sqlx::query(
-            "UPDATE sync_runs SET finished_at = now(), status = $2, error = $3 WHERE run_id = $1",
-        )
-        .bind(run.0)
-        .bind(outcome.status())
-        .bind(error)
-        .execute(&self.pool)
-        .await
-        .map_err(db("recording the end of the run"))?;
-        Ok(())
+        let tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("opening a transaction"))?;
+        statements::finish_run(PgPage::new(tx, Load::Compare), run, outcome).await
     }
 
     async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {

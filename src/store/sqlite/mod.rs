@@ -29,6 +29,7 @@ mod page;
 
 pub use locks::lock_unused;
 use locks::{in_use_lock_path, lock_path, open_lock_file};
+use page::SqlitePage;
 
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
@@ -47,9 +48,9 @@ use uuid::Uuid;
 
 use super::any::{APPLIED_MIGRATIONS, Backend, applied};
 use super::checkpoint::{self, Page};
+use super::statements;
 use super::{
-    IfMissing, StateColumns, Store, StoreError, db, describe_position, escape_nul, run_mode,
-    window_state,
+    IfMissing, StateColumns, Store, StoreError, db, describe_position, run_mode, window_state,
 };
 use crate::model::{
     Checkpoint, Department, LedgerWindow, PageCounts, RejectedRecord, RunId, RunMode, RunOutcome,
@@ -377,45 +378,7 @@ impl Store for SqliteStore {
         source: &str,
         mode: RunMode,
     ) -> Result<RunId, StoreError> {
-        let run_id = Uuid::new_v4();
-        let mut tx = lease
-            .connection
-            .begin_with(BEGIN_WRITE)
-            .await
-            .map_err(db("opening a transaction"))?;
-        let now = now();
-        let abandoned = sqlx::query(
-            "UPDATE sync_runs SET status = 'failed', finished_at = ?2,
-                    error = 'abandoned: the process running it stopped before it finished'
-             WHERE source = ?1 AND status = 'running'",
-        )
-        .bind(source)
-        .bind(&now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("closing runs abandoned by a stopped process"))?
-        .rows_affected();
-        if abandoned > 0 {
-            tracing::warn!(
-                source,
-                abandoned,
-                "runs left running by a stopped process recorded as failed"
-            );
-        }
-        sqlx::query(
-            "INSERT INTO sync_runs (run_id, source, mode, started_at) VALUES (?1, ?2, ?3, ?4)",
-        )
-        .bind(run_id.to_string())
-        .bind(source)
-        .bind(mode.as_str())
-        .bind(&now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("recording the start of the run"))?;
-        tx.commit()
-            .await
-            .map_err(db("recording the start of the run"))?;
-        Ok(RunId(run_id))
+        statements::start_run(lease.begin().await?, source, mode).await
     }
 
     async fn set_scope(
@@ -425,52 +388,7 @@ impl Store for SqliteStore {
         scope: Option<&str>,
         reset: Option<&str>,
     ) -> Result<(), StoreError> {
-        let mut tx = lease
-            .connection
-            .begin_with(BEGIN_WRITE)
-            .await
-            .map_err(db("opening a transaction"))?;
-        let now = now();
-        if reset.is_some() {
-            for table in ["sync_windows", "listing_seen", "listing_page_digests"] {
-                sqlx::query(&format!("DELETE FROM {table} WHERE source = ?1"))
-                    .bind(source)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db("dropping the source's position"))?;
-            }
-        }
-        sqlx::query(
-            "INSERT INTO sync_state AS s (source, scope_fingerprint, reset_at, reset_reason, updated_at)
-             VALUES (?1, ?2, CASE WHEN ?3 IS NOT NULL THEN ?4 END, ?3, ?4)
-             ON CONFLICT (source) DO UPDATE SET
-                 scope_fingerprint = excluded.scope_fingerprint,
-                 high_water_mark = CASE WHEN ?3 IS NULL THEN s.high_water_mark END,
-                 incremental_until = CASE WHEN ?3 IS NULL THEN s.incremental_until END,
-                 backfill_from = CASE WHEN ?3 IS NULL THEN s.backfill_from END,
-                 backfill_to = CASE WHEN ?3 IS NULL THEN s.backfill_to END,
-                 backfill_until = CASE WHEN ?3 IS NULL THEN s.backfill_until END,
-                 listing_id = CASE WHEN ?3 IS NULL THEN s.listing_id END,
-                 listing_cursor = CASE WHEN ?3 IS NULL THEN s.listing_cursor END,
-                 listing_confirms = CASE WHEN ?3 IS NULL THEN s.listing_confirms END,
-                 listing_started_at = CASE WHEN ?3 IS NULL THEN s.listing_started_at END,
-                 listing_rewrote = ?3 IS NULL AND s.listing_rewrote,
-                 trusted_listing = CASE WHEN ?3 IS NULL THEN s.trusted_listing END,
-                 reset_at = CASE WHEN ?3 IS NULL THEN s.reset_at ELSE ?4 END,
-                 reset_reason = COALESCE(?3, s.reset_reason),
-                 updated_at = ?4",
-        )
-        .bind(source)
-        .bind(scope)
-        .bind(reset)
-        .bind(&now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("recording what the source's position is a position of"))?;
-        tx.commit()
-            .await
-            .map_err(db("recording what the source's position is a position of"))?;
-        Ok(())
+        checkpoint::set_scope(lease.begin().await?, source, scope, reset).await
     }
 
     async fn commit_page(
@@ -509,27 +427,13 @@ impl Store for SqliteStore {
     }
 
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
-        let error = outcome.error().map(escape_nul);
         // Its instant is taken once it holds the write lock, like every write's.
-        let mut tx = self
+        let tx = self
             .pool
             .begin_with(BEGIN_WRITE)
             .await
             .map_err(db("opening a transaction"))?;
-        sqlx::query(
-            "UPDATE sync_runs SET finished_at = ?2, status = ?3, error = ?4 WHERE run_id = ?1",
-        )
-        .bind(run.0.to_string())
-        .bind(now())
-        .bind(outcome.status())
-        .bind(error)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("recording the end of the run"))?;
-        tx.commit()
-            .await
-            .map_err(db("recording the end of the run"))?;
-        Ok(())
+        statements::finish_run(SqlitePage::new(tx), run, outcome).await
     }
 
     async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {

@@ -2,17 +2,16 @@
 
 use md5::{Digest, Md5};
 use serde::Serialize;
-use sqlx::{Connection, Sqlite, Transaction};
+use sqlx::query::Query;
+use sqlx::sqlite::SqliteArguments;
+use sqlx::{Connection, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{BEGIN_WRITE, SqliteLease, get, json_text, now, stamp, uuid_in};
-use crate::model::{
-    Department, Ledger, PageCounts, RawRecord, RejectedRecord, RunId, RunMode, Window, WindowState,
-};
-use crate::store::checkpoint::{
-    ListingColumns, PageTransaction, ScopeCount, StoredListing, Unseen, Written,
-};
-use crate::store::{StoreError, db, escape_nul, rejected_payload, window_columns};
+use crate::model::{Department, RawRecord, RejectedRecord};
+use crate::store::checkpoint::{PageTransaction, ScopeCount, StoredListing, Unseen, Written};
+use crate::store::statements::{Statements, Value};
+use crate::store::{StoreError, db, escape_nul, rejected_payload};
 
 const UPSERT_DEPARTMENTS: &str = include_str!("queries/upsert_departments.sql");
 const COUNT_UNSEEN: &str = include_str!("queries/count_unseen.sql");
@@ -60,8 +59,65 @@ impl SqliteLease {
             .begin_with(BEGIN_WRITE)
             .await
             .map_err(db("opening a transaction"))?;
-        Ok(SqlitePage { tx, now: now() })
+        Ok(SqlitePage::new(tx))
     }
+}
+
+impl<'c> SqlitePage<'c> {
+    /// A transaction that holds the write lock already (`BEGIN IMMEDIATE`): its instant
+    /// is taken now.
+    pub(super) fn new(tx: Transaction<'c, Sqlite>) -> SqlitePage<'c> {
+        SqlitePage { tx, now: now() }
+    }
+}
+
+impl Statements for SqlitePage<'_> {
+    async fn execute(
+        &mut self,
+        sql: &'static str,
+        values: &[Value<'_>],
+        context: &'static str,
+    ) -> Result<u64, StoreError> {
+        let done = bind(sqlx::query(sql), values, &self.now)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db(context))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn count(
+        &mut self,
+        sql: &'static str,
+        values: &[Value<'_>],
+        context: &'static str,
+    ) -> Result<i64, StoreError> {
+        let row = bind(sqlx::query(sql), values, &self.now)
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(db(context))?;
+        row.try_get(0).map_err(db(context))
+    }
+
+    async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await.map_err(db("committing"))
+    }
+}
+
+/// `query` with `values` bound, as SQLite keeps them: instants as [`stamp`] text, ids as
+/// text, the transaction's instant as `now`.
+fn bind<'q>(
+    query: Query<'q, Sqlite, SqliteArguments<'q>>,
+    values: &[Value<'q>],
+    now: &str,
+) -> Query<'q, Sqlite, SqliteArguments<'q>> {
+    values.iter().fold(query, |query, value| match *value {
+        Value::Text(text) => query.bind(text),
+        Value::Time(time) => query.bind(time.map(stamp)),
+        Value::Id(id) => query.bind(id.map(|id| id.to_string())),
+        Value::Int(int) => query.bind(int),
+        Value::Bool(flag) => query.bind(flag),
+        Value::Now => query.bind(now.to_owned()),
+    })
 }
 
 impl PageTransaction for SqlitePage<'_> {
@@ -149,172 +205,6 @@ impl PageTransaction for SqlitePage<'_> {
         Ok(())
     }
 
-    async fn replace_ledger(&mut self, source: &str, ledger: &Ledger) -> Result<(), StoreError> {
-        let mode = ledger.mode().as_str();
-        sqlx::query("DELETE FROM sync_windows WHERE source = ?1 AND mode = ?2")
-            .bind(source)
-            .bind(mode)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db("replacing the window ledger"))?;
-        for entry in &ledger.windows {
-            let (state, cursor) = window_columns(&entry.state);
-            sqlx::query(
-                "INSERT INTO sync_windows (source, mode, window_start, window_end, state, cursor)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .bind(source)
-            .bind(mode)
-            .bind(stamp(entry.window.start))
-            .bind(stamp(entry.window.end))
-            .bind(state)
-            .bind(cursor)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db("writing the window ledger"))?;
-        }
-        let range = match ledger.backfill {
-            None => sqlx::query(
-                "INSERT INTO sync_state (source, incremental_until, updated_at)
-                 VALUES (?1, ?2, ?3)
-                 ON CONFLICT (source) DO UPDATE SET
-                     incremental_until = excluded.incremental_until,
-                     updated_at = excluded.updated_at",
-            )
-            .bind(source)
-            .bind(stamp(ledger.until))
-            .bind(&self.now),
-            Some(range) => sqlx::query(
-                "INSERT INTO sync_state
-                     (source, backfill_from, backfill_to, backfill_until, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (source) DO UPDATE SET
-                     backfill_from = excluded.backfill_from,
-                     backfill_to = excluded.backfill_to,
-                     backfill_until = excluded.backfill_until,
-                     updated_at = excluded.updated_at",
-            )
-            .bind(source)
-            .bind(stamp(range.from))
-            .bind(range.requested_to.map(stamp))
-            .bind(stamp(ledger.until))
-            .bind(&self.now),
-        };
-        range
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db("saving the ledger's range"))?;
-        Ok(())
-    }
-
-    async fn move_window(
-        &mut self,
-        source: &str,
-        mode: RunMode,
-        window: &Window,
-        cursor: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        let moved = sqlx::query(
-            "UPDATE sync_windows
-             SET state = CASE WHEN ?5 IS NULL THEN 'done' ELSE 'in_progress' END, cursor = ?5
-             WHERE source = ?1 AND mode = ?2 AND window_start = ?3 AND window_end = ?4",
-        )
-        .bind(source)
-        .bind(mode.as_str())
-        .bind(stamp(window.start))
-        .bind(stamp(window.end))
-        .bind(cursor)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db("saving the window's position"))?
-        .rows_affected();
-        Ok(moved == 1)
-    }
-
-    async fn split_window(
-        &mut self,
-        source: &str,
-        mode: RunMode,
-        window: &Window,
-        halves: &[Window; 2],
-    ) -> Result<bool, StoreError> {
-        let replaced = sqlx::query(
-            "DELETE FROM sync_windows
-             WHERE source = ?1 AND mode = ?2 AND window_start = ?3 AND window_end = ?4",
-        )
-        .bind(source)
-        .bind(mode.as_str())
-        .bind(stamp(window.start))
-        .bind(stamp(window.end))
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db("splitting the window"))?
-        .rows_affected();
-        if replaced != 1 {
-            return Ok(false);
-        }
-        for half in halves {
-            sqlx::query(
-                "INSERT INTO sync_windows (source, mode, window_start, window_end, state)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .bind(source)
-            .bind(mode.as_str())
-            .bind(stamp(half.start))
-            .bind(stamp(half.end))
-            .bind(window_columns(&WindowState::Pending).0)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db("splitting the window"))?;
-        }
-        Ok(true)
-    }
-
-    async fn windows_left(&mut self, source: &str, mode: RunMode) -> Result<u64, StoreError> {
-        let left: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sync_windows WHERE source = ?1 AND mode = ?2 AND state <> 'done'",
-        )
-        .bind(source)
-        .bind(mode.as_str())
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(db("counting the windows left"))?;
-        Ok(left as u64)
-    }
-
-    async fn finish_ledger(&mut self, source: &str, mode: RunMode) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM sync_windows WHERE source = ?1 AND mode = ?2")
-            .bind(source)
-            .bind(mode.as_str())
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db("clearing the finished ledger"))?;
-        let finish = match mode {
-            // SQLite's max() of a NULL is NULL, where GREATEST ignores it; the mark never
-            // moves backwards.
-            RunMode::Incremental => {
-                "UPDATE sync_state
-                 SET high_water_mark = COALESCE(max(high_water_mark, incremental_until),
-                                                high_water_mark, incremental_until),
-                     incremental_until = NULL, updated_at = ?2
-                 WHERE source = ?1"
-            }
-            RunMode::Backfill => {
-                "UPDATE sync_state
-                 SET backfill_from = NULL, backfill_to = NULL, backfill_until = NULL,
-                     updated_at = ?2
-                 WHERE source = ?1"
-            }
-        };
-        sqlx::query(finish)
-            .bind(source)
-            .bind(&self.now)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db("finishing the ledger"))?;
-        Ok(())
-    }
-
     async fn stored_listing(&mut self, source: &str) -> Result<StoredListing, StoreError> {
         let row =
             sqlx::query("SELECT listing_id, listing_rewrote FROM sync_state WHERE source = ?1")
@@ -329,50 +219,6 @@ impl PageTransaction for SqlitePage<'_> {
             listing_id: uuid_in(&row, "listing_id")?,
             rewrote: get(&row, "listing_rewrote")?,
         })
-    }
-
-    async fn set_listing(
-        &mut self,
-        source: &str,
-        listing: &ListingColumns<'_>,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO sync_state AS s (source, listing_id, listing_cursor, listing_confirms,
-                                          listing_started_at, listing_rewrote, updated_at)
-             VALUES (?1, ?2, ?3, ?4, CASE WHEN ?6 <> 'clear' THEN ?7 END, ?5, ?7)
-             ON CONFLICT (source) DO UPDATE SET
-                 listing_id = excluded.listing_id,
-                 listing_cursor = excluded.listing_cursor,
-                 listing_confirms = excluded.listing_confirms,
-                 listing_started_at = CASE ?6 WHEN 'keep' THEN COALESCE(s.listing_started_at, ?7)
-                                             WHEN 'start' THEN ?7 END,
-                 listing_rewrote = excluded.listing_rewrote,
-                 updated_at = ?7",
-        )
-        .bind(source)
-        .bind(listing.listing_id.map(|id| id.to_string()))
-        .bind(listing.cursor)
-        .bind(listing.confirms.map(|id| id.to_string()))
-        .bind(listing.rewrote)
-        .bind(listing.clock.as_str())
-        .bind(&self.now)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db("saving the listing's position"))?;
-        Ok(())
-    }
-
-    async fn drop_listing_in_progress(&mut self, source: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, updated_at = ?2
-             WHERE source = ?1",
-        )
-        .bind(source)
-        .bind(&self.now)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db("dropping the listing in progress"))?;
-        Ok(())
     }
 
     async fn record_seen(
@@ -398,14 +244,20 @@ impl PageTransaction for SqlitePage<'_> {
         Ok(())
     }
 
-    async fn forget_seen(&mut self, source: &str, listings: &[Uuid]) -> Result<(), StoreError> {
-        let listings: Vec<String> = listings.iter().map(Uuid::to_string).collect();
+    async fn forget_seen(
+        &mut self,
+        source: &str,
+        listings: Option<&[Uuid]>,
+    ) -> Result<(), StoreError> {
+        let listings = listings
+            .map(|ids| json_text(&ids.iter().map(Uuid::to_string).collect::<Vec<_>>()))
+            .transpose()?;
         sqlx::query(
             "DELETE FROM listing_seen
-             WHERE source = ?1 AND listing_id IN (SELECT value FROM json_each(?2))",
+             WHERE source = ?1 AND (?2 IS NULL OR listing_id IN (SELECT value FROM json_each(?2)))",
         )
         .bind(source)
-        .bind(json_text(&listings)?)
+        .bind(listings)
         .execute(&mut *self.tx)
         .await
         .map_err(db("forgetting what listings saw"))?;
@@ -442,36 +294,5 @@ impl PageTransaction for SqlitePage<'_> {
             .map_err(db("marking unlisted departments deleted"))?
             .rows_affected();
         Ok(deleted)
-    }
-
-    async fn count_page(
-        &mut self,
-        run: RunId,
-        counts: &PageCounts,
-        fetched: u64,
-        pages: u64,
-    ) -> Result<bool, StoreError> {
-        let counted = sqlx::query(
-            "UPDATE sync_runs SET pages = pages + ?8, fetched = fetched + ?2,
-                    inserted = inserted + ?3, updated = updated + ?4,
-                    unchanged = unchanged + ?5, rejected = rejected + ?6, deleted = deleted + ?7
-             WHERE run_id = ?1",
-        )
-        .bind(run.0.to_string())
-        .bind(fetched as i64)
-        .bind(counts.inserted as i64)
-        .bind(counts.updated as i64)
-        .bind(counts.unchanged as i64)
-        .bind(counts.rejected as i64)
-        .bind(counts.deleted as i64)
-        .bind(pages as i64)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db("counting the page in its run"))?;
-        Ok(counted.rows_affected() == 1)
-    }
-
-    async fn commit(self) -> Result<(), StoreError> {
-        self.tx.commit().await.map_err(db("committing the page"))
     }
 }

@@ -1,0 +1,464 @@
+//! The statements both dialects share, written once.
+//!
+//! SQLite takes `$n` parameters as PostgreSQL does, and `INSERT … ON CONFLICT`, `CASE`,
+//! `COALESCE` and multi-row `VALUES` alike, so most of what a store does to a source's
+//! state is one text for both. What differs is how a value travels: PostgreSQL has
+//! `timestamptz` and `uuid`, SQLite keeps both as text (see `sqlite/mod.rs`). A statement
+//! here takes [`Value`]s, and each backend binds them as it stores them
+//! ([`Statements`]).
+//!
+//! The transaction's instant is [`Value::Now`], written `COALESCE($n, CURRENT_TIMESTAMP)`:
+//! PostgreSQL binds NULL and its transaction's `now()` is used; SQLite binds the instant
+//! its transaction took once it held the write lock.
+//!
+//! Statements only one dialect can say (arrays, `unnest`, `json_each`, `COPY`) stay in
+//! that backend's folder.
+
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::StoreError;
+use crate::model::{Ledger, RunId, RunMode, RunOutcome, Window, WindowState};
+
+/// A value bound to a statement's parameter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Value<'a> {
+    Text(Option<&'a str>),
+    Time(Option<DateTime<Utc>>),
+    Id(Option<Uuid>),
+    Int(i64),
+    Bool(bool),
+    /// The transaction's instant (see the module's documentation).
+    Now,
+}
+
+use Value::{Bool, Id, Int, Now, Text, Time};
+
+/// A transaction that runs the shared statements, binding each [`Value`] as its backend
+/// stores it.
+pub(crate) trait Statements: Send {
+    /// Runs `sql` with `values` for `$1`, `$2`, …; how many rows it changed. `context`
+    /// says what was being done, for its error.
+    fn execute(
+        &mut self,
+        sql: &'static str,
+        values: &[Value<'_>],
+        context: &'static str,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Runs `sql`, which returns one integer, with `values`.
+    fn count(
+        &mut self,
+        sql: &'static str,
+        values: &[Value<'_>],
+        context: &'static str,
+    ) -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// Commits the transaction. Dropping it instead rolls everything back.
+    fn commit(self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// How `sync_windows` keeps a window's state: its `state` and `cursor` columns.
+pub(crate) fn window_columns(state: &WindowState) -> (&'static str, Option<&str>) {
+    match state {
+        WindowState::Pending => ("pending", None),
+        WindowState::InProgress { cursor } => ("in_progress", Some(cursor.as_str())),
+        WindowState::Done => ("done", None),
+    }
+}
+
+/// Replaces the `ledger.mode()` ledger of `source` with `ledger`: its windows and its range.
+pub(crate) async fn replace_ledger(
+    tx: &mut impl Statements,
+    source: &str,
+    ledger: &Ledger,
+) -> Result<(), StoreError> {
+    let mode = Text(Some(ledger.mode().as_str()));
+    tx.execute(
+        "DELETE FROM sync_windows WHERE source = $1 AND mode = $2",
+        &[Text(Some(source)), mode],
+        "replacing the window ledger",
+    )
+    .await?;
+    for entry in &ledger.windows {
+        let (state, cursor) = window_columns(&entry.state);
+        tx.execute(
+            "INSERT INTO sync_windows (source, mode, window_start, window_end, state, cursor)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                Text(Some(source)),
+                mode,
+                Time(Some(entry.window.start)),
+                Time(Some(entry.window.end)),
+                Text(Some(state)),
+                Text(cursor),
+            ],
+            "writing the window ledger",
+        )
+        .await?;
+    }
+    match ledger.backfill {
+        None => {
+            tx.execute(
+                "INSERT INTO sync_state (source, incremental_until, updated_at)
+                 VALUES ($1, $2, COALESCE($3, CURRENT_TIMESTAMP))
+                 ON CONFLICT (source) DO UPDATE SET
+                     incremental_until = excluded.incremental_until,
+                     updated_at = excluded.updated_at",
+                &[Text(Some(source)), Time(Some(ledger.until)), Now],
+                "saving the ledger's range",
+            )
+            .await?
+        }
+        Some(range) => {
+            tx.execute(
+                "INSERT INTO sync_state
+                     (source, backfill_from, backfill_to, backfill_until, updated_at)
+                 VALUES ($1, $2, $3, $4, COALESCE($5, CURRENT_TIMESTAMP))
+                 ON CONFLICT (source) DO UPDATE SET
+                     backfill_from = excluded.backfill_from,
+                     backfill_to = excluded.backfill_to,
+                     backfill_until = excluded.backfill_until,
+                     updated_at = excluded.updated_at",
+                &[
+                    Text(Some(source)),
+                    Time(Some(range.from)),
+                    Time(range.requested_to),
+                    Time(Some(ledger.until)),
+                    Now,
+                ],
+                "saving the ledger's range",
+            )
+            .await?
+        }
+    };
+    Ok(())
+}
+
+/// Moves `window` of the `mode` ledger to `cursor` (in progress), or with `None` to done.
+/// `false` when the ledger holds no such window.
+pub(crate) async fn move_window(
+    tx: &mut impl Statements,
+    source: &str,
+    mode: RunMode,
+    window: &Window,
+    cursor: Option<&str>,
+) -> Result<bool, StoreError> {
+    let moved = tx
+        .execute(
+            "UPDATE sync_windows
+             SET state = CASE WHEN $5 IS NULL THEN 'done' ELSE 'in_progress' END, cursor = $5
+             WHERE source = $1 AND mode = $2 AND window_start = $3 AND window_end = $4",
+            &[
+                Text(Some(source)),
+                Text(Some(mode.as_str())),
+                Time(Some(window.start)),
+                Time(Some(window.end)),
+                Text(cursor),
+            ],
+            "saving the window's position",
+        )
+        .await?;
+    Ok(moved == 1)
+}
+
+/// Replaces `window` of the `mode` ledger by `halves`, both pending. `false` when the
+/// ledger holds no such window.
+pub(crate) async fn split_window(
+    tx: &mut impl Statements,
+    source: &str,
+    mode: RunMode,
+    window: &Window,
+    [first, second]: &[Window; 2],
+) -> Result<bool, StoreError> {
+    let (source, mode) = (Text(Some(source)), Text(Some(mode.as_str())));
+    let replaced = tx
+        .execute(
+            "DELETE FROM sync_windows
+             WHERE source = $1 AND mode = $2 AND window_start = $3 AND window_end = $4",
+            &[
+                source,
+                mode,
+                Time(Some(window.start)),
+                Time(Some(window.end)),
+            ],
+            "splitting the window",
+        )
+        .await?;
+    if replaced != 1 {
+        return Ok(false);
+    }
+    tx.execute(
+        "INSERT INTO sync_windows (source, mode, window_start, window_end, state)
+         VALUES ($1, $2, $3, $4, $7), ($1, $2, $5, $6, $7)",
+        &[
+            source,
+            mode,
+            Time(Some(first.start)),
+            Time(Some(first.end)),
+            Time(Some(second.start)),
+            Time(Some(second.end)),
+            Text(Some(window_columns(&WindowState::Pending).0)),
+        ],
+        "splitting the window",
+    )
+    .await?;
+    Ok(true)
+}
+
+/// How many windows of the `mode` ledger are not done.
+pub(crate) async fn windows_left(
+    tx: &mut impl Statements,
+    source: &str,
+    mode: RunMode,
+) -> Result<u64, StoreError> {
+    let left = tx
+        .count(
+            "SELECT count(*) FROM sync_windows WHERE source = $1 AND mode = $2 AND state <> 'done'",
+            &[Text(Some(source)), Text(Some(mode.as_str()))],
+            "counting the windows left",
+        )
+        .await?;
+    Ok(left as u64)
+}
+
+/// Drops the `mode` ledger, its windows and its range. An incremental ledger first moves
+/// the high-water mark to its end; the mark never moves backwards (and a missing end or
+/// mark is no end or mark).
+pub(crate) async fn finish_ledger(
+    tx: &mut impl Statements,
+    source: &str,
+    mode: RunMode,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "DELETE FROM sync_windows WHERE source = $1 AND mode = $2",
+        &[Text(Some(source)), Text(Some(mode.as_str()))],
+        "clearing the finished ledger",
+    )
+    .await?;
+    let finish = match mode {
+        RunMode::Incremental => {
+            "UPDATE sync_state
+             SET high_water_mark = CASE
+                     WHEN incremental_until IS NULL THEN high_water_mark
+                     WHEN high_water_mark > incremental_until THEN high_water_mark
+                     ELSE incremental_until END,
+                 incremental_until = NULL, updated_at = COALESCE($2, CURRENT_TIMESTAMP)
+             WHERE source = $1"
+        }
+        RunMode::Backfill => {
+            "UPDATE sync_state
+             SET backfill_from = NULL, backfill_to = NULL, backfill_until = NULL,
+                 updated_at = COALESCE($2, CURRENT_TIMESTAMP)
+             WHERE source = $1"
+        }
+    };
+    tx.execute(finish, &[Text(Some(source)), Now], "finishing the ledger")
+        .await?;
+    Ok(())
+}
+
+/// Writes the listing columns of `source`: the listing in progress and where it goes on,
+/// what it confirms, whether it rewrote a stored row, and the guard's clock (`"start"`
+/// now, `"keep"` the first listing's, or `"clear"`).
+pub(crate) async fn set_listing(
+    tx: &mut impl Statements,
+    source: &str,
+    listing: (Option<Uuid>, Option<&str>, Option<Uuid>, bool),
+    clock: &str,
+) -> Result<(), StoreError> {
+    let (listing_id, cursor, confirms, rewrote) = listing;
+    tx.execute(
+        "INSERT INTO sync_state AS s (source, listing_id, listing_cursor, listing_confirms,
+                                      listing_started_at, listing_rewrote, updated_at)
+         VALUES ($1, $2, $3, $4,
+                 CASE WHEN $6 <> 'clear' THEN COALESCE($7, CURRENT_TIMESTAMP) END, $5,
+                 COALESCE($7, CURRENT_TIMESTAMP))
+         ON CONFLICT (source) DO UPDATE SET
+             listing_id = excluded.listing_id,
+             listing_cursor = excluded.listing_cursor,
+             listing_confirms = excluded.listing_confirms,
+             listing_started_at = CASE $6
+                 WHEN 'keep' THEN COALESCE(s.listing_started_at, excluded.updated_at)
+                 WHEN 'start' THEN excluded.updated_at END,
+             listing_rewrote = excluded.listing_rewrote,
+             updated_at = excluded.updated_at",
+        &[
+            Text(Some(source)),
+            Id(listing_id),
+            Text(cursor),
+            Id(confirms),
+            Bool(rewrote),
+            Text(Some(clock)),
+            Now,
+        ],
+        "saving the listing's position",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Clears the listing in progress of `source` and where it goes on, keeping what it
+/// confirms.
+pub(crate) async fn drop_listing_in_progress(
+    tx: &mut impl Statements,
+    source: &str,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL,
+                               updated_at = COALESCE($2, CURRENT_TIMESTAMP)
+         WHERE source = $1",
+        &[Text(Some(source)), Now],
+        "dropping the listing in progress",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Adds a page to the counts of `run`: `fetched` records, `pages` (0 or 1) pages, and
+/// what it wrote. `false` when the run is not recorded.
+pub(crate) async fn count_page(
+    tx: &mut impl Statements,
+    run: RunId,
+    counts: &crate::model::PageCounts,
+    fetched: u64,
+    pages: u64,
+) -> Result<bool, StoreError> {
+    let counted = tx
+        .execute(
+            "UPDATE sync_runs SET pages = pages + $8, fetched = fetched + $2,
+                    inserted = inserted + $3, updated = updated + $4,
+                    unchanged = unchanged + $5, rejected = rejected + $6, deleted = deleted + $7
+             WHERE run_id = $1",
+            &[
+                Id(Some(run.0)),
+                Int(fetched as i64),
+                Int(counts.inserted as i64),
+                Int(counts.updated as i64),
+                Int(counts.unchanged as i64),
+                Int(counts.rejected as i64),
+                Int(counts.deleted as i64),
+                Int(pages as i64),
+            ],
+            "counting the page in its run",
+        )
+        .await?;
+    Ok(counted == 1)
+}
+
+/// Records a new run of `source` as `running`. The caller holds the source's lock, so
+/// any other run of the source still marked `running` belongs to a process that died: it
+/// is recorded as failed.
+pub(crate) async fn start_run(
+    mut tx: impl Statements,
+    source: &str,
+    mode: RunMode,
+) -> Result<RunId, StoreError> {
+    let run_id = Uuid::new_v4();
+    let abandoned = tx
+        .execute(
+            "UPDATE sync_runs SET status = 'failed', finished_at = COALESCE($2, CURRENT_TIMESTAMP),
+                    error = 'abandoned: the process running it stopped before it finished'
+             WHERE source = $1 AND status = 'running'",
+            &[Text(Some(source)), Now],
+            "closing runs abandoned by a stopped process",
+        )
+        .await?;
+    if abandoned > 0 {
+        tracing::warn!(
+            source,
+            abandoned,
+            "runs left running by a stopped process recorded as failed"
+        );
+    }
+    tx.execute(
+        "INSERT INTO sync_runs (run_id, source, mode, started_at)
+         VALUES ($1, $2, $3, COALESCE($4, CURRENT_TIMESTAMP))",
+        &[
+            Id(Some(run_id)),
+            Text(Some(source)),
+            Text(Some(mode.as_str())),
+            Now,
+        ],
+        "recording the start of the run",
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(RunId(run_id))
+}
+
+/// Records how `run` ended.
+pub(crate) async fn finish_run(
+    mut tx: impl Statements,
+    run: RunId,
+    outcome: &RunOutcome,
+) -> Result<(), StoreError> {
+    let error = outcome.error().map(super::escape_nul);
+    tx.execute(
+        "UPDATE sync_runs SET finished_at = COALESCE($2, CURRENT_TIMESTAMP), status = $3,
+                              error = $4
+         WHERE run_id = $1",
+        &[
+            Id(Some(run.0)),
+            Now,
+            Text(Some(outcome.status())),
+            Text(error.as_deref()),
+        ],
+        "recording the end of the run",
+    )
+    .await?;
+    tx.commit().await
+}
+
+/// Records that `source`'s saved position is a position of `scope`. With `reset` (why),
+/// first drops the position: the window ledgers, the trusted page digests, the
+/// high-water mark and the listing state (what listings saw is the backend's to drop);
+/// rows stay. Records when and why.
+pub(crate) async fn set_scope(
+    tx: &mut impl Statements,
+    source: &str,
+    scope: Option<&str>,
+    reset: Option<&str>,
+) -> Result<(), StoreError> {
+    if reset.is_some() {
+        tx.execute(
+            "DELETE FROM sync_windows WHERE source = $1",
+            &[Text(Some(source))],
+            "dropping the source's position",
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM listing_page_digests WHERE source = $1",
+            &[Text(Some(source))],
+            "dropping the source's position",
+        )
+        .await?;
+    }
+    tx.execute(
+        "INSERT INTO sync_state AS s (source, scope_fingerprint, reset_at, reset_reason, updated_at)
+         VALUES ($1, $2, CASE WHEN $3 IS NOT NULL THEN COALESCE($4, CURRENT_TIMESTAMP) END, $3,
+                 COALESCE($4, CURRENT_TIMESTAMP))
+         ON CONFLICT (source) DO UPDATE SET
+             scope_fingerprint = excluded.scope_fingerprint,
+             high_water_mark = CASE WHEN $3 IS NULL THEN s.high_water_mark END,
+             incremental_until = CASE WHEN $3 IS NULL THEN s.incremental_until END,
+             backfill_from = CASE WHEN $3 IS NULL THEN s.backfill_from END,
+             backfill_to = CASE WHEN $3 IS NULL THEN s.backfill_to END,
+             backfill_until = CASE WHEN $3 IS NULL THEN s.backfill_until END,
+             listing_id = CASE WHEN $3 IS NULL THEN s.listing_id END,
+             listing_cursor = CASE WHEN $3 IS NULL THEN s.listing_cursor END,
+             listing_confirms = CASE WHEN $3 IS NULL THEN s.listing_confirms END,
+             listing_started_at = CASE WHEN $3 IS NULL THEN s.listing_started_at END,
+             listing_rewrote = $3 IS NULL AND s.listing_rewrote,
+             trusted_listing = CASE WHEN $3 IS NULL THEN s.trusted_listing END,
+             reset_at = CASE WHEN $3 IS NULL THEN s.reset_at ELSE excluded.updated_at END,
+             reset_reason = COALESCE($3, s.reset_reason),
+             updated_at = excluded.updated_at",
+        &[Text(Some(source)), Text(scope), Text(reset), Now],
+        "recording what the source's position is a position of",
+    )
+    .await?;
+    Ok(())
+}
