@@ -19,7 +19,7 @@ use std::future::Future;
 use uuid::Uuid;
 
 use super::StoreError;
-use super::statements::{self, Statements};
+use super::statements::{self, Statements, Value};
 use crate::model::{
     Checkpoint, DeletionPolicy, Department, PageCounts, RejectedRecord, RunId, RunMode, Window,
     WithheldDeletions,
@@ -125,35 +125,28 @@ pub(crate) struct ScopeCount {
     pub unseen: u64,
 }
 
-impl ScopeCount {
-    /// The counts as both backends' statements return them: one row of scope, live and
-    /// unseen per scope.
-    pub fn from_rows(rows: Vec<(String, i64, i64)>) -> Vec<ScopeCount> {
-        rows.into_iter()
-            .map(|(scope, live, unseen)| ScopeCount {
-                scope,
-                live: live as u64,
-                unseen: unseen as u64,
-            })
-            .collect()
-    }
-}
-
-/// The unseen departments of a complete listing: those live in `source` (in `scopes`, when
-/// the listing's settings name them) that neither `listing_id` nor the listing it
-/// `confirms` saw.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Unseen<'a> {
-    pub source: &'a str,
-    pub listing_id: Uuid,
-    pub confirms: Option<Uuid>,
-    pub scopes: Option<&'a [String]>,
-}
-
-/// The statements a backend runs inside a page's transaction, besides the ones both
-/// dialects share ([`Statements`]). Each does one small thing; what they add up to is
-/// decided by [`commit_page`].
+/// What a backend does inside a page's transaction, besides the statements both dialects
+/// share ([`Statements`]): its way of writing departments, and its statements about what
+/// listings saw, each one text in its dialect with the parameters its documentation
+/// names. What they add up to is decided by [`commit_page`].
 pub(crate) trait PageTransaction: Statements {
+    /// Records that listing `$2` of source `$1` saw the ids `$3` (a list of texts).
+    const RECORD_SEEN: &'static str;
+    /// Forgets what the listings `$2` (a list of ids; NULL: every listing) of source `$1`
+    /// saw.
+    const FORGET_SEEN: &'static str;
+    /// For source `$1` and complete listing `$2`, possibly confirming listing `$3`, per
+    /// scope (`scope_id`, `''` for none) of the scopes `$4` (a list; NULL: every scope):
+    /// the scope, its rows live when the first listing began, and its live rows neither
+    /// listing saw. `$5` is the transaction's instant.
+    const COUNT_UNSEEN: &'static str;
+    /// Marks deleted, at the transaction's instant `$5`, the rows [`Self::COUNT_UNSEEN`]
+    /// counts unseen, but those of the scopes `$6` (a list) the guard spared.
+    const MARK_UNSEEN_DELETED: &'static str;
+    /// Keeps a rejected record of source `$1`: its id `$2`, reason `$3` and payload `$4`
+    /// (whose md5 in hex is `$5`), counting it when seen before, at the instant `$6`.
+    const KEEP_REJECTED: &'static str;
+
     /// Writes `departments` (one version per id, the newest), comparing each with what is
     /// stored: only rows whose content changed are written, and a row is never replaced by
     /// one with an older `source_updated_at`. `listing`: the full listing the page is of.
@@ -163,48 +156,6 @@ pub(crate) trait PageTransaction: Statements {
         departments: &[&Department],
         listing: Option<Uuid>,
     ) -> impl Future<Output = Result<Written, StoreError>> + Send;
-
-    /// Keeps records that could not be read, counting those seen before.
-    fn keep_rejected(
-        &mut self,
-        source: &str,
-        rejected: &[RejectedRecord],
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// The listing in progress, as stored.
-    fn stored_listing(
-        &mut self,
-        source: &str,
-    ) -> impl Future<Output = Result<StoredListing, StoreError>> + Send;
-
-    /// Records that `listing_id` saw `ids`.
-    fn record_seen(
-        &mut self,
-        source: &str,
-        listing_id: Uuid,
-        ids: &[&str],
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// Forgets what `listings` saw (`None`: every listing of `source`).
-    fn forget_seen(
-        &mut self,
-        source: &str,
-        listings: Option<&[Uuid]>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// Counts, scope by scope, the live departments (those live when the first listing
-    /// began) and the unseen ones.
-    fn count_unseen(
-        &mut self,
-        unseen: &Unseen<'_>,
-    ) -> impl Future<Output = Result<Vec<ScopeCount>, StoreError>> + Send;
-
-    /// Marks the unseen departments deleted, except those of the `spared` scopes; how many.
-    fn mark_unseen_deleted(
-        &mut self,
-        unseen: &Unseen<'_>,
-        spared: &[&str],
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// `listing_id` is complete, having rewritten a stored row (`rewrote`) or not: a
     /// backend that trusts unchanged pages of the last complete listing settles them here.
@@ -229,6 +180,100 @@ pub(crate) trait PageTransaction: Statements {
     }
 }
 
+/// Keeps records that could not be read, counting those seen before. The reason and id
+/// may quote the record: NUL is escaped there too.
+async fn keep_rejected<T: PageTransaction>(
+    tx: &mut T,
+    source: &str,
+    rejected: &[RejectedRecord],
+) -> Result<(), StoreError> {
+    for record in rejected {
+        let payload = super::rejected_payload(record)?;
+        let digest = format!(
+            "{:x}",
+            <md5::Md5 as md5::Digest>::digest(payload.as_bytes())
+        );
+        let id = record.external_id.as_deref().map(super::escape_nul);
+        let reason = super::escape_nul(&record.reason);
+        let values = [
+            Value::Text(Some(source)),
+            Value::Text(id.as_deref()),
+            Value::Text(Some(&reason)),
+            Value::Text(Some(&payload)),
+            Value::Text(Some(&digest)),
+            Value::Now,
+        ];
+        tx.execute(T::KEEP_REJECTED, &values, "keeping a rejected record")
+            .await?;
+    }
+    Ok(())
+}
+
+/// The listing in progress of `source`, as stored.
+async fn stored_listing(
+    tx: &mut impl Statements,
+    source: &str,
+) -> Result<StoredListing, StoreError> {
+    let rows = tx
+        .text_counts(
+            "SELECT CAST(listing_id AS TEXT),
+                    CAST(CASE WHEN listing_rewrote THEN 1 ELSE 0 END AS BIGINT), CAST(0 AS BIGINT)
+             FROM sync_state WHERE source = $1",
+            &[Value::Text(Some(source))],
+            "reading the listing in progress",
+        )
+        .await?;
+    let Some((listing_id, rewrote, _)) = rows.into_iter().next() else {
+        return Ok(StoredListing::default());
+    };
+    let listing_id = listing_id
+        .map(|id| {
+            Uuid::parse_str(&id)
+                .map_err(|e| StoreError::Corrupt(format!("listing id {id:?} is not a UUID: {e}")))
+        })
+        .transpose()?;
+    Ok(StoredListing {
+        listing_id,
+        rewrote: rewrote != 0,
+    })
+}
+
+/// Records that `listing_id` saw `ids`.
+async fn record_seen<T: PageTransaction>(
+    tx: &mut T,
+    source: &str,
+    listing_id: Uuid,
+    ids: &[&str],
+) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let values = [
+        Value::Text(Some(source)),
+        Value::Id(Some(listing_id)),
+        Value::Texts(Some(ids)),
+    ];
+    tx.execute(
+        T::RECORD_SEEN,
+        &values,
+        "recording the departments the listing saw",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Forgets what `listings` saw (`None`: every listing of `source`).
+async fn forget_seen<T: PageTransaction>(
+    tx: &mut T,
+    source: &str,
+    listings: Option<&[Uuid]>,
+) -> Result<(), StoreError> {
+    let values = [Value::Text(Some(source)), Value::Ids(listings)];
+    tx.execute(T::FORGET_SEEN, &values, "forgetting what listings saw")
+        .await?;
+    Ok(())
+}
+
 /// Commits `page` in `tx`: its departments, its rejected records, its checkpoint and its
 /// counts, or nothing.
 pub(crate) async fn commit_page<T: PageTransaction>(
@@ -250,7 +295,7 @@ pub(crate) async fn commit_page<T: PageTransaction>(
         tx.write_departments(source, &newest, page.listing())
             .await?
     };
-    tx.keep_rejected(source, rejected).await?;
+    keep_rejected(&mut tx, source, rejected).await?;
     let seen = seen_ids(departments, rejected);
     let deletions = apply_checkpoint(&mut tx, source, checkpoint, &seen, written.rewrote).await?;
     let counts = deletions.page_counts(departments.len(), rejected.len(), written);
@@ -292,7 +337,7 @@ pub(crate) async fn set_scope<T: PageTransaction>(
     reset: Option<&str>,
 ) -> Result<(), StoreError> {
     if reset.is_some() {
-        tx.forget_seen(source, None).await?;
+        forget_seen(&mut tx, source, None).await?;
     }
     statements::set_scope(&mut tx, source, scope, reset).await?;
     tx.commit().await
@@ -332,8 +377,8 @@ async fn apply_checkpoint<T: PageTransaction>(
             }
         }
         Checkpoint::Listing(progress) => {
-            tx.record_seen(source, progress.listing_id, seen).await?;
-            let stored = tx.stored_listing(source).await?;
+            record_seen(tx, source, progress.listing_id, seen).await?;
+            let stored = stored_listing(tx, source).await?;
             let same_listing = stored.listing_id == Some(progress.listing_id);
             set_listing(
                 tx,
@@ -359,8 +404,8 @@ async fn apply_checkpoint<T: PageTransaction>(
             confirms,
             deletions: policy,
         } => {
-            tx.record_seen(source, *listing_id, seen).await?;
-            let stored = tx.stored_listing(source).await?;
+            record_seen(tx, source, *listing_id, seen).await?;
+            let stored = stored_listing(tx, source).await?;
             let same_listing = stored.listing_id == Some(*listing_id);
             tx.listing_complete(
                 source,
@@ -390,14 +435,14 @@ async fn apply_checkpoint<T: PageTransaction>(
                     .into_iter()
                     .flatten()
                     .collect();
-                tx.forget_seen(source, Some(&ended)).await?;
+                forget_seen(tx, source, Some(&ended)).await?;
                 set_listing(tx, source, &ListingColumns::NONE).await?;
             }
             return Ok(deletions);
         }
         Checkpoint::ListingAbandoned { listing_id } => {
             // Forget what it saw; a confirming listing stays one when it starts again.
-            tx.forget_seen(source, Some(&[*listing_id])).await?;
+            forget_seen(tx, source, Some(&[*listing_id])).await?;
             tx.distrust_pages(source).await?;
             statements::drop_listing_in_progress(tx, source).await?;
         }
@@ -415,19 +460,53 @@ async fn delete_unseen<T: PageTransaction>(
     confirms: Option<Uuid>,
     policy: &DeletionPolicy,
 ) -> Result<Deletions, StoreError> {
-    let unseen = Unseen {
-        source,
-        listing_id,
-        confirms,
-        scopes: policy.scopes.as_deref(),
-    };
-    let scopes = tx.count_unseen(&unseen).await?;
+    let scope_list: Option<Vec<&str>> = policy
+        .scopes
+        .as_ref()
+        .map(|scopes| scopes.iter().map(String::as_str).collect());
+    let unseen = [
+        Value::Text(Some(source)),
+        Value::Id(Some(listing_id)),
+        Value::Id(confirms),
+        Value::Texts(scope_list.as_deref()),
+        Value::Now,
+    ];
+    let rows = tx
+        .text_counts(
+            T::COUNT_UNSEEN,
+            &unseen,
+            "counting the departments the listing did not see",
+        )
+        .await?;
+    let scopes: Vec<ScopeCount> = rows
+        .into_iter()
+        .map(|(scope, live, unseen)| ScopeCount {
+            scope: scope.unwrap_or_default(),
+            live: live as u64,
+            unseen: unseen as u64,
+        })
+        .collect();
     let withheld = match judge_unseen(&scopes, confirms, policy.max_delete_fraction) {
         UnseenVerdict::Keep(kept) => return Ok(kept),
         UnseenVerdict::Delete { withheld } => withheld,
     };
     let spared: Vec<&str> = withheld.iter().filter_map(|w| w.scope.as_deref()).collect();
-    let deleted = tx.mark_unseen_deleted(&unseen, &spared).await?;
+    let [source, listing, confirms, scopes, now] = unseen;
+    let values = [
+        source,
+        listing,
+        confirms,
+        scopes,
+        now,
+        Value::Texts(Some(&spared)),
+    ];
+    let deleted = tx
+        .execute(
+            T::MARK_UNSEEN_DELETED,
+            &values,
+            "marking unlisted departments deleted",
+        )
+        .await?;
     Ok(Deletions {
         deleted,
         withheld,

@@ -30,6 +30,11 @@ pub(crate) enum Value<'a> {
     Id(Option<Uuid>),
     Int(i64),
     Bool(bool),
+    /// A list of texts: an array in PostgreSQL, a JSON array (read with `json_each`) in
+    /// SQLite.
+    Texts(Option<&'a [&'a str]>),
+    /// A list of ids, as [`Value::Texts`].
+    Ids(Option<&'a [Uuid]>),
     /// The transaction's instant (see the module's documentation).
     Now,
 }
@@ -55,6 +60,14 @@ pub(crate) trait Statements: Send {
         values: &[Value<'_>],
         context: &'static str,
     ) -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// Runs `sql`, which returns rows of a text and two integers, with `values`.
+    fn text_counts(
+        &mut self,
+        sql: &'static str,
+        values: &[Value<'_>],
+        context: &'static str,
+    ) -> impl Future<Output = Result<Vec<(Option<String>, i64, i64)>, StoreError>> + Send;
 
     /// Commits the transaction. Dropping it instead rolls everything back.
     fn commit(self) -> impl Future<Output = Result<(), StoreError>> + Send;

@@ -7,13 +7,10 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::departments::{self, Load};
-use crate::model::{Department, RejectedRecord};
-use crate::store::checkpoint::{PageTransaction, ScopeCount, StoredListing, Unseen, Written};
+use crate::model::Department;
+use crate::store::checkpoint::{PageTransaction, Written};
 use crate::store::statements::{Statements, Value};
-use crate::store::{StoreError, db, escape_nul, rejected_payload};
-
-const COUNT_UNSEEN: &str = include_str!("queries/count_unseen.sql");
-const MARK_UNSEEN_DELETED: &str = include_str!("queries/mark_unseen_deleted.sql");
+use crate::store::{StoreError, db};
 
 /// A page's transaction, and how its windowed departments are written.
 pub(super) struct PgPage<'c> {
@@ -54,6 +51,22 @@ impl Statements for PgPage<'_> {
         row.try_get(0).map_err(db(context))
     }
 
+    async fn text_counts(
+        &mut self,
+        sql: &'static str,
+        values: &[Value<'_>],
+        context: &'static str,
+    ) -> Result<Vec<(Option<String>, i64, i64)>, StoreError> {
+        let rows = bind(sqlx::query(sql), values)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(db(context))?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(db(context))
+    }
+
     async fn commit(self) -> Result<(), StoreError> {
         self.tx.commit().await.map_err(db("committing"))
     }
@@ -71,11 +84,28 @@ fn bind<'q>(
         Value::Id(id) => query.bind(id),
         Value::Int(int) => query.bind(int),
         Value::Bool(flag) => query.bind(flag),
+        Value::Texts(texts) => query.bind(texts),
+        Value::Ids(ids) => query.bind(ids),
         Value::Now => query.bind(None::<DateTime<Utc>>),
     })
 }
 
 impl PageTransaction for PgPage<'_> {
+    const RECORD_SEEN: &'static str =
+        "INSERT INTO listing_seen_pages (source, listing_id, external_ids) VALUES ($1, $2, $3)";
+    const FORGET_SEEN: &'static str = "DELETE FROM listing_seen_pages
+         WHERE source = $1 AND ($2::uuid[] IS NULL OR listing_id = ANY($2))";
+    const COUNT_UNSEEN: &'static str = include_str!("queries/count_unseen.sql");
+    const MARK_UNSEEN_DELETED: &'static str = include_str!("queries/mark_unseen_deleted.sql");
+    // `payload_md5` is a generated column; the row's instants are the transaction's.
+    const KEEP_REJECTED: &'static str =
+        "INSERT INTO rejected_records (source, external_id, reason, payload)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (source, payload_md5) DO UPDATE SET
+             reason = EXCLUDED.reason,
+             seen_at = now(),
+             times_seen = rejected_records.times_seen + 1";
+
     async fn write_departments(
         &mut self,
         source: &str,
@@ -83,115 +113,6 @@ impl PageTransaction for PgPage<'_> {
         listing: Option<Uuid>,
     ) -> Result<Written, StoreError> {
         departments::write_departments(&mut self.tx, source, departments, listing, self.load).await
-    }
-
-    async fn keep_rejected(
-        &mut self,
-        source: &str,
-        rejected: &[RejectedRecord],
-    ) -> Result<(), StoreError> {
-        for record in rejected {
-            // The reason and id may quote the record: escape NUL there too.
-            let payload = rejected_payload(record)?;
-            sqlx::query(
-                "INSERT INTO rejected_records (source, external_id, reason, payload)
-                 VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (source, payload_md5) DO UPDATE SET
-                     reason = EXCLUDED.reason,
-                     seen_at = now(),
-                     times_seen = rejected_records.times_seen + 1",
-            )
-            .bind(source)
-            .bind(record.external_id.as_deref().map(escape_nul))
-            .bind(escape_nul(&record.reason))
-            .bind(payload)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db("keeping a rejected record"))?;
-        }
-        Ok(())
-    }
-
-    async fn stored_listing(&mut self, source: &str) -> Result<StoredListing, StoreError> {
-        let row: Option<(Option<Uuid>, bool)> =
-            sqlx::query_as("SELECT listing_id, listing_rewrote FROM sync_state WHERE source = $1")
-                .bind(source)
-                .fetch_optional(&mut *self.tx)
-                .await
-                .map_err(db("reading the listing in progress"))?;
-        let (listing_id, rewrote) = row.unwrap_or_default();
-        Ok(StoredListing {
-            listing_id,
-            rewrote,
-        })
-    }
-
-    async fn record_seen(
-        &mut self,
-        source: &str,
-        listing_id: Uuid,
-        ids: &[&str],
-    ) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
-            "INSERT INTO listing_seen_pages (source, listing_id, external_ids) VALUES ($1, $2, $3)",
-        )
-        .bind(source)
-        .bind(listing_id)
-        .bind(ids)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db("recording the departments the listing saw"))?;
-        Ok(())
-    }
-
-    async fn forget_seen(
-        &mut self,
-        source: &str,
-        listings: Option<&[Uuid]>,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "DELETE FROM listing_seen_pages
-             WHERE source = $1 AND ($2::uuid[] IS NULL OR listing_id = ANY($2))",
-        )
-        .bind(source)
-        .bind(listings)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db("forgetting what listings saw"))?;
-        Ok(())
-    }
-
-    async fn count_unseen(&mut self, unseen: &Unseen<'_>) -> Result<Vec<ScopeCount>, StoreError> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(COUNT_UNSEEN)
-            .bind(unseen.source)
-            .bind(unseen.listing_id)
-            .bind(unseen.confirms)
-            .bind(unseen.scopes)
-            .fetch_all(&mut *self.tx)
-            .await
-            .map_err(db("counting the departments the listing did not see"))?;
-        Ok(ScopeCount::from_rows(rows))
-    }
-
-    async fn mark_unseen_deleted(
-        &mut self,
-        unseen: &Unseen<'_>,
-        spared: &[&str],
-    ) -> Result<u64, StoreError> {
-        let deleted = sqlx::query(MARK_UNSEEN_DELETED)
-            .bind(unseen.source)
-            .bind(unseen.listing_id)
-            .bind(unseen.confirms)
-            .bind(unseen.scopes)
-            .bind(spared)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db("marking unlisted departments deleted"))?
-            .rows_affected();
-        Ok(deleted)
     }
 
     /// Once `listing_id` is complete, makes its page digests the ones the next listing

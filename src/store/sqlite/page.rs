@@ -1,21 +1,24 @@
 //! The primitives of a page's transaction ([`PageTransaction`]), in SQLite's dialect.
 
-use md5::{Digest, Md5};
 use serde::Serialize;
 use sqlx::query::Query;
 use sqlx::sqlite::SqliteArguments;
 use sqlx::{Connection, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
-use super::{BEGIN_WRITE, SqliteLease, get, json_text, now, stamp, uuid_in};
-use crate::model::{Department, RawRecord, RejectedRecord};
-use crate::store::checkpoint::{PageTransaction, ScopeCount, StoredListing, Unseen, Written};
+use super::{BEGIN_WRITE, SqliteLease, now, stamp};
+use crate::model::{Department, RawRecord};
+use crate::store::checkpoint::{PageTransaction, Written};
 use crate::store::statements::{Statements, Value};
-use crate::store::{StoreError, db, escape_nul, rejected_payload};
+use crate::store::{StoreError, db};
 
 const UPSERT_DEPARTMENTS: &str = include_str!("queries/upsert_departments.sql");
-const COUNT_UNSEEN: &str = include_str!("queries/count_unseen.sql");
-const MARK_UNSEEN_DELETED: &str = include_str!("queries/mark_unseen_deleted.sql");
+
+/// `items` as a JSON array, as SQLite's statements read a list (with `json_each`). A list
+/// of strings always serializes.
+fn json_list<T: AsRef<str>>(items: &[T]) -> String {
+    serde_json::Value::from(items.iter().map(|item| item.as_ref()).collect::<Vec<_>>()).to_string()
+}
 
 /// A department of a page as the upsert reads it (a JSON array of these).
 #[derive(Serialize)]
@@ -98,6 +101,22 @@ impl Statements for SqlitePage<'_> {
         row.try_get(0).map_err(db(context))
     }
 
+    async fn text_counts(
+        &mut self,
+        sql: &'static str,
+        values: &[Value<'_>],
+        context: &'static str,
+    ) -> Result<Vec<(Option<String>, i64, i64)>, StoreError> {
+        let rows = bind(sqlx::query(sql), values, &self.now)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(db(context))?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(db(context))
+    }
+
     async fn commit(self) -> Result<(), StoreError> {
         self.tx.commit().await.map_err(db("committing"))
     }
@@ -116,11 +135,32 @@ fn bind<'q>(
         Value::Id(id) => query.bind(id.map(|id| id.to_string())),
         Value::Int(int) => query.bind(int),
         Value::Bool(flag) => query.bind(flag),
+        Value::Texts(texts) => query.bind(texts.map(json_list)),
+        Value::Ids(ids) => {
+            let ids = ids.map(|ids| ids.iter().map(Uuid::to_string).collect::<Vec<_>>());
+            query.bind(ids.map(|ids| json_list(&ids)))
+        }
         Value::Now => query.bind(now.to_owned()),
     })
 }
 
 impl PageTransaction for SqlitePage<'_> {
+    const RECORD_SEEN: &'static str = "INSERT INTO listing_seen (source, listing_id, external_id)
+         SELECT $1, $2, value FROM json_each($3) WHERE true
+         ON CONFLICT DO NOTHING";
+    const FORGET_SEEN: &'static str = "DELETE FROM listing_seen
+         WHERE source = $1 AND ($2 IS NULL OR listing_id IN (SELECT value FROM json_each($2)))";
+    const COUNT_UNSEEN: &'static str = include_str!("queries/count_unseen.sql");
+    const MARK_UNSEEN_DELETED: &'static str = include_str!("queries/mark_unseen_deleted.sql");
+    // SQLite has no md5(): the digest comes computed.
+    const KEEP_REJECTED: &'static str = "INSERT INTO rejected_records
+             (source, external_id, reason, payload, payload_md5, first_seen_at, seen_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $6)
+         ON CONFLICT (source, payload_md5) DO UPDATE SET
+             reason = excluded.reason,
+             seen_at = excluded.seen_at,
+             times_seen = rejected_records.times_seen + 1";
+
     async fn write_departments(
         &mut self,
         source: &str,
@@ -173,126 +213,5 @@ impl PageTransaction for SqlitePage<'_> {
             updated,
             rewrote: false,
         })
-    }
-
-    async fn keep_rejected(
-        &mut self,
-        source: &str,
-        rejected: &[RejectedRecord],
-    ) -> Result<(), StoreError> {
-        for record in rejected {
-            let payload = rejected_payload(record)?;
-            let payload_md5 = format!("{:x}", Md5::digest(payload.as_bytes()));
-            sqlx::query(
-                "INSERT INTO rejected_records
-                     (source, external_id, reason, payload, payload_md5, first_seen_at, seen_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
-                 ON CONFLICT (source, payload_md5) DO UPDATE SET
-                     reason = excluded.reason,
-                     seen_at = excluded.seen_at,
-                     times_seen = rejected_records.times_seen + 1",
-            )
-            .bind(source)
-            .bind(record.external_id.as_deref().map(escape_nul))
-            .bind(escape_nul(&record.reason))
-            .bind(payload)
-            .bind(payload_md5)
-            .bind(&self.now)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db("keeping a rejected record"))?;
-        }
-        Ok(())
-    }
-
-    async fn stored_listing(&mut self, source: &str) -> Result<StoredListing, StoreError> {
-        let row =
-            sqlx::query("SELECT listing_id, listing_rewrote FROM sync_state WHERE source = ?1")
-                .bind(source)
-                .fetch_optional(&mut *self.tx)
-                .await
-                .map_err(db("reading the listing in progress"))?;
-        let Some(row) = row else {
-            return Ok(StoredListing::default());
-        };
-        Ok(StoredListing {
-            listing_id: uuid_in(&row, "listing_id")?,
-            rewrote: get(&row, "listing_rewrote")?,
-        })
-    }
-
-    async fn record_seen(
-        &mut self,
-        source: &str,
-        listing_id: Uuid,
-        ids: &[&str],
-    ) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
-            "INSERT INTO listing_seen (source, listing_id, external_id)
-             SELECT ?1, ?2, value FROM json_each(?3) WHERE true
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(source)
-        .bind(listing_id.to_string())
-        .bind(json_text(&ids)?)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db("recording the departments the listing saw"))?;
-        Ok(())
-    }
-
-    async fn forget_seen(
-        &mut self,
-        source: &str,
-        listings: Option<&[Uuid]>,
-    ) -> Result<(), StoreError> {
-        let listings = listings
-            .map(|ids| json_text(&ids.iter().map(Uuid::to_string).collect::<Vec<_>>()))
-            .transpose()?;
-        sqlx::query(
-            "DELETE FROM listing_seen
-             WHERE source = ?1 AND (?2 IS NULL OR listing_id IN (SELECT value FROM json_each(?2)))",
-        )
-        .bind(source)
-        .bind(listings)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db("forgetting what listings saw"))?;
-        Ok(())
-    }
-
-    async fn count_unseen(&mut self, unseen: &Unseen<'_>) -> Result<Vec<ScopeCount>, StoreError> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(COUNT_UNSEEN)
-            .bind(unseen.source)
-            .bind(unseen.listing_id.to_string())
-            .bind(unseen.confirms.map(|id| id.to_string()))
-            .bind(&self.now)
-            .bind(unseen.scopes.map(|scopes| json_text(&scopes)).transpose()?)
-            .fetch_all(&mut *self.tx)
-            .await
-            .map_err(db("counting the departments the listing did not see"))?;
-        Ok(ScopeCount::from_rows(rows))
-    }
-
-    async fn mark_unseen_deleted(
-        &mut self,
-        unseen: &Unseen<'_>,
-        spared: &[&str],
-    ) -> Result<u64, StoreError> {
-        let deleted = sqlx::query(MARK_UNSEEN_DELETED)
-            .bind(unseen.source)
-            .bind(unseen.listing_id.to_string())
-            .bind(unseen.confirms.map(|id| id.to_string()))
-            .bind(&self.now)
-            .bind(unseen.scopes.map(|scopes| json_text(&scopes)).transpose()?)
-            .bind(json_text(&spared)?)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db("marking unlisted departments deleted"))?
-            .rows_affected();
-        Ok(deleted)
     }
 }
