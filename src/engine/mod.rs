@@ -35,7 +35,7 @@ use crate::model::{
     Checkpoint, PageCounts, RunId, RunMode, RunOutcome, SyncState, WithheldDeletions,
 };
 use crate::sources::{Connector, Page, Source, SourceError};
-use crate::store::{Store, StoreError};
+use crate::store::{Commit, Store, StoreError};
 
 mod listing;
 pub(crate) mod plan;
@@ -521,11 +521,13 @@ impl<St: Store> Writer<'_, St> {
             .store
             .commit_page(
                 self.lease,
-                self.run_id,
-                self.name,
-                &departments,
-                &rejected,
-                checkpoint,
+                &Commit {
+                    run: self.run_id,
+                    source: self.name,
+                    departments: &departments,
+                    rejected: &rejected,
+                    checkpoint,
+                },
             )
             .await
             .map_err(|source| PassError::Store { at: at(), source })?;

@@ -15,11 +15,9 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
-use super::{DEFAULT_STATEMENT_TIMEOUT, IfMissing, Store, StoreError, bounded};
-use crate::model::{
-    Checkpoint, Department, PageCounts, RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus,
-    SyncState,
-};
+use super::statements::{Statements, StoredRow};
+use super::{Commit, DEFAULT_STATEMENT_TIMEOUT, IfMissing, Store, StoreError, bounded};
+use crate::model::{PageCounts, RunId, RunMode, RunOutcome, SourceStatus, SyncState};
 
 #[cfg(doc)]
 use super::call_timeout;
@@ -46,31 +44,52 @@ pub trait Backend: Store + Clone + Sized {
     /// Applies the migrations that have not run yet.
     fn migrate(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// A transaction for reading, on a connection of the store's pool.
+    type Reader: Statements;
+
+    /// Opens a [`Backend::Reader`].
+    fn read(&self) -> impl Future<Output = Result<Self::Reader, StoreError>> + Send;
+
     /// Whether the database answers.
-    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async {
+            let mut tx = self.read().await?;
+            tx.fetch("SELECT 1", &[], "asking the database").await?;
+            tx.commit().await
+        }
+    }
 
     /// How many migrations the database has applied (none before the first).
-    fn applied_migrations(&self) -> impl Future<Output = Result<i64, StoreError>> + Send;
+    fn applied_migrations(&self) -> impl Future<Output = Result<i64, StoreError>> + Send {
+        async {
+            let mut tx = self.read().await?;
+            let counted = tx
+                .fetch(
+                    "SELECT count(*) AS n FROM _sqlx_migrations WHERE success",
+                    &[],
+                    "counting the applied migrations",
+                )
+                .await;
+            match counted {
+                Ok(rows) => Ok(rows
+                    .first()
+                    .map(|row| row.int("n"))
+                    .transpose()?
+                    .flatten()
+                    .unwrap_or(0)),
+                // No table yet: nothing applied.
+                Err(StoreError::Database {
+                    source: sqlx::Error::Database(e),
+                    ..
+                }) if e.message().contains("_sqlx_migrations") => Ok(0),
+                Err(e) => Err(e),
+            }
+        }
+    }
 
     /// The bound on every call through an [`AnyStore`] of this backend.
     fn call_timeout(&self) -> Duration;
 }
-
-/// The count of applied migrations from the statement that counts them: none when the
-/// table is not there yet.
-pub(super) fn applied(counted: Result<i64, sqlx::Error>) -> Result<i64, StoreError> {
-    match counted {
-        Ok(count) => Ok(count),
-        Err(sqlx::Error::Database(e)) if e.message().contains("_sqlx_migrations") => Ok(0),
-        Err(source) => Err(StoreError::Database {
-            context: "counting the applied migrations",
-            source,
-        }),
-    }
-}
-
-/// The statement [`applied`] reads.
-pub(super) const APPLIED_MIGRATIONS: &str = "SELECT count(*) FROM _sqlx_migrations WHERE success";
 
 /// What a URL that no backend claims is told.
 const NO_BACKEND: &str = "is neither a PostgreSQL URL (postgres://user@host:port/database) nor \
@@ -234,19 +253,11 @@ macro_rules! backends {
             async fn commit_page(
                 &self,
                 lease: &mut AnyLease,
-                run: RunId,
-                source: &str,
-                departments: &[Department],
-                rejected: &[RejectedRecord],
-                checkpoint: &Checkpoint,
+                page: &Commit<'_>,
             ) -> Result<PageCounts, StoreError> {
                 bounded(self.call_timeout(), async {
                     match lease {
-                        $(AnyLease::$variant(store, lease) => {
-                            store
-                                .commit_page(lease, run, source, departments, rejected, checkpoint)
-                                .await
-                        })*
+                        $(AnyLease::$variant(store, lease) => store.commit_page(lease, page).await,)*
                     }
                 })
                 .await

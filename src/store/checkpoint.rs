@@ -19,15 +19,16 @@ use std::future::Future;
 use uuid::Uuid;
 
 use super::StoreError;
-use super::statements::{self, Statements, Value};
+use super::statements::{self, Statements, StoredRow, Value};
 use crate::model::{
     Checkpoint, DeletionPolicy, Department, PageCounts, RejectedRecord, RunId, RunMode, Window,
     WithheldDeletions,
 };
 
-/// One page to commit.
-#[derive(Clone, Copy)]
-pub(crate) struct Page<'a> {
+/// One page to commit: its departments and rejected records, read by `run` of `source`,
+/// and the checkpoint that follows them.
+#[derive(Debug, Clone, Copy)]
+pub struct Commit<'a> {
     pub run: RunId,
     pub source: &'a str,
     pub departments: &'a [Department],
@@ -35,7 +36,7 @@ pub(crate) struct Page<'a> {
     pub checkpoint: &'a Checkpoint,
 }
 
-impl Page<'_> {
+impl Commit<'_> {
     /// The full listing the page belongs to, if it is a listing's page.
     pub fn listing(&self) -> Option<Uuid> {
         match self.checkpoint {
@@ -215,26 +216,19 @@ async fn stored_listing(
     source: &str,
 ) -> Result<StoredListing, StoreError> {
     let rows = tx
-        .text_counts(
-            "SELECT CAST(listing_id AS TEXT),
-                    CAST(CASE WHEN listing_rewrote THEN 1 ELSE 0 END AS BIGINT), CAST(0 AS BIGINT)
+        .fetch(
+            "SELECT CAST(listing_id AS TEXT) AS listing_id, listing_rewrote
              FROM sync_state WHERE source = $1",
             &[Value::Text(Some(source))],
             "reading the listing in progress",
         )
         .await?;
-    let Some((listing_id, rewrote, _)) = rows.into_iter().next() else {
+    let Some(row) = rows.first() else {
         return Ok(StoredListing::default());
     };
-    let listing_id = listing_id
-        .map(|id| {
-            Uuid::parse_str(&id)
-                .map_err(|e| StoreError::Corrupt(format!("listing id {id:?} is not a UUID: {e}")))
-        })
-        .transpose()?;
     Ok(StoredListing {
-        listing_id,
-        rewrote: rewrote != 0,
+        listing_id: row.id("listing_id")?,
+        rewrote: row.flag("listing_rewrote")?.unwrap_or(false),
     })
 }
 
@@ -278,9 +272,9 @@ async fn forget_seen<T: PageTransaction>(
 /// counts, or nothing.
 pub(crate) async fn commit_page<T: PageTransaction>(
     mut tx: T,
-    page: &Page<'_>,
+    page: &Commit<'_>,
 ) -> Result<PageCounts, StoreError> {
-    let Page {
+    let Commit {
         run,
         source,
         departments,
@@ -471,21 +465,22 @@ async fn delete_unseen<T: PageTransaction>(
         Value::Texts(scope_list.as_deref()),
         Value::Now,
     ];
-    let rows = tx
-        .text_counts(
+    let scopes = tx
+        .fetch(
             T::COUNT_UNSEEN,
             &unseen,
             "counting the departments the listing did not see",
         )
-        .await?;
-    let scopes: Vec<ScopeCount> = rows
-        .into_iter()
-        .map(|(scope, live, unseen)| ScopeCount {
-            scope: scope.unwrap_or_default(),
-            live: live as u64,
-            unseen: unseen as u64,
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(ScopeCount {
+                scope: row.text("scope")?.unwrap_or_default(),
+                live: row.int("live")?.unwrap_or(0) as u64,
+                unseen: row.int("unseen")?.unwrap_or(0) as u64,
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>, StoreError>>()?;
     let withheld = match judge_unseen(&scopes, confirms, policy.max_delete_fraction) {
         UnseenVerdict::Keep(kept) => return Ok(kept),
         UnseenVerdict::Delete { withheld } => withheld,

@@ -19,6 +19,7 @@ pub mod sqlite;
 mod statements;
 
 pub use any::{AnyLease, AnyStore, Backend, DatabaseKind};
+pub use checkpoint::Commit;
 
 pub use checkpoint::MIN_GUARDED_SCOPE_ROWS;
 
@@ -29,8 +30,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    BackfillRange, Checkpoint, Department, Ledger, LedgerWindow, ListingProgress, PageCounts,
-    RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
+    BackfillRange, Ledger, LedgerWindow, ListingProgress, PageCounts, RejectedRecord, RunId,
+    RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
 };
 
 /// A store failure, with what we were doing when it happened.
@@ -248,11 +249,7 @@ pub trait Store: Send + Sync {
     fn commit_page(
         &self,
         lease: &mut Self::Lease,
-        run: RunId,
-        source: &str,
-        departments: &[Department],
-        rejected: &[RejectedRecord],
-        checkpoint: &Checkpoint,
+        page: &Commit<'_>,
     ) -> impl Future<Output = Result<PageCounts, StoreError>> + Send;
 
     /// Records that `source`'s saved position is a position of `scope` (a fingerprint of

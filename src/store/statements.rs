@@ -20,11 +20,13 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::StoreError;
-use crate::model::{Ledger, RunId, RunMode, RunOutcome, Window, WindowState};
+use crate::model::{
+    Ledger, LedgerWindow, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
+};
 
 /// A value bound to a statement's parameter.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Value<'a> {
+pub enum Value<'a> {
     Text(Option<&'a str>),
     Time(Option<DateTime<Utc>>),
     Id(Option<Uuid>),
@@ -42,8 +44,11 @@ pub(crate) enum Value<'a> {
 use Value::{Bool, Id, Int, Now, Text, Time};
 
 /// A transaction that runs the shared statements, binding each [`Value`] as its backend
-/// stores it.
-pub(crate) trait Statements: Send {
+/// stores it. Both backends implement it with [`impl_statements`].
+pub trait Statements: Send {
+    /// A row the transaction's statements return.
+    type Row: StoredRow + Send;
+
     /// Runs `sql` with `values` for `$1`, `$2`, …; how many rows it changed. `context`
     /// says what was being done, for its error.
     fn execute(
@@ -53,24 +58,136 @@ pub(crate) trait Statements: Send {
         context: &'static str,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
-    /// Runs `sql`, which returns one integer, with `values`.
-    fn count(
+    /// Runs `sql` with `values`; the rows it returns.
+    fn fetch(
         &mut self,
         sql: &'static str,
         values: &[Value<'_>],
         context: &'static str,
-    ) -> impl Future<Output = Result<i64, StoreError>> + Send;
-
-    /// Runs `sql`, which returns rows of a text and two integers, with `values`.
-    fn text_counts(
-        &mut self,
-        sql: &'static str,
-        values: &[Value<'_>],
-        context: &'static str,
-    ) -> impl Future<Output = Result<Vec<(Option<String>, i64, i64)>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Self::Row>, StoreError>> + Send;
 
     /// Commits the transaction. Dropping it instead rolls everything back.
     fn commit(self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Implements [`Statements`] for a backend's transaction `$page` (a struct with a `tx`
+/// field, a `sqlx::Transaction` of the backend), whose values `$bind(query, values, page)`
+/// binds.
+macro_rules! impl_statements {
+    ($page:ident, $row:ty, $bind:path) => {
+        impl crate::store::statements::Statements for $page<'_> {
+            type Row = $row;
+
+            async fn execute(
+                &mut self,
+                sql: &'static str,
+                values: &[crate::store::statements::Value<'_>],
+                context: &'static str,
+            ) -> Result<u64, crate::store::StoreError> {
+                let query = $bind(sqlx::query(sql), values, &*self);
+                let done = query
+                    .execute(&mut *self.tx)
+                    .await
+                    .map_err(crate::store::db(context))?;
+                Ok(done.rows_affected())
+            }
+
+            async fn fetch(
+                &mut self,
+                sql: &'static str,
+                values: &[crate::store::statements::Value<'_>],
+                context: &'static str,
+            ) -> Result<Vec<$row>, crate::store::StoreError> {
+                let query = $bind(sqlx::query(sql), values, &*self);
+                query
+                    .fetch_all(&mut *self.tx)
+                    .await
+                    .map_err(crate::store::db(context))
+            }
+
+            async fn commit(self) -> Result<(), crate::store::StoreError> {
+                self.tx
+                    .commit()
+                    .await
+                    .map_err(crate::store::db("committing"))
+            }
+        }
+    };
+}
+pub(crate) use impl_statements;
+
+/// A row read back, its columns by name. Instants are read as the backend keeps them;
+/// ids are selected as text (`CAST(… AS TEXT)`), which both dialects can say.
+pub trait StoredRow {
+    fn text(&self, column: &str) -> Result<Option<String>, StoreError>;
+    fn time(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
+    fn int(&self, column: &str) -> Result<Option<i64>, StoreError>;
+    fn flag(&self, column: &str) -> Result<Option<bool>, StoreError>;
+
+    /// An id column, selected as text.
+    fn id(&self, column: &str) -> Result<Option<Uuid>, StoreError> {
+        self.text(column)?
+            .map(|text| {
+                Uuid::parse_str(&text).map_err(|e| {
+                    StoreError::Corrupt(format!("{column} {text:?} is not a uuid: {e}"))
+                })
+            })
+            .transpose()
+    }
+
+    /// A column that must hold a value.
+    fn required<T>(
+        &self,
+        column: &str,
+        read: impl Fn(&Self, &str) -> Result<Option<T>, StoreError>,
+    ) -> Result<T, StoreError> {
+        read(self, column)?
+            .ok_or_else(|| StoreError::Corrupt(format!("{column} is NULL in a stored row")))
+    }
+}
+
+impl<R> StoredRow for R
+where
+    R: sqlx::Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<DateTime<Utc>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<bool>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    fn text(&self, column: &str) -> Result<Option<String>, StoreError> {
+        self.try_get(column)
+            .map_err(super::db("reading a stored row"))
+    }
+
+    fn time(&self, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.try_get(column)
+            .map_err(super::db("reading a stored row"))
+    }
+
+    fn int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        self.try_get(column)
+            .map_err(super::db("reading a stored row"))
+    }
+
+    fn flag(&self, column: &str) -> Result<Option<bool>, StoreError> {
+        self.try_get(column)
+            .map_err(super::db("reading a stored row"))
+    }
+}
+
+/// Runs `sql`, which returns one integer (as `n`), with `values`.
+async fn count(
+    tx: &mut impl Statements,
+    sql: &'static str,
+    values: &[Value<'_>],
+    context: &'static str,
+) -> Result<i64, StoreError> {
+    let rows = tx.fetch(sql, values, context).await?;
+    match rows.first() {
+        Some(row) => row.required("n", StoredRow::int),
+        None => Err(StoreError::Corrupt(format!("{context}: no row"))),
+    }
 }
 
 /// How `sync_windows` keeps a window's state: its `state` and `cursor` columns.
@@ -227,13 +344,14 @@ pub(crate) async fn windows_left(
     source: &str,
     mode: RunMode,
 ) -> Result<u64, StoreError> {
-    let left = tx
-        .count(
-            "SELECT count(*) FROM sync_windows WHERE source = $1 AND mode = $2 AND state <> 'done'",
-            &[Text(Some(source)), Text(Some(mode.as_str()))],
-            "counting the windows left",
-        )
-        .await?;
+    let left = count(
+        tx,
+        "SELECT count(*) AS n FROM sync_windows
+         WHERE source = $1 AND mode = $2 AND state <> 'done'",
+        &[Text(Some(source)), Text(Some(mode.as_str()))],
+        "counting the windows left",
+    )
+    .await?;
     Ok(left as u64)
 }
 
@@ -474,4 +592,122 @@ pub(crate) async fn set_scope(
     )
     .await?;
     Ok(())
+}
+
+/// Where `source` stands: its `sync_state` row and its window ledgers, read in `tx` (one
+/// snapshot of both).
+pub(crate) async fn load_state(
+    mut tx: impl Statements,
+    source: &str,
+) -> Result<SyncState, StoreError> {
+    let states = tx
+        .fetch(
+            "SELECT high_water_mark, incremental_until, backfill_from, backfill_to,
+                    backfill_until, CAST(listing_id AS TEXT) AS listing_id, listing_cursor,
+                    CAST(listing_confirms AS TEXT) AS listing_confirms, scope_fingerprint
+             FROM sync_state WHERE source = $1",
+            &[Text(Some(source))],
+            "loading the sync state",
+        )
+        .await?;
+    let Some(row) = states.first() else {
+        return Ok(SyncState::default());
+    };
+    let columns = super::StateColumns {
+        high_water_mark: row.time("high_water_mark")?,
+        incremental_until: row.time("incremental_until")?,
+        backfill_from: row.time("backfill_from")?,
+        backfill_to: row.time("backfill_to")?,
+        backfill_until: row.time("backfill_until")?,
+        listing_id: row.id("listing_id")?,
+        listing_cursor: row.text("listing_cursor")?,
+        listing_confirms: row.id("listing_confirms")?,
+        scope_fingerprint: row.text("scope_fingerprint")?,
+    };
+    let windows = tx
+        .fetch(
+            "SELECT mode, window_start, window_end, state, cursor FROM sync_windows
+             WHERE source = $1 ORDER BY mode, window_start",
+            &[Text(Some(source))],
+            "loading the window ledger",
+        )
+        .await?
+        .iter()
+        .map(|row| {
+            let window = Window {
+                start: row.required("window_start", StoredRow::time)?,
+                end: row.required("window_end", StoredRow::time)?,
+            };
+            let state = row.required("state", StoredRow::text)?;
+            let state = super::window_state(source, window, &state, row.text("cursor")?)?;
+            Ok((
+                super::run_mode(&row.required("mode", StoredRow::text)?)?,
+                state,
+            ))
+        })
+        .collect::<Result<Vec<(RunMode, LedgerWindow)>, StoreError>>()?;
+    tx.commit().await?;
+    Ok(columns.into_state(windows))
+}
+
+/// One line of `status` from a row of a backend's status statement.
+pub(crate) fn source_status(row: &impl StoredRow) -> Result<SourceStatus, StoreError> {
+    let high_water_mark = row.time("high_water_mark")?;
+    let windows = (
+        row.int("windows_left")?.unwrap_or(0),
+        row.int("windows_planned")?.unwrap_or(0),
+    );
+    Ok(SourceStatus {
+        source: row.required("source", StoredRow::text)?,
+        state: row
+            .text("last_status")?
+            .unwrap_or_else(|| "never run".to_owned()),
+        last_run_started_at: row.time("last_started_at")?,
+        last_run_finished_at: row.time("last_finished_at")?,
+        last_success_at: row.time("last_success_at")?,
+        last_error: row.text("last_error")?,
+        last_error_at: row.time("last_error_at")?,
+        high_water_mark,
+        position: super::describe_position(high_water_mark, windows, row.text("listing_cursor")?),
+        first_run_at: row.time("first_run_at")?,
+        live_rows: row.int("live_rows")?.unwrap_or(0),
+        deleted_rows: row.int("deleted_rows")?.unwrap_or(0),
+        rejected_records: row.int("rejected")?.unwrap_or(0),
+        backfill_in_progress: row.flag("backfill_in_progress")?.unwrap_or(false),
+        reset: row.text("reset_reason")?,
+        reset_at: row.time("reset_at")?,
+        registered_at: row.time("registered_at")?,
+    })
+}
+
+/// One line per source of `sources` and of any other the store has seen, from the
+/// backend's status statement `sql` (which takes the names as a list, `$1`).
+pub(crate) async fn status(
+    mut tx: impl Statements,
+    sql: &'static str,
+    sources: &[String],
+) -> Result<Vec<SourceStatus>, StoreError> {
+    let names: Vec<&str> = sources.iter().map(String::as_str).collect();
+    let rows = tx
+        .fetch(sql, &[Value::Texts(Some(&names))], "reading the status")
+        .await?;
+    tx.commit().await?;
+    rows.iter().map(source_status).collect()
+}
+
+/// Records that the service has `sources` on its schedule, for those it did not have
+/// before, with the backend's statement `sql` (the names as a list `$1`, the instant `$2`).
+pub(crate) async fn register(
+    mut tx: impl Statements,
+    sql: &'static str,
+    sources: &[String],
+) -> Result<(), StoreError> {
+    let names: Vec<&str> = sources.iter().map(String::as_str).collect();
+    tx.execute(
+        sql,
+        &[Value::Texts(Some(&names)), Now],
+        "registering the scheduled sources",
+    )
+    .await?;
+    tx.commit().await
 }

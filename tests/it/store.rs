@@ -12,7 +12,7 @@ use deptsync::model::{
     RawRecord, RejectedRecord, RunId, RunMode, RunOutcome, SyncState, Window, WindowState,
     WithheldDeletions,
 };
-use deptsync::store::{AnyLease, AnyStore, IfMissing, Store, StoreError};
+use deptsync::store::{AnyLease, AnyStore, Commit, IfMissing, Store, StoreError};
 use uuid::Uuid;
 
 use crate::helpers::{
@@ -323,7 +323,16 @@ async fn commit(
     checkpoint: &Checkpoint,
 ) -> PageCounts {
     db.store
-        .commit_page(lease, run, "s", departments, &[], checkpoint)
+        .commit_page(
+            lease,
+            &Commit {
+                run,
+                source: "s",
+                departments,
+                rejected: &[],
+                checkpoint,
+            },
+        )
         .await
         .unwrap()
 }
@@ -644,7 +653,16 @@ async fn a_split_window_becomes_two_pending_halves(db: TestStore) {
     // A window the ledger no longer holds cannot be split again.
     let again = db
         .store
-        .commit_page(&mut lease, run, "s", &[], &[], &split)
+        .commit_page(
+            &mut lease,
+            &Commit {
+                run,
+                source: "s",
+                departments: &[],
+                rejected: &[],
+                checkpoint: &split,
+            },
+        )
         .await;
     assert!(matches!(again, Err(StoreError::Corrupt(_))), "{again:?}");
 }
@@ -698,7 +716,16 @@ async fn the_mark_moves_only_when_every_window_of_the_ledger_is_done(db: TestSto
     let late = [department("2", "late", at(2019, 1, 15))];
     assert!(
         db.store
-            .commit_page(&mut lease, run, "s", &late, &[], &done(stranger))
+            .commit_page(
+                &mut lease,
+                &Commit {
+                    run,
+                    source: "s",
+                    departments: &late,
+                    rejected: &[],
+                    checkpoint: &done(stranger)
+                }
+            )
             .await
             .is_err()
     );
@@ -763,11 +790,13 @@ async fn a_failed_commit_keeps_neither_rows_nor_position(db: TestStore) {
         db.store
             .commit_page(
                 &mut lease,
-                run,
-                "s",
-                &page,
-                &[],
-                &plan(at(2021, 1, 1), &[empty])
+                &Commit {
+                    run,
+                    source: "s",
+                    departments: &page,
+                    rejected: &[],
+                    checkpoint: &plan(at(2021, 1, 1), &[empty])
+                }
             )
             .await
             .is_err()
@@ -790,11 +819,13 @@ async fn a_page_whose_run_cannot_be_counted_is_not_kept(db: TestStore) {
         db.store
             .commit_page(
                 &mut lease,
-                unknown_run,
-                "s",
-                &page,
-                &[],
-                &plan(at(2021, 1, 1), &[w])
+                &Commit {
+                    run: unknown_run,
+                    source: "s",
+                    departments: &page,
+                    rejected: &[],
+                    checkpoint: &plan(at(2021, 1, 1), &[w])
+                }
             )
             .await
             .is_err()
@@ -1124,7 +1155,16 @@ async fn rejected_records_are_kept_once_and_counted(db: TestStore) {
     for (cursor, records) in [("a", vec![bad("")]), ("b", vec![bad(""), bad(" ")])] {
         let counts = db
             .store
-            .commit_page(&mut lease, run, "s", &[], &records, &in_progress(cursor))
+            .commit_page(
+                &mut lease,
+                &Commit {
+                    run,
+                    source: "s",
+                    departments: &[],
+                    rejected: &records,
+                    checkpoint: &in_progress(cursor),
+                },
+            )
             .await
             .unwrap();
         assert_eq!(counts.rejected, records.len() as u64);
@@ -1270,11 +1310,13 @@ async fn a_lost_lock_loses_the_write_too() {
         db.store
             .commit_page(
                 &mut lease,
-                run,
-                "s",
-                &page,
-                &[],
-                &plan(at(2021, 1, 1), &[w])
+                &Commit {
+                    run,
+                    source: "s",
+                    departments: &page,
+                    rejected: &[],
+                    checkpoint: &plan(at(2021, 1, 1), &[w])
+                }
             )
             .await
             .is_err()

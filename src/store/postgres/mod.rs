@@ -13,22 +13,28 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgConnection, PgPool, Postgres, Row};
+use sqlx::{PgConnection, PgPool, Postgres};
 
 pub use super::IfMissing;
-use super::any::{APPLIED_MIGRATIONS, Backend, applied};
-use super::checkpoint::{self, Page};
+use super::any::Backend;
+use super::checkpoint;
 use super::statements;
-use super::{StateColumns, Store, StoreError, db, describe_position, run_mode, window_state};
-use crate::model::{
-    Checkpoint, Department, LedgerWindow, PageCounts, RejectedRecord, RunId, RunMode, RunOutcome,
-    SourceStatus, SyncState, Window,
-};
+use super::{Commit, Store, StoreError, db};
+use crate::model::{PageCounts, RunId, RunMode, RunOutcome, SourceStatus, SyncState};
 
 /// deptsync's PostgreSQL migrations, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-const STATUS: &str = include_str!("queries/status.sql");
+/// `status`: the configured names (`$1`, an array), then the statement both backends share.
+const STATUS: &str = concat!(
+    "WITH names AS (\n    SELECT unnest($1::text[]) AS source\n",
+    include_str!("../queries/status.sql")
+);
+/// Registers the sources `$1` (an array) at the instant `$2` (see `statements::register`).
+const REGISTER: &str = "INSERT INTO sync_state AS s (source, registered_at)
+     SELECT unnest($1::text[]), COALESCE($2, CURRENT_TIMESTAMP)
+     ON CONFLICT (source) DO UPDATE SET
+         registered_at = COALESCE(s.registered_at, excluded.registered_at)";
 
 /// A store in one PostgreSQL database.
 #[derive(Clone)]
@@ -67,6 +73,16 @@ impl PgLease {
 }
 
 impl PgStore {
+    /// A transaction on a connection of the pool.
+    async fn begin(&self) -> Result<PgPage<'static>, StoreError> {
+        let tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("opening a transaction"))?;
+        Ok(PgPage::new(tx, Load::Compare))
+    }
+
     /// Connects to the database at `url`, statements bounded by the default timeout.
     pub async fn connect(url: &SecretString, if_missing: IfMissing) -> Result<PgStore, StoreError> {
         Self::connect_with(url, if_missing, super::DEFAULT_STATEMENT_TIMEOUT).await
@@ -77,28 +93,6 @@ impl PgStore {
     #[doc(hidden)]
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    /// Every window of `source`'s ledgers, with its mode, oldest first.
-    async fn read_ledgers(&self, source: &str) -> Result<Vec<(RunMode, LedgerWindow)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT mode, window_start, window_end, state, cursor FROM sync_windows
-             WHERE source = $1 ORDER BY mode, window_start",
-        )
-        .bind(source)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("loading the window ledger"))?;
-        rows.into_iter()
-            .map(|row| {
-                let window = Window {
-                    start: row.get("window_start"),
-                    end: row.get("window_end"),
-                };
-                let state = window_state(source, window, row.get("state"), row.get("cursor"))?;
-                Ok((run_mode(row.get("mode"))?, state))
-            })
-            .collect()
     }
 }
 
@@ -224,17 +218,10 @@ impl Backend for PgStore {
         Ok(migrated?)
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        let answered = sqlx::query("SELECT 1").execute(&self.pool).await;
-        answered.map(|_| ()).map_err(db("asking the database"))
-    }
+    type Reader = PgPage<'static>;
 
-    async fn applied_migrations(&self) -> Result<i64, StoreError> {
-        applied(
-            sqlx::query_scalar(APPLIED_MIGRATIONS)
-                .fetch_one(&self.pool)
-                .await,
-        )
+    async fn read(&self) -> Result<PgPage<'static>, StoreError> {
+        self.begin().await
     }
 
     fn call_timeout(&self) -> Duration {
@@ -289,26 +276,7 @@ impl Store for PgStore {
     }
 
     async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
-        let row = sqlx::query("SELECT * FROM sync_state WHERE source = $1")
-            .bind(source)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db("loading the sync state"))?;
-        let Some(row) = row else {
-            return Ok(SyncState::default());
-        };
-        let columns = StateColumns {
-            high_water_mark: row.get("high_water_mark"),
-            incremental_until: row.get("incremental_until"),
-            backfill_from: row.get("backfill_from"),
-            backfill_to: row.get("backfill_to"),
-            backfill_until: row.get("backfill_until"),
-            listing_id: row.get("listing_id"),
-            listing_cursor: row.get("listing_cursor"),
-            listing_confirms: row.get("listing_confirms"),
-            scope_fingerprint: row.get("scope_fingerprint"),
-        };
-        Ok(columns.into_state(self.read_ledgers(source).await?))
+        statements::load_state(self.read().await?, source).await
     }
 
     async fn start_run(
@@ -323,32 +291,23 @@ impl Store for PgStore {
     async fn commit_page(
         &self,
         lease: &mut Self::Lease,
-        run: RunId,
-        source: &str,
-        departments: &[Department],
-        rejected: &[RejectedRecord],
-        checkpoint: &Checkpoint,
+        page: &Commit<'_>,
     ) -> Result<PageCounts, StoreError> {
-        let page = Page {
-            run,
-            source,
-            departments,
-            rejected,
-            checkpoint,
-        };
+        let departments = page.departments;
+        let source = page.source;
         let load = if lease.loading_new && page.listing().is_none() && !departments.is_empty() {
             Load::AllNew
         } else {
             Load::Compare
         };
-        let first = checkpoint::commit_page(lease.begin(load).await?, &page).await;
+        let first = checkpoint::commit_page(lease.begin(load).await?, page).await;
         let counts = match first {
             // A page expected to be all new held a stored department: the whole
             // transaction rolled back; store the page again, comparing every row.
             // (Or COPY refused a value the statement may take, or report better.)
             Err(e) if load == Load::AllNew && e.is_refused_by_database() => {
                 tracing::debug!(source, error = %e, "loading a page as new failed; comparing its rows");
-                checkpoint::commit_page(lease.begin(Load::Compare).await?, &page).await?
+                checkpoint::commit_page(lease.begin(Load::Compare).await?, page).await?
             }
             result => result?,
         };
@@ -372,62 +331,14 @@ impl Store for PgStore {
     }
 
     async fn register(&self, sources: &[String]) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO sync_state AS s (source, registered_at)
-             SELECT unnest($1::text[]), now()
-             ON CONFLICT (source) DO UPDATE SET registered_at = COALESCE(s.registered_at, now())",
-        )
-        .bind(sources)
-        .execute(&self.pool)
-        .await
-        .map_err(db("registering the scheduled sources"))?;
-        Ok(())
+        statements::register(self.begin().await?, REGISTER, sources).await
     }
 
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
-        let tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(db("opening a transaction"))?;
-        statements::finish_run(PgPage::new(tx, Load::Compare), run, outcome).await
+        statements::finish_run(self.begin().await?, run, outcome).await
     }
 
     async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {
-        let rows = sqlx::query(STATUS)
-            .bind(sources)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db("reading the status"))?;
-        Ok(rows
-            .into_iter()
-            .map(|row| SourceStatus {
-                source: row.get("source"),
-                state: row
-                    .get::<Option<String>, _>("last_status")
-                    .unwrap_or_else(|| "never run".to_owned()),
-                last_run_started_at: row.get("last_started_at"),
-                last_run_finished_at: row.get("last_finished_at"),
-                last_success_at: row.get("last_success_at"),
-                last_error: row.get("last_error"),
-                last_error_at: row.get("last_error_at"),
-                high_water_mark: row.get("high_water_mark"),
-                position: describe_position(
-                    row.get("high_water_mark"),
-                    (row.get("windows_left"), row.get("windows_planned")),
-                    row.get("listing_cursor"),
-                ),
-                first_run_at: row.get("first_run_at"),
-                live_rows: row.get("live_rows"),
-                deleted_rows: row.get("deleted_rows"),
-                rejected_records: row.get("rejected"),
-                backfill_in_progress: row
-                    .get::<Option<bool>, _>("backfill_in_progress")
-                    .unwrap_or(false),
-                reset: row.get("reset_reason"),
-                reset_at: row.get("reset_at"),
-                registered_at: row.get("registered_at"),
-            })
-            .collect())
+        statements::status(self.read().await?, STATUS, sources).await
     }
 }

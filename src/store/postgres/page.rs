@@ -1,19 +1,19 @@
 //! The primitives of a page's transaction ([`PageTransaction`]), in PostgreSQL's dialect.
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgArguments;
+use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Query;
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::departments::{self, Load};
 use crate::model::Department;
 use crate::store::checkpoint::{PageTransaction, Written};
-use crate::store::statements::{Statements, Value};
+use crate::store::statements::{Value, impl_statements};
 use crate::store::{StoreError, db};
 
 /// A page's transaction, and how its windowed departments are written.
-pub(super) struct PgPage<'c> {
+pub struct PgPage<'c> {
     tx: Transaction<'c, Postgres>,
     load: Load,
 }
@@ -24,59 +24,14 @@ impl<'c> PgPage<'c> {
     }
 }
 
-impl Statements for PgPage<'_> {
-    async fn execute(
-        &mut self,
-        sql: &'static str,
-        values: &[Value<'_>],
-        context: &'static str,
-    ) -> Result<u64, StoreError> {
-        let done = bind(sqlx::query(sql), values)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db(context))?;
-        Ok(done.rows_affected())
-    }
-
-    async fn count(
-        &mut self,
-        sql: &'static str,
-        values: &[Value<'_>],
-        context: &'static str,
-    ) -> Result<i64, StoreError> {
-        let row = bind(sqlx::query(sql), values)
-            .fetch_one(&mut *self.tx)
-            .await
-            .map_err(db(context))?;
-        row.try_get(0).map_err(db(context))
-    }
-
-    async fn text_counts(
-        &mut self,
-        sql: &'static str,
-        values: &[Value<'_>],
-        context: &'static str,
-    ) -> Result<Vec<(Option<String>, i64, i64)>, StoreError> {
-        let rows = bind(sqlx::query(sql), values)
-            .fetch_all(&mut *self.tx)
-            .await
-            .map_err(db(context))?;
-        rows.iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(db(context))
-    }
-
-    async fn commit(self) -> Result<(), StoreError> {
-        self.tx.commit().await.map_err(db("committing"))
-    }
-}
+impl_statements!(PgPage, PgRow, bind);
 
 /// `query` with `values` bound, as PostgreSQL keeps them: instants and ids natively, the
 /// transaction's instant as NULL (the statement falls back to `CURRENT_TIMESTAMP`).
 fn bind<'q>(
     query: Query<'q, Postgres, PgArguments>,
     values: &[Value<'q>],
+    _: &PgPage<'_>,
 ) -> Query<'q, Postgres, PgArguments> {
     values.iter().fold(query, |query, value| match *value {
         Value::Text(text) => query.bind(text),

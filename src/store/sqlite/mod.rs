@@ -39,28 +39,30 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Serialize;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
-use sqlx::{Connection, Row, Sqlite, SqlitePool};
-use uuid::Uuid;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, SqlitePool};
 
-use super::any::{APPLIED_MIGRATIONS, Backend, applied};
-use super::checkpoint::{self, Page};
+use super::any::Backend;
+use super::checkpoint;
 use super::statements;
-use super::{
-    IfMissing, StateColumns, Store, StoreError, db, describe_position, run_mode, window_state,
-};
-use crate::model::{
-    Checkpoint, Department, LedgerWindow, PageCounts, RejectedRecord, RunId, RunMode, RunOutcome,
-    SourceStatus, SyncState, Window,
-};
+use super::{Commit, IfMissing, Store, StoreError, db};
+use crate::model::{PageCounts, RunId, RunMode, RunOutcome, SourceStatus, SyncState};
 
 /// deptsync's SQLite migrations, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-const STATUS: &str = include_str!("queries/status.sql");
+/// `status`: the configured names (`$1`, a JSON array), then the statement both backends
+/// share.
+const STATUS: &str = concat!(
+    "WITH names AS (\n    SELECT value AS source FROM json_each($1)\n",
+    include_str!("../queries/status.sql")
+);
+/// Registers the sources `$1` (a JSON array) at the instant `$2` (see
+/// `statements::register`).
+const REGISTER: &str = "INSERT INTO sync_state AS s (source, registered_at, updated_at)
+     SELECT value, $2, $2 FROM json_each($1) WHERE true
+     ON CONFLICT (source) DO UPDATE SET
+         registered_at = COALESCE(s.registered_at, excluded.registered_at)";
 
 /// How long a write waits for another writer (another source's page, another process)
 /// before it fails.
@@ -94,24 +96,6 @@ fn stamp(instant: DateTime<Utc>) -> String {
     instant.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
 
-/// `column` of `row`, or an error saying the stored value is not what deptsync wrote.
-fn get<'r, T>(row: &'r SqliteRow, column: &str) -> Result<T, StoreError>
-where
-    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
-{
-    row.try_get(column).map_err(db("reading a stored row"))
-}
-
-/// A uuid kept as text.
-fn uuid_in(row: &SqliteRow, column: &str) -> Result<Option<Uuid>, StoreError> {
-    get::<Option<String>>(row, column)?
-        .map(|text| {
-            Uuid::parse_str(&text)
-                .map_err(|e| StoreError::Corrupt(format!("{column} {text:?} is not a uuid: {e}")))
-        })
-        .transpose()
-}
-
 /// A store in one SQLite file.
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -131,6 +115,17 @@ pub struct SqliteLease {
 }
 
 impl SqliteStore {
+    /// A transaction on a connection of the pool, begun with `begin` ([`BEGIN_WRITE`] to
+    /// write).
+    async fn begin(&self, begin: &'static str) -> Result<SqlitePage<'static>, StoreError> {
+        let tx = self
+            .pool
+            .begin_with(begin)
+            .await
+            .map_err(db("opening a transaction"))?;
+        Ok(SqlitePage::new(tx))
+    }
+
     /// Opens the database file `url` names; with [`IfMissing::Create`], creates it when
     /// missing (not its directory).
     pub async fn connect(
@@ -146,39 +141,6 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
-
-    /// Every window of `source`'s ledgers, with its mode, oldest first.
-    async fn read_ledgers(&self, source: &str) -> Result<Vec<(RunMode, LedgerWindow)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT mode, window_start, window_end, state, cursor FROM sync_windows
-             WHERE source = ?1 ORDER BY mode, window_start",
-        )
-        .bind(source)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("loading the window ledger"))?;
-        rows.iter()
-            .map(|row| {
-                let window = Window {
-                    start: get(row, "window_start")?,
-                    end: get(row, "window_end")?,
-                };
-                let state = window_state(
-                    source,
-                    window,
-                    &get::<String>(row, "state")?,
-                    get(row, "cursor")?,
-                )?;
-                Ok((run_mode(&get::<String>(row, "mode")?)?, state))
-            })
-            .collect()
-    }
-}
-
-/// `value` as JSON text, for a statement that reads it with `json_each`.
-fn json_text(value: &impl Serialize) -> Result<String, StoreError> {
-    serde_json::to_string(value)
-        .map_err(|e| StoreError::Corrupt(format!("a list not serializable: {e}")))
 }
 
 /// The transaction's instant, taken once it holds the write lock.
@@ -288,17 +250,10 @@ impl Backend for SqliteStore {
         Ok(migrated?)
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        let answered = sqlx::query("SELECT 1").execute(&self.pool).await;
-        answered.map(|_| ()).map_err(db("asking the database"))
-    }
+    type Reader = SqlitePage<'static>;
 
-    async fn applied_migrations(&self) -> Result<i64, StoreError> {
-        applied(
-            sqlx::query_scalar(APPLIED_MIGRATIONS)
-                .fetch_one(&self.pool)
-                .await,
-        )
+    async fn read(&self) -> Result<SqlitePage<'static>, StoreError> {
+        self.begin("BEGIN").await
     }
 
     fn call_timeout(&self) -> Duration {
@@ -345,31 +300,7 @@ impl Store for SqliteStore {
     }
 
     async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
-        let row = sqlx::query(
-            "SELECT high_water_mark, incremental_until, backfill_from, backfill_to,
-                    backfill_until, listing_id, listing_cursor, listing_confirms,
-                    scope_fingerprint
-             FROM sync_state WHERE source = ?1",
-        )
-        .bind(source)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db("loading the sync state"))?;
-        let Some(row) = row else {
-            return Ok(SyncState::default());
-        };
-        let columns = StateColumns {
-            high_water_mark: get(&row, "high_water_mark")?,
-            incremental_until: get(&row, "incremental_until")?,
-            backfill_from: get(&row, "backfill_from")?,
-            backfill_to: get(&row, "backfill_to")?,
-            backfill_until: get(&row, "backfill_until")?,
-            listing_id: uuid_in(&row, "listing_id")?,
-            listing_cursor: get(&row, "listing_cursor")?,
-            listing_confirms: uuid_in(&row, "listing_confirms")?,
-            scope_fingerprint: get(&row, "scope_fingerprint")?,
-        };
-        Ok(columns.into_state(self.read_ledgers(source).await?))
+        statements::load_state(self.read().await?, source).await
     }
 
     async fn start_run(
@@ -394,86 +325,22 @@ impl Store for SqliteStore {
     async fn commit_page(
         &self,
         lease: &mut SqliteLease,
-        run: RunId,
-        source: &str,
-        departments: &[Department],
-        rejected: &[RejectedRecord],
-        checkpoint: &Checkpoint,
+        page: &Commit<'_>,
     ) -> Result<PageCounts, StoreError> {
-        let page = Page {
-            run,
-            source,
-            departments,
-            rejected,
-            checkpoint,
-        };
-        checkpoint::commit_page(lease.begin().await?, &page).await
+        checkpoint::commit_page(lease.begin().await?, page).await
     }
 
     async fn register(&self, sources: &[String]) -> Result<(), StoreError> {
-        let names = json_text(&sources)?;
-        let now = now();
-        sqlx::query(
-            "INSERT INTO sync_state AS s (source, registered_at, updated_at)
-             SELECT value, ?2, ?2 FROM json_each(?1) WHERE true
-             ON CONFLICT (source) DO UPDATE SET registered_at = COALESCE(s.registered_at, ?2)",
-        )
-        .bind(names)
-        .bind(&now)
-        .execute(&self.pool)
-        .await
-        .map_err(db("registering the scheduled sources"))?;
-        Ok(())
+        statements::register(self.begin(BEGIN_WRITE).await?, REGISTER, sources).await
     }
 
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
         // Its instant is taken once it holds the write lock, like every write's.
-        let tx = self
-            .pool
-            .begin_with(BEGIN_WRITE)
-            .await
-            .map_err(db("opening a transaction"))?;
-        statements::finish_run(SqlitePage::new(tx), run, outcome).await
+        statements::finish_run(self.begin(BEGIN_WRITE).await?, run, outcome).await
     }
 
     async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {
-        let names = serde_json::to_string(sources)
-            .map_err(|e| StoreError::Corrupt(format!("source names not serializable: {e}")))?;
-        let rows = sqlx::query(STATUS)
-            .bind(names)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db("reading the status"))?;
-        rows.iter()
-            .map(|row| {
-                let high_water_mark = get(row, "high_water_mark")?;
-                Ok(SourceStatus {
-                    source: get(row, "source")?,
-                    state: get::<Option<String>>(row, "last_status")?
-                        .unwrap_or_else(|| "never run".to_owned()),
-                    last_run_started_at: get(row, "last_started_at")?,
-                    last_run_finished_at: get(row, "last_finished_at")?,
-                    last_success_at: get(row, "last_success_at")?,
-                    last_error: get(row, "last_error")?,
-                    last_error_at: get(row, "last_error_at")?,
-                    high_water_mark,
-                    position: describe_position(
-                        high_water_mark,
-                        (get(row, "windows_left")?, get(row, "windows_planned")?),
-                        get(row, "listing_cursor")?,
-                    ),
-                    first_run_at: get(row, "first_run_at")?,
-                    live_rows: get(row, "live_rows")?,
-                    deleted_rows: get(row, "deleted_rows")?,
-                    rejected_records: get(row, "rejected")?,
-                    backfill_in_progress: get::<Option<bool>>(row, "backfill_in_progress")?
-                        .unwrap_or(false),
-                    reset: get(row, "reset_reason")?,
-                    reset_at: get(row, "reset_at")?,
-                    registered_at: get(row, "registered_at")?,
-                })
-            })
-            .collect()
+        statements::status(self.read().await?, STATUS, sources).await
     }
 }
 
@@ -545,7 +412,7 @@ mod tests {
 
     impl Scratch {
         fn new() -> Scratch {
-            let path = std::env::temp_dir().join(format!("deptsync-unit-{}", Uuid::new_v4()));
+            let path = std::env::temp_dir().join(format!("deptsync-unit-{}", uuid::Uuid::new_v4()));
             std::fs::create_dir(&path).unwrap();
             Scratch(path)
         }

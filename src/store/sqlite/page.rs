@@ -2,14 +2,14 @@
 
 use serde::Serialize;
 use sqlx::query::Query;
-use sqlx::sqlite::SqliteArguments;
-use sqlx::{Connection, Row, Sqlite, Transaction};
+use sqlx::sqlite::{SqliteArguments, SqliteRow};
+use sqlx::{Connection, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{BEGIN_WRITE, SqliteLease, now, stamp};
 use crate::model::{Department, RawRecord};
 use crate::store::checkpoint::{PageTransaction, Written};
-use crate::store::statements::{Statements, Value};
+use crate::store::statements::{Value, impl_statements};
 use crate::store::{StoreError, db};
 
 const UPSERT_DEPARTMENTS: &str = include_str!("queries/upsert_departments.sql");
@@ -47,7 +47,7 @@ fn canonical_json(raw: &RawRecord) -> String {
 }
 
 /// A page's transaction, holding the database's write lock throughout, and its instant.
-pub(super) struct SqlitePage<'c> {
+pub struct SqlitePage<'c> {
     tx: Transaction<'c, Sqlite>,
     /// The transaction's instant, taken once it holds the write lock (PostgreSQL's
     /// `now()`).
@@ -74,60 +74,14 @@ impl<'c> SqlitePage<'c> {
     }
 }
 
-impl Statements for SqlitePage<'_> {
-    async fn execute(
-        &mut self,
-        sql: &'static str,
-        values: &[Value<'_>],
-        context: &'static str,
-    ) -> Result<u64, StoreError> {
-        let done = bind(sqlx::query(sql), values, &self.now)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db(context))?;
-        Ok(done.rows_affected())
-    }
-
-    async fn count(
-        &mut self,
-        sql: &'static str,
-        values: &[Value<'_>],
-        context: &'static str,
-    ) -> Result<i64, StoreError> {
-        let row = bind(sqlx::query(sql), values, &self.now)
-            .fetch_one(&mut *self.tx)
-            .await
-            .map_err(db(context))?;
-        row.try_get(0).map_err(db(context))
-    }
-
-    async fn text_counts(
-        &mut self,
-        sql: &'static str,
-        values: &[Value<'_>],
-        context: &'static str,
-    ) -> Result<Vec<(Option<String>, i64, i64)>, StoreError> {
-        let rows = bind(sqlx::query(sql), values, &self.now)
-            .fetch_all(&mut *self.tx)
-            .await
-            .map_err(db(context))?;
-        rows.iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(db(context))
-    }
-
-    async fn commit(self) -> Result<(), StoreError> {
-        self.tx.commit().await.map_err(db("committing"))
-    }
-}
+impl_statements!(SqlitePage, SqliteRow, bind);
 
 /// `query` with `values` bound, as SQLite keeps them: instants as [`stamp`] text, ids as
-/// text, the transaction's instant as `now`.
+/// text, the transaction's instant as the page's.
 fn bind<'q>(
     query: Query<'q, Sqlite, SqliteArguments<'q>>,
     values: &[Value<'q>],
-    now: &str,
+    page: &SqlitePage<'_>,
 ) -> Query<'q, Sqlite, SqliteArguments<'q>> {
     values.iter().fold(query, |query, value| match *value {
         Value::Text(text) => query.bind(text),
@@ -140,7 +94,7 @@ fn bind<'q>(
             let ids = ids.map(|ids| ids.iter().map(Uuid::to_string).collect::<Vec<_>>());
             query.bind(ids.map(|ids| json_list(&ids)))
         }
-        Value::Now => query.bind(now.to_owned()),
+        Value::Now => query.bind(page.now.clone()),
     })
 }
 

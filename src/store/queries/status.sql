@@ -1,8 +1,7 @@
--- One line per source: the configured ones (?1, a JSON array of names) and any other the
--- tables know. SQLite has no LATERAL: each "newest run such that" is a join on the rowid
--- the correlated subquery picks.
-WITH names AS (
-    SELECT value AS source FROM json_each(?1)
+-- The body of both backends' status statement: one line per source of the names the
+-- backend's first line lists (the configured ones, `$1`) and of any other the tables
+-- know. Each "newest run such that" is a join on the run id a correlated subquery picks,
+-- which both dialects can say.
     UNION SELECT source FROM sync_state
     UNION SELECT source FROM sync_runs
 )
@@ -31,13 +30,13 @@ SELECT n.source,
        (SELECT count(*) FROM rejected_records r WHERE r.source = n.source) AS rejected
 FROM names n
 LEFT JOIN sync_state s ON s.source = n.source
-LEFT JOIN sync_runs last_run ON last_run.rowid = (
-    SELECT rowid FROM sync_runs r
+LEFT JOIN sync_runs last_run ON last_run.run_id = (
+    SELECT run_id FROM sync_runs r
     WHERE r.source = n.source ORDER BY started_at DESC LIMIT 1)
-LEFT JOIN sync_runs last_ok ON last_ok.rowid = (
-    SELECT rowid FROM sync_runs r
+LEFT JOIN sync_runs last_ok ON last_ok.run_id = (
+    SELECT run_id FROM sync_runs r
     WHERE r.source = n.source AND status = 'succeeded' ORDER BY started_at DESC LIMIT 1)
-LEFT JOIN sync_runs last_failure ON last_failure.rowid = (
-    SELECT rowid FROM sync_runs r
+LEFT JOIN sync_runs last_failure ON last_failure.run_id = (
+    SELECT run_id FROM sync_runs r
     WHERE r.source = n.source AND status = 'failed' ORDER BY started_at DESC LIMIT 1)
 ORDER BY n.source
