@@ -1,544 +1,50 @@
-//! `deptsync demo`: deptsync's whole job on a machine with nothing but Rust installed.
-//!
-//! The demo starts the simulated vendor APIs of [`crate::fakes`] on loopback ports, with a
-//! few thousand generated departments: hotels on Mews, whose departments were updated
-//! over several years; company branches on Procurify; an accountant's client accounts on
-//! Snapbooks, some departments inactive; an organization tree on a tenant data API. Then:
-//!
-//! 1. a first pass syncs all four into the embedded SQLite file `deptsync-demo.db` (or
-//!    `--database`), showing progress;
-//! 2. things change upstream: renames, deactivations, a department gone from two
-//!    listings, new departments (on Mews, all updated now);
-//! 3. a second pass shows that only the changes were read (Mews reads from where the
-//!    first pass ended) or written (a listing is read whole, but unchanged rows are left
-//!    alone);
-//! 4. `deptsync status` and a query over `departments`, and how to query the file.
-//!
-//! It goes through the doors a user does: its config is TOML validated by
-//! [`Settings::parse`], and each pass is [`engine::run_pass_showing`], as `deptsync sync`
-//! runs it. `--serve` only starts the simulated APIs and prints a config that points at
-//! them, for `sync`, `run` and `status` by hand.
+//! The simulated world: the vendors' departments, generated the same on every run, the
+//! fakes that serve them, and the changes the demo makes.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::Context;
 use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::Settings;
-use crate::app;
-use crate::config::redact_url;
-use crate::engine::PassRequest;
 use crate::fakes::data_v1::{self, FakeDataV1};
 use crate::fakes::mews::{self, FakeDepartment, FakeMews};
 use crate::fakes::procurify::{self, FakeProcurify};
 use crate::fakes::snapbooks::{self, FakeSnapbooks};
-use crate::progress::Display;
-use crate::report::{SourceRun, pass_table, table};
-use crate::store::{AnyStore, DatabaseKind};
+use crate::report::table;
 
-/// The database of a demo not told otherwise: an SQLite file in the working directory,
-/// removed and made afresh by every demo.
-pub const DEMO_DATABASE_URL: &str = "sqlite://deptsync-demo.db";
-/// The file [`DEMO_DATABASE_URL`] names.
-const DEMO_DATABASE_FILE: &str = "deptsync-demo.db";
-
-/// The last line of the config `demo --serve` prints: whoever reads it (a person, a test)
-/// knows the config is whole.
-pub const SERVE_CONFIG_END: &str = "# end of the demo config";
-
-const MEWS_SOURCE: &str = "demo-mews";
-const PROCURIFY_SOURCE: &str = "demo-procurify";
-const SNAPBOOKS_SOURCE: &str = "demo-snapbooks";
-const HR_SOURCE: &str = "demo-hr";
-const SOURCE_NAMES: [&str; 4] = [MEWS_SOURCE, PROCURIFY_SOURCE, SNAPBOOKS_SOURCE, HR_SOURCE];
-
-/// What `deptsync demo` was asked for.
-#[derive(Debug, Clone, Default)]
-pub struct DemoOptions {
-    /// The database to sync into; [`DEMO_DATABASE_URL`] when `None`.
-    pub database: Option<String>,
-    /// Only serve the simulated APIs and print a config for them, until cancelled.
-    pub serve: bool,
-}
-
-/// Why the demo did not run to its end.
-#[derive(Debug, thiserror::Error)]
-pub enum DemoError {
-    /// The command line is wrong (`--database` names no store): nothing was done.
-    #[error("{0}")]
-    Usage(String),
-    /// Something failed on the way.
-    #[error(transparent)]
-    Failed(#[from] anyhow::Error),
-}
-
-/// Runs the demo (or, with `serve`, serves until `cancel`), writing its report to stdout.
-pub async fn run(
-    options: DemoOptions,
-    cancel: CancellationToken,
-    display: &Display,
-) -> Result<(), DemoError> {
-    let database_url = match options.database {
-        Some(url) => {
-            DatabaseKind::of_url(&url).map_err(|message| {
-                DemoError::Usage(format!("--database {}", redacted(&url, &message)))
-            })?;
-            url
-        }
-        None => DEMO_DATABASE_URL.to_owned(),
-    };
-    // The same world on every run: its history ends at a fixed instant, not at now.
-    let mut simulation = Simulation::start(Upstream::generate(demo_epoch()))
-        .await
-        .context("starting the simulated APIs on 127.0.0.1")?;
-    if options.serve {
-        // The world as the demo leaves it (its changes made), so that a sync into the
-        // demo's database finds what the demo stored: nothing to delete or revert.
-        simulation.change_upstream(Utc::now());
-        serve(&simulation, &database_url, &cancel).await?;
-        return Ok(());
-    }
-    let fresh_file = database_url == DEMO_DATABASE_URL;
-    demo(simulation, &database_url, fresh_file, &cancel, display).await?;
-    Ok(())
-}
-
-/// The URL without its password, and what is wrong with it.
-fn redacted(url: &str, message: &str) -> String {
-    format!("{} {message}", redact_url(url))
-}
-
-/// Writes `text` to stdout at once (the bars and logs are on stderr).
-fn say(text: &str) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .context("writing to stdout")
-}
-
-async fn serve(
-    simulation: &Simulation,
-    database_url: &str,
-    cancel: &CancellationToken,
-) -> anyhow::Result<()> {
-    let mut text = String::new();
-    writeln!(
-        text,
-        "# deptsync demo --serve: four simulated vendor APIs on 127.0.0.1 with {} departments,\n\
-         # serving until Ctrl-C. Save this config (`deptsync demo --serve > demo.toml`), then,\n\
-         # while it serves, from the same directory:\n\
-         #   deptsync --config demo.toml sync      # one pass of every source\n\
-         #   deptsync --config demo.toml status    # where each source stands\n\
-         #   deptsync --config demo.toml run       # the service: every source every minute\n\
-         # The tokens are the simulator's own. deploy/deptsync.example.toml explains every field.",
-        simulation.upstream.department_count()
-    )?;
-    text.push('\n');
-    text.push_str(&simulation.config_toml(database_url, Some("0 * * * * *")));
-    writeln!(text, "{SERVE_CONFIG_END}")?;
-    say(&text)?;
-    tracing::info!("the simulated APIs serve until Ctrl-C");
-    cancel.cancelled().await;
-    Ok(())
-}
-
-async fn demo(
-    mut simulation: Simulation,
-    database_url: &str,
-    fresh_file: bool,
-    cancel: &CancellationToken,
-    display: &Display,
-) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let mut text = format!(
-        "deptsync demo: four simulated vendor APIs on 127.0.0.1, synced into {}\n",
-        redact_url(database_url)
-    );
-    if fresh_file {
-        let removed = remove_demo_files(Path::new("."))?;
-        if removed.is_empty() {
-            text.push_str("  (a new file in the working directory)\n");
-        } else {
-            writeln!(
-                text,
-                "  (made afresh: the previous demo's {} removed)",
-                removed.join(", ")
-            )?;
-        }
-    }
-    text.push_str("\nUpstream, simulated:\n");
-    text.push_str(&simulation.describe());
-    say(&text)?;
-
-    // The demo's config goes through the same validation as a user's. DATABASE_URL is
-    // not read: the demo never writes into a configured database by accident.
-    let toml = simulation.config_toml(database_url, None);
-    let settings = Settings::parse(&toml, &|_| None).context("the demo's own config")?;
-    let store = AnyStore::open_with(&settings.database.url, settings.database.statement_timeout)
-        .await
-        .with_context(|| format!("database {}", settings.database.redacted_url()))?;
-
-    say("\nPass 1: the first sync reads everything.\n")?;
-    let first = sync_all(&settings, &store, &simulation, cancel, display).await?;
-    let mut text = format!("{}\n", pass_table(&first));
-    for note in first_pass_notes(&first) {
-        writeln!(text, "  {note}")?;
-    }
-    say(&text)?;
-    simulation.check_rules()?;
-    fail_on_errors(&first)?;
-
-    let changes = simulation.change_upstream(Utc::now());
-    let mut text = String::from("\nUpstream changes:\n");
-    for (source, change) in &changes {
-        writeln!(text, "  {source:<15} {change}")?;
-    }
-    text.push_str(
-        "\nPass 2: an incremental sync. Mews says what changed since a time: only that is read.\n\
-         The listings cannot: they are read whole, and only what changed is written.\n",
-    );
-    say(&text)?;
-    let second = sync_all(&settings, &store, &simulation, cancel, display).await?;
-    let mut text = format!("{}\n", pass_table(&second));
-    for note in second_pass_notes(&second) {
-        writeln!(text, "  {note}")?;
-    }
-    say(&text)?;
-    simulation.check_rules()?;
-    fail_on_errors(&second)?;
-
-    let lines = crate::report::status_lines(&settings, &store).await?;
-    say(&format!(
-        "\n`deptsync status`:\n{}\n",
-        crate::report::status_table(&lines)
-    ))?;
-
-    let summary = sample_query(&store).await?;
-    say(&format!(
-        "\nA query over `departments`:\n\n{}\n\n{}\n",
-        indent(SAMPLE_QUERY),
-        summary
-    ))?;
-
-    say(&format!(
-        "\nThe demo took {:.1} s. {}",
-        started.elapsed().as_secs_f64(),
-        query_hints(database_url)
-    ))?;
-    Ok(())
-}
-
-/// Removes the default demo database and the files SQLite and deptsync keep beside it
-/// (`-wal`, `-shm`, `-journal`, lock files) from `dir`; returns the names removed. Never
-/// called for a database a user named.
-fn remove_demo_files(dir: &Path) -> anyhow::Result<Vec<String>> {
-    let database = dir.join(DEMO_DATABASE_FILE);
-    // Held until the files are gone: no store opens the file meanwhile.
-    let _unused = match crate::store::sqlite::lock_unused(&database) {
-        Ok(lock) => lock,
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "{DEMO_DATABASE_FILE} is in use by a running deptsync (a `run`, or a `sync` \
-             beside `demo --serve`): stop it first, or give the demo another file with \
-             --database sqlite://other.db"
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(e)
-                .with_context(|| format!("checking whether {DEMO_DATABASE_FILE} is in use"));
-        }
-    };
-    let mut names: Vec<String> = ["", "-wal", "-shm", "-journal", ".lock", ".in.use.lock"]
-        .iter()
-        .map(|suffix| format!("{DEMO_DATABASE_FILE}{suffix}"))
-        .collect();
-    names.extend(
-        SOURCE_NAMES
-            .iter()
-            .map(|source| format!("{DEMO_DATABASE_FILE}.{source}.lock")),
-    );
-    let mut removed = Vec::new();
-    for name in names {
-        let path: PathBuf = dir.join(&name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => removed.push(name),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("removing {}", path.display()));
-            }
-        }
-    }
-    Ok(removed)
-}
-
-/// One incremental pass of every source, one after the other as `deptsync sync` runs
-/// them, each with its progress bar (or log lines).
-async fn sync_all(
-    settings: &Settings,
-    store: &AnyStore,
-    simulation: &Simulation,
-    cancel: &CancellationToken,
-    display: &Display,
-) -> anyhow::Result<Vec<SourceRun>> {
-    let mut runs = Vec::with_capacity(settings.sources.len());
-    for source in app::ready(&settings.sources).context("building the HTTP client")? {
-        let requests_before = simulation.requests(source.name());
-        let mut run =
-            app::run_pass(&source, store, PassRequest::INCREMENTAL, cancel, display).await;
-        if run.cancelled {
-            anyhow::bail!("interrupted; run the demo again to start afresh");
-        }
-        run.requests = Some(
-            simulation
-                .requests(source.name())
-                .saturating_sub(requests_before),
-        );
-        runs.push(run);
-    }
-    Ok(runs)
-}
-
-/// An error naming every source whose pass failed, if any did.
-fn fail_on_errors(runs: &[SourceRun]) -> anyhow::Result<()> {
-    let failed: Vec<String> = runs
-        .iter()
-        .filter_map(|run| {
-            run.result
-                .as_ref()
-                .err()
-                .map(|e| format!("{}: {e}", run.name))
-        })
-        .collect();
-    if failed.is_empty() {
-        return Ok(());
-    }
-    anyhow::bail!(
-        "{} of the demo's sources failed:\n  {}",
-        failed.len(),
-        failed.join("\n  ")
-    )
-}
-
-/// What the first pass's figures mean.
-fn first_pass_notes(runs: &[SourceRun]) -> Vec<String> {
-    runs.iter()
-        .filter(|run| run.windowed)
-        .filter_map(|run| {
-            let totals = run.result.as_ref().ok()?;
-            Some(format!(
-                "{}: {} windows of at most three months (Mews' longest) from {MEWS_START}, \
-                 paced by the source's rate budget (by default 180 requests per 30 s)",
-                run.name, totals.windows
-            ))
-        })
-        .collect()
-}
-
-/// What the second pass's figures mean.
-fn second_pass_notes(runs: &[SourceRun]) -> Vec<String> {
-    runs.iter()
-        .filter_map(|run| {
-            let totals = run.result.as_ref().ok()?;
-            let counts = &totals.counts;
-            let written = counts.inserted + counts.updated + counts.deleted;
-            Some(if run.windowed {
-                format!(
-                    "{}: read only the departments updated since the first pass ({} window{} \
-                     from where it ended, less the 5-minute lookback)",
-                    run.name,
-                    totals.windows,
-                    if totals.windows == 1 { "" } else { "s" }
-                )
-            } else if counts.deleted > 0 {
-                format!(
-                    "{}: wrote {written} rows; listed twice, because a department missing from \
-                     one complete listing is deleted only when a second one confirms it",
-                    run.name
-                )
-            } else {
-                format!(
-                    "{}: wrote {written} rows; the {} unchanged were left alone",
-                    run.name, counts.unchanged
-                )
-            })
-        })
-        .collect()
-}
-
-/// The sample query: SQL that SQLite and PostgreSQL both speak.
-const SAMPLE_QUERY: &str = "\
-SELECT source,
-       SUM(CASE WHEN deleted_at IS NULL AND is_active THEN 1 ELSE 0 END)     AS active,
-       SUM(CASE WHEN deleted_at IS NULL AND NOT is_active THEN 1 ELSE 0 END) AS inactive,
-       SUM(CASE WHEN deleted_at IS NOT NULL THEN 1 ELSE 0 END)               AS deleted,
-       SUM(CASE WHEN last_changed_at > first_synced_at THEN 1 ELSE 0 END)    AS changed,
-       MAX(last_changed_at)                                                  AS last_changed
-FROM departments
-GROUP BY source
-ORDER BY source";
-
-/// One row of [`SAMPLE_QUERY`].
-struct SampleRow {
-    source: String,
-    active: i64,
-    inactive: i64,
-    deleted: i64,
-    changed: i64,
-    last_changed: String,
-}
-
-/// Runs [`SAMPLE_QUERY`] on whichever store the demo writes to; returns its table.
-async fn sample_query(store: &AnyStore) -> anyhow::Result<comfy_table::Table> {
-    type Counts = (String, i64, i64, i64, i64);
-    let rows: Vec<SampleRow> = match store {
-        AnyStore::Postgres(store) => {
-            sqlx::query_as::<_, (String, i64, i64, i64, i64, Option<DateTime<Utc>>)>(SAMPLE_QUERY)
-                .fetch_all(store.pool())
-                .await
-                .context("running the sample query")?
-                .into_iter()
-                .map(|(source, active, inactive, deleted, changed, last)| {
-                    let counts: Counts = (source, active, inactive, deleted, changed);
-                    sample_row(counts, last)
-                })
-                .collect()
-        }
-        AnyStore::Sqlite(store) => {
-            // SQLite keeps instants as RFC 3339 text.
-            sqlx::query_as::<_, (String, i64, i64, i64, i64, Option<String>)>(SAMPLE_QUERY)
-                .fetch_all(store.pool())
-                .await
-                .context("running the sample query")?
-                .into_iter()
-                .map(|(source, active, inactive, deleted, changed, last)| {
-                    let last = last
-                        .and_then(|text| DateTime::parse_from_rfc3339(&text).ok())
-                        .map(|t| t.with_timezone(&Utc));
-                    sample_row((source, active, inactive, deleted, changed), last)
-                })
-                .collect()
-        }
-    };
-    let mut table = table();
-    table.set_header([
-        "source",
-        "active",
-        "inactive",
-        "deleted",
-        "changed",
-        "last_changed (UTC)",
-    ]);
-    for row in rows {
-        table.add_row([
-            row.source,
-            row.active.to_string(),
-            row.inactive.to_string(),
-            row.deleted.to_string(),
-            row.changed.to_string(),
-            row.last_changed,
-        ]);
-    }
-    Ok(table)
-}
-
-fn sample_row(
-    (source, active, inactive, deleted, changed): (String, i64, i64, i64, i64),
-    last_changed: Option<DateTime<Utc>>,
-) -> SampleRow {
-    SampleRow {
-        source,
-        active,
-        inactive,
-        deleted,
-        changed,
-        last_changed: last_changed.map_or_else(
-            || "-".to_owned(),
-            |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
-        ),
-    }
-}
-
-fn indent(text: &str) -> String {
-    text.lines()
-        .map(|line| format!("  {line}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// How to query the database the demo leaves behind.
-fn query_hints(database_url: &str) -> String {
-    let changed = "SELECT source, external_id, name, is_active, deleted_at FROM departments \
-                   WHERE last_changed_at > first_synced_at ORDER BY source, name";
-    let tree = format!(
-        "WITH RECURSIVE tree(id, path) AS (SELECT external_id, name FROM departments \
-         WHERE source = '{HR_SOURCE}' AND parent_external_id IS NULL UNION ALL \
-         SELECT d.external_id, tree.path || ' / ' || d.name FROM departments d JOIN tree \
-         ON d.parent_external_id = tree.id WHERE d.source = '{HR_SOURCE}') \
-         SELECT path FROM tree ORDER BY path LIMIT 12"
-    );
-    match crate::store::sqlite::database_path(database_url) {
-        Ok(path) => {
-            let file = shell_word(&path.display().to_string());
-            format!(
-                "The database is left for you to query:\n\n  \
-                 sqlite3 -readonly {file} \"{changed}\"\n  \
-                 sqlite3 -readonly {file} \"{tree}\"\n"
-            )
-        }
-        Err(_) => {
-            let url = shell_word(&redact_url(database_url));
-            format!(
-                "The database is left for you to query:\n\n  \
-                 psql {url} -c \"{changed}\"\n  \
-                 psql {url} -c \"{tree}\"\n"
-            )
-        }
-    }
-}
-
-/// `text` as one word of a POSIX shell command line.
-fn shell_word(text: &str) -> String {
-    let plain = !text.is_empty()
-        && text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/._-:@%+=,".contains(c));
-    if plain {
-        text.to_owned()
-    } else {
-        format!("'{}'", text.replace('\'', r"'\''"))
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The simulated upstreams and what they hold.
+/// The demo's sources, as its config names them.
+pub(super) const MEWS_SOURCE: &str = "demo-mews";
+pub(super) const PROCURIFY_SOURCE: &str = "demo-procurify";
+pub(super) const SNAPBOOKS_SOURCE: &str = "demo-snapbooks";
+pub(super) const HR_SOURCE: &str = "demo-hr";
+pub(super) const SOURCE_NAMES: [&str; 4] =
+    [MEWS_SOURCE, PROCURIFY_SOURCE, SNAPBOOKS_SOURCE, HR_SOURCE];
 
 /// Every demo shows the same departments: the generator is seeded.
-const SEED: u64 = 0x00de_9751_2026;
+pub(super) const SEED: u64 = 0x00de_9751_2026;
 /// Where the simulated world's history ends (two days before it): a fixed instant, so
 /// that every demo, and every `demo --serve`, holds the same departments, updated at the
 /// same times.
-const DEMO_EPOCH_DAYS: i64 = 20_454; // 2026-01-01
+pub(super) const DEMO_EPOCH_DAYS: i64 = 20_454; // 2026-01-01
 
-fn demo_epoch() -> DateTime<Utc> {
+pub(super) fn demo_epoch() -> DateTime<Utc> {
     DateTime::UNIX_EPOCH + TimeDelta::days(DEMO_EPOCH_DAYS)
 }
 
 /// The Mews source's `start`: the earliest update the first pass reads.
-const MEWS_START: &str = "2021-01-01T00:00:00Z";
+pub(super) const MEWS_START: &str = "2021-01-01T00:00:00Z";
 /// [`MEWS_START`] in days after the Unix epoch.
-const MEWS_START_DAYS: i64 = 18_628;
+pub(super) const MEWS_START_DAYS: i64 = 18_628;
 /// Mews' documented limit, enforced by the simulated Mews as the vendor does (deptsync's
 /// own budget, 180 per 30 s, keeps under it).
-const MEWS_LIMIT: usize = 200;
-const MEWS_LIMIT_PERIOD: Duration = Duration::from_secs(30);
+pub(super) const MEWS_LIMIT: usize = 200;
+pub(super) const MEWS_LIMIT_PERIOD: Duration = Duration::from_secs(30);
 
-const HOTELS: usize = 80;
+pub(super) const HOTELS: usize = 80;
 /// Departments every hotel has.
-const HOTEL_CORE: [&str; 8] = [
+pub(super) const HOTEL_CORE: [&str; 8] = [
     "Front Office",
     "Housekeeping",
     "Food & Beverage",
@@ -549,7 +55,7 @@ const HOTEL_CORE: [&str; 8] = [
     "Reservations",
 ];
 /// Departments some hotels have.
-const HOTEL_OPTIONAL: [&str; 24] = [
+pub(super) const HOTEL_OPTIONAL: [&str; 24] = [
     "Spa",
     "Concierge",
     "Restaurant",
@@ -576,10 +82,10 @@ const HOTEL_OPTIONAL: [&str; 24] = [
     "Engineering",
 ];
 
-const BRANCHES: i64 = 45;
+pub(super) const BRANCHES: i64 = 45;
 /// Departments every Procurify branch has.
-const BRANCH_CORE: [&str; 3] = ["Operations", "Finance", "Sales"];
-const BRANCH_OPTIONAL: [&str; 18] = [
+pub(super) const BRANCH_CORE: [&str; 3] = ["Operations", "Finance", "Sales"];
+pub(super) const BRANCH_OPTIONAL: [&str; 18] = [
     "Engineering",
     "Marketing",
     "IT",
@@ -601,8 +107,8 @@ const BRANCH_OPTIONAL: [&str; 18] = [
 ];
 
 /// The accountant's client accounts on Snapbooks.
-const CLIENT_ACCOUNTS: std::ops::RangeInclusive<i64> = 4501..=4530;
-const SNAPBOOKS_NAMES: [&str; 24] = [
+pub(super) const CLIENT_ACCOUNTS: std::ops::RangeInclusive<i64> = 4501..=4530;
+pub(super) const SNAPBOOKS_NAMES: [&str; 24] = [
     "Administrasjon",
     "Salg",
     "Lager",
@@ -630,7 +136,7 @@ const SNAPBOOKS_NAMES: [&str; 24] = [
 ];
 
 /// The tenant's organization: divisions and their departments; teams per city below.
-const DIVISIONS: [(&str, [&str; 6]); 8] = [
+pub(super) const DIVISIONS: [(&str, [&str; 6]); 8] = [
     (
         "Operations",
         [
@@ -720,7 +226,7 @@ const DIVISIONS: [(&str, [&str; 6]); 8] = [
         ],
     ),
 ];
-const CITIES: [&str; 8] = [
+pub(super) const CITIES: [&str; 8] = [
     "Oslo",
     "Bergen",
     "Trondheim",
@@ -733,7 +239,7 @@ const CITIES: [&str; 8] = [
 
 /// A Procurify department as the demo keeps track of it.
 #[derive(Debug, Clone)]
-struct ProcurifyDepartment {
+pub(super) struct ProcurifyDepartment {
     id: i64,
     name: String,
     branch: i64,
@@ -742,7 +248,7 @@ struct ProcurifyDepartment {
 
 /// A Snapbooks department; `is_active: None` leaves the field out (active).
 #[derive(Debug, Clone)]
-struct SnapbooksDepartment {
+pub(super) struct SnapbooksDepartment {
     id: i64,
     name: String,
     account: i64,
@@ -751,29 +257,29 @@ struct SnapbooksDepartment {
 
 /// A department of the tenant's tree.
 #[derive(Debug, Clone)]
-struct HrDepartment {
+pub(super) struct HrDepartment {
     id: String,
     parent: Option<String>,
     name: String,
 }
 
 /// What the simulated APIs hold.
-struct Upstream {
-    hotels: Vec<Uuid>,
-    mews: Vec<FakeDepartment>,
-    procurify: Vec<ProcurifyDepartment>,
-    snapbooks: Vec<SnapbooksDepartment>,
-    hr: Vec<HrDepartment>,
+pub(super) struct Upstream {
+    pub(super) hotels: Vec<Uuid>,
+    pub(super) mews: Vec<FakeDepartment>,
+    pub(super) procurify: Vec<ProcurifyDepartment>,
+    pub(super) snapbooks: Vec<SnapbooksDepartment>,
+    pub(super) hr: Vec<HrDepartment>,
 }
 
-fn uuid(rng: &mut fastrand::Rng) -> Uuid {
+pub(super) fn uuid(rng: &mut fastrand::Rng) -> Uuid {
     let mut bytes = [0u8; 16];
     rng.fill(&mut bytes);
     uuid::Builder::from_random_bytes(bytes).into_uuid()
 }
 
 /// An instant in `[from, to)`, in whole seconds (`from` when the range is empty).
-fn instant_between(
+pub(super) fn instant_between(
     rng: &mut fastrand::Rng,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
@@ -783,21 +289,21 @@ fn instant_between(
 }
 
 /// `count` names of `pool`, in a random order.
-fn some_of<'a>(rng: &mut fastrand::Rng, pool: &[&'a str], count: usize) -> Vec<&'a str> {
+pub(super) fn some_of<'a>(rng: &mut fastrand::Rng, pool: &[&'a str], count: usize) -> Vec<&'a str> {
     let mut names = pool.to_vec();
     rng.shuffle(&mut names);
     names.truncate(count);
     names
 }
 
-fn mews_start() -> DateTime<Utc> {
+pub(super) fn mews_start() -> DateTime<Utc> {
     DateTime::UNIX_EPOCH + TimeDelta::days(MEWS_START_DAYS)
 }
 
 impl Upstream {
     /// The departments of every simulated API, as of `now`: the same on every run but
     /// for the instants, which end two days before `now`.
-    fn generate(now: DateTime<Utc>) -> Upstream {
+    pub(super) fn generate(now: DateTime<Utc>) -> Upstream {
         let mut rng = fastrand::Rng::with_seed(SEED);
         let history_end = now - TimeDelta::days(2);
 
@@ -899,11 +405,11 @@ impl Upstream {
         }
     }
 
-    fn department_count(&self) -> usize {
+    pub(super) fn department_count(&self) -> usize {
         self.mews.len() + self.procurify.len() + self.snapbooks.len() + self.hr.len()
     }
 
-    fn client_accounts(&self) -> Vec<i64> {
+    pub(super) fn client_accounts(&self) -> Vec<i64> {
         let mut accounts: Vec<i64> = self.snapbooks.iter().map(|d| d.account).collect();
         accounts.sort_unstable();
         accounts.dedup();
@@ -912,23 +418,23 @@ impl Upstream {
 }
 
 /// The four simulated APIs, serving, and what they hold.
-struct Simulation {
-    mews: FakeMews,
-    procurify: FakeProcurify,
-    snapbooks: FakeSnapbooks,
-    hr: FakeDataV1,
-    upstream: Upstream,
+pub(super) struct Simulation {
+    pub(super) mews: FakeMews,
+    pub(super) procurify: FakeProcurify,
+    pub(super) snapbooks: FakeSnapbooks,
+    pub(super) hr: FakeDataV1,
+    pub(super) upstream: Upstream,
 }
 
 /// A Mews department updated at `updated`, as a change upstream makes it.
-fn touch(department: &mut FakeDepartment, updated: DateTime<Utc>) {
+pub(super) fn touch(department: &mut FakeDepartment, updated: DateTime<Utc>) {
     department.updated = updated;
     department.json["UpdatedUtc"] = json!(mews::format_utc(updated));
 }
 
 impl Simulation {
     /// Starts the four APIs on ephemeral loopback ports, holding `upstream`.
-    async fn start(upstream: Upstream) -> std::io::Result<Simulation> {
+    pub(super) async fn start(upstream: Upstream) -> std::io::Result<Simulation> {
         let mews = FakeMews::start().await?;
         mews.enforce_rate_limit(MEWS_LIMIT, MEWS_LIMIT_PERIOD);
         for department in &upstream.mews {
@@ -956,7 +462,7 @@ impl Simulation {
     }
 
     /// Requests the simulated API behind source `name` has answered so far.
-    fn requests(&self, name: &str) -> usize {
+    pub(super) fn requests(&self, name: &str) -> usize {
         match name {
             MEWS_SOURCE => self.mews.shared.requests(),
             PROCURIFY_SOURCE => self.procurify.shared.requests(),
@@ -968,7 +474,7 @@ impl Simulation {
 
     /// Fails when deptsync broke a rule of a vendor's API: the simulated APIs record
     /// every breach (and refuse the request).
-    fn check_rules(&self) -> anyhow::Result<()> {
+    pub(super) fn check_rules(&self) -> anyhow::Result<()> {
         let breaches: Vec<String> = [
             (MEWS_SOURCE, self.mews.shared.violations()),
             (PROCURIFY_SOURCE, self.procurify.shared.violations()),
@@ -988,7 +494,7 @@ impl Simulation {
     }
 
     /// One line per API: what it is, where, and what it holds.
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         let upstream = &self.upstream;
         let inactive_mews = upstream
             .mews
@@ -1058,7 +564,7 @@ impl Simulation {
 
     /// The config of the four sources, pointing at the simulated APIs, with the database
     /// at `database_url` and, when given, a `schedule` for `run`.
-    fn config_toml(&self, database_url: &str, schedule: Option<&str>) -> String {
+    pub(super) fn config_toml(&self, database_url: &str, schedule: Option<&str>) -> String {
         let schedule = schedule
             .map(|s| format!("schedule = {}\n", toml_string(s)))
             .unwrap_or_default();
@@ -1113,7 +619,7 @@ token = "{hr_token}"
     /// Changes every API a little, as people do between two syncs; returns what changed,
     /// per source. Mews changes are updated at `now` (less a second, so that they sit
     /// inside the next pass's range however soon it starts).
-    fn change_upstream(&mut self, now: DateTime<Utc>) -> Vec<(&'static str, String)> {
+    pub(super) fn change_upstream(&mut self, now: DateTime<Utc>) -> Vec<(&'static str, String)> {
         let updated = now.trunc_subsecs(0) - TimeDelta::seconds(1);
         vec![
             (MEWS_SOURCE, self.change_mews(updated)),
@@ -1123,7 +629,7 @@ token = "{hr_token}"
         ]
     }
 
-    fn change_mews(&mut self, updated: DateTime<Utc>) -> String {
+    pub(super) fn change_mews(&mut self, updated: DateTime<Utc>) -> String {
         let mut rng = fastrand::Rng::with_seed(SEED + 1);
         let mut changed = Vec::new();
         let spas = self.upstream.mews.iter().enumerate();
@@ -1185,7 +691,7 @@ token = "{hr_token}"
         )
     }
 
-    fn change_procurify(&mut self) -> String {
+    pub(super) fn change_procurify(&mut self) -> String {
         let departments = &mut self.upstream.procurify;
         let mut renamed = 0;
         for branch in [3, 4] {
@@ -1240,7 +746,7 @@ token = "{hr_token}"
         )
     }
 
-    fn change_snapbooks(&mut self) -> String {
+    pub(super) fn change_snapbooks(&mut self) -> String {
         let departments = &mut self.upstream.snapbooks;
         let active = |d: &SnapbooksDepartment| d.is_active != Some(false);
         let mut deactivated = 0;
@@ -1288,7 +794,7 @@ token = "{hr_token}"
         )
     }
 
-    fn change_hr(&mut self) -> String {
+    pub(super) fn change_hr(&mut self) -> String {
         let departments = &mut self.upstream.hr;
         let mut renamed = 0;
         if let Some(d) = departments.iter_mut().find(|d| d.name == "Customer Care") {
@@ -1357,7 +863,7 @@ token = "{hr_token}"
 }
 
 /// `text` as a TOML basic string.
-fn toml_string(text: &str) -> String {
+pub(super) fn toml_string(text: &str) -> String {
     let mut quoted = String::with_capacity(text.len() + 2);
     quoted.push('"');
     for c in text.chars() {
@@ -1379,6 +885,8 @@ mod tests {
     use secrecy::ExposeSecret;
 
     use super::*;
+    use crate::Settings;
+    use crate::demo::DEMO_DATABASE_URL;
 
     #[test]
     fn the_mews_start_is_the_one_configured() {
@@ -1483,12 +991,5 @@ mod tests {
     fn toml_strings_are_escaped() {
         assert_eq!(toml_string(r#"a"b\c"#), r#""a\"b\\c""#);
         assert_eq!(toml_string("sqlite://x.db"), "\"sqlite://x.db\"");
-    }
-
-    #[test]
-    fn shell_words_are_quoted_when_needed() {
-        assert_eq!(shell_word("deptsync-demo.db"), "deptsync-demo.db");
-        assert_eq!(shell_word("my demo.db"), "'my demo.db'");
-        assert_eq!(shell_word("it's.db"), r"'it'\''s.db'");
     }
 }

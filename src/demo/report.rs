@@ -1,0 +1,168 @@
+//! The demo's last words: a query over `departments`, and how to query the file.
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+
+use super::world::HR_SOURCE;
+use crate::config::redact_url;
+use crate::report::table;
+use crate::store::AnyStore;
+
+/// The sample query: SQL that SQLite and PostgreSQL both speak.
+pub(super) const SAMPLE_QUERY: &str = "\
+SELECT source,
+       SUM(CASE WHEN deleted_at IS NULL AND is_active THEN 1 ELSE 0 END)     AS active,
+       SUM(CASE WHEN deleted_at IS NULL AND NOT is_active THEN 1 ELSE 0 END) AS inactive,
+       SUM(CASE WHEN deleted_at IS NOT NULL THEN 1 ELSE 0 END)               AS deleted,
+       SUM(CASE WHEN last_changed_at > first_synced_at THEN 1 ELSE 0 END)    AS changed,
+       MAX(last_changed_at)                                                  AS last_changed
+FROM departments
+GROUP BY source
+ORDER BY source";
+
+/// One row of [`SAMPLE_QUERY`].
+pub(super) struct SampleRow {
+    source: String,
+    active: i64,
+    inactive: i64,
+    deleted: i64,
+    changed: i64,
+    last_changed: String,
+}
+
+/// Runs [`SAMPLE_QUERY`] on whichever store the demo writes to; returns its table.
+pub(super) async fn sample_query(store: &AnyStore) -> anyhow::Result<comfy_table::Table> {
+    type Counts = (String, i64, i64, i64, i64);
+    let rows: Vec<SampleRow> = match store {
+        AnyStore::Postgres(store) => {
+            sqlx::query_as::<_, (String, i64, i64, i64, i64, Option<DateTime<Utc>>)>(SAMPLE_QUERY)
+                .fetch_all(store.pool())
+                .await
+                .context("running the sample query")?
+                .into_iter()
+                .map(|(source, active, inactive, deleted, changed, last)| {
+                    let counts: Counts = (source, active, inactive, deleted, changed);
+                    sample_row(counts, last)
+                })
+                .collect()
+        }
+        AnyStore::Sqlite(store) => {
+            // SQLite keeps instants as RFC 3339 text.
+            sqlx::query_as::<_, (String, i64, i64, i64, i64, Option<String>)>(SAMPLE_QUERY)
+                .fetch_all(store.pool())
+                .await
+                .context("running the sample query")?
+                .into_iter()
+                .map(|(source, active, inactive, deleted, changed, last)| {
+                    let last = last
+                        .and_then(|text| DateTime::parse_from_rfc3339(&text).ok())
+                        .map(|t| t.with_timezone(&Utc));
+                    sample_row((source, active, inactive, deleted, changed), last)
+                })
+                .collect()
+        }
+    };
+    let mut table = table();
+    table.set_header([
+        "source",
+        "active",
+        "inactive",
+        "deleted",
+        "changed",
+        "last_changed (UTC)",
+    ]);
+    for row in rows {
+        table.add_row([
+            row.source,
+            row.active.to_string(),
+            row.inactive.to_string(),
+            row.deleted.to_string(),
+            row.changed.to_string(),
+            row.last_changed,
+        ]);
+    }
+    Ok(table)
+}
+
+pub(super) fn sample_row(
+    (source, active, inactive, deleted, changed): (String, i64, i64, i64, i64),
+    last_changed: Option<DateTime<Utc>>,
+) -> SampleRow {
+    SampleRow {
+        source,
+        active,
+        inactive,
+        deleted,
+        changed,
+        last_changed: last_changed.map_or_else(
+            || "-".to_owned(),
+            |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
+        ),
+    }
+}
+
+pub(super) fn indent(text: &str) -> String {
+    text.lines()
+        .map(|line| format!("  {line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// How to query the database the demo leaves behind.
+pub(super) fn query_hints(database_url: &str) -> String {
+    let changed = "SELECT source, external_id, name, is_active, deleted_at FROM departments \
+                   WHERE last_changed_at > first_synced_at ORDER BY source, name";
+    let tree = format!(
+        "WITH RECURSIVE tree(id, path) AS (SELECT external_id, name FROM departments \
+         WHERE source = '{HR_SOURCE}' AND parent_external_id IS NULL UNION ALL \
+         SELECT d.external_id, tree.path || ' / ' || d.name FROM departments d JOIN tree \
+         ON d.parent_external_id = tree.id WHERE d.source = '{HR_SOURCE}') \
+         SELECT path FROM tree ORDER BY path LIMIT 12"
+    );
+    match crate::store::sqlite::database_path(database_url) {
+        Ok(path) => {
+            let file = shell_word(&path.display().to_string());
+            format!(
+                "The database is left for you to query:\n\n  \
+                 sqlite3 -readonly {file} \"{changed}\"\n  \
+                 sqlite3 -readonly {file} \"{tree}\"\n"
+            )
+        }
+        Err(_) => {
+            let url = shell_word(&redact_url(database_url));
+            format!(
+                "The database is left for you to query:\n\n  \
+                 psql {url} -c \"{changed}\"\n  \
+                 psql {url} -c \"{tree}\"\n"
+            )
+        }
+    }
+}
+
+/// `text` as one word of a POSIX shell command line.
+pub(super) fn shell_word(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-:@%+=,".contains(c));
+    if plain {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The simulated upstreams and what they hold.
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words_are_quoted_when_needed() {
+        assert_eq!(shell_word("deptsync-demo.db"), "deptsync-demo.db");
+        assert_eq!(shell_word("my demo.db"), "'my demo.db'");
+        assert_eq!(shell_word("it's.db"), r"'it'\''s.db'");
+    }
+}
