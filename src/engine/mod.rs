@@ -338,6 +338,8 @@ async fn read<St: Store>(
     match connector {
         Connector::Windowed(source) => {
             let reader = Reader {
+                name: writer.name,
+                run_id: writer.run_id,
                 source,
                 cancel,
                 progress,
@@ -349,6 +351,8 @@ async fn read<St: Store>(
                 return Err(PassError::BackfillUnsupported);
             };
             let reader = Reader {
+                name: writer.name,
+                run_id: writer.run_id,
                 source,
                 cancel,
                 progress,
@@ -390,6 +394,9 @@ enum Finished {
 
 /// Fetches pages from the source, until the pass is cancelled.
 pub(crate) struct Reader<'a, S> {
+    /// The source's name, and the run reading it, for the spans of its requests.
+    name: &'a str,
+    run_id: RunId,
     source: &'a S,
     cancel: &'a CancellationToken,
     progress: &'a dyn Progress,
@@ -409,6 +416,7 @@ pub(crate) struct Writer<'a, St: Store> {
 impl<S> Reader<'_, S> {
     /// What `fetching` (a page's request) gets, or `None` when the pass is cancelled
     /// first.
+    #[tracing::instrument(name = "fetch_page", skip_all, fields(source = self.name, run_id = %self.run_id))]
     async fn fetch(
         &self,
         fetching: impl Future<Output = Result<Page, SourceError>>,
@@ -496,6 +504,7 @@ impl<St: Store> Writer<'_, St> {
 
     /// Commits `page` with `checkpoint`, after setting aside the records that cannot be
     /// stored, and counts it.
+    #[tracing::instrument(name = "commit_page", skip_all, fields(source = self.name, run_id = %self.run_id))]
     async fn commit(
         &mut self,
         page: Page,

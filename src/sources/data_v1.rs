@@ -169,3 +169,35 @@ impl ListingSource for DataV1 {
         Ok(Page::from_records(self.list().await?, None))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn departments_keep_their_parent_and_a_missing_result_is_an_empty_list() {
+        let response: ListResponse = serde_json::from_str(
+            r#"{"success": true, "result": [
+                {"id": "root", "parent_id": null, "name": "Company"},
+                {"id": "hr", "parent_id": "root", "name": "HR"}]}"#,
+        )
+        .expect("a data API response");
+        assert!(response.success);
+        let page = Page::from_records(response.result, None);
+        let tree: Vec<(&str, Option<&str>)> = page
+            .departments
+            .iter()
+            .map(|d| (d.external_id.as_str(), d.parent_external_id.as_deref()))
+            .collect();
+        assert_eq!(tree, [("root", None), ("hr", Some("root"))]);
+        assert!(
+            page.departments
+                .iter()
+                .all(|d| d.is_active && d.scope_id.is_none())
+        );
+
+        let failed: ListResponse =
+            serde_json::from_str(r#"{"success": false}"#).expect("a failure response");
+        assert!(!failed.success && failed.result.len() == 0);
+    }
+}

@@ -137,6 +137,15 @@ struct MewsDepartment {
     updated_utc: DateTime<Utc>,
 }
 
+/// The page a response of at most `page_size` departments is. A null cursor or a short
+/// page ends the window. (A cursor that comes back is the engine's to catch, for every
+/// windowed source.)
+fn page_of(response: GetAllResponse, page_size: u32) -> Page {
+    let full_page = response.departments.len() >= page_size as usize;
+    let next_cursor = response.cursor.filter(|_| full_page);
+    Page::from_records(response.departments, next_cursor)
+}
+
 fn utc(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
@@ -328,11 +337,7 @@ impl WindowedSource for Mews {
             return Ok(Page::default());
         };
         let received = response.departments.len();
-        let full_page = received >= page_size as usize;
-        // A null cursor or a short page ends the window. (A cursor that comes back is the
-        // engine's to catch, for every windowed source.)
-        let next_cursor = response.cursor.filter(|_| full_page);
-        let mut page = Page::from_records(response.departments, next_cursor);
+        let mut page = page_of(response, page_size);
         tracing::debug!(
             request_id = request_id.as_deref().unwrap_or(""),
             received,
@@ -341,5 +346,76 @@ impl WindowedSource for Mews {
         );
         page.request_id = request_id;
         Ok(page)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEPARTMENT: &str = r#"{"Id": "5f1c5d6a-0000-4000-8000-000000000001",
+        "EnterpriseId": "5f1c5d6a-0000-4000-8000-0000000000e1", "IsActive": false,
+        "Name": "Spa", "CreatedUtc": "2021-01-01T00:00:00Z",
+        "UpdatedUtc": "2024-05-06T07:08:09Z"}"#;
+
+    fn response(departments: &[&str], cursor: Option<&str>) -> GetAllResponse {
+        let cursor = cursor.map_or("null".to_owned(), |c| format!("{c:?}"));
+        let body = format!(
+            r#"{{"Departments": [{}], "Cursor": {cursor}}}"#,
+            departments.join(",")
+        );
+        serde_json::from_str(&body).expect("a Mews response")
+    }
+
+    #[test]
+    fn a_department_keeps_its_enterprise_times_and_flag() {
+        let page = page_of(response(&[DEPARTMENT], None), 10);
+        let [department] = page.departments.as_slice() else {
+            panic!("one department, got {:?}", page.departments.len());
+        };
+        assert_eq!(
+            department.external_id,
+            "5f1c5d6a-0000-4000-8000-000000000001"
+        );
+        assert_eq!(
+            department.scope_id.as_deref(),
+            Some("5f1c5d6a-0000-4000-8000-0000000000e1")
+        );
+        assert!(!department.is_active);
+        assert_eq!(
+            department.source_updated_at.map(utc).as_deref(),
+            Some("2024-05-06T07:08:09Z")
+        );
+        assert_eq!(department.raw.as_str(), DEPARTMENT);
+    }
+
+    #[test]
+    fn only_a_full_page_with_a_cursor_goes_on() {
+        let two = [DEPARTMENT, DEPARTMENT];
+        let cursor = Some("5f1c5d6a-0000-4000-8000-000000000001");
+        assert!(page_of(response(&two, cursor), 2).next_cursor.is_some());
+        // A short page ends the window, whatever cursor it carries.
+        assert_eq!(page_of(response(&two, cursor), 3).next_cursor, None);
+        // So does a null cursor after a full page.
+        assert_eq!(page_of(response(&two, None), 2).next_cursor, None);
+    }
+
+    #[test]
+    fn a_record_that_is_not_a_department_is_set_aside_with_its_id() {
+        let broken = r#"{"Id": "5f1c5d6a-0000-4000-8000-000000000002", "Name": "no times"}"#;
+        let page = page_of(response(&[DEPARTMENT, broken], None), 10);
+        assert_eq!(page.departments.len(), 1);
+        let [rejected] = page.rejected.as_slice() else {
+            panic!("one rejected record");
+        };
+        assert_eq!(
+            rejected.external_id.as_deref(),
+            Some("5f1c5d6a-0000-4000-8000-000000000002")
+        );
+        assert!(
+            rejected.reason.starts_with("not a Mews department"),
+            "{}",
+            rejected.reason
+        );
     }
 }

@@ -278,3 +278,56 @@ impl ListingSource for Procurify {
         Ok(Page::from_records(response.data, next_cursor))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn departments(json: &str) -> Page {
+        let records: Records<ProcurifyDepartment> =
+            serde_json::from_str(json).expect("a list of records");
+        Page::from_records(records, None)
+    }
+
+    #[test]
+    fn the_branch_is_the_scope_whether_an_object_or_an_id() {
+        let page = departments(
+            r#"[{"id": 1, "name": "Ops", "branch": {"id": 7, "name": "HQ"}, "active": true},
+                {"id": 2, "name": "Old", "branch": 8, "active": false}]"#,
+        );
+        let read: Vec<(&str, Option<&str>, bool)> = page
+            .departments
+            .iter()
+            .map(|d| (d.external_id.as_str(), d.scope_id.as_deref(), d.is_active))
+            .collect();
+        assert_eq!(read, [("1", Some("7"), true), ("2", Some("8"), false)]);
+        // Procurify says nothing of when a department changed.
+        assert!(
+            page.departments
+                .iter()
+                .all(|d| d.source_updated_at.is_none())
+        );
+    }
+
+    #[test]
+    fn a_cursor_says_the_page_and_the_count_the_listing_began_with() {
+        let cursor = encode_cursor(&Cursor {
+            page: 3,
+            count: 250,
+        });
+        let decoded: Option<Cursor> = decode_cursor(Some(&cursor)).unwrap();
+        assert_eq!(
+            decoded,
+            Some(Cursor {
+                page: 3,
+                count: 250
+            })
+        );
+        // One saved by another version starts the listing again.
+        let old = decode_cursor::<Cursor>(Some("3"));
+        assert!(
+            matches!(old, Err(SourceError::ListingChanged(_))),
+            "{old:?}"
+        );
+    }
+}

@@ -362,3 +362,25 @@ impl ListingSource for Snapbooks {
         Ok(Page::from_records(response.data, next_cursor))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_department_without_is_active_is_active_and_keeps_its_account_and_times() {
+        let records: Records<SnapbooksDepartment> = serde_json::from_str(
+            r#"[{"id": 10, "name": "Payroll", "client_account_id": 4501,
+                 "created_at": "2024-01-02T03:04:05Z"},
+                {"id": 11, "name": "Old", "client_account_id": 4501, "is_active": false}]"#,
+        )
+        .expect("a list of records");
+        let page = Page::from_records(records, None);
+        let [active, inactive] = page.departments.as_slice() else {
+            panic!("two departments");
+        };
+        assert!(active.is_active && !inactive.is_active);
+        assert_eq!(active.scope_id.as_deref(), Some("4501"));
+        assert!(active.source_created_at.is_some() && active.source_updated_at.is_none());
+    }
+}
