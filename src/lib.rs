@@ -1,7 +1,9 @@
 //! deptsync keeps an SQL copy of the departments held in several SaaS APIs, incrementally.
 //!
-//! - [`config`]: the config file, parsed then validated before any I/O.
-//! - [`sources`]: one connector per vendor behind the [`sources::Source`] trait.
+//! - [`config`]: the config file, parsed then validated before any I/O; each source's
+//!   table is handed to its kind.
+//! - [`sources`]: one connector per vendor, each owning its config, behind the
+//!   [`sources::WindowedSource`] or [`sources::ListingSource`] trait.
 //! - [`store`]: where departments and positions are kept, behind [`store::Store`].
 //! - [`engine`]: one pass of one source: plan, fetch, commit each page with its checkpoint.
 //! - [`model`]: the words every module shares.

@@ -8,9 +8,11 @@
 //! checkpoint that follows them are committed in one transaction, so a crash anywhere
 //! loses nothing and repeats at most one page.
 //!
-//! The rules both implementations must follow in the same way (how a page's duplicate ids
-//! are resolved, when a complete listing may delete, where a source stands) live here,
-//! once; the integration tests run one behaviour suite against both.
+//! The rules both implementations follow are written once: what a page commit does to a
+//! source's state and when a listing may delete ([`checkpoint`]), and the statements both
+//! dialects share ([`statements`]). A backend's folder holds only its connection, its
+//! locks and what its dialect says its own way; the integration tests run one behaviour
+//! suite against both.
 
 mod any;
 mod checkpoint;
@@ -19,19 +21,13 @@ pub mod sqlite;
 mod statements;
 
 pub use any::{AnyLease, AnyStore, Backend, DatabaseKind};
-pub use checkpoint::Commit;
-
-pub use checkpoint::MIN_GUARDED_SCOPE_ROWS;
+pub use checkpoint::{Commit, MIN_GUARDED_SCOPE_ROWS};
 
 use std::future::Future;
 use std::path::PathBuf;
 
-use chrono::{DateTime, Utc};
-use uuid::Uuid;
-
 use crate::model::{
-    BackfillRange, Ledger, LedgerWindow, ListingProgress, PageCounts, RejectedRecord, RunId,
-    RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
+    PageCounts, RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState,
 };
 
 /// A store failure, with what we were doing when it happened.
@@ -291,109 +287,6 @@ pub enum IfMissing {
     Create,
     /// For commands that only read (`status`).
     Fail,
-}
-
-/// A source's `sync_state` columns, as both stores read them.
-struct StateColumns {
-    high_water_mark: Option<DateTime<Utc>>,
-    incremental_until: Option<DateTime<Utc>>,
-    backfill_from: Option<DateTime<Utc>>,
-    backfill_to: Option<DateTime<Utc>>,
-    backfill_until: Option<DateTime<Utc>>,
-    listing_id: Option<Uuid>,
-    listing_cursor: Option<String>,
-    listing_confirms: Option<Uuid>,
-    scope_fingerprint: Option<String>,
-}
-
-impl StateColumns {
-    /// The state these columns and the source's window ledgers (its `sync_windows` rows,
-    /// each with its mode, oldest first) say.
-    fn into_state(self, windows: Vec<(RunMode, LedgerWindow)>) -> SyncState {
-        let (incremental_windows, backfill_windows): (Vec<_>, Vec<_>) = windows
-            .into_iter()
-            .partition(|(mode, _)| *mode == RunMode::Incremental);
-        let only_windows = |windows: Vec<(RunMode, LedgerWindow)>| {
-            windows.into_iter().map(|(_, window)| window).collect()
-        };
-        let incremental = self.incremental_until.map(|until| Ledger {
-            until,
-            backfill: None,
-            windows: only_windows(incremental_windows),
-        });
-        let backfill = match (self.backfill_from, self.backfill_until) {
-            (Some(from), Some(until)) => Some(Ledger {
-                until,
-                backfill: Some(BackfillRange {
-                    from,
-                    requested_to: self.backfill_to,
-                }),
-                windows: only_windows(backfill_windows),
-            }),
-            _ => None,
-        };
-        let confirms = self.listing_confirms;
-        let listing = self.listing_id.map(|listing_id| ListingProgress {
-            listing_id,
-            cursor: self.listing_cursor,
-            confirms,
-        });
-        let pending_confirmation = if listing.is_none() { confirms } else { None };
-        SyncState {
-            high_water_mark: self.high_water_mark,
-            incremental,
-            backfill,
-            listing,
-            pending_confirmation,
-            scope: self.scope_fingerprint,
-        }
-    }
-}
-
-/// The mode a `sync_windows.mode` value names.
-fn run_mode(mode: &str) -> Result<RunMode, StoreError> {
-    match mode {
-        "incremental" => Ok(RunMode::Incremental),
-        "backfill" => Ok(RunMode::Backfill),
-        other => Err(StoreError::Corrupt(format!(
-            "unknown ledger mode {other:?}"
-        ))),
-    }
-}
-
-/// The state of `window` (of `source`) from its `state` and `cursor` columns.
-fn window_state(
-    source: &str,
-    window: Window,
-    state: &str,
-    cursor: Option<String>,
-) -> Result<LedgerWindow, StoreError> {
-    let state = match (state, cursor) {
-        ("pending", _) => WindowState::Pending,
-        ("done", _) => WindowState::Done,
-        ("in_progress", Some(cursor)) => WindowState::InProgress { cursor },
-        (state, _) => {
-            return Err(StoreError::Corrupt(format!(
-                "window {window} of {source} is in an unknown state {state:?}"
-            )));
-        }
-    };
-    Ok(LedgerWindow { window, state })
-}
-
-/// Where a source stands, for `status`.
-fn describe_position(
-    high_water_mark: Option<DateTime<Utc>>,
-    windows: (i64, i64),
-    listing_cursor: Option<String>,
-) -> String {
-    let (left, planned) = windows;
-    match (planned > 0, listing_cursor, high_water_mark) {
-        (true, _, _) => format!("resumes: {left} of {planned} windows left"),
-        (false, Some(cursor), _) => format!("resumes listing at {cursor}"),
-        (false, None, Some(mark)) => format!("read up to {}", mark.format("%Y-%m-%d %H:%M:%SZ")),
-        (false, None, None) => "-".to_owned(),
-    }
 }
 
 /// A rejected record's payload as stored: JSON text, in which serde_json escapes every

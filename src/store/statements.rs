@@ -21,7 +21,8 @@ use uuid::Uuid;
 
 use super::StoreError;
 use crate::model::{
-    Ledger, LedgerWindow, RunId, RunMode, RunOutcome, SourceStatus, SyncState, Window, WindowState,
+    BackfillRange, Ledger, LedgerWindow, ListingProgress, RunId, RunMode, RunOutcome, SourceStatus,
+    SyncState, Window, WindowState,
 };
 
 /// A value bound to a statement's parameter.
@@ -613,7 +614,7 @@ pub(crate) async fn load_state(
     let Some(row) = states.first() else {
         return Ok(SyncState::default());
     };
-    let columns = super::StateColumns {
+    let columns = StateColumns {
         high_water_mark: row.time("high_water_mark")?,
         incremental_until: row.time("incremental_until")?,
         backfill_from: row.time("backfill_from")?,
@@ -639,11 +640,8 @@ pub(crate) async fn load_state(
                 end: row.required("window_end", StoredRow::time)?,
             };
             let state = row.required("state", StoredRow::text)?;
-            let state = super::window_state(source, window, &state, row.text("cursor")?)?;
-            Ok((
-                super::run_mode(&row.required("mode", StoredRow::text)?)?,
-                state,
-            ))
+            let state = window_state(source, window, &state, row.text("cursor")?)?;
+            Ok((run_mode(&row.required("mode", StoredRow::text)?)?, state))
         })
         .collect::<Result<Vec<(RunMode, LedgerWindow)>, StoreError>>()?;
     tx.commit().await?;
@@ -668,7 +666,7 @@ pub(crate) fn source_status(row: &impl StoredRow) -> Result<SourceStatus, StoreE
         last_error: row.text("last_error")?,
         last_error_at: row.time("last_error_at")?,
         high_water_mark,
-        position: super::describe_position(high_water_mark, windows, row.text("listing_cursor")?),
+        position: describe_position(high_water_mark, windows, row.text("listing_cursor")?),
         first_run_at: row.time("first_run_at")?,
         live_rows: row.int("live_rows")?.unwrap_or(0),
         deleted_rows: row.int("deleted_rows")?.unwrap_or(0),
@@ -710,4 +708,107 @@ pub(crate) async fn register(
     )
     .await?;
     tx.commit().await
+}
+
+/// A source's `sync_state` columns, as both stores read them.
+pub(crate) struct StateColumns {
+    high_water_mark: Option<DateTime<Utc>>,
+    incremental_until: Option<DateTime<Utc>>,
+    backfill_from: Option<DateTime<Utc>>,
+    backfill_to: Option<DateTime<Utc>>,
+    backfill_until: Option<DateTime<Utc>>,
+    listing_id: Option<Uuid>,
+    listing_cursor: Option<String>,
+    listing_confirms: Option<Uuid>,
+    scope_fingerprint: Option<String>,
+}
+
+impl StateColumns {
+    /// The state these columns and the source's window ledgers (its `sync_windows` rows,
+    /// each with its mode, oldest first) say.
+    fn into_state(self, windows: Vec<(RunMode, LedgerWindow)>) -> SyncState {
+        let (incremental_windows, backfill_windows): (Vec<_>, Vec<_>) = windows
+            .into_iter()
+            .partition(|(mode, _)| *mode == RunMode::Incremental);
+        let only_windows = |windows: Vec<(RunMode, LedgerWindow)>| {
+            windows.into_iter().map(|(_, window)| window).collect()
+        };
+        let incremental = self.incremental_until.map(|until| Ledger {
+            until,
+            backfill: None,
+            windows: only_windows(incremental_windows),
+        });
+        let backfill = match (self.backfill_from, self.backfill_until) {
+            (Some(from), Some(until)) => Some(Ledger {
+                until,
+                backfill: Some(BackfillRange {
+                    from,
+                    requested_to: self.backfill_to,
+                }),
+                windows: only_windows(backfill_windows),
+            }),
+            _ => None,
+        };
+        let confirms = self.listing_confirms;
+        let listing = self.listing_id.map(|listing_id| ListingProgress {
+            listing_id,
+            cursor: self.listing_cursor,
+            confirms,
+        });
+        let pending_confirmation = if listing.is_none() { confirms } else { None };
+        SyncState {
+            high_water_mark: self.high_water_mark,
+            incremental,
+            backfill,
+            listing,
+            pending_confirmation,
+            scope: self.scope_fingerprint,
+        }
+    }
+}
+
+/// The mode a `sync_windows.mode` value names.
+fn run_mode(mode: &str) -> Result<RunMode, StoreError> {
+    match mode {
+        "incremental" => Ok(RunMode::Incremental),
+        "backfill" => Ok(RunMode::Backfill),
+        other => Err(StoreError::Corrupt(format!(
+            "unknown ledger mode {other:?}"
+        ))),
+    }
+}
+
+/// The state of `window` (of `source`) from its `state` and `cursor` columns.
+fn window_state(
+    source: &str,
+    window: Window,
+    state: &str,
+    cursor: Option<String>,
+) -> Result<LedgerWindow, StoreError> {
+    let state = match (state, cursor) {
+        ("pending", _) => WindowState::Pending,
+        ("done", _) => WindowState::Done,
+        ("in_progress", Some(cursor)) => WindowState::InProgress { cursor },
+        (state, _) => {
+            return Err(StoreError::Corrupt(format!(
+                "window {window} of {source} is in an unknown state {state:?}"
+            )));
+        }
+    };
+    Ok(LedgerWindow { window, state })
+}
+
+/// Where a source stands, for `status`.
+fn describe_position(
+    high_water_mark: Option<DateTime<Utc>>,
+    windows: (i64, i64),
+    listing_cursor: Option<String>,
+) -> String {
+    let (left, planned) = windows;
+    match (planned > 0, listing_cursor, high_water_mark) {
+        (true, _, _) => format!("resumes: {left} of {planned} windows left"),
+        (false, Some(cursor), _) => format!("resumes listing at {cursor}"),
+        (false, None, Some(mark)) => format!("read up to {}", mark.format("%Y-%m-%d %H:%M:%SZ")),
+        (false, None, None) => "-".to_owned(),
+    }
 }
