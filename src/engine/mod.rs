@@ -337,26 +337,14 @@ async fn read<St: Store>(
     let state = writer.load_state(connector.scope()).await?;
     match connector {
         Connector::Windowed(source) => {
-            let reader = Reader {
-                name: writer.name,
-                run_id: writer.run_id,
-                source,
-                cancel,
-                progress,
-            };
+            let reader = Reader::new(source, writer, cancel, progress);
             windowed::read(&reader, writer, state, request).await
         }
         Connector::Listing(source) => {
             let PassRequest::Incremental { allow_mass_delete } = request else {
                 return Err(PassError::BackfillUnsupported);
             };
-            let reader = Reader {
-                name: writer.name,
-                run_id: writer.run_id,
-                source,
-                cancel,
-                progress,
-            };
+            let reader = Reader::new(source, writer, cancel, progress);
             listing::read(&reader, writer, state, allow_mass_delete).await
         }
     }
@@ -413,7 +401,23 @@ pub(crate) struct Writer<'a, St: Store> {
     progress: &'a dyn Progress,
 }
 
-impl<S> Reader<'_, S> {
+impl<'a, S> Reader<'a, S> {
+    /// Reads `source` for the pass `writer` stores.
+    fn new<St: Store>(
+        source: &'a S,
+        writer: &Writer<'a, St>,
+        cancel: &'a CancellationToken,
+        progress: &'a dyn Progress,
+    ) -> Reader<'a, S> {
+        Reader {
+            name: writer.name,
+            run_id: writer.run_id,
+            source,
+            cancel,
+            progress,
+        }
+    }
+
     /// What `fetching` (a page's request) gets, or `None` when the pass is cancelled
     /// first.
     #[tracing::instrument(name = "fetch_page", skip_all, fields(source = self.name, run_id = %self.run_id))]
