@@ -45,11 +45,11 @@ pub fn ready<'a>(
         .collect()
 }
 
-/// Records that `sources` are synced from now on, so that `status` counts a source that
-/// never succeeded from then. Failing costs only that, so it is logged, not returned.
-pub async fn register<St: Store>(store: &St, sources: &[ReadySource<'_>]) {
-    let names: Vec<String> = sources.iter().map(|s| s.name().to_owned()).collect();
-    if let Err(e) = store.register(&names).await {
+/// Records that the sources `names` are synced from now on, so that `status` counts a
+/// source that never succeeded from then. Failing costs only that, so it is logged, not
+/// returned.
+pub async fn register<St: Store>(store: &St, names: &[String]) {
+    if let Err(e) = store.register(names).await {
         tracing::warn!(
             error = %crate::error_chain(&e),
             "could not record the synced sources; status counts them from their first run"

@@ -316,7 +316,8 @@ async fn sync(
 
     let store = connect(settings).await?;
     // A source synced by cron, with no service, counts for `status` from now too.
-    app::register(&store, &selected).await;
+    let names: Vec<String> = selected.iter().map(|s| s.name().to_owned()).collect();
+    app::register(&store, &names).await;
     let mut failed = Vec::new();
     let mut runs = Vec::new();
     for source in &selected {

@@ -143,9 +143,7 @@ impl Daemon {
             .iter()
             .map(|s| s.name.to_string())
             .collect();
-        if let Err(e) = crate::store::Store::register(&store, &names).await {
-            tracing::warn!(error = %engine::error_chain(&e), "could not record the scheduled sources; status counts them from their first run");
-        }
+        crate::app::register(&store, &names).await;
 
         let mut scheduler = JobScheduler::new().await.map_err(DaemonError::Scheduler)?;
         let mut runners = Vec::with_capacity(self.settings.sources.len());

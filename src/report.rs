@@ -69,12 +69,8 @@ pub fn pass_table(runs: &[SourceRun]) -> comfy_table::Table {
                     .map(|n| n.to_string()),
                 );
             }
-            Err(reason) => {
-                let state = if reason == "cancelled" {
-                    "cancelled"
-                } else {
-                    "failed"
-                };
+            Err(_) => {
+                let state = if run.cancelled { "cancelled" } else { "failed" };
                 row.push(state.to_owned());
                 row.extend(std::iter::repeat_n(String::new(), 5));
             }

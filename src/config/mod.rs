@@ -53,8 +53,8 @@ pub struct Settings<S> {
 }
 
 /// What one `[[sources]]` table is validated into. The config reads the fields every
-/// source has (`name`, `schedule`, `allow_insecure_http`) and its secret files, and hands
-/// the rest of the table over.
+/// source has (`name`, `kind`, `schedule`, `allow_insecure_http`) and hands the rest of
+/// the table over.
 pub trait SourceEntry: Sized {
     /// Validates a source from the rest of its table. Does no I/O.
     fn from_table(table: SourceTable<'_>) -> Result<Self, ConfigError>;
@@ -63,9 +63,12 @@ pub trait SourceEntry: Sized {
 /// A `[[sources]]` table, its common fields read.
 pub struct SourceTable<'a> {
     pub name: SourceName,
+    /// The `kind` it names (which the config does not check).
+    pub kind: String,
     /// When `run` starts a pass.
     pub schedule: Schedule,
-    /// Every other field, secret files read in.
+    /// Every other field. The kind reads its own, and then the secret files
+    /// ([`FieldContext::read_secret_files`]) of the rest.
     pub fields: Table,
     /// Where the fields are, for errors and checks.
     pub context: FieldContext<'a>,
@@ -73,10 +76,6 @@ pub struct SourceTable<'a> {
 
 /// The fields of a table of the config file.
 pub type Table = config::Map<String, config::Value>;
-
-/// The fields the config reads from every `[[sources]]` table itself.
-pub const COMMON_SOURCE_FIELDS: &str =
-    "`name`, `schedule`, `allow_insecure_http`, and `X_file` for any secret field `X`";
 
 /// How `deptsync run` behaves.
 #[derive(Debug, Clone)]
@@ -467,6 +466,16 @@ pub struct FieldContext<'a> {
 }
 
 impl FieldContext<'_> {
+    /// A context for source `source`, for the tests of the modules that use one.
+    #[cfg(test)]
+    pub(crate) fn for_tests<'a>(source: &str, env: EnvLookup<'a>) -> FieldContext<'a> {
+        FieldContext {
+            source: source.to_owned(),
+            env,
+            allow_insecure_http: false,
+        }
+    }
+
     /// The source's name.
     pub fn source(&self) -> &str {
         &self.source
@@ -493,6 +502,12 @@ impl FieldContext<'_> {
             }
             self.error(&field, message)
         })
+    }
+
+    /// Replaces every `X_file = "path"` of `table` by `X` = the file's content (see
+    /// [`read_secret_file`]), so that any secret can come from a file.
+    pub fn read_secret_files(&self, table: &mut Table) -> Result<(), ConfigError> {
+        load_secret_files(table, self)
     }
 
     /// Takes the optional field `key` out of `table`, as text.
@@ -676,13 +691,14 @@ fn source_table(
         env,
         allow_insecure_http,
     };
+    let kind = take_string(&mut table, "kind").map_err(|m| context.error("kind", m))?;
     let schedule = context
         .take_text(&mut table, "schedule")?
         .unwrap_or_else(|| DEFAULT_SCHEDULE.to_owned());
     let schedule = Schedule::parse(&schedule).map_err(|m| context.error("schedule", m))?;
-    load_secret_files(&mut table, &context)?;
     Ok(SourceTable {
         name,
+        kind,
         schedule,
         fields: table,
         context,

@@ -15,10 +15,9 @@
 //! 4. `deptsync status` and a query over `departments`, and how to query the file.
 //!
 //! It goes through the doors a user does: its config is TOML validated by
-//! [`Settings::parse`], and each pass is [`engine::run_pass_showing`], as `deptsync sync`
+//! [`Settings::parse`], and each pass is [`crate::app::run_pass`], as `deptsync sync`
 //! runs it. `--serve` only starts the simulated APIs and prints a config that points at
 //! them, for `sync`, `run` and `status` by hand.
-
 //!
 //! - this module: the command's entry, and `--serve`;
 //! - [`story`]: the demo's two passes and what it says of them;

@@ -32,8 +32,8 @@ pub fn plan_windows(from: DateTime<Utc>, to: DateTime<Utc>, max_months: u32) -> 
     windows
 }
 
-/// Whether `window` is no longer than `max_months` calendar months. Used by the fakes
-/// and by assertions: it is the rule the planner must keep.
+/// Whether `window` is no longer than `max_months` calendar months: the rule the planner
+/// must keep, which its tests check.
 #[cfg(test)]
 fn window_fits(window: &Window, max_months: u32) -> bool {
     match window.start.checked_add_months(Months::new(max_months)) {

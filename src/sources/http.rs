@@ -75,26 +75,37 @@ impl HttpSettings {
         fields: &FieldContext<'_>,
     ) -> Result<HttpSettings, ConfigError> {
         let defaults = HttpSettings::default();
-        let duration = |table: &mut Table, key: &str, default: Duration| {
-            let text = fields.take_text(table, key)?;
+        let connect_timeout = fields.take_text(table, "connect_timeout")?;
+        let request_timeout = fields.take_text(table, "request_timeout")?;
+        let max_backoff = fields.take_text(table, "max_backoff")?;
+        let rate_limit = fields.take_text(table, "rate_limit")?;
+        let max_attempts = fields
+            .take_int(table, "max_attempts", 1..=20, "")?
+            .map_or(defaults.max_attempts, |n| n as u32);
+        // At least a page's worth; at most what a 32-bit build could hold.
+        let max_response_bytes = fields
+            .take_int(table, "max_response_bytes", 1024..=1 << 31, " bytes")?
+            .map_or(defaults.max_response_bytes, |n| n as u64);
+        let duration = |key: &str, text: Option<String>, default: Duration| {
             fields.duration(key, text.as_deref(), default)
         };
-        let rate_limit = fields
-            .take_text(table, "rate_limit")?
-            .map(|r| RateLimit::parse(&r).map_err(|m| fields.error("rate_limit", m)))
-            .transpose()?;
         Ok(HttpSettings {
-            connect_timeout: duration(table, "connect_timeout", defaults.connect_timeout)?,
-            request_timeout: duration(table, "request_timeout", defaults.request_timeout)?,
-            max_backoff: duration(table, "max_backoff", defaults.max_backoff)?,
-            max_attempts: fields
-                .take_int(table, "max_attempts", 1..=20, "")?
-                .map_or(defaults.max_attempts, |n| n as u32),
-            // At least a page's worth; at most what a 32-bit build could hold.
-            max_response_bytes: fields
-                .take_int(table, "max_response_bytes", 1024..=1 << 31, " bytes")?
-                .map_or(defaults.max_response_bytes, |n| n as u64),
-            rate_limit,
+            connect_timeout: duration(
+                "connect_timeout",
+                connect_timeout,
+                defaults.connect_timeout,
+            )?,
+            request_timeout: duration(
+                "request_timeout",
+                request_timeout,
+                defaults.request_timeout,
+            )?,
+            max_attempts,
+            max_backoff: duration("max_backoff", max_backoff, defaults.max_backoff)?,
+            rate_limit: rate_limit
+                .map(|r| RateLimit::parse(&r).map_err(|m| fields.error("rate_limit", m)))
+                .transpose()?,
+            max_response_bytes,
         })
     }
 }

@@ -1,7 +1,9 @@
-//! Connectors: one module per vendor, behind the one small [`Source`] trait.
+//! Connectors: one module per vendor, behind two small traits, [`WindowedSource`] and
+//! [`ListingSource`] (and [`Source`], what both answer).
 //!
 //! A connector knows its vendor's wire format, auth and paging, and nothing about storage.
-//! It answers one question: "give me the page at this position". The engine decides
+//! It answers one question: "give me the page at this position" (of a window, or of the
+//! listing). The engine decides
 //! which positions to ask for and commits each page together with the position after it,
 //! so a connector never has to remember anything between calls.
 //!

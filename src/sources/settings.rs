@@ -3,9 +3,7 @@
 
 use super::http::{HTTP_FIELDS, HttpSettings};
 use super::kinds::KindSettings;
-use crate::config::{
-    COMMON_SOURCE_FIELDS, ConfigError, Schedule, SourceEntry, SourceName, SourceTable,
-};
+use crate::config::{ConfigError, Schedule, SourceEntry, SourceName, SourceTable};
 
 /// One configured source.
 #[derive(Debug)]
@@ -22,15 +20,17 @@ impl SourceEntry for SourceSettings {
     fn from_table(table: SourceTable<'_>) -> Result<SourceSettings, ConfigError> {
         let SourceTable {
             name,
+            kind,
             schedule,
             mut fields,
             context,
         } = table;
-        let kind = context
-            .take_text(&mut fields, "kind")?
-            .ok_or_else(|| context.error("kind", "missing"))?;
         let mut http = HttpSettings::take_from(&mut fields, &context)?;
-        let shared = format!("`kind`, {HTTP_FIELDS}, {COMMON_SOURCE_FIELDS}");
+        context.read_secret_files(&mut fields)?;
+        let shared = format!(
+            "`name`, `kind`, `schedule`, {HTTP_FIELDS}, `allow_insecure_http`, and `X_file` \
+             for any secret field `X`"
+        );
         let kind = KindSettings::parse(&kind, fields, &context, &shared)?;
         http.rate_limit = http.rate_limit.or(kind.default_rate_limit());
         Ok(SourceSettings {

@@ -55,7 +55,7 @@ pub trait Backend: Store + Clone + Sized {
         async {
             let mut tx = self.read().await?;
             tx.fetch("SELECT 1", &[], "asking the database").await?;
-            tx.commit().await
+            tx.commit("asking the database").await
         }
     }
 

@@ -75,19 +75,6 @@ pub(crate) enum ListingClock {
     /// The same listing goes on, or a confirming one counts from the first's start (from
     /// now if none was recorded).
     Keep,
-    /// No listing is in progress or awaiting confirmation.
-    Clear,
-}
-
-impl ListingClock {
-    /// The clock's name, as a backend's statement reads it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ListingClock::Start => "start",
-            ListingClock::Keep => "keep",
-            ListingClock::Clear => "clear",
-        }
-    }
 }
 
 /// A source's listing columns as a checkpoint leaves them.
@@ -103,17 +90,6 @@ pub(crate) struct ListingColumns<'a> {
     pub clock: ListingClock,
     /// Whether the listing in progress rewrote a stored row so far.
     pub rewrote: bool,
-}
-
-impl ListingColumns<'_> {
-    /// No listing at all.
-    const NONE: ListingColumns<'static> = ListingColumns {
-        listing_id: None,
-        cursor: None,
-        confirms: None,
-        clock: ListingClock::Clear,
-        rewrote: false,
-    };
 }
 
 /// One scope's share of what a complete listing did not see: its departments live when the
@@ -301,23 +277,8 @@ pub(crate) async fn commit_page<T: PageTransaction>(
             "run {run} is not in sync_runs"
         )));
     }
-    tx.commit().await?;
+    tx.commit("committing the page").await?;
     Ok(counts)
-}
-
-/// Writes `source`'s listing columns as `listing` says.
-async fn set_listing<T: PageTransaction>(
-    tx: &mut T,
-    source: &str,
-    listing: &ListingColumns<'_>,
-) -> Result<(), StoreError> {
-    let columns = (
-        listing.listing_id,
-        listing.cursor,
-        listing.confirms,
-        listing.rewrote,
-    );
-    statements::set_listing(tx, source, columns, listing.clock.as_str()).await
 }
 
 /// Records that `source`'s saved position is a position of `scope` (a fingerprint of the
@@ -334,7 +295,8 @@ pub(crate) async fn set_scope<T: PageTransaction>(
         forget_seen(&mut tx, source, None).await?;
     }
     statements::set_scope(&mut tx, source, scope, reset).await?;
-    tx.commit().await
+    tx.commit("recording what the source's position is a position of")
+        .await
 }
 
 /// Moves `source` to `checkpoint`, after a page that saw the ids `seen` and rewrote a
@@ -374,7 +336,7 @@ async fn apply_checkpoint<T: PageTransaction>(
             record_seen(tx, source, progress.listing_id, seen).await?;
             let stored = stored_listing(tx, source).await?;
             let same_listing = stored.listing_id == Some(progress.listing_id);
-            set_listing(
+            statements::set_listing(
                 tx,
                 source,
                 &ListingColumns {
@@ -410,17 +372,19 @@ async fn apply_checkpoint<T: PageTransaction>(
             let deletions = delete_unseen(tx, source, *listing_id, *confirms, policy).await?;
             if deletions.awaiting_confirmation > 0 {
                 // Keep what this listing saw, for the confirming listing to compare.
-                set_listing(
+                statements::set_listing(
                     tx,
                     source,
                     &ListingColumns {
+                        listing_id: None,
+                        cursor: None,
                         confirms: Some(*listing_id),
                         clock: if same_listing {
                             ListingClock::Keep
                         } else {
                             ListingClock::Start
                         },
-                        ..ListingColumns::NONE
+                        rewrote: false,
                     },
                 )
                 .await?;
@@ -430,7 +394,7 @@ async fn apply_checkpoint<T: PageTransaction>(
                     .flatten()
                     .collect();
                 forget_seen(tx, source, Some(&ended)).await?;
-                set_listing(tx, source, &ListingColumns::NONE).await?;
+                statements::end_listings(tx, source).await?;
             }
             return Ok(deletions);
         }

@@ -238,10 +238,11 @@ pub trait Store: Send + Sync {
         mode: RunMode,
     ) -> impl Future<Output = Result<RunId, StoreError>> + Send;
 
-    /// In one transaction: upserts `departments` (writing only rows whose content changed,
-    /// never replacing a row with an older `source_updated_at`), keeps `rejected`, moves
-    /// the source to `checkpoint` and adds the page to the run's counts. Written under
-    /// the lock's `lease`: if the lock was lost, so is the write.
+    /// In one transaction: upserts the page's departments (writing only rows whose content
+    /// changed, never replacing a row with an older `source_updated_at`), keeps its
+    /// rejected records, moves the source to its checkpoint and adds the page to the run's
+    /// counts (see [`Commit`]). Written under the lock's `lease`: if the lock was lost, so
+    /// is the write.
     fn commit_page(
         &self,
         lease: &mut Self::Lease,

@@ -1,7 +1,9 @@
 //! The statements both dialects share, written once.
 //!
-//! SQLite takes `$n` parameters as PostgreSQL does, and `INSERT … ON CONFLICT`, `CASE`,
-//! `COALESCE` and multi-row `VALUES` alike, so most of what a store does to a source's
+//! Both dialects say `INSERT … ON CONFLICT`, `CASE`, `COALESCE` and multi-row `VALUES`
+//! alike, and both read `$n` as the n-th value bound (SQLite takes `$1` as a named
+//! parameter, which sqlx binds by its number; one bound no value reads NULL there, which
+//! [`debug_assert_bound`] catches in tests), so most of what a store does to a source's
 //! state is one text for both. What differs is how a value travels: PostgreSQL has
 //! `timestamptz` and `uuid`, SQLite keeps both as text (see `sqlite/mod.rs`). A statement
 //! here takes [`Value`]s, and each backend binds them as it stores them
@@ -20,6 +22,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::StoreError;
+use super::checkpoint::{ListingClock, ListingColumns};
 use crate::model::{
     BackfillRange, Ledger, LedgerWindow, ListingProgress, RunId, RunMode, RunOutcome, SourceStatus,
     SyncState, Window, WindowState,
@@ -67,8 +70,9 @@ pub trait Statements: Send {
         context: &'static str,
     ) -> impl Future<Output = Result<Vec<Self::Row>, StoreError>> + Send;
 
-    /// Commits the transaction. Dropping it instead rolls everything back.
-    fn commit(self) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Commits the transaction (`context` says what it held, for its error). Dropping it
+    /// instead rolls everything back.
+    fn commit(self, context: &'static str) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// Implements [`Statements`] for a backend's transaction `$page` (a struct with a `tx`
@@ -85,6 +89,7 @@ macro_rules! impl_statements {
                 values: &[crate::store::statements::Value<'_>],
                 context: &'static str,
             ) -> Result<u64, crate::store::StoreError> {
+                crate::store::statements::debug_assert_bound(sql, values);
                 let query = $bind(sqlx::query(sql), values, &*self);
                 let done = query
                     .execute(&mut *self.tx)
@@ -99,6 +104,7 @@ macro_rules! impl_statements {
                 values: &[crate::store::statements::Value<'_>],
                 context: &'static str,
             ) -> Result<Vec<$row>, crate::store::StoreError> {
+                crate::store::statements::debug_assert_bound(sql, values);
                 let query = $bind(sqlx::query(sql), values, &*self);
                 query
                     .fetch_all(&mut *self.tx)
@@ -106,16 +112,37 @@ macro_rules! impl_statements {
                     .map_err(crate::store::db(context))
             }
 
-            async fn commit(self) -> Result<(), crate::store::StoreError> {
-                self.tx
-                    .commit()
-                    .await
-                    .map_err(crate::store::db("committing"))
+            async fn commit(self, context: &'static str) -> Result<(), crate::store::StoreError> {
+                self.tx.commit().await.map_err(crate::store::db(context))
             }
         }
     };
 }
 pub(crate) use impl_statements;
+
+/// The highest `$n` that `sql` names (in its comments too).
+pub(crate) fn highest_parameter(sql: &str) -> usize {
+    sql.split('$')
+        .skip(1)
+        .filter_map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// In tests and debug builds, fails a statement given fewer values than it names: SQLite
+/// would read NULL for the rest without a word (and `COALESCE($n, CURRENT_TIMESTAMP)` an
+/// instant in another format).
+pub(crate) fn debug_assert_bound(sql: &str, values: &[Value<'_>]) {
+    debug_assert!(
+        highest_parameter(sql) <= values.len(),
+        "a statement names ${} but {} values are bound: {sql}",
+        highest_parameter(sql),
+        values.len()
+    );
+}
 
 /// A row read back, its columns by name. Instants are read as the backend keeps them;
 /// ids are selected as text (`CAST(… AS TEXT)`), which both dialects can say.
@@ -239,7 +266,7 @@ pub(crate) async fn replace_ledger(
                      incremental_until = excluded.incremental_until,
                      updated_at = excluded.updated_at",
                 &[Text(Some(source)), Time(Some(ledger.until)), Now],
-                "saving the ledger's range",
+                "saving the checkpoint",
             )
             .await?
         }
@@ -260,7 +287,7 @@ pub(crate) async fn replace_ledger(
                     Time(Some(ledger.until)),
                     Now,
                 ],
-                "saving the ledger's range",
+                "saving the checkpoint",
             )
             .await?
         }
@@ -387,46 +414,58 @@ pub(crate) async fn finish_ledger(
              WHERE source = $1"
         }
     };
-    tx.execute(finish, &[Text(Some(source)), Now], "finishing the ledger")
+    tx.execute(finish, &[Text(Some(source)), Now], "saving the checkpoint")
         .await?;
     Ok(())
 }
 
-/// Writes the listing columns of `source`: the listing in progress and where it goes on,
-/// what it confirms, whether it rewrote a stored row, and the guard's clock (`"start"`
-/// now, `"keep"` the first listing's, or `"clear"`).
+/// Writes the listing columns of `source` as `listing` says. A first listing starts the
+/// clock of the mass-deletion guard (at the transaction's instant); the same listing going
+/// on, or a confirming one, keeps it.
 pub(crate) async fn set_listing(
     tx: &mut impl Statements,
     source: &str,
-    listing: (Option<Uuid>, Option<&str>, Option<Uuid>, bool),
-    clock: &str,
+    listing: &ListingColumns<'_>,
 ) -> Result<(), StoreError> {
-    let (listing_id, cursor, confirms, rewrote) = listing;
     tx.execute(
         "INSERT INTO sync_state AS s (source, listing_id, listing_cursor, listing_confirms,
                                       listing_started_at, listing_rewrote, updated_at)
-         VALUES ($1, $2, $3, $4,
-                 CASE WHEN $6 <> 'clear' THEN COALESCE($7, CURRENT_TIMESTAMP) END, $5,
+         VALUES ($1, $2, $3, $4, COALESCE($7, CURRENT_TIMESTAMP), $5,
                  COALESCE($7, CURRENT_TIMESTAMP))
          ON CONFLICT (source) DO UPDATE SET
              listing_id = excluded.listing_id,
              listing_cursor = excluded.listing_cursor,
              listing_confirms = excluded.listing_confirms,
-             listing_started_at = CASE $6
-                 WHEN 'keep' THEN COALESCE(s.listing_started_at, excluded.updated_at)
-                 WHEN 'start' THEN excluded.updated_at END,
+             listing_started_at = CASE WHEN $6
+                 THEN COALESCE(s.listing_started_at, excluded.updated_at)
+                 ELSE excluded.updated_at END,
              listing_rewrote = excluded.listing_rewrote,
              updated_at = excluded.updated_at",
         &[
             Text(Some(source)),
-            Id(listing_id),
-            Text(cursor),
-            Id(confirms),
-            Bool(rewrote),
-            Text(Some(clock)),
+            Id(listing.listing_id),
+            Text(listing.cursor),
+            Id(listing.confirms),
+            Bool(listing.rewrote),
+            Bool(listing.clock == ListingClock::Keep),
             Now,
         ],
-        "saving the listing's position",
+        "saving the checkpoint",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Clears the listing state of `source`: no listing in progress, none awaiting
+/// confirmation, no clock.
+pub(crate) async fn end_listings(tx: &mut impl Statements, source: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, listing_confirms = NULL,
+                               listing_started_at = NULL,
+                               updated_at = COALESCE($2, CURRENT_TIMESTAMP)
+         WHERE source = $1",
+        &[Text(Some(source)), Now],
+        "saving the checkpoint",
     )
     .await?;
     Ok(())
@@ -443,7 +482,7 @@ pub(crate) async fn drop_listing_in_progress(
                                updated_at = COALESCE($2, CURRENT_TIMESTAMP)
          WHERE source = $1",
         &[Text(Some(source)), Now],
-        "dropping the listing in progress",
+        "saving the checkpoint",
     )
     .await?;
     Ok(())
@@ -517,7 +556,7 @@ pub(crate) async fn start_run(
         "recording the start of the run",
     )
     .await?;
-    tx.commit().await?;
+    tx.commit("recording the start of the run").await?;
     Ok(RunId(run_id))
 }
 
@@ -541,7 +580,7 @@ pub(crate) async fn finish_run(
         "recording the end of the run",
     )
     .await?;
-    tx.commit().await
+    tx.commit("recording the end of the run").await
 }
 
 /// Records that `source`'s saved position is a position of `scope`. With `reset` (why),
@@ -595,8 +634,8 @@ pub(crate) async fn set_scope(
     Ok(())
 }
 
-/// Where `source` stands: its `sync_state` row and its window ledgers, read in `tx` (one
-/// snapshot of both).
+/// Where `source` stands: its `sync_state` row and its window ledgers, read in `tx`. The
+/// caller holds the source's lock, so no commit of the source falls between the two reads.
 pub(crate) async fn load_state(
     mut tx: impl Statements,
     source: &str,
@@ -644,7 +683,7 @@ pub(crate) async fn load_state(
             Ok((run_mode(&row.required("mode", StoredRow::text)?)?, state))
         })
         .collect::<Result<Vec<(RunMode, LedgerWindow)>, StoreError>>()?;
-    tx.commit().await?;
+    tx.commit("loading the sync state").await?;
     Ok(columns.into_state(windows))
 }
 
@@ -689,7 +728,7 @@ pub(crate) async fn status(
     let rows = tx
         .fetch(sql, &[Value::Texts(Some(&names))], "reading the status")
         .await?;
-    tx.commit().await?;
+    tx.commit("reading the status").await?;
     rows.iter().map(source_status).collect()
 }
 
@@ -707,7 +746,7 @@ pub(crate) async fn register(
         "registering the scheduled sources",
     )
     .await?;
-    tx.commit().await
+    tx.commit("registering the scheduled sources").await
 }
 
 /// A source's `sync_state` columns, as both stores read them.
@@ -810,5 +849,17 @@ fn describe_position(
         (false, Some(cursor), _) => format!("resumes listing at {cursor}"),
         (false, None, Some(mark)) => format!("read up to {}", mark.format("%Y-%m-%d %H:%M:%SZ")),
         (false, None, None) => "-".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_highest_parameter_is_found_wherever_it_is() {
+        assert_eq!(highest_parameter("SELECT 1"), 0);
+        assert_eq!(highest_parameter("SELECT $2, $10::text[] -- and $3"), 10);
+        assert_eq!(highest_parameter("SELECT '$' || $1"), 1);
     }
 }

@@ -315,6 +315,63 @@ mod files_and_daemon {
     }
 
     #[test]
+    fn only_secret_fields_come_from_files_and_the_common_fields_are_named_in_order() {
+        let dir = std::env::temp_dir().join(format!("deptsync-files-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("timeout"), "5s\n").unwrap();
+        std::fs::write(dir.join("token"), "t\n").unwrap();
+        let with = |extra: &str| format!("{SOURCE}token_file = \"token\"\n{extra}");
+        // The fields every kind takes are read before secret files: an `X_file` for one of
+        // them is no field at all.
+        for field in ["connect_timeout", "rate_limit", "max_attempts"] {
+            let error = parse(
+                &with(&format!("{field}_file = \"timeout\"\n")),
+                dir.to_str(),
+            )
+            .unwrap_err();
+            assert!(
+                error.contains(&format!("unknown field `{field}`")),
+                "{error}"
+            );
+            assert!(
+                error.contains(
+                    "every kind takes: `name`, `kind`, `schedule`, `connect_timeout`, \
+                     `request_timeout`, `max_attempts`, `max_backoff`, `rate_limit`, \
+                     `max_response_bytes`, `allow_insecure_http`, and `X_file`"
+                ),
+                "{error}"
+            );
+        }
+        let error = parse(&with("kind_file = \"timeout\"\n"), dir.to_str()).unwrap_err();
+        assert!(error.contains("unknown field `kind`"), "{error}");
+        assert!(parse(&with(""), dir.to_str()).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_fields_every_kind_takes_are_the_ones_named() {
+        let mut table = crate::config::Table::new();
+        for field in crate::sources::http::HTTP_FIELDS.split(", ") {
+            let field = field.trim_matches('`');
+            let value = match field {
+                "max_attempts" => config::Value::from(3),
+                "max_response_bytes" => config::Value::from(4096),
+                "rate_limit" => config::Value::from("10/1s"),
+                _ => config::Value::from("5s"),
+            };
+            table.insert(field.to_owned(), value);
+        }
+        let env = |_: &str| None;
+        let context = crate::config::FieldContext::for_tests("s", &env);
+        crate::sources::http::HttpSettings::take_from(&mut table, &context).unwrap();
+        assert!(
+            table.is_empty(),
+            "not read: {:?}",
+            table.keys().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
     fn secrets_come_from_files_absolute_or_in_the_credentials_directory() {
         let directory = std::env::temp_dir().join(format!("deptsync-creds-{}", std::process::id()));
         std::fs::create_dir_all(&directory).unwrap();

@@ -5,7 +5,7 @@ mod departments;
 mod page;
 
 use departments::Load;
-use page::PgPage;
+use page::PgTx;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -64,23 +64,23 @@ impl PgLease {
 
     /// Opens a page's transaction on the lock's own connection: a lost lock (the
     /// connection gone) fails the write instead of letting two holders write at once.
-    async fn begin(&mut self, load: Load) -> Result<PgPage<'_>, StoreError> {
+    async fn begin(&mut self, load: Load) -> Result<PgTx<'_>, StoreError> {
         let tx = sqlx::Connection::begin(&mut self.connection)
             .await
             .map_err(db("opening a transaction"))?;
-        Ok(PgPage::new(tx, load))
+        Ok(PgTx::new(tx, load))
     }
 }
 
 impl PgStore {
     /// A transaction on a connection of the pool.
-    async fn begin(&self) -> Result<PgPage<'static>, StoreError> {
+    async fn begin(&self) -> Result<PgTx<'static>, StoreError> {
         let tx = self
             .pool
             .begin()
             .await
             .map_err(db("opening a transaction"))?;
-        Ok(PgPage::new(tx, Load::Compare))
+        Ok(PgTx::new(tx, Load::Compare))
     }
 
     /// Connects to the database at `url`, statements bounded by the default timeout.
@@ -218,9 +218,9 @@ impl Backend for PgStore {
         Ok(migrated?)
     }
 
-    type Reader = PgPage<'static>;
+    type Reader = PgTx<'static>;
 
-    async fn read(&self) -> Result<PgPage<'static>, StoreError> {
+    async fn read(&self) -> Result<PgTx<'static>, StoreError> {
         self.begin().await
     }
 

@@ -12,26 +12,27 @@ use crate::store::checkpoint::{PageTransaction, Written};
 use crate::store::statements::{Value, impl_statements};
 use crate::store::{StoreError, db};
 
-/// A page's transaction, and how its windowed departments are written.
-pub struct PgPage<'c> {
+/// A transaction of the PostgreSQL store, and how it writes a windowed page's departments
+/// (only a page's commit writes them).
+pub struct PgTx<'c> {
     tx: Transaction<'c, Postgres>,
     load: Load,
 }
 
-impl<'c> PgPage<'c> {
-    pub(super) fn new(tx: Transaction<'c, Postgres>, load: Load) -> PgPage<'c> {
-        PgPage { tx, load }
+impl<'c> PgTx<'c> {
+    pub(super) fn new(tx: Transaction<'c, Postgres>, load: Load) -> PgTx<'c> {
+        PgTx { tx, load }
     }
 }
 
-impl_statements!(PgPage, PgRow, bind);
+impl_statements!(PgTx, PgRow, bind);
 
 /// `query` with `values` bound, as PostgreSQL keeps them: instants and ids natively, the
 /// transaction's instant as NULL (the statement falls back to `CURRENT_TIMESTAMP`).
 fn bind<'q>(
     query: Query<'q, Postgres, PgArguments>,
     values: &[Value<'q>],
-    _: &PgPage<'_>,
+    _: &PgTx<'_>,
 ) -> Query<'q, Postgres, PgArguments> {
     values.iter().fold(query, |query, value| match *value {
         Value::Text(text) => query.bind(text),
@@ -45,11 +46,13 @@ fn bind<'q>(
     })
 }
 
-impl PageTransaction for PgPage<'_> {
+impl PageTransaction for PgTx<'_> {
     const RECORD_SEEN: &'static str =
         "INSERT INTO listing_seen_pages (source, listing_id, external_ids) VALUES ($1, $2, $3)";
     const FORGET_SEEN: &'static str = "DELETE FROM listing_seen_pages
          WHERE source = $1 AND ($2::uuid[] IS NULL OR listing_id = ANY($2))";
+    // The transaction's instant (`$5` of the next two, `$6` of KEEP_REJECTED) is the
+    // server's `now()` here: PostgreSQL takes a value bound to no parameter.
     const COUNT_UNSEEN: &'static str = include_str!("queries/count_unseen.sql");
     const MARK_UNSEEN_DELETED: &'static str = include_str!("queries/mark_unseen_deleted.sql");
     // `payload_md5` is a generated column; the row's instants are the transaction's.

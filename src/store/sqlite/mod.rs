@@ -29,7 +29,7 @@ mod page;
 
 pub use locks::lock_unused;
 use locks::{in_use_lock_path, lock_path, open_lock_file};
-use page::SqlitePage;
+use page::SqliteTx;
 
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
@@ -117,13 +117,13 @@ pub struct SqliteLease {
 impl SqliteStore {
     /// A transaction on a connection of the pool, begun with `begin` ([`BEGIN_WRITE`] to
     /// write).
-    async fn begin(&self, begin: &'static str) -> Result<SqlitePage<'static>, StoreError> {
+    async fn begin(&self, begin: &'static str) -> Result<SqliteTx<'static>, StoreError> {
         let tx = self
             .pool
             .begin_with(begin)
             .await
             .map_err(db("opening a transaction"))?;
-        Ok(SqlitePage::new(tx))
+        Ok(SqliteTx::new(tx))
     }
 
     /// Opens the database file `url` names; with [`IfMissing::Create`], creates it when
@@ -250,9 +250,9 @@ impl Backend for SqliteStore {
         Ok(migrated?)
     }
 
-    type Reader = SqlitePage<'static>;
+    type Reader = SqliteTx<'static>;
 
-    async fn read(&self) -> Result<SqlitePage<'static>, StoreError> {
+    async fn read(&self) -> Result<SqliteTx<'static>, StoreError> {
         self.begin("BEGIN").await
     }
 

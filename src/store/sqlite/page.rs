@@ -46,42 +46,44 @@ fn canonical_json(raw: &RawRecord) -> String {
         .unwrap_or_else(|_| raw.as_str().to_owned())
 }
 
-/// A page's transaction, holding the database's write lock throughout, and its instant.
-pub struct SqlitePage<'c> {
+/// A transaction of the SQLite store, and its instant. One that writes begins with
+/// `BEGIN IMMEDIATE` ([`BEGIN_WRITE`]), so that it holds the database's write lock
+/// throughout and its instant is taken once it holds it; one that only reads begins
+/// deferred.
+pub struct SqliteTx<'c> {
     tx: Transaction<'c, Sqlite>,
-    /// The transaction's instant, taken once it holds the write lock (PostgreSQL's
-    /// `now()`).
+    /// The transaction's instant (PostgreSQL's `now()`): what `Value::Now` binds.
     now: String,
 }
 
 impl SqliteLease {
     /// Opens a page's transaction on the lock's own connection.
-    pub(super) async fn begin(&mut self) -> Result<SqlitePage<'_>, StoreError> {
+    pub(super) async fn begin(&mut self) -> Result<SqliteTx<'_>, StoreError> {
         let tx = self
             .connection
             .begin_with(BEGIN_WRITE)
             .await
             .map_err(db("opening a transaction"))?;
-        Ok(SqlitePage::new(tx))
+        Ok(SqliteTx::new(tx))
     }
 }
 
-impl<'c> SqlitePage<'c> {
-    /// A transaction that holds the write lock already (`BEGIN IMMEDIATE`): its instant
-    /// is taken now.
-    pub(super) fn new(tx: Transaction<'c, Sqlite>) -> SqlitePage<'c> {
-        SqlitePage { tx, now: now() }
+impl<'c> SqliteTx<'c> {
+    /// `tx`, begun already (a writer's with the write lock held): its instant is taken
+    /// now.
+    pub(super) fn new(tx: Transaction<'c, Sqlite>) -> SqliteTx<'c> {
+        SqliteTx { tx, now: now() }
     }
 }
 
-impl_statements!(SqlitePage, SqliteRow, bind);
+impl_statements!(SqliteTx, SqliteRow, bind);
 
 /// `query` with `values` bound, as SQLite keeps them: instants as [`stamp`] text, ids as
 /// text, the transaction's instant as the page's.
 fn bind<'q>(
     query: Query<'q, Sqlite, SqliteArguments<'q>>,
     values: &[Value<'q>],
-    page: &SqlitePage<'_>,
+    page: &SqliteTx<'_>,
 ) -> Query<'q, Sqlite, SqliteArguments<'q>> {
     values.iter().fold(query, |query, value| match *value {
         Value::Text(text) => query.bind(text),
@@ -98,7 +100,7 @@ fn bind<'q>(
     })
 }
 
-impl PageTransaction for SqlitePage<'_> {
+impl PageTransaction for SqliteTx<'_> {
     const RECORD_SEEN: &'static str = "INSERT INTO listing_seen (source, listing_id, external_id)
          SELECT $1, $2, value FROM json_each($3) WHERE true
          ON CONFLICT DO NOTHING";
@@ -140,8 +142,8 @@ impl PageTransaction for SqlitePage<'_> {
         // The ids already stored: the upsert inserts every other one.
         let existing: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM departments
-             WHERE source = ?1
-               AND external_id IN (SELECT value ->> 'external_id' FROM json_each(?2))",
+             WHERE source = $1
+               AND external_id IN (SELECT value ->> 'external_id' FROM json_each($2))",
         )
         .bind(source)
         .bind(&page)

@@ -7,7 +7,7 @@
 -- updated one in RETURNING, so the caller counts the ids that existed before the statement:
 -- every new id is inserted, and the statement's other changes are updates.
 --
--- ?1 source, ?2 the transaction's instant, ?3 the page as a JSON array of objects (ids
+-- $1 source, $2 the transaction's instant, $3 the page as a JSON array of objects (ids
 -- unique; timestamps in the stored text form; raw the record's JSON as a JSON string,
 -- stored as that very text: `->>` reads a string's text unchanged, where `->` would have
 -- SQLite's JSON printer rewrite the record, and a change of printer would make every row
@@ -21,14 +21,14 @@ WITH incoming AS (
            value ->> 'source_created_at'  AS source_created_at,
            value ->> 'source_updated_at'  AS source_updated_at,
            value ->> 'raw'                AS raw
-    FROM json_each(?3)
+    FROM json_each($3)
 )
 INSERT INTO departments AS d (
     source, external_id, scope_id, name, is_active, parent_external_id,
     source_created_at, source_updated_at, raw, deleted_at, first_synced_at, last_changed_at
 )
-SELECT ?1, external_id, scope_id, name, is_active, parent_external_id,
-       source_created_at, source_updated_at, raw, NULL, ?2, ?2
+SELECT $1, external_id, scope_id, name, is_active, parent_external_id,
+       source_created_at, source_updated_at, raw, NULL, $2, $2
 FROM incoming
 WHERE true -- SQLite's parser needs a WHERE before ON CONFLICT when inserting from a SELECT
 ON CONFLICT (source, external_id) DO UPDATE SET
@@ -40,7 +40,7 @@ ON CONFLICT (source, external_id) DO UPDATE SET
     source_updated_at  = excluded.source_updated_at,
     raw                = excluded.raw,
     deleted_at         = NULL,
-    last_changed_at    = ?2
+    last_changed_at    = $2
 WHERE (d.scope_id, d.name, d.is_active, d.parent_external_id,
        d.source_created_at, d.source_updated_at, d.raw, d.deleted_at)
       IS NOT
