@@ -58,40 +58,6 @@ pub(crate) struct Written {
     pub rewrote: bool,
 }
 
-/// What a backend keeps of a source's listing in progress.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct StoredListing {
-    pub listing_id: Option<Uuid>,
-    /// Whether an earlier page of `listing_id` rewrote a stored row.
-    pub rewrote: bool,
-}
-
-/// When the mass-deletion guard's count of live departments begins: the rows live when the
-/// first of two listings began are its base.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ListingClock {
-    /// A new first listing begins now.
-    Start,
-    /// The same listing goes on, or a confirming one counts from the first's start (from
-    /// now if none was recorded).
-    Keep,
-}
-
-/// A source's listing columns as a checkpoint leaves them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ListingColumns<'a> {
-    /// The listing in progress.
-    pub listing_id: Option<Uuid>,
-    /// Where it goes on.
-    pub cursor: Option<&'a str>,
-    /// The listing the one in progress confirms, or, with none in progress, the complete
-    /// listing awaiting confirmation.
-    pub confirms: Option<Uuid>,
-    pub clock: ListingClock,
-    /// Whether the listing in progress rewrote a stored row so far.
-    pub rewrote: bool,
-}
-
 /// One scope's share of what a complete listing did not see: its departments live when the
 /// first listing began, and its live departments no listing saw. `scope` is the
 /// `scope_id`, `""` for none.
@@ -134,8 +100,9 @@ pub(crate) trait PageTransaction: Statements {
         listing: Option<Uuid>,
     ) -> impl Future<Output = Result<Written, StoreError>> + Send;
 
-    /// `listing_id` is complete, having rewritten a stored row (`rewrote`) or not: a
-    /// backend that trusts unchanged pages of the last complete listing settles them here.
+    /// `listing_id` is complete, its last page having rewritten a stored row (`rewrote`)
+    /// or not (the earlier pages' say is in `sync_state.listing_rewrote`): a backend that
+    /// trusts unchanged pages of the last complete listing settles them here.
     fn listing_complete(
         &mut self,
         source: &str,
@@ -184,28 +151,6 @@ async fn keep_rejected<T: PageTransaction>(
             .await?;
     }
     Ok(())
-}
-
-/// The listing in progress of `source`, as stored.
-async fn stored_listing(
-    tx: &mut impl Statements,
-    source: &str,
-) -> Result<StoredListing, StoreError> {
-    let rows = tx
-        .fetch(
-            "SELECT CAST(listing_id AS TEXT) AS listing_id, listing_rewrote
-             FROM sync_state WHERE source = $1",
-            &[Value::Text(Some(source))],
-            "reading the listing in progress",
-        )
-        .await?;
-    let Some(row) = rows.first() else {
-        return Ok(StoredListing::default());
-    };
-    Ok(StoredListing {
-        listing_id: row.id("listing_id")?,
-        rewrote: row.flag("listing_rewrote")?.unwrap_or(false),
-    })
 }
 
 /// Records that `listing_id` saw `ids`.
@@ -334,26 +279,7 @@ async fn apply_checkpoint<T: PageTransaction>(
         }
         Checkpoint::Listing(progress) => {
             record_seen(tx, source, progress.listing_id, seen).await?;
-            let stored = stored_listing(tx, source).await?;
-            let same_listing = stored.listing_id == Some(progress.listing_id);
-            statements::set_listing(
-                tx,
-                source,
-                &ListingColumns {
-                    listing_id: Some(progress.listing_id),
-                    cursor: progress.cursor.as_deref(),
-                    confirms: progress.confirms,
-                    // A first listing starts the clock of the mass-deletion guard; the same
-                    // listing going on, or a confirming one, keeps it.
-                    clock: if same_listing || progress.confirms.is_some() {
-                        ListingClock::Keep
-                    } else {
-                        ListingClock::Start
-                    },
-                    rewrote: rewrote || (same_listing && stored.rewrote),
-                },
-            )
-            .await?;
+            statements::continue_listing(tx, source, progress, rewrote).await?;
         }
         Checkpoint::ListingDone {
             listing_id,
@@ -361,33 +287,11 @@ async fn apply_checkpoint<T: PageTransaction>(
             deletions: policy,
         } => {
             record_seen(tx, source, *listing_id, seen).await?;
-            let stored = stored_listing(tx, source).await?;
-            let same_listing = stored.listing_id == Some(*listing_id);
-            tx.listing_complete(
-                source,
-                *listing_id,
-                rewrote || (same_listing && stored.rewrote),
-            )
-            .await?;
+            tx.listing_complete(source, *listing_id, rewrote).await?;
             let deletions = delete_unseen(tx, source, *listing_id, *confirms, policy).await?;
             if deletions.awaiting_confirmation > 0 {
                 // Keep what this listing saw, for the confirming listing to compare.
-                statements::set_listing(
-                    tx,
-                    source,
-                    &ListingColumns {
-                        listing_id: None,
-                        cursor: None,
-                        confirms: Some(*listing_id),
-                        clock: if same_listing {
-                            ListingClock::Keep
-                        } else {
-                            ListingClock::Start
-                        },
-                        rewrote: false,
-                    },
-                )
-                .await?;
+                statements::await_confirmation(tx, source, *listing_id).await?;
             } else {
                 let ended: Vec<Uuid> = [Some(*listing_id), *confirms]
                     .into_iter()

@@ -22,7 +22,6 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::StoreError;
-use super::checkpoint::{ListingClock, ListingColumns};
 use crate::model::{
     BackfillRange, Ledger, LedgerWindow, ListingProgress, RunId, RunMode, RunOutcome, SourceStatus,
     SyncState, Window, WindowState,
@@ -419,37 +418,65 @@ pub(crate) async fn finish_ledger(
     Ok(())
 }
 
-/// Writes the listing columns of `source` as `listing` says. A first listing starts the
-/// clock of the mass-deletion guard (at the transaction's instant); the same listing going
-/// on, or a confirming one, keeps it.
-pub(crate) async fn set_listing(
+/// Records that `source`'s listing goes on at `progress`, this page having rewritten a
+/// stored row or not. A first listing starts the clock of the mass-deletion guard (at the
+/// transaction's instant); the same listing going on, or a confirming one, keeps it.
+pub(crate) async fn continue_listing(
     tx: &mut impl Statements,
     source: &str,
-    listing: &ListingColumns<'_>,
+    progress: &ListingProgress,
+    rewrote: bool,
 ) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO sync_state AS s (source, listing_id, listing_cursor, listing_confirms,
                                       listing_started_at, listing_rewrote, updated_at)
-         VALUES ($1, $2, $3, $4, COALESCE($7, CURRENT_TIMESTAMP), $5,
-                 COALESCE($7, CURRENT_TIMESTAMP))
+         VALUES ($1, $2, $3, $4, COALESCE($6, CURRENT_TIMESTAMP), $5,
+                 COALESCE($6, CURRENT_TIMESTAMP))
          ON CONFLICT (source) DO UPDATE SET
+             listing_started_at = CASE
+                 WHEN s.listing_id = excluded.listing_id OR excluded.listing_confirms IS NOT NULL
+                 THEN COALESCE(s.listing_started_at, excluded.updated_at)
+                 ELSE excluded.updated_at END,
+             listing_rewrote = CASE WHEN s.listing_id = excluded.listing_id
+                                    THEN s.listing_rewrote OR excluded.listing_rewrote
+                                    ELSE excluded.listing_rewrote END,
              listing_id = excluded.listing_id,
              listing_cursor = excluded.listing_cursor,
              listing_confirms = excluded.listing_confirms,
-             listing_started_at = CASE WHEN $6
-                 THEN COALESCE(s.listing_started_at, excluded.updated_at)
-                 ELSE excluded.updated_at END,
-             listing_rewrote = excluded.listing_rewrote,
              updated_at = excluded.updated_at",
         &[
             Text(Some(source)),
-            Id(listing.listing_id),
-            Text(listing.cursor),
-            Id(listing.confirms),
-            Bool(listing.rewrote),
-            Bool(listing.clock == ListingClock::Keep),
+            Id(Some(progress.listing_id)),
+            Text(progress.cursor.as_deref()),
+            Id(progress.confirms),
+            Bool(rewrote),
             Now,
         ],
+        "saving the checkpoint",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records that the complete listing `listing_id` of `source` awaits a confirming one:
+/// no listing in progress; the clock kept when it is the listing in progress (its first
+/// page was stored before), started now when it was a listing of one page.
+pub(crate) async fn await_confirmation(
+    tx: &mut impl Statements,
+    source: &str,
+    listing_id: Uuid,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO sync_state AS s (source, listing_confirms, listing_started_at, updated_at)
+         VALUES ($1, $2, COALESCE($3, CURRENT_TIMESTAMP), COALESCE($3, CURRENT_TIMESTAMP))
+         ON CONFLICT (source) DO UPDATE SET
+             listing_id = NULL,
+             listing_cursor = NULL,
+             listing_confirms = excluded.listing_confirms,
+             listing_started_at = CASE WHEN s.listing_id = $2 THEN s.listing_started_at
+                                       ELSE excluded.updated_at END,
+             updated_at = excluded.updated_at",
+        &[Text(Some(source)), Id(Some(listing_id)), Now],
         "saving the checkpoint",
     )
     .await?;

@@ -85,7 +85,15 @@ impl PageTransaction for PgTx<'_> {
         listing_id: Uuid,
         rewrote: bool,
     ) -> Result<(), StoreError> {
-        let trusted = if rewrote {
+        let earlier_pages_rewrote: Option<bool> = sqlx::query_scalar(
+            "SELECT listing_rewrote FROM sync_state WHERE source = $1 AND listing_id = $2",
+        )
+        .bind(source)
+        .bind(listing_id)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db("reading what the listing rewrote"))?;
+        let trusted = if rewrote || earlier_pages_rewrote == Some(true) {
             let repeats: bool = sqlx::query_scalar(
                 "SELECT EXISTS (
                      SELECT 1 FROM listing_seen_pages p, unnest(p.external_ids) AS id
