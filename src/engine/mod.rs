@@ -420,7 +420,7 @@ impl<'a, S> Reader<'a, S> {
 
     /// What `fetching` (a page's request) gets, or `None` when the pass is cancelled
     /// first.
-    #[tracing::instrument(name = "fetch_page", skip_all, fields(source = self.name, run_id = %self.run_id))]
+    #[tracing::instrument(name = "fetch_page", level = "debug", skip_all, fields(source = self.name, run_id = %self.run_id))]
     async fn fetch(
         &self,
         fetching: impl Future<Output = Result<Page, SourceError>>,
@@ -508,7 +508,7 @@ impl<St: Store> Writer<'_, St> {
 
     /// Commits `page` with `checkpoint`, after setting aside the records that cannot be
     /// stored, and counts it.
-    #[tracing::instrument(name = "commit_page", skip_all, fields(source = self.name, run_id = %self.run_id))]
+    #[tracing::instrument(name = "commit_page", level = "debug", skip_all, fields(source = self.name, run_id = %self.run_id))]
     async fn commit(
         &mut self,
         page: Page,

@@ -358,7 +358,7 @@ impl SourceClient {
 
     /// Sends the request `build` makes (again for each attempt), with a bearer token from
     /// `auth` when given, and reads its JSON reply, retrying what is worth retrying.
-    #[tracing::instrument(name = "http_call", skip_all, fields(source = %self.source))]
+    #[tracing::instrument(name = "http_call", level = "debug", skip_all, fields(source = %self.source))]
     pub async fn call<T: DeserializeOwned + Send + 'static>(
         &self,
         vendor: &Vendor,
