@@ -13,8 +13,6 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::postgres::PgStore;
-use super::sqlite::SqliteStore;
 use super::statements::{Statements, StoredRow};
 use super::{Commit, DEFAULT_STATEMENT_TIMEOUT, IfMissing, Store, StoreError, bounded};
 use crate::model::{PageCounts, RunId, RunMode, RunOutcome, SourceStatus, SyncState};
@@ -338,6 +336,6 @@ impl AnyStore {
 
 // The registry: a new backend is one line here.
 backends! {
-    Postgres(PgStore),
-    Sqlite(SqliteStore),
+    Postgres(super::postgres::PgStore),
+    Sqlite(super::sqlite::SqliteStore),
 }
