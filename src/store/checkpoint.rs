@@ -298,7 +298,7 @@ async fn apply_checkpoint<T: PageTransaction>(
                     .flatten()
                     .collect();
                 forget_seen(tx, source, Some(&ended)).await?;
-                statements::end_listings(tx, source).await?;
+                statements::clear_listing(tx, source, false).await?;
             }
             return Ok(deletions);
         }
@@ -306,7 +306,7 @@ async fn apply_checkpoint<T: PageTransaction>(
             // Forget what it saw; a confirming listing stays one when it starts again.
             forget_seen(tx, source, Some(&[*listing_id])).await?;
             tx.distrust_pages(source).await?;
-            statements::drop_listing_in_progress(tx, source).await?;
+            statements::clear_listing(tx, source, true).await?;
         }
     }
     Ok(Deletions::default())

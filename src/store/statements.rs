@@ -483,32 +483,22 @@ pub(crate) async fn await_confirmation(
     Ok(())
 }
 
-/// Clears the listing state of `source`: no listing in progress, none awaiting
-/// confirmation, no clock.
-pub(crate) async fn end_listings(tx: &mut impl Statements, source: &str) -> Result<(), StoreError> {
-    tx.execute(
-        "UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, listing_confirms = NULL,
-                               listing_started_at = NULL,
-                               updated_at = COALESCE($2, CURRENT_TIMESTAMP)
-         WHERE source = $1",
-        &[Text(Some(source)), Now],
-        "saving the checkpoint",
-    )
-    .await?;
-    Ok(())
-}
-
-/// Clears the listing in progress of `source` and where it goes on, keeping what it
-/// confirms.
-pub(crate) async fn drop_listing_in_progress(
+/// Clears the listing in progress of `source` and where it goes on. With
+/// `keep_confirmation`, what it confirms (and the guard's clock) stay, so that a confirming
+/// listing stays one when it starts again; without, no listing awaits confirmation either.
+pub(crate) async fn clear_listing(
     tx: &mut impl Statements,
     source: &str,
+    keep_confirmation: bool,
 ) -> Result<(), StoreError> {
     tx.execute(
-        "UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL,
-                               updated_at = COALESCE($2, CURRENT_TIMESTAMP)
+        "UPDATE sync_state
+         SET listing_id = NULL, listing_cursor = NULL,
+             listing_confirms = CASE WHEN $3 THEN listing_confirms END,
+             listing_started_at = CASE WHEN $3 THEN listing_started_at END,
+             updated_at = COALESCE($2, CURRENT_TIMESTAMP)
          WHERE source = $1",
-        &[Text(Some(source)), Now],
+        &[Text(Some(source)), Now, Bool(keep_confirmation)],
         "saving the checkpoint",
     )
     .await?;
