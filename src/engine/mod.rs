@@ -224,7 +224,6 @@ impl Progress for NoProgress {}
 /// Returns the report of a pass that succeeded or was cancelled, and the error of one
 /// that failed (after recording it). Cancellation stops between pages, or abandons the
 /// request in flight; a page that is being committed is always committed.
-#[tracing::instrument(skip_all, fields(source = name, run_id = tracing::field::Empty))]
 pub async fn run_pass<St: Store>(
     name: &str,
     source: &Connector,
@@ -235,7 +234,9 @@ pub async fn run_pass<St: Store>(
     run_pass_showing(name, source, store, request, cancel, &NoProgress).await
 }
 
-/// [`run_pass`], telling `progress` how it goes.
+/// [`run_pass`], telling `progress` how it goes. Everything the pass logs is in its span,
+/// which names the source and the run.
+#[tracing::instrument(skip_all, fields(source = name, run_id = tracing::field::Empty))]
 pub async fn run_pass_showing<St: Store>(
     name: &str,
     source: &Connector,

@@ -7,11 +7,14 @@
 //! together, so the next pass reads the page again: nothing lost, at most one page
 //! repeated.
 //!
-//! What each checkpoint means is decided here, in Rust: how a window moves and when a
-//! ledger is finished, how a listing's clock runs, and when the departments a complete
-//! listing did not see may be deleted (the rule of two listings and the mass-deletion
-//! guard, [`judge_unseen`]). A backend only persists: each primitive is a statement or
-//! two of its own dialect.
+//! What each checkpoint means is decided here: how a window moves and when a ledger is
+//! finished, how a listing goes on, awaits confirmation, ends or is abandoned, and when
+//! the departments a complete listing did not see may be deleted (the rule of two
+//! listings and the mass-deletion guard, [`judge_unseen`]). The statements it runs are
+//! in [`super::statements`] when both dialects share them (there, in the listing
+//! upserts' `CASE` clauses, the guard's clock and what a listing rewrote are kept: on the
+//! row, without a read first), and a backend's own otherwise: what listings saw, the
+//! guard's counts, and its way of writing departments.
 
 use std::collections::HashMap;
 use std::future::Future;
