@@ -1,7 +1,6 @@
 //! The demo's last words: a query over `departments`, and how to query the file.
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
 
 use super::world::HR_SOURCE;
 use crate::config::redact_url;
@@ -32,36 +31,23 @@ pub(super) struct SampleRow {
 
 /// Runs [`SAMPLE_QUERY`] on whichever store the demo writes to; returns its table.
 pub(super) async fn sample_query(store: &AnyStore) -> anyhow::Result<comfy_table::Table> {
-    type Counts = (String, i64, i64, i64, i64);
-    let rows: Vec<SampleRow> = match store {
-        AnyStore::Postgres(store) => {
-            sqlx::query_as::<_, (String, i64, i64, i64, i64, Option<DateTime<Utc>>)>(SAMPLE_QUERY)
-                .fetch_all(store.pool())
-                .await
-                .context("running the sample query")?
-                .into_iter()
-                .map(|(source, active, inactive, deleted, changed, last)| {
-                    let counts: Counts = (source, active, inactive, deleted, changed);
-                    sample_row(counts, last)
-                })
-                .collect()
-        }
-        AnyStore::Sqlite(store) => {
-            // SQLite keeps instants as RFC 3339 text.
-            sqlx::query_as::<_, (String, i64, i64, i64, i64, Option<String>)>(SAMPLE_QUERY)
-                .fetch_all(store.pool())
-                .await
-                .context("running the sample query")?
-                .into_iter()
-                .map(|(source, active, inactive, deleted, changed, last)| {
-                    let last = last
-                        .and_then(|text| DateTime::parse_from_rfc3339(&text).ok())
-                        .map(|t| t.with_timezone(&Utc));
-                    sample_row((source, active, inactive, deleted, changed), last)
-                })
-                .collect()
-        }
-    };
+    let rows = store
+        .read_rows(SAMPLE_QUERY, |row| {
+            let count = |column: &str| row.int(column).map(Option::unwrap_or_default);
+            Ok(SampleRow {
+                source: row.text("source")?.unwrap_or_default(),
+                active: count("active")?,
+                inactive: count("inactive")?,
+                deleted: count("deleted")?,
+                changed: count("changed")?,
+                last_changed: row.time("last_changed")?.map_or_else(
+                    || "-".to_owned(),
+                    |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
+                ),
+            })
+        })
+        .await
+        .context("running the sample query")?;
     let mut table = table();
     table.set_header([
         "source",
@@ -82,23 +68,6 @@ pub(super) async fn sample_query(store: &AnyStore) -> anyhow::Result<comfy_table
         ]);
     }
     Ok(table)
-}
-
-pub(super) fn sample_row(
-    (source, active, inactive, deleted, changed): (String, i64, i64, i64, i64),
-    last_changed: Option<DateTime<Utc>>,
-) -> SampleRow {
-    SampleRow {
-        source,
-        active,
-        inactive,
-        deleted,
-        changed,
-        last_changed: last_changed.map_or_else(
-            || "-".to_owned(),
-            |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
-        ),
-    }
 }
 
 pub(super) fn indent(text: &str) -> String {

@@ -184,6 +184,25 @@ macro_rules! backends {
                 .await
             }
 
+            /// Runs `sql`, a query of a reader's own (the demo's sample query), and turns
+            /// each row into a `T` with `read`.
+            pub async fn read_rows<T>(
+                &self,
+                sql: &'static str,
+                read: impl Fn(&dyn StoredRow) -> Result<T, StoreError>,
+            ) -> Result<Vec<T>, StoreError> {
+                bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => {
+                            let mut tx = store.read().await?;
+                            let rows = tx.fetch(sql, &[], "running a query").await?;
+                            rows.iter().map(|row| read(row)).collect()
+                        })*
+                    }
+                })
+                .await
+            }
+
             /// The bound on every call through this store.
             fn call_timeout(&self) -> Duration {
                 match self {

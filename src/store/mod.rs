@@ -22,6 +22,7 @@ mod statements;
 
 pub use any::{AnyLease, AnyStore, Backend, DatabaseKind};
 pub use checkpoint::{Commit, MIN_GUARDED_SCOPE_ROWS};
+pub use statements::StoredRow;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -167,7 +167,10 @@ pub trait StoredRow {
         &self,
         column: &str,
         read: impl Fn(&Self, &str) -> Result<Option<T>, StoreError>,
-    ) -> Result<T, StoreError> {
+    ) -> Result<T, StoreError>
+    where
+        Self: Sized,
+    {
         read(self, column)?
             .ok_or_else(|| StoreError::Corrupt(format!("{column} is NULL in a stored row")))
     }
