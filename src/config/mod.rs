@@ -476,11 +476,6 @@ impl FieldContext<'_> {
         }
     }
 
-    /// The source's name.
-    pub fn source(&self) -> &str {
-        &self.source
-    }
-
     /// Reads `table` as a `T` (a kind's fields), naming the field serde complains of.
     /// `shared` lists the fields every kind takes, for an unknown field's message.
     pub fn deserialize<T: DeserializeOwned>(

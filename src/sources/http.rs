@@ -200,7 +200,35 @@ impl<T> Replied<T> {
     }
 }
 
+/// What an error status means for the request that got it (`error`, what the vendor said
+/// of it): 408 and 429 and 5xx are worth another attempt (after `retry_after` when given),
+/// a 408 of a vendor that means "ask for less" goes back to the caller, a 401 may want a
+/// new token, and any other status is final.
+fn failure(
+    status: StatusCode,
+    shrink_on_408: bool,
+    error: SourceError,
+    retry_after: Option<Duration>,
+) -> Failure {
+    match status {
+        StatusCode::REQUEST_TIMEOUT if shrink_on_408 => {
+            let request_id = match error {
+                SourceError::Http { request_id, .. } => request_id,
+                _ => None,
+            };
+            Failure::Final(SourceError::TooHeavy { request_id })
+        }
+        StatusCode::UNAUTHORIZED => Failure::Unauthorized(error),
+        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => {
+            Failure::Transient { error, retry_after }
+        }
+        status if status.is_server_error() => Failure::Transient { error, retry_after },
+        _ => Failure::Final(error),
+    }
+}
+
 /// Why one attempt did not get a reply.
+#[derive(Debug)]
 enum Failure {
     /// Worth another attempt, after at least `retry_after` when the vendor said so.
     Transient {
@@ -477,18 +505,8 @@ impl SourceClient {
             };
         }
         let retry_after = retry_after(response.headers());
-        let error = error_from_response(response, request_id.clone(), &vendor.errors).await;
-        match status {
-            StatusCode::REQUEST_TIMEOUT if vendor.shrink_on_408 => {
-                Err(Failure::Final(SourceError::TooHeavy { request_id }))
-            }
-            StatusCode::UNAUTHORIZED => Err(Failure::Unauthorized(error)),
-            StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => {
-                Err(Failure::Transient { error, retry_after })
-            }
-            status if status.is_server_error() => Err(Failure::Transient { error, retry_after }),
-            _ => Err(Failure::Final(error)),
-        }
+        let error = error_from_response(response, request_id, &vendor.errors).await;
+        Err(failure(status, vendor.shrink_on_408, error, retry_after))
     }
 }
 
@@ -768,6 +786,44 @@ async fn fetch_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn said(status: u16) -> SourceError {
+        SourceError::Http {
+            status,
+            message: "no".to_owned(),
+            request_id: Some("r-1".to_owned()),
+        }
+    }
+
+    #[test]
+    fn error_statuses_are_retried_renewed_shrunk_or_final() {
+        let wait = Some(Duration::from_secs(3));
+        let classify = |status: u16, shrink_on_408: bool| {
+            let status = StatusCode::from_u16(status).unwrap();
+            failure(status, shrink_on_408, said(status.as_u16()), wait)
+        };
+        for status in [408, 429, 500, 502, 503] {
+            assert!(
+                matches!(classify(status, false), Failure::Transient { retry_after, .. } if retry_after == wait),
+                "{status}"
+            );
+        }
+        // Mews' 408 means "ask for less": back to the caller, with the request's id.
+        assert!(matches!(
+            classify(408, true),
+            Failure::Final(SourceError::TooHeavy { request_id: Some(id) }) if id == "r-1"
+        ));
+        assert!(matches!(classify(401, false), Failure::Unauthorized(_)));
+        for status in [400, 403, 404, 422] {
+            assert!(
+                matches!(
+                    classify(status, false),
+                    Failure::Final(SourceError::Http { .. })
+                ),
+                "{status}"
+            );
+        }
+    }
     use reqwest::header::{HeaderValue, RETRY_AFTER};
 
     fn with_retry_after(value: &str) -> HeaderMap {

@@ -149,13 +149,6 @@ macro_rules! backends {
                 }
             }
 
-            /// Which backend this is.
-            pub fn kind(&self) -> DatabaseKind {
-                match self {
-                    $(AnyStore::$variant(_) => DatabaseKind::$variant,)*
-                }
-            }
-
             /// Applies the migrations that have not run yet (not bounded: a migration may
             /// rightly take long on a big table).
             pub async fn migrate(&self) -> Result<(), StoreError> {

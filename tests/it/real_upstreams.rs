@@ -28,6 +28,17 @@ fn recent_mews(db: &TestDb, fake: &FakeMews, start: DateTime<Utc>, extra: &str) 
     mews_config(&db.url, "mews", &fake.base_url, &extra)
 }
 
+/// A database and a fake Mews holding 100 departments of one enterprise, updated from
+/// 2019 to two days ago, and the config of a source reading them.
+async fn mews_with_history() -> (TestDb, FakeMews, String) {
+    let db = TestDb::new().await;
+    let fake = FakeMews::start().await.unwrap();
+    let since = DateTime::parse_from_rfc3339("2019-02-01T00:00:00Z").unwrap();
+    fake.generate(100, 1, since.to_utc(), Utc::now() - Duration::days(2));
+    let toml = mews_config(&db.url, "mews", &fake.base_url, "");
+    (db, fake, toml)
+}
+
 fn a_day_ago() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(0) - Duration::days(1)
 }
@@ -354,17 +365,7 @@ async fn a_408_inside_a_window_keeps_its_place_and_asks_for_fewer() {
 
 #[tokio::test]
 async fn a_position_saved_before_fingerprints_is_read_again_from_start_once() {
-    let db = TestDb::new().await;
-    let fake = FakeMews::start().await.unwrap();
-    fake.generate(
-        100,
-        1,
-        DateTime::parse_from_rfc3339("2019-02-01T00:00:00Z")
-            .unwrap()
-            .to_utc(),
-        Utc::now() - Duration::days(2),
-    );
-    let toml = mews_config(&db.url, "mews", &fake.base_url, "");
+    let (db, fake, toml) = mews_with_history().await;
     sync(&db, &toml, PassRequest::INCREMENTAL).await.unwrap();
     // As a database from before the fingerprint was kept.
     sqlx::query("UPDATE sync_state SET scope_fingerprint = NULL")
@@ -485,17 +486,7 @@ async fn one_client_account_coming_back_empty_deletes_none_of_it() {
 
 #[tokio::test]
 async fn reset_drops_the_position_so_the_next_pass_reads_from_start() {
-    let db = TestDb::new().await;
-    let fake = FakeMews::start().await.unwrap();
-    fake.generate(
-        100,
-        1,
-        DateTime::parse_from_rfc3339("2019-02-01T00:00:00Z")
-            .unwrap()
-            .to_utc(),
-        Utc::now() - Duration::days(2),
-    );
-    let toml = mews_config(&db.url, "mews", &fake.base_url, "");
+    let (db, fake, toml) = mews_with_history().await;
     let file = std::env::temp_dir().join(format!("deptsync-{}.toml", Uuid::new_v4()));
     std::fs::write(&file, &toml).unwrap();
     let config_arg = file.to_str().unwrap().to_owned();
