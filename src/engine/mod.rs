@@ -338,14 +338,14 @@ async fn read<St: Store>(
     let state = writer.load_state(connector.scope()).await?;
     match connector {
         Connector::Windowed(source) => {
-            let reader = Reader::new(source, writer, cancel, progress);
+            let reader = Reader::new(source, cancel, progress);
             windowed::read(&reader, writer, state, request).await
         }
         Connector::Listing(source) => {
             let PassRequest::Incremental { allow_mass_delete } = request else {
                 return Err(PassError::BackfillUnsupported);
             };
-            let reader = Reader::new(source, writer, cancel, progress);
+            let reader = Reader::new(source, cancel, progress);
             listing::read(&reader, writer, state, allow_mass_delete).await
         }
     }
@@ -383,9 +383,6 @@ enum Finished {
 
 /// Fetches pages from the source, until the pass is cancelled.
 pub(crate) struct Reader<'a, S> {
-    /// The source's name, and the run reading it, for the spans of its requests.
-    name: &'a str,
-    run_id: RunId,
     source: &'a S,
     cancel: &'a CancellationToken,
     progress: &'a dyn Progress,
@@ -403,16 +400,8 @@ pub(crate) struct Writer<'a, St: Store> {
 }
 
 impl<'a, S> Reader<'a, S> {
-    /// Reads `source` for the pass `writer` stores.
-    fn new<St: Store>(
-        source: &'a S,
-        writer: &Writer<'a, St>,
-        cancel: &'a CancellationToken,
-        progress: &'a dyn Progress,
-    ) -> Reader<'a, S> {
+    fn new(source: &'a S, cancel: &'a CancellationToken, progress: &'a dyn Progress) -> Self {
         Reader {
-            name: writer.name,
-            run_id: writer.run_id,
             source,
             cancel,
             progress,
@@ -421,7 +410,7 @@ impl<'a, S> Reader<'a, S> {
 
     /// What `fetching` (a page's request) gets, or `None` when the pass is cancelled
     /// first.
-    #[tracing::instrument(name = "fetch_page", level = "debug", skip_all, fields(source = self.name, run_id = %self.run_id))]
+    #[tracing::instrument(name = "fetch_page", level = "debug", skip_all)]
     async fn fetch(
         &self,
         fetching: impl Future<Output = Result<Page, SourceError>>,
@@ -509,7 +498,7 @@ impl<St: Store> Writer<'_, St> {
 
     /// Commits `page` with `checkpoint`, after setting aside the records that cannot be
     /// stored, and counts it.
-    #[tracing::instrument(name = "commit_page", level = "debug", skip_all, fields(source = self.name, run_id = %self.run_id))]
+    #[tracing::instrument(name = "commit_page", level = "debug", skip_all)]
     async fn commit(
         &mut self,
         page: Page,

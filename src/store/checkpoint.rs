@@ -115,16 +115,6 @@ pub(crate) trait PageTransaction: Statements {
         let _ = (source, listing_id, rewrote);
         async { Ok(()) }
     }
-
-    /// A listing was abandoned: its pages may have rewritten rows that a trusted listing's
-    /// pages hold otherwise, so no page may be trusted until a listing completes again.
-    fn distrust_pages(
-        &mut self,
-        source: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let _ = source;
-        async { Ok(()) }
-    }
 }
 
 /// Keeps records that could not be read, counting those seen before. The reason and id
@@ -276,8 +266,8 @@ async fn apply_checkpoint<T: PageTransaction>(
                 return Err(not_in_ledger(source, *mode, window));
             }
             // When no window is left, the pass is complete.
-            if cursor.is_none() && statements::windows_left(tx, source, *mode).await? == 0 {
-                statements::finish_ledger(tx, source, *mode).await?;
+            if cursor.is_none() {
+                statements::finish_ledger_if_done(tx, source, *mode).await?;
             }
         }
         Checkpoint::Listing(progress) => {
@@ -301,15 +291,14 @@ async fn apply_checkpoint<T: PageTransaction>(
                     .flatten()
                     .collect();
                 forget_seen(tx, source, Some(&ended)).await?;
-                statements::clear_listing(tx, source, false).await?;
+                statements::end_listings(tx, source).await?;
             }
             return Ok(deletions);
         }
         Checkpoint::ListingAbandoned { listing_id } => {
             // Forget what it saw; a confirming listing stays one when it starts again.
             forget_seen(tx, source, Some(&[*listing_id])).await?;
-            tx.distrust_pages(source).await?;
-            statements::clear_listing(tx, source, true).await?;
+            statements::abandon_listing(tx, source).await?;
         }
     }
     Ok(Deletions::default())

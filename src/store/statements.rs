@@ -206,20 +206,6 @@ where
     }
 }
 
-/// Runs `sql`, which returns one integer (as `n`), with `values`.
-async fn count(
-    tx: &mut impl Statements,
-    sql: &'static str,
-    values: &[Value<'_>],
-    context: &'static str,
-) -> Result<i64, StoreError> {
-    let rows = tx.fetch(sql, values, context).await?;
-    match rows.first() {
-        Some(row) => row.required("n", StoredRow::int),
-        None => Err(StoreError::Corrupt(format!("{context}: no row"))),
-    }
-}
-
 /// How `sync_windows` keeps a window's state: its `state` and `cursor` columns.
 pub(crate) fn window_columns(state: &WindowState) -> (&'static str, Option<&str>) {
     match state {
@@ -368,37 +354,28 @@ pub(crate) async fn split_window(
     Ok(true)
 }
 
-/// How many windows of the `mode` ledger are not done.
-pub(crate) async fn windows_left(
-    tx: &mut impl Statements,
-    source: &str,
-    mode: RunMode,
-) -> Result<u64, StoreError> {
-    let left = count(
-        tx,
-        "SELECT count(*) AS n FROM sync_windows
-         WHERE source = $1 AND mode = $2 AND state <> 'done'",
-        &[Text(Some(source)), Text(Some(mode.as_str()))],
-        "counting the windows left",
-    )
-    .await?;
-    Ok(left as u64)
-}
-
-/// Drops the `mode` ledger, its windows and its range. An incremental ledger first moves
-/// the high-water mark to its end; the mark never moves backwards (and a missing end or
-/// mark is no end or mark).
-pub(crate) async fn finish_ledger(
+/// When every window of the `mode` ledger is done, drops the ledger, its windows and its
+/// range; an incremental ledger first moves the high-water mark to its end, and the mark
+/// never moves backwards (a missing end or mark is no end or mark). A ledger with a window
+/// not done is left as it is.
+pub(crate) async fn finish_ledger_if_done(
     tx: &mut impl Statements,
     source: &str,
     mode: RunMode,
 ) -> Result<(), StoreError> {
-    tx.execute(
-        "DELETE FROM sync_windows WHERE source = $1 AND mode = $2",
-        &[Text(Some(source)), Text(Some(mode.as_str()))],
-        "clearing the finished ledger",
-    )
-    .await?;
+    let cleared = tx
+        .execute(
+            "DELETE FROM sync_windows
+             WHERE source = $1 AND mode = $2
+               AND NOT EXISTS (SELECT 1 FROM sync_windows o
+                               WHERE o.source = $1 AND o.mode = $2 AND o.state <> 'done')",
+            &[Text(Some(source)), Text(Some(mode.as_str()))],
+            "clearing the finished ledger",
+        )
+        .await?;
+    if cleared == 0 {
+        return Ok(());
+    }
     let finish = match mode {
         RunMode::Incremental => {
             "UPDATE sync_state
@@ -486,22 +463,40 @@ pub(crate) async fn await_confirmation(
     Ok(())
 }
 
-/// Clears the listing in progress of `source` and where it goes on. With
-/// `keep_confirmation`, what it confirms (and the guard's clock) stay, so that a confirming
-/// listing stays one when it starts again; without, no listing awaits confirmation either.
-pub(crate) async fn clear_listing(
+/// Clears the listing state of `source`: no listing in progress, none awaiting
+/// confirmation, no clock.
+pub(crate) async fn end_listings(tx: &mut impl Statements, source: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, listing_confirms = NULL,
+                               listing_started_at = NULL,
+                               updated_at = COALESCE($2, CURRENT_TIMESTAMP)
+         WHERE source = $1",
+        &[Text(Some(source)), Now],
+        "saving the checkpoint",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Drops the listing in progress of `source` and where it goes on, keeping what it
+/// confirms (a confirming listing stays one when it starts again). Its pages may have
+/// rewritten rows that the trusted listing's pages hold otherwise: no page digest is
+/// trusted until a listing completes again.
+pub(crate) async fn abandon_listing(
     tx: &mut impl Statements,
     source: &str,
-    keep_confirmation: bool,
 ) -> Result<(), StoreError> {
     tx.execute(
-        "UPDATE sync_state
-         SET listing_id = NULL, listing_cursor = NULL,
-             listing_confirms = CASE WHEN $3 THEN listing_confirms END,
-             listing_started_at = CASE WHEN $3 THEN listing_started_at END,
-             updated_at = COALESCE($2, CURRENT_TIMESTAMP)
+        "DELETE FROM listing_page_digests WHERE source = $1",
+        &[Text(Some(source))],
+        "distrusting the listing's pages",
+    )
+    .await?;
+    tx.execute(
+        "UPDATE sync_state SET listing_id = NULL, listing_cursor = NULL, trusted_listing = NULL,
+                               updated_at = COALESCE($2, CURRENT_TIMESTAMP)
          WHERE source = $1",
-        &[Text(Some(source)), Now, Bool(keep_confirmation)],
+        &[Text(Some(source)), Now],
         "saving the checkpoint",
     )
     .await?;

@@ -64,11 +64,11 @@ impl PgLease {
 
     /// Opens a page's transaction on the lock's own connection: a lost lock (the
     /// connection gone) fails the write instead of letting two holders write at once.
-    async fn begin(&mut self, load: Load) -> Result<PgTx<'_>, StoreError> {
+    async fn begin(&mut self) -> Result<PgTx<'_>, StoreError> {
         let tx = sqlx::Connection::begin(&mut self.connection)
             .await
             .map_err(db("opening a transaction"))?;
-        Ok(PgTx::new(tx, load))
+        Ok(PgTx::new(tx))
     }
 }
 
@@ -80,7 +80,7 @@ impl PgStore {
             .begin()
             .await
             .map_err(db("opening a transaction"))?;
-        Ok(PgTx::new(tx, Load::Compare))
+        Ok(PgTx::new(tx))
     }
 
     /// Connects to the database at `url`, statements bounded by the default timeout.
@@ -285,7 +285,7 @@ impl Store for PgStore {
         source: &str,
         mode: RunMode,
     ) -> Result<RunId, StoreError> {
-        statements::start_run(lease.begin(Load::Compare).await?, source, mode).await
+        statements::start_run(lease.begin().await?, source, mode).await
     }
 
     async fn commit_page(
@@ -300,14 +300,14 @@ impl Store for PgStore {
         } else {
             Load::Compare
         };
-        let first = checkpoint::commit_page(lease.begin(load).await?, page).await;
+        let first = checkpoint::commit_page(lease.begin().await?.loading(load), page).await;
         let counts = match first {
             // A page expected to be all new held a stored department: the whole
             // transaction rolled back; store the page again, comparing every row.
             // (Or COPY refused a value the statement may take, or report better.)
             Err(e) if load == Load::AllNew && e.is_refused_by_database() => {
                 tracing::debug!(source, error = %e, "loading a page as new failed; comparing its rows");
-                checkpoint::commit_page(lease.begin(Load::Compare).await?, page).await?
+                checkpoint::commit_page(lease.begin().await?, page).await?
             }
             result => result?,
         };
@@ -326,7 +326,7 @@ impl Store for PgStore {
         scope: Option<&str>,
         reset: Option<&str>,
     ) -> Result<(), StoreError> {
-        let tx = lease.begin(Load::Compare).await?;
+        let tx = lease.begin().await?;
         checkpoint::set_scope(tx, source, scope, reset).await
     }
 

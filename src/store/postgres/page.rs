@@ -20,8 +20,18 @@ pub struct PgTx<'c> {
 }
 
 impl<'c> PgTx<'c> {
-    pub(super) fn new(tx: Transaction<'c, Postgres>, load: Load) -> PgTx<'c> {
-        PgTx { tx, load }
+    /// A transaction whose windowed departments, if it writes any, are compared with what
+    /// is stored.
+    pub(super) fn new(tx: Transaction<'c, Postgres>) -> PgTx<'c> {
+        PgTx {
+            tx,
+            load: Load::Compare,
+        }
+    }
+
+    /// The transaction, writing a windowed page's departments as `load` says.
+    pub(super) fn loading(self, load: Load) -> PgTx<'c> {
+        PgTx { load, ..self }
     }
 }
 
@@ -123,18 +133,6 @@ impl PageTransaction for PgTx<'_> {
         .execute(&mut *self.tx)
         .await
         .map_err(db("settling the listing's page digests"))?;
-        Ok(())
-    }
-
-    async fn distrust_pages(&mut self, source: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "WITH untrusted AS (DELETE FROM listing_page_digests WHERE source = $1)
-             UPDATE sync_state SET trusted_listing = NULL WHERE source = $1",
-        )
-        .bind(source)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db("distrusting the listing's pages"))?;
         Ok(())
     }
 }

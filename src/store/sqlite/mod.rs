@@ -126,15 +126,6 @@ impl SqliteStore {
         Ok(SqliteTx::new(tx))
     }
 
-    /// Opens the database file `url` names; with [`IfMissing::Create`], creates it when
-    /// missing (not its directory).
-    pub async fn connect(
-        url: &SecretString,
-        if_missing: IfMissing,
-    ) -> Result<SqliteStore, StoreError> {
-        Self::connect_with(url, if_missing, super::DEFAULT_STATEMENT_TIMEOUT).await
-    }
-
     /// The pool, for SQL of a reader's own: the demo's sample query and the tests.
     #[cfg(feature = "demo")]
     #[doc(hidden)]
@@ -156,7 +147,8 @@ impl Backend for SqliteStore {
             .then(|| database_path(url).map(|_| ()))
     }
 
-    /// [`SqliteStore::connect`], every call through [`crate::store::AnyStore`] bounded
+    /// Opens the database file `url` names; with [`IfMissing::Create`], creates it when
+    /// missing (not its directory). Every call through [`crate::store::AnyStore`] is bounded
     /// after `statement_timeout` (with the margin of [`super::call_timeout`]).
     async fn connect_with(
         url: &SecretString,
