@@ -57,6 +57,20 @@ pub async fn register<St: Store>(store: &St, names: &[String]) {
     }
 }
 
+/// Deletes the versions of `source` that ended more than `retention` ago. Failing keeps
+/// them a pass longer, so it is logged, not returned.
+async fn trim_history<St: Store>(store: &St, source: &str, retention: std::time::Duration) {
+    match store.trim_history(source, retention).await {
+        Ok(0) => {}
+        Ok(trimmed) => tracing::info!(source, trimmed, "trimmed history past its retention"),
+        Err(e) => tracing::warn!(
+            source,
+            error = %crate::error_chain(&e),
+            "could not trim history; the next pass tries again"
+        ),
+    }
+}
+
 /// Runs one pass of `source`, its progress shown on `display`, and tells how it went.
 /// The engine has logged and recorded a failure; a cancelled pass says `cancelled`.
 pub async fn run_pass<St: Store>(
@@ -73,6 +87,11 @@ pub async fn run_pass<St: Store>(
     let started = Instant::now();
     let result =
         engine::run_pass_showing(name, &source.connector, store, request, cancel, &progress).await;
+    if let (Ok(report), Some(retention)) = (&result, source.settings.history_retention)
+        && report.outcome == RunOutcome::Succeeded
+    {
+        trim_history(store, name, retention).await;
+    }
     let (shown, result, cancelled) = match result {
         Ok(report) if report.outcome == RunOutcome::Cancelled => {
             ("cancelled", Err("cancelled".to_owned()), true)

@@ -13,6 +13,7 @@ use crate::app;
 use crate::config::{self, ConfigError};
 use crate::daemon::{Daemon, DaemonError};
 use crate::engine::{PassRequest, error_chain};
+use crate::model::{DepartmentVersion, FeedToken};
 use crate::progress::Display;
 use crate::report::{pass_table, status_lines, status_table};
 use crate::sources::Source;
@@ -54,6 +55,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the versions of departments written after a token, and then the token to
+    /// pass next time: a change feed that never skips a commit, for downstream jobs.
+    Changes(ChangesArgs),
     /// Apply the database migrations that have not run yet.
     Migrate,
     /// Validate the config, then try the database and each source's credentials.
@@ -102,6 +106,19 @@ pub struct SyncArgs {
     /// its departments deleted.
     #[arg(long, conflicts_with = "backfill")]
     pub allow_mass_delete: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ChangesArgs {
+    /// The token the last run printed (its last line); without it, from the beginning.
+    #[arg(long, value_name = "TOKEN")]
+    pub since: Option<FeedToken>,
+    /// Only this source's versions (repeatable).
+    #[arg(long = "source", value_name = "NAME")]
+    pub sources: Vec<String>,
+    /// One JSON object per version, then `{"next":"TOKEN"}`.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -178,6 +195,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken, display: Display) -> Resul
         }
         Command::Sync(args) => sync(&load()?, args, cancel, &display).await,
         Command::Status { json } => status(&load()?, json).await,
+        Command::Changes(args) => changes(&load()?, args).await,
         Command::Migrate => migrate(&load()?).await,
         Command::Check => check(&load()?).await,
         Command::Reset(args) => reset(&load()?, args).await,
@@ -402,15 +420,72 @@ fn confirmed(question: &str) -> anyhow::Result<bool> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "Yes"))
 }
 
-async fn status(settings: &Settings, json: bool) -> Result<Exit, CliError> {
-    // Reads only: a database that does not exist is an error, not created empty.
-    let store = AnyStore::connect_with(
+/// Connects to the database for reading: one that does not exist is an error, not
+/// created empty, and no migration is applied (the service's to do).
+async fn connect_to_read(settings: &Settings) -> anyhow::Result<AnyStore> {
+    AnyStore::connect_with(
         &settings.database.url,
         IfMissing::Fail,
         settings.database.statement_timeout,
     )
     .await
-    .with_context(|| format!("database {}", settings.database.redacted_url()))?;
+    .with_context(|| format!("database {}", settings.database.redacted_url()))
+}
+
+/// Prints the change feed after `--since`, batch by batch, and the token to read on from.
+async fn changes(settings: &Settings, args: ChangesArgs) -> Result<Exit, CliError> {
+    select_sources(settings, &args.sources)?;
+    let store = connect_to_read(settings).await?;
+    let since = args.since.unwrap_or(FeedToken::START);
+    let mut feed = store
+        .changes(since, &args.sources)
+        .await
+        .context("reading the change feed")?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    while let Some(batch) = feed
+        .next_batch()
+        .await
+        .context("reading the change feed")?
+    {
+        for version in &batch {
+            if args.json {
+                serde_json::to_writer(&mut out, version).map_err(std::io::Error::from)
+            } else {
+                write!(out, "{}", change_line(version))
+            }
+            .and_then(|()| writeln!(out))
+            .context("writing the changes")?;
+        }
+    }
+    let next = feed.next_token().to_string();
+    if args.json {
+        writeln!(out, "{}", serde_json::json!({ "next": next }))
+    } else {
+        writeln!(out, "next: {next}")
+    }
+    .and_then(|()| out.flush())
+    .context("writing the changes")?;
+    Ok(Exit::Success)
+}
+
+/// A version as `deptsync changes` prints it without `--json`: tab-separated.
+fn change_line(version: &DepartmentVersion) -> String {
+    let state = match (version.deleted, version.is_active) {
+        (true, _) => "deleted",
+        (false, true) => "active",
+        (false, false) => "inactive",
+    };
+    format!(
+        "{}\t{}\t{}\t{state}\tfrom {}",
+        version.source,
+        version.external_id,
+        version.name,
+        version.valid_from.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    )
+}
+
+async fn status(settings: &Settings, json: bool) -> Result<Exit, CliError> {
+    let store = connect_to_read(settings).await?;
     let lines = status_lines(settings, &store).await?;
     let mut out = std::io::stdout().lock();
     let written = if json {

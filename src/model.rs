@@ -308,6 +308,71 @@ impl std::fmt::Display for RunId {
     }
 }
 
+impl Serialize for RunId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+/// One version of a department, as `department_versions` keeps it: what deptsync
+/// normalizes, over `[valid_from, valid_to)` (`valid_to` is `None` while it is current).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DepartmentVersion {
+    pub source: String,
+    pub external_id: String,
+    pub scope_id: Option<String>,
+    pub name: String,
+    pub is_active: bool,
+    pub parent_external_id: Option<String>,
+    /// A complete listing no longer had the department from `valid_from` on.
+    pub deleted: bool,
+    /// The vendor's update time where the API gives one, else the commit that saw it.
+    pub valid_from: DateTime<Utc>,
+    pub valid_to: Option<DateTime<Utc>>,
+    /// The run that wrote it (none for the versions an upgrade made).
+    pub run_id: Option<RunId>,
+    /// When deptsync committed it.
+    pub observed_at: DateTime<Utc>,
+    pub version_id: i64,
+    /// Where the change feed has it: the writing transaction's id on PostgreSQL, the
+    /// version id on SQLite.
+    #[serde(skip)]
+    pub position: i64,
+}
+
+/// Where a reader of the change feed stands (`deptsync changes --since`): it has every
+/// version before it. Opaque to the reader: written down and handed back as it came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FeedToken(pub(crate) i64);
+
+impl FeedToken {
+    /// Before the first version.
+    pub const START: FeedToken = FeedToken(0);
+}
+
+impl std::fmt::Display for FeedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for FeedToken {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<FeedToken, String> {
+        text.parse::<u64>()
+            .ok()
+            .and_then(|n| i64::try_from(n).ok())
+            .map(FeedToken)
+            .ok_or_else(|| {
+                format!(
+                    "{text:?} is not a change-feed token (the last line `deptsync changes` \
+                     printed, a number)"
+                )
+            })
+    }
+}
+
 /// How a pass ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunOutcome {

@@ -13,16 +13,19 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
+use super::history::{self, FeedQueries, FeedReader};
 use super::statements::{Statements, StoredRow};
 use super::{Commit, DEFAULT_STATEMENT_TIMEOUT, IfMissing, Store, StoreError, bounded};
-use crate::model::{PageCounts, RunId, RunMode, RunOutcome, SourceStatus, SyncState};
+use crate::model::{
+    DepartmentVersion, FeedToken, PageCounts, RunId, RunMode, RunOutcome, SourceStatus, SyncState,
+};
 
 #[cfg(doc)]
 use super::call_timeout;
 
 /// What a backend offers besides [`Store`]: how a URL names it, how it connects and
 /// migrates.
-pub trait Backend: Store + Clone + Sized {
+pub trait Backend: Store + FeedQueries + Clone + Sized {
     /// The backend's name, for logs.
     const NAME: &'static str;
 
@@ -196,11 +199,47 @@ macro_rules! backends {
                 .await
             }
 
+            /// Begins a read of the change feed: the versions of `sources` (none: every
+            /// source) after `since`, up to what is committed now (see [`FeedReader`]).
+            pub async fn changes(
+                &self,
+                since: FeedToken,
+                sources: &[String],
+            ) -> Result<FeedReader<'_, AnyStore>, StoreError> {
+                let horizon = bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => {
+                            history::horizon::<$backend>(store.read().await?).await
+                        })*
+                    }
+                })
+                .await?;
+                Ok(FeedReader::new(self, since, horizon, sources))
+            }
+
             /// The bound on every call through this store.
             fn call_timeout(&self) -> Duration {
                 match self {
                     $(AnyStore::$variant(store) => store.call_timeout(),)*
                 }
+            }
+        }
+
+        impl FeedReader<'_, AnyStore> {
+            /// The next batch of versions, in feed order; `None` once every version up to
+            /// the horizon has been read. Each batch is one bounded call.
+            pub async fn next_batch(
+                &mut self,
+            ) -> Result<Option<Vec<DepartmentVersion>>, StoreError> {
+                let store = self.store;
+                bounded(store.call_timeout(), async {
+                    match store {
+                        $(AnyStore::$variant(backend) => {
+                            history::next_batch::<$backend, _>(self, backend.read().await?).await
+                        })*
+                    }
+                })
+                .await
             }
         }
 
@@ -303,6 +342,19 @@ macro_rules! backends {
                 bounded(self.call_timeout(), async {
                     match self {
                         $(AnyStore::$variant(store) => store.finish_run(run, outcome).await,)*
+                    }
+                })
+                .await
+            }
+
+            async fn trim_history(
+                &self,
+                source: &str,
+                retention: Duration,
+            ) -> Result<u64, StoreError> {
+                bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => store.trim_history(source, retention).await,)*
                     }
                 })
                 .await

@@ -21,8 +21,8 @@ use std::future::Future;
 
 use uuid::Uuid;
 
-use super::StoreError;
 use super::statements::{self, Statements, StoredRow, Value};
+use super::{StoreError, history};
 use crate::model::{
     Checkpoint, DeletionPolicy, Department, PageCounts, RejectedRecord, RunId, RunMode, Window,
     WithheldDeletions,
@@ -102,6 +102,18 @@ pub(crate) trait PageTransaction: Statements {
         departments: &[&Department],
         listing: Option<Uuid>,
     ) -> impl Future<Output = Result<Written, StoreError>> + Send;
+
+    /// The transaction wrote `versions` versions of `source`'s departments in `run`: a
+    /// backend that can tell listeners (PostgreSQL's `NOTIFY`) does so as it commits.
+    fn versions_written(
+        &mut self,
+        source: &str,
+        run: RunId,
+        versions: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (source, run, versions);
+        async { Ok(()) }
+    }
 
     /// `listing_id` is complete, its last page having rewritten a stored row (`rewrote`)
     /// or not (the earlier pages' say is in `sync_state.listing_rewrote`): a backend that
@@ -206,6 +218,12 @@ pub(crate) async fn commit_page<T: PageTransaction>(
     keep_rejected(&mut tx, source, rejected).await?;
     let seen = seen_ids(departments, rejected);
     let deletions = apply_checkpoint(&mut tx, source, checkpoint, &seen, written.rewrote).await?;
+    // History, of what this page changed: nothing to look at when it changed no row.
+    let versions = if written.inserted + written.updated + deletions.deleted > 0 {
+        history::record_versions(&mut tx, source, run).await?
+    } else {
+        0
+    };
     let counts = deletions.page_counts(departments.len(), rejected.len(), written);
     let fetched = (departments.len() + rejected.len()) as u64;
     let pages = u64::from(checkpoint.follows_page());
@@ -214,6 +232,9 @@ pub(crate) async fn commit_page<T: PageTransaction>(
         return Err(StoreError::Corrupt(format!(
             "run {run} is not in sync_runs"
         )));
+    }
+    if versions > 0 {
+        tx.versions_written(source, run, versions).await?;
     }
     tx.commit("committing the page").await?;
     Ok(counts)

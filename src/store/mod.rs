@@ -16,12 +16,14 @@
 
 mod any;
 mod checkpoint;
+mod history;
 pub mod postgres;
 pub mod sqlite;
 mod statements;
 
 pub use any::{AnyLease, AnyStore, Backend, DatabaseKind};
 pub use checkpoint::{Commit, MIN_GUARDED_SCOPE_ROWS};
+pub use history::{FeedQueries, FeedReader};
 pub use statements::StoredRow;
 
 use std::future::Future;
@@ -274,6 +276,14 @@ pub trait Store: Send + Sync {
         run: RunId,
         outcome: &RunOutcome,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes the versions of `source`'s departments that ended more than `retention`
+    /// ago; never a current one. How many it deleted.
+    fn trim_history(
+        &self,
+        source: &str,
+        retention: std::time::Duration,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// One line per source: the named ones, and any other the store has seen.
     fn status(

@@ -313,6 +313,49 @@ impl TestStore {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
+    /// The texts `sql` selects, one per row.
+    pub async fn texts(&self, sql: &str) -> Vec<String> {
+        use deptsync::store::AnyStore;
+        match &self.store {
+            AnyStore::Postgres(store) => sqlx::query_scalar(sql).fetch_all(store.pool()).await,
+            AnyStore::Sqlite(store) => sqlx::query_scalar(sql).fetch_all(store.pool()).await,
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// The integers `sql` selects, one per row.
+    pub async fn count_each(&self, sql: &str) -> Vec<i64> {
+        use deptsync::store::AnyStore;
+        match &self.store {
+            AnyStore::Postgres(store) => sqlx::query_scalar(sql).fetch_all(store.pool()).await,
+            AnyStore::Sqlite(store) => sqlx::query_scalar(sql).fetch_all(store.pool()).await,
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Runs `sql`, one or more statements.
+    pub async fn execute(&self, sql: &str) {
+        use deptsync::store::AnyStore;
+        match &self.store {
+            AnyStore::Postgres(store) => sqlx::raw_sql(sql).execute(store.pool()).await.map(drop),
+            AnyStore::Sqlite(store) => sqlx::raw_sql(sql).execute(store.pool()).await.map(drop),
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// The migration that gives an existing database's rows their first versions.
+    pub fn history_upgrade(&self) -> &'static str {
+        use deptsync::store::AnyStore;
+        match &self.store {
+            AnyStore::Postgres(_) => include_str!(
+                "../../migrations/postgres/20261201000002_history_of_existing_rows.sql"
+            ),
+            AnyStore::Sqlite(_) => include_str!(
+                "../../migrations/sqlite/20261201000002_history_of_existing_rows.sql"
+            ),
+        }
+    }
+
     /// The instants `sql` selects, one per row.
     pub async fn instants(&self, sql: &str) -> Vec<Option<chrono::DateTime<chrono::Utc>>> {
         use deptsync::store::AnyStore;

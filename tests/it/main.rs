@@ -4,6 +4,7 @@ mod cli;
 mod daemon;
 mod demo;
 mod helpers;
+mod history;
 mod hostile;
 mod listings;
 mod mews;

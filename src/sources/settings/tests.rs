@@ -247,6 +247,26 @@ mod full_listing_kinds {
     }
 
     #[test]
+    fn history_retention_is_a_duration_of_a_day_or_more() {
+        let source = |retention: &str| {
+            format!(
+                "name = \"p\"\nkind = \"procurify\"\nbase_url = \"https://acme.procurify.com\"\n\
+                 client_id = \"id\"\nclient_secret = \"s\"\n{retention}"
+            )
+        };
+        let kept = |retention: &str| parse(&source(retention)).map(|s| s.sources[0].history_retention);
+        assert_eq!(kept(""), Ok(None), "history is kept for ever by default");
+        assert_eq!(
+            kept("history_retention = \"400d\""),
+            Ok(Some(std::time::Duration::from_secs(400 * 86_400)))
+        );
+        for bad in ["\"soon\"", "\"1h\"", "\"0s\""] {
+            let error = kept(&format!("history_retention = {bad}")).unwrap_err();
+            assert!(error.contains("history_retention"), "{error}");
+        }
+    }
+
+    #[test]
     fn procurify_defaults_its_token_url_and_page_size() {
         let settings = parse(
             "name = \"p\"\nkind = \"procurify\"\nbase_url = \"https://acme.procurify.com\"\n\
@@ -337,7 +357,8 @@ mod files_and_daemon {
                 error.contains(
                     "every kind takes: `name`, `kind`, `schedule`, `connect_timeout`, \
                      `request_timeout`, `max_attempts`, `max_backoff`, `rate_limit`, \
-                     `max_response_bytes`, `allow_insecure_http`, and `X_file`"
+                     `max_response_bytes`, `history_retention`, `allow_insecure_http`, and \
+                     `X_file`"
                 ),
                 "{error}"
             );

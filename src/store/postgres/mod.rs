@@ -18,6 +18,7 @@ use sqlx::{PgConnection, PgPool, Postgres};
 pub use super::IfMissing;
 use super::any::Backend;
 use super::checkpoint;
+use super::history::{self, FeedQueries};
 use super::statements;
 use super::{Commit, Store, StoreError, db};
 use crate::model::{PageCounts, RunId, RunMode, RunOutcome, SourceStatus, SyncState};
@@ -229,6 +230,12 @@ impl Backend for PgStore {
     }
 }
 
+impl FeedQueries for PgStore {
+    const FEED_HORIZON: &'static str =
+        "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon";
+    const READ_FEED: &'static str = include_str!("queries/read_feed.sql");
+}
+
 impl Store for PgStore {
     /// A session-level advisory lock lives as long as the connection that took it: the
     /// lease is that connection, taken out of the pool, so that a holder that dies (or
@@ -336,6 +343,14 @@ impl Store for PgStore {
 
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
         statements::finish_run(self.begin().await?, run, outcome).await
+    }
+
+    async fn trim_history(
+        &self,
+        source: &str,
+        retention: Duration,
+    ) -> Result<u64, StoreError> {
+        history::trim(self.begin().await?, source, retention).await
     }
 
     async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {

@@ -7,7 +7,7 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::departments::{self, Load};
-use crate::model::Department;
+use crate::model::{Department, RunId};
 use crate::store::checkpoint::{PageTransaction, Written};
 use crate::store::statements::{Value, impl_statements};
 use crate::store::{StoreError, db};
@@ -81,6 +81,27 @@ impl PageTransaction for PgTx<'_> {
         listing: Option<Uuid>,
     ) -> Result<Written, StoreError> {
         departments::write_departments(&mut self.tx, source, departments, listing, self.load).await
+    }
+
+    /// Tells listeners on `deptsync_changes`, as the transaction commits, which source and
+    /// run wrote how many versions (a JSON object).
+    async fn versions_written(
+        &mut self,
+        source: &str,
+        run: RunId,
+        versions: u64,
+    ) -> Result<(), StoreError> {
+        let payload = serde_json::json!({
+            "source": source,
+            "run": run.0,
+            "versions": versions,
+        });
+        sqlx::query("SELECT pg_notify('deptsync_changes', $1)")
+            .bind(payload.to_string())
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db("telling listeners of the new versions"))?;
+        Ok(())
     }
 
     /// Once `listing_id` is complete, makes its page digests the ones the next listing

@@ -44,6 +44,7 @@ use sqlx::{Connection, SqlitePool};
 
 use super::any::Backend;
 use super::checkpoint;
+use super::history::{self, FeedQueries};
 use super::statements;
 use super::{Commit, IfMissing, Store, StoreError, db};
 use crate::model::{PageCounts, RunId, RunMode, RunOutcome, SourceStatus, SyncState};
@@ -253,6 +254,12 @@ impl Backend for SqliteStore {
     }
 }
 
+impl FeedQueries for SqliteStore {
+    const FEED_HORIZON: &'static str =
+        "SELECT COALESCE(max(version_id), 0) + 1 AS horizon FROM department_versions";
+    const READ_FEED: &'static str = include_str!("queries/read_feed.sql");
+}
+
 impl Store for SqliteStore {
     type Lease = SqliteLease;
 
@@ -329,6 +336,14 @@ impl Store for SqliteStore {
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
         // Its instant is taken once it holds the write lock, like every write's.
         statements::finish_run(self.begin(BEGIN_WRITE).await?, run, outcome).await
+    }
+
+    async fn trim_history(
+        &self,
+        source: &str,
+        retention: Duration,
+    ) -> Result<u64, StoreError> {
+        history::trim(self.begin(BEGIN_WRITE).await?, source, retention).await
     }
 
     async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {

@@ -1,0 +1,753 @@
+//! History (`department_versions`) and the change feed (`deptsync changes`), on both
+//! stores: every transition of a department writes one version in the page's own
+//! transaction, nothing else writes any, and a reader of the feed sees each version once,
+//! whatever order concurrent transactions commit in.
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use deptsync::model::{
+    Checkpoint, DeletionPolicy, Department, DepartmentVersion, FeedToken, Ledger, LedgerWindow, RawRecord,
+    RunId, RunMode, Window, WindowState,
+};
+use deptsync::store::{AnyLease, AnyStore, Commit, Store};
+use uuid::Uuid;
+
+use crate::helpers::{TempDir, TestStore, mews_config, run_binary, sqlite_url, stderr};
+
+/// Runs each named case (an `async fn(TestStore)`) once on each store.
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[tokio::test]
+                async fn postgres() {
+                    super::$case(crate::helpers::TestStore::postgres().await).await;
+                }
+
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$case(crate::helpers::TestStore::sqlite().await).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both_stores!(
+    an_insert_opens_a_version_and_an_unchanged_page_writes_none,
+    a_change_closes_the_current_version_and_opens_the_next,
+    a_change_the_vendor_dates_no_later_starts_at_the_commit,
+    a_deletion_and_a_revival_each_open_a_version,
+    a_backfill_of_old_updates_rewrites_no_history,
+    a_failed_page_writes_no_version,
+    the_feed_gives_each_version_once_and_a_token_to_resume_from,
+    the_feed_reads_the_named_sources_only,
+    retention_trims_closed_versions_and_never_the_current_one,
+    an_upgraded_database_starts_its_history_at_once,
+);
+
+fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
+}
+
+fn department(id: &str, name: &str, updated: Option<DateTime<Utc>>) -> Department {
+    Department {
+        external_id: id.to_owned(),
+        scope_id: Some("scope".to_owned()),
+        name: name.to_owned(),
+        is_active: true,
+        parent_external_id: None,
+        source_created_at: None,
+        source_updated_at: updated,
+        raw: RawRecord::from_value(&serde_json::json!({ "id": id, "name": name })),
+    }
+}
+
+/// The lock of `source` and a run under it.
+async fn locked_run(store: &AnyStore, source: &str) -> (AnyLease, RunId) {
+    let mut lease = store.try_lock(source).await.unwrap().expect("lock is free");
+    let run = store
+        .start_run(&mut lease, source, RunMode::Incremental)
+        .await
+        .unwrap();
+    (lease, run)
+}
+
+/// A one-window ledger and the checkpoint of its last page.
+fn one_window() -> (Checkpoint, Checkpoint) {
+    let window = Window {
+        start: at(2019, 1, 1),
+        end: at(2030, 1, 1),
+    };
+    let ledger = Checkpoint::Ledger(Ledger {
+        until: window.end,
+        backfill: None,
+        windows: vec![LedgerWindow {
+            window,
+            state: WindowState::Pending,
+        }],
+    });
+    let done = Checkpoint::Window {
+        mode: RunMode::Incremental,
+        window,
+        cursor: None,
+    };
+    (ledger, done)
+}
+
+/// Commits `departments` of `source` as the last page of a one-window pass.
+async fn commit_windowed(store: &AnyStore, source: &str, departments: &[Department]) {
+    let (mut lease, run) = locked_run(store, source).await;
+    let (ledger, done) = one_window();
+    for (page, checkpoint) in [(&[][..], &ledger), (departments, &done)] {
+        let commit = Commit {
+            run,
+            source,
+            departments: page,
+            rejected: &[],
+            checkpoint,
+        };
+        store.commit_page(&mut lease, &commit).await.unwrap();
+    }
+    store.unlock(lease).await;
+}
+
+/// Commits `ids` of source `s` as one complete listing confirming `confirms`, no guard.
+async fn complete_listing(store: &AnyStore, ids: &[&str], confirms: Option<Uuid>) -> Uuid {
+    let (mut lease, run) = locked_run(store, "s").await;
+    let listing_id = Uuid::new_v4();
+    let page: Vec<Department> = ids
+        .iter()
+        .map(|id| department(id, &format!("Department {id}"), None))
+        .collect();
+    let last = Checkpoint::ListingDone {
+        listing_id,
+        confirms,
+        deletions: DeletionPolicy {
+            max_delete_fraction: None,
+            scopes: None,
+        },
+    };
+    let commit = Commit {
+        run,
+        source: "s",
+        departments: &page,
+        rejected: &[],
+        checkpoint: &last,
+    };
+    store.commit_page(&mut lease, &commit).await.unwrap();
+    store.unlock(lease).await;
+    listing_id
+}
+
+/// Every version the feed has after `since`, and the token to read on from, once every
+/// version committed so far is readable.
+async fn read_feed(
+    store: &AnyStore,
+    since: FeedToken,
+    sources: &[String],
+) -> (Vec<DepartmentVersion>, FeedToken) {
+    settled(store).await;
+    read_feed_now(store, since, sources).await
+}
+
+/// Waits until every version committed so far can be read from the feed. On PostgreSQL a
+/// version is readable once every transaction older than its own has ended, in the whole
+/// cluster: other tests' transactions, in their own databases, hold it back a moment.
+async fn settled(store: &AnyStore) {
+    let AnyStore::Postgres(pg) = store else {
+        return;
+    };
+    for _ in 0..500 {
+        let readable: bool = sqlx::query_scalar(
+            "SELECT COALESCE(max(commit_xid), 0) < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+             FROM department_versions",
+        )
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+        if readable {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("a transaction of the cluster ran for ten seconds");
+}
+
+/// What the feed has after `since` now.
+async fn read_feed_now(
+    store: &AnyStore,
+    since: FeedToken,
+    sources: &[String],
+) -> (Vec<DepartmentVersion>, FeedToken) {
+    let mut feed = store.changes(since, sources).await.unwrap();
+    let mut versions = Vec::new();
+    while let Some(batch) = feed.next_batch().await.unwrap() {
+        versions.extend(batch);
+    }
+    (versions, feed.next_token())
+}
+
+/// The versions of `id` of source `s`, oldest first, through the feed.
+async fn timeline(store: &AnyStore, id: &str) -> Vec<DepartmentVersion> {
+    let mut versions = read_feed(store, FeedToken::START, &[]).await.0;
+    versions.retain(|v| v.source == "s" && v.external_id == id);
+    versions
+}
+
+/// `(name, deleted, valid_from, valid_to)` of each version of `id`, read from the table.
+async fn versions_of(db: &TestStore, id: &str) -> Vec<(String, bool, DateTime<Utc>, Option<DateTime<Utc>>)> {
+    let names = db
+        .texts(&format!(
+            "SELECT name FROM department_versions WHERE source = 's' AND external_id = '{id}'
+             ORDER BY valid_from, version_id"
+        ))
+        .await;
+    let deleted = db
+        .count_each(&format!(
+            "SELECT CAST(CASE WHEN deleted THEN 1 ELSE 0 END AS BIGINT) FROM department_versions
+             WHERE source = 's' AND external_id = '{id}' ORDER BY valid_from, version_id"
+        ))
+        .await;
+    let from = db
+        .instants(&format!(
+            "SELECT valid_from FROM department_versions WHERE source = 's' AND external_id = '{id}'
+             ORDER BY valid_from, version_id"
+        ))
+        .await;
+    let to = db
+        .instants(&format!(
+            "SELECT valid_to FROM department_versions WHERE source = 's' AND external_id = '{id}'
+             ORDER BY valid_from, version_id"
+        ))
+        .await;
+    names
+        .into_iter()
+        .zip(deleted)
+        .zip(from.into_iter().zip(to))
+        .map(|((name, deleted), (from, to))| (name, deleted == 1, from.unwrap(), to))
+        .collect()
+}
+
+async fn an_insert_opens_a_version_and_an_unchanged_page_writes_none(db: TestStore) {
+    let a = department("a", "Front desk", Some(at(2021, 3, 1)));
+    commit_windowed(&db.store, "s", std::slice::from_ref(&a)).await;
+    assert_eq!(
+        versions_of(&db, "a").await,
+        [("Front desk".to_owned(), false, at(2021, 3, 1), None)],
+        "an insert opens a version from the vendor's update time"
+    );
+    let run = db.text("SELECT CAST(run_id AS TEXT) FROM department_versions").await;
+    let started = db.text("SELECT CAST(run_id AS TEXT) FROM sync_runs ORDER BY started_at LIMIT 1").await;
+    assert_eq!(run, started, "a version names the run that wrote it");
+
+    // The same page again, and a change the history does not keep (the raw record only):
+    // no version.
+    commit_windowed(&db.store, "s", std::slice::from_ref(&a)).await;
+    let mut raw_only = a.clone();
+    raw_only.raw = RawRecord::from_value(&serde_json::json!({ "id": "a", "name": "Front desk", "x": 1 }));
+    raw_only.source_updated_at = Some(at(2021, 4, 1));
+    commit_windowed(&db.store, "s", &[raw_only]).await;
+    assert_eq!(db.count("SELECT count(*) FROM department_versions").await, 1);
+    assert_eq!(
+        db.count("SELECT updated FROM sync_runs ORDER BY started_at DESC LIMIT 1").await,
+        1,
+        "the row itself was updated"
+    );
+}
+
+async fn a_change_closes_the_current_version_and_opens_the_next(db: TestStore) {
+    commit_windowed(&db.store, "s", &[department("a", "Front desk", Some(at(2021, 3, 1)))]).await;
+    let mut moved = department("a", "Reception", Some(at(2022, 5, 1)));
+    moved.parent_external_id = Some("lobby".to_owned());
+    commit_windowed(&db.store, "s", &[moved]).await;
+    let mut inactive = department("a", "Reception", Some(at(2023, 1, 1)));
+    inactive.parent_external_id = Some("lobby".to_owned());
+    inactive.is_active = false;
+    commit_windowed(&db.store, "s", &[inactive]).await;
+    assert_eq!(
+        versions_of(&db, "a").await,
+        [
+            ("Front desk".to_owned(), false, at(2021, 3, 1), Some(at(2022, 5, 1))),
+            ("Reception".to_owned(), false, at(2022, 5, 1), Some(at(2023, 1, 1))),
+            ("Reception".to_owned(), false, at(2023, 1, 1), None),
+        ]
+    );
+    let versions = timeline(&db.store, "a").await;
+    let fields: Vec<(bool, Option<&str>)> = versions
+        .iter()
+        .map(|v| (v.is_active, v.parent_external_id.as_deref()))
+        .collect();
+    assert_eq!(fields, [(true, None), (true, Some("lobby")), (false, Some("lobby"))]);
+}
+
+async fn a_change_the_vendor_dates_no_later_starts_at_the_commit(db: TestStore) {
+    commit_windowed(&db.store, "s", &[department("a", "Front desk", Some(at(2021, 3, 1)))]).await;
+    // Renamed, but the vendor's update time did not move: the change cannot have held
+    // since then (the old name did), so it starts when deptsync saw it.
+    let before = Utc::now() - Duration::seconds(5);
+    commit_windowed(&db.store, "s", &[department("a", "Reception", Some(at(2021, 3, 1)))]).await;
+    let versions = versions_of(&db, "a").await;
+    assert_eq!(versions.len(), 2, "{versions:?}");
+    let (_, _, from, to) = &versions[1];
+    assert!(*from > before && *from <= Utc::now(), "{versions:?}");
+    assert_eq!(versions[0].3, Some(*from), "the first closes where the second opens");
+    assert_eq!(*to, None);
+}
+
+async fn a_deletion_and_a_revival_each_open_a_version(db: TestStore) {
+    let started = Utc::now() - Duration::seconds(5);
+    complete_listing(&db.store, &["1", "2"], None).await;
+    let first = complete_listing(&db.store, &["1"], None).await;
+    complete_listing(&db.store, &["1"], Some(first)).await;
+    let versions = versions_of(&db, "2").await;
+    assert_eq!(versions.len(), 2, "{versions:?}");
+    let (live, deleted) = (&versions[0], &versions[1]);
+    assert!(!live.1 && deleted.1, "{versions:?}");
+    assert!(live.2 > started, "a listing has no update times: the commit's is used");
+    assert_eq!(live.3, Some(deleted.2), "the deletion closes the live version");
+    assert_eq!(deleted.3, None);
+
+    complete_listing(&db.store, &["1", "2"], None).await;
+    let versions = versions_of(&db, "2").await;
+    assert_eq!(versions.len(), 3, "{versions:?}");
+    assert!(!versions[2].1 && versions[2].3.is_none(), "{versions:?}");
+    assert_eq!(versions[1].3, Some(versions[2].2));
+    assert_eq!(versions_of(&db, "1").await.len(), 1, "department 1 never changed");
+}
+
+async fn a_backfill_of_old_updates_rewrites_no_history(db: TestStore) {
+    commit_windowed(&db.store, "s", &[department("a", "Old", Some(at(2021, 1, 1)))]).await;
+    commit_windowed(&db.store, "s", &[department("a", "New", Some(at(2022, 1, 1)))]).await;
+    let before = versions_of(&db, "a").await;
+    // A backfill reads the old update again.
+    commit_windowed(&db.store, "s", &[department("a", "Old", Some(at(2021, 1, 1)))]).await;
+    assert_eq!(versions_of(&db, "a").await, before);
+    assert_eq!(before.len(), 2);
+}
+
+async fn a_failed_page_writes_no_version(db: TestStore) {
+    let (mut lease, _) = locked_run(&db.store, "s").await;
+    let (ledger, _) = one_window();
+    // A run the store does not know: the page is refused after its departments were
+    // written in its transaction.
+    let commit = Commit {
+        run: RunId(Uuid::new_v4()),
+        source: "s",
+        departments: &[department("a", "A", Some(at(2021, 1, 1)))],
+        rejected: &[],
+        checkpoint: &ledger,
+    };
+    assert!(db.store.commit_page(&mut lease, &commit).await.is_err());
+    assert_eq!(db.count("SELECT count(*) FROM department_versions").await, 0);
+}
+
+async fn the_feed_gives_each_version_once_and_a_token_to_resume_from(db: TestStore) {
+    let (versions, start) = read_feed(&db.store, FeedToken::START, &[]).await;
+    assert!(versions.is_empty());
+    let pages: Vec<Department> = (0..2500)
+        .map(|i| department(&format!("{i:05}"), "A", Some(at(2021, 1, 1))))
+        .collect();
+    commit_windowed(&db.store, "s", &pages).await;
+
+    let (versions, next) = read_feed(&db.store, start, &[]).await;
+    assert_eq!(versions.len(), 2500, "more than one batch, every version once");
+    let mut ids: Vec<&str> = versions.iter().map(|v| v.external_id.as_str()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 2500);
+    assert!(versions.iter().all(|v| v.name == "A" && !v.deleted && v.valid_from == at(2021, 1, 1)));
+
+    let (again, same) = read_feed(&db.store, next, &[]).await;
+    assert!(again.is_empty(), "nothing after the token");
+    assert_eq!(same, next, "and the token stays");
+
+    commit_windowed(&db.store, "s", &[department("00007", "B", Some(at(2022, 1, 1)))]).await;
+    let (changed, later) = read_feed(&db.store, next, &[]).await;
+    let names: Vec<(&str, &str)> = changed
+        .iter()
+        .map(|v| (v.external_id.as_str(), v.name.as_str()))
+        .collect();
+    assert_eq!(names, [("00007", "B")]);
+    assert!(later > next);
+    let token: FeedToken = later.to_string().parse().unwrap();
+    assert_eq!(token, later, "a token survives being written down");
+}
+
+async fn the_feed_reads_the_named_sources_only(db: TestStore) {
+    commit_windowed(&db.store, "s", &[department("a", "A", Some(at(2021, 1, 1)))]).await;
+    commit_windowed(&db.store, "t", &[department("b", "B", Some(at(2021, 1, 1)))]).await;
+    let (versions, _) = read_feed(&db.store, FeedToken::START, &["t".to_owned()]).await;
+    let sources: Vec<&str> = versions.iter().map(|v| v.source.as_str()).collect();
+    assert_eq!(sources, ["t"]);
+    let (versions, _) = read_feed(&db.store, FeedToken::START, &[]).await;
+    assert_eq!(versions.len(), 2);
+}
+
+async fn retention_trims_closed_versions_and_never_the_current_one(db: TestStore) {
+    let now = Utc::now();
+    let long_ago = now - Duration::days(400);
+    commit_windowed(&db.store, "s", &[department("a", "1", Some(long_ago))]).await;
+    commit_windowed(&db.store, "s", &[department("a", "2", Some(long_ago + Duration::days(10)))]).await;
+    commit_windowed(&db.store, "s", &[department("a", "3", Some(now - Duration::days(5)))]).await;
+    // Unchanged for 400 days: its only version is current, and stays.
+    commit_windowed(&db.store, "s", &[department("b", "1", Some(long_ago))]).await;
+    commit_windowed(&db.store, "t", &[department("a", "1", Some(long_ago))]).await;
+    commit_windowed(&db.store, "t", &[department("a", "2", Some(long_ago + Duration::days(1)))]).await;
+
+    let trimmed = db
+        .store
+        .trim_history("s", std::time::Duration::from_secs(30 * 86_400))
+        .await
+        .unwrap();
+    // "a"'s first version closed 390 days ago; its second closed 5 days ago.
+    assert_eq!(trimmed, 1);
+    let names: Vec<String> = versions_of(&db, "a").await.into_iter().map(|v| v.0).collect();
+    assert_eq!(names, ["2", "3"]);
+    assert_eq!(versions_of(&db, "b").await.len(), 1);
+    assert_eq!(
+        db.count("SELECT count(*) FROM department_versions WHERE source = 't'").await,
+        2,
+        "another source's history is its own"
+    );
+}
+
+async fn an_upgraded_database_starts_its_history_at_once(db: TestStore) {
+    // A database from before history: the rows exist, no version does. Migrating again
+    // (what an upgrade does) is a no-op now, so the upgrade's statement is run by hand:
+    // it is the migration's own text.
+    complete_listing(&db.store, &["1", "2"], None).await;
+    let first = complete_listing(&db.store, &["1"], None).await;
+    complete_listing(&db.store, &["1"], Some(first)).await;
+    commit_windowed(&db.store, "s", &[department("a", "A", Some(at(2021, 1, 1)))]).await;
+    db.execute("DELETE FROM department_versions").await;
+    db.execute(db.history_upgrade()).await;
+
+    assert_eq!(
+        versions_of(&db, "a").await,
+        [("A".to_owned(), false, at(2021, 1, 1), None)],
+        "with a vendor's update time, the version starts there"
+    );
+    let first_synced = db
+        .instants("SELECT first_synced_at FROM departments WHERE external_id = '1'")
+        .await[0]
+        .unwrap();
+    let one = versions_of(&db, "1").await;
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].2, first_synced, "without one, at its first sync");
+    let two = versions_of(&db, "2").await;
+    let deleted_at = db
+        .instants("SELECT deleted_at FROM departments WHERE external_id = '2'")
+        .await[0]
+        .unwrap();
+    assert_eq!(two.len(), 2, "a deleted department: live, then deleted");
+    assert_eq!((two[0].1, two[0].3), (false, Some(deleted_at)));
+    assert_eq!((two[1].1, two[1].2, two[1].3), (true, deleted_at, None));
+
+    // History goes on from there.
+    commit_windowed(&db.store, "s", &[department("a", "B", Some(at(2022, 1, 1)))]).await;
+    assert_eq!(versions_of(&db, "a").await.len(), 2);
+}
+
+/// Two sources commit at once, the one that began first committing last, while a reader
+/// polls the feed: it sees every version once. Naive readers, which move a watermark to
+/// the newest `last_changed_at` or version id they saw, miss the page that committed
+/// late: the test shows both.
+#[tokio::test]
+async fn a_reader_never_misses_a_page_that_commits_after_a_later_one() {
+    let db = TestStore::postgres().await;
+    let AnyStore::Postgres(pg) = &db.store else {
+        unreachable!()
+    };
+    let store = db.store.clone();
+    let (mut lease_a, run_a) = locked_run(&store, "a").await;
+    let (mut lease_b, run_b) = locked_run(&store, "b").await;
+    let (ledger, _) = one_window();
+    for (lease, run, source) in [(&mut lease_a, run_a, "a"), (&mut lease_b, run_b, "b")] {
+        let commit = Commit {
+            run,
+            source,
+            departments: &[],
+            rejected: &[],
+            checkpoint: &ledger,
+        };
+        store.commit_page(lease, &commit).await.unwrap();
+    }
+
+    let mut naive = NaiveReaders::default();
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let mut token = FeedToken::START;
+    // Polls as a reader would: at once, whatever is still running.
+    let poll = async |naive: &mut NaiveReaders, token: &mut FeedToken| {
+        naive.poll(pg.pool()).await;
+        let (versions, next) = read_feed_now(&store, *token, &[]).await;
+        *token = next;
+        versions
+    };
+
+    // Source a's page will stop before its commit: a lock on its run's row holds it.
+    let mut blocker = pg.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM sync_runs WHERE run_id = $1 FOR UPDATE")
+        .bind(run_a.0)
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let store_a = store.clone();
+    let page_a: Vec<Department> = (0..3)
+        .map(|i| department(&format!("a{i}"), "A", Some(at(2021, 1, 1))))
+        .collect();
+    let (_, done) = one_window();
+    let late = tokio::spawn(async move {
+        let commit = Commit {
+            run: run_a,
+            source: "a",
+            departments: &page_a,
+            rejected: &[],
+            checkpoint: &done,
+        };
+        store_a.commit_page(&mut lease_a, &commit).await.unwrap();
+        lease_a
+    });
+    // Wait until a's transaction has written and waits on the lock.
+    for _ in 0..200 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'",
+        )
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!late.is_finished(), "a's page waits for the lock");
+
+    for version in poll(&mut naive, &mut token).await {
+        seen.push((version.source, version.external_id));
+    }
+    // b begins after a and commits before it.
+    let page_b = [department("b0", "B", Some(at(2021, 1, 1)))];
+    let (_, done) = one_window();
+    let commit = Commit {
+        run: run_b,
+        source: "b",
+        departments: &page_b,
+        rejected: &[],
+        checkpoint: &done,
+    };
+    store.commit_page(&mut lease_b, &commit).await.unwrap();
+    let while_a_runs = poll(&mut naive, &mut token).await;
+    assert!(
+        while_a_runs.is_empty(),
+        "b's version waits behind a's transaction, which began first: {while_a_runs:?}"
+    );
+    blocker.commit().await.unwrap();
+    let lease_a = late.await.unwrap();
+    for version in poll(&mut naive, &mut token).await {
+        seen.push((version.source, version.external_id));
+    }
+    // Once every transaction of the cluster older than a's has ended (other tests run
+    // beside this one), a's versions are readable.
+    settled(&store).await;
+    for version in poll(&mut naive, &mut token).await {
+        seen.push((version.source, version.external_id));
+    }
+    store.unlock(lease_a).await;
+    store.unlock(lease_b).await;
+
+    seen.sort();
+    let expected: Vec<(String, String)> = ["a0", "a1", "a2", "b0"]
+        .iter()
+        .map(|id| (id[..1].to_owned(), (*id).to_owned()))
+        .collect();
+    assert_eq!(seen, expected, "every version exactly once");
+    naive.seen_by_time.sort();
+    naive.seen_by_id.sort();
+    assert_eq!(naive.seen_by_time, ["b0"], "a watermark on last_changed_at skips a's page");
+    assert_eq!(naive.seen_by_id, ["b0"], "a watermark on the version id skips a's page");
+}
+
+/// Readers that move a watermark to the newest thing they saw.
+#[derive(Default)]
+struct NaiveReaders {
+    changed_after: Option<DateTime<Utc>>,
+    id_after: i64,
+    seen_by_time: Vec<String>,
+    seen_by_id: Vec<String>,
+}
+
+impl NaiveReaders {
+    async fn poll(&mut self, pool: &sqlx::PgPool) {
+        let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT external_id, last_changed_at FROM departments
+             WHERE $1::timestamptz IS NULL OR last_changed_at > $1 ORDER BY last_changed_at",
+        )
+        .bind(self.changed_after)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        for (id, changed) in rows {
+            self.seen_by_time.push(id);
+            self.changed_after = Some(changed);
+        }
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT external_id, version_id FROM department_versions
+             WHERE version_id > $1 ORDER BY version_id",
+        )
+        .bind(self.id_after)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        for (id, version) in rows {
+            self.seen_by_id.push(id);
+            self.id_after = version;
+        }
+    }
+}
+
+/// A transaction that writes versions tells listeners on `deptsync_changes` as it
+/// commits; one that writes none says nothing.
+#[tokio::test]
+async fn a_page_that_writes_versions_notifies_listeners() {
+    let db = TestStore::postgres().await;
+    let AnyStore::Postgres(pg) = &db.store else {
+        unreachable!()
+    };
+    let mut listener = sqlx::postgres::PgListener::connect_with(pg.pool()).await.unwrap();
+    listener.listen("deptsync_changes").await.unwrap();
+    commit_windowed(&db.store, "s", &[department("a", "A", Some(at(2021, 1, 1))), department("b", "B", Some(at(2021, 1, 1)))]).await;
+    let notification = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
+        .await
+        .expect("a notification")
+        .unwrap();
+    let payload: serde_json::Value = serde_json::from_str(notification.payload()).unwrap();
+    assert_eq!(payload["source"], "s");
+    assert_eq!(payload["versions"], 2);
+    assert!(payload["run"].is_string(), "{payload}");
+
+    commit_windowed(&db.store, "s", &[department("a", "A", Some(at(2021, 1, 1)))]).await;
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(500), listener.recv()).await;
+    assert!(quiet.is_err(), "nothing changed, nothing said: {quiet:?}");
+}
+
+/// `deptsync changes` as a downstream job runs it: JSON lines, then the token.
+#[tokio::test]
+async fn the_changes_command_prints_versions_and_the_token_to_pass_next() {
+    let dir = TempDir::new();
+    let fake = deptsync::fakes::mews::FakeMews::start().await.unwrap();
+    fake.generate(30, 1, at(2020, 1, 1), Utc::now() - Duration::hours(1));
+    let url = sqlite_url(&dir.join("deptsync.db"));
+    let config = dir.join("deptsync.toml");
+    std::fs::write(&config, mews_config(&url, "mews", &fake.base_url, "")).unwrap();
+    let config = config.to_str().unwrap();
+    let output = run_binary(&["sync", "--config", config], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+
+    let json_lines = |output: &std::process::Output| -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    let output = run_binary(&["changes", "--config", config, "--json"], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let lines = json_lines(&output);
+    assert_eq!(lines.len(), 31, "30 versions and the token");
+    for version in &lines[..30] {
+        assert_eq!(version["source"], "mews");
+        for field in ["external_id", "name", "is_active", "deleted", "valid_from"] {
+            assert!(!version[field].is_null(), "{field} in {version}");
+        }
+    }
+    let next = lines[30]["next"].as_str().unwrap().to_owned();
+
+    let output = run_binary(&["changes", "--config", config, "--json", "--since", &next], &[]).await;
+    assert_eq!(json_lines(&output), [serde_json::json!({ "next": next })]);
+
+    // A rename upstream: the next pass writes one version, and only it follows the token.
+    let renamed = fake.departments()[3].clone();
+    fake.insert(deptsync::fakes::mews::FakeDepartment::new(
+        renamed.id,
+        renamed.enterprise_id,
+        "Renamed",
+        Utc::now() - Duration::minutes(30),
+    ));
+    let output = run_binary(&["sync", "--config", config], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let output = run_binary(&["changes", "--config", config, "--json", "--since", &next], &[]).await;
+    let lines = json_lines(&output);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["name"], "Renamed");
+    assert_eq!(lines[0]["external_id"], renamed.id.to_string());
+
+    // Without --json: a line per version, then the token.
+    let output = run_binary(&["changes", "--config", config, "--since", &next], &[]).await;
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("Renamed"), "{text}");
+    assert!(text.trim_end().ends_with(&lines[1]["next"].as_str().unwrap().to_string()), "{text}");
+
+    let output = run_binary(&["changes", "--config", config, "--since", "not-a-token"], &[]).await;
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("--since"), "{}", stderr(&output));
+}
+
+/// A source's `history_retention` trims its old closed versions after each pass.
+#[tokio::test]
+async fn a_pass_trims_the_history_its_source_keeps_no_longer() {
+    let dir = TempDir::new();
+    let fake = deptsync::fakes::mews::FakeMews::start().await.unwrap();
+    fake.generate(5, 1, at(2020, 1, 1), Utc::now() - Duration::hours(1));
+    let url = sqlite_url(&dir.join("deptsync.db"));
+    let config = dir.join("deptsync.toml");
+    let write_config = |extra: &str| {
+        std::fs::write(&config, mews_config(&url, "mews", &fake.base_url, extra)).unwrap();
+    };
+    write_config("");
+    let config_path = config.to_str().unwrap();
+    let output = run_binary(&["sync", "--config", config_path], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+
+    // Versions that ended long ago, and one that ended yesterday.
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    for (id, to) in [("old", "2020-06-01T00:00:00.000000Z"), ("recent", &deptsync_stamp(Utc::now() - Duration::days(1)))] {
+        sqlx::query(
+            "INSERT INTO department_versions (source, external_id, name, is_active, deleted,
+                 valid_from, valid_to, observed_at)
+             VALUES ('mews', ?1, 'x', 1, 0, '2020-01-01T00:00:00.000000Z', ?2, ?2)",
+        )
+        .bind(id)
+        .bind(to)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let count = async || -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM department_versions")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(count().await, 7);
+
+    // Without a retention, history is kept.
+    let output = run_binary(&["sync", "--config", config_path], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(count().await, 7);
+
+    write_config("history_retention = \"30d\"");
+    let output = run_binary(&["sync", "--config", config_path], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT external_id FROM department_versions WHERE valid_to IS NOT NULL",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, ["recent"], "the current versions and the recent one stay");
+    assert_eq!(count().await, 6);
+    pool.close().await;
+}
+
+/// An instant as the SQLite store writes it.
+fn deptsync_stamp(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
