@@ -358,7 +358,8 @@ async fn the_feed_gives_each_version_once_and_a_token_to_resume_from(db: TestSto
 
     let (again, same) = read_feed(&db.store, next, &[]).await;
     assert!(again.is_empty(), "nothing after the token");
-    assert_eq!(same, next, "and the token stays");
+    // On PostgreSQL it moves on with the cluster's transactions, even with no version.
+    assert!(same >= next, "and the token never goes back");
 
     commit_windowed(&db.store, "s", &[department("00007", "B", Some(at(2022, 1, 1)))]).await;
     let (changed, later) = read_feed(&db.store, next, &[]).await;
@@ -368,6 +369,8 @@ async fn the_feed_gives_each_version_once_and_a_token_to_resume_from(db: TestSto
         .collect();
     assert_eq!(names, [("00007", "B")]);
     assert!(later > next);
+    let (none, _) = read_feed(&db.store, later, &[]).await;
+    assert!(none.is_empty());
     let token: FeedToken = later.to_string().parse().unwrap();
     assert_eq!(token, later, "a token survives being written down");
 }
@@ -669,7 +672,8 @@ async fn the_changes_command_prints_versions_and_the_token_to_pass_next() {
         renamed.id,
         renamed.enterprise_id,
         "Renamed",
-        Utc::now() - Duration::minutes(30),
+        // Within the lookback the next pass reads again.
+        Utc::now() - Duration::seconds(10),
     ));
     let output = run_binary(&["sync", "--config", config], &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
