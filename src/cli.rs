@@ -13,9 +13,9 @@ use crate::app;
 use crate::config::{self, ConfigError};
 use crate::daemon::{Daemon, DaemonError};
 use crate::engine::{PassRequest, error_chain};
-use crate::model::{DepartmentVersion, FeedToken};
+use crate::model::FeedToken;
 use crate::progress::Display;
-use crate::report::{pass_table, status_lines, status_table};
+use crate::report::{change_line, pass_table, status_lines, status_table};
 use crate::sources::Source;
 use crate::sources::SourceSettings;
 use crate::store::{AnyStore, IfMissing, Store};
@@ -466,22 +466,6 @@ async fn changes(settings: &Settings, args: ChangesArgs) -> Result<Exit, CliErro
     .and_then(|()| out.flush())
     .context("writing the changes")?;
     Ok(Exit::Success)
-}
-
-/// A version as `deptsync changes` prints it without `--json`: tab-separated.
-fn change_line(version: &DepartmentVersion) -> String {
-    let state = match (version.deleted, version.is_active) {
-        (true, _) => "deleted",
-        (false, true) => "active",
-        (false, false) => "inactive",
-    };
-    format!(
-        "{}\t{}\t{}\t{state}\tfrom {}",
-        version.source,
-        version.external_id,
-        version.name,
-        version.valid_from.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-    )
 }
 
 async fn status(settings: &Settings, json: bool) -> Result<Exit, CliError> {

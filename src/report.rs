@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use crate::Settings;
 use crate::config::Schedule;
 use crate::engine::PassTotals;
-use crate::model::SourceStatus;
+use crate::model::{DepartmentVersion, SourceStatus};
 use crate::store::{AnyStore, Store};
 
 /// How one source's pass went.
@@ -217,4 +217,20 @@ fn position(status: &SourceStatus) -> String {
         ),
         _ => status.position.clone(),
     }
+}
+
+/// A version as `deptsync changes` prints it without `--json`: tab-separated.
+pub fn change_line(version: &DepartmentVersion) -> String {
+    let state = match (version.deleted, version.is_active) {
+        (true, _) => "deleted",
+        (false, true) => "active",
+        (false, false) => "inactive",
+    };
+    format!(
+        "{}\t{}\t{}\t{state}\tfrom {}",
+        version.source,
+        version.external_id,
+        version.name,
+        version.valid_from.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    )
 }

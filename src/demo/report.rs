@@ -1,11 +1,99 @@
-//! The demo's last words: a query over `departments`, and how to query the file.
+//! The demo's last words: what the change feed gave, a department's history, a query
+//! over `departments`, and how to query the file.
 
 use anyhow::Context;
 
 use super::world::HR_SOURCE;
 use crate::config::redact_url;
-use crate::report::table;
+use crate::model::{DepartmentVersion, FeedToken};
+use crate::report::{change_line, table};
 use crate::store::AnyStore;
+
+/// Every version the change feed has after `since`, and the token to read on from: what
+/// `deptsync changes --since` prints.
+pub(super) async fn read_feed(
+    store: &AnyStore,
+    since: FeedToken,
+) -> anyhow::Result<(Vec<DepartmentVersion>, FeedToken)> {
+    let mut feed = store
+        .changes(since, &[])
+        .await
+        .context("reading the change feed")?;
+    let mut versions = Vec::new();
+    while let Some(batch) = feed.next_batch().await.context("reading the change feed")? {
+        versions.extend(batch);
+    }
+    Ok((versions, feed.next_token()))
+}
+
+/// How many versions of the feed the demo prints.
+const SHOWN_CHANGES: usize = 6;
+
+/// What `deptsync changes --since after_first` gave after the second pass (`changed`, and
+/// `next`), and the history of one department it changed, whose earlier versions are in
+/// `before`.
+pub(super) fn history(
+    after_first: FeedToken,
+    before: &[DepartmentVersion],
+    changed: &[DepartmentVersion],
+    next: FeedToken,
+) -> String {
+    let mut text = format!(
+        "\n`deptsync changes --since {after_first}` (the token the feed ended with after pass 1): \
+         {} versions, the new, changed and deleted departments of pass 2{}\n",
+        changed.len(),
+        if changed.len() > SHOWN_CHANGES {
+            format!("; the first {SHOWN_CHANGES}:")
+        } else {
+            ":".to_owned()
+        }
+    );
+    for version in changed.iter().take(SHOWN_CHANGES) {
+        text.push_str(&format!("  {}\n", change_line(version)));
+    }
+    text.push_str(&format!("  next: {next}\n"));
+    let earlier = |v: &DepartmentVersion| {
+        before
+            .iter()
+            .find(move |b| b.source == v.source && b.external_id == v.external_id)
+    };
+    // A renamed department shows history best; any that changed will do.
+    let Some(shown) = changed
+        .iter()
+        .find(|v| earlier(v).is_some_and(|b| b.name != v.name))
+        .or_else(|| changed.iter().find(|v| earlier(v).is_some()))
+    else {
+        return text;
+    };
+    let timeline: Vec<&DepartmentVersion> = before
+        .iter()
+        .chain(changed)
+        .filter(|v| v.source == shown.source && v.external_id == shown.external_id)
+        .collect();
+    text.push_str(&format!(
+        "\nIts history (`department_versions`), {} {}:\n",
+        shown.source, shown.external_id
+    ));
+    let instant = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S").to_string();
+    for (i, version) in timeline.iter().enumerate() {
+        let until = timeline
+            .get(i + 1)
+            .map_or_else(|| "now".to_owned(), |next| instant(next.valid_from));
+        let state = if version.deleted {
+            "deleted"
+        } else if version.is_active {
+            "active"
+        } else {
+            "inactive"
+        };
+        text.push_str(&format!(
+            "  {} .. {until:<19}  {}  ({state})\n",
+            instant(version.valid_from),
+            version.name
+        ));
+    }
+    text
+}
 
 /// The sample query: SQL that SQLite and PostgreSQL both speak.
 pub(super) const SAMPLE_QUERY: &str = "\

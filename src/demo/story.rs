@@ -8,13 +8,14 @@ use anyhow::Context;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::report::{SAMPLE_QUERY, indent, query_hints, sample_query};
+use super::report::{SAMPLE_QUERY, history, indent, query_hints, read_feed, sample_query};
 use super::world::{MEWS_START, SOURCE_NAMES, Simulation};
 use super::{DEMO_DATABASE_FILE, say};
 use crate::Settings;
 use crate::app;
 use crate::config::redact_url;
 use crate::engine::PassRequest;
+use crate::model::FeedToken;
 use crate::progress::Display;
 use crate::report::{SourceRun, pass_table};
 use crate::store::AnyStore;
@@ -64,6 +65,8 @@ pub(super) async fn demo(
     say(&text)?;
     simulation.check_rules()?;
     fail_on_errors(&first)?;
+    // Where a downstream job that read the change feed after the first pass stands.
+    let (first_versions, after_first) = read_feed(&store, FeedToken::START).await?;
 
     let changes = simulation.change_upstream(Utc::now());
     let mut text = String::from("\nUpstream changes:\n");
@@ -89,6 +92,9 @@ pub(super) async fn demo(
         "\n`deptsync status`:\n{}\n",
         crate::report::status_table(&lines)
     ))?;
+
+    let (changed, next) = read_feed(&store, after_first).await?;
+    say(&history(after_first, &first_versions, &changed, next))?;
 
     let summary = sample_query(&store).await?;
     say(&format!(

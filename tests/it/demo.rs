@@ -107,6 +107,9 @@ fn assert_report(stdout: &str) {
         "LAST SUCCESS",
         "A query over `departments`",
         "last_changed (UTC)",
+        // What the change feed gave after pass 2, and the token to read on from.
+        "`deptsync changes --since ",
+        "  next: ",
         "demo-mews",
         "demo-procurify",
         "demo-snapbooks",
@@ -129,6 +132,15 @@ async fn the_demo_syncs_into_the_sqlite_file_it_is_given_and_leaves_others_alone
     let stdout = text(&output.stdout);
     assert_report(&stdout);
     assert!(stdout.contains("sqlite3 "), "{stdout}");
+    // A renamed department's history: its first version, then the new name from the
+    // vendor's update time, current.
+    let history = stdout
+        .split("Its history")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no history in:\n{stdout}"));
+    let lines: Vec<&str> = history.lines().skip(1).take(2).collect();
+    assert!(lines[0].contains("  Spa  (active)"), "{history}");
+    assert!(lines[1].contains(".. now") && lines[1].contains("Spa & Wellness"), "{history}");
     assert_eq!(
         std::fs::read_to_string(dir.join("deptsync-demo.db")).unwrap(),
         "not the demo's"

@@ -755,3 +755,37 @@ async fn a_pass_trims_the_history_its_source_keeps_no_longer() {
 fn deptsync_stamp(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
+
+/// PostgreSQL's `departments_as_of(timestamptz)`: every source's live departments at an
+/// instant.
+#[tokio::test]
+async fn departments_as_of_gives_what_was_live_then() {
+    let db = TestStore::postgres().await;
+    let AnyStore::Postgres(pg) = &db.store else {
+        unreachable!()
+    };
+    commit_windowed(&db.store, "s", &[department("a", "Front desk", Some(at(2021, 1, 1)))]).await;
+    commit_windowed(&db.store, "s", &[department("a", "Reception", Some(at(2022, 1, 1)))]).await;
+    commit_windowed(&db.store, "t", &[department("b", "Kitchen", Some(at(2021, 6, 1)))]).await;
+    let as_of = async |instant: DateTime<Utc>| -> Vec<(String, String)> {
+        sqlx::query_as(
+            "SELECT source, name FROM departments_as_of($1) ORDER BY source, name",
+        )
+        .bind(instant)
+        .fetch_all(pg.pool())
+        .await
+        .unwrap()
+    };
+    let pair = |source: &str, name: &str| (source.to_owned(), name.to_owned());
+    assert_eq!(as_of(at(2020, 1, 1)).await, []);
+    assert_eq!(as_of(at(2021, 3, 1)).await, [pair("s", "Front desk")]);
+    assert_eq!(
+        as_of(at(2021, 12, 31)).await,
+        [pair("s", "Front desk"), pair("t", "Kitchen")]
+    );
+    assert_eq!(
+        as_of(at(2022, 1, 1)).await,
+        [pair("s", "Reception"), pair("t", "Kitchen")],
+        "a version holds from its valid_from"
+    );
+}
