@@ -10,10 +10,14 @@
 //! 2. a full Mews sync of the same N from a fake that answers at once (the source's rate
 //!    budget lifted, so that deptsync's own speed is what is measured), against the ceiling;
 //! 3. a full Procurify listing of N, then a second pass with nothing changed upstream: its
-//!    time and the rows it wrote to `departments` (from `pg_stat_user_tables`);
+//!    time and the rows it wrote to `departments` (from `pg_stat_user_tables`), asserting
+//!    that it wrote none to `department_versions`;
 //! 4. deptsync's peak resident memory for the Mews sync of N and of 5 × N;
 //! 5. a Mews sync with 300 ms pages and Mews' 200 requests per 30 s enforced, over a seven
 //!    year history, with the source's default rate budget: the request rate it achieves.
+//!
+//! Every sync keeps history: each check of a sync's rows also checks one current version
+//! per department, so the figures of steps 2 to 4 include writing it.
 //!
 //! Every sync runs the real `deptsync` binary as a child process, in a database of its own
 //! (`deptsync_bench_<uuid>`, dropped at the end), so that time and memory are deptsync's,
@@ -457,7 +461,14 @@ page_size = {PROCURIFY_PAGE_SIZE}
         checkpoint(&mut connection).await;
         let second = self.deptsync(&config, &["sync"]).await?;
         expect_departments(&mut connection, n).await?;
-        let written = rows_written(&mut connection).await? - written_before;
+        let written_after = rows_written(&mut connection).await?;
+        let written = written_after.0 - written_before.0;
+        let versions_written = written_after.1 - written_before.1;
+        // Nothing changed: no version may be written, whatever the speed.
+        ensure!(
+            versions_written == 0,
+            "a pass where nothing changed wrote {versions_written} rows of department_versions"
+        );
         expect_no_violations("Procurify", &fake.shared.violations())?;
         fake.clear();
         drop(connection);
@@ -554,15 +565,26 @@ async fn checkpoint(connection: &mut PgConnection) {
     }
 }
 
+/// `departments` holds `n` live rows, and `department_versions` one current version of
+/// each (no department changed since its first sync).
 async fn expect_departments(connection: &mut PgConnection, n: usize) -> anyhow::Result<()> {
     let (total, live): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE deleted_at IS NULL) FROM departments",
     )
-    .fetch_one(connection)
+    .fetch_one(&mut *connection)
     .await?;
     ensure!(
         total == n as i64 && live == n as i64,
         "departments holds {total} rows ({live} live), not {n}"
+    );
+    let (versions, current): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE valid_to IS NULL) FROM department_versions",
+    )
+    .fetch_one(connection)
+    .await?;
+    ensure!(
+        versions == n as i64 && current == n as i64,
+        "department_versions holds {versions} versions ({current} current), not {n}"
     );
     Ok(())
 }
@@ -575,18 +597,23 @@ fn expect_no_violations(fake: &str, violations: &[String]) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Rows inserted, updated and deleted in `departments` so far, once the statistics of the
-/// backends that wrote them (a child that has exited) have reached the collector.
-async fn rows_written(connection: &mut PgConnection) -> anyhow::Result<i64> {
-    const SQL: &str = "SELECT (n_tup_ins + n_tup_upd + n_tup_del)::bigint \
-                       FROM pg_stat_user_tables WHERE relname = 'departments'";
-    let mut last: Option<i64> = None;
+/// Rows inserted, updated and deleted so far in `departments` and in
+/// `department_versions`, once the statistics of the backends that wrote them (a child
+/// that has exited) have reached the collector.
+async fn rows_written(connection: &mut PgConnection) -> anyhow::Result<(i64, i64)> {
+    const SQL: &str = "SELECT \
+         COALESCE(sum(n_tup_ins + n_tup_upd + n_tup_del) \
+                  FILTER (WHERE relname = 'departments'), 0)::bigint, \
+         COALESCE(sum(n_tup_ins + n_tup_upd + n_tup_del) \
+                  FILTER (WHERE relname = 'department_versions'), 0)::bigint \
+         FROM pg_stat_user_tables";
+    let mut last: Option<(i64, i64)> = None;
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         sqlx::query("SELECT pg_stat_clear_snapshot()")
             .execute(&mut *connection)
             .await?;
-        let written: i64 = sqlx::query_scalar(SQL).fetch_one(&mut *connection).await?;
+        let written: (i64, i64) = sqlx::query_as(SQL).fetch_one(&mut *connection).await?;
         if last == Some(written) {
             return Ok(written);
         }
@@ -779,7 +806,7 @@ impl Report {
             "Procurify pass, nothing changed".to_owned(),
             seconds(self.procurify.second),
             format!(
-                "{} rows written to departments; {:.2} of the first pass's time",
+                "{} rows written to departments, none to department_versions (asserted); {:.2} of the first pass's time",
                 self.procurify.second_rows_written,
                 self.procurify.second_pass_ratio()
             ),

@@ -442,11 +442,7 @@ async fn changes(settings: &Settings, args: ChangesArgs) -> Result<Exit, CliErro
         .await
         .context("reading the change feed")?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    while let Some(batch) = feed
-        .next_batch()
-        .await
-        .context("reading the change feed")?
-    {
+    while let Some(batch) = feed.next_batch().await.context("reading the change feed")? {
         for version in &batch {
             if args.json {
                 serde_json::to_writer(&mut out, version).map_err(std::io::Error::from)

@@ -231,6 +231,8 @@ pub fn change_line(version: &DepartmentVersion) -> String {
         version.source,
         version.external_id,
         version.name,
-        version.valid_from.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        version
+            .valid_from
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
     )
 }

@@ -3,9 +3,7 @@
 
 use super::http::{HTTP_FIELDS, HttpSettings};
 use super::kinds::KindSettings;
-use crate::config::{
-    ConfigError, FieldContext, Schedule, SourceEntry, SourceName, SourceTable,
-};
+use crate::config::{ConfigError, FieldContext, Schedule, SourceEntry, SourceName, SourceTable};
 
 /// One configured source.
 #[derive(Debug)]

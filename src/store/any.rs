@@ -214,6 +214,11 @@ macro_rules! backends {
                     }
                 })
                 .await?;
+                // A token this database gave is never past its horizon: the horizon only
+                // moves on.
+                if since > horizon {
+                    return Err(StoreError::TokenAhead { token: since, horizon });
+                }
                 Ok(FeedReader::new(self, since, horizon, sources))
             }
 

@@ -93,7 +93,11 @@ pub(crate) async fn record_versions(
     source: &str,
     run: RunId,
 ) -> Result<u64, StoreError> {
-    let values = [Value::Text(Some(source)), Value::Now, Value::Id(Some(run.0))];
+    let values = [
+        Value::Text(Some(source)),
+        Value::Now,
+        Value::Id(Some(run.0)),
+    ];
     tx.execute(CLOSE_VERSIONS, &values[..2], "closing changed versions")
         .await?;
     tx.execute(OPEN_VERSIONS, &values, "opening new versions")
@@ -152,14 +156,14 @@ struct FeedPlace {
 pub struct FeedReader<'a, S> {
     pub(crate) store: &'a S,
     sources: Vec<String>,
-    since: FeedToken,
     horizon: FeedToken,
     place: FeedPlace,
     done: bool,
 }
 
 impl<'a, S> FeedReader<'a, S> {
-    /// A read of `store`'s versions of `sources` (none: all) from `since` up to `horizon`.
+    /// A read of `store`'s versions of `sources` (none: all) from `since` up to `horizon`
+    /// (no earlier than `since`).
     pub(crate) fn new(
         store: &'a S,
         since: FeedToken,
@@ -169,7 +173,6 @@ impl<'a, S> FeedReader<'a, S> {
         FeedReader {
             store,
             sources: sources.to_vec(),
-            since,
             horizon,
             // Before every version at or after `since`.
             place: FeedPlace {
@@ -183,7 +186,7 @@ impl<'a, S> FeedReader<'a, S> {
     /// The token to read on from: every version before it has been read, once every batch
     /// has.
     pub fn next_token(&self) -> FeedToken {
-        self.since.max(self.horizon)
+        self.horizon
     }
 }
 

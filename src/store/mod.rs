@@ -104,6 +104,18 @@ pub enum StoreError {
         path.display()
     )]
     NotWal { path: PathBuf, mode: String },
+    /// A change-feed token beyond anything this database's feed has reached: another
+    /// database's, or one kept from before a restore. Reading on from it would skip the
+    /// versions between.
+    #[error(
+        "the change-feed token {token} is ahead of this database's feed (at {horizon}): it \
+         was not given by this database (another server, or a restore of an older copy); \
+         read again from the beginning, without --since"
+    )]
+    TokenAhead {
+        token: crate::model::FeedToken,
+        horizon: crate::model::FeedToken,
+    },
     /// The lock file of an SQLite database could not be opened or locked.
     #[error("locking {}", path.display())]
     LockFile {
@@ -185,7 +197,8 @@ impl StoreError {
             | StoreError::NoDirectory { .. }
             | StoreError::Missing { .. }
             | StoreError::DatabasePath { .. }
-            | StoreError::NotWal { .. } => true,
+            | StoreError::NotWal { .. }
+            | StoreError::TokenAhead { .. } => true,
             StoreError::Corrupt(_)
             | StoreError::LockFile { .. }
             | StoreError::Unreachable { .. }

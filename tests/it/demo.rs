@@ -140,7 +140,10 @@ async fn the_demo_syncs_into_the_sqlite_file_it_is_given_and_leaves_others_alone
         .unwrap_or_else(|| panic!("no history in:\n{stdout}"));
     let lines: Vec<&str> = history.lines().skip(1).take(2).collect();
     assert!(lines[0].contains("  Spa  (active)"), "{history}");
-    assert!(lines[1].contains(".. now") && lines[1].contains("Spa & Wellness"), "{history}");
+    assert!(
+        lines[1].contains(".. now") && lines[1].contains("Spa & Wellness"),
+        "{history}"
+    );
     assert_eq!(
         std::fs::read_to_string(dir.join("deptsync-demo.db")).unwrap(),
         "not the demo's"

@@ -350,9 +350,9 @@ impl TestStore {
             AnyStore::Postgres(_) => include_str!(
                 "../../migrations/postgres/20261201000002_history_of_existing_rows.sql"
             ),
-            AnyStore::Sqlite(_) => include_str!(
-                "../../migrations/sqlite/20261201000002_history_of_existing_rows.sql"
-            ),
+            AnyStore::Sqlite(_) => {
+                include_str!("../../migrations/sqlite/20261201000002_history_of_existing_rows.sql")
+            }
         }
     }
 

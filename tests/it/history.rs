@@ -5,8 +5,8 @@
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use deptsync::model::{
-    Checkpoint, DeletionPolicy, Department, DepartmentVersion, FeedToken, Ledger, LedgerWindow, RawRecord,
-    RunId, RunMode, Window, WindowState,
+    Checkpoint, DeletionPolicy, Department, DepartmentVersion, FeedToken, Ledger, LedgerWindow,
+    RawRecord, RunId, RunMode, Window, WindowState,
 };
 use deptsync::store::{AnyLease, AnyStore, Commit, Store};
 use uuid::Uuid;
@@ -41,6 +41,7 @@ on_both_stores!(
     a_failed_page_writes_no_version,
     the_feed_gives_each_version_once_and_a_token_to_resume_from,
     the_feed_reads_the_named_sources_only,
+    a_token_this_database_never_gave_is_refused,
     retention_trims_closed_versions_and_never_the_current_one,
     an_upgraded_database_starts_its_history_at_once,
 );
@@ -195,7 +196,10 @@ async fn timeline(store: &AnyStore, id: &str) -> Vec<DepartmentVersion> {
 }
 
 /// `(name, deleted, valid_from, valid_to)` of each version of `id`, read from the table.
-async fn versions_of(db: &TestStore, id: &str) -> Vec<(String, bool, DateTime<Utc>, Option<DateTime<Utc>>)> {
+async fn versions_of(
+    db: &TestStore,
+    id: &str,
+) -> Vec<(String, bool, DateTime<Utc>, Option<DateTime<Utc>>)> {
     let names = db
         .texts(&format!(
             "SELECT name FROM department_versions WHERE source = 's' AND external_id = '{id}'
@@ -236,27 +240,41 @@ async fn an_insert_opens_a_version_and_an_unchanged_page_writes_none(db: TestSto
         [("Front desk".to_owned(), false, at(2021, 3, 1), None)],
         "an insert opens a version from the vendor's update time"
     );
-    let run = db.text("SELECT CAST(run_id AS TEXT) FROM department_versions").await;
-    let started = db.text("SELECT CAST(run_id AS TEXT) FROM sync_runs ORDER BY started_at LIMIT 1").await;
+    let run = db
+        .text("SELECT CAST(run_id AS TEXT) FROM department_versions")
+        .await;
+    let started = db
+        .text("SELECT CAST(run_id AS TEXT) FROM sync_runs ORDER BY started_at LIMIT 1")
+        .await;
     assert_eq!(run, started, "a version names the run that wrote it");
 
     // The same page again, and a change the history does not keep (the raw record only):
     // no version.
     commit_windowed(&db.store, "s", std::slice::from_ref(&a)).await;
     let mut raw_only = a.clone();
-    raw_only.raw = RawRecord::from_value(&serde_json::json!({ "id": "a", "name": "Front desk", "x": 1 }));
+    raw_only.raw =
+        RawRecord::from_value(&serde_json::json!({ "id": "a", "name": "Front desk", "x": 1 }));
     raw_only.source_updated_at = Some(at(2021, 4, 1));
     commit_windowed(&db.store, "s", &[raw_only]).await;
-    assert_eq!(db.count("SELECT count(*) FROM department_versions").await, 1);
     assert_eq!(
-        db.count("SELECT updated FROM sync_runs ORDER BY started_at DESC LIMIT 1").await,
+        db.count("SELECT count(*) FROM department_versions").await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT updated FROM sync_runs ORDER BY started_at DESC LIMIT 1")
+            .await,
         1,
         "the row itself was updated"
     );
 }
 
 async fn a_change_closes_the_current_version_and_opens_the_next(db: TestStore) {
-    commit_windowed(&db.store, "s", &[department("a", "Front desk", Some(at(2021, 3, 1)))]).await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "Front desk", Some(at(2021, 3, 1)))],
+    )
+    .await;
     let mut moved = department("a", "Reception", Some(at(2022, 5, 1)));
     moved.parent_external_id = Some("lobby".to_owned());
     commit_windowed(&db.store, "s", &[moved]).await;
@@ -267,8 +285,18 @@ async fn a_change_closes_the_current_version_and_opens_the_next(db: TestStore) {
     assert_eq!(
         versions_of(&db, "a").await,
         [
-            ("Front desk".to_owned(), false, at(2021, 3, 1), Some(at(2022, 5, 1))),
-            ("Reception".to_owned(), false, at(2022, 5, 1), Some(at(2023, 1, 1))),
+            (
+                "Front desk".to_owned(),
+                false,
+                at(2021, 3, 1),
+                Some(at(2022, 5, 1))
+            ),
+            (
+                "Reception".to_owned(),
+                false,
+                at(2022, 5, 1),
+                Some(at(2023, 1, 1))
+            ),
             ("Reception".to_owned(), false, at(2023, 1, 1), None),
         ]
     );
@@ -277,20 +305,37 @@ async fn a_change_closes_the_current_version_and_opens_the_next(db: TestStore) {
         .iter()
         .map(|v| (v.is_active, v.parent_external_id.as_deref()))
         .collect();
-    assert_eq!(fields, [(true, None), (true, Some("lobby")), (false, Some("lobby"))]);
+    assert_eq!(
+        fields,
+        [(true, None), (true, Some("lobby")), (false, Some("lobby"))]
+    );
 }
 
 async fn a_change_the_vendor_dates_no_later_starts_at_the_commit(db: TestStore) {
-    commit_windowed(&db.store, "s", &[department("a", "Front desk", Some(at(2021, 3, 1)))]).await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "Front desk", Some(at(2021, 3, 1)))],
+    )
+    .await;
     // Renamed, but the vendor's update time did not move: the change cannot have held
     // since then (the old name did), so it starts when deptsync saw it.
     let before = Utc::now() - Duration::seconds(5);
-    commit_windowed(&db.store, "s", &[department("a", "Reception", Some(at(2021, 3, 1)))]).await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "Reception", Some(at(2021, 3, 1)))],
+    )
+    .await;
     let versions = versions_of(&db, "a").await;
     assert_eq!(versions.len(), 2, "{versions:?}");
     let (_, _, from, to) = &versions[1];
     assert!(*from > before && *from <= Utc::now(), "{versions:?}");
-    assert_eq!(versions[0].3, Some(*from), "the first closes where the second opens");
+    assert_eq!(
+        versions[0].3,
+        Some(*from),
+        "the first closes where the second opens"
+    );
     assert_eq!(*to, None);
 }
 
@@ -303,8 +348,15 @@ async fn a_deletion_and_a_revival_each_open_a_version(db: TestStore) {
     assert_eq!(versions.len(), 2, "{versions:?}");
     let (live, deleted) = (&versions[0], &versions[1]);
     assert!(!live.1 && deleted.1, "{versions:?}");
-    assert!(live.2 > started, "a listing has no update times: the commit's is used");
-    assert_eq!(live.3, Some(deleted.2), "the deletion closes the live version");
+    assert!(
+        live.2 > started,
+        "a listing has no update times: the commit's is used"
+    );
+    assert_eq!(
+        live.3,
+        Some(deleted.2),
+        "the deletion closes the live version"
+    );
     assert_eq!(deleted.3, None);
 
     complete_listing(&db.store, &["1", "2"], None).await;
@@ -312,15 +364,34 @@ async fn a_deletion_and_a_revival_each_open_a_version(db: TestStore) {
     assert_eq!(versions.len(), 3, "{versions:?}");
     assert!(!versions[2].1 && versions[2].3.is_none(), "{versions:?}");
     assert_eq!(versions[1].3, Some(versions[2].2));
-    assert_eq!(versions_of(&db, "1").await.len(), 1, "department 1 never changed");
+    assert_eq!(
+        versions_of(&db, "1").await.len(),
+        1,
+        "department 1 never changed"
+    );
 }
 
 async fn a_backfill_of_old_updates_rewrites_no_history(db: TestStore) {
-    commit_windowed(&db.store, "s", &[department("a", "Old", Some(at(2021, 1, 1)))]).await;
-    commit_windowed(&db.store, "s", &[department("a", "New", Some(at(2022, 1, 1)))]).await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "Old", Some(at(2021, 1, 1)))],
+    )
+    .await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "New", Some(at(2022, 1, 1)))],
+    )
+    .await;
     let before = versions_of(&db, "a").await;
     // A backfill reads the old update again.
-    commit_windowed(&db.store, "s", &[department("a", "Old", Some(at(2021, 1, 1)))]).await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "Old", Some(at(2021, 1, 1)))],
+    )
+    .await;
     assert_eq!(versions_of(&db, "a").await, before);
     assert_eq!(before.len(), 2);
 }
@@ -338,7 +409,10 @@ async fn a_failed_page_writes_no_version(db: TestStore) {
         checkpoint: &ledger,
     };
     assert!(db.store.commit_page(&mut lease, &commit).await.is_err());
-    assert_eq!(db.count("SELECT count(*) FROM department_versions").await, 0);
+    assert_eq!(
+        db.count("SELECT count(*) FROM department_versions").await,
+        0
+    );
 }
 
 async fn the_feed_gives_each_version_once_and_a_token_to_resume_from(db: TestStore) {
@@ -350,18 +424,31 @@ async fn the_feed_gives_each_version_once_and_a_token_to_resume_from(db: TestSto
     commit_windowed(&db.store, "s", &pages).await;
 
     let (versions, next) = read_feed(&db.store, start, &[]).await;
-    assert_eq!(versions.len(), 2500, "more than one batch, every version once");
+    assert_eq!(
+        versions.len(),
+        2500,
+        "more than one batch, every version once"
+    );
     let mut ids: Vec<&str> = versions.iter().map(|v| v.external_id.as_str()).collect();
     ids.dedup();
     assert_eq!(ids.len(), 2500);
-    assert!(versions.iter().all(|v| v.name == "A" && !v.deleted && v.valid_from == at(2021, 1, 1)));
+    assert!(
+        versions
+            .iter()
+            .all(|v| v.name == "A" && !v.deleted && v.valid_from == at(2021, 1, 1))
+    );
 
     let (again, same) = read_feed(&db.store, next, &[]).await;
     assert!(again.is_empty(), "nothing after the token");
     // On PostgreSQL it moves on with the cluster's transactions, even with no version.
     assert!(same >= next, "and the token never goes back");
 
-    commit_windowed(&db.store, "s", &[department("00007", "B", Some(at(2022, 1, 1)))]).await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("00007", "B", Some(at(2022, 1, 1)))],
+    )
+    .await;
     let (changed, later) = read_feed(&db.store, next, &[]).await;
     let names: Vec<(&str, &str)> = changed
         .iter()
@@ -376,8 +463,18 @@ async fn the_feed_gives_each_version_once_and_a_token_to_resume_from(db: TestSto
 }
 
 async fn the_feed_reads_the_named_sources_only(db: TestStore) {
-    commit_windowed(&db.store, "s", &[department("a", "A", Some(at(2021, 1, 1)))]).await;
-    commit_windowed(&db.store, "t", &[department("b", "B", Some(at(2021, 1, 1)))]).await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "A", Some(at(2021, 1, 1)))],
+    )
+    .await;
+    commit_windowed(
+        &db.store,
+        "t",
+        &[department("b", "B", Some(at(2021, 1, 1)))],
+    )
+    .await;
     let (versions, _) = read_feed(&db.store, FeedToken::START, &["t".to_owned()]).await;
     let sources: Vec<&str> = versions.iter().map(|v| v.source.as_str()).collect();
     assert_eq!(sources, ["t"]);
@@ -385,16 +482,52 @@ async fn the_feed_reads_the_named_sources_only(db: TestStore) {
     assert_eq!(versions.len(), 2);
 }
 
+async fn a_token_this_database_never_gave_is_refused(db: TestStore) {
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "A", Some(at(2021, 1, 1)))],
+    )
+    .await;
+    let (_, next) = read_feed(&db.store, FeedToken::START, &[]).await;
+    // Beyond anything this database has reached: from another database, or a restore of
+    // an older copy. Reading on from it would skip what lies between.
+    let foreign: FeedToken = (next.to_string().parse::<i64>().unwrap() + 1_000_000_000)
+        .to_string()
+        .parse()
+        .unwrap();
+    let error = match db.store.changes(foreign, &[]).await {
+        Ok(_) => panic!("a token ahead of the feed was taken"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("ahead"), "{error}");
+}
+
 async fn retention_trims_closed_versions_and_never_the_current_one(db: TestStore) {
     let now = Utc::now();
     let long_ago = now - Duration::days(400);
     commit_windowed(&db.store, "s", &[department("a", "1", Some(long_ago))]).await;
-    commit_windowed(&db.store, "s", &[department("a", "2", Some(long_ago + Duration::days(10)))]).await;
-    commit_windowed(&db.store, "s", &[department("a", "3", Some(now - Duration::days(5)))]).await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "2", Some(long_ago + Duration::days(10)))],
+    )
+    .await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "3", Some(now - Duration::days(5)))],
+    )
+    .await;
     // Unchanged for 400 days: its only version is current, and stays.
     commit_windowed(&db.store, "s", &[department("b", "1", Some(long_ago))]).await;
     commit_windowed(&db.store, "t", &[department("a", "1", Some(long_ago))]).await;
-    commit_windowed(&db.store, "t", &[department("a", "2", Some(long_ago + Duration::days(1)))]).await;
+    commit_windowed(
+        &db.store,
+        "t",
+        &[department("a", "2", Some(long_ago + Duration::days(1)))],
+    )
+    .await;
 
     let trimmed = db
         .store
@@ -403,11 +536,16 @@ async fn retention_trims_closed_versions_and_never_the_current_one(db: TestStore
         .unwrap();
     // "a"'s first version closed 390 days ago; its second closed 5 days ago.
     assert_eq!(trimmed, 1);
-    let names: Vec<String> = versions_of(&db, "a").await.into_iter().map(|v| v.0).collect();
+    let names: Vec<String> = versions_of(&db, "a")
+        .await
+        .into_iter()
+        .map(|v| v.0)
+        .collect();
     assert_eq!(names, ["2", "3"]);
     assert_eq!(versions_of(&db, "b").await.len(), 1);
     assert_eq!(
-        db.count("SELECT count(*) FROM department_versions WHERE source = 't'").await,
+        db.count("SELECT count(*) FROM department_versions WHERE source = 't'")
+            .await,
         2,
         "another source's history is its own"
     );
@@ -420,7 +558,12 @@ async fn an_upgraded_database_starts_its_history_at_once(db: TestStore) {
     complete_listing(&db.store, &["1", "2"], None).await;
     let first = complete_listing(&db.store, &["1"], None).await;
     complete_listing(&db.store, &["1"], Some(first)).await;
-    commit_windowed(&db.store, "s", &[department("a", "A", Some(at(2021, 1, 1)))]).await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "A", Some(at(2021, 1, 1)))],
+    )
+    .await;
     db.execute("DELETE FROM department_versions").await;
     db.execute(db.history_upgrade()).await;
 
@@ -446,7 +589,12 @@ async fn an_upgraded_database_starts_its_history_at_once(db: TestStore) {
     assert_eq!((two[1].1, two[1].2, two[1].3), (true, deleted_at, None));
 
     // History goes on from there.
-    commit_windowed(&db.store, "s", &[department("a", "B", Some(at(2022, 1, 1)))]).await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "B", Some(at(2022, 1, 1)))],
+    )
+    .await;
     assert_eq!(versions_of(&db, "a").await.len(), 2);
 }
 
@@ -565,8 +713,16 @@ async fn a_reader_never_misses_a_page_that_commits_after_a_later_one() {
     assert_eq!(seen, expected, "every version exactly once");
     naive.seen_by_time.sort();
     naive.seen_by_id.sort();
-    assert_eq!(naive.seen_by_time, ["b0"], "a watermark on last_changed_at skips a's page");
-    assert_eq!(naive.seen_by_id, ["b0"], "a watermark on the version id skips a's page");
+    assert_eq!(
+        naive.seen_by_time,
+        ["b0"],
+        "a watermark on last_changed_at skips a's page"
+    );
+    assert_eq!(
+        naive.seen_by_id,
+        ["b0"],
+        "a watermark on the version id skips a's page"
+    );
 }
 
 /// Readers that move a watermark to the newest thing they saw.
@@ -615,9 +771,19 @@ async fn a_page_that_writes_versions_notifies_listeners() {
     let AnyStore::Postgres(pg) = &db.store else {
         unreachable!()
     };
-    let mut listener = sqlx::postgres::PgListener::connect_with(pg.pool()).await.unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(pg.pool())
+        .await
+        .unwrap();
     listener.listen("deptsync_changes").await.unwrap();
-    commit_windowed(&db.store, "s", &[department("a", "A", Some(at(2021, 1, 1))), department("b", "B", Some(at(2021, 1, 1)))]).await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[
+            department("a", "A", Some(at(2021, 1, 1))),
+            department("b", "B", Some(at(2021, 1, 1))),
+        ],
+    )
+    .await;
     let notification = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
         .await
         .expect("a notification")
@@ -627,7 +793,12 @@ async fn a_page_that_writes_versions_notifies_listeners() {
     assert_eq!(payload["versions"], 2);
     assert!(payload["run"].is_string(), "{payload}");
 
-    commit_windowed(&db.store, "s", &[department("a", "A", Some(at(2021, 1, 1)))]).await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "A", Some(at(2021, 1, 1)))],
+    )
+    .await;
     let quiet = tokio::time::timeout(std::time::Duration::from_millis(500), listener.recv()).await;
     assert!(quiet.is_err(), "nothing changed, nothing said: {quiet:?}");
 }
@@ -663,7 +834,11 @@ async fn the_changes_command_prints_versions_and_the_token_to_pass_next() {
     }
     let next = lines[30]["next"].as_str().unwrap().to_owned();
 
-    let output = run_binary(&["changes", "--config", config, "--json", "--since", &next], &[]).await;
+    let output = run_binary(
+        &["changes", "--config", config, "--json", "--since", &next],
+        &[],
+    )
+    .await;
     assert_eq!(json_lines(&output), [serde_json::json!({ "next": next })]);
 
     // A rename upstream: the next pass writes one version, and only it follows the token.
@@ -677,7 +852,11 @@ async fn the_changes_command_prints_versions_and_the_token_to_pass_next() {
     ));
     let output = run_binary(&["sync", "--config", config], &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    let output = run_binary(&["changes", "--config", config, "--json", "--since", &next], &[]).await;
+    let output = run_binary(
+        &["changes", "--config", config, "--json", "--since", &next],
+        &[],
+    )
+    .await;
     let lines = json_lines(&output);
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[0]["name"], "Renamed");
@@ -687,9 +866,17 @@ async fn the_changes_command_prints_versions_and_the_token_to_pass_next() {
     let output = run_binary(&["changes", "--config", config, "--since", &next], &[]).await;
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("Renamed"), "{text}");
-    assert!(text.trim_end().ends_with(&lines[1]["next"].as_str().unwrap().to_string()), "{text}");
+    assert!(
+        text.trim_end()
+            .ends_with(&lines[1]["next"].as_str().unwrap().to_string()),
+        "{text}"
+    );
 
-    let output = run_binary(&["changes", "--config", config, "--since", "not-a-token"], &[]).await;
+    let output = run_binary(
+        &["changes", "--config", config, "--since", "not-a-token"],
+        &[],
+    )
+    .await;
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(stderr(&output).contains("--since"), "{}", stderr(&output));
 }
@@ -712,7 +899,10 @@ async fn a_pass_trims_the_history_its_source_keeps_no_longer() {
 
     // Versions that ended long ago, and one that ended yesterday.
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    for (id, to) in [("old", "2020-06-01T00:00:00.000000Z"), ("recent", &deptsync_stamp(Utc::now() - Duration::days(1)))] {
+    for (id, to) in [
+        ("old", "2020-06-01T00:00:00.000000Z"),
+        ("recent", &deptsync_stamp(Utc::now() - Duration::days(1))),
+    ] {
         sqlx::query(
             "INSERT INTO department_versions (source, external_id, name, is_active, deleted,
                  valid_from, valid_to, observed_at)
@@ -746,7 +936,11 @@ async fn a_pass_trims_the_history_its_source_keeps_no_longer() {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(left, ["recent"], "the current versions and the recent one stay");
+    assert_eq!(
+        left,
+        ["recent"],
+        "the current versions and the recent one stay"
+    );
     assert_eq!(count().await, 6);
     pool.close().await;
 }
@@ -764,17 +958,30 @@ async fn departments_as_of_gives_what_was_live_then() {
     let AnyStore::Postgres(pg) = &db.store else {
         unreachable!()
     };
-    commit_windowed(&db.store, "s", &[department("a", "Front desk", Some(at(2021, 1, 1)))]).await;
-    commit_windowed(&db.store, "s", &[department("a", "Reception", Some(at(2022, 1, 1)))]).await;
-    commit_windowed(&db.store, "t", &[department("b", "Kitchen", Some(at(2021, 6, 1)))]).await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "Front desk", Some(at(2021, 1, 1)))],
+    )
+    .await;
+    commit_windowed(
+        &db.store,
+        "s",
+        &[department("a", "Reception", Some(at(2022, 1, 1)))],
+    )
+    .await;
+    commit_windowed(
+        &db.store,
+        "t",
+        &[department("b", "Kitchen", Some(at(2021, 6, 1)))],
+    )
+    .await;
     let as_of = async |instant: DateTime<Utc>| -> Vec<(String, String)> {
-        sqlx::query_as(
-            "SELECT source, name FROM departments_as_of($1) ORDER BY source, name",
-        )
-        .bind(instant)
-        .fetch_all(pg.pool())
-        .await
-        .unwrap()
+        sqlx::query_as("SELECT source, name FROM departments_as_of($1) ORDER BY source, name")
+            .bind(instant)
+            .fetch_all(pg.pool())
+            .await
+            .unwrap()
     };
     let pair = |source: &str, name: &str| (source.to_owned(), name.to_owned());
     assert_eq!(as_of(at(2020, 1, 1)).await, []);

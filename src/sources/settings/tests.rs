@@ -254,7 +254,8 @@ mod full_listing_kinds {
                  client_id = \"id\"\nclient_secret = \"s\"\n{retention}"
             )
         };
-        let kept = |retention: &str| parse(&source(retention)).map(|s| s.sources[0].history_retention);
+        let kept =
+            |retention: &str| parse(&source(retention)).map(|s| s.sources[0].history_retention);
         assert_eq!(kept(""), Ok(None), "history is kept for ever by default");
         assert_eq!(
             kept("history_retention = \"400d\""),

@@ -345,11 +345,7 @@ impl Store for PgStore {
         statements::finish_run(self.begin().await?, run, outcome).await
     }
 
-    async fn trim_history(
-        &self,
-        source: &str,
-        retention: Duration,
-    ) -> Result<u64, StoreError> {
+    async fn trim_history(&self, source: &str, retention: Duration) -> Result<u64, StoreError> {
         history::trim(self.begin().await?, source, retention).await
     }
 

@@ -256,7 +256,11 @@ impl Backend for SqliteStore {
 
 impl FeedQueries for SqliteStore {
     const FEED_HORIZON: &'static str =
-        "SELECT COALESCE(max(version_id), 0) + 1 AS horizon FROM department_versions";
+        // The highest id ever given (AUTOINCREMENT's record, which deleting rows never
+        // lowers), and one more.
+        "SELECT COALESCE(
+             (SELECT seq FROM sqlite_sequence WHERE name = 'department_versions'), 0) + 1
+             AS horizon";
     const READ_FEED: &'static str = include_str!("queries/read_feed.sql");
 }
 
@@ -338,11 +342,7 @@ impl Store for SqliteStore {
         statements::finish_run(self.begin(BEGIN_WRITE).await?, run, outcome).await
     }
 
-    async fn trim_history(
-        &self,
-        source: &str,
-        retention: Duration,
-    ) -> Result<u64, StoreError> {
+    async fn trim_history(&self, source: &str, retention: Duration) -> Result<u64, StoreError> {
         history::trim(self.begin(BEGIN_WRITE).await?, source, retention).await
     }
 
