@@ -2,8 +2,9 @@
 //! primitives each backend offers inside the page's transaction ([`PageTransaction`]).
 //!
 //! A page commit ([`commit_page`]) is one transaction: the page's departments are
-//! written, its rejected records kept, the [`Checkpoint`] that follows it applied, and the
-//! page counted in its run. A crash anywhere loses the whole page and its checkpoint
+//! written, its rejected records kept, the [`Checkpoint`] that follows it applied, the
+//! versions of what it changed written ([`super::history`]), and the page counted in its
+//! run. A crash anywhere loses the whole page and its checkpoint
 //! together, so the next pass reads the page again: nothing lost, at most one page
 //! repeated.
 //!

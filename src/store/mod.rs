@@ -9,8 +9,8 @@
 //! loses nothing and repeats at most one page.
 //!
 //! The rules both implementations follow are written once: what a page commit does to a
-//! source's state and when a listing may delete ([`checkpoint`]), and the statements both
-//! dialects share ([`statements`]). A backend's folder holds only its connection, its
+//! source's state and when a listing may delete ([`checkpoint`]), history and the change
+//! feed ([`history`]), and the statements both dialects share ([`statements`]). A backend's folder holds only its connection, its
 //! locks and what its dialect says its own way; the integration tests run one behaviour
 //! suite against both.
 
@@ -256,8 +256,8 @@ pub trait Store: Send + Sync {
 
     /// In one transaction: upserts the page's departments (writing only rows whose content
     /// changed, never replacing a row with an older `source_updated_at`), keeps its
-    /// rejected records, moves the source to its checkpoint and adds the page to the run's
-    /// counts (see [`Commit`]). Written under the lock's `lease`: if the lock was lost, so
+    /// rejected records, moves the source to its checkpoint, writes the versions of what
+    /// changed and adds the page to the run's counts (see [`Commit`]). Written under the lock's `lease`: if the lock was lost, so
     /// is the write.
     fn commit_page(
         &self,
