@@ -15,12 +15,13 @@
 -- `deptsync changes`).
 CREATE TABLE department_versions (
     version_id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    source              text        NOT NULL,
-    external_id         text        NOT NULL,
-    scope_id            text,
+    -- Ids compare byte by byte, as in departments (see 20261122000005_byte_order_ids).
+    source              text        COLLATE "C" NOT NULL,
+    external_id         text        COLLATE "C" NOT NULL,
+    scope_id            text        COLLATE "C",
     name                text        NOT NULL,
     is_active           boolean     NOT NULL,
-    parent_external_id  text,
+    parent_external_id  text        COLLATE "C",
     deleted             boolean     NOT NULL,
     valid_from          timestamptz NOT NULL,
     valid_to            timestamptz,
@@ -36,7 +37,7 @@ CREATE UNIQUE INDEX department_versions_current_idx
 -- One department's timeline; a source as of a date.
 CREATE INDEX department_versions_timeline_idx
     ON department_versions (source, external_id, valid_from);
--- The change feed, in commit order.
+-- The change feed, in the order of the writing transactions' ids.
 CREATE INDEX department_versions_feed_idx ON department_versions (commit_xid, version_id);
 
 -- What each department of every source was at `at`: its live versions then. A version

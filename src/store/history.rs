@@ -104,8 +104,9 @@ pub(crate) async fn record_versions(
         .await
 }
 
-/// Deletes the versions of `source` that ended more than `retention` ago; never a current
-/// one. How many it deleted.
+/// Deletes the versions of `source` that ended more than `retention` ago and were written
+/// more than `retention` ago (so that a reader of the feed has had that long to read
+/// them, whatever their dates); never a current one. How many it deleted.
 pub(crate) async fn trim(
     mut tx: impl Statements,
     source: &str,
@@ -121,7 +122,8 @@ pub(crate) async fn trim(
     let trimmed = tx
         .execute(
             "DELETE FROM department_versions
-             WHERE source = $1 AND valid_to IS NOT NULL AND valid_to < $2",
+             WHERE source = $1 AND valid_to IS NOT NULL AND valid_to < $2
+               AND observed_at < $2",
             &[Value::Text(Some(source)), Value::Time(Some(before))],
             "trimming history",
         )

@@ -262,6 +262,27 @@ enum Backing {
     Sqlite(#[allow(dead_code)] TempDir),
 }
 
+/// Runs each named case (an `async fn(TestStore)`) once on each store, as
+/// `<module>::<case>::postgres` and `<module>::<case>::sqlite`, so that they cannot drift.
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[tokio::test]
+                async fn postgres() {
+                    super::$case(crate::helpers::TestStore::postgres().await).await;
+                }
+
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$case(crate::helpers::TestStore::sqlite().await).await;
+                }
+            }
+        )*
+    };
+}
+pub(crate) use on_both_stores;
+
 /// A store of either kind, migrated and empty, for the behaviour both kinds must share;
 /// gone when the test ends.
 pub struct TestStore {
@@ -313,26 +334,6 @@ impl TestStore {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
-    /// The texts `sql` selects, one per row.
-    pub async fn texts(&self, sql: &str) -> Vec<String> {
-        use deptsync::store::AnyStore;
-        match &self.store {
-            AnyStore::Postgres(store) => sqlx::query_scalar(sql).fetch_all(store.pool()).await,
-            AnyStore::Sqlite(store) => sqlx::query_scalar(sql).fetch_all(store.pool()).await,
-        }
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-    }
-
-    /// The integers `sql` selects, one per row.
-    pub async fn count_each(&self, sql: &str) -> Vec<i64> {
-        use deptsync::store::AnyStore;
-        match &self.store {
-            AnyStore::Postgres(store) => sqlx::query_scalar(sql).fetch_all(store.pool()).await,
-            AnyStore::Sqlite(store) => sqlx::query_scalar(sql).fetch_all(store.pool()).await,
-        }
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-    }
-
     /// Runs `sql`, one or more statements.
     pub async fn execute(&self, sql: &str) {
         use deptsync::store::AnyStore;
@@ -358,6 +359,19 @@ impl TestStore {
 
     /// The instants `sql` selects, one per row.
     pub async fn instants(&self, sql: &str) -> Vec<Option<chrono::DateTime<chrono::Utc>>> {
+        self.scalars(sql).await
+    }
+
+    /// The one column `sql` selects, one value per row (of a type both kinds decode).
+    pub async fn scalars<T>(&self, sql: &str) -> Vec<T>
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Postgres>
+            + sqlx::Type<sqlx::Postgres>
+            + for<'r> sqlx::Decode<'r, sqlx::Sqlite>
+            + sqlx::Type<sqlx::Sqlite>
+            + Send
+            + Unpin,
+    {
         use deptsync::store::AnyStore;
         match &self.store {
             AnyStore::Postgres(store) => sqlx::query_scalar(sql).fetch_all(store.pool()).await,

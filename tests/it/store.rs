@@ -16,28 +16,9 @@ use deptsync::store::{AnyLease, AnyStore, Commit, IfMissing, Store, StoreError};
 use uuid::Uuid;
 
 use crate::helpers::{
-    TempDir, TestDb, TestStore, a_sync_skips_the_locked_source, mews_config, run_binary,
-    run_binary_in, sqlite_url, stderr,
+    TempDir, TestDb, TestStore, a_sync_skips_the_locked_source, mews_config, on_both_stores,
+    run_binary, run_binary_in, sqlite_url, stderr,
 };
-
-/// Runs each named case (an `async fn(TestStore)`) once on each store.
-macro_rules! on_both_stores {
-    ($($case:ident),* $(,)?) => {
-        $(
-            mod $case {
-                #[tokio::test]
-                async fn postgres() {
-                    super::$case(crate::helpers::TestStore::postgres().await).await;
-                }
-
-                #[tokio::test]
-                async fn sqlite() {
-                    super::$case(crate::helpers::TestStore::sqlite().await).await;
-                }
-            }
-        )*
-    };
-}
 
 on_both_stores!(
     text_with_tabs_newlines_and_backslashes_is_stored_as_sent,

@@ -216,7 +216,8 @@ impl Backend for PgStore {
             .map_err(db("connecting for the migrations"))?;
         let migrated = MIGRATOR.run(&pool).await;
         pool.close().await;
-        Ok(migrated?)
+        migrated?;
+        self.readmit_restored_versions().await
     }
 
     type Reader = PgTx<'static>;
@@ -227,6 +228,33 @@ impl Backend for PgStore {
 
     fn call_timeout(&self) -> Duration {
         self.call_timeout
+    }
+}
+
+impl PgStore {
+    /// Gives versions whose transaction id lies ahead of every transaction this server has
+    /// begun (restored from another server, whose counter was further on) the id of this
+    /// transaction, so that the feed reads them (once, from the beginning) instead of
+    /// hiding them until this server's counter passes theirs. Only a restore leaves such
+    /// rows: every version this server wrote is below its next transaction id.
+    async fn readmit_restored_versions(&self) -> Result<(), StoreError> {
+        let readmitted = sqlx::query(
+            "UPDATE department_versions
+             SET commit_xid = pg_current_xact_id()::text::bigint
+             WHERE commit_xid >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(db("readmitting restored versions to the change feed"))?
+        .rows_affected();
+        if readmitted > 0 {
+            tracing::warn!(
+                readmitted,
+                "versions restored from another server were given this server's transaction \
+                 ids: readers of the change feed should read again from the beginning"
+            );
+        }
+        Ok(())
     }
 }
 

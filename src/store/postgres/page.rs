@@ -84,23 +84,25 @@ impl PageTransaction for PgTx<'_> {
     }
 
     /// Tells listeners on `deptsync_changes`, as the transaction commits, which source and
-    /// run wrote how many versions (a JSON object).
+    /// run wrote how many versions, and the transaction's id (`xid`): the versions are
+    /// readable once the feed's token is past it (a JSON object).
     async fn versions_written(
         &mut self,
         source: &str,
         run: RunId,
         versions: u64,
     ) -> Result<(), StoreError> {
-        let payload = serde_json::json!({
-            "source": source,
-            "run": run.0,
-            "versions": versions,
-        });
-        sqlx::query("SELECT pg_notify('deptsync_changes', $1)")
-            .bind(payload.to_string())
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db("telling listeners of the new versions"))?;
+        sqlx::query(
+            "SELECT pg_notify('deptsync_changes', json_build_object(
+                 'source', $1::text, 'run', $2::uuid, 'versions', $3::bigint,
+                 'xid', pg_current_xact_id()::text::bigint)::text)",
+        )
+        .bind(source)
+        .bind(run.0)
+        .bind(versions as i64)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db("telling listeners of the new versions"))?;
         Ok(())
     }
 
