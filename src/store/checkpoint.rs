@@ -220,8 +220,9 @@ pub(crate) async fn commit_page<T: PageTransaction>(
     let seen = seen_ids(departments, rejected);
     let deletions = apply_checkpoint(&mut tx, source, checkpoint, &seen, written.rewrote).await?;
     // History, of what this page changed: nothing to look at when it changed no row.
-    let versions = if written.inserted + written.updated + deletions.deleted > 0 {
-        history::record_versions(&mut tx, source, run).await?
+    let existing = written.updated + deletions.deleted > 0;
+    let versions = if written.inserted > 0 || existing {
+        history::record_versions(&mut tx, source, run, existing).await?
     } else {
         0
     };

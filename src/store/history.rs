@@ -28,80 +28,95 @@ use super::StoreError;
 use super::statements::{Statements, StoredRow, Value};
 use crate::model::{DepartmentVersion, FeedToken, RunId};
 
-/// The instant a version of a department changed in this transaction starts, given the
-/// current version `v` and the department `d` (`$2`: the transaction's instant).
-macro_rules! version_start {
-    () => {
-        "CASE WHEN d.deleted_at IS NULL AND d.source_updated_at > v.valid_from
-                   AND d.source_updated_at <= COALESCE($2, CURRENT_TIMESTAMP)
-              THEN d.source_updated_at
-              WHEN COALESCE($2, CURRENT_TIMESTAMP) > v.valid_from
-              THEN COALESCE($2, CURRENT_TIMESTAMP)
-              ELSE v.valid_from END"
+/// The start of a statement that writes a version for each department of source `$1`
+/// changed in this transaction (at its instant `$2`), by run `$3`, starting at the
+/// expression `$valid_from` (its parts); the statement goes on after its `WHERE`.
+macro_rules! changed_departments {
+    ($($valid_from:expr),+) => {
+        concat!(
+            "INSERT INTO department_versions AS v (
+                 source, external_id, scope_id, name, is_active, parent_external_id, deleted,
+                 valid_from, valid_to, run_id, observed_at
+             )
+             SELECT d.source, d.external_id, d.scope_id, d.name, d.is_active,
+                    d.parent_external_id, d.deleted_at IS NOT NULL, ",
+            $($valid_from,)+
+            ", NULL, $3, COALESCE($2, CURRENT_TIMESTAMP)
+             FROM departments AS d
+             WHERE d.source = $1 AND d.last_changed_at = COALESCE($2, CURRENT_TIMESTAMP)"
+        )
     };
 }
 
-/// Closes the current version of each department of source `$1` changed in this
-/// transaction (at its instant `$2`) whose versioned fields differ from the row's.
-const CLOSE_VERSIONS: &str = concat!(
-    "UPDATE department_versions AS v
-     SET valid_to = ",
-    version_start!(),
+/// When a version written now would start: the vendor's update time of a live department
+/// when there is one and it is not in the future, else now.
+macro_rules! new_start {
+    () => {
+        "CASE WHEN d.deleted_at IS NULL
+                   AND d.source_updated_at <= COALESCE($2, CURRENT_TIMESTAMP)
+              THEN d.source_updated_at
+              ELSE COALESCE($2, CURRENT_TIMESTAMP) END"
+    };
+}
+
+/// Opens the first version of each department new in this transaction, and closes the
+/// current version of each one whose versioned fields changed: where the new version will
+/// start, its update time if that lies after the current version's start, else now (and
+/// never before the current version's start). Each department is one probe of the index
+/// of current versions (the statement is the arbiter's), whatever the planner knows of
+/// the table's size: a join here could scan a source's every current version per page.
+const OPEN_NEW_CLOSE_CHANGED: &str = concat!(
+    changed_departments!(new_start!()),
     "
-     FROM departments AS d
-     WHERE d.source = $1
-       AND d.last_changed_at = COALESCE($2, CURRENT_TIMESTAMP)
-       AND v.source = d.source AND v.external_id = d.external_id AND v.valid_to IS NULL
-       AND (v.scope_id, v.name, v.is_active, v.parent_external_id, v.deleted)
+     ON CONFLICT (source, external_id) WHERE valid_to IS NULL DO UPDATE
+     SET valid_to = CASE WHEN excluded.valid_from > v.valid_from THEN excluded.valid_from
+                         WHEN COALESCE($2, CURRENT_TIMESTAMP) > v.valid_from
+                         THEN COALESCE($2, CURRENT_TIMESTAMP)
+                         ELSE v.valid_from END
+     WHERE (v.scope_id, v.name, v.is_active, v.parent_external_id, v.deleted)
            IS DISTINCT FROM
-           (d.scope_id, d.name, d.is_active, d.parent_external_id, d.deleted_at IS NOT NULL)"
+           (excluded.scope_id, excluded.name, excluded.is_active,
+            excluded.parent_external_id, excluded.deleted)"
 );
 
-/// Opens a version, written by run `$3`, for each department of source `$1` changed in
-/// this transaction (at its instant `$2`) that has no current version: one just closed
-/// (the new one starts where it ended), or a new department (from the vendor's update
-/// time, or the commit's).
-const OPEN_VERSIONS: &str = "INSERT INTO department_versions (
-         source, external_id, scope_id, name, is_active, parent_external_id, deleted,
-         valid_from, valid_to, run_id, observed_at
-     )
-     SELECT d.source, d.external_id, d.scope_id, d.name, d.is_active, d.parent_external_id,
-            d.deleted_at IS NOT NULL,
-            COALESCE(
-                CASE WHEN d.first_synced_at <> COALESCE($2, CURRENT_TIMESTAMP) THEN
-                    (SELECT max(p.valid_to) FROM department_versions AS p
-                     WHERE p.source = d.source AND p.external_id = d.external_id)
-                END,
-                CASE WHEN d.deleted_at IS NULL
-                          AND d.source_updated_at <= COALESCE($2, CURRENT_TIMESTAMP)
-                     THEN d.source_updated_at
-                     ELSE COALESCE($2, CURRENT_TIMESTAMP) END),
-            NULL, $3, COALESCE($2, CURRENT_TIMESTAMP)
-     FROM departments AS d
-     WHERE d.source = $1
-       AND d.last_changed_at = COALESCE($2, CURRENT_TIMESTAMP)
-       AND NOT EXISTS (
-           SELECT 1 FROM department_versions AS o
-           WHERE o.source = d.source AND o.external_id = d.external_id
-             AND o.valid_to IS NULL
-       )";
+/// Opens the next version of each department [`OPEN_NEW_CLOSE_CHANGED`] closed, where the
+/// closed one ended; one that still has a current version is left alone.
+const REOPEN_CHANGED: &str = concat!(
+    changed_departments!(
+        "COALESCE((SELECT max(p.valid_to) FROM department_versions AS p
+                   WHERE p.source = d.source AND p.external_id = d.external_id), ",
+        new_start!(),
+        ")"
+    ),
+    "
+       AND d.first_synced_at <> COALESCE($2, CURRENT_TIMESTAMP)
+     ON CONFLICT (source, external_id) WHERE valid_to IS NULL DO NOTHING"
+);
 
 /// Writes the versions of what run `run` changed of `source` in this transaction (see the
-/// module's documentation); how many it opened.
+/// module's documentation), `existing` when it changed a department stored before (not
+/// only new ones); how many versions it opened.
 pub(crate) async fn record_versions(
     tx: &mut impl Statements,
     source: &str,
     run: RunId,
+    existing: bool,
 ) -> Result<u64, StoreError> {
     let values = [
         Value::Text(Some(source)),
         Value::Now,
         Value::Id(Some(run.0)),
     ];
-    tx.execute(CLOSE_VERSIONS, &values[..2], "closing changed versions")
+    // One version opened per department that needs one: each new one, and each one
+    // closed here, which the next statement opens again.
+    let opened = tx
+        .execute(OPEN_NEW_CLOSE_CHANGED, &values, "writing new versions")
         .await?;
-    tx.execute(OPEN_VERSIONS, &values, "opening new versions")
-        .await
+    if existing {
+        tx.execute(REOPEN_CHANGED, &values, "opening changed versions")
+            .await?;
+    }
+    Ok(opened)
 }
 
 /// Deletes the versions of `source` that ended more than `retention` ago and were written
