@@ -333,9 +333,8 @@ pub struct DepartmentVersion {
     pub run_id: Option<RunId>,
     /// When deptsync committed it.
     pub observed_at: DateTime<Utc>,
-    pub version_id: i64,
     /// Where the change feed has it: the writing transaction's id on PostgreSQL, the
-    /// version id on SQLite.
+    /// number of the page transaction on SQLite.
     #[serde(skip)]
     pub position: i64,
 }

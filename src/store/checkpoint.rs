@@ -2,9 +2,9 @@
 //! primitives each backend offers inside the page's transaction ([`PageTransaction`]).
 //!
 //! A page commit ([`commit_page`]) is one transaction: the page's departments are
-//! written, its rejected records kept, the [`Checkpoint`] that follows it applied, the
-//! versions of what it changed written ([`super::history`]), and the page counted in its
-//! run. A crash anywhere loses the whole page and its checkpoint
+//! written (the database keeping their history, for the run the transaction names:
+//! [`super::history`]), its rejected records kept, the [`Checkpoint`] that follows it
+//! applied, and the page counted in its run. A crash anywhere loses the whole page and its checkpoint
 //! together, so the next pass reads the page again: nothing lost, at most one page
 //! repeated.
 //!
@@ -22,8 +22,9 @@ use std::future::Future;
 
 use uuid::Uuid;
 
-use super::statements::{self, Statements, StoredRow, Value};
-use super::{StoreError, history};
+use super::StoreError;
+use super::history::{self, HistoryWriter};
+use super::statements::{self, StoredRow, Value};
 use crate::model::{
     Checkpoint, DeletionPolicy, Department, PageCounts, RejectedRecord, RunId, RunMode, Window,
     WithheldDeletions,
@@ -76,7 +77,7 @@ pub(crate) struct ScopeCount {
 /// share ([`Statements`]): its way of writing departments, and its statements about what
 /// listings saw, each one text in its dialect with the parameters its documentation
 /// names. What they add up to is decided by [`commit_page`].
-pub(crate) trait PageTransaction: Statements {
+pub(crate) trait PageTransaction: HistoryWriter {
     /// Records that listing `$2` of source `$1` saw the ids `$3` (a list of texts).
     const RECORD_SEEN: &'static str;
     /// Forgets what the listings `$2` (a list of ids; NULL: every listing) of source `$1`
@@ -104,15 +105,18 @@ pub(crate) trait PageTransaction: Statements {
         listing: Option<Uuid>,
     ) -> impl Future<Output = Result<Written, StoreError>> + Send;
 
-    /// The transaction wrote `versions` versions of `source`'s departments in `run`: a
-    /// backend that can tell listeners (PostgreSQL's `NOTIFY`) does so as it commits.
+    /// The transaction opened versions of `source`'s departments for run `run`: one for
+    /// each of the `inserted` new departments, and, when it `changed` stored ones, one
+    /// for each whose version the database's trigger closed. A backend that can tell
+    /// listeners (PostgreSQL's `NOTIFY`) does so as it commits.
     fn versions_written(
         &mut self,
         source: &str,
         run: RunId,
-        versions: u64,
+        inserted: u64,
+        changed: bool,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let _ = (source, run, versions);
+        let _ = (source, run, inserted, changed);
         async { Ok(()) }
     }
 
@@ -210,6 +214,9 @@ pub(crate) async fn commit_page<T: PageTransaction>(
     } = *page;
     // One statement cannot write a row twice: keep the newest version of each id.
     let newest = newest_versions(departments);
+    if !newest.is_empty() || matches!(checkpoint, Checkpoint::ListingDone { .. }) {
+        history::begin_versions(&mut tx, run).await?;
+    }
     let written = if newest.is_empty() {
         Written::default()
     } else {
@@ -220,12 +227,6 @@ pub(crate) async fn commit_page<T: PageTransaction>(
     let seen = seen_ids(departments, rejected);
     let deletions = apply_checkpoint(&mut tx, source, checkpoint, &seen, written.rewrote).await?;
     // History, of what this page changed: nothing to look at when it changed no row.
-    let existing = written.updated + deletions.deleted > 0;
-    let versions = if written.inserted > 0 || existing {
-        history::record_versions(&mut tx, source, run, existing).await?
-    } else {
-        0
-    };
     let counts = deletions.page_counts(departments.len(), rejected.len(), written);
     let fetched = (departments.len() + rejected.len()) as u64;
     let pages = u64::from(checkpoint.follows_page());
@@ -235,8 +236,12 @@ pub(crate) async fn commit_page<T: PageTransaction>(
             "run {run} is not in sync_runs"
         )));
     }
-    if versions > 0 {
-        tx.versions_written(source, run, versions).await?;
+    // Versions were opened for the new departments, and may have been for the changed
+    // ones (the database's trigger decides).
+    let changed = written.updated + counts.deleted;
+    if written.inserted + changed > 0 {
+        tx.versions_written(source, run, written.inserted, changed > 0)
+            .await?;
     }
     tx.commit("committing the page").await?;
     Ok(counts)

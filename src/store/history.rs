@@ -1,26 +1,29 @@
 //! History and the change feed, written once for both stores.
 //!
-//! **History.** A page's commit ends by reconciling `department_versions` with what it
-//! changed ([`record_versions`]): every department of the source whose row the
-//! transaction changed (its `last_changed_at` is the transaction's instant) gets a new
-//! version when what deptsync normalizes (name, active, parent, scope, deleted or not)
-//! differs from its current one, which is closed where the new one opens. Nothing else
-//! is compared, so a change of the raw record only, or a page that changed nothing,
-//! writes no version; and a backfill that reads old updates again changes no row (a row
-//! is never replaced by an older version), so it rewrites no history. The statements are
-//! idempotent: a department looked at twice gets at most one version.
+//! **History.** A department's current version is its row of `departments` (its
+//! `version_*` columns); its earlier versions are rows of `department_history`;
+//! `department_versions` shows both. Each database closes a version itself, with a trigger
+//! on `departments` (see the migrations `*_history.sql`): an update that changes what
+//! deptsync normalizes (name, active, parent, scope, deleted or not) moves the current
+//! version to `department_history`, ending where the new one starts, in the page's own
+//! transaction, whichever statement wrote it. So a new department costs nothing but its
+//! row (a first sync writes what it wrote before), a change of the raw record only writes
+//! no version, and a backfill that reads old updates again changes no row (a row is never
+//! replaced by an older version), so it rewrites no history. A page's transaction names
+//! the run it writes for ([`begin_versions`]) before it writes departments.
 //!
 //! When a version starts (`valid_from`): the vendor's update time where the API gives one
-//! and it lies after the current version's start and no later than the commit; else the
+//! and it lies after the previous version's start and no later than the commit; else the
 //! commit's instant (a listing has no update times; a deletion is seen, not dated); never
-//! before the current version's start.
+//! before the previous version's start.
 //!
 //! **The change feed.** Each backend says where a version stands in the feed and how far
 //! a reader may read ([`FeedQueries`]): on PostgreSQL, versions are read in the order of
 //! the transactions that wrote them and only up to the oldest transaction still running,
 //! so that one that began earlier and commits later is never skipped; on SQLite, with one
-//! writer at a time, in the order they were written. A [`FeedReader`] reads in batches up
-//! to the horizon it took when it began, and ends with the token to read on from.
+//! writer at a time, in the order of the page transactions that wrote them. A
+//! [`FeedReader`] reads in batches, in `(position, source, external_id)` order, up to the
+//! horizon it took when it began, and ends with the token to read on from.
 
 use chrono::Utc;
 
@@ -28,95 +31,26 @@ use super::StoreError;
 use super::statements::{Statements, StoredRow, Value};
 use crate::model::{DepartmentVersion, FeedToken, RunId};
 
-/// The start of a statement that writes a version for each department of source `$1`
-/// changed in this transaction (at its instant `$2`), by run `$3`, starting at the
-/// expression `$valid_from` (its parts); the statement goes on after its `WHERE`.
-macro_rules! changed_departments {
-    ($($valid_from:expr),+) => {
-        concat!(
-            "INSERT INTO department_versions AS v (
-                 source, external_id, scope_id, name, is_active, parent_external_id, deleted,
-                 valid_from, valid_to, run_id, observed_at
-             )
-             SELECT d.source, d.external_id, d.scope_id, d.name, d.is_active,
-                    d.parent_external_id, d.deleted_at IS NOT NULL, ",
-            $($valid_from,)+
-            ", NULL, $3, COALESCE($2, CURRENT_TIMESTAMP)
-             FROM departments AS d
-             WHERE d.source = $1 AND d.last_changed_at = COALESCE($2, CURRENT_TIMESTAMP)"
-        )
-    };
-}
-
-/// When a version written now would start: the vendor's update time of a live department
-/// when there is one and it is not in the future, else now.
-macro_rules! new_start {
-    () => {
-        "CASE WHEN d.deleted_at IS NULL
-                   AND d.source_updated_at <= COALESCE($2, CURRENT_TIMESTAMP)
-              THEN d.source_updated_at
-              ELSE COALESCE($2, CURRENT_TIMESTAMP) END"
-    };
-}
-
-/// Opens the first version of each department new in this transaction, and closes the
-/// current version of each one whose versioned fields changed: where the new version will
-/// start, its update time if that lies after the current version's start, else now (and
-/// never before the current version's start). Each department is one probe of the index
-/// of current versions (the statement is the arbiter's), whatever the planner knows of
-/// the table's size: a join here could scan a source's every current version per page.
-const OPEN_NEW_CLOSE_CHANGED: &str = concat!(
-    changed_departments!(new_start!()),
-    "
-     ON CONFLICT (source, external_id) WHERE valid_to IS NULL DO UPDATE
-     SET valid_to = CASE WHEN excluded.valid_from > v.valid_from THEN excluded.valid_from
-                         WHEN COALESCE($2, CURRENT_TIMESTAMP) > v.valid_from
-                         THEN COALESCE($2, CURRENT_TIMESTAMP)
-                         ELSE v.valid_from END
-     WHERE (v.scope_id, v.name, v.is_active, v.parent_external_id, v.deleted)
-           IS DISTINCT FROM
-           (excluded.scope_id, excluded.name, excluded.is_active,
-            excluded.parent_external_id, excluded.deleted)"
-);
-
-/// Opens the next version of each department [`OPEN_NEW_CLOSE_CHANGED`] closed, where the
-/// closed one ended; one that still has a current version is left alone.
-const REOPEN_CHANGED: &str = concat!(
-    changed_departments!(
-        "COALESCE((SELECT max(p.valid_to) FROM department_versions AS p
-                   WHERE p.source = d.source AND p.external_id = d.external_id), ",
-        new_start!(),
-        ")"
-    ),
-    "
-       AND d.first_synced_at <> COALESCE($2, CURRENT_TIMESTAMP)
-     ON CONFLICT (source, external_id) WHERE valid_to IS NULL DO NOTHING"
-);
-
-/// Writes the versions of what run `run` changed of `source` in this transaction (see the
-/// module's documentation), `existing` when it changed a department stored before (not
-/// only new ones); how many versions it opened.
-pub(crate) async fn record_versions(
-    tx: &mut impl Statements,
-    source: &str,
+/// Names `run` as the writer of the versions this page's transaction opens, before it
+/// writes departments (PostgreSQL: a setting of the transaction, which the trigger and
+/// the columns' defaults read; SQLite: the next number of the feed's clock).
+pub(crate) async fn begin_versions<T: HistoryWriter>(
+    tx: &mut T,
     run: RunId,
-    existing: bool,
-) -> Result<u64, StoreError> {
-    let values = [
-        Value::Text(Some(source)),
-        Value::Now,
-        Value::Id(Some(run.0)),
-    ];
-    // One version opened per department that needs one: each new one, and each one
-    // closed here, which the next statement opens again.
-    let opened = tx
-        .execute(OPEN_NEW_CLOSE_CHANGED, &values, "writing new versions")
-        .await?;
-    if existing {
-        tx.execute(REOPEN_CHANGED, &values, "opening changed versions")
-            .await?;
-    }
-    Ok(opened)
+) -> Result<(), StoreError> {
+    tx.execute(
+        T::BEGIN_VERSIONS,
+        &[Value::Id(Some(run.0))],
+        "naming the run of the page's versions",
+    )
+    .await?;
+    Ok(())
+}
+
+/// How a backend's page transaction names the run its versions belong to.
+pub(crate) trait HistoryWriter: Statements {
+    /// Names run `$1` (an id) as the writer of this transaction's versions.
+    const BEGIN_VERSIONS: &'static str;
 }
 
 /// Deletes the versions of `source` that ended more than `retention` ago and were written
@@ -136,9 +70,8 @@ pub(crate) async fn trim(
     };
     let trimmed = tx
         .execute(
-            "DELETE FROM department_versions
-             WHERE source = $1 AND valid_to IS NOT NULL AND valid_to < $2
-               AND observed_at < $2",
+            "DELETE FROM department_history
+             WHERE source = $1 AND valid_to < $2 AND observed_at < $2",
             &[Value::Text(Some(source)), Value::Time(Some(before))],
             "trimming history",
         )
@@ -152,20 +85,21 @@ pub trait FeedQueries {
     /// How far a reader may read now (`horizon`, an integer): every version before it is
     /// committed and no version before it can be written later.
     const FEED_HORIZON: &'static str;
-    /// At most `$5` versions after the place `($1, $2)` (a position and a version id, in
-    /// feed order), before the horizon `$3`, of the sources `$4` (a list; NULL: all), in
-    /// feed order. The columns of [`DepartmentVersion`] and `position`, `run_id` as text.
+    /// At most `$6` versions after the place `($1, $2, $3)` (a position, a source and an
+    /// external id, in feed order), before the horizon `$4`, of the sources `$5` (a list;
+    /// NULL: all), in feed order. The columns of [`DepartmentVersion`], `run_id` as text.
     const READ_FEED: &'static str;
 }
 
 /// How many versions one call reads.
 const FEED_BATCH: i64 = 1000;
 
-/// Where a reader stands: after the version at `(position, version_id)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a reader stands: after the version at `(position, source, external_id)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct FeedPlace {
     position: i64,
-    version_id: i64,
+    source: String,
+    external_id: String,
 }
 
 /// A read of the change feed from a token up to the horizon taken when it began, batch
@@ -194,7 +128,8 @@ impl<'a, S> FeedReader<'a, S> {
             // Before every version at or after `since`.
             place: FeedPlace {
                 position: since.0,
-                version_id: 0,
+                source: String::new(),
+                external_id: String::new(),
             },
             done: false,
         }
@@ -234,7 +169,8 @@ pub(crate) async fn next_batch<Q: FeedQueries, S>(
     let sources: Vec<&str> = reader.sources.iter().map(String::as_str).collect();
     let values = [
         Value::Int(reader.place.position),
-        Value::Int(reader.place.version_id),
+        Value::Text(Some(&reader.place.source)),
+        Value::Text(Some(&reader.place.external_id)),
         Value::Int(reader.horizon.0),
         Value::Texts((!sources.is_empty()).then_some(&sources[..])),
         Value::Int(FEED_BATCH),
@@ -251,7 +187,8 @@ pub(crate) async fn next_batch<Q: FeedQueries, S>(
         Some(last) => {
             reader.place = FeedPlace {
                 position: last.position,
-                version_id: last.version_id,
+                source: last.source.clone(),
+                external_id: last.external_id.clone(),
             }
         }
         None => reader.done = true,
@@ -276,7 +213,6 @@ fn version(row: &impl StoredRow) -> Result<DepartmentVersion, StoreError> {
         valid_to: row.time("valid_to")?,
         run_id: row.id("run_id")?.map(RunId),
         observed_at: row.required("observed_at", StoredRow::time)?,
-        version_id: row.required("version_id", StoredRow::int)?,
         position: row.required("position", StoredRow::int)?,
     })
 }

@@ -29,6 +29,13 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        let db = TestDb::unmigrated().await;
+        db.store.migrate().await.unwrap();
+        db
+    }
+
+    /// A database with no table yet.
+    pub async fn unmigrated() -> TestDb {
         let server = server_url();
         let name = format!("deptsync_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&server).await.unwrap_or_else(|e| {
@@ -44,7 +51,6 @@ impl TestDb {
         let store = PgStore::connect(&url.clone().into(), IfMissing::Fail)
             .await
             .unwrap();
-        store.migrate().await.unwrap();
         TestDb { name, url, store }
     }
 
@@ -344,16 +350,51 @@ impl TestStore {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
-    /// The migration that gives an existing database's rows their first versions.
-    pub fn history_upgrade(&self) -> &'static str {
-        use deptsync::store::AnyStore;
-        match &self.store {
-            AnyStore::Postgres(_) => include_str!(
-                "../../migrations/postgres/20261201000002_history_of_existing_rows.sql"
-            ),
-            AnyStore::Sqlite(_) => {
-                include_str!("../../migrations/sqlite/20261201000002_history_of_existing_rows.sql")
-            }
+    /// A store whose database an older deptsync made: migrated with the migrations before
+    /// `version` only, `setup` (SQL) run in it, and then opened as the service opens it,
+    /// which applies the rest.
+    pub async fn upgraded(postgres: bool, version: i64, setup: &str) -> TestStore {
+        let before = |mut migrator: sqlx::migrate::Migrator| {
+            let older: Vec<_> = migrator
+                .migrations
+                .iter()
+                .filter(|m| m.version < version)
+                .cloned()
+                .collect();
+            migrator.migrations = older.into();
+            migrator
+        };
+        if postgres {
+            let db = TestDb::unmigrated().await;
+            before(sqlx::migrate!("migrations/postgres"))
+                .run(db.pool())
+                .await
+                .unwrap();
+            sqlx::raw_sql(setup).execute(db.pool()).await.unwrap();
+            db.store.migrate().await.unwrap();
+            return TestStore {
+                store: deptsync::store::AnyStore::Postgres(db.store.clone()),
+                _backing: Backing::Postgres(db),
+            };
+        }
+        let dir = TempDir::new();
+        let url = sqlite_url(&dir.join("deptsync.db"));
+        let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&url)
+            .unwrap()
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        before(sqlx::migrate!("migrations/sqlite"))
+            .run(&pool)
+            .await
+            .unwrap();
+        sqlx::raw_sql(setup).execute(&pool).await.unwrap();
+        pool.close().await;
+        let store = deptsync::store::AnyStore::open(&url.clone().into())
+            .await
+            .unwrap();
+        TestStore {
+            store,
+            _backing: Backing::Sqlite(dir),
         }
     }
 

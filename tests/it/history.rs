@@ -27,7 +27,6 @@ on_both_stores!(
     the_feed_reads_the_named_sources_only,
     a_token_this_database_never_gave_is_refused,
     retention_trims_closed_versions_and_never_the_current_one,
-    an_upgraded_database_starts_its_history_at_once,
 );
 
 fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
@@ -144,7 +143,8 @@ async fn settled(store: &AnyStore) {
     };
     for _ in 0..1500 {
         let readable: bool = sqlx::query_scalar(
-            "SELECT COALESCE(max(commit_xid), 0) < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+            "SELECT COALESCE(max(feed_position), 0)
+                    < pg_snapshot_xmin(pg_current_snapshot())::text::bigint
              FROM department_versions",
         )
         .fetch_one(pg.pool())
@@ -187,25 +187,25 @@ async fn versions_of(
     let names = db
         .scalars::<String>(&format!(
             "SELECT name FROM department_versions WHERE source = 's' AND external_id = '{id}'
-             ORDER BY valid_from, version_id"
+             ORDER BY valid_from, feed_position"
         ))
         .await;
     let deleted = db
         .scalars::<i64>(&format!(
             "SELECT CAST(CASE WHEN deleted THEN 1 ELSE 0 END AS BIGINT) FROM department_versions
-             WHERE source = 's' AND external_id = '{id}' ORDER BY valid_from, version_id"
+             WHERE source = 's' AND external_id = '{id}' ORDER BY valid_from, feed_position"
         ))
         .await;
     let from = db
         .instants(&format!(
             "SELECT valid_from FROM department_versions WHERE source = 's' AND external_id = '{id}'
-             ORDER BY valid_from, version_id"
+             ORDER BY valid_from, feed_position"
         ))
         .await;
     let to = db
         .instants(&format!(
             "SELECT valid_to FROM department_versions WHERE source = 's' AND external_id = '{id}'
-             ORDER BY valid_from, version_id"
+             ORDER BY valid_from, feed_position"
         ))
         .await;
     names
@@ -563,7 +563,7 @@ async fn retention_trims_closed_versions_and_never_the_current_one(db: TestStore
     );
     // As if written a year ago.
     db.execute(
-        "UPDATE department_versions SET observed_at = valid_from WHERE valid_from < observed_at",
+        "UPDATE department_history SET observed_at = valid_from WHERE valid_from < observed_at",
     )
     .await;
     let trimmed = db.store.trim_history("s", retention).await.unwrap();
@@ -584,42 +584,63 @@ async fn retention_trims_closed_versions_and_never_the_current_one(db: TestStore
     );
 }
 
-async fn an_upgraded_database_starts_its_history_at_once(db: TestStore) {
-    // A database from before history: the rows exist, no version does. Migrating again
-    // (what an upgrade does) is a no-op now, so the upgrade's statement is run by hand:
-    // it is the migration's own text.
-    complete_listing(&db.store, &["1", "2"], None).await;
-    let first = complete_listing(&db.store, &["1"], None).await;
-    complete_listing(&db.store, &["1"], Some(first)).await;
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "A", Some(at(2021, 1, 1)))],
-    )
-    .await;
-    db.execute("DELETE FROM department_versions").await;
-    db.execute(db.history_upgrade()).await;
+/// The migration before history.
+const BEFORE_HISTORY: i64 = 20261201000001;
+
+async fn an_upgraded_database_starts_its_history_at_once(postgres: bool) {
+    // Rows an older deptsync stored: one with a vendor's update time, one without, one
+    // deleted.
+    let setup = if postgres {
+        "INSERT INTO departments (source, external_id, scope_id, name, is_active,
+             source_updated_at, raw, first_synced_at, last_changed_at, deleted_at)
+         VALUES ('s', 'a', 'scope', 'A', true, '2021-01-01T00:00:00Z', '{}',
+                 '2024-01-01T00:00:00Z', '2024-01-01T00:00:00Z', NULL),
+                ('s', '1', 'scope', 'One', true, NULL, '{}',
+                 '2024-02-01T00:00:00Z', '2024-02-01T00:00:00Z', NULL),
+                ('s', '2', 'scope', 'Two', true, NULL, '{}',
+                 '2024-02-01T00:00:00Z', '2024-03-01T00:00:00Z', '2024-03-01T00:00:00Z')"
+    } else {
+        "INSERT INTO departments (source, external_id, scope_id, name, is_active,
+             source_updated_at, raw, first_synced_at, last_changed_at, deleted_at)
+         VALUES ('s', 'a', 'scope', 'A', 1, '2021-01-01T00:00:00.000000Z', '{}',
+                 '2024-01-01T00:00:00.000000Z', '2024-01-01T00:00:00.000000Z', NULL),
+                ('s', '1', 'scope', 'One', 1, NULL, '{}',
+                 '2024-02-01T00:00:00.000000Z', '2024-02-01T00:00:00.000000Z', NULL),
+                ('s', '2', 'scope', 'Two', 1, NULL, '{}',
+                 '2024-02-01T00:00:00.000000Z', '2024-03-01T00:00:00.000000Z',
+                 '2024-03-01T00:00:00.000000Z')"
+    };
+    let db = TestStore::upgraded(postgres, BEFORE_HISTORY, setup).await;
 
     assert_eq!(
         versions_of(&db, "a").await,
         [("A".to_owned(), false, at(2021, 1, 1), None)],
         "with a vendor's update time, the version starts there"
     );
-    let first_synced = db
-        .instants("SELECT first_synced_at FROM departments WHERE external_id = '1'")
-        .await[0]
-        .unwrap();
-    let one = versions_of(&db, "1").await;
-    assert_eq!(one.len(), 1);
-    assert_eq!(one[0].2, first_synced, "without one, at its first sync");
-    let two = versions_of(&db, "2").await;
-    let deleted_at = db
-        .instants("SELECT deleted_at FROM departments WHERE external_id = '2'")
-        .await[0]
-        .unwrap();
-    assert_eq!(two.len(), 2, "a deleted department: live, then deleted");
-    assert_eq!((two[0].1, two[0].3), (false, Some(deleted_at)));
-    assert_eq!((two[1].1, two[1].2, two[1].3), (true, deleted_at, None));
+    assert_eq!(
+        versions_of(&db, "1").await,
+        [("One".to_owned(), false, at(2024, 2, 1), None)],
+        "without one, at its first sync"
+    );
+    assert_eq!(
+        versions_of(&db, "2").await,
+        [
+            (
+                "Two".to_owned(),
+                false,
+                at(2024, 2, 1),
+                Some(at(2024, 3, 1))
+            ),
+            ("Two".to_owned(), true, at(2024, 3, 1), None),
+        ],
+        "a deleted department: live, then deleted"
+    );
+    let (versions, _) = read_feed(&db.store, FeedToken::START, &[]).await;
+    assert_eq!(
+        versions.len(),
+        4,
+        "and the feed has them from the beginning"
+    );
 
     // History goes on from there.
     commit_windowed(
@@ -628,12 +649,28 @@ async fn an_upgraded_database_starts_its_history_at_once(db: TestStore) {
         &[department("a", "B", Some(at(2022, 1, 1)))],
     )
     .await;
-    assert_eq!(versions_of(&db, "a").await.len(), 2);
+    assert_eq!(
+        versions_of(&db, "a").await,
+        [
+            ("A".to_owned(), false, at(2021, 1, 1), Some(at(2022, 1, 1))),
+            ("B".to_owned(), false, at(2022, 1, 1), None),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_upgraded_postgresql_database_starts_its_history_at_once() {
+    an_upgraded_database_starts_its_history_at_once(true).await;
+}
+
+#[tokio::test]
+async fn an_upgraded_sqlite_database_starts_its_history_at_once() {
+    an_upgraded_database_starts_its_history_at_once(false).await;
 }
 
 /// Two sources commit at once, the one that began first committing last, while a reader
 /// polls the feed: it sees every version once. Naive readers, which move a watermark to
-/// the newest `last_changed_at` or version id they saw, miss the page that committed
+/// the newest `last_changed_at` or `observed_at` they saw, miss the page that committed
 /// late: the test shows both.
 #[tokio::test]
 async fn a_reader_never_misses_a_page_that_commits_after_a_later_one() {
@@ -752,16 +789,16 @@ async fn a_reader_never_misses_a_page_that_commits_after_a_later_one() {
         .collect();
     assert_eq!(seen, expected, "every version exactly once");
     naive.seen_by_time.sort();
-    naive.seen_by_id.sort();
+    naive.seen_by_observed.sort();
     assert_eq!(
         naive.seen_by_time,
         ["b0"],
         "a watermark on last_changed_at skips a's page"
     );
     assert_eq!(
-        naive.seen_by_id,
+        naive.seen_by_observed,
         ["b0"],
-        "a watermark on the version id skips a's page"
+        "a watermark on the versions' observed_at skips a's page"
     );
 }
 
@@ -769,9 +806,9 @@ async fn a_reader_never_misses_a_page_that_commits_after_a_later_one() {
 #[derive(Default)]
 struct NaiveReaders {
     changed_after: Option<DateTime<Utc>>,
-    id_after: i64,
+    observed_after: Option<DateTime<Utc>>,
     seen_by_time: Vec<String>,
-    seen_by_id: Vec<String>,
+    seen_by_observed: Vec<String>,
 }
 
 impl NaiveReaders {
@@ -788,17 +825,17 @@ impl NaiveReaders {
             self.seen_by_time.push(id);
             self.changed_after = Some(changed);
         }
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT external_id, version_id FROM department_versions
-             WHERE version_id > $1 ORDER BY version_id",
+        let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT external_id, observed_at FROM department_versions
+             WHERE $1::timestamptz IS NULL OR observed_at > $1 ORDER BY observed_at",
         )
-        .bind(self.id_after)
+        .bind(self.observed_after)
         .fetch_all(pool)
         .await
         .unwrap();
-        for (id, version) in rows {
-            self.seen_by_id.push(id);
-            self.id_after = version;
+        for (id, observed) in rows {
+            self.seen_by_observed.push(id);
+            self.observed_after = Some(observed);
         }
     }
 }
@@ -951,9 +988,9 @@ async fn a_pass_trims_the_history_its_source_keeps_no_longer() {
         ("recent", &deptsync_stamp(Utc::now() - Duration::days(1))),
     ] {
         sqlx::query(
-            "INSERT INTO department_versions (source, external_id, name, is_active, deleted,
-                 valid_from, valid_to, observed_at)
-             VALUES ('mews', ?1, 'x', 1, 0, '2020-01-01T00:00:00.000000Z', ?2, ?2)",
+            "INSERT INTO department_history (source, external_id, name, is_active, deleted,
+                 valid_from, valid_to, observed_at, feed_position)
+             VALUES ('mews', ?1, 'x', 1, 0, '2020-01-01T00:00:00.000000Z', ?2, ?2, 1)",
         )
         .bind(id)
         .bind(to)
@@ -1012,7 +1049,7 @@ async fn versions_restored_from_another_server_are_read_from_the_beginning() {
         &[department("a", "A", Some(at(2021, 1, 1)))],
     )
     .await;
-    db.execute("UPDATE department_versions SET commit_xid = commit_xid + 1000000000")
+    db.execute("UPDATE departments SET version_position = version_position + 1000000000")
         .await;
     let (versions, _) = read_feed_now(&db.store, FeedToken::START, &[]).await;
     assert!(

@@ -239,14 +239,24 @@ impl PgStore {
     /// rows: every version this server wrote is below its next transaction id.
     async fn readmit_restored_versions(&self) -> Result<(), StoreError> {
         let readmitted = sqlx::query(
-            "UPDATE department_versions
-             SET commit_xid = pg_current_xact_id()::text::bigint
-             WHERE commit_xid >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+            "WITH history AS (
+                 UPDATE department_history
+                 SET feed_position = pg_current_xact_id()::text::bigint
+                 WHERE feed_position >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+                 RETURNING 1
+             ),
+             current AS (
+                 UPDATE departments
+                 SET version_position = pg_current_xact_id()::text::bigint
+                 WHERE version_position >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+                 RETURNING 1
+             )
+             SELECT (SELECT count(*) FROM history) + (SELECT count(*) FROM current)",
         )
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await
-        .map_err(db("readmitting restored versions to the change feed"))?
-        .rows_affected();
+        .map_err(db("readmitting restored versions to the change feed"))?;
+        let readmitted: i64 = sqlx::Row::get(&readmitted, 0);
         if readmitted > 0 {
             tracing::warn!(
                 readmitted,

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::departments::{self, Load};
 use crate::model::{Department, RunId};
 use crate::store::checkpoint::{PageTransaction, Written};
+use crate::store::history::HistoryWriter;
 use crate::store::statements::{Value, impl_statements};
 use crate::store::{StoreError, db};
 
@@ -56,6 +57,12 @@ fn bind<'q>(
     })
 }
 
+impl HistoryWriter for PgTx<'_> {
+    // A setting of the transaction only (`true`): nothing outlives it on the connection.
+    const BEGIN_VERSIONS: &'static str =
+        "SELECT set_config('deptsync.run', CAST($1::uuid AS text), true)";
+}
+
 impl PageTransaction for PgTx<'_> {
     const RECORD_SEEN: &'static str =
         "INSERT INTO listing_seen_pages (source, listing_id, external_ids) VALUES ($1, $2, $3)";
@@ -85,21 +92,28 @@ impl PageTransaction for PgTx<'_> {
 
     /// Tells listeners on `deptsync_changes`, as the transaction commits, which source and
     /// run wrote how many versions, and the transaction's id (`xid`): the versions are
-    /// readable once the feed's token is past it (a JSON object).
+    /// readable once the feed's token is past it (a JSON object). The trigger counts the
+    /// versions it opened in the transaction's `deptsync.versions`.
     async fn versions_written(
         &mut self,
         source: &str,
         run: RunId,
-        versions: u64,
+        inserted: u64,
+        changed: bool,
     ) -> Result<(), StoreError> {
         sqlx::query(
             "SELECT pg_notify('deptsync_changes', json_build_object(
-                 'source', $1::text, 'run', $2::uuid, 'versions', $3::bigint,
-                 'xid', pg_current_xact_id()::text::bigint)::text)",
+                 'source', $1::text, 'run', $2::uuid, 'versions', versions,
+                 'xid', pg_current_xact_id()::text::bigint)::text)
+             FROM (SELECT $3::bigint + CASE WHEN $4 THEN COALESCE(NULLIF(
+                       current_setting('deptsync.versions', true), ''), '0')::bigint
+                   ELSE 0 END AS versions) opened
+             WHERE versions > 0",
         )
         .bind(source)
         .bind(run.0)
-        .bind(versions as i64)
+        .bind(inserted as i64)
+        .bind(changed)
         .execute(&mut *self.tx)
         .await
         .map_err(db("telling listeners of the new versions"))?;

@@ -255,12 +255,10 @@ impl Backend for SqliteStore {
 }
 
 impl FeedQueries for SqliteStore {
-    const FEED_HORIZON: &'static str =
-        // The highest id ever given (AUTOINCREMENT's record, which deleting rows never
-        // lowers), and one more.
-        "SELECT COALESCE(
-             (SELECT seq FROM sqlite_sequence WHERE name = 'department_versions'), 0) + 1
-             AS horizon";
+    // The clock a reader sees is the last committed page transaction's number (its
+    // versions committed with it, one writer at a time): every position up to it is
+    // final.
+    const FEED_HORIZON: &'static str = "SELECT position + 1 AS horizon FROM feed_clock";
     const READ_FEED: &'static str = include_str!("queries/read_feed.sql");
 }
 

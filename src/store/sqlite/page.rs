@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::{BEGIN_WRITE, SqliteLease, now, stamp};
 use crate::model::{Department, RawRecord};
 use crate::store::checkpoint::{PageTransaction, Written};
+use crate::store::history::HistoryWriter;
 use crate::store::statements::{Value, impl_statements};
 use crate::store::{StoreError, db};
 
@@ -98,6 +99,12 @@ fn bind<'q>(
         }
         Value::Now => query.bind(page.now.clone()),
     })
+}
+
+impl HistoryWriter for SqliteTx<'_> {
+    // The next number of the clock, for this transaction's versions: with one writer at a
+    // time, every number below the clock's is committed.
+    const BEGIN_VERSIONS: &'static str = "UPDATE feed_clock SET position = position + 1, run = $1";
 }
 
 impl PageTransaction for SqliteTx<'_> {
