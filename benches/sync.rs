@@ -11,7 +11,8 @@
 //!    budget lifted, so that deptsync's own speed is what is measured), against the ceiling;
 //! 3. a full Procurify listing of N, then a second pass with nothing changed upstream: its
 //!    time and the rows it wrote to `departments` (from `pg_stat_user_tables`), asserting
-//!    that it wrote none to `department_versions`;
+//!    that it wrote none to `department_history` (a current version is its department's
+//!    row, so none written there means no version either);
 //! 4. deptsync's peak resident memory for the Mews sync of N and of 5 × N;
 //! 5. a Mews sync with 300 ms pages and Mews' 200 requests per 30 s enforced, over a seven
 //!    year history, with the source's default rate budget: the request rate it achieves.
@@ -467,7 +468,7 @@ page_size = {PROCURIFY_PAGE_SIZE}
         // Nothing changed: no version may be written, whatever the speed.
         ensure!(
             versions_written == 0,
-            "a pass where nothing changed wrote {versions_written} rows of department_versions"
+            "a pass where nothing changed wrote {versions_written} rows of department_history"
         );
         expect_no_violations("Procurify", &fake.shared.violations())?;
         fake.clear();
@@ -598,14 +599,14 @@ fn expect_no_violations(fake: &str, violations: &[String]) -> anyhow::Result<()>
 }
 
 /// Rows inserted, updated and deleted so far in `departments` and in
-/// `department_versions`, once the statistics of the backends that wrote them (a child
+/// `department_history` (where versions that ended go), once the statistics of the backends that wrote them (a child
 /// that has exited) have reached the collector.
 async fn rows_written(connection: &mut PgConnection) -> anyhow::Result<(i64, i64)> {
     const SQL: &str = "SELECT \
          COALESCE(sum(n_tup_ins + n_tup_upd + n_tup_del) \
                   FILTER (WHERE relname = 'departments'), 0)::bigint, \
          COALESCE(sum(n_tup_ins + n_tup_upd + n_tup_del) \
-                  FILTER (WHERE relname = 'department_versions'), 0)::bigint \
+                  FILTER (WHERE relname = 'department_history'), 0)::bigint \
          FROM pg_stat_user_tables";
     let mut last: Option<(i64, i64)> = None;
     for _ in 0..20 {
@@ -806,7 +807,7 @@ impl Report {
             "Procurify pass, nothing changed".to_owned(),
             seconds(self.procurify.second),
             format!(
-                "{} rows written to departments, none to department_versions (asserted); {:.2} of the first pass's time",
+                "{} rows written to departments (a version is a row's), none to department_history (asserted); {:.2} of the first pass's time",
                 self.procurify.second_rows_written,
                 self.procurify.second_pass_ratio()
             ),

@@ -2,8 +2,8 @@
 --
 -- A version is what deptsync normalizes (scope, name, active, parent, deleted or not) over
 -- [valid_from, valid_to). The current version of a department is its row in departments
--- (the version_* columns say when it started, which transaction and run wrote it, and when
--- it was committed); a department's earlier versions are rows of department_history, each
+-- (the version_* columns say when it started, which transaction wrote it, and when it was
+-- committed); a department's earlier versions are rows of department_history, each
 -- written by the database when an update of departments changes what a version holds (the
 -- trigger below), in the same transaction. A new department costs no row but its own: a
 -- first sync writes what it wrote before. department_versions shows both as one table.
@@ -22,9 +22,7 @@
 -- vendor's update time (when no later than its first sync) or its first sync.
 ALTER TABLE departments
     ADD COLUMN version_from        timestamptz,
-    ADD COLUMN version_position         bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
-    -- The run a page's transaction names (set_config('deptsync.run', ..., true)).
-    ADD COLUMN version_run         uuid DEFAULT (NULLIF(current_setting('deptsync.run', true), '')::uuid),
+    ADD COLUMN version_position    bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
     ADD COLUMN version_observed_at timestamptz;
 
 -- The change feed's order of current versions.
@@ -42,7 +40,6 @@ CREATE TABLE department_history (
     deleted             boolean     NOT NULL,
     valid_from          timestamptz NOT NULL,
     valid_to            timestamptz NOT NULL,
-    run_id              uuid,                   -- the run that wrote it; NULL from the upgrade
     observed_at         timestamptz NOT NULL,   -- when deptsync committed it
     feed_position       bigint      NOT NULL,   -- the transaction that wrote it
     CHECK (valid_to >= valid_from)
@@ -53,19 +50,26 @@ CREATE INDEX department_history_timeline_idx
 -- The change feed.
 CREATE INDEX department_history_feed_idx ON department_history (feed_position);
 
--- Every version: the ended ones and the current ones.
+-- Every version: the ended ones and the current ones. run_id is the run that wrote it:
+-- the source's run under way when it was committed (a source's runs never overlap).
 CREATE VIEW department_versions AS
-SELECT source, external_id, scope_id, name, is_active, parent_external_id, deleted,
-       valid_from, valid_to, run_id, observed_at, feed_position
-FROM department_history
-UNION ALL
-SELECT source, external_id, scope_id, name, is_active, parent_external_id,
-       deleted_at IS NOT NULL,
-       COALESCE(version_from,
-                CASE WHEN source_updated_at <= first_synced_at THEN source_updated_at
-                     ELSE first_synced_at END),
-       NULL, version_run, COALESCE(version_observed_at, first_synced_at), version_position
-FROM departments;
+SELECT v.*,
+       (SELECT r.run_id FROM sync_runs r
+        WHERE r.source = v.source AND r.started_at <= v.observed_at
+        ORDER BY r.started_at DESC LIMIT 1) AS run_id
+FROM (
+    SELECT source, external_id, scope_id, name, is_active, parent_external_id, deleted,
+           valid_from, valid_to, observed_at, feed_position
+    FROM department_history
+    UNION ALL
+    SELECT source, external_id, scope_id, name, is_active, parent_external_id,
+           deleted_at IS NOT NULL,
+           COALESCE(version_from,
+                    CASE WHEN source_updated_at <= first_synced_at THEN source_updated_at
+                         ELSE first_synced_at END),
+           NULL, COALESCE(version_observed_at, first_synced_at), version_position
+    FROM departments
+) v;
 
 -- Closes the current version of a department whose update changes what a version holds:
 -- the old one goes to department_history, ending where the new one starts.
@@ -90,15 +94,13 @@ BEGIN
         ELSE started END;
     INSERT INTO department_history (
         source, external_id, scope_id, name, is_active, parent_external_id, deleted,
-        valid_from, valid_to, run_id, observed_at, feed_position)
+        valid_from, valid_to, observed_at, feed_position)
     VALUES (
         OLD.source, OLD.external_id, OLD.scope_id, OLD.name, OLD.is_active,
         OLD.parent_external_id, OLD.deleted_at IS NOT NULL, started, starts,
-        OLD.version_run, COALESCE(OLD.version_observed_at, OLD.first_synced_at),
-        OLD.version_position);
+        COALESCE(OLD.version_observed_at, OLD.first_synced_at), OLD.version_position);
     NEW.version_from := starts;
     NEW.version_position := pg_current_xact_id()::text::bigint;
-    NEW.version_run := NULLIF(current_setting('deptsync.run', true), '')::uuid;
     NEW.version_observed_at := now();
     PERFORM set_config('deptsync.versions',
         (COALESCE(NULLIF(current_setting('deptsync.versions', true), ''), '0')::bigint + 1)::text,
@@ -137,9 +139,9 @@ $$;
 -- current version is deleted from when it was, after a live one.
 INSERT INTO department_history (
     source, external_id, scope_id, name, is_active, parent_external_id, deleted,
-    valid_from, valid_to, run_id, observed_at, feed_position)
+    valid_from, valid_to, observed_at, feed_position)
 SELECT source, external_id, scope_id, name, is_active, parent_external_id, false,
-       LEAST(f.valid_from, deleted_at), deleted_at, NULL, first_synced_at, version_position
+       LEAST(f.valid_from, deleted_at), deleted_at, first_synced_at, version_position
 FROM departments
 CROSS JOIN LATERAL (
     SELECT CASE WHEN source_updated_at <= last_changed_at THEN source_updated_at

@@ -3,19 +3,16 @@
 --
 -- SQLite has one writer at a time: feed_position is the number of the page transaction
 -- that wrote the version, counted in feed_clock (each page's transaction that may write
--- departments takes the next number, and the run it belongs to). Every position below the
--- clock's is committed.
+-- departments takes the next number). Every position up to the clock's is committed.
 
 CREATE TABLE feed_clock (
     only_row  INTEGER PRIMARY KEY CHECK (only_row = 1),
-    position  INTEGER NOT NULL,
-    run       TEXT
+    position  INTEGER NOT NULL
 );
-INSERT INTO feed_clock (only_row, position, run) VALUES (1, 1, NULL);
+INSERT INTO feed_clock (only_row, position) VALUES (1, 1);
 
 ALTER TABLE departments ADD COLUMN version_from TEXT;
 ALTER TABLE departments ADD COLUMN version_position INTEGER NOT NULL DEFAULT 1;
-ALTER TABLE departments ADD COLUMN version_run TEXT;
 ALTER TABLE departments ADD COLUMN version_observed_at TEXT;
 
 CREATE INDEX departments_version_position_idx ON departments (version_position);
@@ -30,7 +27,6 @@ CREATE TABLE department_history (
     deleted             INTEGER NOT NULL CHECK (deleted IN (0, 1)),
     valid_from          TEXT    NOT NULL,
     valid_to            TEXT    NOT NULL,
-    run_id              TEXT,
     observed_at         TEXT    NOT NULL,
     feed_position       INTEGER NOT NULL,
     CHECK (valid_to >= valid_from)
@@ -40,17 +36,23 @@ CREATE INDEX department_history_timeline_idx
 CREATE INDEX department_history_feed_idx ON department_history (feed_position);
 
 CREATE VIEW department_versions AS
-SELECT source, external_id, scope_id, name, is_active, parent_external_id, deleted,
-       valid_from, valid_to, run_id, observed_at, feed_position
-FROM department_history
-UNION ALL
-SELECT source, external_id, scope_id, name, is_active, parent_external_id,
-       deleted_at IS NOT NULL,
-       COALESCE(version_from,
-                CASE WHEN source_updated_at <= first_synced_at THEN source_updated_at
-                     ELSE first_synced_at END),
-       NULL, version_run, COALESCE(version_observed_at, first_synced_at), version_position
-FROM departments;
+SELECT v.*,
+       (SELECT r.run_id FROM sync_runs r
+        WHERE r.source = v.source AND r.started_at <= v.observed_at
+        ORDER BY r.started_at DESC LIMIT 1) AS run_id
+FROM (
+    SELECT source, external_id, scope_id, name, is_active, parent_external_id, deleted,
+           valid_from, valid_to, observed_at, feed_position
+    FROM department_history
+    UNION ALL
+    SELECT source, external_id, scope_id, name, is_active, parent_external_id,
+           deleted_at IS NOT NULL,
+           COALESCE(version_from,
+                    CASE WHEN source_updated_at <= first_synced_at THEN source_updated_at
+                         ELSE first_synced_at END),
+           NULL, COALESCE(version_observed_at, first_synced_at), version_position
+    FROM departments
+) v;
 
 -- Closes the current version of a department whose update changed what a version holds:
 -- the old one goes to department_history, ending where the new one starts. The
@@ -63,7 +65,7 @@ WHEN (OLD.scope_id, OLD.name, OLD.is_active, OLD.parent_external_id, OLD.deleted
 BEGIN
     INSERT INTO department_history (
         source, external_id, scope_id, name, is_active, parent_external_id, deleted,
-        valid_from, valid_to, run_id, observed_at, feed_position)
+        valid_from, valid_to, observed_at, feed_position)
     SELECT OLD.source, OLD.external_id, OLD.scope_id, OLD.name, OLD.is_active,
            OLD.parent_external_id, OLD.deleted_at IS NOT NULL, started,
            CASE WHEN NEW.deleted_at IS NULL AND NEW.source_updated_at > started
@@ -71,8 +73,7 @@ BEGIN
                 THEN NEW.source_updated_at
                 WHEN NEW.last_changed_at > started THEN NEW.last_changed_at
                 ELSE started END,
-           OLD.version_run, COALESCE(OLD.version_observed_at, OLD.first_synced_at),
-           OLD.version_position
+           COALESCE(OLD.version_observed_at, OLD.first_synced_at), OLD.version_position
     FROM (SELECT COALESCE(OLD.version_from,
                           CASE WHEN OLD.source_updated_at <= OLD.first_synced_at
                                THEN OLD.source_updated_at
@@ -82,7 +83,6 @@ BEGIN
                         WHERE source = OLD.source AND external_id = OLD.external_id
                         ORDER BY valid_to DESC LIMIT 1),
         version_position = (SELECT position FROM feed_clock),
-        version_run = (SELECT run FROM feed_clock),
         version_observed_at = NEW.last_changed_at
     WHERE source = NEW.source AND external_id = NEW.external_id;
 END;
@@ -90,11 +90,11 @@ END;
 -- A database from before history starts it at once: see PostgreSQL's migration.
 INSERT INTO department_history (
     source, external_id, scope_id, name, is_active, parent_external_id, deleted,
-    valid_from, valid_to, run_id, observed_at, feed_position)
+    valid_from, valid_to, observed_at, feed_position)
 SELECT source, external_id, scope_id, name, is_active, parent_external_id, 0,
        min(CASE WHEN source_updated_at <= last_changed_at THEN source_updated_at
                 ELSE first_synced_at END, deleted_at),
-       deleted_at, NULL, first_synced_at, 1
+       deleted_at, first_synced_at, 1
 FROM departments
 WHERE deleted_at IS NOT NULL;
 

@@ -2,8 +2,8 @@
 //! primitives each backend offers inside the page's transaction ([`PageTransaction`]).
 //!
 //! A page commit ([`commit_page`]) is one transaction: the page's departments are
-//! written (the database keeping their history, for the run the transaction names:
-//! [`super::history`]), its rejected records kept, the [`Checkpoint`] that follows it
+//! written (the database keeping their history: [`super::history`]), its rejected
+//! records kept, the [`Checkpoint`] that follows it
 //! applied, and the page counted in its run. A crash anywhere loses the whole page and its checkpoint
 //! together, so the next pass reads the page again: nothing lost, at most one page
 //! repeated.
@@ -23,8 +23,7 @@ use std::future::Future;
 use uuid::Uuid;
 
 use super::StoreError;
-use super::history::{self, HistoryWriter};
-use super::statements::{self, StoredRow, Value};
+use super::statements::{self, Statements, StoredRow, Value};
 use crate::model::{
     Checkpoint, DeletionPolicy, Department, PageCounts, RejectedRecord, RunId, RunMode, Window,
     WithheldDeletions,
@@ -77,7 +76,7 @@ pub(crate) struct ScopeCount {
 /// share ([`Statements`]): its way of writing departments, and its statements about what
 /// listings saw, each one text in its dialect with the parameters its documentation
 /// names. What they add up to is decided by [`commit_page`].
-pub(crate) trait PageTransaction: HistoryWriter {
+pub(crate) trait PageTransaction: Statements {
     /// Records that listing `$2` of source `$1` saw the ids `$3` (a list of texts).
     const RECORD_SEEN: &'static str;
     /// Forgets what the listings `$2` (a list of ids; NULL: every listing) of source `$1`
@@ -104,6 +103,13 @@ pub(crate) trait PageTransaction: HistoryWriter {
         departments: &[&Department],
         listing: Option<Uuid>,
     ) -> impl Future<Output = Result<Written, StoreError>> + Send;
+
+    /// The transaction is about to write departments, and with them versions (see
+    /// [`super::history`]): a backend that counts the feed's positions itself (SQLite)
+    /// takes the next one here.
+    fn begin_versions(&mut self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async { Ok(()) }
+    }
 
     /// The transaction opened versions of `source`'s departments for run `run`: one for
     /// each of the `inserted` new departments, and, when it `changed` stored ones, one
@@ -215,7 +221,7 @@ pub(crate) async fn commit_page<T: PageTransaction>(
     // One statement cannot write a row twice: keep the newest version of each id.
     let newest = newest_versions(departments);
     if !newest.is_empty() || matches!(checkpoint, Checkpoint::ListingDone { .. }) {
-        history::begin_versions(&mut tx, run).await?;
+        tx.begin_versions().await?;
     }
     let written = if newest.is_empty() {
         Written::default()

@@ -9,8 +9,9 @@
 //! transaction, whichever statement wrote it. So a new department costs nothing but its
 //! row (a first sync writes what it wrote before), a change of the raw record only writes
 //! no version, and a backfill that reads old updates again changes no row (a row is never
-//! replaced by an older version), so it rewrites no history. A page's transaction names
-//! the run it writes for ([`begin_versions`]) before it writes departments.
+//! replaced by an older version), so it rewrites no history. A version's run is the
+//! source's run under way when it was committed (a source's runs never overlap), which
+//! the view finds: writing a department costs nothing more.
 //!
 //! When a version starts (`valid_from`): the vendor's update time where the API gives one
 //! and it lies after the previous version's start and no later than the commit; else the
@@ -30,28 +31,6 @@ use chrono::Utc;
 use super::StoreError;
 use super::statements::{Statements, StoredRow, Value};
 use crate::model::{DepartmentVersion, FeedToken, RunId};
-
-/// Names `run` as the writer of the versions this page's transaction opens, before it
-/// writes departments (PostgreSQL: a setting of the transaction, which the trigger and
-/// the columns' defaults read; SQLite: the next number of the feed's clock).
-pub(crate) async fn begin_versions<T: HistoryWriter>(
-    tx: &mut T,
-    run: RunId,
-) -> Result<(), StoreError> {
-    tx.execute(
-        T::BEGIN_VERSIONS,
-        &[Value::Id(Some(run.0))],
-        "naming the run of the page's versions",
-    )
-    .await?;
-    Ok(())
-}
-
-/// How a backend's page transaction names the run its versions belong to.
-pub(crate) trait HistoryWriter: Statements {
-    /// Names run `$1` (an id) as the writer of this transaction's versions.
-    const BEGIN_VERSIONS: &'static str;
-}
 
 /// Deletes the versions of `source` that ended more than `retention` ago and were written
 /// more than `retention` ago (so that a reader of the feed has had that long to read

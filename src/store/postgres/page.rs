@@ -9,7 +9,6 @@ use uuid::Uuid;
 use super::departments::{self, Load};
 use crate::model::{Department, RunId};
 use crate::store::checkpoint::{PageTransaction, Written};
-use crate::store::history::HistoryWriter;
 use crate::store::statements::{Value, impl_statements};
 use crate::store::{StoreError, db};
 
@@ -55,12 +54,6 @@ fn bind<'q>(
         Value::Ids(ids) => query.bind(ids),
         Value::Now => query.bind(None::<DateTime<Utc>>),
     })
-}
-
-impl HistoryWriter for PgTx<'_> {
-    // A setting of the transaction only (`true`): nothing outlives it on the connection.
-    const BEGIN_VERSIONS: &'static str =
-        "SELECT set_config('deptsync.run', CAST($1::uuid AS text), true)";
 }
 
 impl PageTransaction for PgTx<'_> {

@@ -9,8 +9,7 @@ use uuid::Uuid;
 use super::{BEGIN_WRITE, SqliteLease, now, stamp};
 use crate::model::{Department, RawRecord};
 use crate::store::checkpoint::{PageTransaction, Written};
-use crate::store::history::HistoryWriter;
-use crate::store::statements::{Value, impl_statements};
+use crate::store::statements::{Statements, Value, impl_statements};
 use crate::store::{StoreError, db};
 
 const UPSERT_DEPARTMENTS: &str = include_str!("queries/upsert_departments.sql");
@@ -101,13 +100,19 @@ fn bind<'q>(
     })
 }
 
-impl HistoryWriter for SqliteTx<'_> {
-    // The next number of the clock, for this transaction's versions: with one writer at a
-    // time, every number below the clock's is committed.
-    const BEGIN_VERSIONS: &'static str = "UPDATE feed_clock SET position = position + 1, run = $1";
-}
-
 impl PageTransaction for SqliteTx<'_> {
+    /// Takes the next number of the feed's clock for this transaction's versions: with one
+    /// writer at a time, every number up to the clock's is committed.
+    async fn begin_versions(&mut self) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE feed_clock SET position = position + 1",
+            &[],
+            "taking the change feed's next position",
+        )
+        .await?;
+        Ok(())
+    }
+
     const RECORD_SEEN: &'static str = "INSERT INTO listing_seen (source, listing_id, external_id)
          SELECT $1, $2, value FROM json_each($3) WHERE true
          ON CONFLICT DO NOTHING";

@@ -26,13 +26,13 @@ WITH incoming AS (
 INSERT INTO departments AS d (
     source, external_id, scope_id, name, is_active, parent_external_id,
     source_created_at, source_updated_at, raw, deleted_at, first_synced_at, last_changed_at,
-    version_position, version_run
+    version_position
 )
 SELECT $1, external_id, scope_id, name, is_active, parent_external_id,
        source_created_at, source_updated_at, raw, NULL, $2, $2,
        -- A new department's first version: this transaction's place in the feed. A
        -- stored one's versions are the trigger's (migrations/sqlite/*_history.sql).
-       (SELECT position FROM feed_clock), (SELECT run FROM feed_clock)
+       (SELECT position FROM feed_clock)
 FROM incoming
 WHERE true -- SQLite's parser needs a WHERE before ON CONFLICT when inserting from a SELECT
 ON CONFLICT (source, external_id) DO UPDATE SET
