@@ -2,8 +2,9 @@
 -- PostgreSQL's migration of the same name for what a version is and when it starts.
 --
 -- SQLite has one writer at a time: feed_position is the number of the page transaction
--- that wrote the version, counted in feed_clock (each page's transaction that may write
--- departments takes the next number). Every position up to the clock's is committed.
+-- that wrote the version, counted in feed_clock: a page's transaction writes its versions
+-- at the clock's next number, and moves the clock there as it commits, when it wrote any.
+-- Every position up to the clock's is committed.
 
 CREATE TABLE feed_clock (
     only_row  INTEGER PRIMARY KEY CHECK (only_row = 1),
@@ -82,7 +83,7 @@ BEGIN
     SET version_from = (SELECT valid_to FROM department_history
                         WHERE source = OLD.source AND external_id = OLD.external_id
                         ORDER BY valid_to DESC LIMIT 1),
-        version_position = (SELECT position FROM feed_clock),
+        version_position = (SELECT position + 1 FROM feed_clock),
         version_observed_at = NEW.last_changed_at
     WHERE source = NEW.source AND external_id = NEW.external_id;
 END;

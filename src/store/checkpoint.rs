@@ -104,17 +104,11 @@ pub(crate) trait PageTransaction: Statements {
         listing: Option<Uuid>,
     ) -> impl Future<Output = Result<Written, StoreError>> + Send;
 
-    /// The transaction is about to write departments, and with them versions (see
-    /// [`super::history`]): a backend that counts the feed's positions itself (SQLite)
-    /// takes the next one here.
-    fn begin_versions(&mut self) -> impl Future<Output = Result<(), StoreError>> + Send {
-        async { Ok(()) }
-    }
-
     /// The transaction opened versions of `source`'s departments for run `run`: one for
     /// each of the `inserted` new departments, and, when it `changed` stored ones, one
     /// for each whose version the database's trigger closed. A backend that can tell
-    /// listeners (PostgreSQL's `NOTIFY`) does so as it commits.
+    /// listeners (PostgreSQL's `NOTIFY`) does so as it commits; one that counts the
+    /// feed's positions itself (SQLite) moves its count on.
     fn versions_written(
         &mut self,
         source: &str,
@@ -220,9 +214,6 @@ pub(crate) async fn commit_page<T: PageTransaction>(
     } = *page;
     // One statement cannot write a row twice: keep the newest version of each id.
     let newest = newest_versions(departments);
-    if !newest.is_empty() || matches!(checkpoint, Checkpoint::ListingDone { .. }) {
-        tx.begin_versions().await?;
-    }
     let written = if newest.is_empty() {
         Written::default()
     } else {

@@ -101,13 +101,20 @@ fn bind<'q>(
 }
 
 impl PageTransaction for SqliteTx<'_> {
-    /// Takes the next number of the feed's clock for this transaction's versions: with one
-    /// writer at a time, every number up to the clock's is committed.
-    async fn begin_versions(&mut self) -> Result<(), StoreError> {
+    /// Moves the feed's clock to the number this transaction wrote its versions at (the
+    /// clock's next): with one writer at a time, every number up to the clock's is
+    /// committed.
+    async fn versions_written(
+        &mut self,
+        _source: &str,
+        _run: crate::model::RunId,
+        _inserted: u64,
+        _changed: bool,
+    ) -> Result<(), StoreError> {
         self.execute(
             "UPDATE feed_clock SET position = position + 1",
             &[],
-            "taking the change feed's next position",
+            "moving the change feed's clock",
         )
         .await?;
         Ok(())

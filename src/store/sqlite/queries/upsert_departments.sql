@@ -30,9 +30,10 @@ INSERT INTO departments AS d (
 )
 SELECT $1, external_id, scope_id, name, is_active, parent_external_id,
        source_created_at, source_updated_at, raw, NULL, $2, $2,
-       -- A new department's first version: this transaction's place in the feed. A
-       -- stored one's versions are the trigger's (migrations/sqlite/*_history.sql).
-       (SELECT position FROM feed_clock)
+       -- A new department's first version: this transaction's place in the feed, the
+       -- clock's next (taken when the page commits). A stored one's versions are the
+       -- trigger's (migrations/sqlite/*_history.sql).
+       (SELECT position + 1 FROM feed_clock)
 FROM incoming
 WHERE true -- SQLite's parser needs a WHERE before ON CONFLICT when inserting from a SELECT
 ON CONFLICT (source, external_id) DO UPDATE SET
