@@ -268,6 +268,24 @@ enum Backing {
     Sqlite(#[allow(dead_code)] TempDir),
 }
 
+/// The lock of `source` and an incremental run under it.
+pub async fn locked_run(
+    store: &deptsync::store::AnyStore,
+    source: &str,
+) -> (deptsync::store::AnyLease, deptsync::model::RunId) {
+    use deptsync::store::Store;
+    let mut lease = store
+        .try_lock(source)
+        .await
+        .unwrap()
+        .expect("the lock is free");
+    let run = store
+        .start_run(&mut lease, source, deptsync::model::RunMode::Incremental)
+        .await
+        .unwrap();
+    (lease, run)
+}
+
 /// Runs each named case (an `async fn(TestStore)`) once on each store, as
 /// `<module>::<case>::postgres` and `<module>::<case>::sqlite`, so that they cannot drift.
 macro_rules! on_both_stores {
@@ -320,14 +338,10 @@ impl TestStore {
         }
     }
 
-    /// The integer `sql` selects (SQL both kinds speak).
+    /// The integer `sql` selects (SQL both kinds speak), of its first row.
     pub async fn count(&self, sql: &str) -> i64 {
-        use deptsync::store::AnyStore;
-        match &self.store {
-            AnyStore::Postgres(store) => sqlx::query_scalar(sql).fetch_one(store.pool()).await,
-            AnyStore::Sqlite(store) => sqlx::query_scalar(sql).fetch_one(store.pool()).await,
-        }
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        let rows = self.scalars::<i64>(sql).await;
+        *rows.first().unwrap_or_else(|| panic!("{sql}: no row"))
     }
 
     /// The text `sql` selects, if any row.

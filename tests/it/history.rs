@@ -8,11 +8,11 @@ use deptsync::model::{
     Checkpoint, DeletionPolicy, Department, DepartmentVersion, FeedToken, Ledger, LedgerWindow,
     RawRecord, RunId, RunMode, Window, WindowState,
 };
-use deptsync::store::{AnyLease, AnyStore, Commit, Store};
+use deptsync::store::{AnyStore, Commit, Store};
 use uuid::Uuid;
 
 use crate::helpers::{
-    TempDir, TestStore, mews_config, on_both_stores, run_binary, sqlite_url, stderr,
+    TempDir, TestStore, locked_run, mews_config, on_both_stores, run_binary, sqlite_url, stderr,
 };
 
 on_both_stores!(
@@ -44,16 +44,6 @@ fn department(id: &str, name: &str, updated: Option<DateTime<Utc>>) -> Departmen
         source_updated_at: updated,
         raw: RawRecord::from_value(&serde_json::json!({ "id": id, "name": name })),
     }
-}
-
-/// The lock of `source` and a run under it.
-async fn locked_run(store: &AnyStore, source: &str) -> (AnyLease, RunId) {
-    let mut lease = store.try_lock(source).await.unwrap().expect("lock is free");
-    let run = store
-        .start_run(&mut lease, source, RunMode::Incremental)
-        .await
-        .unwrap();
-    (lease, run)
 }
 
 /// A one-window ledger and the checkpoint of its last page.
@@ -93,6 +83,12 @@ async fn commit_windowed(store: &AnyStore, source: &str, departments: &[Departme
         store.commit_page(&mut lease, &commit).await.unwrap();
     }
     store.unlock(lease).await;
+}
+
+/// Commits one department of `source`, `id` named `name` and updated at `updated`, as a
+/// one-window pass.
+async fn put(db: &TestStore, source: &str, id: &str, name: &str, updated: DateTime<Utc>) {
+    commit_windowed(&db.store, source, &[department(id, name, Some(updated))]).await;
 }
 
 /// Commits `ids` of source `s` as one complete listing confirming `confirms`, no guard.
@@ -253,12 +249,7 @@ async fn an_insert_opens_a_version_and_an_unchanged_page_writes_none(db: TestSto
 }
 
 async fn a_change_closes_the_current_version_and_opens_the_next(db: TestStore) {
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "Front desk", Some(at(2021, 3, 1)))],
-    )
-    .await;
+    put(&db, "s", "a", "Front desk", at(2021, 3, 1)).await;
     let mut moved = department("a", "Reception", Some(at(2022, 5, 1)));
     moved.parent_external_id = Some("lobby".to_owned());
     commit_windowed(&db.store, "s", &[moved]).await;
@@ -296,21 +287,11 @@ async fn a_change_closes_the_current_version_and_opens_the_next(db: TestStore) {
 }
 
 async fn a_change_the_vendor_dates_no_later_starts_at_the_commit(db: TestStore) {
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "Front desk", Some(at(2021, 3, 1)))],
-    )
-    .await;
+    put(&db, "s", "a", "Front desk", at(2021, 3, 1)).await;
     // Renamed, but the vendor's update time did not move: the change cannot have held
     // since then (the old name did), so it starts when deptsync saw it.
     let before = Utc::now() - Duration::seconds(5);
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "Reception", Some(at(2021, 3, 1)))],
-    )
-    .await;
+    put(&db, "s", "a", "Reception", at(2021, 3, 1)).await;
     let versions = versions_of(&db, "a").await;
     assert_eq!(versions.len(), 2, "{versions:?}");
     let (_, _, from, to) = &versions[1];
@@ -356,26 +337,11 @@ async fn a_deletion_and_a_revival_each_open_a_version(db: TestStore) {
 }
 
 async fn a_backfill_of_old_updates_rewrites_no_history(db: TestStore) {
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "Old", Some(at(2021, 1, 1)))],
-    )
-    .await;
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "New", Some(at(2022, 1, 1)))],
-    )
-    .await;
+    put(&db, "s", "a", "Old", at(2021, 1, 1)).await;
+    put(&db, "s", "a", "New", at(2022, 1, 1)).await;
     let before = versions_of(&db, "a").await;
     // A backfill reads the old update again.
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "Old", Some(at(2021, 1, 1)))],
-    )
-    .await;
+    put(&db, "s", "a", "Old", at(2021, 1, 1)).await;
     assert_eq!(versions_of(&db, "a").await, before);
     assert_eq!(before.len(), 2);
 }
@@ -468,12 +434,7 @@ async fn the_feed_gives_each_version_once_and_a_token_to_resume_from(db: TestSto
     // On PostgreSQL it moves on with the cluster's transactions, even with no version.
     assert!(same >= next, "and the token never goes back");
 
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("00007", "B", Some(at(2022, 1, 1)))],
-    )
-    .await;
+    put(&db, "s", "00007", "B", at(2022, 1, 1)).await;
     let (changed, later) = read_feed(&db.store, next, &[]).await;
     let names: Vec<(&str, &str)> = changed
         .iter()
@@ -488,18 +449,8 @@ async fn the_feed_gives_each_version_once_and_a_token_to_resume_from(db: TestSto
 }
 
 async fn the_feed_reads_the_named_sources_only(db: TestStore) {
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "A", Some(at(2021, 1, 1)))],
-    )
-    .await;
-    commit_windowed(
-        &db.store,
-        "t",
-        &[department("b", "B", Some(at(2021, 1, 1)))],
-    )
-    .await;
+    put(&db, "s", "a", "A", at(2021, 1, 1)).await;
+    put(&db, "t", "b", "B", at(2021, 1, 1)).await;
     let (versions, _) = read_feed(&db.store, FeedToken::START, &["t".to_owned()]).await;
     let sources: Vec<&str> = versions.iter().map(|v| v.source.as_str()).collect();
     assert_eq!(sources, ["t"]);
@@ -508,12 +459,7 @@ async fn the_feed_reads_the_named_sources_only(db: TestStore) {
 }
 
 async fn a_token_this_database_never_gave_is_refused(db: TestStore) {
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "A", Some(at(2021, 1, 1)))],
-    )
-    .await;
+    put(&db, "s", "a", "A", at(2021, 1, 1)).await;
     let (_, next) = read_feed(&db.store, FeedToken::START, &[]).await;
     // Beyond anything this database has reached: from another database, or a restore of
     // an older copy. Reading on from it would skip what lies between.
@@ -531,28 +477,13 @@ async fn a_token_this_database_never_gave_is_refused(db: TestStore) {
 async fn retention_trims_closed_versions_and_never_the_current_one(db: TestStore) {
     let now = Utc::now();
     let long_ago = now - Duration::days(400);
-    commit_windowed(&db.store, "s", &[department("a", "1", Some(long_ago))]).await;
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "2", Some(long_ago + Duration::days(10)))],
-    )
-    .await;
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "3", Some(now - Duration::days(5)))],
-    )
-    .await;
+    put(&db, "s", "a", "1", long_ago).await;
+    put(&db, "s", "a", "2", long_ago + Duration::days(10)).await;
+    put(&db, "s", "a", "3", now - Duration::days(5)).await;
     // Unchanged for 400 days: its only version is current, and stays.
-    commit_windowed(&db.store, "s", &[department("b", "1", Some(long_ago))]).await;
-    commit_windowed(&db.store, "t", &[department("a", "1", Some(long_ago))]).await;
-    commit_windowed(
-        &db.store,
-        "t",
-        &[department("a", "2", Some(long_ago + Duration::days(1)))],
-    )
-    .await;
+    put(&db, "s", "b", "1", long_ago).await;
+    put(&db, "t", "a", "1", long_ago).await;
+    put(&db, "t", "a", "2", long_ago + Duration::days(1)).await;
 
     let retention = std::time::Duration::from_secs(30 * 86_400);
     let trimmed = db.store.trim_history("s", retention).await.unwrap();
@@ -643,12 +574,7 @@ async fn an_upgraded_database_starts_its_history_at_once(postgres: bool) {
     );
 
     // History goes on from there.
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "B", Some(at(2022, 1, 1)))],
-    )
-    .await;
+    put(&db, "s", "a", "B", at(2022, 1, 1)).await;
     assert_eq!(
         versions_of(&db, "a").await,
         [
@@ -877,12 +803,7 @@ async fn a_page_that_writes_versions_notifies_listeners() {
     assert_eq!(versions.len(), 2);
     assert!(next.to_string().parse::<i64>().unwrap() > xid);
 
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "A", Some(at(2021, 1, 1)))],
-    )
-    .await;
+    put(&db, "s", "a", "A", at(2021, 1, 1)).await;
     let quiet = tokio::time::timeout(std::time::Duration::from_millis(500), listener.recv()).await;
     assert!(quiet.is_err(), "nothing changed, nothing said: {quiet:?}");
 }
@@ -1043,12 +964,7 @@ async fn versions_restored_from_another_server_are_read_from_the_beginning() {
     let AnyStore::Postgres(pg) = &db.store else {
         unreachable!()
     };
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "A", Some(at(2021, 1, 1)))],
-    )
-    .await;
+    put(&db, "s", "a", "A", at(2021, 1, 1)).await;
     db.execute("UPDATE departments SET version_position = version_position + 1000000000")
         .await;
     let (versions, _) = read_feed_now(&db.store, FeedToken::START, &[]).await;
@@ -1070,24 +986,9 @@ async fn departments_as_of_gives_what_was_live_then() {
     let AnyStore::Postgres(pg) = &db.store else {
         unreachable!()
     };
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "Front desk", Some(at(2021, 1, 1)))],
-    )
-    .await;
-    commit_windowed(
-        &db.store,
-        "s",
-        &[department("a", "Reception", Some(at(2022, 1, 1)))],
-    )
-    .await;
-    commit_windowed(
-        &db.store,
-        "t",
-        &[department("b", "Kitchen", Some(at(2021, 6, 1)))],
-    )
-    .await;
+    put(&db, "s", "a", "Front desk", at(2021, 1, 1)).await;
+    put(&db, "s", "a", "Reception", at(2022, 1, 1)).await;
+    put(&db, "t", "b", "Kitchen", at(2021, 6, 1)).await;
     let as_of = async |instant: DateTime<Utc>| -> Vec<(String, String)> {
         sqlx::query_as("SELECT source, name FROM departments_as_of($1) ORDER BY source, name")
             .bind(instant)

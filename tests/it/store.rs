@@ -281,18 +281,7 @@ fn done(window: Window) -> Checkpoint {
 
 /// The lock of source `s` and a run under it.
 async fn locked_run(db: &TestStore) -> (AnyLease, RunId) {
-    let mut lease = db
-        .store
-        .try_lock("s")
-        .await
-        .unwrap()
-        .expect("the lock is free");
-    let run = db
-        .store
-        .start_run(&mut lease, "s", RunMode::Incremental)
-        .await
-        .unwrap();
-    (lease, run)
+    crate::helpers::locked_run(&db.store, "s").await
 }
 
 /// Commits `departments` with `checkpoint` in `run`.
