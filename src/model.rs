@@ -329,7 +329,7 @@ pub struct DepartmentVersion {
     /// The vendor's update time where the API gives one, else the commit that saw it.
     pub valid_from: DateTime<Utc>,
     pub valid_to: Option<DateTime<Utc>>,
-    /// The run that wrote it (none for the versions an upgrade made).
+    /// The run that wrote it: the source's run under way when it was committed.
     pub run_id: Option<RunId>,
     /// When deptsync committed it.
     pub observed_at: DateTime<Utc>,
@@ -337,6 +337,10 @@ pub struct DepartmentVersion {
     /// number of the page transaction on SQLite.
     #[serde(skip)]
     pub position: i64,
+    /// The order of the versions of one department at one position (an upgrade writes two
+    /// for a deleted department): the ended ones first.
+    #[serde(skip)]
+    pub seq: i64,
 }
 
 /// Where a reader of the change feed stands (`deptsync changes --since`): it has every

@@ -30,6 +30,7 @@ CREATE INDEX departments_version_position_idx ON departments (version_position);
 
 -- The versions that ended.
 CREATE TABLE department_history (
+    history_id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     -- Ids compare byte by byte, as in departments (see 20261122000005_byte_order_ids).
     source              text        COLLATE "C" NOT NULL,
     external_id         text        COLLATE "C" NOT NULL,
@@ -51,15 +52,18 @@ CREATE INDEX department_history_timeline_idx
 CREATE INDEX department_history_feed_idx ON department_history (feed_position);
 
 -- Every version: the ended ones and the current ones. run_id is the run that wrote it:
--- the source's run under way when it was committed (a source's runs never overlap).
+-- the source's run under way when it was committed (a source's runs never overlap; the
+-- comparison in sync_runs' collation, so that its index serves it). feed_seq orders the
+-- versions of one department that one transaction wrote (an upgrade writes two for a
+-- deleted department): the ended ones in their order, the current one last.
 CREATE VIEW department_versions AS
 SELECT v.*,
        (SELECT r.run_id FROM sync_runs r
-        WHERE r.source = v.source AND r.started_at <= v.observed_at
+        WHERE r.source = v.source COLLATE "default" AND r.started_at <= v.observed_at
         ORDER BY r.started_at DESC LIMIT 1) AS run_id
 FROM (
     SELECT source, external_id, scope_id, name, is_active, parent_external_id, deleted,
-           valid_from, valid_to, observed_at, feed_position
+           valid_from, valid_to, observed_at, feed_position, history_id AS feed_seq
     FROM department_history
     UNION ALL
     SELECT source, external_id, scope_id, name, is_active, parent_external_id,
@@ -67,7 +71,8 @@ FROM (
            COALESCE(version_from,
                     CASE WHEN source_updated_at <= first_synced_at THEN source_updated_at
                          ELSE first_synced_at END),
-           NULL, COALESCE(version_observed_at, first_synced_at), version_position
+           NULL, COALESCE(version_observed_at, first_synced_at), version_position,
+           9223372036854775807
     FROM departments
 ) v;
 
@@ -81,6 +86,11 @@ DECLARE
              ELSE OLD.first_synced_at END);
     starts timestamptz;
 BEGIN
+    -- A first version's start depends on the vendor's update time, which the next update
+    -- may move: it is kept as it was.
+    IF OLD.version_from IS NULL THEN
+        NEW.version_from := started;
+    END IF;
     IF (OLD.scope_id, OLD.name, OLD.is_active, OLD.parent_external_id, OLD.deleted_at IS NULL)
        IS NOT DISTINCT FROM
        (NEW.scope_id, NEW.name, NEW.is_active, NEW.parent_external_id, NEW.deleted_at IS NULL)

@@ -19,6 +19,7 @@ ALTER TABLE departments ADD COLUMN version_observed_at TEXT;
 CREATE INDEX departments_version_position_idx ON departments (version_position);
 
 CREATE TABLE department_history (
+    history_id          INTEGER PRIMARY KEY,
     source              TEXT    NOT NULL,
     external_id         TEXT    NOT NULL,
     scope_id            TEXT,
@@ -43,7 +44,7 @@ SELECT v.*,
         ORDER BY r.started_at DESC LIMIT 1) AS run_id
 FROM (
     SELECT source, external_id, scope_id, name, is_active, parent_external_id, deleted,
-           valid_from, valid_to, observed_at, feed_position
+           valid_from, valid_to, observed_at, feed_position, history_id AS feed_seq
     FROM department_history
     UNION ALL
     SELECT source, external_id, scope_id, name, is_active, parent_external_id,
@@ -51,7 +52,8 @@ FROM (
            COALESCE(version_from,
                     CASE WHEN source_updated_at <= first_synced_at THEN source_updated_at
                          ELSE first_synced_at END),
-           NULL, COALESCE(version_observed_at, first_synced_at), version_position
+           NULL, COALESCE(version_observed_at, first_synced_at), version_position,
+           9223372036854775807
     FROM departments
 ) v;
 
@@ -81,10 +83,24 @@ BEGIN
                                ELSE OLD.first_synced_at END) AS started);
     UPDATE departments
     SET version_from = (SELECT valid_to FROM department_history
-                        WHERE source = OLD.source AND external_id = OLD.external_id
-                        ORDER BY valid_to DESC LIMIT 1),
+                        WHERE history_id = last_insert_rowid()),
         version_position = (SELECT position + 1 FROM feed_clock),
         version_observed_at = NEW.last_changed_at
+    WHERE source = NEW.source AND external_id = NEW.external_id;
+END;
+
+-- A first version's start depends on the vendor's update time, which the next update may
+-- move: an update that opens no version keeps it as it was.
+CREATE TRIGGER departments_keep_version_start
+AFTER UPDATE OF source_updated_at ON departments
+WHEN OLD.version_from IS NULL
+     AND (OLD.scope_id, OLD.name, OLD.is_active, OLD.parent_external_id, OLD.deleted_at IS NULL)
+         IS
+         (NEW.scope_id, NEW.name, NEW.is_active, NEW.parent_external_id, NEW.deleted_at IS NULL)
+BEGIN
+    UPDATE departments
+    SET version_from = CASE WHEN OLD.source_updated_at <= OLD.first_synced_at
+                            THEN OLD.source_updated_at ELSE OLD.first_synced_at END
     WHERE source = NEW.source AND external_id = NEW.external_id;
 END;
 

@@ -23,7 +23,7 @@
 //! the transactions that wrote them and only up to the oldest transaction still running,
 //! so that one that began earlier and commits later is never skipped; on SQLite, with one
 //! writer at a time, in the order of the page transactions that wrote them. A
-//! [`FeedReader`] reads in batches, in `(position, source, external_id)` order, up to the
+//! [`FeedReader`] reads in batches, in `(position, source, external_id, seq)` order, up to the
 //! horizon it took when it began, and ends with the token to read on from.
 
 use chrono::Utc;
@@ -64,21 +64,23 @@ pub trait FeedQueries {
     /// How far a reader may read now (`horizon`, an integer): every version before it is
     /// committed and no version before it can be written later.
     const FEED_HORIZON: &'static str;
-    /// At most `$6` versions after the place `($1, $2, $3)` (a position, a source and an
-    /// external id, in feed order), before the horizon `$4`, of the sources `$5` (a list;
-    /// NULL: all), in feed order. The columns of [`DepartmentVersion`], `run_id` as text.
+    /// At most `$7` versions after the place `($1, $2, $3, $4)` (a position, a source, an
+    /// external id and a sequence, in feed order), before the horizon `$5`, of the sources
+    /// `$6` (a list; NULL: all), in feed order. The columns of [`DepartmentVersion`],
+    /// `run_id` as text.
     const READ_FEED: &'static str;
 }
 
 /// How many versions one call reads.
 const FEED_BATCH: i64 = 1000;
 
-/// Where a reader stands: after the version at `(position, source, external_id)`.
+/// Where a reader stands: after the version at `(position, source, external_id, seq)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct FeedPlace {
     position: i64,
     source: String,
     external_id: String,
+    seq: i64,
 }
 
 /// A read of the change feed from a token up to the horizon taken when it began, batch
@@ -109,6 +111,7 @@ impl<'a, S> FeedReader<'a, S> {
                 position: since.0,
                 source: String::new(),
                 external_id: String::new(),
+                seq: 0,
             },
             done: false,
         }
@@ -150,6 +153,7 @@ pub(crate) async fn next_batch<Q: FeedQueries, S>(
         Value::Int(reader.place.position),
         Value::Text(Some(&reader.place.source)),
         Value::Text(Some(&reader.place.external_id)),
+        Value::Int(reader.place.seq),
         Value::Int(reader.horizon.0),
         Value::Texts((!sources.is_empty()).then_some(&sources[..])),
         Value::Int(FEED_BATCH),
@@ -168,6 +172,7 @@ pub(crate) async fn next_batch<Q: FeedQueries, S>(
                 position: last.position,
                 source: last.source.clone(),
                 external_id: last.external_id.clone(),
+                seq: last.seq,
             }
         }
         None => reader.done = true,
@@ -193,5 +198,6 @@ fn version(row: &impl StoredRow) -> Result<DepartmentVersion, StoreError> {
         run_id: row.id("run_id")?.map(RunId),
         observed_at: row.required("observed_at", StoredRow::time)?,
         position: row.required("position", StoredRow::int)?,
+        seq: row.required("seq", StoredRow::int)?,
     })
 }

@@ -17,6 +17,7 @@ use crate::helpers::{
 
 on_both_stores!(
     an_insert_opens_a_version_and_an_unchanged_page_writes_none,
+    a_later_change_of_the_raw_record_keeps_when_the_version_started,
     a_change_closes_the_current_version_and_opens_the_next,
     a_change_the_vendor_dates_no_later_starts_at_the_commit,
     a_deletion_and_a_revival_each_open_a_version,
@@ -246,6 +247,30 @@ async fn an_insert_opens_a_version_and_an_unchanged_page_writes_none(db: TestSto
         1,
         "the row itself was updated"
     );
+}
+
+async fn a_later_change_of_the_raw_record_keeps_when_the_version_started(db: TestStore) {
+    put(&db, "s", "a", "Front desk", at(2021, 3, 1)).await;
+    // The vendor touches the record after deptsync first stored it, changing nothing a
+    // version holds.
+    let mut touched = department("a", "Front desk", Some(Utc::now() + Duration::minutes(1)));
+    touched.raw = RawRecord::from_value(&serde_json::json!({ "id": "a", "note": "x" }));
+    commit_windowed(&db.store, "s", &[touched]).await;
+    assert_eq!(
+        versions_of(&db, "a").await,
+        [("Front desk".to_owned(), false, at(2021, 3, 1), None)]
+    );
+    put(
+        &db,
+        "s",
+        "a",
+        "Reception",
+        Utc::now() + Duration::minutes(2),
+    )
+    .await;
+    let versions = versions_of(&db, "a").await;
+    assert_eq!(versions.len(), 2, "{versions:?}");
+    assert_eq!(versions[0].2, at(2021, 3, 1), "{versions:?}");
 }
 
 async fn a_change_closes_the_current_version_and_opens_the_next(db: TestStore) {
@@ -571,6 +596,48 @@ async fn an_upgraded_database_starts_its_history_at_once(postgres: bool) {
         versions.len(),
         4,
         "and the feed has them from the beginning"
+    );
+    // All of them written by the upgrade's one transaction: more than a batch of them
+    // reads whole, across batches, even where a batch ends between two versions of one
+    // department (the live one, "a", sorts first: the pairs straddle the batches' ends).
+    let many: i64 = 700;
+    let setup = if postgres {
+        format!(
+            "INSERT INTO departments (source, external_id, name, is_active, raw,
+                 first_synced_at, last_changed_at, deleted_at)
+             SELECT 'm', 'd' || i, 'D', true, '{{}}', '2024-01-01T00:00:00Z',
+                    '2024-02-01T00:00:00Z', '2024-02-01T00:00:00Z'
+             FROM generate_series(1, {many}) i;
+             INSERT INTO departments (source, external_id, name, is_active, raw,
+                 first_synced_at, last_changed_at)
+             VALUES ('m', 'a', 'A', true, '{{}}', '2024-01-01T00:00:00Z',
+                     '2024-01-01T00:00:00Z')"
+        )
+    } else {
+        format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {many})
+             INSERT INTO departments (source, external_id, name, is_active, raw,
+                 first_synced_at, last_changed_at, deleted_at)
+             SELECT 'm', 'd' || i, 'D', 1, '{{}}', '2024-01-01T00:00:00.000000Z',
+                    '2024-02-01T00:00:00.000000Z', '2024-02-01T00:00:00.000000Z'
+             FROM n;
+             INSERT INTO departments (source, external_id, name, is_active, raw,
+                 first_synced_at, last_changed_at)
+             VALUES ('m', 'a', 'A', 1, '{{}}', '2024-01-01T00:00:00.000000Z',
+                     '2024-01-01T00:00:00.000000Z')"
+        )
+    };
+    let many_deleted = TestStore::upgraded(postgres, BEFORE_HISTORY, &setup).await;
+    let (versions, _) = read_feed(&many_deleted.store, FeedToken::START, &[]).await;
+    let distinct: std::collections::HashSet<(&str, bool)> = versions
+        .iter()
+        .map(|v| (v.external_id.as_str(), v.deleted))
+        .collect();
+    let expected = 2 * many as usize + 1;
+    assert_eq!(
+        (versions.len(), distinct.len()),
+        (expected, expected),
+        "a live and a deleted version of each, each once"
     );
 
     // History goes on from there.
