@@ -1,4 +1,5 @@
-//! History and the change feed, written once for both stores.
+//! History and the change feed: how both stores read the feed, written once, and where
+//! each store keeps the rules of history (its triggers).
 //!
 //! **History.** A department's current version is its row of `departments` (its
 //! `version_*` columns); its earlier versions are rows of `department_history`;
@@ -23,8 +24,8 @@
 //! the transactions that wrote them and only up to the oldest transaction still running,
 //! so that one that began earlier and commits later is never skipped; on SQLite, with one
 //! writer at a time, in the order of the page transactions that wrote them. A
-//! [`FeedReader`] reads in batches, in `(position, source, external_id, seq)` order, up to the
-//! horizon it took when it began, and ends with the token to read on from.
+//! [`FeedReader`] reads in batches, in `(position, source, external_id, seq)` order, up
+//! to the horizon it took when it began, and ends with the token to read on from.
 
 use chrono::Utc;
 
