@@ -268,6 +268,24 @@ enum Backing {
     Sqlite(#[allow(dead_code)] TempDir),
 }
 
+/// A department of scope "scope", its record as the vendor sent it.
+pub fn department(
+    id: &str,
+    name: &str,
+    updated: Option<chrono::DateTime<chrono::Utc>>,
+) -> deptsync::model::Department {
+    deptsync::model::Department {
+        external_id: id.to_owned(),
+        scope_id: Some("scope".to_owned()),
+        name: name.to_owned(),
+        is_active: true,
+        parent_external_id: None,
+        source_created_at: None,
+        source_updated_at: updated,
+        raw: deptsync::model::RawRecord::from_value(&serde_json::json!({ "id": id, "name": name })),
+    }
+}
+
 /// The lock of `source` and an incremental run under it.
 pub async fn locked_run(
     store: &deptsync::store::AnyStore,
@@ -327,7 +345,12 @@ impl TestStore {
 
     /// On an SQLite file in a directory of its own, opened as the commands open it.
     pub async fn sqlite() -> TestStore {
-        let dir = TempDir::new();
+        TestStore::open_sqlite(TempDir::new()).await
+    }
+
+    /// The SQLite file `deptsync.db` in `dir`, opened (created, migrated) as the commands
+    /// open it.
+    async fn open_sqlite(dir: TempDir) -> TestStore {
         let url = sqlite_url(&dir.join("deptsync.db"));
         let store = deptsync::store::AnyStore::open(&url.clone().into())
             .await
@@ -403,13 +426,7 @@ impl TestStore {
             .unwrap();
         sqlx::raw_sql(setup).execute(&pool).await.unwrap();
         pool.close().await;
-        let store = deptsync::store::AnyStore::open(&url.clone().into())
-            .await
-            .unwrap();
-        TestStore {
-            store,
-            _backing: Backing::Sqlite(dir),
-        }
+        TestStore::open_sqlite(dir).await
     }
 
     /// The instants `sql` selects, one per row.

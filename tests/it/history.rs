@@ -12,7 +12,8 @@ use deptsync::store::{AnyStore, Commit, Store};
 use uuid::Uuid;
 
 use crate::helpers::{
-    TempDir, TestStore, locked_run, mews_config, on_both_stores, run_binary, sqlite_url, stderr,
+    TempDir, TestStore, department, locked_run, mews_config, on_both_stores, run_binary,
+    sqlite_url, stderr,
 };
 
 on_both_stores!(
@@ -32,19 +33,6 @@ on_both_stores!(
 
 fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
-}
-
-fn department(id: &str, name: &str, updated: Option<DateTime<Utc>>) -> Department {
-    Department {
-        external_id: id.to_owned(),
-        scope_id: Some("scope".to_owned()),
-        name: name.to_owned(),
-        is_active: true,
-        parent_external_id: None,
-        source_created_at: None,
-        source_updated_at: updated,
-        raw: RawRecord::from_value(&serde_json::json!({ "id": id, "name": name })),
-    }
 }
 
 /// A one-window ledger and the checkpoint of its last page.

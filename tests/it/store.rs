@@ -227,16 +227,7 @@ async fn a_reset_drops_the_position_and_keeps_the_rows(db: TestStore) {
 }
 
 fn department(id: &str, name: &str, updated: DateTime<Utc>) -> Department {
-    Department {
-        external_id: id.to_owned(),
-        scope_id: Some("scope".to_owned()),
-        name: name.to_owned(),
-        is_active: true,
-        parent_external_id: None,
-        source_created_at: None,
-        source_updated_at: Some(updated),
-        raw: RawRecord::from_value(&serde_json::json!({ "id": id, "name": name })),
-    }
+    crate::helpers::department(id, name, Some(updated))
 }
 
 /// A department of a full listing (no update time, as the listing kinds have none).
