@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::Settings;
 use crate::engine::{self, PassError, PassRequest};
+use crate::model::RunOutcome;
 use crate::sources::Connector;
 use crate::store::{AnyStore, StoreError};
 
@@ -152,6 +153,7 @@ impl Daemon {
             let runner = Arc::new(Runner {
                 name: source.name.to_string(),
                 connector,
+                history_retention: source.history_retention,
                 busy: AtomicBool::new(false),
                 wake: Notify::new(),
                 backoff: Mutex::new(Backoff::default()),
@@ -335,6 +337,8 @@ impl Backoff {
 struct Runner {
     name: String,
     connector: Connector,
+    /// How long closed versions of its departments are kept (`None`: for ever).
+    history_retention: Option<Duration>,
     busy: AtomicBool,
     wake: Notify,
     backoff: Mutex<Backoff>,
@@ -396,7 +400,14 @@ impl Runner {
                     tracing::error!(source = %self.name, error = %crate::printable(&panic.to_string()), "the pass panicked; the next start records it as failed");
                     backoff.failed();
                 }
-                Ok(Ok(_)) => backoff.succeeded(),
+                Ok(Ok(report)) => {
+                    backoff.succeeded();
+                    if report.outcome == RunOutcome::Succeeded
+                        && let Some(retention) = self.history_retention
+                    {
+                        crate::app::trim_history(&store, &self.name, retention).await;
+                    }
+                }
                 Ok(Err(PassError::Busy)) => {
                     tracing::info!(source = %self.name, "another process is syncing this source; tick skipped");
                 }
@@ -429,6 +440,7 @@ mod tests {
         Runner {
             name: "hr".to_owned(),
             connector: Connector::new(&settings.sources[0]).unwrap(),
+            history_retention: None,
             busy: AtomicBool::new(false),
             wake: Notify::new(),
             backoff: Mutex::new(Backoff::default()),

@@ -379,3 +379,35 @@ async fn the_service_tells_systemd_when_it_is_ready_and_when_it_stops() {
     std::fs::remove_file(&file).unwrap();
     std::fs::remove_file(&socket_path).unwrap();
 }
+
+/// The service trims what a source's `history_retention` no longer keeps, after a pass,
+/// as `sync` does.
+#[tokio::test]
+async fn the_service_trims_history_past_a_sources_retention() {
+    let db = TestDb::new().await;
+    let fake = FakeMews::start().await.unwrap();
+    let from = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap();
+    fake.generate(5, 1, from, Utc::now() - chrono::Duration::hours(1));
+    // A version that ended, and was written, long ago.
+    sqlx::query(
+        "INSERT INTO department_history (source, external_id, name, is_active, deleted,
+             valid_from, valid_to, observed_at, feed_position)
+         VALUES ('mews', 'old', 'x', true, false, '2020-01-01Z', '2020-06-01Z', '2020-06-01Z', 1)",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let toml = mews_config(&db.url, "mews", &fake.base_url, "history_retention = \"30d\"");
+    let (stop, handle) = start_daemon(&toml);
+    wait_for(&db, "SELECT count(*) FROM sync_runs WHERE status = 'succeeded'", 1, 30).await;
+    let mut left = 1;
+    for _ in 0..100 {
+        left = db.scalar::<i64>("SELECT count(*) FROM department_history").await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_daemon(stop, handle).await;
+    assert_eq!(left, 0, "the service trimmed the old version");
+}
