@@ -59,7 +59,11 @@ pub async fn register<St: Store>(store: &St, names: &[String]) {
 
 /// Deletes the versions of `source` that ended more than `retention` ago. Failing keeps
 /// them a pass longer, so it is logged, not returned.
-pub(crate) async fn trim_history<St: Store>(store: &St, source: &str, retention: std::time::Duration) {
+pub(crate) async fn trim_history<St: Store>(
+    store: &St,
+    source: &str,
+    retention: std::time::Duration,
+) {
     match store.trim_history(source, retention).await {
         Ok(0) => {}
         Ok(trimmed) => tracing::info!(source, trimmed, "trimmed history past its retention"),

@@ -226,11 +226,14 @@ pub fn change_line(version: &DepartmentVersion) -> String {
         (false, true) => "active",
         (false, false) => "inactive",
     };
+    // A vendor's name or id may hold a tab or a line break: escaped, each version stays
+    // one line of tab-separated fields.
+    let field = |text: &str| text.escape_debug().to_string();
     format!(
         "{}\t{}\t{}\t{state}\tfrom {}",
-        version.source,
-        version.external_id,
-        version.name,
+        field(&version.source),
+        field(&version.external_id),
+        field(&version.name),
         version
             .valid_from
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)

@@ -41,7 +41,8 @@ CREATE TABLE department_history (
     deleted             boolean     NOT NULL,
     valid_from          timestamptz NOT NULL,
     valid_to            timestamptz NOT NULL,
-    observed_at         timestamptz NOT NULL,   -- when deptsync committed it
+    observed_at         timestamptz NOT NULL,   -- when deptsync committed it (the upgrade's, for
+                                                -- versions from before history)
     feed_position       bigint      NOT NULL,   -- the transaction that wrote it
     CHECK (valid_to >= valid_from)
 );
@@ -49,7 +50,8 @@ CREATE TABLE department_history (
 CREATE INDEX department_history_timeline_idx
     ON department_history (source, external_id, valid_from);
 -- The change feed.
-CREATE INDEX department_history_feed_idx ON department_history (feed_position);
+CREATE INDEX department_history_feed_idx
+    ON department_history (feed_position, source, external_id, history_id);
 
 -- Every version: the ended ones and the current ones. run_id is the run that wrote it:
 -- the source's run under way when it was committed (a source's runs never overlap; the
@@ -151,7 +153,10 @@ INSERT INTO department_history (
     source, external_id, scope_id, name, is_active, parent_external_id, deleted,
     valid_from, valid_to, observed_at, feed_position)
 SELECT source, external_id, scope_id, name, is_active, parent_external_id, false,
-       LEAST(f.valid_from, deleted_at), deleted_at, first_synced_at, version_position
+       LEAST(f.valid_from, deleted_at), deleted_at,
+       -- Written now, as far as the change feed and a retention are concerned: no reader
+       -- has had it yet.
+       now(), version_position
 FROM departments
 CROSS JOIN LATERAL (
     SELECT CASE WHEN source_updated_at <= last_changed_at THEN source_updated_at

@@ -35,7 +35,8 @@ CREATE TABLE department_history (
 );
 CREATE INDEX department_history_timeline_idx
     ON department_history (source, external_id, valid_from);
-CREATE INDEX department_history_feed_idx ON department_history (feed_position);
+CREATE INDEX department_history_feed_idx
+    ON department_history (feed_position, source, external_id, history_id);
 
 CREATE VIEW department_versions AS
 SELECT v.*,
@@ -111,7 +112,9 @@ INSERT INTO department_history (
 SELECT source, external_id, scope_id, name, is_active, parent_external_id, 0,
        min(CASE WHEN source_updated_at <= last_changed_at THEN source_updated_at
                 ELSE first_synced_at END, deleted_at),
-       deleted_at, first_synced_at, 1
+       deleted_at,
+       -- Written now, as far as the change feed and a retention are concerned.
+       strftime('%Y-%m-%dT%H:%M:%S', 'now') || substr(strftime('%f', 'now'), 3) || '000Z', 1
 FROM departments
 WHERE deleted_at IS NOT NULL;
 

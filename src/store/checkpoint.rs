@@ -3,10 +3,9 @@
 //!
 //! A page commit ([`commit_page`]) is one transaction: the page's departments are
 //! written (the database keeping their history: [`super::history`]), its rejected
-//! records kept, the [`Checkpoint`] that follows it
-//! applied, and the page counted in its run. A crash anywhere loses the whole page and its checkpoint
-//! together, so the next pass reads the page again: nothing lost, at most one page
-//! repeated.
+//! records kept, the [`Checkpoint`] that follows it applied, and the page counted in its
+//! run. A crash anywhere loses the whole page and its checkpoint together, so the next
+//! pass reads the page again: nothing lost, at most one page repeated.
 //!
 //! What each checkpoint means is decided here: how a window moves and when a ledger is
 //! finished, how a listing goes on, awaits confirmation, ends or is abandoned, and when
@@ -223,7 +222,6 @@ pub(crate) async fn commit_page<T: PageTransaction>(
     keep_rejected(&mut tx, source, rejected).await?;
     let seen = seen_ids(departments, rejected);
     let deletions = apply_checkpoint(&mut tx, source, checkpoint, &seen, written.rewrote).await?;
-    // History, of what this page changed: nothing to look at when it changed no row.
     let counts = deletions.page_counts(departments.len(), rejected.len(), written);
     let fetched = (departments.len() + rejected.len()) as u64;
     let pages = u64::from(checkpoint.follows_page());

@@ -72,8 +72,10 @@ pub trait FeedQueries {
     const READ_FEED: &'static str;
 }
 
-/// How many versions one call reads.
-const FEED_BATCH: i64 = 1000;
+/// How many versions one call reads (a few MiB at most). Versions that share a position
+/// (an upgrade's, one listing's deletions) are sorted anew by each call that reads
+/// them: fewer, larger calls sort them fewer times.
+const FEED_BATCH: i64 = 5000;
 
 /// Where a reader stands: after the version at `(position, source, external_id, seq)`.
 #[derive(Debug, Clone, PartialEq, Eq)]

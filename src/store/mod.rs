@@ -9,10 +9,11 @@
 //! loses nothing and repeats at most one page.
 //!
 //! The rules both implementations follow are written once: what a page commit does to a
-//! source's state and when a listing may delete ([`checkpoint`]), history and the change
-//! feed ([`history`]), and the statements both dialects share ([`statements`]). A backend's folder holds only its connection, its
-//! locks and what its dialect says its own way; the integration tests run one behaviour
-//! suite against both.
+//! source's state and when a listing may delete ([`checkpoint`]), how the change feed is
+//! read ([`history`]; the rules of history itself are each store's trigger, in its
+//! migrations), and the statements both dialects share ([`statements`]). A backend's
+//! folder holds only its connection, its locks and what its dialect says its own way;
+//! the integration tests run one behaviour suite against both.
 
 mod any;
 mod checkpoint;

@@ -397,12 +397,25 @@ async fn the_service_trims_history_past_a_sources_retention() {
     .execute(db.pool())
     .await
     .unwrap();
-    let toml = mews_config(&db.url, "mews", &fake.base_url, "history_retention = \"30d\"");
+    let toml = mews_config(
+        &db.url,
+        "mews",
+        &fake.base_url,
+        "history_retention = \"30d\"",
+    );
     let (stop, handle) = start_daemon(&toml);
-    wait_for(&db, "SELECT count(*) FROM sync_runs WHERE status = 'succeeded'", 1, 30).await;
+    wait_for(
+        &db,
+        "SELECT count(*) FROM sync_runs WHERE status = 'succeeded'",
+        1,
+        30,
+    )
+    .await;
     let mut left = 1;
     for _ in 0..100 {
-        left = db.scalar::<i64>("SELECT count(*) FROM department_history").await;
+        left = db
+            .scalar::<i64>("SELECT count(*) FROM department_history")
+            .await;
         if left == 0 {
             break;
         }

@@ -393,10 +393,11 @@ async fn pages_loaded_without_a_lookup_get_versions_too(db: TestStore) {
         db.store.commit_page(&mut lease, &commit).await.unwrap();
     }
     db.store.unlock(lease).await;
+    let (versions, _) = read_feed(&db.store, FeedToken::START, &[]).await;
     assert_eq!(
-        db.count("SELECT count(*) FROM department_versions WHERE valid_to IS NULL")
-            .await,
-        150
+        versions.len(),
+        150,
+        "every loaded department is in the feed"
     );
 }
 
@@ -585,6 +586,13 @@ async fn an_upgraded_database_starts_its_history_at_once(postgres: bool) {
         4,
         "and the feed has them from the beginning"
     );
+    // Just upgraded, no reader has had them yet: a retention keeps them, however old.
+    let trimmed = db
+        .store
+        .trim_history("s", std::time::Duration::from_secs(30 * 86_400))
+        .await
+        .unwrap();
+    assert_eq!(trimmed, 0, "versions the upgrade wrote are new to the feed");
     // All of them written by the upgrade's one transaction: more than a batch of them
     // reads whole, across batches, even where a batch ends between two versions of one
     // department (the live one, "a", sorts first: the pairs straddle the batches' ends).
@@ -1020,7 +1028,10 @@ async fn versions_restored_from_another_server_are_read_from_the_beginning() {
         unreachable!()
     };
     put(&db, "s", "a", "A", at(2021, 1, 1)).await;
+    put(&db, "s", "a", "B", at(2022, 1, 1)).await;
     db.execute("UPDATE departments SET version_position = version_position + 1000000000")
+        .await;
+    db.execute("UPDATE department_history SET feed_position = feed_position + 1000000000")
         .await;
     let (versions, _) = read_feed_now(&db.store, FeedToken::START, &[]).await;
     assert!(
@@ -1030,7 +1041,18 @@ async fn versions_restored_from_another_server_are_read_from_the_beginning() {
     use deptsync::store::Backend;
     pg.migrate().await.unwrap();
     let (versions, _) = read_feed(&db.store, FeedToken::START, &[]).await;
-    assert_eq!(versions.len(), 1);
+    let read: Vec<_> = versions
+        .iter()
+        .map(|v| (v.name.as_str(), v.valid_from, v.valid_to))
+        .collect();
+    assert_eq!(
+        read,
+        [
+            ("A", at(2021, 1, 1), Some(at(2022, 1, 1))),
+            ("B", at(2022, 1, 1), None)
+        ],
+        "both, as they were"
+    );
 }
 
 /// PostgreSQL's `departments_as_of(timestamptz)`: every source's live departments at an

@@ -1695,9 +1695,7 @@ async fn both_stores_have_the_same_tables_and_columns() {
         "SELECT table_name::text, column_name::text FROM information_schema.columns
          WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations'
            -- How PostgreSQL keeps `listing_seen` (a view of it, on both stores).
-           AND table_name <> 'listing_seen_pages'
-           -- A function's result, not a table.
-           AND table_name <> 'departments_as_of'",
+           AND table_name <> 'listing_seen_pages'",
     )
     .fetch_all(postgres.pool())
     .await

@@ -241,7 +241,9 @@ impl PgStore {
         let readmitted = sqlx::query(
             "WITH history AS (
                  UPDATE department_history
-                 SET feed_position = pg_current_xact_id()::text::bigint
+                 SET feed_position = pg_current_xact_id()::text::bigint,
+                     -- New to the feed: a retention counts from now.
+                     observed_at = GREATEST(observed_at, now())
                  WHERE feed_position >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint
                  RETURNING 1
              ),
