@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use crate::engine::{self, PassRequest};
+use crate::engine::{self, PassError, PassReport, PassRequest, Progress};
 use crate::model::RunOutcome;
 use crate::progress::Display;
 use crate::report::SourceRun;
@@ -57,13 +57,30 @@ pub async fn register<St: Store>(store: &St, names: &[String]) {
     }
 }
 
+/// Runs one pass of the source `name` through `connector`, its progress told to
+/// `progress`, and after a pass that succeeded trims the history the source's
+/// `history_retention` no longer keeps: a pass as `sync`, the demo and the service run it.
+pub(crate) async fn pass<St: Store>(
+    name: &str,
+    connector: &Connector,
+    history_retention: Option<std::time::Duration>,
+    store: &St,
+    request: PassRequest,
+    cancel: &tokio_util::sync::CancellationToken,
+    progress: &dyn Progress,
+) -> Result<PassReport, PassError> {
+    let result = engine::run_pass_showing(name, connector, store, request, cancel, progress).await;
+    if let (Ok(report), Some(retention)) = (&result, history_retention)
+        && report.outcome == RunOutcome::Succeeded
+    {
+        trim_history(store, name, retention).await;
+    }
+    result
+}
+
 /// Deletes the versions of `source` that ended more than `retention` ago. Failing keeps
 /// them a pass longer, so it is logged, not returned.
-pub(crate) async fn trim_history<St: Store>(
-    store: &St,
-    source: &str,
-    retention: std::time::Duration,
-) {
+async fn trim_history<St: Store>(store: &St, source: &str, retention: std::time::Duration) {
     match store.trim_history(source, retention).await {
         Ok(0) => {}
         Ok(trimmed) => tracing::info!(source, trimmed, "trimmed history past its retention"),
@@ -89,13 +106,16 @@ pub async fn run_pass<St: Store>(
     // screen as a line of its own, and what is printed next cannot be drawn over.
     let progress = display.source(name);
     let started = Instant::now();
-    let result =
-        engine::run_pass_showing(name, &source.connector, store, request, cancel, &progress).await;
-    if let (Ok(report), Some(retention)) = (&result, source.settings.history_retention)
-        && report.outcome == RunOutcome::Succeeded
-    {
-        trim_history(store, name, retention).await;
-    }
+    let result = pass(
+        name,
+        &source.connector,
+        source.settings.history_retention,
+        store,
+        request,
+        cancel,
+        &progress,
+    )
+    .await;
     let (shown, result, cancelled) = match result {
         Ok(report) if report.outcome == RunOutcome::Cancelled => {
             ("cancelled", Err("cancelled".to_owned()), true)

@@ -25,7 +25,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::Settings;
 use crate::engine::{self, PassError, PassRequest};
-use crate::model::RunOutcome;
 use crate::sources::Connector;
 use crate::store::{AnyStore, StoreError};
 
@@ -382,9 +381,10 @@ impl Runner {
             let pass = {
                 let (runner, store, cancel) = (self.clone(), store.clone(), cancel.clone());
                 tokio::spawn(async move {
-                    engine::run_pass_showing(
+                    crate::app::pass(
                         &runner.name,
                         &runner.connector,
+                        runner.history_retention,
                         &store,
                         PassRequest::INCREMENTAL,
                         &cancel,
@@ -400,14 +400,7 @@ impl Runner {
                     tracing::error!(source = %self.name, error = %crate::printable(&panic.to_string()), "the pass panicked; the next start records it as failed");
                     backoff.failed();
                 }
-                Ok(Ok(report)) => {
-                    backoff.succeeded();
-                    if report.outcome == RunOutcome::Succeeded
-                        && let Some(retention) = self.history_retention
-                    {
-                        crate::app::trim_history(&store, &self.name, retention).await;
-                    }
-                }
+                Ok(Ok(_)) => backoff.succeeded(),
                 Ok(Err(PassError::Busy)) => {
                     tracing::info!(source = %self.name, "another process is syncing this source; tick skipped");
                 }
