@@ -103,19 +103,18 @@ pub(crate) trait PageTransaction: Statements {
         listing: Option<Uuid>,
     ) -> impl Future<Output = Result<Written, StoreError>> + Send;
 
-    /// The transaction opened versions of `source`'s departments for run `run`: one for
-    /// each of the `inserted` new departments, and, when it `changed` stored ones, one
-    /// for each whose version the database's trigger closed. A backend that can tell
-    /// listeners (PostgreSQL's `NOTIFY`) does so as it commits; one that counts the
-    /// feed's positions itself (SQLite) moves its count on.
+    /// The page wrote `counts` of `source`'s departments in `run`, and with them
+    /// versions: one per new department, and one per changed department whose version the
+    /// database's trigger closed. A backend that can tell listeners (PostgreSQL's
+    /// `NOTIFY`) does so as it commits; one that counts the feed's positions itself
+    /// (SQLite) moves its count on.
     fn versions_written(
         &mut self,
         source: &str,
         run: RunId,
-        inserted: u64,
-        changed: bool,
+        counts: &PageCounts,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let _ = (source, run, inserted, changed);
+        let _ = (source, run, counts);
         async { Ok(()) }
     }
 
@@ -233,10 +232,8 @@ pub(crate) async fn commit_page<T: PageTransaction>(
     }
     // Versions were opened for the new departments, and may have been for the changed
     // ones (the database's trigger decides).
-    let changed = written.updated + counts.deleted;
-    if written.inserted + changed > 0 {
-        tx.versions_written(source, run, written.inserted, changed > 0)
-            .await?;
+    if counts.inserted + counts.updated + counts.deleted > 0 {
+        tx.versions_written(source, run, &counts).await?;
     }
     tx.commit("committing the page").await?;
     Ok(counts)

@@ -857,6 +857,19 @@ async fn a_page_that_writes_versions_notifies_listeners() {
     let payload: serde_json::Value = serde_json::from_str(notification.payload()).unwrap();
     assert_eq!(payload["source"], "s");
     assert_eq!(payload["versions"], 2);
+    assert_eq!(
+        (
+            &payload["inserted"],
+            &payload["updated"],
+            &payload["deleted"]
+        ),
+        (
+            &serde_json::json!(2),
+            &serde_json::json!(0),
+            &serde_json::json!(0)
+        ),
+        "the page's counts"
+    );
     assert!(payload["run"].is_string(), "{payload}");
     // The writing transaction's place in the feed: a listener reads until its token is
     // past it.

@@ -7,7 +7,7 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::departments::{self, Load};
-use crate::model::{Department, RunId};
+use crate::model::{Department, PageCounts, RunId};
 use crate::store::checkpoint::{PageTransaction, Written};
 use crate::store::statements::{Value, impl_statements};
 use crate::store::{StoreError, db};
@@ -84,29 +84,30 @@ impl PageTransaction for PgTx<'_> {
     }
 
     /// Tells listeners on `deptsync_changes`, as the transaction commits, which source and
-    /// run wrote how many versions, and the transaction's id (`xid`): the versions are
-    /// readable once the feed's token is past it (a JSON object). The trigger counts the
-    /// versions it opened in the transaction's `deptsync.versions`.
+    /// run wrote how many versions, the page's counts, and the transaction's id (`xid`):
+    /// the versions are readable once the feed's token is past it (a JSON object). The
+    /// trigger counts the versions it opened in the transaction's `deptsync.versions`.
     async fn versions_written(
         &mut self,
         source: &str,
         run: RunId,
-        inserted: u64,
-        changed: bool,
+        counts: &PageCounts,
     ) -> Result<(), StoreError> {
         sqlx::query(
             "SELECT pg_notify('deptsync_changes', json_build_object(
                  'source', $1::text, 'run', $2::uuid, 'versions', versions,
+                 'inserted', $3::bigint, 'updated', $4::bigint, 'deleted', $5::bigint,
                  'xid', pg_current_xact_id()::text::bigint)::text)
-             FROM (SELECT $3::bigint + CASE WHEN $4 THEN COALESCE(NULLIF(
+             FROM (SELECT $3::bigint + COALESCE(NULLIF(
                        current_setting('deptsync.versions', true), ''), '0')::bigint
-                   ELSE 0 END AS versions) opened
+                       AS versions) opened
              WHERE versions > 0",
         )
         .bind(source)
         .bind(run.0)
-        .bind(inserted as i64)
-        .bind(changed)
+        .bind(counts.inserted as i64)
+        .bind(counts.updated as i64)
+        .bind(counts.deleted as i64)
         .execute(&mut *self.tx)
         .await
         .map_err(db("telling listeners of the new versions"))?;

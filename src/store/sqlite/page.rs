@@ -108,8 +108,7 @@ impl PageTransaction for SqliteTx<'_> {
         &mut self,
         _source: &str,
         _run: crate::model::RunId,
-        _inserted: u64,
-        _changed: bool,
+        _counts: &crate::model::PageCounts,
     ) -> Result<(), StoreError> {
         self.execute(
             "UPDATE feed_clock SET position = position + 1",
