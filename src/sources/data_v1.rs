@@ -125,10 +125,7 @@ impl SourceKind for DataV1 {
     }
 
     fn connect(settings: DataV1Settings, client: SourceClient) -> DataV1 {
-        let endpoint = settings
-            .base_url
-            .join(ENDPOINT)
-            .unwrap_or_else(|_| settings.base_url.clone());
+        let endpoint = super::http::endpoint(&settings.base_url, ENDPOINT);
         let auth = Auth::Bearer(settings.token.clone());
         DataV1 {
             settings,

@@ -783,6 +783,14 @@ async fn fetch_token(
     }
 }
 
+/// The URL of `path` (relative, no leading slash) under a source's `base_url`, which the
+/// config keeps with a trailing slash, so that the base's own path is kept. Joining a
+/// fixed relative path onto a validated http(s) URL cannot fail; were it to, the base is
+/// asked, and its answer says what is wrong.
+pub(crate) fn endpoint(base_url: &reqwest::Url, path: &str) -> reqwest::Url {
+    base_url.join(path).unwrap_or_else(|_| base_url.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

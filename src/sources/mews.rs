@@ -275,10 +275,7 @@ impl SourceKind for Mews {
     fn connect(settings: MewsSettings, client: SourceClient) -> Mews {
         // A base URL always ends in '/' (see FieldContext::base_url) and ENDPOINT is a relative
         // path, so joining cannot fail.
-        let endpoint = settings
-            .base_url
-            .join(ENDPOINT)
-            .unwrap_or_else(|_| settings.base_url.clone());
+        let endpoint = super::http::endpoint(&settings.base_url, ENDPOINT);
         Mews {
             settings,
             endpoint,

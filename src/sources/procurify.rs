@@ -207,10 +207,7 @@ impl SourceKind for Procurify {
     }
 
     fn connect(settings: ProcurifySettings, client: SourceClient) -> Procurify {
-        let endpoint = settings
-            .base_url
-            .join(ENDPOINT)
-            .unwrap_or_else(|_| settings.base_url.clone());
+        let endpoint = super::http::endpoint(&settings.base_url, ENDPOINT);
         let auth = Auth::client_credentials(settings.credentials.clone());
         Procurify {
             settings,

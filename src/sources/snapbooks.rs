@@ -258,10 +258,7 @@ impl SourceKind for Snapbooks {
     }
 
     fn connect(settings: SnapbooksSettings, client: SourceClient) -> Snapbooks {
-        let endpoint = settings
-            .base_url
-            .join(ENDPOINT)
-            .unwrap_or_else(|_| settings.base_url.clone());
+        let endpoint = super::http::endpoint(&settings.base_url, ENDPOINT);
         let auth = match &settings.auth {
             SnapbooksAuth::Token(token) => Auth::Bearer(token.clone()),
             SnapbooksAuth::ClientCredentials(credentials) => {
