@@ -7,9 +7,18 @@
 //! handed to whatever [`SourceEntry`] the settings are of (`crate::sources` validates each
 //! kind's fields), so this module names no vendor. Unknown fields are errors everywhere,
 //! and every error names the source and the field, so a typo cannot pass silently.
+//!
+//! A site with many sources can keep them in files of their own, one per tenant say:
+//! `[include] sources = "sources.d/*.toml"` (or a list of such patterns, relative to the
+//! config file's directory) reads every file the patterns match, in path order, after the
+//! config file's own `[[sources]]`. Such a file holds `[[sources]]` tables only; they are
+//! validated as the main file's are, names are unique across all the files, and every
+//! error names the file it is in.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -40,6 +49,18 @@ impl ConfigError {
         ConfigError::Invalid {
             location: format!("field `{field}`"),
             message: message.into(),
+        }
+    }
+
+    /// The error, said to be in the file at `path` (none: text read without a file, which
+    /// the error cannot name).
+    fn in_file(self, path: Option<&Path>) -> Self {
+        match (self, path) {
+            (ConfigError::Invalid { location, message }, Some(path)) => ConfigError::Invalid {
+                location: format!("{}: {location}", path.display()),
+                message,
+            },
+            (other, _) => other,
         }
     }
 }
@@ -83,11 +104,26 @@ pub struct DaemonSettings {
     /// Where to serve `/metrics` and `/healthz`; none when not set.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How long a shutdown waits for passes to commit the page in hand.
-    pub shutdown_timeout: std::time::Duration,
+    pub shutdown_timeout: Duration,
+    /// How long a source's lease lasts without renewal: a replica that dies frees its
+    /// sources after at most this long. Default [`DEFAULT_LEASE_TTL`].
+    pub lease_ttl: Duration,
+    /// How many passes one process runs at once; the rest wait for the next free slot.
+    /// Default [`DEFAULT_MAX_CONCURRENT_PASSES`].
+    pub max_concurrent_passes: usize,
 }
 
 /// The default `[daemon] shutdown_timeout`.
-pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default `[daemon] lease_ttl`.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// The default `[daemon] max_concurrent_passes`.
+pub const DEFAULT_MAX_CONCURRENT_PASSES: usize = 8;
+
+/// The default `[database] max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
 
 /// Where the store lives: a PostgreSQL URL or an SQLite one. `Debug` and
 /// [`DatabaseSettings::redacted_url`] never show the password.
@@ -98,7 +134,10 @@ pub struct DatabaseSettings {
     /// `statement_timeout`: how long one statement may run (PostgreSQL ends it), and so
     /// what bounds every database call (see [`crate::store::call_timeout`]). Default
     /// [`crate::store::DEFAULT_STATEMENT_TIMEOUT`].
-    pub statement_timeout: std::time::Duration,
+    pub statement_timeout: Duration,
+    /// The most database connections one process opens, whatever the number of sources.
+    /// Default [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: u32,
 }
 
 impl DatabaseSettings {
@@ -187,15 +226,18 @@ struct RawConfig {
     #[serde(default)]
     daemon: RawDaemon,
     #[serde(default)]
+    include: Option<RawInclude>,
+    #[serde(default)]
     sources: Vec<config::Value>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawDatabase {
     url: Option<SecretString>,
     url_file: Option<String>,
     statement_timeout: Option<String>,
+    max_connections: Option<config::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -203,6 +245,23 @@ struct RawDatabase {
 struct RawDaemon {
     metrics_listen: Option<String>,
     shutdown_timeout: Option<String>,
+    lease_ttl: Option<String>,
+    max_concurrent_passes: Option<config::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInclude {
+    /// A glob pattern, or a list of them.
+    sources: config::Value,
+}
+
+/// A file named by `[include] sources`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIncludedFile {
+    #[serde(default)]
+    sources: Vec<config::Value>,
 }
 
 /// A cron schedule with seconds (`sec min hour day month weekday [year]`), in UTC.
@@ -242,12 +301,14 @@ impl Schedule {
         &self.text
     }
 
-    /// The first time after `t` the schedule fires.
+    /// The first time after `t` the schedule fires: a whole second (the cron parser
+    /// would carry `t`'s fraction of a second into it).
     pub fn next_after(
         &self,
         t: chrono::DateTime<chrono::Utc>,
     ) -> Option<chrono::DateTime<chrono::Utc>> {
-        self.cron.find_next_occurrence(&t, false).ok()
+        let whole = chrono::DurationRound::duration_trunc(t, chrono::TimeDelta::seconds(1)).ok()?;
+        self.cron.find_next_occurrence(&whole, false).ok()
     }
 
     /// The time between the next two firings after `t`: the interval a pass is expected
@@ -260,8 +321,9 @@ impl Schedule {
 }
 
 impl<S: SourceEntry> Settings<S> {
-    /// Reads the file at `path` and validates it. Reads the file and the environment;
-    /// touches nothing else.
+    /// Reads the file at `path` and validates it, with the files its `[include]` names.
+    /// Reads those files and the environment; touches nothing else. Every error names the
+    /// file it is in.
     pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Settings<S>, ConfigError> {
         if !path.is_file() {
             return Err(ConfigError::File {
@@ -269,148 +331,388 @@ impl<S: SourceEntry> Settings<S> {
                 message: "not found (pass --config FILE)".to_owned(),
             });
         }
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        Settings::parse(&text, env).map_err(|e| match e {
-            ConfigError::Invalid { location, message } => ConfigError::Invalid {
-                location: format!("{}: {location}", path.display()),
-                message,
-            },
-            other => other,
-        })
+        let text = read_config_file(path)?;
+        Settings::from_text(&text, Some(path), env)
     }
 
-    /// Parses and validates TOML text.
+    /// Parses and validates TOML text. Text has no directory for `[include]` patterns to be
+    /// relative to, so an `[include]` is refused: read such a config with
+    /// [`Settings::load`].
     pub fn parse(toml: &str, env: EnvLookup<'_>) -> Result<Settings<S>, ConfigError> {
-        let raw: RawConfig = config::Config::builder()
-            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigError::Invalid {
-                location: "config".to_owned(),
-                message: with_duplicate_key_named(&without_quoted_lines(&e.to_string()), toml),
-            })?;
+        Settings::from_text(toml, None, env)
+    }
 
-        let database = raw.database.unwrap_or(RawDatabase {
-            url: None,
-            url_file: None,
-            statement_timeout: None,
-        });
-        let statement_timeout = match database.statement_timeout {
-            None => crate::store::DEFAULT_STATEMENT_TIMEOUT,
-            Some(text) => match humantime::parse_duration(&text) {
-                Ok(timeout)
-                    if (std::time::Duration::from_millis(100)
-                        ..=std::time::Duration::from_secs(3600))
-                        .contains(&timeout) =>
-                {
-                    timeout
-                }
-                Ok(_) => {
-                    return Err(ConfigError::top(
-                        "database.statement_timeout",
-                        format!("{text:?} is not between 100ms and 1h"),
-                    ));
-                }
-                Err(e) => {
-                    return Err(ConfigError::top(
-                        "database.statement_timeout",
-                        format!("{text:?} is not a duration like \"60s\": {e}"),
-                    ));
-                }
-            },
-        };
-        let url_from_file = match database.url_file {
-            None => None,
-            Some(path) => Some(
-                read_secret_file(&path, env)
-                    .map_err(|m| ConfigError::top("database.url_file", m))?,
-            ),
-        };
-        let configured_url = match (database.url, url_from_file) {
-            (Some(_), Some(_)) => {
+    /// Validates `toml`, the text of the config file at `path` when it has one: then its
+    /// errors name that path, and the files its `[include]` names are read.
+    fn from_text(
+        toml: &str,
+        path: Option<&Path>,
+        env: EnvLookup<'_>,
+    ) -> Result<Settings<S>, ConfigError> {
+        let in_this_file = |error: ConfigError| error.in_file(path);
+        let raw: RawConfig = parse_toml(toml).map_err(in_this_file)?;
+        let include_patterns = raw
+            .include
+            .map(|include| include_patterns(include.sources))
+            .transpose()
+            .map_err(in_this_file)?;
+        let database =
+            database_settings(raw.database.unwrap_or_default(), env).map_err(in_this_file)?;
+        let daemon = daemon_settings(raw.daemon).map_err(in_this_file)?;
+
+        let mut sources = SourceList::default();
+        sources.add_tables(raw.sources, path, env)?;
+        if let Some(patterns) = include_patterns {
+            let Some(path) = path else {
                 return Err(ConfigError::top(
-                    "database.url_file",
-                    "give `url` or `url_file`, not both",
+                    "include.sources",
+                    "include needs a config file, whose directory its patterns are relative \
+                     to: read the config with Settings::load",
                 ));
+            };
+            for included in included_files(&patterns, path).map_err(in_this_file)? {
+                let text = read_config_file(&included)?;
+                let raw: RawIncludedFile =
+                    parse_toml(&text).map_err(|e| e.in_file(Some(&included)))?;
+                sources.add_tables(raw.sources, Some(&included), env)?;
             }
-            (url, from_file) => url.or(from_file),
-        };
-        let url = match (
-            env("DATABASE_URL").filter(|u| !u.is_empty()),
-            configured_url,
-        ) {
-            (Some(url), _) => SecretString::from(url),
-            (None, Some(url)) => {
-                expand_secret(url, env).map_err(|m| ConfigError::top("database.url", m))?
-            }
-            (None, None) => SecretString::from(DEFAULT_DATABASE_URL),
-        };
-        let kind = DatabaseKind::of_url(url.expose_secret()).map_err(|message| {
-            let written = url.expose_secret();
-            // A bare file name (no scheme, no `@`, no `key=value`, no space) holds no
-            // password: show it as written, with the form that was probably meant.
-            let a_file_name =
-                !written.contains([':', '@', '=']) && !written.contains(char::is_whitespace);
-            if a_file_name {
-                return ConfigError::top(
-                    "database.url",
-                    format!(
-                        "{written:?} is not a database URL: for an SQLite file write \
-                         \"sqlite://{written}\", for PostgreSQL \
-                         \"postgres://user@host:port/database\""
-                    ),
-                );
-            }
-            ConfigError::top("database.url", format!("{} {message}", redact_url(written)))
-        })?;
-
-        let mut sources = Vec::with_capacity(raw.sources.len());
-        let mut seen = HashSet::new();
-        for (index, value) in raw.sources.into_iter().enumerate() {
-            let table = source_table(index, value, env)?;
-            if !seen.insert(table.name.clone()) {
-                return Err(ConfigError::Invalid {
-                    location: format!("source \"{}\": field `name`", table.name),
-                    message: "is used by more than one source; names must be unique".to_owned(),
-                });
-            }
-            sources.push(S::from_table(table)?);
         }
 
-        let daemon = DaemonSettings {
-            metrics_listen: match raw.daemon.metrics_listen {
-                None => None,
-                Some(text) => Some(text.parse().map_err(|e| {
-                    ConfigError::top(
-                        "daemon.metrics_listen",
-                        format!("{text:?} is not an address like \"127.0.0.1:9187\": {e}"),
-                    )
-                })?),
-            },
-            shutdown_timeout: match raw.daemon.shutdown_timeout {
-                None => DEFAULT_SHUTDOWN_TIMEOUT,
-                Some(text) => humantime::parse_duration(&text).map_err(|e| {
-                    ConfigError::top(
-                        "daemon.shutdown_timeout",
-                        format!("{text:?} is not a duration like \"10s\": {e}"),
-                    )
-                })?,
-            },
-        };
-
         Ok(Settings {
-            database: DatabaseSettings {
-                url,
-                kind,
-                statement_timeout,
-            },
+            database,
             daemon,
-            sources,
+            sources: sources.sources,
         })
     }
+}
+
+/// The sources validated so far, with the file each is in, so that a name used twice is
+/// refused naming both files.
+struct SourceList<S> {
+    sources: Vec<S>,
+    /// The file each name is in (none for text read without a file).
+    files_by_name: HashMap<SourceName, Option<PathBuf>>,
+}
+
+impl<S> Default for SourceList<S> {
+    fn default() -> Self {
+        SourceList {
+            sources: Vec::new(),
+            files_by_name: HashMap::new(),
+        }
+    }
+}
+
+impl<S: SourceEntry> SourceList<S> {
+    /// Validates the `[[sources]]` tables of `file` and adds them. Errors name `file`.
+    fn add_tables(
+        &mut self,
+        tables: Vec<config::Value>,
+        file: Option<&Path>,
+        env: EnvLookup<'_>,
+    ) -> Result<(), ConfigError> {
+        self.sources.reserve(tables.len());
+        for (index, value) in tables.into_iter().enumerate() {
+            self.add(index, value, file, env)
+                .map_err(|error| error.in_file(file))?;
+        }
+        Ok(())
+    }
+
+    /// Validates the `index`th `[[sources]]` table of `file` and adds it.
+    fn add(
+        &mut self,
+        index: usize,
+        value: config::Value,
+        file: Option<&Path>,
+        env: EnvLookup<'_>,
+    ) -> Result<(), ConfigError> {
+        let table = source_table(index, value, env)?;
+        if let Some(first_file) = self.files_by_name.get(&table.name) {
+            let message = match (first_file, file) {
+                (Some(first_file), Some(file)) if first_file != file => format!(
+                    "is used by more than one source: here and in {}; names must be unique",
+                    first_file.display()
+                ),
+                _ => "is used by more than one source; names must be unique".to_owned(),
+            };
+            return Err(ConfigError::Invalid {
+                location: format!("source \"{}\": field `name`", table.name),
+                message,
+            });
+        }
+        self.files_by_name
+            .insert(table.name.clone(), file.map(Path::to_owned));
+        self.sources.push(S::from_table(table)?);
+        Ok(())
+    }
+}
+
+/// Reads a config file, or says which one could not be read.
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Reads TOML text as `T`. A syntax error names its line but never quotes it.
+fn parse_toml<T: DeserializeOwned>(toml: &str) -> Result<T, ConfigError> {
+    config::Config::builder()
+        .add_source(config::File::from_str(toml, config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| ConfigError::Invalid {
+            location: "config".to_owned(),
+            message: with_duplicate_key_named(&without_quoted_lines(&e.to_string()), toml),
+        })
+}
+
+fn database_settings(
+    database: RawDatabase,
+    env: EnvLookup<'_>,
+) -> Result<DatabaseSettings, ConfigError> {
+    let statement_timeout = match database.statement_timeout {
+        None => crate::store::DEFAULT_STATEMENT_TIMEOUT,
+        Some(text) => duration_in(
+            "database.statement_timeout",
+            &text,
+            Duration::from_millis(100)..=Duration::from_secs(3600),
+            "60s",
+        )?,
+    };
+    let max_connections = count_in(
+        "database.max_connections",
+        database.max_connections,
+        1..=1000,
+        DEFAULT_MAX_CONNECTIONS,
+    )?;
+    let url_from_file = match database.url_file {
+        None => None,
+        Some(path) => Some(
+            read_secret_file(&path, env).map_err(|m| ConfigError::top("database.url_file", m))?,
+        ),
+    };
+    let configured_url = match (database.url, url_from_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::top(
+                "database.url_file",
+                "give `url` or `url_file`, not both",
+            ));
+        }
+        (url, from_file) => url.or(from_file),
+    };
+    let url = match (
+        env("DATABASE_URL").filter(|u| !u.is_empty()),
+        configured_url,
+    ) {
+        (Some(url), _) => SecretString::from(url),
+        (None, Some(url)) => {
+            expand_secret(url, env).map_err(|m| ConfigError::top("database.url", m))?
+        }
+        (None, None) => SecretString::from(DEFAULT_DATABASE_URL),
+    };
+    let kind = DatabaseKind::of_url(url.expose_secret()).map_err(|message| {
+        let written = url.expose_secret();
+        // A bare file name (no scheme, no `@`, no `key=value`, no space) holds no
+        // password: show it as written, with the form that was probably meant.
+        let a_file_name =
+            !written.contains([':', '@', '=']) && !written.contains(char::is_whitespace);
+        if a_file_name {
+            return ConfigError::top(
+                "database.url",
+                format!(
+                    "{written:?} is not a database URL: for an SQLite file write \
+                     \"sqlite://{written}\", for PostgreSQL \
+                     \"postgres://user@host:port/database\""
+                ),
+            );
+        }
+        ConfigError::top("database.url", format!("{} {message}", redact_url(written)))
+    })?;
+    Ok(DatabaseSettings {
+        url,
+        kind,
+        statement_timeout,
+        max_connections,
+    })
+}
+
+fn daemon_settings(daemon: RawDaemon) -> Result<DaemonSettings, ConfigError> {
+    let metrics_listen = match daemon.metrics_listen {
+        None => None,
+        Some(text) => Some(text.parse().map_err(|e| {
+            ConfigError::top(
+                "daemon.metrics_listen",
+                format!("{text:?} is not an address like \"127.0.0.1:9187\": {e}"),
+            )
+        })?),
+    };
+    let shutdown_timeout = match daemon.shutdown_timeout {
+        None => DEFAULT_SHUTDOWN_TIMEOUT,
+        Some(text) => humantime::parse_duration(&text).map_err(|e| {
+            ConfigError::top(
+                "daemon.shutdown_timeout",
+                format!("{text:?} is not a duration like \"10s\": {e}"),
+            )
+        })?,
+    };
+    let lease_ttl = match daemon.lease_ttl {
+        None => DEFAULT_LEASE_TTL,
+        Some(text) => duration_in(
+            "daemon.lease_ttl",
+            &text,
+            Duration::from_secs(1)..=Duration::from_secs(600),
+            "30s",
+        )?,
+    };
+    let max_concurrent_passes = count_in(
+        "daemon.max_concurrent_passes",
+        daemon.max_concurrent_passes,
+        1..=1024,
+        DEFAULT_MAX_CONCURRENT_PASSES,
+    )?;
+    Ok(DaemonSettings {
+        metrics_listen,
+        shutdown_timeout,
+        lease_ttl,
+        max_concurrent_passes,
+    })
+}
+
+/// Reads `text`, the duration `field` of the config's own sections, which must be in
+/// `range`; `example` shows the form in errors.
+fn duration_in(
+    field: &str,
+    text: &str,
+    range: RangeInclusive<Duration>,
+    example: &str,
+) -> Result<Duration, ConfigError> {
+    let duration = humantime::parse_duration(text).map_err(|e| {
+        ConfigError::top(
+            field,
+            format!("{text:?} is not a duration like \"{example}\": {e}"),
+        )
+    })?;
+    if !range.contains(&duration) {
+        return Err(ConfigError::top(
+            field,
+            format!(
+                "{text:?} is not between {} and {}",
+                humantime::format_duration(*range.start()),
+                humantime::format_duration(*range.end())
+            ),
+        ));
+    }
+    Ok(duration)
+}
+
+/// The integer `field` of the config's own sections, in `range`; `default` when not given.
+/// Only an integer is taken: `2.5` or `"8"` is refused, not rounded or parsed.
+fn count_in<T>(
+    field: &str,
+    value: Option<config::Value>,
+    range: RangeInclusive<T>,
+    default: T,
+) -> Result<T, ConfigError>
+where
+    T: TryFrom<i64> + PartialOrd + std::fmt::Display,
+{
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let config::ValueKind::I64(number) = value.kind else {
+        return Err(ConfigError::top(
+            field,
+            format!("must be an integer, got {}", value.kind),
+        ));
+    };
+    T::try_from(number)
+        .ok()
+        .filter(|number| range.contains(number))
+        .ok_or_else(|| {
+            ConfigError::top(
+                field,
+                format!(
+                    "must be between {} and {}, got {number}",
+                    range.start(),
+                    range.end()
+                ),
+            )
+        })
+}
+
+/// The patterns of `[include] sources` (one glob pattern or a list of them), each checked.
+fn include_patterns(value: config::Value) -> Result<Vec<String>, ConfigError> {
+    const FIELD: &str = "include.sources";
+    let not_a_pattern = || {
+        ConfigError::top(
+            FIELD,
+            "must be a glob pattern such as \"sources.d/*.toml\", or a list of them",
+        )
+    };
+    let patterns = match value.kind {
+        config::ValueKind::String(pattern) => vec![pattern],
+        config::ValueKind::Array(values) => values
+            .into_iter()
+            .map(|value| match value.kind {
+                config::ValueKind::String(pattern) => Ok(pattern),
+                _ => Err(not_a_pattern()),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(not_a_pattern()),
+    };
+    for pattern in &patterns {
+        if pattern.is_empty() {
+            return Err(ConfigError::top(FIELD, "a pattern is empty"));
+        }
+        glob::Pattern::new(pattern).map_err(|e| {
+            ConfigError::top(FIELD, format!("{pattern:?} is not a glob pattern: {e}"))
+        })?;
+    }
+    Ok(patterns)
+}
+
+/// The files `patterns` match, relative to the directory of the config file at
+/// `config_path`: sorted by path, each once. As in a shell, `*` does not match a leading
+/// `.`; directories are skipped.
+fn included_files(patterns: &[String], config_path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let directory = config_path.parent().unwrap_or(Path::new(""));
+    // Patterns are text: a directory that is not would silently match nothing.
+    let Some(directory_text) = directory.to_str() else {
+        return Err(ConfigError::File {
+            path: directory.to_owned(),
+            message: "is not UTF-8, so no `include.sources` pattern can be relative to it"
+                .to_owned(),
+        });
+    };
+    // The directory is matched literally, whatever characters its name has.
+    let directory = glob::Pattern::escape(directory_text);
+    let options = glob::MatchOptions {
+        require_literal_leading_dot: true,
+        ..glob::MatchOptions::new()
+    };
+    let mut files = BTreeSet::new();
+    for pattern in patterns {
+        // An absolute pattern stays as it is.
+        let full_pattern = Path::new(&directory).join(pattern);
+        let matches = glob::glob_with(&full_pattern.to_string_lossy(), options).map_err(|e| {
+            ConfigError::top(
+                "include.sources",
+                format!("{pattern:?} is not a glob pattern: {e}"),
+            )
+        })?;
+        for entry in matches {
+            let path = entry.map_err(|e| ConfigError::File {
+                path: e.path().to_owned(),
+                message: e.error().to_string(),
+            })?;
+            if path.is_file() {
+                files.insert(path);
+            }
+        }
+    }
+    Ok(files.into_iter().collect())
 }
 
 /// A TOML parser's "duplicate key" message, with the key named: the text before `=` on

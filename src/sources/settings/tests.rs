@@ -3,7 +3,10 @@
 use secrecy::ExposeSecret;
 
 use super::SourceSettings;
-use crate::config::{DEFAULT_DATABASE_URL, DEFAULT_SCHEDULE, DEFAULT_SHUTDOWN_TIMEOUT};
+use crate::config::{
+    DEFAULT_DATABASE_URL, DEFAULT_LEASE_TTL, DEFAULT_MAX_CONCURRENT_PASSES,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_SCHEDULE, DEFAULT_SHUTDOWN_TIMEOUT,
+};
 use crate::sources::kinds::KindSettings;
 use crate::store::DatabaseKind;
 
@@ -467,6 +470,283 @@ mod files_and_daemon {
         assert!(error.contains("daemon.metrics_listen"), "{error}");
         let error = parse(&format!("[daemon]\nmetricslisten = \"x\"\n{base}"), None).unwrap_err();
         assert!(error.contains("metricslisten"), "{error}");
+    }
+
+    #[test]
+    fn leases_passes_at_once_and_connections_have_defaults_and_bounds() {
+        let base = format!("[database]\nurl = \"postgres://h/db\"\n{SOURCE}token = \"t\"\n");
+        let settings = parse(&base, None).unwrap();
+        assert_eq!(settings.daemon.lease_ttl, DEFAULT_LEASE_TTL);
+        assert_eq!(DEFAULT_LEASE_TTL, std::time::Duration::from_secs(30));
+        assert_eq!(
+            settings.daemon.max_concurrent_passes,
+            DEFAULT_MAX_CONCURRENT_PASSES
+        );
+        assert_eq!(DEFAULT_MAX_CONCURRENT_PASSES, 8);
+        assert_eq!(settings.database.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(DEFAULT_MAX_CONNECTIONS, 4);
+
+        let with = |lease_ttl: &str, passes: &str, connections: &str| {
+            let text = format!(
+                "[daemon]\nlease_ttl = {lease_ttl}\nmax_concurrent_passes = {passes}\n{}",
+                base.replace(
+                    "url = \"postgres://h/db\"",
+                    &format!("url = \"postgres://h/db\"\nmax_connections = {connections}"),
+                )
+            );
+            parse(&text, None)
+        };
+        let settings = with("\"2m\"", "64", "20").unwrap();
+        assert_eq!(
+            settings.daemon.lease_ttl,
+            std::time::Duration::from_secs(120)
+        );
+        assert_eq!(settings.daemon.max_concurrent_passes, 64);
+        assert_eq!(settings.database.max_connections, 20);
+        let settings = with("\"1s\"", "1", "1").unwrap();
+        assert_eq!(settings.daemon.lease_ttl, std::time::Duration::from_secs(1));
+        let settings = with("\"10m\"", "1024", "1000").unwrap();
+        assert_eq!(
+            settings.daemon.lease_ttl,
+            std::time::Duration::from_secs(600)
+        );
+
+        for (lease_ttl, passes, connections, field) in [
+            ("\"999ms\"", "8", "4", "daemon.lease_ttl"),
+            ("\"11m\"", "8", "4", "daemon.lease_ttl"),
+            ("\"soon\"", "8", "4", "daemon.lease_ttl"),
+            ("\"30s\"", "0", "4", "daemon.max_concurrent_passes"),
+            ("\"30s\"", "1025", "4", "daemon.max_concurrent_passes"),
+            ("\"30s\"", "\"many\"", "4", "daemon.max_concurrent_passes"),
+            ("\"30s\"", "8", "0", "database.max_connections"),
+            ("\"30s\"", "8", "1001", "database.max_connections"),
+            ("\"30s\"", "8", "-1", "database.max_connections"),
+            ("\"30s\"", "8", "2.5", "database.max_connections"),
+        ] {
+            let error = with(lease_ttl, passes, connections).unwrap_err();
+            assert!(error.contains(&format!("field `{field}`")), "{error}");
+        }
+    }
+}
+
+mod includes {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// A directory holding a config file and its `sources.d/`, removed when dropped.
+    struct ConfigDir(PathBuf);
+
+    impl ConfigDir {
+        fn new() -> ConfigDir {
+            let path =
+                std::env::temp_dir().join(format!("deptsync-include-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(path.join("sources.d")).unwrap();
+            ConfigDir(path)
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.0.join(name).display().to_string()
+        }
+
+        fn write(&self, name: &str, text: &str) {
+            std::fs::write(self.0.join(name), text).unwrap();
+        }
+
+        /// Writes `main` as `deptsync.toml` and loads it.
+        fn load(&self, main: &str) -> Result<Settings, String> {
+            self.write("deptsync.toml", main);
+            Settings::load(&self.0.join("deptsync.toml"), &env).map_err(|e| e.to_string())
+        }
+    }
+
+    impl Drop for ConfigDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn env(name: &str) -> Option<String> {
+        (name == "HR_TOKEN").then(|| "token-from-env".to_owned())
+    }
+
+    const MAIN: &str =
+        "[database]\nurl = \"postgres://h/db\"\n\n[include]\nsources = \"sources.d/*.toml\"\n";
+
+    fn source(name: &str) -> String {
+        format!(
+            "[[sources]]\nname = \"{name}\"\nkind = \"data_v1\"\n\
+             base_url = \"https://hr.example.com\"\ntoken = \"${{HR_TOKEN}}\"\n"
+        )
+    }
+
+    fn names(settings: &Settings) -> Vec<&str> {
+        settings.sources.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn included_files_add_their_sources_after_the_main_ones_in_path_order() {
+        let dir = ConfigDir::new();
+        dir.write(
+            "sources.d/b.toml",
+            &format!("{}{}", source("b-1"), source("b-2")),
+        );
+        dir.write("sources.d/a.toml", &source("a"));
+        dir.write("sources.d/empty.toml", "");
+        dir.write("sources.d/notes.txt", "not toml, not matched");
+        dir.write("sources.d/.hidden.toml", "not toml either, and hidden");
+        std::fs::create_dir(dir.0.join("sources.d/old.toml")).unwrap();
+        let settings = dir.load(&format!("{MAIN}{}", source("main"))).unwrap();
+        assert_eq!(names(&settings), ["main", "a", "b-1", "b-2"]);
+        let KindSettings::DataV1(hr) = &settings.sources[1].kind else {
+            panic!("expected data_v1");
+        };
+        assert_eq!(hr.token.expose_secret(), "token-from-env");
+    }
+
+    #[test]
+    fn include_takes_a_list_of_patterns_relative_or_absolute_each_file_once() {
+        let dir = ConfigDir::new();
+        std::fs::create_dir(dir.0.join("tenants")).unwrap();
+        dir.write("sources.d/a.toml", &source("a"));
+        dir.write("tenants/t.toml", &source("t"));
+        let absolute = dir.path("tenants/*.toml");
+        let main = MAIN.replace(
+            "sources = \"sources.d/*.toml\"",
+            &format!("sources = [\"sources.d/a.toml\", \"{absolute}\", \"sources.d/*\"]"),
+        );
+        let settings = dir.load(&main).unwrap();
+        assert_eq!(names(&settings), ["a", "t"]);
+    }
+
+    #[test]
+    fn a_name_used_in_two_files_is_refused_naming_both() {
+        let dir = ConfigDir::new();
+        dir.write("sources.d/a.toml", &source("x"));
+        dir.write("sources.d/b.toml", &source("x"));
+        let error = dir.load(MAIN).unwrap_err();
+        assert!(
+            error.contains("source \"x\": field `name`")
+                && error.contains(&dir.path("sources.d/a.toml"))
+                && error.contains(&dir.path("sources.d/b.toml")),
+            "{error}"
+        );
+
+        let dir = ConfigDir::new();
+        dir.write("sources.d/a.toml", &source("main"));
+        let error = dir.load(&format!("{MAIN}{}", source("main"))).unwrap_err();
+        assert!(
+            error.contains(&dir.path("deptsync.toml"))
+                && error.contains(&dir.path("sources.d/a.toml")),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn an_error_in_an_included_file_names_that_file_and_the_field() {
+        let dir = ConfigDir::new();
+        dir.write("sources.d/a.toml", &source("a"));
+        dir.write(
+            "sources.d/b.toml",
+            &format!("{}max_delete_fraction = 1.5\n", source("b")),
+        );
+        let error = dir.load(MAIN).unwrap_err();
+        assert!(
+            error.starts_with(&format!(
+                "{}: source \"b\": field `max_delete_fraction`",
+                dir.path("sources.d/b.toml")
+            )),
+            "{error}"
+        );
+
+        dir.write("sources.d/b.toml", &source("B"));
+        let error = dir.load(MAIN).unwrap_err();
+        assert!(
+            error.contains(&format!(
+                "{}: sources[0]: field `name`",
+                dir.path("sources.d/b.toml")
+            )),
+            "{error}"
+        );
+
+        dir.write(
+            "sources.d/b.toml",
+            "[[sources]]\nname = \"b\"\ntoken = \"unterminated\n",
+        );
+        let error = dir.load(MAIN).unwrap_err();
+        assert!(
+            error.contains(&dir.path("sources.d/b.toml")) && error.contains("line"),
+            "{error}"
+        );
+        assert!(!error.contains("unterminated"), "{error}");
+
+        // Not UTF-8: the file cannot be read as text.
+        std::fs::write(dir.0.join("sources.d/b.toml"), [0xff, 0xfe, 0x00]).unwrap();
+        let error = dir.load(MAIN).unwrap_err();
+        assert!(error.contains(&dir.path("sources.d/b.toml")), "{error}");
+    }
+
+    #[test]
+    fn an_included_file_holds_only_sources() {
+        let dir = ConfigDir::new();
+        dir.write(
+            "sources.d/a.toml",
+            &format!("[daemon]\nshutdown_timeout = \"1s\"\n{}", source("a")),
+        );
+        let error = dir.load(MAIN).unwrap_err();
+        assert!(
+            error.contains(&dir.path("sources.d/a.toml")) && error.contains("`daemon`"),
+            "{error}"
+        );
+        dir.write("sources.d/a.toml", "[include]\nsources = \"*.toml\"\n");
+        let error = dir.load(MAIN).unwrap_err();
+        assert!(
+            error.contains(&dir.path("sources.d/a.toml")) && error.contains("`include`"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn an_invalid_pattern_is_refused_naming_the_field() {
+        let dir = ConfigDir::new();
+        for sources in [
+            "\"sources.d/[a.toml\"",
+            "\"sources.d/a**.toml\"",
+            "[\"ok/*.toml\", 3]",
+            "\"\"",
+        ] {
+            let main = MAIN.replace("\"sources.d/*.toml\"", sources);
+            let error = dir.load(&main).unwrap_err();
+            assert!(
+                error.contains(&format!(
+                    "{}: field `include.sources`",
+                    dir.path("deptsync.toml")
+                )),
+                "{sources}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pattern_that_matches_nothing_adds_no_source() {
+        let dir = ConfigDir::new();
+        let settings = dir.load(&format!("{MAIN}{}", source("main"))).unwrap();
+        assert_eq!(names(&settings), ["main"]);
+        let main = MAIN.replace("sources.d/*.toml", "nowhere/*.toml");
+        assert!(dir.load(&main).unwrap().sources.is_empty());
+    }
+
+    #[test]
+    fn include_needs_a_config_file() {
+        let error = match Settings::parse(MAIN, &env) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            error.contains("field `include.sources`")
+                && error.contains("include needs a config file"),
+            "{error}"
+        );
     }
 }
 
