@@ -4,12 +4,12 @@
 
 use std::time::Instant;
 
-use crate::engine::{self, PassError, PassReport, PassRequest, Progress};
+use crate::engine::{self, Leasing, PassError, PassReport, PassRequest, Progress};
 use crate::model::RunOutcome;
 use crate::progress::Display;
 use crate::report::SourceRun;
 use crate::sources::{Connector, SourceSettings};
-use crate::store::Store;
+use crate::store::{Limits, Store};
 
 /// A configured source ready to run: its settings and its connector.
 pub struct ReadySource<'a> {
@@ -57,19 +57,31 @@ pub async fn register<St: Store>(store: &St, names: &[String]) {
     }
 }
 
-/// Runs one pass of the source `name` through `connector`, its progress told to
-/// `progress`, and after a pass that succeeded trims the history the source's
-/// `history_retention` no longer keeps: a pass as `sync`, the demo and the service run it.
+/// What bounds the store of `settings`: its statements' timeout and its connections.
+pub fn limits(settings: &crate::Settings) -> Limits {
+    Limits {
+        statement_timeout: settings.database.statement_timeout,
+        max_connections: settings.database.max_connections,
+    }
+}
+
+/// Runs one pass of the source `name` through `connector`, under the lease `leasing`
+/// says, its progress told to `progress`, and after a pass that succeeded trims the
+/// history the source's `history_retention` no longer keeps: a pass as `sync`, the demo
+/// and the service run it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn pass<St: Store>(
     name: &str,
     connector: &Connector,
     history_retention: Option<std::time::Duration>,
     store: &St,
     request: PassRequest,
+    leasing: Leasing,
     cancel: &tokio_util::sync::CancellationToken,
     progress: &dyn Progress,
 ) -> Result<PassReport, PassError> {
-    let result = engine::run_pass_showing(name, connector, store, request, cancel, progress).await;
+    let result =
+        engine::run_pass_showing(name, connector, store, request, leasing, cancel, progress).await;
     if let (Ok(report), Some(retention)) = (&result, history_retention)
         && report.outcome == RunOutcome::Succeeded
     {
@@ -92,12 +104,14 @@ async fn trim_history<St: Store>(store: &St, source: &str, retention: std::time:
     }
 }
 
-/// Runs one pass of `source`, its progress shown on `display`, and tells how it went.
-/// The engine has logged and recorded a failure; a cancelled pass says `cancelled`.
+/// Runs one pass of `source`, under its lease taken for `lease_ttl`, its progress shown
+/// on `display`, and tells how it went. The engine has logged and recorded a failure; a
+/// cancelled pass says `cancelled`.
 pub async fn run_pass<St: Store>(
     source: &ReadySource<'_>,
     store: &St,
     request: PassRequest,
+    lease_ttl: std::time::Duration,
     cancel: &tokio_util::sync::CancellationToken,
     display: &Display,
 ) -> SourceRun {
@@ -112,6 +126,7 @@ pub async fn run_pass<St: Store>(
         source.settings.history_retention,
         store,
         request,
+        Leasing::Take { ttl: lease_ttl },
         cancel,
         &progress,
     )

@@ -18,7 +18,7 @@ use crate::progress::Display;
 use crate::report::{change_line, pass_table, status_lines, status_table};
 use crate::sources::Source;
 use crate::sources::SourceSettings;
-use crate::store::{AnyStore, IfMissing, Store};
+use crate::store::{AnyStore, IfMissing, PassEnd, Store};
 
 /// Keeps an SQL copy of the departments held in several SaaS APIs.
 #[derive(Debug, Parser)]
@@ -179,8 +179,13 @@ pub async fn run(cli: Cli, cancel: CancellationToken, display: Display) -> Resul
     let load = || Settings::load(&cli.config, &config::process_env);
     match cli.command {
         Command::Run => {
-            let daemon = Daemon::build(load()?).context("starting the service")?;
-            match daemon.run_until(cancel.cancelled_owned()).await {
+            let daemon = Daemon::build(load()?)
+                .context("starting the service")?
+                .reloading_from(cli.config.clone());
+            match daemon
+                .run_reloading(cancel.cancelled_owned(), reload_on_sighup())
+                .await
+            {
                 Ok(()) => Ok(Exit::Success),
                 // The address is the config's: restarting cannot mend it (the unit does
                 // not restart on exit 2).
@@ -221,9 +226,34 @@ async fn demo(
     }
 }
 
+/// A reload asked for each `SIGHUP` (`systemctl reload`): several before one is read
+/// make one reload.
+fn reload_on_sighup() -> tokio::sync::mpsc::Receiver<()> {
+    let (reload, reloads) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hangups) => {
+                while hangups.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reading the configuration again");
+                    if let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) =
+                        reload.try_send(())
+                    {
+                        return;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP; reloads are off"),
+        }
+        #[cfg(not(unix))]
+        let _ = reload;
+    });
+    reloads
+}
+
 /// Connects to the database (creating it when missing) and applies pending migrations.
 async fn connect(settings: &Settings) -> anyhow::Result<AnyStore> {
-    AnyStore::open_with(&settings.database.url, settings.database.statement_timeout)
+    AnyStore::open_with(&settings.database.url, &crate::app::limits(settings))
         .await
         .with_context(|| format!("database {}", settings.database.redacted_url()))
 }
@@ -234,7 +264,7 @@ async fn migrate(settings: &Settings) -> Result<Exit, CliError> {
     let store = AnyStore::connect_with(
         &settings.database.url,
         IfMissing::Create,
-        settings.database.statement_timeout,
+        &crate::app::limits(settings),
     )
     .await
     .with_context(database)?;
@@ -342,7 +372,15 @@ async fn sync(
         if cancel.is_cancelled() {
             break;
         }
-        let run = app::run_pass(source, &store, request, &cancel, display).await;
+        let run = app::run_pass(
+            source,
+            &store,
+            request,
+            settings.daemon.lease_ttl,
+            &cancel,
+            display,
+        )
+        .await;
         match &run.result {
             Err(_) if run.cancelled => tracing::warn!(
                 source = run.name,
@@ -382,9 +420,9 @@ async fn reset(settings: &Settings, args: ResetArgs) -> Result<Exit, CliError> {
     }
     let store = connect(settings).await?;
     let mut lease = store
-        .try_lock(name)
+        .try_lease(name, settings.daemon.lease_ttl)
         .await
-        .context("taking the source's lock")?
+        .context("taking the source's lease")?
         .ok_or_else(|| {
             anyhow::anyhow!(
                 "another process is syncing this source now; nothing was changed (try again \
@@ -392,9 +430,11 @@ async fn reset(settings: &Settings, args: ResetArgs) -> Result<Exit, CliError> {
             )
         })?;
     let dropped = store
-        .set_scope(&mut lease, name, None, Some(RESET_BY_OPERATOR))
+        .set_scope(&mut lease, None, Some(RESET_BY_OPERATOR))
         .await;
-    store.unlock(lease).await;
+    if let Err(e) = store.release(&lease, PassEnd::Cancelled).await {
+        tracing::warn!(error = %crate::error_chain(&e), "could not give the source's lease back; it lapses on its own");
+    }
     dropped.context("dropping the source's position")?;
     tracing::warn!(
         source = name,
@@ -426,7 +466,7 @@ async fn connect_to_read(settings: &Settings) -> anyhow::Result<AnyStore> {
     AnyStore::connect_with(
         &settings.database.url,
         IfMissing::Fail,
-        settings.database.statement_timeout,
+        &crate::app::limits(settings),
     )
     .await
     .with_context(|| format!("database {}", settings.database.redacted_url()))

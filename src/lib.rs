@@ -14,6 +14,10 @@
 //! - `demo` and `fakes` (feature `demo`, on by default): `deptsync demo`, and the simulated
 //!   vendor APIs it syncs from, which the tests and the benchmark use too.
 
+// A pass is one deep future (the engine's, under its lease's renewal), and the commands
+// nest it further: the compiler's default depth for laying it out is too shallow.
+#![recursion_limit = "256"]
+
 pub mod app;
 pub mod cli;
 pub mod config;

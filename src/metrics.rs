@@ -20,7 +20,7 @@ const DEPARTMENTS_WRITTEN: &str = "deptsync_departments_written_total";
 const HTTP_REQUESTS: &str = "deptsync_http_requests_total";
 const PASS_DURATION: &str = "deptsync_pass_duration_seconds";
 const LAST_SUCCESS: &str = "deptsync_last_success_timestamp_seconds";
-const TICKS_SKIPPED: &str = "deptsync_ticks_skipped_total";
+const LEASES_LOST: &str = "deptsync_leases_lost_total";
 
 /// Pass durations, in seconds: from a quick incremental pass to a first sync of years.
 const DURATION_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0];
@@ -47,8 +47,8 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         .map_err(|e| MetricsError::Recorder(e.to_string()))?;
     metrics::describe_counter!(PASSES, "Passes by source and outcome");
     metrics::describe_counter!(
-        TICKS_SKIPPED,
-        "Scheduled ticks skipped because the previous pass was still running"
+        LEASES_LOST,
+        "Passes stopped because another process took their source's lease over"
     );
     metrics::describe_counter!(
         DEPARTMENTS_WRITTEN,
@@ -94,9 +94,9 @@ pub fn pass_finished(source: &str, outcome: &'static str, duration: Duration) {
     }
 }
 
-/// A scheduled tick found the previous pass still running.
-pub fn tick_skipped(source: &str) {
-    metrics::counter!(TICKS_SKIPPED, "source" => source.to_owned()).increment(1);
+/// A pass lost its source's lease to another process.
+pub fn lease_lost(source: &str) {
+    metrics::counter!(LEASES_LOST, "source" => source.to_owned()).increment(1);
 }
 
 /// A request to a vendor answered with `status` (or `error` when none came).

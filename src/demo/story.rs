@@ -52,7 +52,7 @@ pub(super) async fn demo(
     // not read: the demo never writes into a configured database by accident.
     let toml = simulation.config_toml(database_url, None);
     let settings = Settings::parse(&toml, &|_| None).context("the demo's own config")?;
-    let store = AnyStore::open_with(&settings.database.url, settings.database.statement_timeout)
+    let store = AnyStore::open_with(&settings.database.url, &app::limits(&settings))
         .await
         .with_context(|| format!("database {}", settings.database.redacted_url()))?;
 
@@ -164,8 +164,15 @@ pub(super) async fn sync_all(
     let mut runs = Vec::with_capacity(settings.sources.len());
     for source in app::ready(&settings.sources).context("building the HTTP client")? {
         let requests_before = simulation.requests(source.name());
-        let mut run =
-            app::run_pass(&source, store, PassRequest::INCREMENTAL, cancel, display).await;
+        let mut run = app::run_pass(
+            &source,
+            store,
+            PassRequest::INCREMENTAL,
+            settings.daemon.lease_ttl,
+            cancel,
+            display,
+        )
+        .await;
         if run.cancelled {
             anyhow::bail!("interrupted; run the demo again to start afresh");
         }

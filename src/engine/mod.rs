@@ -19,14 +19,20 @@
 //! first began). A listing that fails or stops half way deletes nothing; the next pass
 //! resumes it. A listing that changed under its page numbers starts again.
 //!
-//! - this module: a pass from its lock to its record, its errors and its report, and the
+//! - this module: a pass from its lease to its record, its errors and its report, and the
 //!   two sides every pass has: the [`Reader`] that fetches pages and the [`Writer`] that
-//!   commits them;
+//!   commits them. A pass runs under its source's lease ([`crate::store::lease`]), which
+//!   it renews every third of its time to live while it runs: a pass whose lease another
+//!   process took over (this one paused, or cut off from the database past the lease's
+//!   expiry) stops, writes nothing more (its store refuses it) and fails as having lost
+//!   its lease;
 //! - [`windowed`]: reading a windowed source's windows, several at once;
 //! - [`listing`]: reading a listing source's whole listing, and confirming it;
 //! - [`plan`]: the ledger of windows a windowed pass works through.
 
 use std::future::Future;
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +41,7 @@ use crate::model::{
     Checkpoint, PageCounts, RunId, RunMode, RunOutcome, SyncState, WithheldDeletions,
 };
 use crate::sources::{Connector, Page, Source, SourceError};
-use crate::store::{Commit, Store, StoreError};
+use crate::store::{Commit, Lease, PassEnd, Store, StoreError};
 
 mod listing;
 pub(crate) mod plan;
@@ -136,9 +142,16 @@ pub enum PassError {
         #[source]
         source: StoreError,
     },
-    /// Another process (or another pass in this one) holds the source's lock.
+    /// Another process (or another pass in this one) holds the source's lease.
     #[error("another process is syncing this source now")]
     Busy,
+    /// Another process took the source's lease over while this pass ran (this one was
+    /// paused, or could not renew it in time): nothing more of the pass was written.
+    #[error(
+        "lost its lease: another process took the source over (fence {fence} is no longer \
+         this pass's); nothing more of this pass was written"
+    )]
+    LostLease { fence: i64 },
     #[error("backfill range is empty: --from {from} is not before --to {to}")]
     EmptyBackfill {
         from: DateTime<Utc>,
@@ -159,6 +172,24 @@ pub enum PassError {
 }
 
 pub use crate::error_chain;
+
+impl PassError {
+    /// Whether a write was refused because another process took the lease over.
+    fn lost_lease(&self) -> bool {
+        matches!(
+            self,
+            PassError::LostLease { .. }
+                | PassError::Store {
+                    source: StoreError::LeaseLost { .. },
+                    ..
+                }
+                | PassError::Bookkeeping {
+                    source: StoreError::LeaseLost { .. },
+                    ..
+                }
+        )
+    }
+}
 
 /// What the mass-deletion guard held back, in words: for the whole source, or for each
 /// scope that would have lost too many.
@@ -218,8 +249,26 @@ pub struct NoProgress;
 
 impl Progress for NoProgress {}
 
-/// Runs one pass of `source`, recorded in `sync_runs` from start to end, holding the
-/// source's lock throughout ([`PassError::Busy`] when another holds it).
+/// How a pass comes by its source's lease.
+#[derive(Debug, Clone)]
+pub enum Leasing {
+    /// Takes it, for this long, if no process holds it ([`PassError::Busy`] otherwise):
+    /// `sync`, the demo.
+    Take { ttl: Duration },
+    /// Taken already: a service claimed the source.
+    Held(Lease),
+}
+
+impl Leasing {
+    /// Takes the lease, for the default time to live.
+    pub const TAKE: Leasing = Leasing::Take {
+        ttl: crate::store::lease::DEFAULT_TTL,
+    };
+}
+
+/// Runs one pass of `source`, recorded in `sync_runs` from start to end, under the
+/// source's lease, taken for the default time ([`PassError::Busy`] when another holds
+/// it).
 ///
 /// Returns the report of a pass that succeeded or was cancelled, and the error of one
 /// that failed (after recording it). Cancellation stops between pages, or abandons the
@@ -231,34 +280,87 @@ pub async fn run_pass<St: Store>(
     request: PassRequest,
     cancel: &CancellationToken,
 ) -> Result<PassReport, PassError> {
-    run_pass_showing(name, source, store, request, cancel, &NoProgress).await
+    run_pass_showing(
+        name,
+        source,
+        store,
+        request,
+        Leasing::TAKE,
+        cancel,
+        &NoProgress,
+    )
+    .await
 }
 
-/// [`run_pass`], telling `progress` how it goes. Everything the pass logs is in its span,
-/// which names the source and the run.
+/// [`run_pass`], under the lease `leasing` says, telling `progress` how it goes. The
+/// lease is given back at the end. Everything the pass logs is in its span, which names
+/// the source and the run.
 #[tracing::instrument(skip_all, fields(source = name, run_id = tracing::field::Empty))]
 pub async fn run_pass_showing<St: Store>(
     name: &str,
     source: &Connector,
     store: &St,
     request: PassRequest,
+    leasing: Leasing,
     cancel: &CancellationToken,
     progress: &dyn Progress,
 ) -> Result<PassReport, PassError> {
-    let mut lease = store
-        .try_lock(name)
-        .await
-        .map_err(|source| PassError::Bookkeeping {
-            context: "taking the source's lock",
-            source,
-        })?
-        .ok_or(PassError::Busy)?;
+    let mut lease = match leasing {
+        Leasing::Held(lease) => lease,
+        Leasing::Take { ttl } => store
+            .try_lease(name, ttl)
+            .await
+            .map_err(|source| PassError::Bookkeeping {
+                context: "taking the source's lease",
+                source,
+            })?
+            .ok_or(PassError::Busy)?,
+    };
     let started = std::time::Instant::now();
-    let ran = run_locked_pass(name, source, store, &mut lease, request, cancel, progress).await;
-    // Unlocked before the end is recorded: a commit given up half way leaves its
-    // transaction open on the lock's connection, holding the run's row, and closing that
-    // connection is what lets the record of the failure through.
-    store.unlock(lease).await;
+    // Stopped by the caller, or by the lease being lost.
+    let stop = cancel.child_token();
+    let ended = CancellationToken::new();
+    let kept = lease.clone();
+    let (ran, lost) = tokio::join!(
+        async {
+            let ran =
+                run_locked_pass(name, source, store, &mut lease, request, &stop, progress).await;
+            ended.cancel();
+            ran
+        },
+        keep_lease(store, kept, &ended, &stop),
+    );
+    let ran = match ran {
+        Err(e) if lost || e.lost_lease() => Err(PassError::LostLease { fence: lease.fence }),
+        Ok((run_id, result, totals)) => {
+            let result = match result {
+                Err(e) if lost || e.lost_lease() => {
+                    Err(PassError::LostLease { fence: lease.fence })
+                }
+                Ok(Finished::Cancelled) if lost => Err(PassError::LostLease { fence: lease.fence }),
+                result => result,
+            };
+            Ok((run_id, result, totals))
+        }
+        ran => ran,
+    };
+    if matches!(
+        &ran,
+        Err(PassError::LostLease { .. }) | Ok((_, Err(PassError::LostLease { .. }), _))
+    ) {
+        crate::metrics::lease_lost(name);
+    }
+    let end = match &ran {
+        Ok((_, Ok(Finished::Completed), _)) => PassEnd::Succeeded,
+        Ok((_, Ok(Finished::Cancelled), _)) => PassEnd::Cancelled,
+        _ => PassEnd::Failed,
+    };
+    // A lost lease is no longer this pass's to give back (the store changes nothing).
+    // One that cannot be given back lapses on its own, after its time to live.
+    retried("give the source's lease back", || {
+        store.release(&lease, end)
+    })
+    .await;
     let (run_id, result, totals) = ran?;
     let outcome = match &result {
         Ok(Finished::Completed) => RunOutcome::Succeeded,
@@ -295,20 +397,62 @@ pub async fn run_pass_showing<St: Store>(
     }
 }
 
-/// A pass under the source's lock: its run recorded as started, then read and stored.
+/// Renews `lease` every third of its time to live until the pass has `ended`. When it is
+/// lost (another holder took the source over, or no renewal got through before it
+/// lapsed), stops the pass and says so (`true`).
+async fn keep_lease<St: Store>(
+    store: &St,
+    lease: Lease,
+    ended: &CancellationToken,
+    stop: &CancellationToken,
+) -> bool {
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = ended.cancelled() => return false,
+            () = tokio::time::sleep(lease.ttl / 3) => {}
+        }
+        match store.renew(&lease).await {
+            Ok(true) => renewed = tokio::time::Instant::now(),
+            Ok(false) => {
+                tracing::warn!(
+                    fence = lease.fence,
+                    "another process took the source's lease over; stopping this pass"
+                );
+                stop.cancel();
+                return true;
+            }
+            Err(e) if renewed.elapsed() >= lease.ttl => {
+                tracing::warn!(
+                    error = %error_chain(&e),
+                    ttl = ?lease.ttl,
+                    "the source's lease could not be renewed before it lapsed; stopping this pass"
+                );
+                stop.cancel();
+                return true;
+            }
+            Err(e) => tracing::warn!(
+                error = %error_chain(&e),
+                "renewing the source's lease; trying again"
+            ),
+        }
+    }
+}
+
+/// A pass under the source's lease: its run recorded as started, then read and stored.
 /// Returns the run, how the pass ended and what it stored; an error only when the run
 /// could not even be recorded.
 async fn run_locked_pass<St: Store>(
     name: &str,
     connector: &Connector,
     store: &St,
-    lease: &mut St::Lease,
+    lease: &mut Lease,
     request: PassRequest,
     cancel: &CancellationToken,
     progress: &dyn Progress,
 ) -> Result<(RunId, Result<Finished, PassError>, PassTotals), PassError> {
     let run_id = store
-        .start_run(lease, name, request.mode())
+        .start_run(lease, request.mode())
         .await
         .map_err(|source| PassError::Bookkeeping {
             context: "recording the start of the run",
@@ -351,22 +495,34 @@ async fn read<St: Store>(
     }
 }
 
-/// Records how the run ended, trying for a few seconds: the failure being recorded may be
-/// the database going away, and a short outage should not lose the reason. What cannot be
-/// recorded is closed by the next pass as abandoned.
+/// Records how the run ended. What cannot be recorded is closed by the next pass as
+/// abandoned.
 async fn record_end<St: Store>(store: &St, run_id: RunId, outcome: &RunOutcome) {
+    retried("record the end of the run", || {
+        store.finish_run(run_id, outcome)
+    })
+    .await;
+}
+
+/// Makes the store call `call` at the end of a pass, trying for a few seconds: the
+/// failure that ended the pass may be the database going away, and a short outage
+/// should not lose the run's reason nor keep its source's lease. A database that does
+/// not answer at all is not waited for again: the pass ends now. `what` failing is
+/// logged.
+async fn retried<F>(what: &'static str, call: impl Fn() -> F)
+where
+    F: Future<Output = Result<(), StoreError>>,
+{
     let mut wait = std::time::Duration::from_millis(250);
     for attempt in 1..=5 {
-        match store.finish_run(run_id, outcome).await {
+        match call().await {
             Ok(()) => return,
-            // A database that does not answer at all is not waited for again: the pass
-            // ends now, and the next one closes the run as abandoned.
             Err(e @ StoreError::Unanswered { .. }) => {
-                tracing::warn!(error = %error_chain(&e), "could not record the end of the run");
+                tracing::warn!(error = %error_chain(&e), "could not {what}");
                 return;
             }
             Err(e) if attempt == 5 => {
-                tracing::warn!(error = %error_chain(&e), "could not record the end of the run");
+                tracing::warn!(error = %error_chain(&e), "could not {what}");
             }
             Err(_) => {
                 tokio::time::sleep(wait).await;
@@ -392,8 +548,8 @@ pub(crate) struct Reader<'a, S> {
 pub(crate) struct Writer<'a, St: Store> {
     name: &'a str,
     store: &'a St,
-    /// The source's lock; every write of the pass goes through it.
-    lease: &'a mut St::Lease,
+    /// The source's lease; every write of the pass is made under it.
+    lease: &'a mut Lease,
     run_id: RunId,
     totals: PassTotals,
     progress: &'a dyn Progress,
@@ -478,7 +634,7 @@ impl<St: Store> Writer<'_, St> {
             );
         }
         self.store
-            .set_scope(self.lease, self.name, Some(&scope), reset)
+            .set_scope(self.lease, Some(&scope), reset)
             .await
             .map_err(|source| PassError::Bookkeeping {
                 context: "recording what the source's position is a position of",

@@ -3,19 +3,21 @@
 //! backend; the engine is generic over [`Store`] and knows none.
 //!
 //! A backend implements [`Store`] and [`Backend`] in its own folder and registers with
-//! one line at the bottom of this file, from which [`DatabaseKind`], [`AnyStore`],
-//! [`AnyLease`] and their dispatch are made. Every call through an [`AnyStore`] is
+//! one line at the bottom of this file, from which [`DatabaseKind`], [`AnyStore`] and
+//! their dispatch are made. Every call through an [`AnyStore`] is
 //! bounded by [`call_timeout`], so that no database call of a pass, the service or a
 //! command can hang, whatever the network does.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
 use super::history::{self, FeedQueries, FeedReader};
+use super::lease::{self, Lease, LeaseQueries, PassEnd, Scheduled};
 use super::statements::{Statements, StoredRow};
-use super::{Commit, DEFAULT_STATEMENT_TIMEOUT, IfMissing, Store, StoreError, bounded};
+use super::{Commit, IfMissing, Limits, Store, StoreError, bounded};
 use crate::model::{
     DepartmentVersion, FeedToken, PageCounts, RunId, RunMode, RunOutcome, SourceStatus, SyncState,
 };
@@ -35,11 +37,11 @@ pub trait Backend: Store + FeedQueries + Clone + Sized {
     fn claims(url: &str) -> Option<Result<(), String>>;
 
     /// Connects to the database at `url` (creating it when missing, with
-    /// [`IfMissing::Create`]). A statement runs at most `statement_timeout`.
+    /// [`IfMissing::Create`]), within `limits`.
     fn connect_with(
         url: &SecretString,
         if_missing: IfMissing,
-        statement_timeout: Duration,
+        limits: &Limits,
     ) -> impl Future<Output = Result<Self, StoreError>> + Send;
 
     /// Applies the migrations that have not run yet.
@@ -50,6 +52,13 @@ pub trait Backend: Store + FeedQueries + Clone + Sized {
 
     /// Opens a [`Backend::Reader`].
     fn read(&self) -> impl Future<Output = Result<Self::Reader, StoreError>> + Send;
+
+    /// A transaction for a short write (a lease, a claim), on a connection of the
+    /// store's pool.
+    type Writer: LeaseQueries;
+
+    /// Opens a [`Backend::Writer`].
+    fn write(&self) -> impl Future<Output = Result<Self::Writer, StoreError>> + Send;
 
     /// Whether the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
@@ -90,14 +99,16 @@ pub trait Backend: Store + FeedQueries + Clone + Sized {
 
     /// The bound on every call through an [`AnyStore`] of this backend.
     fn call_timeout(&self) -> Duration;
+
+    /// The name this store holds leases under (each opened store has its own).
+    fn holder(&self) -> &Arc<str>;
 }
 
 /// What a URL that no backend claims is told.
 const NO_BACKEND: &str = "is neither a PostgreSQL URL (postgres://user@host:port/database) nor \
      an SQLite one (sqlite://path/to/file.db)";
 
-/// Makes [`DatabaseKind`], [`AnyStore`], [`AnyLease`] and their dispatch from the list of
-/// backends.
+/// Makes [`DatabaseKind`], [`AnyStore`] and their dispatch from the list of backends.
 macro_rules! backends {
     ($($variant:ident($backend:ty)),* $(,)?) => {
         /// Which store a database URL names.
@@ -130,24 +141,17 @@ macro_rules! backends {
             $($variant($backend),)*
         }
 
-        /// The lease of an [`AnyStore`]: its backend's, with the store that gave it, so
-        /// that a lease is only ever used with its own backend.
-        pub enum AnyLease {
-            $($variant($backend, <$backend as Store>::Lease),)*
-        }
-
         impl AnyStore {
-            /// Connects to the store at `url`. A statement runs at most
-            /// `statement_timeout`, and every call through this store at most
-            /// [`call_timeout`] of it.
+            /// Connects to the store at `url`, within `limits`: every call through this
+            /// store runs at most [`call_timeout`] of its statement timeout.
             pub async fn connect_with(
                 url: &SecretString,
                 if_missing: IfMissing,
-                statement_timeout: Duration,
+                limits: &Limits,
             ) -> Result<AnyStore, StoreError> {
                 match DatabaseKind::of_url(url.expose_secret()).map_err(StoreError::Url)? {
                     $(DatabaseKind::$variant => Ok(AnyStore::$variant(
-                        <$backend>::connect_with(url, if_missing, statement_timeout).await?,
+                        <$backend>::connect_with(url, if_missing, limits).await?,
                     )),)*
                 }
             }
@@ -222,6 +226,57 @@ macro_rules! backends {
                 Ok(FeedReader::new(self, since, horizon, sources))
             }
 
+            /// Puts `sources` on the fleet's schedule (see [`lease::schedule`]).
+            pub async fn schedule(&self, sources: &[Scheduled]) -> Result<(), StoreError> {
+                bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => {
+                            lease::schedule(store.write().await?, sources).await
+                        })*
+                    }
+                })
+                .await
+            }
+
+            /// Claims this replica's share of the due sources among `sources`, at most
+            /// `room` (see [`lease::claim`]); the leases of the sources to run now.
+            pub async fn claim(
+                &self,
+                sources: &[&str],
+                room: usize,
+                ttl: Duration,
+                next_due: &(dyn Fn(&str, i64) -> Option<i64> + Sync),
+            ) -> Result<Vec<Lease>, StoreError> {
+                bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => {
+                            let writer = store.write().await?;
+                            lease::claim(writer, store.holder(), sources, room, ttl, next_due).await
+                        })*
+                    }
+                })
+                .await
+            }
+
+            /// This replica stops: the others share the fleet's work without it.
+            pub async fn replica_stops(&self) -> Result<(), StoreError> {
+                bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => {
+                            lease::replica_stops(store.write().await?, store.holder()).await
+                        })*
+                    }
+                })
+                .await
+            }
+
+            /// The name this store holds leases under.
+            pub fn holder(&self) -> &Arc<str> {
+                match self {
+                    $(AnyStore::$variant(store) => store.holder(),)*
+                }
+            }
+
             /// The bound on every call through this store.
             fn call_timeout(&self) -> Duration {
                 match self {
@@ -249,34 +304,35 @@ macro_rules! backends {
         }
 
         impl Store for AnyStore {
-            type Lease = AnyLease;
-
-            async fn try_lock(&self, source: &str) -> Result<Option<AnyLease>, StoreError> {
+            async fn try_lease(
+                &self,
+                source: &str,
+                ttl: Duration,
+            ) -> Result<Option<Lease>, StoreError> {
                 bounded(self.call_timeout(), async {
-                    Ok(match self {
-                        $(AnyStore::$variant(store) => store
-                            .try_lock(source)
-                            .await?
-                            .map(|lease| AnyLease::$variant(store.clone(), lease)),)*
-                    })
+                    match self {
+                        $(AnyStore::$variant(store) => store.try_lease(source, ttl).await,)*
+                    }
                 })
                 .await
             }
 
-            async fn unlock(&self, lease: AnyLease) {
-                let unlocked = tokio::time::timeout(self.call_timeout(), async {
-                    match lease {
-                        $(AnyLease::$variant(store, lease) => store.unlock(lease).await,)*
+            async fn renew(&self, lease: &Lease) -> Result<bool, StoreError> {
+                bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => store.renew(lease).await,)*
                     }
                 })
-                .await;
-                if unlocked.is_err() {
-                    // The lease (its connection) was dropped with the call: the server
-                    // frees the lock once it notices the connection gone.
-                    tracing::warn!(
-                        "the database did not answer the unlock in time; dropping the connection"
-                    );
-                }
+                .await
+            }
+
+            async fn release(&self, lease: &Lease, end: PassEnd) -> Result<(), StoreError> {
+                bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => store.release(lease, end).await,)*
+                    }
+                })
+                .await
             }
 
             async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
@@ -288,17 +344,10 @@ macro_rules! backends {
                 .await
             }
 
-            async fn start_run(
-                &self,
-                lease: &mut AnyLease,
-                source: &str,
-                mode: RunMode,
-            ) -> Result<RunId, StoreError> {
+            async fn start_run(&self, lease: &mut Lease, mode: RunMode) -> Result<RunId, StoreError> {
                 bounded(self.call_timeout(), async {
-                    match lease {
-                        $(AnyLease::$variant(store, lease) => {
-                            store.start_run(lease, source, mode).await
-                        })*
+                    match self {
+                        $(AnyStore::$variant(store) => store.start_run(lease, mode).await,)*
                     }
                 })
                 .await
@@ -306,12 +355,12 @@ macro_rules! backends {
 
             async fn commit_page(
                 &self,
-                lease: &mut AnyLease,
+                lease: &mut Lease,
                 page: &Commit<'_>,
             ) -> Result<PageCounts, StoreError> {
                 bounded(self.call_timeout(), async {
-                    match lease {
-                        $(AnyLease::$variant(store, lease) => store.commit_page(lease, page).await,)*
+                    match self {
+                        $(AnyStore::$variant(store) => store.commit_page(lease, page).await,)*
                     }
                 })
                 .await
@@ -319,16 +368,13 @@ macro_rules! backends {
 
             async fn set_scope(
                 &self,
-                lease: &mut AnyLease,
-                source: &str,
+                lease: &mut Lease,
                 scope: Option<&str>,
                 reset: Option<&str>,
             ) -> Result<(), StoreError> {
                 bounded(self.call_timeout(), async {
-                    match lease {
-                        $(AnyLease::$variant(store, lease) => {
-                            store.set_scope(lease, source, scope, reset).await
-                        })*
+                    match self {
+                        $(AnyStore::$variant(store) => store.set_scope(lease, scope, reset).await,)*
                     }
                 })
                 .await
@@ -378,26 +424,23 @@ macro_rules! backends {
 }
 
 impl AnyStore {
-    /// Connects to the store at `url`, statements bounded by the default timeout.
+    /// Connects to the store at `url`, with the default limits.
     pub async fn connect(
         url: &SecretString,
         if_missing: IfMissing,
     ) -> Result<AnyStore, StoreError> {
-        AnyStore::connect_with(url, if_missing, DEFAULT_STATEMENT_TIMEOUT).await
+        AnyStore::connect_with(url, if_missing, &Limits::default()).await
     }
 
     /// Connects, creating the database when missing, and applies the pending migrations:
     /// how every command that writes opens its store.
     pub async fn open(url: &SecretString) -> Result<AnyStore, StoreError> {
-        AnyStore::open_with(url, DEFAULT_STATEMENT_TIMEOUT).await
+        AnyStore::open_with(url, &Limits::default()).await
     }
 
-    /// [`AnyStore::open`] with statements bounded by `statement_timeout`.
-    pub async fn open_with(
-        url: &SecretString,
-        statement_timeout: Duration,
-    ) -> Result<AnyStore, StoreError> {
-        let store = AnyStore::connect_with(url, IfMissing::Create, statement_timeout).await?;
+    /// [`AnyStore::open`] within `limits`.
+    pub async fn open_with(url: &SecretString, limits: &Limits) -> Result<AnyStore, StoreError> {
+        let store = AnyStore::connect_with(url, IfMissing::Create, limits).await?;
         store.migrate().await?;
         Ok(store)
     }

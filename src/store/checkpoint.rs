@@ -22,7 +22,8 @@ use std::future::Future;
 use uuid::Uuid;
 
 use super::StoreError;
-use super::statements::{self, Statements, StoredRow, Value};
+use super::lease::{self, Lease, LeaseQueries};
+use super::statements::{self, StoredRow, Value};
 use crate::model::{
     Checkpoint, DeletionPolicy, Department, PageCounts, RejectedRecord, RunId, RunMode, Window,
     WithheldDeletions,
@@ -75,7 +76,7 @@ pub(crate) struct ScopeCount {
 /// share ([`Statements`]): its way of writing departments, and its statements about what
 /// listings saw, each one text in its dialect with the parameters its documentation
 /// names. What they add up to is decided by [`commit_page`].
-pub(crate) trait PageTransaction: Statements {
+pub(crate) trait PageTransaction: LeaseQueries {
     /// Records that listing `$2` of source `$1` saw the ids `$3` (a list of texts).
     const RECORD_SEEN: &'static str;
     /// Forgets what the listings `$2` (a list of ids; NULL: every listing) of source `$1`
@@ -197,12 +198,20 @@ async fn forget_seen<T: PageTransaction>(
     Ok(())
 }
 
-/// Commits `page` in `tx`: its departments, its rejected records, its checkpoint and its
-/// counts, or nothing.
+/// Commits `page` in `tx` under `lease`: its departments, its rejected records, its
+/// checkpoint and its counts, or nothing. The lease is checked (and renewed) first, so a
+/// holder whose source another took over writes nothing, and on PostgreSQL a takeover
+/// waits for this commit.
 pub(crate) async fn commit_page<T: PageTransaction>(
     mut tx: T,
+    lease: &Lease,
     page: &Commit<'_>,
 ) -> Result<PageCounts, StoreError> {
+    debug_assert_eq!(
+        lease.source, page.source,
+        "a page is written under its source's lease"
+    );
+    lease::check(&mut tx, lease).await?;
     let Commit {
         run,
         source,
@@ -243,12 +252,15 @@ pub(crate) async fn commit_page<T: PageTransaction>(
 /// settings that decide what it reads). With `reset` (why), first drops the position:
 /// what its listings saw, its window ledgers, its trusted page digests, its high-water
 /// mark and its listing state; rows stay.
+/// Written under `lease`.
 pub(crate) async fn set_scope<T: PageTransaction>(
     mut tx: T,
-    source: &str,
+    lease: &Lease,
     scope: Option<&str>,
     reset: Option<&str>,
 ) -> Result<(), StoreError> {
+    lease::check(&mut tx, lease).await?;
+    let source = lease.source.as_str();
     if reset.is_some() {
         forget_seen(&mut tx, source, None).await?;
     }

@@ -9,22 +9,25 @@
 //! loses nothing and repeats at most one page.
 //!
 //! The rules both implementations follow are written once: what a page commit does to a
-//! source's state and when a listing may delete ([`checkpoint`]), how the change feed is
-//! read ([`history`]; the rules of history itself are each store's trigger, in its
+//! source's state and when a listing may delete ([`checkpoint`]), who may write a
+//! source's pass and when the fleet runs it ([`lease`]), how the change feed is read
+//! ([`history`]; the rules of history itself are each store's trigger, in its
 //! migrations), and the statements both dialects share ([`statements`]). A backend's
-//! folder holds only its connection, its locks and what its dialect says its own way;
+//! folder holds only its connection and what its dialect says its own way;
 //! the integration tests run one behaviour suite against both.
 
 mod any;
 mod checkpoint;
 mod history;
+pub mod lease;
 pub mod postgres;
 pub mod sqlite;
 mod statements;
 
-pub use any::{AnyLease, AnyStore, Backend, DatabaseKind};
+pub use any::{AnyStore, Backend, DatabaseKind};
 pub use checkpoint::{Commit, MIN_GUARDED_SCOPE_ROWS};
 pub use history::{FeedQueries, FeedReader};
+pub use lease::{Lease, PassEnd};
 pub use statements::StoredRow;
 
 use std::future::Future;
@@ -117,6 +120,14 @@ pub enum StoreError {
         token: crate::model::FeedToken,
         horizon: crate::model::FeedToken,
     },
+    /// A write of a pass whose lease another process took over (this one was paused,
+    /// partitioned or too slow to renew it): refused, so that two holders never write
+    /// one source.
+    #[error(
+        "lost the lease of source {name}: another process took it over (the fence is no \
+         longer {fence}); nothing more of this pass is written"
+    )]
+    LeaseLost { name: String, fence: i64 },
     /// The lock file of an SQLite database could not be opened or locked.
     #[error("locking {}", path.display())]
     LockFile {
@@ -128,6 +139,28 @@ pub enum StoreError {
 
 /// How long one statement may run by default (`[database] statement_timeout`).
 pub const DEFAULT_STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The most connections one process opens by default (`[database] max_connections`).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
+
+/// What bounds a store's use of its database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// How long one statement may run (and so what bounds every call: [`call_timeout`]).
+    pub statement_timeout: std::time::Duration,
+    /// The most connections the store opens, whatever the number of sources: a pass
+    /// holds one only while it reads or writes.
+    pub max_connections: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
 
 /// The bound on one call to the store (a page's commit, a status query) when statements
 /// are bounded by `statement_timeout`: half as long again, so that a server that answers
@@ -202,6 +235,7 @@ impl StoreError {
             | StoreError::TokenAhead { .. } => true,
             StoreError::Corrupt(_)
             | StoreError::LockFile { .. }
+            | StoreError::LeaseLost { .. }
             | StoreError::Unreachable { .. }
             | StoreError::Unanswered { .. } => false,
         }
@@ -225,19 +259,26 @@ impl StoreError {
 
 /// What the engine needs from a store.
 pub trait Store: Send + Sync {
-    /// Proof that this process holds a source's lock, through which the pass writes; the
-    /// lock is freed by [`Store::unlock`], or by the store when the holder dies.
-    type Lease: Send;
-
-    /// Takes `source`'s lock if no process (this one included) holds it: only the holder
-    /// may run a pass of the source. `None` when another holds it.
-    fn try_lock(
+    /// Takes `source`'s lease for `ttl` if no process (this one included) holds it: only
+    /// the holder may write a pass of the source (see [`lease`]). `None` when another
+    /// holds it.
+    fn try_lease(
         &self,
         source: &str,
-    ) -> impl Future<Output = Result<Option<Self::Lease>, StoreError>> + Send;
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<Option<Lease>, StoreError>> + Send;
 
-    /// Frees a lock taken by [`Store::try_lock`].
-    fn unlock(&self, lease: Self::Lease) -> impl Future<Output = ()> + Send;
+    /// Renews `lease` for its time to live; `false` when another holder took the source
+    /// over.
+    fn renew(&self, lease: &Lease) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Gives `lease` back, its pass having ended as `end` (which decides when the source
+    /// is due again). Nothing when the lease was lost.
+    fn release(
+        &self,
+        lease: &Lease,
+        end: PassEnd,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The position `source` last committed (empty for a new source).
     fn load_state(
@@ -245,24 +286,25 @@ pub trait Store: Send + Sync {
         source: &str,
     ) -> impl Future<Output = Result<SyncState, StoreError>> + Send;
 
-    /// Records a new pass as `running`. The caller holds the source's lock, so any other
-    /// run of the source still marked `running` belongs to a process that died: it is
-    /// recorded as failed. Written under the lock's `lease`.
+    /// Records a new pass of `lease`'s source as `running`, by its holder under its
+    /// fence. The caller holds the source's lease, so any other run of the source still
+    /// marked `running` belongs to a process that died or lost its lease: it is recorded
+    /// as failed. Written under the `lease` (fails with [`StoreError::LeaseLost`] when
+    /// another holder took it over).
     fn start_run(
         &self,
-        lease: &mut Self::Lease,
-        source: &str,
+        lease: &mut Lease,
         mode: RunMode,
     ) -> impl Future<Output = Result<RunId, StoreError>> + Send;
 
     /// In one transaction: upserts the page's departments (writing only rows whose content
     /// changed, never replacing a row with an older `source_updated_at`), keeps its
     /// rejected records, moves the source to its checkpoint, writes the versions of what
-    /// changed and adds the page to the run's counts (see [`Commit`]). Written under the lock's `lease`: if the lock was lost, so
-    /// is the write.
+    /// changed and adds the page to the run's counts (see [`Commit`]). Written under the
+    /// `lease`: if the lease was lost, so is the write.
     fn commit_page(
         &self,
-        lease: &mut Self::Lease,
+        lease: &mut Lease,
         page: &Commit<'_>,
     ) -> impl Future<Output = Result<PageCounts, StoreError>> + Send;
 
@@ -271,11 +313,10 @@ pub trait Store: Send + Sync {
     /// record). With `reset` (why), first drops the position: the high-water mark, the
     /// window ledgers, the listing in progress and the one awaiting confirmation, and the
     /// page digests a listing would trust (rows stay), and records when and why. Written
-    /// under the lock's `lease`.
+    /// under the `lease`.
     fn set_scope(
         &self,
-        lease: &mut Self::Lease,
-        source: &str,
+        lease: &mut Lease,
         scope: Option<&str>,
         reset: Option<&str>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;

@@ -22,6 +22,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::StoreError;
+use super::lease::{self, Lease, LeaseQueries};
 use crate::model::{
     BackfillRange, Ledger, LedgerWindow, ListingProgress, RunId, RunMode, RunOutcome, SourceStatus,
     SyncState, Window, WindowState,
@@ -534,19 +535,23 @@ pub(crate) async fn count_page(
     Ok(counted == 1)
 }
 
-/// Records a new run of `source` as `running`. The caller holds the source's lock, so
-/// any other run of the source still marked `running` belongs to a process that died: it
-/// is recorded as failed.
-pub(crate) async fn start_run(
-    mut tx: impl Statements,
-    source: &str,
+/// Records a new run of `lease`'s source as `running`, by its holder under its fence.
+/// The lease is checked first (see [`lease::check`]): any other run of the source still
+/// marked `running` then belongs to a process that died or lost its lease, and is
+/// recorded as failed.
+pub(crate) async fn start_run<T: LeaseQueries>(
+    mut tx: T,
+    lease: &Lease,
     mode: RunMode,
 ) -> Result<RunId, StoreError> {
+    lease::check(&mut tx, lease).await?;
+    let source = lease.source.as_str();
     let run_id = Uuid::new_v4();
     let abandoned = tx
         .execute(
             "UPDATE sync_runs SET status = 'failed', finished_at = COALESCE($2, CURRENT_TIMESTAMP),
-                    error = 'abandoned: the process running it stopped before it finished'
+                    error = 'abandoned: the process running it stopped, or lost its lease, \
+                             before it finished'
              WHERE source = $1 AND status = 'running'",
             &[Text(Some(source)), Now],
             "closing runs abandoned by a stopped process",
@@ -560,13 +565,15 @@ pub(crate) async fn start_run(
         );
     }
     tx.execute(
-        "INSERT INTO sync_runs (run_id, source, mode, started_at)
-         VALUES ($1, $2, $3, COALESCE($4, CURRENT_TIMESTAMP))",
+        "INSERT INTO sync_runs (run_id, source, mode, started_at, holder, fence)
+         VALUES ($1, $2, $3, COALESCE($4, CURRENT_TIMESTAMP), $5, $6)",
         &[
             Id(Some(run_id)),
             Text(Some(source)),
             Text(Some(mode.as_str())),
             Now,
+            Text(Some(&lease.holder)),
+            Int(lease.fence),
         ],
         "recording the start of the run",
     )

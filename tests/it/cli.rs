@@ -323,7 +323,7 @@ async fn a_manual_sync_takes_the_same_lock_as_the_service() {
     let config = write_config(&mews_config(&db.url, "mews", &fake.base_url, ""));
     let lease = db
         .store
-        .try_lock("mews")
+        .try_lease("mews", deptsync::store::lease::DEFAULT_TTL)
         .await
         .unwrap()
         .expect("the lock is free");

@@ -20,6 +20,22 @@ pub fn server_url() -> String {
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// The URL of `direct` (a test database's URL) through the PgBouncer in transaction
+/// pooling mode that `scripts/ensure-pgbouncer` runs (`PGBOUNCER_ADDRESS`, default
+/// 127.0.0.1:6432), with `pgbouncer=true`.
+pub fn through_pgbouncer(direct: &str) -> String {
+    let address = std::env::var("PGBOUNCER_ADDRESS")
+        .ok()
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "127.0.0.1:6432".to_owned());
+    let mut url = reqwest::Url::parse(direct).unwrap();
+    let (host, port) = address.rsplit_once(':').unwrap();
+    url.set_host(Some(host)).unwrap();
+    url.set_port(Some(port.parse().unwrap())).unwrap();
+    url.query_pairs_mut().append_pair("pgbouncer", "true");
+    url.to_string()
+}
+
 /// A database created for one test, migrated, and dropped when the test ends.
 pub struct TestDb {
     pub name: String,
@@ -217,7 +233,7 @@ pub fn stderr(output: &std::process::Output) -> String {
 pub async fn a_sync_skips_the_locked_source<St: deptsync::store::Store>(
     config: &str,
     store: &St,
-    lease: St::Lease,
+    lease: deptsync::store::Lease,
     fake: &deptsync::fakes::mews::FakeMews,
 ) {
     let output = run_binary(&["--config", config, "sync"], &[]).await;
@@ -228,7 +244,10 @@ pub async fn a_sync_skips_the_locked_source<St: deptsync::store::Store>(
         stderr(&output)
     );
     assert!(fake.requests().is_empty());
-    store.unlock(lease).await;
+    store
+        .release(&lease, deptsync::store::PassEnd::Succeeded)
+        .await
+        .unwrap();
     let output = run_binary(&["--config", config, "sync"], &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
 }
@@ -286,19 +305,19 @@ pub fn department(
     }
 }
 
-/// The lock of `source` and an incremental run under it.
+/// The lease of `source` and an incremental run under it.
 pub async fn locked_run(
     store: &deptsync::store::AnyStore,
     source: &str,
-) -> (deptsync::store::AnyLease, deptsync::model::RunId) {
+) -> (deptsync::store::Lease, deptsync::model::RunId) {
     use deptsync::store::Store;
     let mut lease = store
-        .try_lock(source)
+        .try_lease(source, deptsync::store::lease::DEFAULT_TTL)
         .await
         .unwrap()
         .expect("the lock is free");
     let run = store
-        .start_run(&mut lease, source, deptsync::model::RunMode::Incremental)
+        .start_run(&mut lease, deptsync::model::RunMode::Incremental)
         .await
         .unwrap();
     (lease, run)
@@ -329,6 +348,8 @@ pub(crate) use on_both_stores;
 /// gone when the test ends.
 pub struct TestStore {
     pub store: deptsync::store::AnyStore,
+    /// Where the database is.
+    pub url: String,
     // After `store`: fields drop in order, the pool before its database.
     _backing: Backing,
 }
@@ -339,6 +360,7 @@ impl TestStore {
         let db = TestDb::new().await;
         TestStore {
             store: deptsync::store::AnyStore::Postgres(db.store.clone()),
+            url: db.url.clone(),
             _backing: Backing::Postgres(db),
         }
     }
@@ -357,8 +379,17 @@ impl TestStore {
             .unwrap();
         TestStore {
             store,
+            url,
             _backing: Backing::Sqlite(dir),
         }
+    }
+
+    /// The same database opened again, as another process (another replica) opens it:
+    /// it holds leases under a name of its own.
+    pub async fn another(&self) -> deptsync::store::AnyStore {
+        deptsync::store::AnyStore::open(&self.url.clone().into())
+            .await
+            .unwrap()
     }
 
     /// The integer `sql` selects (SQL both kinds speak), of its first row.
@@ -411,6 +442,7 @@ impl TestStore {
             db.store.migrate().await.unwrap();
             return TestStore {
                 store: deptsync::store::AnyStore::Postgres(db.store.clone()),
+                url: db.url.clone(),
                 _backing: Backing::Postgres(db),
             };
         }

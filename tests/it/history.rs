@@ -71,7 +71,10 @@ async fn commit_windowed(store: &AnyStore, source: &str, departments: &[Departme
         };
         store.commit_page(&mut lease, &commit).await.unwrap();
     }
-    store.unlock(lease).await;
+    store
+        .release(&lease, deptsync::store::PassEnd::Succeeded)
+        .await
+        .unwrap();
 }
 
 /// Commits one department of `source`, `id` named `name` and updated at `updated`, as a
@@ -104,7 +107,10 @@ async fn complete_listing(store: &AnyStore, ids: &[&str], confirms: Option<Uuid>
         checkpoint: &last,
     };
     store.commit_page(&mut lease, &commit).await.unwrap();
-    store.unlock(lease).await;
+    store
+        .release(&lease, deptsync::store::PassEnd::Succeeded)
+        .await
+        .unwrap();
     listing_id
 }
 
@@ -392,7 +398,10 @@ async fn pages_loaded_without_a_lookup_get_versions_too(db: TestStore) {
         };
         db.store.commit_page(&mut lease, &commit).await.unwrap();
     }
-    db.store.unlock(lease).await;
+    db.store
+        .release(&lease, deptsync::store::PassEnd::Succeeded)
+        .await
+        .unwrap();
     let (versions, _) = read_feed(&db.store, FeedToken::START, &[]).await;
     assert_eq!(
         versions.len(),
@@ -768,8 +777,14 @@ async fn a_reader_never_misses_a_page_that_commits_after_a_later_one() {
     for version in poll(&mut naive, &mut token).await {
         seen.push((version.source, version.external_id));
     }
-    store.unlock(lease_a).await;
-    store.unlock(lease_b).await;
+    store
+        .release(&lease_a, deptsync::store::PassEnd::Succeeded)
+        .await
+        .unwrap();
+    store
+        .release(&lease_b, deptsync::store::PassEnd::Succeeded)
+        .await
+        .unwrap();
 
     seen.sort();
     let expected: Vec<(String, String)> = ["a0", "a1", "a2", "b0"]

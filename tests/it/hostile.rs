@@ -267,7 +267,10 @@ async fn slow_pass(
     let store = deptsync::store::AnyStore::connect_with(
         &url.to_owned().into(),
         deptsync::store::IfMissing::Fail,
-        Duration::from_secs(1),
+        &deptsync::store::Limits {
+            statement_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
     )
     .await
     .unwrap();

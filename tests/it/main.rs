@@ -3,9 +3,11 @@
 mod cli;
 mod daemon;
 mod demo;
+mod fleet;
 mod helpers;
 mod history;
 mod hostile;
+mod leases;
 mod listings;
 mod mews;
 mod proxy;

@@ -518,7 +518,12 @@ async fn reset_drops_the_position_so_the_next_pass_reads_from_start() {
     );
 
     // It refuses while the source is being synced.
-    let lease = db.store.try_lock("mews").await.unwrap().unwrap();
+    let lease = db
+        .store
+        .try_lease("mews", deptsync::store::lease::DEFAULT_TTL)
+        .await
+        .unwrap()
+        .unwrap();
     let output = reset(true).await;
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(
@@ -526,7 +531,10 @@ async fn reset_drops_the_position_so_the_next_pass_reads_from_start() {
         "{}",
         stderr(&output)
     );
-    db.store.unlock(lease).await;
+    db.store
+        .release(&lease, deptsync::store::PassEnd::Succeeded)
+        .await
+        .unwrap();
 
     let output = reset(true).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));

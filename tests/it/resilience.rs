@@ -314,9 +314,11 @@ async fn killed_at_random_moments_it_resumes_and_ends_with_the_upstream_truth() 
     // Slow enough that every kill lands mid-pass, with all three windows read at once.
     fake.shared.set_delay(Duration::from_millis(100));
     let file = std::env::temp_dir().join(format!("deptsync-{}.toml", Uuid::new_v4()));
+    // A killed holder's lease lapses after its time to live: a second here.
     std::fs::write(
         &file,
-        mews_config(&db.url, "mews", &fake.base_url, "page_size = 25"),
+        mews_config(&db.url, "mews", &fake.base_url, "page_size = 25")
+            + "\n[daemon]\nlease_ttl = \"1s\"\n",
     )
     .unwrap();
     let path = file.to_str().unwrap();
@@ -324,6 +326,8 @@ async fn killed_at_random_moments_it_resumes_and_ends_with_the_upstream_truth() 
     let mut rng = fastrand::Rng::with_seed(2026);
     let kills = 4;
     for _ in 0..kills {
+        // The last killed holder's lease has lapsed.
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_deptsync"))
             .args(["sync", "--config", path])
             .env_remove("DATABASE_URL")
@@ -335,8 +339,8 @@ async fn killed_at_random_moments_it_resumes_and_ends_with_the_upstream_truth() 
         child.start_kill().unwrap(); // SIGKILL
         child.wait().await.unwrap();
     }
-    // The server frees a killed holder's lock when it notices the connection is gone,
-    // which can take a moment: until then a sync is told the source is busy.
+    // The killed holder's lease lapses a second after its last renewal: until then a
+    // sync is told the source is busy.
     let mut output = run_binary(&["sync", "--config", path], &[]).await;
     for _ in 0..10 {
         if !String::from_utf8_lossy(&output.stderr).contains("another process is syncing") {

@@ -12,7 +12,7 @@ use deptsync::model::{
     RawRecord, RejectedRecord, RunId, RunMode, RunOutcome, SyncState, Window, WindowState,
     WithheldDeletions,
 };
-use deptsync::store::{AnyLease, AnyStore, Commit, IfMissing, Store, StoreError};
+use deptsync::store::{AnyStore, Commit, IfMissing, Lease, Store, StoreError};
 use uuid::Uuid;
 
 use crate::helpers::{
@@ -41,7 +41,6 @@ on_both_stores!(
     paged_listings_keep_the_clock_of_the_first_listings_first_page,
     rejected_records_are_kept_once_and_counted,
     status_has_a_line_per_source,
-    a_source_has_one_lock_holder_at_a_time,
     one_scope_losing_too_many_keeps_them_all_and_the_others_go_on,
     a_listing_deletes_only_in_the_scopes_it_reads,
     a_reset_drops_the_position_and_keeps_the_rows,
@@ -59,7 +58,7 @@ fn in_scope(id: &str, scope: &str) -> Department {
 /// under `deletions`; returns the confirming listing's counts.
 async fn confirmed_listing(
     db: &TestStore,
-    lease: &mut AnyLease,
+    lease: &mut Lease,
     run: RunId,
     page: &[Department],
     deletions: &DeletionPolicy,
@@ -183,7 +182,7 @@ async fn a_reset_drops_the_position_and_keeps_the_rows(db: TestStore) {
 
     // Recording the scope alone keeps the position.
     db.store
-        .set_scope(&mut lease, "s", Some("fingerprint"), None)
+        .set_scope(&mut lease, Some("fingerprint"), None)
         .await
         .unwrap();
     let state = db.store.load_state("s").await.unwrap();
@@ -192,7 +191,7 @@ async fn a_reset_drops_the_position_and_keeps_the_rows(db: TestStore) {
     assert!(state.listing.is_some());
 
     db.store
-        .set_scope(&mut lease, "s", Some("other"), Some("its settings changed"))
+        .set_scope(&mut lease, Some("other"), Some("its settings changed"))
         .await
         .unwrap();
 
@@ -271,14 +270,14 @@ fn done(window: Window) -> Checkpoint {
 }
 
 /// The lock of source `s` and a run under it.
-async fn locked_run(db: &TestStore) -> (AnyLease, RunId) {
+async fn locked_run(db: &TestStore) -> (Lease, RunId) {
     crate::helpers::locked_run(&db.store, "s").await
 }
 
 /// Commits `departments` with `checkpoint` in `run`.
 async fn commit(
     db: &TestStore,
-    lease: &mut AnyLease,
+    lease: &mut Lease,
     run: RunId,
     departments: &[Department],
     checkpoint: &Checkpoint,
@@ -301,7 +300,7 @@ async fn commit(
 /// Commits `departments` as the last page of a one-window pass.
 async fn commit_windowed(
     db: &TestStore,
-    lease: &mut AnyLease,
+    lease: &mut Lease,
     run: RunId,
     departments: &[Department],
 ) -> PageCounts {
@@ -773,7 +772,12 @@ async fn a_page_whose_run_cannot_be_counted_is_not_kept(db: TestStore) {
     // The upsert and the checkpoint succeed; counting the page in a run that does not
     // exist fails last, and the whole page must go with it.
     let unknown_run = RunId(Uuid::new_v4());
-    let mut lease = db.store.try_lock("s").await.unwrap().unwrap();
+    let mut lease = db
+        .store
+        .try_lease("s", deptsync::store::lease::DEFAULT_TTL)
+        .await
+        .unwrap()
+        .unwrap();
     let page = [department("1", "fine", at(2020, 1, 1))];
     let w = window(at(2020, 1, 1), at(2021, 1, 1));
     assert!(
@@ -831,7 +835,7 @@ async fn a_listing_resumes_and_an_abandoned_one_is_forgotten(db: TestStore) {
 /// Commits `ids` as one complete listing, confirming `confirms`, under the guard `guard`.
 async fn complete_listing(
     db: &TestStore,
-    lease: &mut AnyLease,
+    lease: &mut Lease,
     run: RunId,
     ids: &[&str],
     confirms: Option<Uuid>,
@@ -970,7 +974,7 @@ fn one_and_two(names: [&str; 2]) -> [Department; 2] {
 
 /// Commits a complete listing of two pages, whose pages the next listing trusts, and
 /// returns its first page.
-async fn one_complete_listing(db: &TestStore, lease: &mut AnyLease, run: RunId) -> [Department; 2] {
+async fn one_complete_listing(db: &TestStore, lease: &mut Lease, run: RunId) -> [Department; 2] {
     let listing = Uuid::new_v4();
     let page = one_and_two(["one", "two"]);
     commit(db, lease, run, &page, &listing_goes_on(listing)).await;
@@ -1023,7 +1027,7 @@ async fn an_abandoned_listing_leaves_no_page_trusted(db: TestStore) {
 /// which more pages follow.
 async fn listing_page(
     db: &TestStore,
-    lease: &mut AnyLease,
+    lease: &mut Lease,
     run: RunId,
     ids: &[&str],
     listing_id: Uuid,
@@ -1041,7 +1045,7 @@ async fn listing_page(
 /// Commits `ids` as the last page of the listing `listing_id` (confirming `confirms`).
 async fn last_listing_page(
     db: &TestStore,
-    lease: &mut AnyLease,
+    lease: &mut Lease,
     run: RunId,
     ids: &[&str],
     listing_id: Uuid,
@@ -1155,7 +1159,7 @@ async fn status_has_a_line_per_source(db: TestStore) {
     let (mut lease, abandoned) = locked_run(&db).await;
     let run = db
         .store
-        .start_run(&mut lease, "s", RunMode::Incremental)
+        .start_run(&mut lease, RunMode::Incremental)
         .await
         .unwrap();
     commit_windowed(
@@ -1171,7 +1175,7 @@ async fn status_has_a_line_per_source(db: TestStore) {
         .unwrap();
     let failing = db
         .store
-        .start_run(&mut lease, "s", RunMode::Incremental)
+        .start_run(&mut lease, RunMode::Incremental)
         .await
         .unwrap();
     let error = "fetching page 1: upstream answered 500".to_owned();
@@ -1210,87 +1214,6 @@ async fn status_has_a_line_per_source(db: TestStore) {
     assert_eq!(status.len(), 1);
 }
 
-async fn a_source_has_one_lock_holder_at_a_time(db: TestStore) {
-    let lease = db
-        .store
-        .try_lock("s")
-        .await
-        .unwrap()
-        .expect("the lock is free");
-    assert!(
-        db.store.try_lock("s").await.unwrap().is_none(),
-        "a second holder while the first lives"
-    );
-    let other = db
-        .store
-        .try_lock("t")
-        .await
-        .unwrap()
-        .expect("another source has a lock of its own");
-    db.store.unlock(lease).await;
-    let again = db
-        .store
-        .try_lock("s")
-        .await
-        .unwrap()
-        .expect("free once unlocked");
-    db.store.unlock(again).await;
-    db.store.unlock(other).await;
-}
-
-#[tokio::test]
-async fn a_lost_lock_loses_the_write_too() {
-    let db = TestDb::new().await;
-    let mut lease = db.store.try_lock("s").await.unwrap().unwrap();
-    let run = db
-        .store
-        .start_run(&mut lease, "s", RunMode::Incremental)
-        .await
-        .unwrap();
-    // The lock's connection dies (a network blip, pg_terminate_backend): the lock is free...
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(lease.connection())
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_terminate_backend($1)")
-        .bind(pid)
-        .execute(db.pool())
-        .await
-        .unwrap();
-    let mut other = db
-        .store
-        .try_lock("s")
-        .await
-        .unwrap()
-        .expect("another process may take it now");
-
-    // ...and the first holder can no longer write.
-    let page = [department("1", "late", at(2020, 1, 1))];
-    let w = window(at(2020, 1, 1), at(2021, 1, 1));
-    assert!(
-        db.store
-            .commit_page(
-                &mut lease,
-                &Commit {
-                    run,
-                    source: "s",
-                    departments: &page,
-                    rejected: &[],
-                    checkpoint: &plan(at(2021, 1, 1), &[w])
-                }
-            )
-            .await
-            .is_err()
-    );
-    let rows: i64 = db.scalar("SELECT count(*) FROM departments").await;
-    assert_eq!(rows, 0);
-    let _ = db
-        .store
-        .start_run(&mut other, "s", RunMode::Incremental)
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn sqlite_keeps_the_raw_record_as_serde_json_writes_it() {
     let db = TestStore::sqlite().await;
@@ -1322,7 +1245,7 @@ async fn sqlite_keeps_the_raw_record_as_serde_json_writes_it() {
 }
 
 #[tokio::test]
-async fn two_names_for_one_sqlite_file_share_its_locks() {
+async fn two_names_for_one_sqlite_file_share_its_leases() {
     let dir = TempDir::new();
     let real = dir.join("deptsync.db");
     let by_real = AnyStore::open(&sqlite_url(&real).into()).await.unwrap();
@@ -1333,22 +1256,28 @@ async fn two_names_for_one_sqlite_file_share_its_locks() {
     std::os::unix::fs::symlink(&dir.path, &linked_dir).unwrap();
 
     let lease = by_real
-        .try_lock("s")
+        .try_lease("s", deptsync::store::lease::DEFAULT_TTL)
         .await
         .unwrap()
-        .expect("the lock is free");
+        .expect("the lease is free");
     for other_name in [linked_file, linked_dir.join("deptsync.db")] {
         let by_other_name = AnyStore::connect(&sqlite_url(&other_name).into(), IfMissing::Fail)
             .await
             .unwrap();
         assert!(
-            by_other_name.try_lock("s").await.unwrap().is_none(),
-            "{} has a lock of its own",
+            by_other_name
+                .try_lease("s", deptsync::store::lease::DEFAULT_TTL)
+                .await
+                .unwrap()
+                .is_none(),
+            "{} has a lease of its own",
             other_name.display()
         );
     }
-    assert!(!dir.join("linked.db.s.lock").exists());
-    by_real.unlock(lease).await;
+    by_real
+        .release(&lease, deptsync::store::PassEnd::Succeeded)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -1473,7 +1402,7 @@ async fn a_manual_sync_beside_a_holder_of_the_sqlite_lock_skips_the_source() {
         .await
         .unwrap();
     let lease = store
-        .try_lock("mews")
+        .try_lease("mews", deptsync::store::lease::DEFAULT_TTL)
         .await
         .unwrap()
         .expect("the lock is free");

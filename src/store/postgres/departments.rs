@@ -18,16 +18,18 @@ use crate::store::db;
 const UPSERT_DEPARTMENTS: &str = include_str!("queries/upsert_departments.sql");
 
 /// Writes the departments of a page (one version per id) that are new or changed: a
-/// full listing's page with its digests, any other as `load` says.
+/// full listing's page with its digests, any other as `load` says. `persistent`: whether
+/// statements are prepared under a name and kept (see `PgStore`).
 pub(super) async fn write_departments(
     tx: &mut Transaction<'_, Postgres>,
     source: &str,
     rows: &[&Department],
     listing: Option<Uuid>,
     load: Load,
+    persistent: bool,
 ) -> Result<Written, StoreError> {
     if let Some(listing_id) = listing {
-        return write_listing_page(tx, source, listing_id, rows.to_vec()).await;
+        return write_listing_page(tx, source, listing_id, rows.to_vec(), persistent).await;
     }
     // A windowed page has no digests: its rows are new or compared in full.
     let rows: Vec<_> = rows.iter().map(|d| (*d, None)).collect();
@@ -39,7 +41,7 @@ pub(super) async fn write_departments(
             rewrote: false,
         });
     }
-    let upserted = upsert(tx, source, &rows).await?;
+    let upserted = upsert(tx, source, &rows, persistent).await?;
     Ok(Written {
         inserted: upserted.inserted,
         updated: upserted.updated,
@@ -56,6 +58,7 @@ async fn write_listing_page(
     source: &str,
     listing_id: Uuid,
     mut rows: Vec<&Department>,
+    persistent: bool,
 ) -> Result<Written, StoreError> {
     rows.sort_unstable_by(|a, b| a.external_id.cmp(&b.external_id));
     let digests: Vec<[u8; 16]> = rows.iter().map(|d| content_digest(d)).collect();
@@ -80,6 +83,7 @@ async fn write_listing_page(
          )
          SELECT known FROM known",
     )
+    .persistent(persistent)
     .bind(source)
     .bind(listing_id)
     .bind(&page[..])
@@ -94,6 +98,7 @@ async fn write_listing_page(
         "SELECT external_id, CASE WHEN deleted_at IS NULL THEN content_md5 END
          FROM departments WHERE source = $1 AND external_id = ANY($2)",
     )
+    .persistent(persistent)
     .bind(source)
     .bind(&ids)
     .fetch_all(&mut **tx)
@@ -111,7 +116,7 @@ async fn write_listing_page(
         }
     }
     let copied = copy_new(tx, source, &new).await?;
-    let upserted = upsert(tx, source, &changed).await?;
+    let upserted = upsert(tx, source, &changed, persistent).await?;
     // Every row as the page has it, unless a stored one was newer: then the page's
     // digest would not tell what is stored, and is not recorded.
     if upserted.inserted + upserted.touched == changed.len() as u64 {
@@ -119,6 +124,7 @@ async fn write_listing_page(
             "INSERT INTO listing_page_digests (source, listing_id, page_md5)
              VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
+        .persistent(persistent)
         .bind(source)
         .bind(listing_id)
         .bind(&page[..])
@@ -168,6 +174,7 @@ async fn upsert(
     tx: &mut Transaction<'_, Postgres>,
     source: &str,
     rows: &[(&Department, Option<[u8; 16]>)],
+    persistent: bool,
 ) -> Result<Upserted, StoreError> {
     if rows.is_empty() {
         return Ok(Upserted::default());
@@ -190,6 +197,7 @@ async fn upsert(
         .collect();
 
     let row = sqlx::query(UPSERT_DEPARTMENTS)
+        .persistent(persistent)
         .bind(source)
         .bind(&external_ids)
         .bind(&scope_ids)

@@ -1,5 +1,13 @@
-//! The PostgreSQL store: its connection, its locks, and its state and status queries.
-//! A page's statements are in [`page`], its department writes in [`departments`].
+//! The PostgreSQL store: its connection, and its state and status queries. A page's
+//! statements are in [`page`], its department writes in [`departments`].
+//!
+//! **Nothing lives in a session.** Every statement runs in a transaction that sets its own
+//! bounds (`SET LOCAL`), leases are rows ([`super::lease`]), and migrations hold a
+//! transaction-level lock: so deptsync works the same through a PgBouncer in transaction
+//! pooling mode, which gives each transaction whichever server connection is free. Behind
+//! one, add `pgbouncer=true` to the URL: statements are then not prepared under a name
+//! (PgBouncer 1.18 does not carry one from a transaction to the next), at the cost of
+//! one more round trip each.
 
 mod departments;
 mod page;
@@ -10,6 +18,8 @@ use page::PgTx;
 use std::str::FromStr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -19,12 +29,21 @@ pub use super::IfMissing;
 use super::any::Backend;
 use super::checkpoint;
 use super::history::{self, FeedQueries};
+use super::lease::{self, Lease, PassEnd};
 use super::statements;
-use super::{Commit, Store, StoreError, db};
+use super::{Commit, Limits, Store, StoreError, db};
 use crate::model::{PageCounts, RunId, RunMode, RunOutcome, SourceStatus, SyncState};
 
-/// deptsync's PostgreSQL migrations, embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+/// deptsync's PostgreSQL migrations, embedded in the binary, applied under a lock of
+/// their transaction's (see [`PgStore::migrate`]) rather than sqlx's session lock.
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate!("./migrations/postgres");
+    migrator.set_locking(false);
+    migrator
+}
+
+/// The URL parameter that says the server is a PgBouncer in transaction pooling mode.
+const PGBOUNCER_PARAMETER: &str = "pgbouncer";
 
 /// `status`: the configured names (`$1`, an array), then the statement both backends share.
 const STATUS: &str = concat!(
@@ -41,52 +60,46 @@ const REGISTER: &str = "INSERT INTO sync_state AS s (source, registered_at)
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
-    /// How to connect, without the session's bounds: for the migrations.
-    options: std::sync::Arc<PgConnectOptions>,
+    /// How to connect: for the migrations.
+    options: Arc<PgConnectOptions>,
     /// The bound on every call through [`crate::store::AnyStore`].
     pub(super) call_timeout: Duration,
+    /// How a transaction begins: with its statements' bounds.
+    begin_read: Arc<str>,
+    /// How a pass's write begins: also committing without waiting for the disk (see
+    /// [`Store::start_run`] below).
+    begin_pass: Arc<str>,
+    /// Whether statements are prepared under a name and kept (not behind a PgBouncer).
+    persistent: bool,
+    /// The name this store holds leases under.
+    holder: Arc<str>,
 }
 
-/// A source's lock: the connection that holds it (see [`Store::Lease`] for [`PgStore`]),
-/// through which the pass writes.
-pub struct PgLease {
-    connection: PgConnection,
-    /// Whether the pass's last windowed page held only departments not stored before. New
-    /// departments come in runs (a first sync, a backfill into an empty table): while they
-    /// do, the next page is loaded with `COPY`, without looking each id up first.
-    loading_new: bool,
-}
-
-impl PgLease {
-    /// The connection that holds the lock.
-    pub fn connection(&mut self) -> &mut PgConnection {
-        &mut self.connection
-    }
-
-    /// Opens a page's transaction on the lock's own connection: a lost lock (the
-    /// connection gone) fails the write instead of letting two holders write at once.
-    async fn begin(&mut self) -> Result<PgTx<'_>, StoreError> {
-        let tx = sqlx::Connection::begin(&mut self.connection)
-            .await
-            .map_err(db("opening a transaction"))?;
-        Ok(PgTx::new(tx))
-    }
+/// Which transaction to begin.
+#[derive(Debug, Clone, Copy)]
+enum Begin {
+    Read,
+    Pass,
 }
 
 impl PgStore {
     /// A transaction on a connection of the pool.
-    async fn begin(&self) -> Result<PgTx<'static>, StoreError> {
+    async fn begin(&self, begin: Begin) -> Result<PgTx<'static>, StoreError> {
+        let statement = match begin {
+            Begin::Read => &self.begin_read,
+            Begin::Pass => &self.begin_pass,
+        };
         let tx = self
             .pool
-            .begin()
+            .begin_with(statement.to_string())
             .await
             .map_err(db("opening a transaction"))?;
-        Ok(PgTx::new(tx))
+        Ok(PgTx::new(tx, self.persistent))
     }
 
-    /// Connects to the database at `url`, statements bounded by the default timeout.
+    /// Connects to the database at `url`, with the default limits.
     pub async fn connect(url: &SecretString, if_missing: IfMissing) -> Result<PgStore, StoreError> {
-        Self::connect_with(url, if_missing, super::DEFAULT_STATEMENT_TIMEOUT).await
+        Self::connect_with(url, if_missing, &Limits::default()).await
     }
 
     /// The pool, for SQL of a reader's own: the demo's sample query and the tests.
@@ -97,9 +110,30 @@ impl PgStore {
     }
 }
 
-/// The advisory-lock key of a source (hashed to a bigint by the server).
-fn lock_key(source: &str) -> String {
-    format!("deptsync:{source}")
+/// `url` without the [`PGBOUNCER_PARAMETER`], and whether it said the server is a
+/// PgBouncer. Only the query's parameters are looked at; the rest is left as written.
+fn pgbouncer_url(url: &str) -> (String, bool) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), false);
+    };
+    let mut pgbouncer = false;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
+            if key == PGBOUNCER_PARAMETER {
+                pgbouncer = matches!(value, "true" | "1" | "on" | "yes");
+                false
+            } else {
+                true
+            }
+        })
+        .collect();
+    if kept.is_empty() {
+        (base.to_owned(), pgbouncer)
+    } else {
+        (format!("{base}?{}", kept.join("&")), pgbouncer)
+    }
 }
 
 fn is_missing_database(error: &sqlx::Error) -> bool {
@@ -114,38 +148,39 @@ impl Backend for PgStore {
         (url.starts_with("postgres://") || url.starts_with("postgresql://")).then_some(Ok(()))
     }
 
-    /// Connects to the database at `url`. Every session ends a statement after
-    /// `statement_timeout` (a statement blocked on a lock for minutes fails instead), and
-    /// has the server probe its TCP connection (`tcp_keepalives_*`), so that a client
-    /// gone without a word (a firewall dropping the connection silently) frees its session
-    /// and its advisory locks within about a minute.
+    /// Connects to the database at `url`, with at most `limits.max_connections`. Every
+    /// transaction ends a statement after `statement_timeout` (a statement blocked on a
+    /// lock for minutes fails instead), and the server ends a transaction its client left
+    /// open that long (a client gone without a word): set in each transaction, as its
+    /// first statement, never in a session a PgBouncer would hand to another client.
     async fn connect_with(
         url: &SecretString,
         if_missing: IfMissing,
-        statement_timeout: Duration,
+        limits: &Limits,
     ) -> Result<Self, StoreError> {
+        let statement_timeout = limits.statement_timeout;
         let call_timeout = super::call_timeout(statement_timeout);
-        let options = PgConnectOptions::from_str(url.expose_secret())
-            .map_err(db("parsing the database url"))?;
-        // Set once each connection is made, not as startup `options` (which PgBouncer
-        // refuses): a transaction left open by a client that went away ends too.
-        let session = format!(
-            "SET statement_timeout = {ms}; SET idle_in_transaction_session_timeout = {ms}; \
-             SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; \
-             SET tcp_keepalives_count = 3",
+        let (url, pgbouncer) = pgbouncer_url(url.expose_secret());
+        let url = SecretString::from(url);
+        let mut options = PgConnectOptions::from_str(url.expose_secret())
+            .map_err(db("parsing the database url"))?
+            .application_name("deptsync");
+        if pgbouncer {
+            options = options.statement_cache_capacity(0);
+        }
+        // The simple protocol, which takes several statements in one round trip.
+        let begin_read = format!(
+            "BEGIN; SET LOCAL statement_timeout = {ms}; \
+             SET LOCAL idle_in_transaction_session_timeout = {ms}",
             ms = statement_timeout.as_millis()
         );
+        // A pass's writes commit without waiting for their WAL to reach the disk. A
+        // server crash can then lose the last few commits, but whole and in order: a
+        // page never without its checkpoint, so the next pass re-reads what was lost.
+        let begin_pass = format!("{begin_read}; SET LOCAL synchronous_commit = off");
         let pool_options = PgPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(15))
-            .after_connect(move |connection, _| {
-                let session = session.clone();
-                Box::pin(async move {
-                    // No arguments: the simple protocol, which takes several statements.
-                    sqlx::Executor::execute(connection, session.as_str()).await?;
-                    Ok(())
-                })
-            });
+            .max_connections(limits.max_connections)
+            .acquire_timeout(Duration::from_secs(15));
         // One connection first: a refused one is said at once (a pool would retry it
         // until its timeout and then say only that it timed out).
         let probe = tokio::time::timeout(
@@ -169,6 +204,10 @@ impl Backend for PgStore {
                 pool,
                 options: options.into(),
                 call_timeout,
+                begin_read: begin_read.into(),
+                begin_pass: begin_pass.into(),
+                persistent: !pgbouncer,
+                holder: lease::new_holder(),
             }),
             Err(e) if is_missing_database(&e) && if_missing == IfMissing::Create => {
                 tracing::info!(
@@ -196,6 +235,10 @@ impl Backend for PgStore {
                     pool,
                     options: options.into(),
                     call_timeout,
+                    begin_read: begin_read.into(),
+                    begin_pass: begin_pass.into(),
+                    persistent: !pgbouncer,
+                    holder: lease::new_holder(),
                 })
             }
             Err(e) => Err(StoreError::Database {
@@ -205,41 +248,73 @@ impl Backend for PgStore {
         }
     }
 
-    /// Applies the migrations that have not run yet, on a connection of their own whose
-    /// statements are not bounded: a migration may rightly take long on a big table.
+    /// Applies the migrations that have not run yet, all in one transaction on a
+    /// connection of their own whose statements are not bounded (a migration may rightly
+    /// take long on a big table), under a lock that ends with it: two processes starting
+    /// at once apply them once, through a PgBouncer too.
     async fn migrate(&self) -> Result<(), StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(15))
-            .connect_with(PgConnectOptions::clone(&self.options))
+        let mut connection: PgConnection = sqlx::Connection::connect_with(&*self.options)
             .await
             .map_err(db("connecting for the migrations"))?;
-        let migrated = MIGRATOR.run(&pool).await;
-        pool.close().await;
-        migrated?;
-        self.readmit_restored_versions().await
+        let migrated = async {
+            let mut tx = sqlx::Connection::begin(&mut connection)
+                .await
+                .map_err(db("opening the migrations' transaction"))?;
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('deptsync:migrate', 0))")
+                .persistent(self.persistent)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("taking the migrations' lock"))?;
+            migrator().run_direct(&mut *tx).await?;
+            readmit_restored_versions(&mut tx, self.persistent).await?;
+            if !self.persistent {
+                // sqlx's migrator prepares its statements under names, on a server
+                // connection PgBouncer hands to others next: drop them with it.
+                sqlx::query("DEALLOCATE ALL")
+                    .persistent(false)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("dropping the migrations' prepared statements"))?;
+            }
+            tx.commit().await.map_err(db("committing the migrations"))
+        }
+        .await;
+        let _ = sqlx::Connection::close(connection).await;
+        migrated
     }
 
     type Reader = PgTx<'static>;
 
     async fn read(&self) -> Result<PgTx<'static>, StoreError> {
-        self.begin().await
+        self.begin(Begin::Read).await
+    }
+
+    type Writer = PgTx<'static>;
+
+    async fn write(&self) -> Result<PgTx<'static>, StoreError> {
+        self.begin(Begin::Read).await
     }
 
     fn call_timeout(&self) -> Duration {
         self.call_timeout
     }
+
+    fn holder(&self) -> &Arc<str> {
+        &self.holder
+    }
 }
 
-impl PgStore {
-    /// Gives versions whose transaction id lies ahead of every transaction this server has
-    /// begun (restored from another server, whose counter was further on) the id of this
-    /// transaction, so that the feed reads them (once, from the beginning) instead of
-    /// hiding them until this server's counter passes theirs. Only a restore leaves such
-    /// rows: every version this server wrote is below its next transaction id.
-    async fn readmit_restored_versions(&self) -> Result<(), StoreError> {
-        let readmitted = sqlx::query(
-            "WITH history AS (
+/// Gives versions whose transaction id lies ahead of every transaction this server has
+/// begun (restored from another server, whose counter was further on) the id of this
+/// transaction, so that the feed reads them (once, from the beginning) instead of
+/// hiding them until this server's counter passes theirs. Only a restore leaves such
+/// rows: every version this server wrote is below its next transaction id.
+async fn readmit_restored_versions(
+    tx: &mut PgConnection,
+    persistent: bool,
+) -> Result<(), StoreError> {
+    let readmitted = sqlx::query(
+        "WITH history AS (
                  UPDATE department_history
                  SET feed_position = pg_current_xact_id()::text::bigint,
                      -- New to the feed: a retention counts from now.
@@ -254,20 +329,20 @@ impl PgStore {
                  RETURNING 1
              )
              SELECT (SELECT count(*) FROM history) + (SELECT count(*) FROM current)",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db("readmitting restored versions to the change feed"))?;
-        let readmitted: i64 = sqlx::Row::get(&readmitted, 0);
-        if readmitted > 0 {
-            tracing::warn!(
-                readmitted,
-                "versions restored from another server were given this server's transaction \
+    )
+    .persistent(persistent)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db("readmitting restored versions to the change feed"))?;
+    let readmitted: i64 = sqlx::Row::get(&readmitted, 0);
+    if readmitted > 0 {
+        tracing::warn!(
+            readmitted,
+            "versions restored from another server were given this server's transaction \
                  ids: readers of the change feed should read again from the beginning"
-            );
-        }
-        Ok(())
+        );
     }
+    Ok(())
 }
 
 impl FeedQueries for PgStore {
@@ -277,67 +352,29 @@ impl FeedQueries for PgStore {
 }
 
 impl Store for PgStore {
-    /// A session-level advisory lock lives as long as the connection that took it: the
-    /// lease is that connection, taken out of the pool, so that a holder that dies (or
-    /// loses its database connection) frees the lock with it, and the pass writes through
-    /// it, so that no write happens without the lock.
-    type Lease = PgLease;
-
-    async fn try_lock(&self, source: &str) -> Result<Option<Self::Lease>, StoreError> {
-        let mut connection = self
-            .pool
-            .acquire()
-            .await
-            .map_err(db("connecting for the source's lock"))?
-            .detach();
-        let locked: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                .bind(lock_key(source))
-                .fetch_one(&mut connection)
-                .await
-                .map_err(db("taking the source's lock"))?;
-        if locked {
-            // Pages commit without waiting for their WAL to reach the disk. A server crash
-            // can then lose the last few commits, but whole and in order: a page never
-            // without its checkpoint, so the next pass re-reads what was lost. Only this
-            // session, which lives as long as the lock, commits this way.
-            sqlx::query("SET synchronous_commit = off")
-                .execute(&mut connection)
-                .await
-                .map_err(db("setting up the source's session"))?;
-            Ok(Some(PgLease {
-                connection,
-                loading_new: false,
-            }))
-        } else {
-            let _ = sqlx::Connection::close(connection).await;
-            Ok(None)
-        }
+    async fn try_lease(&self, source: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+        lease::take(self.write().await?, &self.holder, source, ttl).await
     }
 
-    async fn unlock(&self, lease: Self::Lease) {
-        // Closing the session frees its advisory locks.
-        if let Err(e) = sqlx::Connection::close(lease.connection).await {
-            tracing::debug!(error = %e, "closing the lock's connection");
-        }
+    async fn renew(&self, lease: &Lease) -> Result<bool, StoreError> {
+        lease::renew(self.write().await?, lease).await
+    }
+
+    async fn release(&self, lease: &Lease, end: PassEnd) -> Result<(), StoreError> {
+        lease::release(self.write().await?, lease, end).await
     }
 
     async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
         statements::load_state(self.read().await?, source).await
     }
 
-    async fn start_run(
-        &self,
-        lease: &mut Self::Lease,
-        source: &str,
-        mode: RunMode,
-    ) -> Result<RunId, StoreError> {
-        statements::start_run(lease.begin().await?, source, mode).await
+    async fn start_run(&self, lease: &mut Lease, mode: RunMode) -> Result<RunId, StoreError> {
+        statements::start_run(self.begin(Begin::Pass).await?, lease, mode).await
     }
 
     async fn commit_page(
         &self,
-        lease: &mut Self::Lease,
+        lease: &mut Lease,
         page: &Commit<'_>,
     ) -> Result<PageCounts, StoreError> {
         let departments = page.departments;
@@ -347,14 +384,16 @@ impl Store for PgStore {
         } else {
             Load::Compare
         };
-        let first = checkpoint::commit_page(lease.begin().await?.loading(load), page).await;
+        let first =
+            checkpoint::commit_page(self.begin(Begin::Pass).await?.loading(load), lease, page)
+                .await;
         let counts = match first {
             // A page expected to be all new held a stored department: the whole
             // transaction rolled back; store the page again, comparing every row.
             // (Or COPY refused a value the statement may take, or report better.)
             Err(e) if load == Load::AllNew && e.is_refused_by_database() => {
                 tracing::debug!(source, error = %e, "loading a page as new failed; comparing its rows");
-                checkpoint::commit_page(lease.begin().await?, page).await?
+                checkpoint::commit_page(self.begin(Begin::Pass).await?, lease, page).await?
             }
             result => result?,
         };
@@ -368,25 +407,23 @@ impl Store for PgStore {
 
     async fn set_scope(
         &self,
-        lease: &mut Self::Lease,
-        source: &str,
+        lease: &mut Lease,
         scope: Option<&str>,
         reset: Option<&str>,
     ) -> Result<(), StoreError> {
-        let tx = lease.begin().await?;
-        checkpoint::set_scope(tx, source, scope, reset).await
+        checkpoint::set_scope(self.begin(Begin::Pass).await?, lease, scope, reset).await
     }
 
     async fn register(&self, sources: &[String]) -> Result<(), StoreError> {
-        statements::register(self.begin().await?, REGISTER, sources).await
+        statements::register(self.begin(Begin::Read).await?, REGISTER, sources).await
     }
 
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
-        statements::finish_run(self.begin().await?, run, outcome).await
+        statements::finish_run(self.begin(Begin::Read).await?, run, outcome).await
     }
 
     async fn trim_history(&self, source: &str, retention: Duration) -> Result<u64, StoreError> {
-        history::trim(self.begin().await?, source, retention).await
+        history::trim(self.begin(Begin::Read).await?, source, retention).await
     }
 
     async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {

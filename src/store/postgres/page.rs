@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::departments::{self, Load};
 use crate::model::{Department, PageCounts, RunId};
 use crate::store::checkpoint::{PageTransaction, Written};
+use crate::store::lease::{LeaseQueries, lease_statements};
 use crate::store::statements::{Value, impl_statements};
 use crate::store::{StoreError, db};
 
@@ -17,16 +18,24 @@ use crate::store::{StoreError, db};
 pub struct PgTx<'c> {
     tx: Transaction<'c, Postgres>,
     load: Load,
+    /// Whether its statements are prepared under a name and kept (see `PgStore`).
+    persistent: bool,
 }
 
 impl<'c> PgTx<'c> {
     /// A transaction whose windowed departments, if it writes any, are compared with what
     /// is stored.
-    pub(super) fn new(tx: Transaction<'c, Postgres>) -> PgTx<'c> {
+    pub(super) fn new(tx: Transaction<'c, Postgres>, persistent: bool) -> PgTx<'c> {
         PgTx {
             tx,
             load: Load::Compare,
+            persistent,
         }
+    }
+
+    /// `sql`, prepared as the store prepares its statements.
+    fn query<'q>(&self, sql: &'q str) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(sql).persistent(self.persistent)
     }
 
     /// The transaction, writing a windowed page's departments as `load` says.
@@ -42,8 +51,9 @@ impl_statements!(PgTx, PgRow, bind);
 fn bind<'q>(
     query: Query<'q, Postgres, PgArguments>,
     values: &[Value<'q>],
-    _: &PgTx<'_>,
+    page: &PgTx<'_>,
 ) -> Query<'q, Postgres, PgArguments> {
+    let query = query.persistent(page.persistent);
     values.iter().fold(query, |query, value| match *value {
         Value::Text(text) => query.bind(text),
         Value::Time(time) => query.bind(time),
@@ -80,7 +90,15 @@ impl PageTransaction for PgTx<'_> {
         departments: &[&Department],
         listing: Option<Uuid>,
     ) -> Result<Written, StoreError> {
-        departments::write_departments(&mut self.tx, source, departments, listing, self.load).await
+        departments::write_departments(
+            &mut self.tx,
+            source,
+            departments,
+            listing,
+            self.load,
+            self.persistent,
+        )
+        .await
     }
 
     /// Tells listeners on `deptsync_changes`, as the transaction commits, which source and
@@ -93,7 +111,7 @@ impl PageTransaction for PgTx<'_> {
         run: RunId,
         counts: &PageCounts,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        self.query(
             "SELECT pg_notify('deptsync_changes', json_build_object(
                  'source', $1::text, 'run', $2::uuid, 'versions', versions,
                  'inserted', $3::bigint, 'updated', $4::bigint, 'deleted', $5::bigint,
@@ -129,6 +147,7 @@ impl PageTransaction for PgTx<'_> {
         let earlier_pages_rewrote: Option<bool> = sqlx::query_scalar(
             "SELECT listing_rewrote FROM sync_state WHERE source = $1 AND listing_id = $2",
         )
+        .persistent(self.persistent)
         .bind(source)
         .bind(listing_id)
         .fetch_optional(&mut *self.tx)
@@ -141,6 +160,7 @@ impl PageTransaction for PgTx<'_> {
                      WHERE p.source = $1 AND p.listing_id = $2
                      GROUP BY id HAVING count(*) > 1)",
             )
+            .persistent(self.persistent)
             .bind(source)
             .bind(listing_id)
             .fetch_one(&mut *self.tx)
@@ -150,7 +170,7 @@ impl PageTransaction for PgTx<'_> {
         } else {
             true
         };
-        sqlx::query(
+        self.query(
             "WITH forgotten AS (
                  DELETE FROM listing_page_digests
                  WHERE source = $1 AND (listing_id <> $2 OR NOT $3)
@@ -166,4 +186,12 @@ impl PageTransaction for PgTx<'_> {
         .map_err(db("settling the listing's page digests"))?;
         Ok(())
     }
+}
+
+impl LeaseQueries for PgTx<'_> {
+    lease_statements!(
+        clock = "(extract(epoch FROM statement_timestamp()) * 1000)::bigint",
+        in_list = "= ANY($1)",
+        skip_locked = "FOR UPDATE SKIP LOCKED",
+    );
 }

@@ -1,24 +1,18 @@
-//! The lock files beside an SQLite database: one per source (a pass holds it), one that
-//! migrations take, and one every process with the database open holds shared.
+//! The lock files beside an SQLite database: one that migrations take, and one every
+//! process with the database open holds shared. (A source's lease is a row of the file:
+//! see `crate::store::lease`.)
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 
-/// The lock file of `source` beside the database file `database`, or with `None` the
-/// one migrations take.
-pub(super) fn lock_path(database: &Path, source: Option<&str>) -> PathBuf {
+/// The lock file migrations take, beside the database file `database`.
+pub(super) fn migration_lock_path(database: &Path) -> PathBuf {
     let mut name = database.as_os_str().to_owned();
-    if let Some(source) = source {
-        name.push(".");
-        name.push(file_name_safe(source));
-    }
     name.push(".lock");
     PathBuf::from(name)
 }
 
-/// The lock file that every process with the database open holds shared. A source's
-/// lock file name escapes its dots, so `in.use` is none of theirs, whatever the file
-/// system's case rules.
+/// The lock file that every process with the database open holds shared.
 pub fn in_use_lock_path(database: &Path) -> PathBuf {
     let mut name = database.as_os_str().to_owned();
     name.push(".in.use.lock");
@@ -52,15 +46,4 @@ pub(super) fn open_lock_file(path: &Path) -> std::io::Result<File> {
             .open(path),
         opened => opened,
     }
-}
-
-/// `name` as part of a file name: letters, digits, `-` and `_` as they are (every source
-/// name the config accepts), any other byte as `%XX`.
-pub(super) fn file_name_safe(name: &str) -> String {
-    name.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' => char::from(b).to_string(),
-            other => format!("%{other:02X}"),
-        })
-        .collect()
 }

@@ -13,14 +13,13 @@
 //!   so comparing and ordering the text compares and orders the instants. A transaction
 //!   takes its instant once, after it holds the write lock (PostgreSQL's `now()`), so one
 //!   commit's instants never precede an earlier commit's.
-//! - **The per-source lock is a file lock.** An OS lock (`flock`) on `<db>.<source>.lock`
-//!   beside the database: a second process (a manual `sync` beside the service) finds it
-//!   taken and skips the source, and the lock dies with the process that held it, however
-//!   that process ends. The lease holds the locked file and the connection the pass
-//!   writes through. The lock files sit beside the database's real path (symlinks
-//!   resolved), so two names for one file share their locks; an existing lock file is
-//!   opened read-only (`flock` needs no more), so one left by another user (root running
-//!   a manual `sync`) serves every user who can read it.
+//! - **Leases are rows of the file**, as on PostgreSQL (see [`super::lease`]): every
+//!   process that opens it (the service, a manual `sync`) follows the same rules, with
+//!   one writer at a time. Beside the file are only two lock files: one that migrations
+//!   take, and one every process with the database open holds shared (so the demo can
+//!   tell it is in use). They sit beside the database's real path (symlinks resolved);
+//!   an existing one is opened read-only (`flock` needs no more), so one left by another
+//!   user (root running a manual `sync`) serves every user who can read it.
 //! - **No `md5()` in SQLite:** `rejected_records.payload_md5` is computed here, the same
 //!   hex digest PostgreSQL's generated column holds.
 
@@ -28,10 +27,10 @@ mod locks;
 mod page;
 
 pub use locks::lock_unused;
-use locks::{in_use_lock_path, lock_path, open_lock_file};
+use locks::{in_use_lock_path, migration_lock_path, open_lock_file};
 use page::SqliteTx;
 
-use std::fs::{File, TryLockError};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -39,14 +38,15 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection, SqlitePool};
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteSynchronous};
 
 use super::any::Backend;
 use super::checkpoint;
 use super::history::{self, FeedQueries};
+use super::lease::{self, Lease, PassEnd};
 use super::statements;
-use super::{Commit, IfMissing, Store, StoreError, db};
+use super::{Commit, IfMissing, Limits, Store, StoreError, db};
 use crate::model::{PageCounts, RunId, RunMode, RunOutcome, SourceStatus, SyncState};
 
 /// deptsync's SQLite migrations, embedded in the binary.
@@ -107,12 +107,8 @@ pub struct SqliteStore {
     pub(super) call_timeout: Duration,
     /// The database file, beside which the lock files are.
     path: Arc<Path>,
-}
-
-/// A source's lock: the locked lock file, and the connection the pass writes through.
-pub struct SqliteLease {
-    lock: File,
-    connection: SqliteConnection,
+    /// The name this store holds leases under.
+    holder: Arc<str>,
 }
 
 impl SqliteStore {
@@ -154,7 +150,7 @@ impl Backend for SqliteStore {
     async fn connect_with(
         url: &SecretString,
         if_missing: IfMissing,
-        statement_timeout: Duration,
+        limits: &Limits,
     ) -> Result<Self, StoreError> {
         let path = database_path(url.expose_secret()).map_err(StoreError::Url)?;
         if !path.exists() {
@@ -178,7 +174,7 @@ impl Backend for SqliteStore {
             // Safe in WAL mode: a power cut may lose the last commits, never the file.
             .synchronous(SqliteSynchronous::Normal);
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(limits.max_connections)
             .acquire_timeout(Duration::from_secs(15))
             .connect_with(options)
             .await
@@ -205,8 +201,9 @@ impl Backend for SqliteStore {
         Ok(SqliteStore {
             pool,
             _in_use: Arc::new(open),
-            call_timeout: super::call_timeout(statement_timeout),
+            call_timeout: super::call_timeout(limits.statement_timeout),
             path: path.into(),
+            holder: lease::new_holder(),
         })
     }
 
@@ -214,7 +211,7 @@ impl Backend for SqliteStore {
     /// process at a time: SQLite's migrator takes no lock of its own, and two processes
     /// starting on a new file at once would both apply the first migration.
     async fn migrate(&self) -> Result<(), StoreError> {
-        let path = lock_path(&self.path, None);
+        let path = migration_lock_path(&self.path);
         let lock = tokio::task::spawn_blocking({
             let path = path.clone();
             move || open_lock_file(&path).and_then(|file| file.lock().map(|()| file))
@@ -249,8 +246,18 @@ impl Backend for SqliteStore {
         self.begin("BEGIN").await
     }
 
+    type Writer = SqliteTx<'static>;
+
+    async fn write(&self) -> Result<SqliteTx<'static>, StoreError> {
+        self.begin(BEGIN_WRITE).await
+    }
+
     fn call_timeout(&self) -> Duration {
         self.call_timeout
+    }
+
+    fn holder(&self) -> &Arc<str> {
+        &self.holder
     }
 }
 
@@ -263,72 +270,41 @@ impl FeedQueries for SqliteStore {
 }
 
 impl Store for SqliteStore {
-    type Lease = SqliteLease;
-
-    async fn try_lock(&self, source: &str) -> Result<Option<SqliteLease>, StoreError> {
-        let path = lock_path(&self.path, Some(source));
-        let lock = open_lock_file(&path).map_err(|source| StoreError::LockFile {
-            path: path.clone(),
-            source,
-        })?;
-        // A lock of the open file description: a second try, from this process or any
-        // other, finds it taken until the holder unlocks, closes the file or dies.
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Ok(None),
-            Err(TryLockError::Error(source)) => return Err(StoreError::LockFile { path, source }),
-        }
-        let connection = self
-            .pool
-            .acquire()
-            .await
-            .map_err(db("connecting for the source's lock"))?
-            .detach();
-        Ok(Some(SqliteLease { lock, connection }))
+    async fn try_lease(&self, source: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+        lease::take(self.write().await?, &self.holder, source, ttl).await
     }
 
-    async fn unlock(&self, lease: SqliteLease) {
-        let SqliteLease { lock, connection } = lease;
-        // The connection goes first: nothing is written through it once the lock is free.
-        if let Err(e) = connection.close().await {
-            tracing::debug!(error = %e, "closing the lock's connection");
-        }
-        if let Err(e) = lock.unlock() {
-            // Closing the file below frees the lock all the same.
-            tracing::debug!(error = %e, "unlocking the source's lock file");
-        }
-        drop(lock);
+    async fn renew(&self, lease: &Lease) -> Result<bool, StoreError> {
+        lease::renew(self.write().await?, lease).await
+    }
+
+    async fn release(&self, lease: &Lease, end: PassEnd) -> Result<(), StoreError> {
+        lease::release(self.write().await?, lease, end).await
     }
 
     async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
         statements::load_state(self.read().await?, source).await
     }
 
-    async fn start_run(
-        &self,
-        lease: &mut SqliteLease,
-        source: &str,
-        mode: RunMode,
-    ) -> Result<RunId, StoreError> {
-        statements::start_run(lease.begin().await?, source, mode).await
+    async fn start_run(&self, lease: &mut Lease, mode: RunMode) -> Result<RunId, StoreError> {
+        statements::start_run(self.write().await?, lease, mode).await
     }
 
     async fn set_scope(
         &self,
-        lease: &mut SqliteLease,
-        source: &str,
+        lease: &mut Lease,
         scope: Option<&str>,
         reset: Option<&str>,
     ) -> Result<(), StoreError> {
-        checkpoint::set_scope(lease.begin().await?, source, scope, reset).await
+        checkpoint::set_scope(self.write().await?, lease, scope, reset).await
     }
 
     async fn commit_page(
         &self,
-        lease: &mut SqliteLease,
+        lease: &mut Lease,
         page: &Commit<'_>,
     ) -> Result<PageCounts, StoreError> {
-        checkpoint::commit_page(lease.begin().await?, page).await
+        checkpoint::commit_page(self.write().await?, lease, page).await
     }
 
     async fn register(&self, sources: &[String]) -> Result<(), StoreError> {
@@ -353,6 +329,7 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+    use std::fs::TryLockError;
 
     #[test]
     fn stamps_sort_as_their_instants() {
@@ -393,22 +370,12 @@ mod tests {
     fn lock_files_sit_beside_the_database() {
         let database = Path::new("/var/lib/deptsync/deptsync.db");
         assert_eq!(
-            lock_path(database, Some("mews-main_2")),
-            PathBuf::from("/var/lib/deptsync/deptsync.db.mews-main_2.lock")
+            migration_lock_path(database),
+            PathBuf::from("/var/lib/deptsync/deptsync.db.lock")
         );
         assert_eq!(
-            lock_path(database, None),
-            PathBuf::from("/var/lib/deptsync/deptsync.db.lock"),
-            "the migrations' lock"
-        );
-        // No source name can reach another directory or another source's lock.
-        assert_eq!(
-            lock_path(database, Some("../x y")),
-            PathBuf::from("/var/lib/deptsync/deptsync.db.%2E%2E%2Fx%20y.lock")
-        );
-        assert_eq!(
-            lock_path(Path::new("deptsync.db"), Some("a.b")),
-            PathBuf::from("deptsync.db.a%2Eb.lock")
+            in_use_lock_path(database),
+            PathBuf::from("/var/lib/deptsync/deptsync.db.in.use.lock")
         );
     }
 

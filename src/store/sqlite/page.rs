@@ -3,12 +3,13 @@
 use serde::Serialize;
 use sqlx::query::Query;
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
-use sqlx::{Connection, Sqlite, Transaction};
+use sqlx::{Sqlite, Transaction};
 use uuid::Uuid;
 
-use super::{BEGIN_WRITE, SqliteLease, now, stamp};
+use super::{now, stamp};
 use crate::model::{Department, RawRecord};
 use crate::store::checkpoint::{PageTransaction, Written};
+use crate::store::lease::{LeaseQueries, lease_statements};
 use crate::store::statements::{Statements, Value, impl_statements};
 use crate::store::{StoreError, db};
 
@@ -54,18 +55,6 @@ pub struct SqliteTx<'c> {
     tx: Transaction<'c, Sqlite>,
     /// The transaction's instant (PostgreSQL's `now()`): what `Value::Now` binds.
     now: String,
-}
-
-impl SqliteLease {
-    /// Opens a page's transaction on the lock's own connection.
-    pub(super) async fn begin(&mut self) -> Result<SqliteTx<'_>, StoreError> {
-        let tx = self
-            .connection
-            .begin_with(BEGIN_WRITE)
-            .await
-            .map_err(db("opening a transaction"))?;
-        Ok(SqliteTx::new(tx))
-    }
 }
 
 impl<'c> SqliteTx<'c> {
@@ -188,4 +177,13 @@ impl PageTransaction for SqliteTx<'_> {
             rewrote: false,
         })
     }
+}
+
+impl LeaseQueries for SqliteTx<'_> {
+    // The clock's milliseconds: SQLite's `now` is one instant within a statement.
+    lease_statements!(
+        clock = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
+        in_list = "IN (SELECT value FROM json_each($1))",
+        skip_locked = "",
+    );
 }
