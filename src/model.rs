@@ -433,6 +433,16 @@ pub struct SourceStatus {
     pub reset_at: Option<DateTime<Utc>>,
     /// When the service first had the source on its schedule.
     pub registered_at: Option<DateTime<Utc>>,
+    /// The process holding the source's lease (`host:pid:id`), if one does: a pass of it
+    /// is running there (or the process died, until `lease_expires_at`).
+    pub lease_holder: Option<String>,
+    /// The fence of the source's last lease: how many leases it has had.
+    pub lease_fence: Option<i64>,
+    /// When the held lease lapses unless renewed.
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// When the fleet's next pass of the source is due (its schedule's next firing, later
+    /// while failing passes back off).
+    pub next_due_at: Option<DateTime<Utc>>,
 }
 
 /// The longest department name deptsync stores, in characters. Longer names are not

@@ -114,7 +114,10 @@ impl StatusLine {
         }
         StatusLine {
             schedule: schedule.map(|s| s.as_str().to_owned()),
-            next_run_at: schedule.and_then(|s| s.next_after(now)),
+            // The fleet's due time once a service has scheduled it (a backoff included).
+            next_run_at: status
+                .next_due_at
+                .or_else(|| schedule.and_then(|s| s.next_after(now))),
             stale,
             status,
         }
@@ -171,6 +174,7 @@ pub fn status_table(lines: &[StatusLine]) -> comfy_table::Table {
             "REJECTED",
             "POSITION",
             "NEXT RUN",
+            "LEASE",
             "LAST ERROR",
         ]);
     for line in lines {
@@ -200,10 +204,24 @@ pub fn status_table(lines: &[StatusLine]) -> comfy_table::Table {
             s.rejected_records.to_string(),
             crate::printable(&position(s)).into_owned(),
             time(line.next_run_at),
+            lease(s),
             error,
         ]);
     }
     table
+}
+
+/// Who holds the source's lease and until when (`-`: nobody).
+fn lease(status: &SourceStatus) -> String {
+    match (&status.lease_holder, status.lease_expires_at) {
+        (Some(holder), Some(until)) => format!(
+            "{} until {} (fence {})",
+            crate::printable(holder),
+            until.format("%H:%M:%S"),
+            status.lease_fence.unwrap_or_default()
+        ),
+        _ => "-".to_owned(),
+    }
 }
 
 /// Where a source stands; while no pass has succeeded since its position was dropped,

@@ -736,6 +736,14 @@ pub(crate) fn source_status(row: &impl StoredRow) -> Result<SourceStatus, StoreE
         reset: row.text("reset_reason")?,
         reset_at: row.time("reset_at")?,
         registered_at: row.time("registered_at")?,
+        lease_holder: row.text("lease_holder")?,
+        lease_fence: row.int("lease_fence")?,
+        lease_expires_at: row
+            .int("lease_expires_ms")?
+            .and_then(DateTime::from_timestamp_millis),
+        next_due_at: row
+            .int("next_due_ms")?
+            .and_then(DateTime::from_timestamp_millis),
     })
 }
 

@@ -260,6 +260,28 @@ async fn a_holder_stopped_past_its_lease_is_refused_at_its_next_commit(route: Ro
     .await;
     stale.signal(libc::SIGSTOP);
     let stale_run = runs(&db).await.remove(0);
+    // What an operator sees: who holds the source, under which fence, until when.
+    let output = run_binary(
+        &["status", "--json", "--config", file.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    let line = &status[0];
+    assert_eq!(
+        line["lease_holder"].as_str(),
+        stale_run.holder.as_deref(),
+        "{line}"
+    );
+    assert_eq!(line["lease_fence"].as_i64(), stale_run.fence, "{line}");
+    assert!(line["lease_expires_at"].is_string(), "{line}");
+    let output = run_binary(&["status", "--config", file.to_str().unwrap()], &[]).await;
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        table.contains(&format!("{} until", stale_run.holder.as_deref().unwrap())),
+        "{table}"
+    );
 
     // Its lease lapses; another replica takes the source over and syncs it.
     let fresh = Replica::start(&dir, "fresh", &file);

@@ -37,8 +37,13 @@ SELECT n.source,
        (s.backfill_from IS NOT NULL)                              AS backfill_in_progress,
        COALESCE(c.live, 0)                                        AS live_rows,
        COALESCE(c.deleted, 0)                                     AS deleted_rows,
-       (SELECT count(*) FROM rejected_records r WHERE r.source = n.source) AS rejected
+       (SELECT count(*) FROM rejected_records r WHERE r.source = n.source) AS rejected,
+       l.holder                                                   AS lease_holder,
+       l.fence                                                    AS lease_fence,
+       l.expires_ms                                               AS lease_expires_ms,
+       l.next_due_ms
 FROM names n
 LEFT JOIN sync_state s ON s.source = n.source
+LEFT JOIN source_leases l ON l.source = n.source
 LEFT JOIN counts c ON c.source = n.source
 ORDER BY n.source
