@@ -61,7 +61,7 @@ fn progress_display(cli: &Cli) -> Display {
 /// never under journald; JSON lines with `--log-format json`; `RUST_LOG` filters.
 fn init_logging(cli: &Cli, display: &Display) {
     // What an operator reads: deptsync's INFO and everyone's warnings, not the
-    // scheduler's start-up chatter or PostgreSQL's notices ("relation ... already exists,
+    // libraries' chatter or PostgreSQL's notices ("relation ... already exists,
     // skipping"). The demo tells its own story on stdout: only warnings beside it.
     let default = match cli.command {
         #[cfg(feature = "demo")]

@@ -117,13 +117,13 @@ pub struct DaemonSettings {
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The default `[daemon] lease_ttl`.
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+pub const DEFAULT_LEASE_TTL: Duration = crate::store::lease::DEFAULT_TTL;
 
 /// The default `[daemon] max_concurrent_passes`.
 pub const DEFAULT_MAX_CONCURRENT_PASSES: usize = 8;
 
 /// The default `[database] max_connections`.
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
+pub const DEFAULT_MAX_CONNECTIONS: u32 = crate::store::DEFAULT_MAX_CONNECTIONS;
 
 /// Where the store lives: a PostgreSQL URL or an SQLite one. `Debug` and
 /// [`DatabaseSettings::redacted_url`] never show the password.
@@ -278,7 +278,7 @@ impl std::fmt::Debug for Schedule {
 }
 
 impl Schedule {
-    /// Parses a schedule the way the daemon's scheduler does.
+    /// Parses a cron schedule with seconds.
     pub fn parse(text: &str) -> Result<Schedule, String> {
         let cron = croner::parser::CronParser::builder()
             .seconds(croner::parser::Seconds::Required)

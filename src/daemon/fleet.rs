@@ -25,8 +25,7 @@ use crate::Settings;
 use crate::config::Schedule;
 use crate::engine::{self, Leasing, PassRequest};
 use crate::sources::Connector;
-use crate::store::lease::Scheduled;
-use crate::store::{AnyStore, Lease};
+use crate::store::{AnyStore, Lease, PassEnd, Store};
 
 /// A source this replica schedules: what its passes need.
 struct FleetSource {
@@ -160,36 +159,29 @@ impl Fleet {
         &mut self,
         room: usize,
     ) -> Result<Vec<Lease>, crate::store::StoreError> {
-        if !self.scheduled {
-            let now = Utc::now();
-            let scheduled: Vec<Scheduled> = self
-                .sources
-                .values()
-                .map(|source| Scheduled {
-                    source: source.name.clone(),
-                    schedule: source.schedule.as_str().to_owned(),
-                    next_due_ms: next_firing(&source.schedule, now.timestamp_millis())
-                        .unwrap_or(i64::MAX),
-                })
-                .collect();
-            self.store.schedule(&scheduled).await?;
-            let names: Vec<String> = self.sources.keys().cloned().collect();
-            crate::app::register(&self.store, &names).await;
-            self.scheduled = true;
-        }
-        let names: Vec<&str> = {
-            let running = self.running_passes();
-            self.sources
-                .keys()
-                .map(String::as_str)
-                .filter(|name| !running.contains_key(*name))
-                .collect()
-        };
         let sources = &self.sources;
         let next_due = |name: &str, now_ms: i64| {
             sources
                 .get(name)
                 .and_then(|source| next_firing(&source.schedule, now_ms))
+        };
+        if !self.scheduled {
+            let scheduled: Vec<(&str, &str)> = sources
+                .values()
+                .map(|source| (source.name.as_str(), source.schedule.as_str()))
+                .collect();
+            self.store.schedule(&scheduled, &next_due).await?;
+            let names: Vec<String> = sources.keys().cloned().collect();
+            crate::app::register(&self.store, &names).await;
+            self.scheduled = true;
+        }
+        let names: Vec<&str> = {
+            let running = self.running_passes();
+            sources
+                .keys()
+                .map(String::as_str)
+                .filter(|name| !running.contains_key(*name))
+                .collect()
         };
         self.store.claim(&names, room, self.ttl, &next_due).await
     }
@@ -211,10 +203,13 @@ impl Fleet {
             },
         );
         let store = self.store.clone();
+        let claimed = lease.clone();
         self.passes.spawn(async move {
             let name = source.name.clone();
             // In a task of its own, so that a panic in a pass fails that pass, not the
-            // replica: its lease lapses, and the next pass records the run as abandoned.
+            // replica: its lease is given back as failed (the source backs off), and the
+            // next pass records the run as abandoned.
+            let panicking = store.clone();
             let pass = tokio::spawn(async move {
                 crate::app::pass(
                     &source.name,
@@ -234,6 +229,9 @@ impl Fleet {
                     error = %crate::printable(&panic.to_string()),
                     "the pass panicked; the next one records it as failed"
                 );
+                if let Err(e) = panicking.release(&claimed, PassEnd::Failed).await {
+                    tracing::warn!(source = %name, error = %engine::error_chain(&e), "could not give the lease back; it lapses on its own");
+                }
             }
             name
         });
@@ -273,15 +271,22 @@ impl Fleet {
     }
 
     /// Stops every pass after the page in hand and waits for them at most `timeout`;
-    /// then tells the fleet this replica is gone.
+    /// then tells the fleet this replica is gone (it would be forgotten anyway), within
+    /// a second.
     pub async fn stop(mut self, timeout: Duration) {
         self.shutdown.cancel();
         let passes = async { while self.passes.join_next().await.is_some() {} };
         if tokio::time::timeout(timeout, passes).await.is_err() {
             tracing::warn!(timeout = ?timeout, "passes did not stop in time; leaving them");
         }
-        if let Err(e) = self.store.replica_stops().await {
-            tracing::warn!(error = %engine::error_chain(&e), "could not tell the fleet this replica stops");
+        match tokio::time::timeout(Duration::from_secs(1), self.store.replica_stops()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %engine::error_chain(&e), "could not tell the fleet this replica stops")
+            }
+            Err(_) => tracing::warn!(
+                "the database did not answer in time; the fleet forgets this replica on its own"
+            ),
         }
     }
 }

@@ -5,9 +5,10 @@
 //!   and migrating are retried with backoff until they succeed or a shutdown comes. Then
 //!   systemd is told `READY=1`, and the replica claims its share of the due sources.
 //! - The schedule is the fleet's, in the database ([`fleet`]): each firing of a source's
-//!   schedule runs once among the replicas, under the source's lease, and a source never
-//!   has two passes at once anywhere. Due sources are claimed every second and whenever
-//!   a pass ends.
+//!   schedule runs once among the replicas, under the source's lease, whose fence lets
+//!   only its holder write (a holder that lost it stops within the lease's time to live,
+//!   and writes nothing more). Due sources are claimed every second and whenever a pass
+//!   ends.
 //! - A failing pass (the database or the vendor away) never ends the process: it is
 //!   recorded when possible, and the source's next passes back off.
 //! - `SIGHUP` (`systemctl reload`) reads the config file again: new sources start,
@@ -27,6 +28,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use secrecy::ExposeSecret;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,9 +38,6 @@ use crate::engine;
 use crate::sources::Connector;
 use crate::store::{AnyStore, StoreError};
 use fleet::{Fleet, Running};
-
-/// The longest wait between two attempts to reach the database at start.
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// How often a replica looks for due sources (besides whenever a pass ends).
 const POLL: Duration = Duration::from_secs(1);
@@ -110,7 +109,7 @@ impl Daemon {
         mut reloads: mpsc::Receiver<()>,
     ) -> Result<(), DaemonError> {
         let Daemon {
-            settings,
+            mut settings,
             connectors: configured,
             config_path,
         } = self;
@@ -186,13 +185,19 @@ impl Daemon {
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            fleet.claim().await;
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = fleet.claim() => {}
+            }
             tokio::select! {
                 () = &mut shutdown => break,
                 Some(()) = reloads.recv() => {
-                    if let Some(settings) = reload_settings(config_path.as_deref(), &settings) {
-                        match connectors(&settings) {
-                            Ok(connectors) => fleet.reload(&settings, connectors),
+                    if let Some(reloaded) = reload_settings(config_path.as_deref(), &settings) {
+                        match connectors(&reloaded) {
+                            Ok(connectors) => {
+                                fleet.reload(&reloaded, connectors);
+                                settings = reloaded;
+                            }
                             Err(e) => tracing::error!(
                                 error = %engine::error_chain(&e),
                                 "building the HTTP clients of the new configuration; keeping the running one"
@@ -228,11 +233,14 @@ fn reload_settings(path: Option<&std::path::Path>, running: &Settings) -> Option
     };
     match Settings::load(path, &crate::config::process_env) {
         Ok(settings) => {
-            if settings.database.redacted_url() != running.database.redacted_url()
-                || settings.daemon.metrics_listen != running.daemon.metrics_listen
-            {
+            let restart_only = settings.database.url.expose_secret()
+                != running.database.url.expose_secret()
+                || crate::app::limits(&settings) != crate::app::limits(running)
+                || settings.daemon.metrics_listen != running.daemon.metrics_listen;
+            if restart_only {
                 tracing::warn!(
-                    "the database and metrics_listen settings change only with a restart"
+                    "the [database] settings and metrics_listen change only with a restart; \
+                     the running ones are kept"
                 );
             }
             Some(settings)
@@ -299,13 +307,14 @@ async fn keep_watchdog_fed(interval: Duration, running: Running, cancel: Cancell
 /// Connects to the database and applies the migrations, retrying an outage with
 /// backoff; an error that waiting cannot mend is returned at once.
 async fn connect_with_backoff(settings: &Settings) -> Result<AnyStore, StoreError> {
-    let mut backoff = Backoff::default();
+    let mut failures = 0;
     loop {
         match AnyStore::open_with(&settings.database.url, &crate::app::limits(settings)).await {
             Ok(store) => return Ok(store),
             Err(e) if e.is_permanent() => return Err(e),
             Err(e) => {
-                let wait = backoff.failed();
+                failures += 1;
+                let wait = crate::store::lease::backoff(failures);
                 tracing::error!(
                     database = %settings.database.redacted_url(),
                     error = %engine::error_chain(&e),
@@ -319,20 +328,5 @@ async fn connect_with_backoff(settings: &Settings) -> Result<AnyStore, StoreErro
                 tokio::time::sleep(wait).await;
             }
         }
-    }
-}
-
-/// Exponential backoff at start: 1 s, 2 s, 4 s … up to [`MAX_BACKOFF`].
-#[derive(Debug, Default)]
-struct Backoff {
-    failures: u32,
-}
-
-impl Backoff {
-    /// Counts a failure; returns how long to wait before the next attempt.
-    fn failed(&mut self) -> Duration {
-        let wait = Duration::from_secs(1u64 << self.failures.min(16)).min(MAX_BACKOFF);
-        self.failures += 1;
-        wait
     }
 }

@@ -145,13 +145,11 @@ pub enum PassError {
     /// Another process (or another pass in this one) holds the source's lease.
     #[error("another process is syncing this source now")]
     Busy,
-    /// Another process took the source's lease over while this pass ran (this one was
-    /// paused, or could not renew it in time): nothing more of the pass was written.
-    #[error(
-        "lost its lease: another process took the source over (fence {fence} is no longer \
-         this pass's); nothing more of this pass was written"
-    )]
-    LostLease { fence: i64 },
+    /// The pass lost its source's lease while it ran: another process took the source
+    /// over (this one was paused, or too slow), or no renewal got through before the
+    /// lease lapsed. Nothing more of the pass was written.
+    #[error("lost its lease (fence {fence}): {why}; nothing more of this pass was written")]
+    LostLease { fence: i64, why: LeaseLoss },
     #[error("backfill range is empty: --from {from} is not before --to {to}")]
     EmptyBackfill {
         from: DateTime<Utc>,
@@ -172,6 +170,26 @@ pub enum PassError {
 }
 
 pub use crate::error_chain;
+
+/// How a pass lost its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseLoss {
+    /// Another process holds it now (a write or a renewal was refused by the fence).
+    TakenOver,
+    /// No renewal got through before it lapsed: another process may take the source.
+    Lapsed,
+}
+
+impl std::fmt::Display for LeaseLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LeaseLoss::TakenOver => "another process took the source over",
+            LeaseLoss::Lapsed => {
+                "it could not be renewed before it lapsed (the database did not answer)"
+            }
+        })
+    }
+}
 
 impl PassError {
     /// Whether a write was refused because another process took the lease over.
@@ -321,7 +339,7 @@ pub async fn run_pass_showing<St: Store>(
     let stop = cancel.child_token();
     let ended = CancellationToken::new();
     let kept = lease.clone();
-    let (ran, lost) = tokio::join!(
+    let (ran, lapsed) = tokio::join!(
         async {
             let ran =
                 run_locked_pass(name, source, store, &mut lease, request, &stop, progress).await;
@@ -330,19 +348,24 @@ pub async fn run_pass_showing<St: Store>(
         },
         keep_lease(store, kept, &ended, &stop),
     );
-    let ran = match ran {
-        Err(e) if lost || e.lost_lease() => Err(PassError::LostLease { fence: lease.fence }),
-        Ok((run_id, result, totals)) => {
-            let result = match result {
-                Err(e) if lost || e.lost_lease() => {
-                    Err(PassError::LostLease { fence: lease.fence })
-                }
-                Ok(Finished::Cancelled) if lost => Err(PassError::LostLease { fence: lease.fence }),
-                result => result,
+    // However the pass noticed (a refused write, a refused or failed renewal), a lost
+    // lease ends it as one.
+    fn lost<T>(fence: i64, why: LeaseLoss) -> Result<T, PassError> {
+        Err(PassError::LostLease { fence, why })
+    }
+    let fence = lease.fence;
+    let ran = match (ran, lapsed) {
+        (Err(e), _) if e.lost_lease() => lost(fence, LeaseLoss::TakenOver),
+        (Err(_), Some(why)) => lost(fence, why),
+        (Ok((run_id, result, totals)), lapsed) => {
+            let result = match (result, lapsed) {
+                (Err(e), _) if e.lost_lease() => lost(fence, LeaseLoss::TakenOver),
+                (Err(_) | Ok(Finished::Cancelled), Some(why)) => lost(fence, why),
+                (result, _) => result,
             };
             Ok((run_id, result, totals))
         }
-        ran => ran,
+        (ran, None) => ran,
     };
     if matches!(
         &ran,
@@ -355,13 +378,13 @@ pub async fn run_pass_showing<St: Store>(
         Ok((_, Ok(Finished::Cancelled), _)) => PassEnd::Cancelled,
         _ => PassEnd::Failed,
     };
-    // A lost lease is no longer this pass's to give back (the store changes nothing).
-    // One that cannot be given back lapses on its own, after its time to live.
-    retried("give the source's lease back", || {
-        store.release(&lease, end)
-    })
-    .await;
-    let (run_id, result, totals) = ran?;
+    let (run_id, result, totals) = match ran {
+        Ok(ran) => ran,
+        Err(e) => {
+            release(store, &lease, end).await;
+            return Err(e);
+        }
+    };
     let outcome = match &result {
         Ok(Finished::Completed) => RunOutcome::Succeeded,
         Ok(Finished::Cancelled) => RunOutcome::Cancelled,
@@ -369,7 +392,10 @@ pub async fn run_pass_showing<St: Store>(
             error: error_chain(e),
         },
     };
+    // Recorded under the lease, so that the next holder never finds this run still
+    // running.
     record_end(store, run_id, &outcome).await;
+    release(store, &lease, end).await;
     crate::metrics::pass_finished(name, outcome.status(), started.elapsed());
     match result {
         Ok(_) => {
@@ -399,42 +425,42 @@ pub async fn run_pass_showing<St: Store>(
 
 /// Renews `lease` every third of its time to live until the pass has `ended`. When it is
 /// lost (another holder took the source over, or no renewal got through before it
-/// lapsed), stops the pass and says so (`true`).
+/// lapsed: each is given only the time left), stops the pass and says how.
 async fn keep_lease<St: Store>(
     store: &St,
     lease: Lease,
     ended: &CancellationToken,
     stop: &CancellationToken,
-) -> bool {
-    let mut renewed = tokio::time::Instant::now();
+) -> Option<LeaseLoss> {
+    let mut lapses = tokio::time::Instant::now() + lease.ttl;
     loop {
         tokio::select! {
-            () = ended.cancelled() => return false,
+            () = ended.cancelled() => return None,
             () = tokio::time::sleep(lease.ttl / 3) => {}
         }
-        match store.renew(&lease).await {
-            Ok(true) => renewed = tokio::time::Instant::now(),
-            Ok(false) => {
+        let renewing = tokio::time::Instant::now();
+        match tokio::time::timeout_at(lapses, store.renew(&lease)).await {
+            Ok(Ok(true)) => lapses = renewing + lease.ttl,
+            Ok(Ok(false)) => {
                 tracing::warn!(
                     fence = lease.fence,
                     "another process took the source's lease over; stopping this pass"
                 );
                 stop.cancel();
-                return true;
+                return Some(LeaseLoss::TakenOver);
             }
-            Err(e) if renewed.elapsed() >= lease.ttl => {
+            Ok(Err(e)) if tokio::time::Instant::now() < lapses => tracing::warn!(
+                error = %error_chain(&e),
+                "renewing the source's lease; trying again"
+            ),
+            Ok(Err(_)) | Err(_) => {
                 tracing::warn!(
-                    error = %error_chain(&e),
                     ttl = ?lease.ttl,
                     "the source's lease could not be renewed before it lapsed; stopping this pass"
                 );
                 stop.cancel();
-                return true;
+                return Some(LeaseLoss::Lapsed);
             }
-            Err(e) => tracing::warn!(
-                error = %error_chain(&e),
-                "renewing the source's lease; trying again"
-            ),
         }
     }
 }
@@ -493,6 +519,13 @@ async fn read<St: Store>(
             listing::read(&reader, writer, state, allow_mass_delete).await
         }
     }
+}
+
+/// Gives the lease back, the pass having ended as `end`. A lost lease is no longer the
+/// pass's to give back (the store changes nothing); one that cannot be given back lapses
+/// on its own, after its time to live.
+async fn release<St: Store>(store: &St, lease: &Lease, end: PassEnd) {
+    retried("give the source's lease back", || store.release(lease, end)).await;
 }
 
 /// Records how the run ended. What cannot be recorded is closed by the next pass as

@@ -15,7 +15,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::history::{self, FeedQueries, FeedReader};
-use super::lease::{self, Lease, LeaseQueries, PassEnd, Scheduled};
+use super::lease::{self, Lease, LeaseQueries, NextDue, PassEnd};
 use super::statements::{Statements, StoredRow};
 use super::{Commit, IfMissing, Limits, Store, StoreError, bounded};
 use crate::model::{
@@ -226,12 +226,17 @@ macro_rules! backends {
                 Ok(FeedReader::new(self, since, horizon, sources))
             }
 
-            /// Puts `sources` on the fleet's schedule (see [`lease::schedule`]).
-            pub async fn schedule(&self, sources: &[Scheduled]) -> Result<(), StoreError> {
+            /// Puts `sources` (names and schedules) on the fleet's schedule (see
+            /// [`lease::schedule`]).
+            pub async fn schedule(
+                &self,
+                sources: &[(&str, &str)],
+                next_due: NextDue<'_>,
+            ) -> Result<(), StoreError> {
                 bounded(self.call_timeout(), async {
                     match self {
                         $(AnyStore::$variant(store) => {
-                            lease::schedule(store.write().await?, sources).await
+                            lease::schedule(store.write().await?, sources, next_due).await
                         })*
                     }
                 })
@@ -245,7 +250,7 @@ macro_rules! backends {
                 sources: &[&str],
                 room: usize,
                 ttl: Duration,
-                next_due: &(dyn Fn(&str, i64) -> Option<i64> + Sync),
+                next_due: NextDue<'_>,
             ) -> Result<Vec<Lease>, StoreError> {
                 bounded(self.call_timeout(), async {
                     match self {

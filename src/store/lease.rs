@@ -20,12 +20,12 @@
 //! SQLite has one writer at a time), takes their leases and moves their next due time to
 //! the schedule's next firing, in one transaction: each firing runs once in the fleet. A
 //! source whose lease lapsed before its holder gave it back (the holder died) is due at
-//! once: the firing it claimed was not served. A replica takes at most its fair share of
+//! once: the firing it claimed was not served (or not given back as served), and the
+//! failure counts, so that a source that kills its process backs off. A replica takes at most its fair share of
 //! what is due (the due sources divided among the replicas alive, which each say they
 //! are with every claim), so the work spreads evenly instead of going to whoever looks
-//! first. A failed pass makes its source's next
-//! passes back off; a cancelled one (a replica shutting down) makes it due again at once,
-//! for another replica.
+//! first. A failed pass makes its source's next passes back off; a cancelled one (a
+//! replica shutting down) makes it due again at once, for another replica.
 //!
 //! Instants here are the database's clock in milliseconds since the epoch: every replica
 //! reads one clock, whatever its own says, and both dialects say each statement with one
@@ -119,29 +119,33 @@ macro_rules! lease_statements {
         const RENEW: &'static str = concat!("
             UPDATE source_leases SET expires_ms = ", $clock, " + $4
             WHERE source = $1 AND holder = $2 AND fence = $3");
-        /// Frees the lease of source `$1` held by `$2` under fence `$3`; `$4`: the pass
-        /// succeeded (no more failures in a row) or failed (one more), and its source is
-        /// not due again before `$5` ms from now (0: no backoff), or with `$6`, due now.
+        /// Frees the lease of source `$1` held by `$2` under fence `$3`, with `$4`
+        /// failures in a row; its source is not due again before `$5` ms from now (0: no
+        /// backoff), or with `$6`, due now.
         const RELEASE: &'static str = concat!("
-            UPDATE source_leases SET holder = NULL, expires_ms = NULL,
-                failures = CASE WHEN $4 THEN 0 ELSE failures + 1 END,
+            UPDATE source_leases SET holder = NULL, expires_ms = NULL, failures = $4,
                 next_due_ms = CASE
                     WHEN next_due_ms IS NULL THEN NULL
                     WHEN $6 THEN ", $clock, "
                     WHEN next_due_ms < ", $clock, " + $5 THEN ", $clock, " + $5
                     ELSE next_due_ms END
             WHERE source = $1 AND holder = $2 AND fence = $3");
-        /// Puts source `$1` on the fleet's schedule `$2`: due now when new to it, and at
-        /// `$3` (ms, that schedule's next firing) when its schedule changed.
-        const SCHEDULE: &'static str = concat!("
-            INSERT INTO source_leases AS l (source, schedule, next_due_ms)
+        /// Puts source `$1`, new to the fleet, on its schedule `$2`: due now. Changes (and
+        /// locks) no row that exists.
+        const SCHEDULE_NEW: &'static str = concat!("
+            INSERT INTO source_leases (source, schedule, next_due_ms)
             VALUES ($1, $2, ", $clock, ")
-            ON CONFLICT (source) DO UPDATE SET
-                schedule = excluded.schedule,
-                next_due_ms = CASE WHEN l.next_due_ms IS NULL THEN excluded.next_due_ms
-                                   ELSE $3 END
-            WHERE l.schedule IS NULL OR l.schedule <> excluded.schedule
-                  OR l.next_due_ms IS NULL");
+            ON CONFLICT (source) DO NOTHING");
+        /// Puts source `$1` on its schedule `$2` if that is not its schedule yet: due at
+        /// `$3` (ms, the schedule's next firing), or now if no service scheduled it yet.
+        /// Changes (and locks) only such a row.
+        const SCHEDULE_CHANGED: &'static str = concat!("
+            UPDATE source_leases SET schedule = $2,
+                next_due_ms = CASE WHEN next_due_ms IS NULL THEN ", $clock, " ELSE $3 END
+            WHERE source = $1
+              AND (schedule IS NULL OR schedule <> $2 OR next_due_ms IS NULL)");
+        /// The database's clock.
+        const NOW: &'static str = concat!("SELECT ", $clock, " AS now_ms");
         /// Says that replica `$1` is alive.
         const REPLICA_SEEN: &'static str = concat!("
             INSERT INTO replicas AS r (holder, started_ms, seen_ms)
@@ -174,10 +178,12 @@ macro_rules! lease_statements {
             ORDER BY CASE WHEN holder IS NULL THEN next_due_ms ELSE expires_ms END, source
             LIMIT $2 ", $skip);
         /// Gives the claimed source `$1` to holder `$2` for `$3` ms, due next at `$4`
-        /// ms; the new fence and the failures in a row.
+        /// ms; the new fence and the failures in a row (one more when the last holder
+        /// died with the lease: a source that kills its process backs off too).
         const CLAIMED: &'static str = concat!("
             UPDATE source_leases SET holder = $2, fence = fence + 1,
-                expires_ms = ", $clock, " + $3, next_due_ms = $4
+                expires_ms = ", $clock, " + $3, next_due_ms = $4,
+                failures = CASE WHEN holder IS NULL THEN failures ELSE failures + 1 END
             WHERE source = $1
             RETURNING fence, failures");
     };
@@ -190,7 +196,9 @@ pub trait LeaseQueries: Statements {
     const TAKE: &'static str;
     const RENEW: &'static str;
     const RELEASE: &'static str;
-    const SCHEDULE: &'static str;
+    const SCHEDULE_NEW: &'static str;
+    const SCHEDULE_CHANGED: &'static str;
+    const NOW: &'static str;
     const REPLICA_SEEN: &'static str;
     const REPLICAS_GONE: &'static str;
     const REPLICA_STOPS: &'static str;
@@ -277,20 +285,21 @@ pub(crate) async fn release<T: LeaseQueries>(
     lease: &Lease,
     end: PassEnd,
 ) -> Result<(), StoreError> {
+    // A cancelled pass neither clears nor adds to the failures in a row.
+    let failures = match end {
+        PassEnd::Succeeded => 0,
+        PassEnd::Failed => lease.failures.saturating_add(1),
+        PassEnd::Cancelled => lease.failures,
+    };
     let wait = match end {
-        PassEnd::Failed => backoff(lease.failures.saturating_add(1)),
+        PassEnd::Failed => backoff(failures),
         PassEnd::Succeeded | PassEnd::Cancelled => Duration::ZERO,
     };
     let values = [
         Value::Text(Some(&lease.source)),
         Value::Text(Some(&lease.holder)),
         Value::Int(lease.fence),
-        // A cancelled pass neither clears nor adds to the failures in a row.
-        Value::Bool(match end {
-            PassEnd::Succeeded => true,
-            PassEnd::Failed => false,
-            PassEnd::Cancelled => lease.failures == 0,
-        }),
+        Value::Int(i64::from(failures)),
         Value::Int(millis(wait)),
         Value::Bool(end == PassEnd::Cancelled),
     ];
@@ -299,32 +308,44 @@ pub(crate) async fn release<T: LeaseQueries>(
     tx.commit("freeing the source's lease").await
 }
 
-/// A source on the fleet's schedule: its name, its schedule's text, and when the
-/// schedule fires next after now (ms since the epoch), should it have changed.
-#[derive(Debug, Clone)]
-pub struct Scheduled {
-    pub source: String,
-    pub schedule: String,
-    pub next_due_ms: i64,
-}
+/// When the source named is due next, by its schedule, after the database's clock
+/// `now_ms` (ms since the epoch); `None`: never again.
+pub type NextDue<'a> = &'a (dyn Fn(&str, i64) -> Option<i64> + Sync);
 
-/// Puts `sources` on the fleet's schedule: a source new to it is due at once, one whose
-/// schedule changed at its new schedule's next firing; the others keep their next due
-/// time.
+/// Puts `sources` (each a name and its schedule's text) on the fleet's schedule: a source
+/// new to it is due at once, one whose schedule changed at its `next_due`; the others
+/// keep their next due time. Only the rows that change are locked:
+/// the passes under way are not held up.
 pub(crate) async fn schedule<T: LeaseQueries>(
     mut tx: T,
-    sources: &[Scheduled],
+    sources: &[(&str, &str)],
+    next_due: NextDue<'_>,
 ) -> Result<(), StoreError> {
-    for source in sources {
+    let now_ms = clock(&mut tx).await?;
+    for &(source, schedule) in sources {
+        let values = [Value::Text(Some(source)), Value::Text(Some(schedule))];
+        tx.execute(T::SCHEDULE_NEW, &values, "scheduling the sources")
+            .await?;
         let values = [
-            Value::Text(Some(&source.source)),
-            Value::Text(Some(&source.schedule)),
-            Value::Int(source.next_due_ms),
+            Value::Text(Some(source)),
+            Value::Text(Some(schedule)),
+            Value::Int(next_due(source, now_ms).unwrap_or(NEVER)),
         ];
-        tx.execute(T::SCHEDULE, &values, "scheduling the sources")
+        tx.execute(T::SCHEDULE_CHANGED, &values, "scheduling the sources")
             .await?;
     }
     tx.commit("scheduling the sources").await
+}
+
+/// A due time that never comes: a schedule that no longer fires.
+const NEVER: i64 = i64::MAX;
+
+/// The database's clock, in ms since the epoch.
+async fn clock<T: LeaseQueries>(tx: &mut T) -> Result<i64, StoreError> {
+    let rows = tx.fetch(T::NOW, &[], "reading the clock").await?;
+    rows.first()
+        .ok_or_else(|| StoreError::Corrupt("the clock gave no row".into()))?
+        .required("now_ms", StoredRow::int)
 }
 
 /// Says that replica `holder` is alive: it counts in the fleet for `ttl` (and is
@@ -371,16 +392,15 @@ fn share(due: i64, replicas: i64, room: usize) -> i64 {
 }
 
 /// Claims, for replica `holder`, which is alive and has `room` passes free, its share of
-/// the due sources among `sources` whose lease is free: takes their leases for `ttl` and
-/// moves each one's next due time to `next_due(source, now_ms)` (ms; `None`: not before
-/// a day). The leases of the sources to run now.
+/// the due sources among `sources`: takes their leases for `ttl` and moves each one's
+/// next due time to `next_due(source, now_ms)`. The leases of the sources to run now.
 pub(crate) async fn claim<T: LeaseQueries>(
     mut tx: T,
     holder: &Arc<str>,
     sources: &[&str],
     room: usize,
     ttl: Duration,
-    next_due: &(dyn Fn(&str, i64) -> Option<i64> + Sync),
+    next_due: NextDue<'_>,
 ) -> Result<Vec<Lease>, StoreError> {
     replica_seen(&mut tx, holder, ttl).await?;
     let counted = tx
@@ -412,7 +432,7 @@ pub(crate) async fn claim<T: LeaseQueries>(
     let mut leases = Vec::with_capacity(rows.len());
     for row in &rows {
         let source = row.required("source", StoredRow::text)?;
-        let next = next_due(&source, now_ms).unwrap_or(now_ms + 86_400_000);
+        let next = next_due(&source, now_ms).unwrap_or(NEVER);
         let values = [
             Value::Text(Some(&source)),
             Value::Text(Some(holder)),

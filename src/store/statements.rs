@@ -656,8 +656,8 @@ pub(crate) async fn set_scope(
     Ok(())
 }
 
-/// Where `source` stands: its `sync_state` row and its window ledgers, read in `tx`. The
-/// caller holds the source's lock, so no commit of the source falls between the two reads.
+/// Where `source` stands: its `sync_state` row and its window ledgers, read in `tx` (one
+/// transaction: no commit of the source falls between the two reads).
 pub(crate) async fn load_state(
     mut tx: impl Statements,
     source: &str,

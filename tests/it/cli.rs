@@ -315,7 +315,7 @@ async fn status_exits_3_only_for_a_source_without_a_success_for_three_intervals(
 }
 
 #[tokio::test]
-async fn a_manual_sync_takes_the_same_lock_as_the_service() {
+async fn a_manual_sync_takes_the_same_lease_as_the_service() {
     use deptsync::store::Store;
 
     let db = TestDb::new().await;
@@ -326,7 +326,7 @@ async fn a_manual_sync_takes_the_same_lock_as_the_service() {
         .try_lease("mews", deptsync::store::lease::DEFAULT_TTL)
         .await
         .unwrap()
-        .expect("the lock is free");
+        .expect("the lease is free");
     a_sync_skips_the_locked_source(config.arg(), &db.store, lease, &fake).await;
 }
 

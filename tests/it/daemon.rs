@@ -261,7 +261,7 @@ async fn sigterm_in_the_middle_of_a_pass_exits_0_and_the_next_start_resumes() {
         .expect("deptsync did not exit within 12 s of SIGTERM")
         .unwrap();
     assert_eq!(output.status.code(), Some(0));
-    // The service's log says what an operator needs, not the scheduler's start-up chatter
+    // The service's log says what an operator needs, not the libraries' chatter
     // or PostgreSQL's notices.
     let log = String::from_utf8_lossy(&output.stdout);
     assert!(log.contains("deptsync is running"), "{log}");

@@ -315,7 +315,7 @@ pub async fn locked_run(
         .try_lease(source, deptsync::store::lease::DEFAULT_TTL)
         .await
         .unwrap()
-        .expect("the lock is free");
+        .expect("the lease is free");
     let run = store
         .start_run(&mut lease, deptsync::model::RunMode::Incremental)
         .await

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use deptsync::model::{Checkpoint, Ledger, LedgerWindow, RunMode, Window, WindowState};
-use deptsync::store::lease::{DEFAULT_TTL, Scheduled};
+use deptsync::store::lease::DEFAULT_TTL;
 use deptsync::store::{AnyStore, Commit, Lease, PassEnd, Store, StoreError};
 
 use crate::helpers::{TestStore, department, on_both_stores};
@@ -189,15 +189,8 @@ async fn a_lease_renewed_in_time_is_never_taken(db: TestStore) {
 
 /// Puts `sources` on an every-minute schedule.
 async fn schedule(store: &AnyStore, sources: &[&str]) {
-    let scheduled: Vec<Scheduled> = sources
-        .iter()
-        .map(|source| Scheduled {
-            source: (*source).to_owned(),
-            schedule: "0 * * * * *".to_owned(),
-            next_due_ms: Utc::now().timestamp_millis() + 60_000,
-        })
-        .collect();
-    store.schedule(&scheduled).await.unwrap();
+    let scheduled: Vec<(&str, &str)> = sources.iter().map(|s| (*s, "0 * * * * *")).collect();
+    store.schedule(&scheduled, &in_a_minute).await.unwrap();
 }
 
 /// Due a minute after the claim.
@@ -344,10 +337,21 @@ async fn a_failed_pass_backs_off_and_a_cancelled_one_is_due_at_once(db: TestStor
         .unwrap();
     assert!(due_in(&db).await > 50_000);
 
-    // A success clears the failures.
+    // A cancelled pass neither clears nor adds to them.
     db.execute("UPDATE source_leases SET next_due_ms = 0").await;
     let claimed = claim(&db.store, &["s"], 1).await;
     assert_eq!(claimed[0].failures, 3);
+    db.store
+        .release(&claimed[0], PassEnd::Cancelled)
+        .await
+        .unwrap();
+    // A holder that died with the lease counts as a failure too.
+    let dying = claim_firing_now(&db.store).await;
+    assert_eq!(dying[0].failures, 3, "a cancelled pass kept them");
+    db.execute("UPDATE source_leases SET expires_ms = 0").await;
+    let claimed = claim(&db.store, &["s"], 1).await;
+    assert_eq!(claimed[0].failures, 4, "the holder died with the lease");
+    // A success clears the failures.
     db.store
         .release(&claimed[0], PassEnd::Succeeded)
         .await
@@ -365,15 +369,11 @@ async fn due_ms(db: &TestStore) -> i64 {
 }
 
 async fn a_changed_schedule_moves_the_next_due_time(db: TestStore) {
-    let now = Utc::now().timestamp_millis();
-    let at = |schedule: &str, next_due_ms: i64| Scheduled {
-        source: "s".to_owned(),
-        schedule: schedule.to_owned(),
-        next_due_ms,
-    };
+    // The schedule's next firing, a fixed distance after the database's clock here.
+    let hourly = |_: &str, now_ms: i64| Some(now_ms + 3_600_000);
     // New to the fleet: due at once.
     db.store
-        .schedule(&[at("0 0 * * * *", now + 3_600_000)])
+        .schedule(&[("s", "0 0 * * * *")], &hourly)
         .await
         .unwrap();
     assert!(due_ms(&db).await <= Utc::now().timestamp_millis());
@@ -381,14 +381,25 @@ async fn a_changed_schedule_moves_the_next_due_time(db: TestStore) {
     db.execute("UPDATE source_leases SET next_due_ms = 42")
         .await;
     db.store
-        .schedule(&[at("0 0 * * * *", now + 3_600_000)])
+        .schedule(&[("s", "0 0 * * * *")], &hourly)
         .await
         .unwrap();
     assert_eq!(due_ms(&db).await, 42);
-    // Another schedule: its next firing.
+    // Another schedule: its next firing, by the database's clock.
+    let before = Utc::now().timestamp_millis();
     db.store
-        .schedule(&[at("0 * * * * *", now + 60_000)])
+        .schedule(&[("s", "0 * * * * *")], &in_a_minute)
         .await
         .unwrap();
-    assert_eq!(due_ms(&db).await, now + 60_000);
+    let due = due_ms(&db).await;
+    assert!(
+        (before + 59_000..=Utc::now().timestamp_millis() + 61_000).contains(&due),
+        "{due} vs {before}"
+    );
+    // A schedule that fires no more: never due again.
+    db.store
+        .schedule(&[("s", "0 0 0 1 1 * 2020")], &|_, _| None)
+        .await
+        .unwrap();
+    assert_eq!(due_ms(&db).await, i64::MAX);
 }

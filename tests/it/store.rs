@@ -1405,7 +1405,7 @@ async fn a_manual_sync_beside_a_holder_of_the_sqlite_lock_skips_the_source() {
         .try_lease("mews", deptsync::store::lease::DEFAULT_TTL)
         .await
         .unwrap()
-        .expect("the lock is free");
+        .expect("the lease is free");
     a_sync_skips_the_locked_source(config, &store, lease, &fake).await;
 }
 

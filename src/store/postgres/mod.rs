@@ -111,29 +111,35 @@ impl PgStore {
 }
 
 /// `url` without the [`PGBOUNCER_PARAMETER`], and whether it said the server is a
-/// PgBouncer. Only the query's parameters are looked at; the rest is left as written.
-fn pgbouncer_url(url: &str) -> (String, bool) {
+/// PgBouncer; or what is wrong with its value (never quoting the URL). Only the query's
+/// parameters are looked at; the rest is left as written.
+fn pgbouncer_url(url: &str) -> Result<(String, bool), String> {
     let Some((base, query)) = url.split_once('?') else {
-        return (url.to_owned(), false);
+        return Ok((url.to_owned(), false));
     };
     let mut pgbouncer = false;
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
-            if key == PGBOUNCER_PARAMETER {
-                pgbouncer = matches!(value, "true" | "1" | "on" | "yes");
-                false
-            } else {
-                true
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
+        if key != PGBOUNCER_PARAMETER {
+            kept.push(pair);
+            continue;
+        }
+        pgbouncer = match value.to_ascii_lowercase().as_str() {
+            "true" | "1" | "on" | "yes" => true,
+            "false" | "0" | "off" | "no" => false,
+            _ => {
+                return Err(format!(
+                    "has {PGBOUNCER_PARAMETER}={value:?}: use true or false"
+                ));
             }
-        })
-        .collect();
-    if kept.is_empty() {
+        };
+    }
+    Ok(if kept.is_empty() {
         (base.to_owned(), pgbouncer)
     } else {
         (format!("{base}?{}", kept.join("&")), pgbouncer)
-    }
+    })
 }
 
 fn is_missing_database(error: &sqlx::Error) -> bool {
@@ -145,7 +151,8 @@ impl Backend for PgStore {
     const NAME: &'static str = "postgres";
 
     fn claims(url: &str) -> Option<Result<(), String>> {
-        (url.starts_with("postgres://") || url.starts_with("postgresql://")).then_some(Ok(()))
+        (url.starts_with("postgres://") || url.starts_with("postgresql://"))
+            .then(|| pgbouncer_url(url).map(drop))
     }
 
     /// Connects to the database at `url`, with at most `limits.max_connections`. Every
@@ -160,13 +167,15 @@ impl Backend for PgStore {
     ) -> Result<Self, StoreError> {
         let statement_timeout = limits.statement_timeout;
         let call_timeout = super::call_timeout(statement_timeout);
-        let (url, pgbouncer) = pgbouncer_url(url.expose_secret());
+        let (url, pgbouncer) = pgbouncer_url(url.expose_secret()).map_err(StoreError::Url)?;
         let url = SecretString::from(url);
         let mut options = PgConnectOptions::from_str(url.expose_secret())
             .map_err(db("parsing the database url"))?
             .application_name("deptsync");
         if pgbouncer {
-            options = options.statement_cache_capacity(0);
+            // No statement kept under a name, and no start-up parameter PgBouncer does
+            // not pass on by default.
+            options = options.statement_cache_capacity(0).extra_float_digits(None);
         }
         // The simple protocol, which takes several statements in one round trip.
         let begin_read = format!(
@@ -178,9 +187,10 @@ impl Backend for PgStore {
         // server crash can then lose the last few commits, but whole and in order: a
         // page never without its checkpoint, so the next pass re-reads what was lost.
         let begin_pass = format!("{begin_read}; SET LOCAL synchronous_commit = off");
+        // Waiting for a free connection is bounded by the call it is for.
         let pool_options = PgPoolOptions::new()
             .max_connections(limits.max_connections)
-            .acquire_timeout(Duration::from_secs(15));
+            .acquire_timeout(call_timeout);
         // One connection first: a refused one is said at once (a pool would retry it
         // until its timeout and then say only that it timed out).
         let probe = tokio::time::timeout(
@@ -199,16 +209,17 @@ impl Backend for PgStore {
                 source,
             });
         }
+        let store = |pool, options: PgConnectOptions| PgStore {
+            pool,
+            options: options.into(),
+            call_timeout,
+            begin_read: begin_read.as_str().into(),
+            begin_pass: begin_pass.as_str().into(),
+            persistent: !pgbouncer,
+            holder: lease::new_holder(),
+        };
         match pool_options.clone().connect_with(options.clone()).await {
-            Ok(pool) => Ok(PgStore {
-                pool,
-                options: options.into(),
-                call_timeout,
-                begin_read: begin_read.into(),
-                begin_pass: begin_pass.into(),
-                persistent: !pgbouncer,
-                holder: lease::new_holder(),
-            }),
+            Ok(pool) => Ok(store(pool, options)),
             Err(e) if is_missing_database(&e) && if_missing == IfMissing::Create => {
                 tracing::info!(
                     database = options.get_database().unwrap_or_default(),
@@ -231,15 +242,7 @@ impl Backend for PgStore {
                     .connect_with(options.clone())
                     .await
                     .map_err(db("connecting to the database"))?;
-                Ok(PgStore {
-                    pool,
-                    options: options.into(),
-                    call_timeout,
-                    begin_read: begin_read.into(),
-                    begin_pass: begin_pass.into(),
-                    persistent: !pgbouncer,
-                    holder: lease::new_holder(),
-                })
+                Ok(store(pool, options))
             }
             Err(e) => Err(StoreError::Database {
                 context: "connecting to the database",
@@ -253,9 +256,14 @@ impl Backend for PgStore {
     /// take long on a big table), under a lock that ends with it: two processes starting
     /// at once apply them once, through a PgBouncer too.
     async fn migrate(&self) -> Result<(), StoreError> {
-        let mut connection: PgConnection = sqlx::Connection::connect_with(&*self.options)
-            .await
-            .map_err(db("connecting for the migrations"))?;
+        let connecting = sqlx::Connection::connect_with(&*self.options);
+        let mut connection: PgConnection =
+            tokio::time::timeout(Duration::from_secs(15), connecting)
+                .await
+                .map_err(|_| StoreError::Unanswered {
+                    after: Duration::from_secs(15),
+                })?
+                .map_err(db("connecting for the migrations"))?;
         let migrated = async {
             let mut tx = sqlx::Connection::begin(&mut connection)
                 .await
@@ -265,17 +273,20 @@ impl Backend for PgStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(db("taking the migrations' lock"))?;
-            migrator().run_direct(&mut *tx).await?;
-            readmit_restored_versions(&mut tx, self.persistent).await?;
+            let migrated = migrator().run_direct(&mut *tx).await;
             if !self.persistent {
                 // sqlx's migrator prepares its statements under names, on a server
-                // connection PgBouncer hands to others next: drop them with it.
+                // connection PgBouncer hands to others next: drop them with it, whether
+                // the migrations went through or not (a migration that failed rolled
+                // back to its savepoint, so the transaction still takes statements).
                 sqlx::query("DEALLOCATE ALL")
                     .persistent(false)
                     .execute(&mut *tx)
                     .await
                     .map_err(db("dropping the migrations' prepared statements"))?;
             }
+            migrated?;
+            readmit_restored_versions(&mut tx, self.persistent).await?;
             tx.commit().await.map_err(db("committing the migrations"))
         }
         .await;

@@ -189,8 +189,10 @@ impl PageTransaction for PgTx<'_> {
 }
 
 impl LeaseQueries for PgTx<'_> {
+    // The clock when the statement reads it, not when it began: a renewal that waited for
+    // a page's commit (which holds the lease's row) counts its time to live from then.
     lease_statements!(
-        clock = "(extract(epoch FROM statement_timestamp()) * 1000)::bigint",
+        clock = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint",
         in_list = "= ANY($1)",
         skip_locked = "FOR UPDATE SKIP LOCKED",
     );

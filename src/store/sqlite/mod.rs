@@ -175,7 +175,8 @@ impl Backend for SqliteStore {
             .synchronous(SqliteSynchronous::Normal);
         let pool = SqlitePoolOptions::new()
             .max_connections(limits.max_connections)
-            .acquire_timeout(Duration::from_secs(15))
+            // Waiting for a free connection is bounded by the call it is for.
+            .acquire_timeout(super::call_timeout(limits.statement_timeout))
             .connect_with(options)
             .await
             .map_err(db("opening the database file"))?;

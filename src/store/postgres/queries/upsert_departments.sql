@@ -11,7 +11,7 @@
 --
 -- Not INSERT ... ON CONFLICT: that locks every conflicting row, even one it then skips
 -- (a write of the heap page and of WAL), and searches the index twice per row. Nothing
--- else writes a source's rows while its pass holds the source's lock; a row inserted
+-- else writes a source's rows while its pass holds the source's lease; a row inserted
 -- behind its back would fail the page (a unique violation), never corrupt it.
 --
 -- $1 source; $2..$10 one array per column, all of the same length, ids unique.
