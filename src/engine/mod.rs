@@ -550,7 +550,7 @@ where
     for attempt in 1..=5 {
         match call().await {
             Ok(()) => return,
-            Err(e @ StoreError::Unanswered { .. }) => {
+            Err(e) if e.went_unanswered() => {
                 tracing::warn!(error = %error_chain(&e), "could not {what}");
                 return;
             }

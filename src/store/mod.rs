@@ -241,6 +241,19 @@ impl StoreError {
         }
     }
 
+    /// Whether the database did not answer in time: the call was given up, or no
+    /// connection could be had from the pool for as long as the call may take.
+    pub fn went_unanswered(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unanswered { .. }
+                | StoreError::Database {
+                    source: sqlx::Error::PoolTimedOut,
+                    ..
+                }
+        )
+    }
+
     /// Whether the database refused the statement's data (a stored key, a value out of
     /// range: SQLSTATE classes 23 and 22), rather than failing to answer or giving up on
     /// it (a statement timeout is no reason to try the same page another way).

@@ -11,7 +11,7 @@ use deptsync::fakes::mews::FakeMews;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::helpers::{TestDb, config, mews_config};
+use crate::helpers::{TestDb, config, mews_config, wait_for};
 use crate::proxy::PgProxy;
 
 fn data_v1_source(fake: &FakeDataV1, name: &str, schedule: &str) -> String {
@@ -50,25 +50,6 @@ async fn stop_daemon(stop: oneshot::Sender<()>, handle: JoinHandle<()>) {
 fn free_port() -> u16 {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     probe.local_addr().unwrap().port()
-}
-
-/// Waits up to `seconds` for `sql` (a count) to reach `at_least`.
-async fn wait_for(db: &TestDb, sql: &str, at_least: i64, seconds: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
-    loop {
-        let n: i64 = sqlx::query_scalar(sql)
-            .fetch_one(db.pool())
-            .await
-            .unwrap_or(0);
-        if n >= at_least {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{sql} stayed at {n}, wanted {at_least}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A run as (source, started, finished).

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use deptsync::fakes::data_v1::{self, FakeDataV1};
 
-use crate::helpers::{TempDir, TestDb, run_binary, stderr, through_pgbouncer};
+use crate::helpers::{TempDir, TestDb, run_binary, stderr, through_pgbouncer, wait_for};
 
 /// Where a replica's config points: straight at the server, or through the PgBouncer.
 #[derive(Debug, Clone, Copy)]
@@ -90,25 +90,6 @@ impl Replica {
     async fn kill(mut self) {
         self.child.start_kill().unwrap();
         self.child.wait().await.unwrap();
-    }
-}
-
-/// Waits up to `seconds` for `sql` (a number) to reach `at_least`.
-async fn wait_for(db: &TestDb, sql: &str, at_least: i64, seconds: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
-    loop {
-        let n: i64 = sqlx::query_scalar(sql)
-            .fetch_one(db.pool())
-            .await
-            .unwrap_or(0);
-        if n >= at_least {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{sql} stayed at {n}, wanted {at_least}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

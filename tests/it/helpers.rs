@@ -111,6 +111,25 @@ impl Drop for TestDb {
     }
 }
 
+/// Waits up to `seconds` for `sql` (a number) to reach `at_least`.
+pub async fn wait_for(db: &TestDb, sql: &str, at_least: i64, seconds: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let n: i64 = sqlx::query_scalar(sql)
+            .fetch_one(db.pool())
+            .await
+            .unwrap_or(0);
+        if n >= at_least {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sql} stayed at {n}, wanted {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A config with `sources` (TOML `[[sources]]` tables) and the test's database.
 pub fn config(database_url: &str, sources: &str) -> String {
     format!("[database]\nurl = \"{database_url}\"\n\n{sources}")

@@ -187,10 +187,11 @@ impl Backend for PgStore {
         // server crash can then lose the last few commits, but whole and in order: a
         // page never without its checkpoint, so the next pass re-reads what was lost.
         let begin_pass = format!("{begin_read}; SET LOCAL synchronous_commit = off");
-        // Waiting for a free connection is bounded by the call it is for.
+        // Waiting for a free connection is bounded by the call it is for (which says the
+        // database did not answer), never cut shorter by the pool.
         let pool_options = PgPoolOptions::new()
             .max_connections(limits.max_connections)
-            .acquire_timeout(call_timeout);
+            .acquire_timeout(call_timeout * 2);
         // One connection first: a refused one is said at once (a pool would retry it
         // until its timeout and then say only that it timed out).
         let probe = tokio::time::timeout(

@@ -175,8 +175,9 @@ impl Backend for SqliteStore {
             .synchronous(SqliteSynchronous::Normal);
         let pool = SqlitePoolOptions::new()
             .max_connections(limits.max_connections)
-            // Waiting for a free connection is bounded by the call it is for.
-            .acquire_timeout(super::call_timeout(limits.statement_timeout))
+            // Waiting for a free connection is bounded by the call it is for, never cut
+            // shorter by the pool.
+            .acquire_timeout(super::call_timeout(limits.statement_timeout) * 2)
             .connect_with(options)
             .await
             .map_err(db("opening the database file"))?;
