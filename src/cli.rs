@@ -404,7 +404,7 @@ async fn sync(
     summary(failed, "")
 }
 
-/// Drops a source's saved position, under its lock, after a person confirmed it.
+/// Drops a source's saved position, under its lease, after a person confirmed it.
 async fn reset(settings: &Settings, args: ResetArgs) -> Result<Exit, CliError> {
     // Only a configured source may be reset (a typo must not pass silently).
     select_sources(settings, std::slice::from_ref(&args.source))?;

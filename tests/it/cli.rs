@@ -3,7 +3,7 @@
 use chrono::{TimeZone, Utc};
 use deptsync::fakes::mews::FakeMews;
 
-use crate::helpers::{TestDb, a_sync_skips_the_locked_source, mews_config, run_binary, stderr};
+use crate::helpers::{TestDb, a_sync_skips_the_leased_source, mews_config, run_binary, stderr};
 
 fn write_config(text: &str) -> tempfile_path::TempConfig {
     tempfile_path::TempConfig::new(text)
@@ -327,7 +327,7 @@ async fn a_manual_sync_takes_the_same_lease_as_the_service() {
         .await
         .unwrap()
         .expect("the lease is free");
-    a_sync_skips_the_locked_source(config.arg(), &db.store, lease, &fake).await;
+    a_sync_skips_the_leased_source(config.arg(), &db.store, lease, &fake).await;
 }
 
 #[tokio::test]

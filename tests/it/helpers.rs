@@ -246,10 +246,10 @@ pub fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// While `lease` (the lock of source "mews", taken as the service would) is held, `sync`
+/// While `lease` (the lease of source "mews", taken as the service would) is held, `sync`
 /// with `config` skips the source without asking `fake` anything and exits 1; once
 /// `store` frees it, the same `sync` succeeds.
-pub async fn a_sync_skips_the_locked_source<St: deptsync::store::Store>(
+pub async fn a_sync_skips_the_leased_source<St: deptsync::store::Store>(
     config: &str,
     store: &St,
     lease: deptsync::store::Lease,

@@ -16,7 +16,7 @@ use deptsync::store::{AnyStore, Commit, IfMissing, Lease, Store, StoreError};
 use uuid::Uuid;
 
 use crate::helpers::{
-    TempDir, TestDb, TestStore, a_sync_skips_the_locked_source, mews_config, on_both_stores,
+    TempDir, TestDb, TestStore, a_sync_skips_the_leased_source, mews_config, on_both_stores,
     run_binary, run_binary_in, sqlite_url, stderr,
 };
 
@@ -1406,7 +1406,7 @@ async fn a_manual_sync_beside_a_holder_of_the_sqlite_lock_skips_the_source() {
         .await
         .unwrap()
         .expect("the lease is free");
-    a_sync_skips_the_locked_source(config, &store, lease, &fake).await;
+    a_sync_skips_the_leased_source(config, &store, lease, &fake).await;
 }
 
 #[tokio::test]
