@@ -472,15 +472,13 @@ fn database_settings(
     database: RawDatabase,
     env: EnvLookup<'_>,
 ) -> Result<DatabaseSettings, ConfigError> {
-    let statement_timeout = match database.statement_timeout {
-        None => crate::store::DEFAULT_STATEMENT_TIMEOUT,
-        Some(text) => duration_in(
-            "database.statement_timeout",
-            &text,
-            Duration::from_millis(100)..=Duration::from_secs(3600),
-            "60s",
-        )?,
-    };
+    let statement_timeout = duration_in(
+        "database.statement_timeout",
+        database.statement_timeout,
+        Duration::from_millis(100)..=Duration::from_secs(3600),
+        crate::store::DEFAULT_STATEMENT_TIMEOUT,
+        "60s",
+    )?;
     let max_connections = count_in(
         "database.max_connections",
         database.max_connections,
@@ -548,24 +546,20 @@ fn daemon_settings(daemon: RawDaemon) -> Result<DaemonSettings, ConfigError> {
             )
         })?),
     };
-    let shutdown_timeout = match daemon.shutdown_timeout {
-        None => DEFAULT_SHUTDOWN_TIMEOUT,
-        Some(text) => humantime::parse_duration(&text).map_err(|e| {
-            ConfigError::top(
-                "daemon.shutdown_timeout",
-                format!("{text:?} is not a duration like \"10s\": {e}"),
-            )
-        })?,
-    };
-    let lease_ttl = match daemon.lease_ttl {
-        None => DEFAULT_LEASE_TTL,
-        Some(text) => duration_in(
-            "daemon.lease_ttl",
-            &text,
-            Duration::from_secs(1)..=Duration::from_secs(600),
-            "30s",
-        )?,
-    };
+    let shutdown_timeout = duration_in(
+        "daemon.shutdown_timeout",
+        daemon.shutdown_timeout,
+        Duration::ZERO..=Duration::MAX,
+        DEFAULT_SHUTDOWN_TIMEOUT,
+        "10s",
+    )?;
+    let lease_ttl = duration_in(
+        "daemon.lease_ttl",
+        daemon.lease_ttl,
+        Duration::from_secs(1)..=Duration::from_secs(600),
+        DEFAULT_LEASE_TTL,
+        "30s",
+    )?;
     let max_concurrent_passes = count_in(
         "daemon.max_concurrent_passes",
         daemon.max_concurrent_passes,
@@ -580,15 +574,19 @@ fn daemon_settings(daemon: RawDaemon) -> Result<DaemonSettings, ConfigError> {
     })
 }
 
-/// Reads `text`, the duration `field` of the config's own sections, which must be in
-/// `range`; `example` shows the form in errors.
+/// The duration `field` of the config's own sections, written `text`, in `range`;
+/// `default` when not given. `example` shows the form in errors.
 fn duration_in(
     field: &str,
-    text: &str,
+    text: Option<String>,
     range: RangeInclusive<Duration>,
+    default: Duration,
     example: &str,
 ) -> Result<Duration, ConfigError> {
-    let duration = humantime::parse_duration(text).map_err(|e| {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    let duration = humantime::parse_duration(&text).map_err(|e| {
         ConfigError::top(
             field,
             format!("{text:?} is not a duration like \"{example}\": {e}"),

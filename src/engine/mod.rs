@@ -192,20 +192,28 @@ impl std::fmt::Display for LeaseLoss {
 }
 
 impl PassError {
-    /// Whether a write was refused because another process took the lease over.
-    fn lost_lease(&self) -> bool {
-        matches!(
+    /// This error as the pass ends with it, its lease under `fence` having been `lost`
+    /// (or not): a write the fence refused is a lost lease, and so is any failure after
+    /// the lease was lost.
+    fn or_lost_lease(self, fence: i64, lost: Option<LeaseLoss>) -> PassError {
+        let refused = matches!(
             self,
-            PassError::LostLease { .. }
-                | PassError::Store {
-                    source: StoreError::LeaseLost { .. },
-                    ..
-                }
-                | PassError::Bookkeeping {
-                    source: StoreError::LeaseLost { .. },
-                    ..
-                }
-        )
+            PassError::Store {
+                source: StoreError::LeaseLost { .. },
+                ..
+            } | PassError::Bookkeeping {
+                source: StoreError::LeaseLost { .. },
+                ..
+            }
+        );
+        match (refused, lost) {
+            (true, _) => PassError::LostLease {
+                fence,
+                why: LeaseLoss::TakenOver,
+            },
+            (false, Some(why)) => PassError::LostLease { fence, why },
+            (false, None) => self,
+        }
     }
 }
 
@@ -350,23 +358,16 @@ pub async fn run_pass_showing<St: Store>(
     );
     // However the pass noticed (a refused write, a refused or failed renewal), a lost
     // lease ends it as one.
-    fn lost<T>(fence: i64, why: LeaseLoss) -> Result<T, PassError> {
-        Err(PassError::LostLease { fence, why })
-    }
     let fence = lease.fence;
-    let ran = match (ran, lapsed) {
-        (Err(e), _) if e.lost_lease() => lost(fence, LeaseLoss::TakenOver),
-        (Err(_), Some(why)) => lost(fence, why),
-        (Ok((run_id, result, totals)), lapsed) => {
+    let ran = ran
+        .map_err(|e| e.or_lost_lease(fence, lapsed))
+        .map(|(run_id, result, totals)| {
             let result = match (result, lapsed) {
-                (Err(e), _) if e.lost_lease() => lost(fence, LeaseLoss::TakenOver),
-                (Err(_) | Ok(Finished::Cancelled), Some(why)) => lost(fence, why),
-                (result, _) => result,
+                (Ok(Finished::Cancelled), Some(why)) => Err(PassError::LostLease { fence, why }),
+                (result, _) => result.map_err(|e| e.or_lost_lease(fence, lapsed)),
             };
-            Ok((run_id, result, totals))
-        }
-        (ran, None) => ran,
-    };
+            (run_id, result, totals)
+        });
     if matches!(
         &ran,
         Err(PassError::LostLease { .. }) | Ok((_, Err(PassError::LostLease { .. }), _))

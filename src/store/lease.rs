@@ -21,11 +21,12 @@
 //! the schedule's next firing, in one transaction: each firing runs once in the fleet. A
 //! source whose lease lapsed before its holder gave it back (the holder died) is due at
 //! once: the firing it claimed was not served (or not given back as served), and the
-//! failure counts, so that a source that kills its process backs off. A replica takes at most its fair share of
-//! what is due (the due sources divided among the replicas alive, which each say they
-//! are with every claim), so the work spreads evenly instead of going to whoever looks
-//! first. A failed pass makes its source's next passes back off; a cancelled one (a
-//! replica shutting down) makes it due again at once, for another replica.
+//! failure counts, so that a source that kills its process backs off. A replica takes at
+//! most its fair share of what is due (the due sources divided among the replicas alive,
+//! which each say they are with every claim), so the work spreads evenly instead of going
+//! to whoever looks first. A failed pass makes its source's next passes back off; a
+//! cancelled one (a replica shutting down) makes it due again at once, for another
+//! replica.
 //!
 //! Instants here are the database's clock in milliseconds since the epoch: every replica
 //! reads one clock, whatever its own says, and both dialects say each statement with one
@@ -207,11 +208,25 @@ pub trait LeaseQueries: Statements {
     const CLAIMED: &'static str;
 }
 
-/// The fence and the failures in a row a statement returned.
-fn fence_of(row: &impl StoredRow) -> Result<(i64, u32), StoreError> {
-    let fence = row.required("fence", StoredRow::int)?;
-    let failures = row.int("failures")?.unwrap_or(0);
-    Ok((fence, u32::try_from(failures).unwrap_or(u32::MAX)))
+impl Lease {
+    /// The lease of `source` that `holder` took for `ttl`, with the fence and the failures
+    /// in a row that taking it returned (`row`).
+    fn taken(
+        source: String,
+        holder: &Arc<str>,
+        ttl: Duration,
+        row: &impl StoredRow,
+    ) -> Result<Lease, StoreError> {
+        let failures = row.int("failures")?.unwrap_or(0);
+        Ok(Lease {
+            source,
+            holder: holder.clone(),
+            fence: row.required("fence", StoredRow::int)?,
+            ttl,
+            failures: u32::try_from(failures).unwrap_or(u32::MAX),
+            loading_new: false,
+        })
+    }
 }
 
 /// Takes `source`'s lease for `ttl` if no process (this one included) holds it; `None`
@@ -231,18 +246,9 @@ pub(crate) async fn take<T: LeaseQueries>(
         .fetch(T::TAKE, &values, "taking the source's lease")
         .await?;
     tx.commit("taking the source's lease").await?;
-    let Some(row) = rows.first() else {
-        return Ok(None);
-    };
-    let (fence, failures) = fence_of(row)?;
-    Ok(Some(Lease {
-        source: source.to_owned(),
-        holder: holder.clone(),
-        fence,
-        ttl,
-        failures,
-        loading_new: false,
-    }))
+    rows.first()
+        .map(|row| Lease::taken(source.to_owned(), holder, ttl, row))
+        .transpose()
 }
 
 /// In a write of `lease`'s pass: fails the transaction with [`StoreError::LeaseLost`]
@@ -342,9 +348,8 @@ const NEVER: i64 = i64::MAX;
 
 /// The database's clock, in ms since the epoch.
 async fn clock<T: LeaseQueries>(tx: &mut T) -> Result<i64, StoreError> {
-    let rows = tx.fetch(T::NOW, &[], "reading the clock").await?;
-    rows.first()
-        .ok_or_else(|| StoreError::Corrupt("the clock gave no row".into()))?
+    tx.fetch_one(T::NOW, &[], "reading the clock")
+        .await?
         .required("now_ms", StoredRow::int)
 }
 
@@ -404,17 +409,12 @@ pub(crate) async fn claim<T: LeaseQueries>(
 ) -> Result<Vec<Lease>, StoreError> {
     replica_seen(&mut tx, holder, ttl).await?;
     let counted = tx
-        .fetch(
+        .fetch_one(
             T::COUNT_DUE,
             &[Value::Texts(Some(sources)), Value::Int(millis(ttl))],
             "counting the due sources",
         )
         .await?;
-    let Some(counted) = counted.first() else {
-        return Err(StoreError::Corrupt(
-            "counting due sources gave no row".into(),
-        ));
-    };
     let due = counted.int("due")?.unwrap_or(0);
     let now_ms = counted.required("now_ms", StoredRow::int)?;
     let limit = share(due, counted.int("replicas")?.unwrap_or(1), room);
@@ -442,18 +442,9 @@ pub(crate) async fn claim<T: LeaseQueries>(
         let claimed = tx
             .fetch(T::CLAIMED, &values, "claiming a due source")
             .await?;
-        let Some(claimed) = claimed.first() else {
-            continue;
-        };
-        let (fence, failures) = fence_of(claimed)?;
-        leases.push(Lease {
-            source,
-            holder: holder.clone(),
-            fence,
-            ttl,
-            failures,
-            loading_new: false,
-        });
+        if let Some(claimed) = claimed.first() {
+            leases.push(Lease::taken(source, holder, ttl, claimed)?);
+        }
     }
     tx.commit("claiming the due sources").await?;
     Ok(leases)

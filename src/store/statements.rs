@@ -70,6 +70,22 @@ pub trait Statements: Send {
         context: &'static str,
     ) -> impl Future<Output = Result<Vec<Self::Row>, StoreError>> + Send;
 
+    /// Runs `sql`, which returns one row, with `values`; that row.
+    fn fetch_one(
+        &mut self,
+        sql: &'static str,
+        values: &[Value<'_>],
+        context: &'static str,
+    ) -> impl Future<Output = Result<Self::Row, StoreError>> + Send {
+        async move {
+            self.fetch(sql, values, context)
+                .await?
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::Corrupt(format!("{context}: no row came back")))
+        }
+    }
+
     /// Commits the transaction (`context` says what it held, for its error). Dropping it
     /// instead rolls everything back.
     fn commit(self, context: &'static str) -> impl Future<Output = Result<(), StoreError>> + Send;

@@ -130,6 +130,34 @@ pub async fn wait_for(db: &TestDb, sql: &str, at_least: i64, seconds: u64) {
     }
 }
 
+/// Midnight UTC of `y`-`m`-`d`.
+pub fn at(y: i32, m: u32, d: u32) -> chrono::DateTime<chrono::Utc> {
+    chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, y, m, d, 0, 0, 0).unwrap()
+}
+
+/// A one-window ledger and the checkpoint of its last page.
+pub fn one_window() -> (deptsync::model::Checkpoint, deptsync::model::Checkpoint) {
+    use deptsync::model::{Checkpoint, Ledger, LedgerWindow, RunMode, Window, WindowState};
+    let window = Window {
+        start: at(2019, 1, 1),
+        end: at(2030, 1, 1),
+    };
+    let ledger = Checkpoint::Ledger(Ledger {
+        until: window.end,
+        backfill: None,
+        windows: vec![LedgerWindow {
+            window,
+            state: WindowState::Pending,
+        }],
+    });
+    let done = Checkpoint::Window {
+        mode: RunMode::Incremental,
+        window,
+        cursor: None,
+    };
+    (ledger, done)
+}
+
 /// A config with `sources` (TOML `[[sources]]` tables) and the test's database.
 pub fn config(database_url: &str, sources: &str) -> String {
     format!("[database]\nurl = \"{database_url}\"\n\n{sources}")

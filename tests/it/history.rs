@@ -3,17 +3,16 @@
 //! transaction, nothing else writes any, and a reader of the feed sees each version once,
 //! whatever order concurrent transactions commit in.
 
-use chrono::{DateTime, Duration, TimeZone, Utc};
+use chrono::{DateTime, Duration, Utc};
 use deptsync::model::{
-    Checkpoint, DeletionPolicy, Department, DepartmentVersion, FeedToken, Ledger, LedgerWindow,
-    RawRecord, RunId, RunMode, Window, WindowState,
+    Checkpoint, DeletionPolicy, Department, DepartmentVersion, FeedToken, RawRecord, RunId, RunMode,
 };
 use deptsync::store::{AnyStore, Commit, Store};
 use uuid::Uuid;
 
 use crate::helpers::{
-    TempDir, TestStore, department, locked_run, mews_config, on_both_stores, run_binary,
-    sqlite_url, stderr,
+    TempDir, TestStore, at, department, locked_run, mews_config, on_both_stores, one_window,
+    run_binary, sqlite_url, stderr,
 };
 
 on_both_stores!(
@@ -30,32 +29,6 @@ on_both_stores!(
     a_token_this_database_never_gave_is_refused,
     retention_trims_closed_versions_and_never_the_current_one,
 );
-
-fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
-}
-
-/// A one-window ledger and the checkpoint of its last page.
-fn one_window() -> (Checkpoint, Checkpoint) {
-    let window = Window {
-        start: at(2019, 1, 1),
-        end: at(2030, 1, 1),
-    };
-    let ledger = Checkpoint::Ledger(Ledger {
-        until: window.end,
-        backfill: None,
-        windows: vec![LedgerWindow {
-            window,
-            state: WindowState::Pending,
-        }],
-    });
-    let done = Checkpoint::Window {
-        mode: RunMode::Incremental,
-        window,
-        cursor: None,
-    };
-    (ledger, done)
-}
 
 /// Commits `departments` of `source` as the last page of a one-window pass.
 async fn commit_windowed(store: &AnyStore, source: &str, departments: &[Department]) {

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
-use deptsync::model::{Checkpoint, Ledger, LedgerWindow, RunMode, Window, WindowState};
+use chrono::Utc;
+use deptsync::model::RunMode;
 use deptsync::store::lease::DEFAULT_TTL;
 use deptsync::store::{AnyStore, Commit, Lease, PassEnd, Store, StoreError};
 
-use crate::helpers::{TestStore, department, on_both_stores};
+use crate::helpers::{TestStore, at, department, on_both_stores, one_window};
 
 on_both_stores!(
     a_source_has_one_lease_holder_at_a_time,
@@ -20,25 +20,6 @@ on_both_stores!(
     a_failed_pass_backs_off_and_a_cancelled_one_is_due_at_once,
     a_changed_schedule_moves_the_next_due_time,
 );
-
-fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
-}
-
-/// The first page of a one-window pass: a ledger.
-fn ledger() -> Checkpoint {
-    Checkpoint::Ledger(Ledger {
-        until: at(2022, 1, 1),
-        backfill: None,
-        windows: vec![LedgerWindow {
-            window: Window {
-                start: at(2019, 1, 1),
-                end: at(2022, 1, 1),
-            },
-            state: WindowState::Pending,
-        }],
-    })
-}
 
 async fn take(store: &AnyStore, source: &str, ttl: Duration) -> Option<Lease> {
     store.try_lease(source, ttl).await.unwrap()
@@ -108,7 +89,7 @@ async fn a_holder_whose_source_was_taken_over_writes_nothing_more(db: TestStore)
                 source: "s",
                 departments: &page,
                 rejected: &[],
-                checkpoint: &ledger(),
+                checkpoint: &one_window().0,
             },
         )
         .await;
@@ -153,7 +134,7 @@ async fn a_holder_whose_source_was_taken_over_writes_nothing_more(db: TestStore)
                 source: "s",
                 departments: &page,
                 rejected: &[],
-                checkpoint: &ledger(),
+                checkpoint: &one_window().0,
             },
         )
         .await

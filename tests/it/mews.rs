@@ -1,6 +1,6 @@
 //! The Mews pass end to end: fake upstream, real engine, real PostgreSQL.
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use deptsync::engine::{PassRequest, run_pass};
 use deptsync::fakes::mews::{FakeDepartment, FakeMews};
 use deptsync::model::{RunOutcome, Window, WindowState};
@@ -9,11 +9,7 @@ use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::helpers::{TestDb, assert_resumed, connector, mews_config, pass};
-
-fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
-}
+use crate::helpers::{TestDb, assert_resumed, at, connector, mews_config, pass};
 
 /// Every department in the table, as (id, enterprise, name, active, updated, raw).
 async fn table(

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
 use deptsync::engine::{PassRequest, error_chain, run_pass};
 use deptsync::fakes::Fault;
 use deptsync::fakes::data_v1::{self, FakeDataV1};
@@ -14,12 +13,8 @@ use deptsync::store::postgres::{IfMissing, PgStore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::helpers::{TestDb, config, connector, mews_config, run_binary};
+use crate::helpers::{TestDb, at, config, connector, mews_config, run_binary};
 use crate::proxy::PgProxy;
-
-fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
-}
 
 /// Every fault the vendors' APIs are known to produce; 408 only where it is retried.
 const STORM: &[Fault] = &[

@@ -16,7 +16,7 @@ use deptsync::store::{AnyStore, Commit, IfMissing, Lease, Store, StoreError};
 use uuid::Uuid;
 
 use crate::helpers::{
-    TempDir, TestDb, TestStore, a_sync_skips_the_leased_source, mews_config, on_both_stores,
+    TempDir, TestDb, TestStore, a_sync_skips_the_leased_source, at, mews_config, on_both_stores,
     run_binary, run_binary_in, sqlite_url, stderr,
 };
 
@@ -235,10 +235,6 @@ fn listed(id: &str) -> Department {
         source_updated_at: None,
         ..department(id, &format!("Department {id}"), at(2020, 1, 1))
     }
-}
-
-fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap()
 }
 
 /// An incremental pass up to `until` of the given windows, all pending.
