@@ -259,11 +259,13 @@ struct Pass {
     status: String,
     started_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
+    /// The firing of its schedule it served.
+    due_at: Option<DateTime<Utc>>,
 }
 
 async fn passes(pool: &PgPool) -> anyhow::Result<Vec<Pass>> {
     let rows = sqlx::query(
-        "SELECT source, holder, status, started_at, finished_at FROM sync_runs
+        "SELECT source, holder, status, started_at, finished_at, due_at FROM sync_runs
          ORDER BY source, started_at",
     )
     .fetch_all(pool)
@@ -278,6 +280,7 @@ async fn passes(pool: &PgPool) -> anyhow::Result<Vec<Pass>> {
                 status: row.try_get("status")?,
                 started_at: row.try_get("started_at")?,
                 finished_at: row.try_get("finished_at")?,
+                due_at: row.try_get("due_at")?,
             })
         })
         .collect()
@@ -512,24 +515,21 @@ async fn measure(mode: &Mode, url: &str, workdir: &Path) -> anyhow::Result<Repor
     let all = passes(&pool).await?;
     pool.close().await;
 
-    // One pass per source per watched firing.
-    let mut per_firing: BTreeMap<(String, i32), usize> = BTreeMap::new();
+    // One pass per source per watched firing: each run records the firing it served.
+    let mut per_firing: BTreeMap<(&str, DateTime<Utc>), usize> = BTreeMap::new();
     let mut delays = Vec::new();
     let mut spread: BTreeMap<String, usize> = BTreeMap::new();
     for pass in all.iter().filter(|p| p.status == "succeeded") {
-        if pass.started_at < first || pass.started_at >= end {
+        let Some(due) = pass.due_at.filter(|due| (first..end).contains(due)) else {
             continue;
-        }
-        let firing =
-            ((pass.started_at - first).num_milliseconds() / mode.period.num_milliseconds()) as i32;
-        *per_firing.entry((pass.source.clone(), firing)).or_default() += 1;
-        let fired = first + mode.period * firing;
-        delays.push((pass.started_at - fired).num_milliseconds() as f64 / 1000.0);
+        };
+        *per_firing.entry((&pass.source, due)).or_default() += 1;
+        delays.push((pass.started_at - due).num_milliseconds() as f64 / 1000.0);
         *spread.entry(pass.holder.clone()).or_default() += 1;
     }
     let names: BTreeSet<&str> = all.iter().map(|p| p.source.as_str()).collect();
     let expected = names.len() * mode.firings as usize;
-    let missed = expected - per_firing.len();
+    let missed = expected.saturating_sub(per_firing.len());
     let doubled = per_firing.values().filter(|n| **n > 1).count();
     let (min_per, max_per) = if missed > 0 {
         (0, per_firing.values().copied().max().unwrap_or(0))

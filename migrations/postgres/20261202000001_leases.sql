@@ -16,6 +16,8 @@ CREATE TABLE source_leases (
     -- next (NULL: no service schedules it).
     schedule     text,
     next_due_ms  bigint,
+    -- The firing the holder's pass serves (NULL for a manual sync's lease).
+    serving_ms   bigint,
     -- Passes failed in a row: a failing source's next passes back off.
     failures     bigint  NOT NULL DEFAULT 0
 );
@@ -30,6 +32,8 @@ CREATE TABLE replicas (
     seen_ms     bigint NOT NULL
 );
 
--- Which process ran each pass, under which fence.
+-- Which process ran each pass, under which fence, and the firing of its source's
+-- schedule it served (NULL for a manual sync).
 ALTER TABLE sync_runs ADD COLUMN holder text;
 ALTER TABLE sync_runs ADD COLUMN fence bigint;
+ALTER TABLE sync_runs ADD COLUMN due_at timestamptz;

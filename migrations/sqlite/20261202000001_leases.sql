@@ -6,6 +6,7 @@ CREATE TABLE source_leases (
     expires_ms   INTEGER,
     schedule     TEXT,
     next_due_ms  INTEGER,
+    serving_ms   INTEGER,
     failures     INTEGER NOT NULL DEFAULT 0
 );
 
@@ -19,3 +20,4 @@ CREATE TABLE replicas (
 
 ALTER TABLE sync_runs ADD COLUMN holder TEXT;
 ALTER TABLE sync_runs ADD COLUMN fence INTEGER;
+ALTER TABLE sync_runs ADD COLUMN due_at TEXT;

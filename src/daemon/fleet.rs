@@ -56,6 +56,15 @@ impl RunningPass {
     }
 }
 
+/// Why a replica looks for due sources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Wake {
+    /// Its poll, a start or a reload.
+    Poll,
+    /// One of its passes ended: a slot is free.
+    PassEnded,
+}
+
 /// The passes running in this replica, by source: shared with the watchdog.
 pub(super) type Running = Arc<Mutex<HashMap<String, RunningPass>>>;
 
@@ -76,6 +85,9 @@ pub(super) struct Fleet {
     scheduled: bool,
     /// Whether the last claim failed (so that an outage is logged once, not every poll).
     failing: bool,
+    /// Whether the last claim took all it had room for: more may be due, and a pass that
+    /// ends looks for them at once rather than at the next poll.
+    more_due: bool,
     /// Cancelled at shutdown: every pass stops after the page in hand.
     shutdown: CancellationToken,
 }
@@ -95,6 +107,7 @@ impl Fleet {
             call_timeout,
             scheduled: false,
             failing: false,
+            more_due: true,
             shutdown: CancellationToken::new(),
         }
     }
@@ -127,10 +140,14 @@ impl Fleet {
 
     /// Puts the sources on the fleet's schedule if they are not yet, then claims this
     /// replica's share of those due, as many as it has room for, and starts a pass of
-    /// each. A database away is logged (once) and waited out: the next call tries again.
-    pub async fn claim(&mut self) {
+    /// each: on every poll, and when a pass ended only if the last claim found more due
+    /// than it had room for (so that a burst of passes ending does not ask the database
+    /// each time). A database away is logged (once) and waited out: the next call tries
+    /// again.
+    pub async fn claim(&mut self, wake: Wake) {
         let room = self.room.saturating_sub(self.running_passes().len());
-        if room == 0 || self.shutdown.is_cancelled() {
+        if room == 0 || self.shutdown.is_cancelled() || (wake == Wake::PassEnded && !self.more_due)
+        {
             return;
         }
         let claimed = match self.schedule_and_claim(room).await {
@@ -150,6 +167,7 @@ impl Fleet {
                 return;
             }
         };
+        self.more_due = claimed.len() == room;
         for lease in claimed {
             self.start(lease);
         }
@@ -189,7 +207,9 @@ impl Fleet {
     /// Starts a pass of the source `lease` was claimed for.
     fn start(&mut self, lease: Lease) {
         let Some(source) = self.sources.get(&lease.source).cloned() else {
-            // Claimed just as a reload removed it: its lease lapses on its own.
+            // Claimed among this replica's sources, which change only between claims: not
+            // reached. Were it, the lease would lapse on its own.
+            tracing::error!(source = %lease.source, "claimed a source this replica does not have");
             return;
         };
         let heartbeat = Arc::new(Heartbeat::default());

@@ -37,7 +37,7 @@ use crate::Settings;
 use crate::engine;
 use crate::sources::Connector;
 use crate::store::{AnyStore, StoreError};
-use fleet::{Fleet, Running};
+use fleet::{Fleet, Running, Wake};
 
 /// How often a replica looks for due sources (besides whenever a pass ends).
 const POLL: Duration = Duration::from_secs(1);
@@ -184,12 +184,13 @@ impl Daemon {
 
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut wake = Wake::Poll;
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
-                () = fleet.claim() => {}
+                () = fleet.claim(wake) => {}
             }
-            tokio::select! {
+            wake = tokio::select! {
                 () = &mut shutdown => break,
                 Some(()) = reloads.recv() => {
                     if let Some(reloaded) = reload_settings(config_path.as_deref(), &settings) {
@@ -204,10 +205,11 @@ impl Daemon {
                             ),
                         }
                     }
+                    Wake::Poll
                 }
-                () = fleet.pass_ended() => {}
-                _ = poll.tick() => {}
-            }
+                () = fleet.pass_ended() => Wake::PassEnded,
+                _ = poll.tick() => Wake::Poll,
+            };
         }
 
         tracing::info!("shutting down: stopping after the pages in hand");

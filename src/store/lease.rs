@@ -58,6 +58,8 @@ pub struct Lease {
     pub ttl: Duration,
     /// The source's passes failed in a row when the lease was taken (for the backoff).
     pub failures: u32,
+    /// The firing of the source's schedule the pass serves (none for a manual sync).
+    pub due: Option<chrono::DateTime<chrono::Utc>>,
     /// Whether the pass's last windowed page held only departments not stored before (a
     /// store may load the next one without looking each up).
     pub(crate) loading_new: bool,
@@ -112,9 +114,9 @@ macro_rules! lease_statements {
             VALUES ($1, $2, 1, ", $clock, " + $3)
             ON CONFLICT (source) DO UPDATE SET
                 holder = excluded.holder, fence = l.fence + 1,
-                expires_ms = excluded.expires_ms
+                expires_ms = excluded.expires_ms, serving_ms = NULL
             WHERE l.holder IS NULL OR l.expires_ms <= ", $clock, "
-            RETURNING fence, failures");
+            RETURNING fence, failures, serving_ms");
         /// Renews the lease of source `$1` held by `$2` under fence `$3` for `$4` ms:
         /// changes no row when the fence is another's.
         const RENEW: &'static str = concat!("
@@ -179,14 +181,16 @@ macro_rules! lease_statements {
             ORDER BY CASE WHEN holder IS NULL THEN next_due_ms ELSE expires_ms END, source
             LIMIT $2 ", $skip);
         /// Gives the claimed source `$1` to holder `$2` for `$3` ms, due next at `$4`
-        /// ms; the new fence and the failures in a row (one more when the last holder
-        /// died with the lease: a source that kills its process backs off too).
+        /// ms; the new fence, the failures in a row (one more when the last holder died
+        /// with the lease: a source that kills its process backs off too) and the firing
+        /// the pass serves (the one that was due, or the dead holder's).
         const CLAIMED: &'static str = concat!("
             UPDATE source_leases SET holder = $2, fence = fence + 1,
                 expires_ms = ", $clock, " + $3, next_due_ms = $4,
-                failures = CASE WHEN holder IS NULL THEN failures ELSE failures + 1 END
+                failures = CASE WHEN holder IS NULL THEN failures ELSE failures + 1 END,
+                serving_ms = CASE WHEN holder IS NULL THEN next_due_ms ELSE serving_ms END
             WHERE source = $1
-            RETURNING fence, failures");
+            RETURNING fence, failures, serving_ms");
     };
 }
 pub(crate) use lease_statements;
@@ -209,8 +213,8 @@ pub trait LeaseQueries: Statements {
 }
 
 impl Lease {
-    /// The lease of `source` that `holder` took for `ttl`, with the fence and the failures
-    /// in a row that taking it returned (`row`).
+    /// The lease of `source` that `holder` took for `ttl`, with the fence, the failures in
+    /// a row and the firing served that taking it returned (`row`).
     fn taken(
         source: String,
         holder: &Arc<str>,
@@ -224,6 +228,9 @@ impl Lease {
             fence: row.required("fence", StoredRow::int)?,
             ttl,
             failures: u32::try_from(failures).unwrap_or(u32::MAX),
+            due: row
+                .int("serving_ms")?
+                .and_then(chrono::DateTime::from_timestamp_millis),
             loading_new: false,
         })
     }

@@ -581,8 +581,8 @@ pub(crate) async fn start_run<T: LeaseQueries>(
         );
     }
     tx.execute(
-        "INSERT INTO sync_runs (run_id, source, mode, started_at, holder, fence)
-         VALUES ($1, $2, $3, COALESCE($4, CURRENT_TIMESTAMP), $5, $6)",
+        "INSERT INTO sync_runs (run_id, source, mode, started_at, holder, fence, due_at)
+         VALUES ($1, $2, $3, COALESCE($4, CURRENT_TIMESTAMP), $5, $6, $7)",
         &[
             Id(Some(run_id)),
             Text(Some(source)),
@@ -590,6 +590,7 @@ pub(crate) async fn start_run<T: LeaseQueries>(
             Now,
             Text(Some(&lease.holder)),
             Int(lease.fence),
+            Time(lease.due),
         ],
         "recording the start of the run",
     )

@@ -102,13 +102,14 @@ struct Run {
     status: String,
     started_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
+    due_at: Option<DateTime<Utc>>,
     pages: i64,
     error: Option<String>,
 }
 
 async fn runs(db: &TestDb) -> Vec<Run> {
     sqlx::query_as(
-        "SELECT source, holder, fence, status, started_at, finished_at, pages, error
+        "SELECT source, holder, fence, status, started_at, finished_at, due_at, pages, error
          FROM sync_runs ORDER BY source, started_at",
     )
     .fetch_all(db.pool())
@@ -192,11 +193,12 @@ async fn two_replicas_never_commit_for_one_source_in_one_lease(route: Route) {
                 "two passes of {source} overlapped: {a:?} {b:?}"
             );
             assert!(b.fence > a.fence, "a new lease for each pass: {a:?} {b:?}");
-            // Each firing (every second) runs once in the fleet.
-            assert!(
-                b.started_at.timestamp() > a.started_at.timestamp(),
-                "two passes of one firing: {a:?} {b:?}"
-            );
+            // Each firing (every second) runs once in the fleet: each pass serves a
+            // firing of its own, a whole second, later than the last one's.
+            let (a_due, b_due) = (a.due_at.unwrap(), b.due_at.unwrap());
+            assert!(b_due > a_due, "two passes of one firing: {a:?} {b:?}");
+            assert_eq!(b_due.timestamp_subsec_millis(), 0, "{b:?}");
+            assert!(b.started_at >= b_due, "started before its firing: {b:?}");
         }
         assert!(
             of.iter()
@@ -363,6 +365,14 @@ async fn a_crashed_replicas_sources_are_taken_over_when_its_leases_lapse(route: 
     );
     for run in runs.iter().filter(|r| r.status == "succeeded") {
         assert!(run.started_at > killed_at, "{run:?}");
+        let crashed = runs
+            .iter()
+            .find(|r| r.source == run.source && r.status == "failed")
+            .unwrap();
+        assert_eq!(
+            run.due_at, crashed.due_at,
+            "the survivor serves the firing the crashed replica did not: {runs:?}"
+        );
     }
 }
 
@@ -428,6 +438,24 @@ async fn a_reload_adds_and_removes_sources_without_a_restart() {
         "SELECT count(*) FROM sync_runs WHERE source = 'old'",
         before + 2,
         10,
+    )
+    .await;
+
+    // A changed source runs with its new settings from its next pass: here a token the
+    // vendor refuses.
+    std::fs::remove_file(dir.join("sources.d/new.toml")).unwrap();
+    std::fs::write(
+        dir.join("sources.d/old.toml"),
+        source(&fake, "old", "* * * * * *").replace(data_v1::TOKEN, "revoked"),
+    )
+    .unwrap();
+    replica.signal(libc::SIGHUP);
+    wait_for(
+        &db,
+        "SELECT count(*) FROM sync_runs WHERE source = 'old' AND status = 'failed'
+           AND error LIKE '%401%'",
+        1,
+        20,
     )
     .await;
 

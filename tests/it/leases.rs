@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use deptsync::model::RunMode;
 use deptsync::store::lease::DEFAULT_TTL;
 use deptsync::store::{AnyStore, Commit, Lease, PassEnd, Store, StoreError};
@@ -259,8 +259,44 @@ async fn a_claimed_source_is_due_again_at_its_schedules_next_firing(db: TestStor
         (claimed_at + 55_000..=claimed_at + 65_000).contains(&due),
         "{due} vs {claimed_at}"
     );
-    // A manual sync may still take it between firings.
-    assert!(take(&db.store, "s", DEFAULT_TTL).await.is_some());
+    // A holder that dies before it gives the lease back leaves the firing unserved: due
+    // again as soon as the lease lapses, for a holder that serves that same firing.
+    let short = Duration::from_millis(200);
+    let not_due = db
+        .store
+        .claim(&["s"], 1, short, &in_a_minute)
+        .await
+        .unwrap();
+    assert!(not_due.is_empty(), "not due");
+    db.execute("UPDATE source_leases SET next_due_ms = 1000")
+        .await;
+    let dying = db
+        .store
+        .claim(&["s"], 1, short, &in_a_minute)
+        .await
+        .unwrap();
+    assert_eq!(names(&dying), ["s"]);
+    assert_eq!(
+        dying[0].due,
+        DateTime::from_timestamp_millis(1000),
+        "the firing due"
+    );
+    assert!(claim(&db.store, &["s"], 1).await.is_empty(), "held");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let taken_over = claim(&db.store, &["s"], 1).await;
+    assert_eq!(names(&taken_over), ["s"], "lapsed unreleased: due at once");
+    assert!(taken_over[0].fence > dying[0].fence);
+    assert_eq!(
+        taken_over[0].due, dying[0].due,
+        "the new holder serves the firing the dead one did not"
+    );
+    db.store
+        .release(&taken_over[0], PassEnd::Succeeded)
+        .await
+        .unwrap();
+    // A manual sync may still take it between firings; it serves none.
+    let manual = take(&db.store, "s", DEFAULT_TTL).await.unwrap();
+    assert_eq!(manual.due, None);
 }
 
 /// Claims `s` with its next firing right away, so that only a backoff holds it back.
