@@ -25,6 +25,7 @@ use crate::Settings;
 use crate::config::Schedule;
 use crate::engine::{self, Leasing, PassRequest};
 use crate::sources::Connector;
+use crate::store::lease::Claimed;
 use crate::store::{AnyStore, Lease, PassEnd, Store};
 
 /// A source this replica schedules: what its passes need.
@@ -56,10 +57,13 @@ impl RunningPass {
     }
 }
 
+/// The longest a replica goes without looking for due sources.
+pub(super) const POLL: Duration = Duration::from_secs(1);
+
 /// Why a replica looks for due sources.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Wake {
-    /// Its poll, a start or a reload.
+    /// Its poll (a source due, or a second gone), a start or a reload.
     Poll,
     /// One of its passes ended: a slot is free.
     PassEnded,
@@ -88,6 +92,9 @@ pub(super) struct Fleet {
     /// Whether the last claim took all it had room for: more may be due, and a pass that
     /// ends looks for them at once rather than at the next poll.
     more_due: bool,
+    /// When to look next: when the next source is due, and at most a poll after the last
+    /// look (a source new to the fleet, another replica's failure).
+    next_look: tokio::time::Instant,
     /// Cancelled at shutdown: every pass stops after the page in hand.
     shutdown: CancellationToken,
 }
@@ -108,6 +115,7 @@ impl Fleet {
             scheduled: false,
             failing: false,
             more_due: true,
+            next_look: tokio::time::Instant::now(),
             shutdown: CancellationToken::new(),
         }
     }
@@ -120,6 +128,11 @@ impl Fleet {
     /// How many sources this replica schedules.
     pub fn len(&self) -> usize {
         self.sources.len()
+    }
+
+    /// When to look for due sources next.
+    pub fn next_look(&self) -> tokio::time::Instant {
+        self.next_look
     }
 
     /// Waits for the next pass to end; never, while none runs.
@@ -146,16 +159,28 @@ impl Fleet {
     /// again.
     pub async fn claim(&mut self, wake: Wake) {
         let room = self.room.saturating_sub(self.running_passes().len());
-        if room == 0 || self.shutdown.is_cancelled() || (wake == Wake::PassEnded && !self.more_due)
-        {
+        if wake == Wake::PassEnded && !self.more_due {
+            return;
+        }
+        let looked = tokio::time::Instant::now();
+        self.next_look = looked + POLL;
+        if room == 0 || self.shutdown.is_cancelled() {
             return;
         }
         let claimed = match self.schedule_and_claim(room).await {
-            Ok(claimed) => {
+            Ok(Claimed {
+                leases,
+                next_due_in,
+            }) => {
                 if std::mem::take(&mut self.failing) {
                     tracing::info!("the database answers again; claiming due sources");
                 }
-                claimed
+                if let Some(next_due_in) = next_due_in {
+                    // Not sooner than a few milliseconds: the clocks may differ that much.
+                    let wait = next_due_in.clamp(Duration::from_millis(10), POLL);
+                    self.next_look = looked + wait;
+                }
+                leases
             }
             Err(e) => {
                 if !std::mem::replace(&mut self.failing, true) {
@@ -176,7 +201,7 @@ impl Fleet {
     async fn schedule_and_claim(
         &mut self,
         room: usize,
-    ) -> Result<Vec<Lease>, crate::store::StoreError> {
+    ) -> Result<Claimed, crate::store::StoreError> {
         let sources = &self.sources;
         let next_due = |name: &str, now_ms: i64| {
             sources

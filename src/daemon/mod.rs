@@ -7,8 +7,8 @@
 //! - The schedule is the fleet's, in the database ([`fleet`]): each firing of a source's
 //!   schedule runs once among the replicas, under the source's lease, whose fence lets
 //!   only its holder write (a holder that lost it stops within the lease's time to live,
-//!   and writes nothing more). Due sources are claimed every second and whenever a pass
-//!   ends.
+//!   and writes nothing more). A replica looks for due sources when the next is due, at
+//!   least every second, and when a pass ends while more are due.
 //! - A failing pass (the database or the vendor away) never ends the process: it is
 //!   recorded when possible, and the source's next passes back off.
 //! - `SIGHUP` (`systemctl reload`) reads the config file again: new sources start,
@@ -38,9 +38,6 @@ use crate::engine;
 use crate::sources::Connector;
 use crate::store::{AnyStore, StoreError};
 use fleet::{Fleet, Running, Wake};
-
-/// How often a replica looks for due sources (besides whenever a pass ends).
-const POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -182,14 +179,13 @@ impl Daemon {
             tracker.spawn(keep_watchdog_fed(interval, fleet.running(), cancel.clone()));
         }
 
-        let mut poll = tokio::time::interval(POLL);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut wake = Wake::Poll;
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 () = fleet.claim(wake) => {}
             }
+            let next_look = fleet.next_look();
             wake = tokio::select! {
                 () = &mut shutdown => break,
                 Some(()) = reloads.recv() => {
@@ -208,7 +204,7 @@ impl Daemon {
                     Wake::Poll
                 }
                 () = fleet.pass_ended() => Wake::PassEnded,
-                _ = poll.tick() => Wake::Poll,
+                () = tokio::time::sleep_until(next_look) => Wake::Poll,
             };
         }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::history::{self, FeedQueries, FeedReader};
-use super::lease::{self, Lease, LeaseQueries, NextDue, PassEnd};
+use super::lease::{self, Claimed, Lease, LeaseQueries, NextDue, PassEnd};
 use super::statements::{Statements, StoredRow};
 use super::{Commit, IfMissing, Limits, Store, StoreError, bounded};
 use crate::model::{
@@ -244,14 +244,15 @@ macro_rules! backends {
             }
 
             /// Claims this replica's share of the due sources among `sources`, at most
-            /// `room` (see [`lease::claim`]); the leases of the sources to run now.
+            /// `room` (see [`lease::claim`]): the leases of the sources to run now, and how
+            /// long until the next is due.
             pub async fn claim(
                 &self,
                 sources: &[&str],
                 room: usize,
                 ttl: Duration,
                 next_due: NextDue<'_>,
-            ) -> Result<Vec<Lease>, StoreError> {
+            ) -> Result<Claimed, StoreError> {
                 bounded(self.call_timeout(), async {
                     match self {
                         $(AnyStore::$variant(store) => {

@@ -159,13 +159,19 @@ macro_rules! lease_statements {
             DELETE FROM replicas WHERE seen_ms < ", $clock, " - $2 AND holder <> $1");
         /// Replica `$1` stops.
         const REPLICA_STOPS: &'static str = "DELETE FROM replicas WHERE holder = $1";
-        /// Of the sources `$1` (a list): how many are due (see [`Self::CLAIM_DUE`]), how
-        /// many replicas were seen in the last `$2` ms, and the clock.
+        /// Of the sources `$1` (a list): how many are due (see [`Self::CLAIM_DUE`]), when
+        /// the next of the others will be (`next_ms`), how many replicas were seen in the
+        /// last `$2` ms, and the clock.
         const COUNT_DUE: &'static str = concat!("
             SELECT (SELECT count(*) FROM source_leases
                     WHERE source ", $in_list, "
                       AND (holder IS NULL AND next_due_ms <= ", $clock, "
                            OR holder IS NOT NULL AND expires_ms <= ", $clock, ")) AS due,
+                   (SELECT min(CASE WHEN holder IS NULL THEN next_due_ms ELSE expires_ms END)
+                    FROM source_leases
+                    WHERE source ", $in_list, "
+                      AND CASE WHEN holder IS NULL THEN next_due_ms ELSE expires_ms END
+                          > ", $clock, ") AS next_ms,
                    (SELECT count(*) FROM replicas
                     WHERE seen_ms >= ", $clock, " - $2) AS replicas,
                    ", $clock, " AS now_ms");
@@ -403,6 +409,14 @@ fn share(due: i64, replicas: i64, room: usize) -> i64 {
     fair.min(i64::try_from(room).unwrap_or(i64::MAX))
 }
 
+/// What a claim took, and how long until the next of the sources claimed among becomes
+/// due (`None`: none will).
+#[derive(Debug)]
+pub struct Claimed {
+    pub leases: Vec<Lease>,
+    pub next_due_in: Option<Duration>,
+}
+
 /// Claims, for replica `holder`, which is alive and has `room` passes free, its share of
 /// the due sources among `sources`: takes their leases for `ttl` and moves each one's
 /// next due time to `next_due(source, now_ms)`. The leases of the sources to run now.
@@ -413,7 +427,7 @@ pub(crate) async fn claim<T: LeaseQueries>(
     room: usize,
     ttl: Duration,
     next_due: NextDue<'_>,
-) -> Result<Vec<Lease>, StoreError> {
+) -> Result<Claimed, StoreError> {
     replica_seen(&mut tx, holder, ttl).await?;
     let counted = tx
         .fetch_one(
@@ -424,10 +438,16 @@ pub(crate) async fn claim<T: LeaseQueries>(
         .await?;
     let due = counted.int("due")?.unwrap_or(0);
     let now_ms = counted.required("now_ms", StoredRow::int)?;
+    let next_due_in = counted
+        .int("next_ms")?
+        .map(|next| Duration::from_millis(u64::try_from(next - now_ms).unwrap_or(0)));
     let limit = share(due, counted.int("replicas")?.unwrap_or(1), room);
     if limit == 0 {
         tx.commit("saying this replica is alive").await?;
-        return Ok(Vec::new());
+        return Ok(Claimed {
+            leases: Vec::new(),
+            next_due_in,
+        });
     }
     let rows = tx
         .fetch(
@@ -454,7 +474,10 @@ pub(crate) async fn claim<T: LeaseQueries>(
         }
     }
     tx.commit("claiming the due sources").await?;
-    Ok(leases)
+    Ok(Claimed {
+        leases,
+        next_due_in,
+    })
 }
 
 #[cfg(test)]

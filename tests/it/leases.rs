@@ -184,6 +184,7 @@ async fn claim(store: &AnyStore, sources: &[&str], room: usize) -> Vec<Lease> {
         .claim(sources, room, DEFAULT_TTL, &in_a_minute)
         .await
         .unwrap()
+        .leases
 }
 
 fn names(leases: &[Lease]) -> Vec<String> {
@@ -267,14 +268,25 @@ async fn a_claimed_source_is_due_again_at_its_schedules_next_firing(db: TestStor
         .claim(&["s"], 1, short, &in_a_minute)
         .await
         .unwrap();
-    assert!(not_due.is_empty(), "not due");
+    assert!(not_due.leases.is_empty(), "not due");
+    // The replica is told when to look again: at the firing, not a second at a time.
+    let wait = not_due
+        .next_due_in
+        .expect("a source is due later")
+        .as_millis() as i64;
+    let until_due = due - Utc::now().timestamp_millis();
+    assert!(
+        (until_due - 1_000..=until_due + 1_000).contains(&wait),
+        "{wait} vs {until_due}"
+    );
     db.execute("UPDATE source_leases SET next_due_ms = 1000")
         .await;
     let dying = db
         .store
         .claim(&["s"], 1, short, &in_a_minute)
         .await
-        .unwrap();
+        .unwrap()
+        .leases;
     assert_eq!(names(&dying), ["s"]);
     assert_eq!(
         dying[0].due,
@@ -305,6 +317,7 @@ async fn claim_firing_now(store: &AnyStore) -> Vec<Lease> {
         .claim(&["s"], 1, DEFAULT_TTL, &|_, now_ms| Some(now_ms))
         .await
         .unwrap()
+        .leases
 }
 
 /// How far ahead of now `s` is due, in ms.

@@ -65,7 +65,7 @@ pub struct PgStore {
     /// The bound on every call through [`crate::store::AnyStore`].
     pub(super) call_timeout: Duration,
     /// How a transaction begins: with its statements' bounds.
-    begin_read: Arc<str>,
+    begin_bounded: Arc<str>,
     /// How a pass's write begins: also committing without waiting for the disk (see
     /// [`Store::start_run`] below).
     begin_pass: Arc<str>,
@@ -78,7 +78,9 @@ pub struct PgStore {
 /// Which transaction to begin.
 #[derive(Debug, Clone, Copy)]
 enum Begin {
-    Read,
+    /// Its statements bounded: reads, and the short writes of leases and records.
+    Bounded,
+    /// A pass's write: bounded too, and not waiting for the disk.
     Pass,
 }
 
@@ -86,7 +88,7 @@ impl PgStore {
     /// A transaction on a connection of the pool.
     async fn begin(&self, begin: Begin) -> Result<PgTx<'static>, StoreError> {
         let statement = match begin {
-            Begin::Read => &self.begin_read,
+            Begin::Bounded => &self.begin_bounded,
             Begin::Pass => &self.begin_pass,
         };
         let tx = self
@@ -178,7 +180,7 @@ impl Backend for PgStore {
             options = options.statement_cache_capacity(0).extra_float_digits(None);
         }
         // The simple protocol, which takes several statements in one round trip.
-        let begin_read = format!(
+        let begin_bounded = format!(
             "BEGIN; SET LOCAL statement_timeout = {ms}; \
              SET LOCAL idle_in_transaction_session_timeout = {ms}",
             ms = statement_timeout.as_millis()
@@ -186,7 +188,7 @@ impl Backend for PgStore {
         // A pass's writes commit without waiting for their WAL to reach the disk. A
         // server crash can then lose the last few commits, but whole and in order: a
         // page never without its checkpoint, so the next pass re-reads what was lost.
-        let begin_pass = format!("{begin_read}; SET LOCAL synchronous_commit = off");
+        let begin_pass = format!("{begin_bounded}; SET LOCAL synchronous_commit = off");
         // Waiting for a free connection is bounded by the call it is for (which says the
         // database did not answer), never cut shorter by the pool.
         let pool_options = PgPoolOptions::new()
@@ -214,7 +216,7 @@ impl Backend for PgStore {
             pool,
             options: options.into(),
             call_timeout,
-            begin_read: begin_read.as_str().into(),
+            begin_bounded: begin_bounded.as_str().into(),
             begin_pass: begin_pass.as_str().into(),
             persistent: !pgbouncer,
             holder: lease::new_holder(),
@@ -298,13 +300,13 @@ impl Backend for PgStore {
     type Reader = PgTx<'static>;
 
     async fn read(&self) -> Result<PgTx<'static>, StoreError> {
-        self.begin(Begin::Read).await
+        self.begin(Begin::Bounded).await
     }
 
     type Writer = PgTx<'static>;
 
     async fn write(&self) -> Result<PgTx<'static>, StoreError> {
-        self.begin(Begin::Read).await
+        self.begin(Begin::Bounded).await
     }
 
     fn call_timeout(&self) -> Duration {
@@ -427,15 +429,15 @@ impl Store for PgStore {
     }
 
     async fn register(&self, sources: &[String]) -> Result<(), StoreError> {
-        statements::register(self.begin(Begin::Read).await?, REGISTER, sources).await
+        statements::register(self.begin(Begin::Bounded).await?, REGISTER, sources).await
     }
 
     async fn finish_run(&self, run: RunId, outcome: &RunOutcome) -> Result<(), StoreError> {
-        statements::finish_run(self.begin(Begin::Read).await?, run, outcome).await
+        statements::finish_run(self.begin(Begin::Bounded).await?, run, outcome).await
     }
 
     async fn trim_history(&self, source: &str, retention: Duration) -> Result<u64, StoreError> {
-        history::trim(self.begin(Begin::Read).await?, source, retention).await
+        history::trim(self.begin(Begin::Bounded).await?, source, retention).await
     }
 
     async fn status(&self, sources: &[String]) -> Result<Vec<SourceStatus>, StoreError> {
