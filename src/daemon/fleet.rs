@@ -89,8 +89,9 @@ pub(super) struct Fleet {
     scheduled: bool,
     /// Whether the last claim failed (so that an outage is logged once, not every poll).
     failing: bool,
-    /// Whether the last claim took all it had room for: more may be due, and a pass that
-    /// ends looks for them at once rather than at the next poll.
+    /// Whether more sources were due than the last claim took (it had no more room, or
+    /// others were claiming them): a pass that ends looks for them at once rather than at
+    /// the next poll.
     more_due: bool,
     /// When to look next: when the next source is due, and at most a poll after the last
     /// look (a source new to the fleet, another replica's failure).
@@ -170,8 +171,10 @@ impl Fleet {
         let claimed = match self.schedule_and_claim(room).await {
             Ok(Claimed {
                 leases,
+                more_due,
                 next_due_in,
             }) => {
+                self.more_due = more_due;
                 if std::mem::take(&mut self.failing) {
                     tracing::info!("the database answers again; claiming due sources");
                 }
@@ -192,7 +195,6 @@ impl Fleet {
                 return;
             }
         };
-        self.more_due = claimed.len() == room;
         for lease in claimed {
             self.start(lease);
         }

@@ -124,13 +124,13 @@ macro_rules! lease_statements {
             WHERE source = $1 AND holder = $2 AND fence = $3");
         /// Frees the lease of source `$1` held by `$2` under fence `$3`, with `$4`
         /// failures in a row; its source is not due again before `$5` ms from now (0: no
-        /// backoff), or with `$6`, due now.
+        /// backoff; its next firing stays as the claim set it), or with `$6`, due now.
         const RELEASE: &'static str = concat!("
             UPDATE source_leases SET holder = NULL, expires_ms = NULL, failures = $4,
                 next_due_ms = CASE
                     WHEN next_due_ms IS NULL THEN NULL
                     WHEN $6 THEN ", $clock, "
-                    WHEN next_due_ms < ", $clock, " + $5 THEN ", $clock, " + $5
+                    WHEN $5 > 0 AND next_due_ms < ", $clock, " + $5 THEN ", $clock, " + $5
                     ELSE next_due_ms END
             WHERE source = $1 AND holder = $2 AND fence = $3");
         /// Puts source `$1`, new to the fleet, on its schedule `$2`: due now. Changes (and
@@ -409,11 +409,12 @@ fn share(due: i64, replicas: i64, room: usize) -> i64 {
     fair.min(i64::try_from(room).unwrap_or(i64::MAX))
 }
 
-/// What a claim took, and how long until the next of the sources claimed among becomes
-/// due (`None`: none will).
+/// What a claim took, whether more were due than it took, and how long until the next
+/// of the sources not due yet becomes due (`None`: none will).
 #[derive(Debug)]
 pub struct Claimed {
     pub leases: Vec<Lease>,
+    pub more_due: bool,
     pub next_due_in: Option<Duration>,
 }
 
@@ -446,6 +447,7 @@ pub(crate) async fn claim<T: LeaseQueries>(
         tx.commit("saying this replica is alive").await?;
         return Ok(Claimed {
             leases: Vec::new(),
+            more_due: due > 0,
             next_due_in,
         });
     }
@@ -475,6 +477,7 @@ pub(crate) async fn claim<T: LeaseQueries>(
     }
     tx.commit("claiming the due sources").await?;
     Ok(Claimed {
+        more_due: usize::try_from(due).unwrap_or(0) > leases.len(),
         leases,
         next_due_in,
     })

@@ -203,7 +203,16 @@ async fn each_due_source_is_claimed_once_and_shared_among_the_replicas(db: TestS
     assert!(claim(&replica, &sources, 0).await.is_empty());
 
     // Each takes its fair share of what is due when it looks (rounded up), in turns.
-    let first = claim(&db.store, &sources, 8).await;
+    let first = db
+        .store
+        .claim(&sources, 8, DEFAULT_TTL, &in_a_minute)
+        .await
+        .unwrap();
+    assert!(
+        first.more_due,
+        "it took 5 of 10: the replica looks again at once"
+    );
+    let first = first.leases;
     assert_eq!(first.len(), 5, "half of 10: {:?}", names(&first));
     let second = claim(&replica, &sources, 8).await;
     assert_eq!(second.len(), 3, "half of the 5 left: {:?}", names(&second));
@@ -226,10 +235,13 @@ async fn each_due_source_is_claimed_once_and_shared_among_the_replicas(db: TestS
         (6, 4),
         "shared: 5, 3, 1, 1"
     );
-    assert!(
-        claim(&db.store, &sources, 8).await.is_empty(),
-        "nothing is due twice"
-    );
+    let last = db
+        .store
+        .claim(&sources, 8, DEFAULT_TTL, &in_a_minute)
+        .await
+        .unwrap();
+    assert!(last.leases.is_empty(), "nothing is due twice");
+    assert!(!last.more_due, "nor waits");
     assert!(claim(&replica, &sources, 8).await.is_empty());
     assert!(
         take(&db.store, "s0", DEFAULT_TTL).await.is_none(),
