@@ -443,6 +443,21 @@ pub struct SourceStatus {
     /// When the fleet's next pass of the source is due (its schedule's next firing, later
     /// while failing passes back off).
     pub next_due_at: Option<DateTime<Utc>>,
+    /// Deletions the mass-deletion guard withholds, pass after pass, until a person
+    /// confirms them or the missing departments come back.
+    pub withheld_deletions: Option<StandingWithheld>,
+}
+
+/// A verdict of the mass-deletion guard that stands: since `since` (when the first
+/// listing it refused began), complete listings would mark `would_delete` of the `live`
+/// departments of that time deleted, and every pass refuses to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StandingWithheld {
+    pub since: DateTime<Utc>,
+    pub would_delete: u64,
+    pub live: u64,
+    /// The scopes (`scope_id`) held back; empty when the whole source is.
+    pub scopes: Vec<String>,
 }
 
 /// The longest department name deptsync stores, in characters. Longer names are not

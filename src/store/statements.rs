@@ -761,6 +761,7 @@ pub(crate) fn source_status(row: &impl StoredRow) -> Result<SourceStatus, StoreE
         next_due_at: row
             .int("next_due_ms")?
             .and_then(DateTime::from_timestamp_millis),
+        withheld_deletions: None,
     })
 }
 

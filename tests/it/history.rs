@@ -31,7 +31,7 @@ on_both_stores!(
 );
 
 /// Commits `departments` of `source` as the last page of a one-window pass.
-async fn commit_windowed(store: &AnyStore, source: &str, departments: &[Department]) {
+pub(crate) async fn commit_windowed(store: &AnyStore, source: &str, departments: &[Department]) {
     let (mut lease, run) = locked_run(store, source).await;
     let (ledger, done) = one_window();
     for (page, checkpoint) in [(&[][..], &ledger), (departments, &done)] {
@@ -52,7 +52,13 @@ async fn commit_windowed(store: &AnyStore, source: &str, departments: &[Departme
 
 /// Commits one department of `source`, `id` named `name` and updated at `updated`, as a
 /// one-window pass.
-async fn put(db: &TestStore, source: &str, id: &str, name: &str, updated: DateTime<Utc>) {
+pub(crate) async fn put(
+    db: &TestStore,
+    source: &str,
+    id: &str,
+    name: &str,
+    updated: DateTime<Utc>,
+) {
     commit_windowed(&db.store, source, &[department(id, name, Some(updated))]).await;
 }
 
@@ -89,7 +95,7 @@ async fn complete_listing(store: &AnyStore, ids: &[&str], confirms: Option<Uuid>
 
 /// Every version the feed has after `since`, and the token to read on from, once every
 /// version committed so far is readable.
-async fn read_feed(
+pub(crate) async fn read_feed(
     store: &AnyStore,
     since: FeedToken,
     sources: &[String],
@@ -101,7 +107,7 @@ async fn read_feed(
 /// Waits until every version committed so far can be read from the feed. On PostgreSQL a
 /// version is readable once every transaction older than its own has ended, in the whole
 /// cluster: other tests' transactions, in their own databases, hold it back a moment.
-async fn settled(store: &AnyStore) {
+pub(crate) async fn settled(store: &AnyStore) {
     let AnyStore::Postgres(pg) = store else {
         return;
     };
@@ -123,7 +129,7 @@ async fn settled(store: &AnyStore) {
 }
 
 /// What the feed has after `since` now.
-async fn read_feed_now(
+pub(crate) async fn read_feed_now(
     store: &AnyStore,
     since: FeedToken,
     sources: &[String],

@@ -44,6 +44,9 @@ on_both_stores!(
     one_scope_losing_too_many_keeps_them_all_and_the_others_go_on,
     a_listing_deletes_only_in_the_scopes_it_reads,
     a_reset_drops_the_position_and_keeps_the_rows,
+    a_withheld_deletion_is_withheld_by_every_later_listing,
+    a_withheld_scope_stays_withheld_though_new_rows_fill_it,
+    a_page_trusted_by_its_digest_brings_back_rows_deleted_by_hand,
 );
 
 /// A department `id` of a full listing, filed under `scope`.
@@ -939,6 +942,147 @@ async fn the_mass_deletion_guard_withholds_until_a_person_confirms(db: TestStore
     let (_, counts) = complete_listing(&db, &mut lease, run, &listing, Some(first), None).await;
     assert_eq!((counts.deleted, counts.withheld_deletions), (3, vec![]));
     assert_eq!(live_ids(&db).await, ["1", "5"]);
+}
+
+/// `count` departments `{prefix}{i}`, each filed under `scope` (none: no scope).
+fn many(prefix: &str, count: usize, scope: Option<&str>) -> Vec<Department> {
+    (0..count)
+        .map(|i| Department {
+            scope_id: scope.map(str::to_owned),
+            ..listed(&format!("{prefix}{i}"))
+        })
+        .collect()
+}
+
+/// How many of the source's rows are marked deleted.
+async fn deleted_rows(db: &TestStore) -> i64 {
+    db.count("SELECT count(*) FROM departments WHERE deleted_at IS NOT NULL")
+        .await
+}
+
+async fn a_withheld_deletion_is_withheld_by_every_later_listing(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let guarded = DeletionPolicy {
+        max_delete_fraction: Some(0.5),
+        scopes: None,
+    };
+    confirmed_listing(&db, &mut lease, run, &many("old", 10, None), &guarded).await;
+
+    // The listing now serves another set of ids (a token of another tenant, ids written
+    // another way): the first pass stores them and withholds the deletion of the old.
+    let theirs = many("NEW", 10, None);
+    let counts = confirmed_listing(&db, &mut lease, run, &theirs, &guarded).await;
+    let withheld = vec![WithheldDeletions {
+        scope: None,
+        would_delete: 10,
+        live: 10,
+    }];
+    assert_eq!((counts.deleted, &counts.withheld_deletions), (0, &withheld));
+
+    // Every later pass: the new rows are live now, but the guard's base is what was live
+    // before the first refused listing, so 10 of 10 stays too many.
+    for pass in 0..2 {
+        let counts = confirmed_listing(&db, &mut lease, run, &theirs, &guarded).await;
+        assert_eq!(
+            (counts.deleted, &counts.withheld_deletions),
+            (0, &withheld),
+            "pass {pass}"
+        );
+    }
+    assert_eq!(deleted_rows(&db).await, 0);
+    let status = db.store.status(&["s".to_owned()]).await.unwrap();
+    let shown = status[0]
+        .withheld_deletions
+        .as_ref()
+        .expect("status shows it");
+    assert_eq!((shown.would_delete, shown.live), (10, 10));
+
+    // The missing rows come back: the verdict is over, and an ordinary deletion later
+    // is judged afresh.
+    let both: Vec<Department> = many("old", 10, None).into_iter().chain(theirs).collect();
+    let counts = confirmed_listing(&db, &mut lease, run, &both, &guarded).await;
+    assert_eq!(counts.withheld_deletions, vec![]);
+    let status = db.store.status(&["s".to_owned()]).await.unwrap();
+    assert_eq!(status[0].withheld_deletions, None);
+    let counts = confirmed_listing(&db, &mut lease, run, &both[1..], &guarded).await;
+    assert_eq!((counts.deleted, counts.withheld_deletions), (1, vec![]));
+
+    // Gone again, all of the old: withheld until a person confirms.
+    let theirs = &both[10..];
+    let counts = confirmed_listing(&db, &mut lease, run, theirs, &guarded).await;
+    assert_eq!(counts.withheld_deletions.len(), 1);
+    let confirmed = DeletionPolicy {
+        max_delete_fraction: None,
+        scopes: None,
+    };
+    let counts = confirmed_listing(&db, &mut lease, run, theirs, &confirmed).await;
+    assert_eq!((counts.deleted, counts.withheld_deletions), (9, vec![]));
+    let status = db.store.status(&["s".to_owned()]).await.unwrap();
+    assert_eq!(status[0].withheld_deletions, None);
+}
+
+async fn a_withheld_scope_stays_withheld_though_new_rows_fill_it(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let guarded = DeletionPolicy {
+        max_delete_fraction: Some(0.5),
+        scopes: None,
+    };
+    let big = many("big", 40, Some("big"));
+    let everything: Vec<Department> = big
+        .iter()
+        .cloned()
+        .chain(many("x", 12, Some("x")))
+        .collect();
+    confirmed_listing(&db, &mut lease, run, &everything, &guarded).await;
+
+    // Scope "x" now lists 12 other ids: 12 of 52 is under half of the source, all of "x"
+    // is more than half of "x".
+    let listed: Vec<Department> = big.into_iter().chain(many("X", 12, Some("x"))).collect();
+    let withheld = vec![WithheldDeletions {
+        scope: Some("x".to_owned()),
+        would_delete: 12,
+        live: 12,
+    }];
+    for pass in 0..3 {
+        let counts = confirmed_listing(&db, &mut lease, run, &listed, &guarded).await;
+        assert_eq!(
+            (counts.deleted, &counts.withheld_deletions),
+            (0, &withheld),
+            "pass {pass}"
+        );
+    }
+    assert_eq!(deleted_rows(&db).await, 0);
+}
+
+/// On PostgreSQL a listing's page exactly as the trusted listing saw it is not looked up
+/// row by row; a row deleted by hand since must still come back, as it does on SQLite.
+async fn a_page_trusted_by_its_digest_brings_back_rows_deleted_by_hand(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let guarded = DeletionPolicy {
+        max_delete_fraction: Some(0.5),
+        scopes: None,
+    };
+    let page = many("d", 10, None);
+    for _ in 0..2 {
+        confirmed_listing(&db, &mut lease, run, &page, &guarded).await;
+    }
+    db.execute("DELETE FROM departments WHERE external_id IN ('d3', 'd4')")
+        .await;
+    db.execute("UPDATE departments SET name = 'By hand' WHERE external_id = 'd5'")
+        .await;
+
+    let done = Checkpoint::ListingDone {
+        listing_id: Uuid::new_v4(),
+        confirms: None,
+        deletions: guarded,
+    };
+    let counts = commit(&db, &mut lease, run, &page, &done).await;
+    assert_eq!((counts.inserted, counts.updated), (2, 1));
+    assert_eq!(
+        db.count("SELECT count(*) FROM departments WHERE name LIKE 'Department d%'")
+            .await,
+        10
+    );
 }
 
 /// The position after a listing page that more pages follow.
