@@ -589,13 +589,24 @@ async fn read_json<T: DeserializeOwned + Send + 'static>(
         }
     };
     let decoded = if body.len() < DECODE_ASIDE_BYTES {
-        serde_json::from_slice(&body)
+        decode_json(&body)
     } else {
-        tokio::task::spawn_blocking(move || serde_json::from_slice(&body))
+        tokio::task::spawn_blocking(move || decode_json(&body))
             .await
             .map_err(|e| unreadable(format!("decoding stopped: {e}")))?
     };
     decoded.map_err(|e| unreadable(e.to_string()))
+}
+
+/// Decodes `body` as JSON. A body that holds bytes that are not UTF-8 (a vendor that
+/// wrote one record's name in Latin-1) is decoded with those bytes marked (see
+/// [`super::not_utf8`]): the records holding them are set aside, and the page's other
+/// records are read. Only a body that fails to decode is looked at for them.
+fn decode_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(body).or_else(|error| match super::not_utf8::mark(body) {
+        Some(marked) => serde_json::from_str(&marked),
+        None => Err(error),
+    })
 }
 
 /// Where a vendor puts the explanation in an error body.

@@ -21,6 +21,7 @@ pub mod data_v1;
 pub mod http;
 pub mod kinds;
 pub mod mews;
+mod not_utf8;
 mod paging;
 pub mod procurify;
 pub mod settings;
@@ -116,6 +117,9 @@ pub(crate) struct Record<T>(Result<Department, RejectedRecord>, PhantomData<fn()
 impl<'de, T: VendorRecord> Deserialize<'de> for Record<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let raw = RawRecord::deserialize(deserializer)?;
+        if let Some(rejected) = not_utf8::reject(&raw, T::ID_FIELD) {
+            return Ok(Record(Err(rejected), PhantomData));
+        }
         let read = match serde_json::from_str::<T>(raw.as_str()) {
             Ok(fields) => Ok(fields.into_department(raw)),
             Err(error) => {
