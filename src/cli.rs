@@ -15,7 +15,7 @@ use crate::daemon::{Daemon, DaemonError};
 use crate::engine::{PassRequest, error_chain};
 use crate::model::FeedToken;
 use crate::progress::Display;
-use crate::report::{change_line, pass_table, status_lines, status_table};
+use crate::report::{change_line, pass_table, status_lines, status_table, withheld_lines};
 use crate::sources::Source;
 use crate::sources::SourceSettings;
 use crate::store::{AnyStore, IfMissing, PassEnd, Store};
@@ -513,7 +513,11 @@ async fn status(settings: &Settings, json: bool) -> Result<Exit, CliError> {
             .map_err(std::io::Error::from)
             .and_then(|()| writeln!(out))
     } else {
-        writeln!(out, "{}", status_table(&lines))
+        writeln!(out, "{}", status_table(&lines)).and_then(|()| {
+            withheld_lines(&lines)
+                .iter()
+                .try_for_each(|line| writeln!(out, "{}", crate::printable(line)))
+        })
     };
     written.context("writing the status")?;
     if lines.iter().any(|line| line.stale) {

@@ -456,8 +456,9 @@ pub struct StandingWithheld {
     pub since: DateTime<Utc>,
     pub would_delete: u64,
     pub live: u64,
-    /// The scopes (`scope_id`) held back; empty when the whole source is.
-    pub scopes: Vec<String>,
+    /// How many scopes are held back (their departments counted above); 0 when the whole
+    /// source is.
+    pub scopes: u64,
 }
 
 /// The longest department name deptsync stores, in characters. Longer names are not

@@ -211,6 +211,30 @@ pub fn status_table(lines: &[StatusLine]) -> comfy_table::Table {
     table
 }
 
+/// A line for each source whose deletions the mass-deletion guard withholds, pass after
+/// pass: what, since when, and how a person confirms them.
+pub fn withheld_lines(lines: &[StatusLine]) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|line| {
+            let source = &line.status.source;
+            let withheld = line.status.withheld_deletions.as_ref()?;
+            let scopes = match withheld.scopes {
+                0 => String::new(),
+                1 => " (in one scope)".to_owned(),
+                n => format!(" (in {n} scopes)"),
+            };
+            Some(format!(
+                "{source}: deletions withheld since {}: {} of {} live departments{scopes}, \
+                 confirm with `deptsync sync --source {source} --allow-mass-delete`",
+                withheld.since.format("%Y-%m-%d %H:%M:%S"),
+                withheld.would_delete,
+                withheld.live,
+            ))
+        })
+        .collect()
+}
+
 /// Who holds the source's lease and until when (`-`: nobody).
 fn lease(status: &SourceStatus) -> String {
     match (&status.lease_holder, status.lease_expires_at) {

@@ -62,12 +62,15 @@ pub(crate) struct Written {
     pub rewrote: bool,
 }
 
-/// One scope's share of what a complete listing did not see: its departments live when the
-/// first listing began, and its live departments no listing saw. `scope` is the
-/// `scope_id`, `""` for none.
+/// One scope's share of what a complete listing did not see: its live departments no
+/// listing saw, and the guard's bases, counted from when the first listing began or, while
+/// a verdict of the guard stands, from when the first listing it refused began: the
+/// scope's share of the base over the whole source (`source_live`) and the scope's own
+/// (`live`). `scope` is the `scope_id`, `""` for none.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ScopeCount {
     pub scope: String,
+    pub source_live: u64,
     pub live: u64,
     pub unseen: u64,
 }
@@ -84,8 +87,9 @@ pub(crate) trait PageTransaction: LeaseQueries {
     const FORGET_SEEN: &'static str;
     /// For source `$1` and complete listing `$2`, possibly confirming listing `$3`, per
     /// scope (`scope_id`, `''` for none) of the scopes `$4` (a list; NULL: every scope):
-    /// the scope, its rows live when the first listing began, and its live rows neither
-    /// listing saw. `$5` is the transaction's instant.
+    /// the `scope`, its live rows neither listing saw (`unseen`), the guard's bases as
+    /// [`ScopeCount`] says (`source_live`, `live`), and the first listing's clock
+    /// (`started`). `$5` is the transaction's instant.
     const COUNT_UNSEEN: &'static str;
     /// Marks deleted, at the transaction's instant `$5`, the rows [`Self::COUNT_UNSEEN`]
     /// counts unseen, but those of the scopes `$6` (a list) the guard spared.
@@ -357,23 +361,34 @@ async fn delete_unseen<T: PageTransaction>(
         Value::Texts(scope_list.as_deref()),
         Value::Now,
     ];
-    let scopes = tx
+    let rows = tx
         .fetch(
             T::COUNT_UNSEEN,
             &unseen,
             "counting the departments the listing did not see",
         )
-        .await?
+        .await?;
+    let count =
+        |row: &T::Row, column: &str| Ok::<_, StoreError>(row.int(column)?.unwrap_or(0) as u64);
+    let scopes = rows
         .iter()
         .map(|row| {
             Ok(ScopeCount {
                 scope: row.text("scope")?.unwrap_or_default(),
-                live: row.int("live")?.unwrap_or(0) as u64,
-                unseen: row.int("unseen")?.unwrap_or(0) as u64,
+                source_live: count(row, "source_live")?,
+                live: count(row, "live")?,
+                unseen: count(row, "unseen")?,
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    let withheld = match judge_unseen(&scopes, confirms, policy.max_delete_fraction) {
+    let started = rows
+        .first()
+        .map(|row| row.time("started"))
+        .transpose()?
+        .flatten();
+    let verdict = judge_unseen(&scopes, confirms, policy.max_delete_fraction);
+    keep_standing(tx, source, &verdict, policy, started).await?;
+    let withheld = match verdict {
         UnseenVerdict::Keep(kept) => return Ok(kept),
         UnseenVerdict::Delete { withheld } => withheld,
     };
@@ -399,6 +414,88 @@ async fn delete_unseen<T: PageTransaction>(
         withheld,
         ..Deletions::default()
     })
+}
+
+/// Records what `verdict` does to the guard's verdicts that stand for `source`
+/// ([`standing_after`]), the new ones standing since `started` (the first listing's
+/// clock), each kept since when it first stood.
+async fn keep_standing<T: PageTransaction>(
+    tx: &mut T,
+    source: &str,
+    verdict: &UnseenVerdict,
+    policy: &DeletionPolicy,
+    started: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<(), StoreError> {
+    let standing = standing_after(verdict);
+    if let (false, Some(since)) = (standing.withhold.is_empty(), started) {
+        for withheld in standing.withhold {
+            statements::withhold(tx, source, withheld, since).await?;
+        }
+    }
+    if standing.release_source {
+        statements::release_withheld(tx, source, None).await?;
+    }
+    if standing.release_scopes {
+        let in_sight = |scope: &String| {
+            policy
+                .scopes
+                .as_ref()
+                .is_none_or(|scopes| scopes.contains(scope))
+        };
+        let still = |scope: &String| {
+            standing
+                .withhold
+                .iter()
+                .any(|w| w.scope.as_ref() == Some(scope))
+        };
+        for scope in statements::withheld_scopes(tx, source).await? {
+            if in_sight(&scope) && !still(&scope) {
+                statements::release_withheld(tx, source, Some(&scope)).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a verdict on a complete listing does to the verdicts of the guard that stand.
+#[derive(Debug, PartialEq)]
+struct Standing<'a> {
+    /// Verdicts that stand from now on (or still do).
+    withhold: &'a [WithheldDeletions],
+    /// The verdict over the whole source is over.
+    release_source: bool,
+    /// The verdicts over the scopes the listing reads are over, but those in `withhold`.
+    release_scopes: bool,
+}
+
+/// A refused deletion stays refused: a verdict of the guard stands until a listing
+/// confirmed by another finds nothing to withhold (the missing departments came back, or
+/// a person confirmed). A listing awaiting confirmation changes nothing; one whose
+/// deletions the guard over the whole source refused leaves the scopes' verdicts as they
+/// were, since it judged none.
+fn standing_after(verdict: &UnseenVerdict) -> Standing<'_> {
+    match verdict {
+        UnseenVerdict::Keep(kept) if kept.awaiting_confirmation > 0 => Standing {
+            withhold: &[],
+            release_source: false,
+            release_scopes: false,
+        },
+        UnseenVerdict::Keep(kept) if !kept.withheld.is_empty() => Standing {
+            withhold: &kept.withheld,
+            release_source: false,
+            release_scopes: false,
+        },
+        UnseenVerdict::Keep(_) => Standing {
+            withhold: &[],
+            release_source: true,
+            release_scopes: true,
+        },
+        UnseenVerdict::Delete { withheld } => Standing {
+            withhold: withheld,
+            release_source: true,
+            release_scopes: true,
+        },
+    }
 }
 
 /// What the end of a full listing deleted, or would have.
@@ -444,8 +541,9 @@ enum UnseenVerdict {
 
 /// One listing alone never deletes: departments it missed await a second listing that
 /// confirms it. A confirming listing deletes what both missed, unless that is more than
-/// `max_delete_fraction` of the rows live when the first began, counted over the whole
-/// source (then nothing is deleted) and over each scope of at least
+/// `max_delete_fraction` of the rows live when the first began (or, while a verdict
+/// stands, when the first listing it refused began: [`ScopeCount`]), counted over the
+/// whole source (then nothing is deleted) and over each scope of at least
 /// [`MIN_GUARDED_SCOPE_ROWS`] (then nothing of that scope is: one scope coming back
 /// empty is what a permission change or a vendor fault looks like). `None`: a person
 /// confirmed any number.
@@ -454,7 +552,7 @@ fn judge_unseen(
     confirms: Option<Uuid>,
     max_delete_fraction: Option<f64>,
 ) -> UnseenVerdict {
-    let live: u64 = scopes.iter().map(|s| s.live).sum();
+    let live: u64 = scopes.iter().map(|s| s.source_live).sum();
     let unseen: u64 = scopes.iter().map(|s| s.unseen).sum();
     if unseen == 0 {
         return UnseenVerdict::Keep(Deletions::default());
@@ -537,6 +635,7 @@ mod tests {
     fn scope(scope: &str, live: u64, unseen: u64) -> ScopeCount {
         ScopeCount {
             scope: scope.to_owned(),
+            source_live: live,
             live,
             unseen,
         }
@@ -615,6 +714,93 @@ mod tests {
             verdict,
             UnseenVerdict::Delete {
                 withheld: Vec::new()
+            }
+        );
+    }
+
+    #[test]
+    fn the_guard_over_the_source_counts_its_own_base() {
+        // A verdict over the source stands since before the scope's rows came: its base
+        // holds 10, the scope's own (from the listing's clock) 30.
+        let counts = [ScopeCount {
+            scope: "a".to_owned(),
+            source_live: 10,
+            live: 30,
+            unseen: 10,
+        }];
+        let verdict = judge_unseen(&counts, FIRST, Some(0.5));
+        let withheld = vec![WithheldDeletions {
+            scope: None,
+            would_delete: 10,
+            live: 10,
+        }];
+        assert_eq!(
+            verdict,
+            UnseenVerdict::Keep(Deletions {
+                withheld,
+                ..Deletions::default()
+            })
+        );
+    }
+
+    #[test]
+    fn a_verdict_stands_until_a_confirmed_listing_withholds_nothing() {
+        let nothing = Standing {
+            withhold: &[],
+            release_source: false,
+            release_scopes: false,
+        };
+        let awaiting = UnseenVerdict::Keep(Deletions {
+            awaiting_confirmation: 3,
+            ..Deletions::default()
+        });
+        assert_eq!(
+            standing_after(&awaiting),
+            nothing,
+            "a first listing judges nothing"
+        );
+
+        let whole = vec![WithheldDeletions {
+            scope: None,
+            would_delete: 9,
+            live: 10,
+        }];
+        let refused = UnseenVerdict::Keep(Deletions {
+            withheld: whole.clone(),
+            ..Deletions::default()
+        });
+        assert_eq!(
+            standing_after(&refused),
+            Standing {
+                withhold: &whole,
+                ..nothing
+            },
+            "the scopes were not judged: their verdicts stay as they were"
+        );
+
+        let over = Standing {
+            withhold: &[],
+            release_source: true,
+            release_scopes: true,
+        };
+        let came_back = UnseenVerdict::Keep(Deletions::default());
+        assert_eq!(standing_after(&came_back), over);
+        let confirmed = UnseenVerdict::Delete { withheld: vec![] };
+        assert_eq!(standing_after(&confirmed), over);
+
+        let one_scope = vec![WithheldDeletions {
+            scope: Some("a".to_owned()),
+            would_delete: 20,
+            live: 20,
+        }];
+        let spared = UnseenVerdict::Delete {
+            withheld: one_scope.clone(),
+        };
+        assert_eq!(
+            standing_after(&spared),
+            Standing {
+                withhold: &one_scope,
+                ..over
             }
         );
     }

@@ -25,7 +25,7 @@ use super::StoreError;
 use super::lease::{self, Lease, LeaseQueries};
 use crate::model::{
     BackfillRange, Ledger, LedgerWindow, ListingProgress, RunId, RunMode, RunOutcome, SourceStatus,
-    SyncState, Window, WindowState,
+    StandingWithheld, SyncState, Window, WindowState, WithheldDeletions,
 };
 
 /// A value bound to a statement's parameter.
@@ -520,6 +520,77 @@ pub(crate) async fn abandon_listing(
     Ok(())
 }
 
+/// Records that the guard withholds `withheld` for `source` (over the whole source, or
+/// over its scope), standing since `since` unless it stood already: then since when it
+/// first did.
+pub(crate) async fn withhold(
+    tx: &mut impl Statements,
+    source: &str,
+    withheld: &WithheldDeletions,
+    since: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let (guard, scope) = match &withheld.scope {
+        None => ("source", ""),
+        Some(scope) => ("scope", scope.as_str()),
+    };
+    tx.execute(
+        "INSERT INTO withheld_deletions
+             (source, guard, scope, since, would_delete, live, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, COALESCE($7, CURRENT_TIMESTAMP))
+         ON CONFLICT (source, guard, scope) DO UPDATE SET
+             would_delete = excluded.would_delete,
+             live = excluded.live,
+             updated_at = excluded.updated_at",
+        &[
+            Text(Some(source)),
+            Text(Some(guard)),
+            Text(Some(scope)),
+            Time(Some(since)),
+            Int(withheld.would_delete as i64),
+            Int(withheld.live as i64),
+            Now,
+        ],
+        "recording the deletions the guard withholds",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Ends the guard's verdict over `scope` of `source` (`None`: over the whole source).
+pub(crate) async fn release_withheld(
+    tx: &mut impl Statements,
+    source: &str,
+    scope: Option<&str>,
+) -> Result<(), StoreError> {
+    let (guard, scope) = match scope {
+        None => ("source", ""),
+        Some(scope) => ("scope", scope),
+    };
+    tx.execute(
+        "DELETE FROM withheld_deletions WHERE source = $1 AND guard = $2 AND scope = $3",
+        &[Text(Some(source)), Text(Some(guard)), Text(Some(scope))],
+        "ending a verdict of the guard",
+    )
+    .await?;
+    Ok(())
+}
+
+/// The scopes of `source` over which a verdict of the guard stands.
+pub(crate) async fn withheld_scopes(
+    tx: &mut impl Statements,
+    source: &str,
+) -> Result<Vec<String>, StoreError> {
+    tx.fetch(
+        "SELECT scope FROM withheld_deletions WHERE source = $1 AND guard = 'scope'",
+        &[Text(Some(source))],
+        "reading the guard's verdicts",
+    )
+    .await?
+    .iter()
+    .map(|row| row.required("scope", StoredRow::text))
+    .collect()
+}
+
 /// Adds a page to the counts of `run`: `fetched` records, `pages` (0 or 1) pages, and
 /// what it wrote. `false` when the run is not recorded.
 pub(crate) async fn count_page(
@@ -761,7 +832,17 @@ pub(crate) fn source_status(row: &impl StoredRow) -> Result<SourceStatus, StoreE
         next_due_at: row
             .int("next_due_ms")?
             .and_then(DateTime::from_timestamp_millis),
-        withheld_deletions: None,
+        withheld_deletions: row
+            .time("withheld_since")?
+            .map(|since| {
+                Ok::<_, StoreError>(StandingWithheld {
+                    since,
+                    would_delete: row.int("withheld_would_delete")?.unwrap_or(0) as u64,
+                    live: row.int("withheld_live")?.unwrap_or(0) as u64,
+                    scopes: row.int("withheld_scopes")?.unwrap_or(0) as u64,
+                })
+            })
+            .transpose()?,
     })
 }
 

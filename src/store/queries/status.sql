@@ -41,7 +41,22 @@ SELECT n.source,
        l.holder                                                   AS lease_holder,
        l.fence                                                    AS lease_fence,
        l.expires_ms                                               AS lease_expires_ms,
-       l.next_due_ms
+       l.next_due_ms,
+       -- The guard's verdicts that stand: the one over the whole source, else the sum of
+       -- the scopes'.
+       (SELECT min(since) FROM withheld_deletions w WHERE w.source = n.source) AS withheld_since,
+       COALESCE((SELECT would_delete FROM withheld_deletions w
+                 WHERE w.source = n.source AND w.guard = 'source'),
+                (SELECT CAST(sum(would_delete) AS BIGINT) FROM withheld_deletions w
+                 WHERE w.source = n.source))                    AS withheld_would_delete,
+       COALESCE((SELECT live FROM withheld_deletions w
+                 WHERE w.source = n.source AND w.guard = 'source'),
+                (SELECT CAST(sum(live) AS BIGINT) FROM withheld_deletions w
+                 WHERE w.source = n.source))                    AS withheld_live,
+       (SELECT count(*) FROM withheld_deletions w
+         WHERE w.source = n.source AND w.guard = 'scope'
+           AND NOT EXISTS (SELECT 1 FROM withheld_deletions o
+                           WHERE o.source = n.source AND o.guard = 'source')) AS withheld_scopes
 FROM names n
 LEFT JOIN sync_state s ON s.source = n.source
 LEFT JOIN source_leases l ON l.source = n.source
