@@ -624,6 +624,17 @@ const SETTINGS_CHANGED: &str =
 const SETTINGS_UNRECORDED: &str = "no record of the settings its position was read with";
 
 impl<St: Store> Writer<'_, St> {
+    /// The database's clock now: what a pass plans to.
+    async fn clock(&self) -> Result<chrono::DateTime<chrono::Utc>, PassError> {
+        self.store
+            .clock()
+            .await
+            .map_err(|source| PassError::Bookkeeping {
+                context: "reading the database's clock",
+                source,
+            })
+    }
+
     /// The source's saved position, made sure to be one of its current settings (whose
     /// fingerprint is `scope`).
     async fn load_state(&mut self, scope: String) -> Result<SyncState, PassError> {

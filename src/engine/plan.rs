@@ -98,13 +98,30 @@ pub(super) fn plan_pass(
             windows,
         }
     };
+    // Nothing can have been read up to an instant ahead of the database's clock: a
+    // saved mark or pass end there was left by a host whose clock was fast, and is read
+    // as the clock's now (and the mark moved back when the pass ends).
+    let not_ahead = |instant: DateTime<Utc>, what: &str| {
+        if instant <= now {
+            return instant;
+        }
+        tracing::warn!(
+            source,
+            %instant,
+            %now,
+            "the saved {what} is ahead of the database's clock (a host whose clock was fast \
+             saved it); reading from the database's now less the lookback"
+        );
+        now
+    };
     match request {
         PassRequest::Incremental { .. } => {
-            if let Some(saved) = state.incremental {
+            if let Some(mut saved) = state.incremental {
+                saved.until = not_ahead(saved.until, "pass end");
                 return Ok(resume(saved, now, start));
             }
             let from = match state.high_water_mark {
-                Some(mark) => looking_back(mark, start),
+                Some(mark) => looking_back(not_ahead(mark, "high-water mark"), start),
                 None => start,
             };
             Ok(Ledger {
@@ -290,6 +307,50 @@ mod pass_tests {
                 start: at(2021, 1, 1) - chrono::Duration::minutes(5),
                 end: now
             }]
+        );
+    }
+
+    #[test]
+    fn a_mark_ahead_of_the_clock_is_read_from_now_less_the_lookback() {
+        let now = at(2021, 1, 2);
+        let state = SyncState {
+            high_water_mark: Some(now + chrono::Duration::minutes(30)),
+            ..SyncState::default()
+        };
+        let plan = plan_pass("s", mode(), state, PassRequest::INCREMENTAL, now).unwrap();
+        assert_eq!(
+            windows(&plan),
+            vec![Window {
+                start: now - chrono::Duration::minutes(5),
+                end: now
+            }]
+        );
+        assert_eq!(plan.until, now, "the pass ends at the clock's now");
+    }
+
+    #[test]
+    fn an_interrupted_pass_that_planned_past_the_clock_ends_at_now() {
+        let now = at(2021, 1, 2);
+        let ahead = Window {
+            start: now - chrono::Duration::hours(1),
+            end: now + chrono::Duration::minutes(30),
+        };
+        let state = SyncState {
+            incremental: Some(Ledger {
+                until: ahead.end,
+                backfill: None,
+                windows: vec![LedgerWindow {
+                    window: ahead,
+                    state: WindowState::Pending,
+                }],
+            }),
+            ..SyncState::default()
+        };
+        let plan = plan_pass("s", mode(), state, PassRequest::INCREMENTAL, now).unwrap();
+        assert_eq!(plan.until, now);
+        assert!(
+            windows(&plan).contains(&ahead),
+            "its window is read as it was"
         );
     }
 

@@ -92,8 +92,10 @@ pub(super) async fn read<S: WindowedSource, St: Store>(
     request: PassRequest,
 ) -> Result<Finished, PassError> {
     let windowed = reader.source.windowing();
-    // Whole seconds keep the windows sent to the vendor and the stored marks readable.
-    let now = Utc::now().trunc_subsecs(0);
+    // The database's clock, never this host's: a replica whose clock is fast would leave
+    // a mark past updates not yet committed upstream. Whole seconds keep the windows
+    // sent to the vendor and the stored marks readable.
+    let now = writer.clock().await?.trunc_subsecs(0);
     let ledger = plan_pass(writer.name, windowed, state, request, now)?;
     let outstanding: Vec<WindowRequest> = ledger
         .outstanding()

@@ -341,6 +341,15 @@ macro_rules! backends {
                 .await
             }
 
+            async fn clock(&self) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
+                bounded(self.call_timeout(), async {
+                    match self {
+                        $(AnyStore::$variant(store) => store.clock().await,)*
+                    }
+                })
+                .await
+            }
+
             async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
                 bounded(self.call_timeout(), async {
                     match self {

@@ -27,8 +27,6 @@
 //! [`FeedReader`] reads in batches, in `(position, source, external_id, seq)` order, up
 //! to the horizon it took when it began, and ends with the token to read on from.
 
-use chrono::Utc;
-
 use super::StoreError;
 use super::statements::{Statements, StoredRow, Value};
 use crate::model::{DepartmentVersion, FeedToken, RunId};
@@ -41,9 +39,11 @@ pub(crate) async fn trim(
     source: &str,
     retention: std::time::Duration,
 ) -> Result<u64, StoreError> {
+    // The database's clock, as for every instant a pass decides by.
+    let now = super::statements::now(&mut tx).await?;
     let before = chrono::Duration::from_std(retention)
         .ok()
-        .and_then(|retention| Utc::now().checked_sub_signed(retention));
+        .and_then(|retention| now.checked_sub_signed(retention));
     // A retention longer than the calendar goes back keeps everything.
     let Some(before) = before else {
         return Ok(0);

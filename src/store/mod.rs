@@ -33,6 +33,8 @@ pub use statements::StoredRow;
 use std::future::Future;
 use std::path::PathBuf;
 
+use chrono::{DateTime, Utc};
+
 use crate::model::{
     PageCounts, RejectedRecord, RunId, RunMode, RunOutcome, SourceStatus, SyncState,
 };
@@ -292,6 +294,11 @@ pub trait Store: Send + Sync {
         lease: &Lease,
         end: PassEnd,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The database's clock now: the one clock every process of the fleet takes a pass's
+    /// `now` from (a high-water mark, a retention's cutoff), whatever its own host says.
+    /// SQLite's is its one host's.
+    fn clock(&self) -> impl Future<Output = Result<DateTime<Utc>, StoreError>> + Send;
 
     /// The position `source` last committed (empty for a new source).
     fn load_state(

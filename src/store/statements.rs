@@ -373,8 +373,9 @@ pub(crate) async fn split_window(
 
 /// When every window of the `mode` ledger is done, drops the ledger, its windows and its
 /// range; an incremental ledger first moves the high-water mark to its end, and the mark
-/// never moves backwards (a missing end or mark is no end or mark). A ledger with a window
-/// not done is left as it is.
+/// never moves backwards (a missing end or mark is no end or mark), unless it stands
+/// ahead of the database's clock, where no pass can have read up to. A ledger with a
+/// window not done is left as it is.
 pub(crate) async fn finish_ledger_if_done(
     tx: &mut impl Statements,
     source: &str,
@@ -394,11 +395,15 @@ pub(crate) async fn finish_ledger_if_done(
         return Ok(());
     }
     let finish = match mode {
+        // A mark ahead of the database's clock was not read up to (a host whose clock
+        // was fast set it): the pass's end replaces it.
         RunMode::Incremental => {
             "UPDATE sync_state
              SET high_water_mark = CASE
                      WHEN incremental_until IS NULL THEN high_water_mark
-                     WHEN high_water_mark > incremental_until THEN high_water_mark
+                     WHEN high_water_mark > incremental_until
+                          AND high_water_mark <= COALESCE($2, CURRENT_TIMESTAMP)
+                     THEN high_water_mark
                      ELSE incremental_until END,
                  incremental_until = NULL, updated_at = COALESCE($2, CURRENT_TIMESTAMP)
              WHERE source = $1"
@@ -742,6 +747,25 @@ pub(crate) async fn set_scope(
     )
     .await?;
     Ok(())
+}
+
+/// The database's instant now (its transaction's, on PostgreSQL), read in `tx`; SQLite's
+/// is its host's.
+pub(crate) async fn now(tx: &mut impl Statements) -> Result<DateTime<Utc>, StoreError> {
+    tx.fetch_one(
+        "SELECT COALESCE($1, CURRENT_TIMESTAMP) AS now",
+        &[Now],
+        "reading the database's clock",
+    )
+    .await?
+    .required("now", StoredRow::time)
+}
+
+/// The database's instant now, in a transaction of its own.
+pub(crate) async fn clock(mut tx: impl Statements) -> Result<DateTime<Utc>, StoreError> {
+    let now = now(&mut tx).await?;
+    tx.commit("reading the database's clock").await?;
+    Ok(now)
 }
 
 /// Where `source` stands: its `sync_state` row and its window ledgers, read in `tx` (one

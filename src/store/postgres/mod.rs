@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -376,6 +377,10 @@ impl Store for PgStore {
 
     async fn release(&self, lease: &Lease, end: PassEnd) -> Result<(), StoreError> {
         lease::release(self.write().await?, lease, end).await
+    }
+
+    async fn clock(&self) -> Result<DateTime<Utc>, StoreError> {
+        statements::clock(self.read().await?).await
     }
 
     async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {

@@ -284,6 +284,10 @@ impl Store for SqliteStore {
         lease::release(self.write().await?, lease, end).await
     }
 
+    async fn clock(&self) -> Result<DateTime<Utc>, StoreError> {
+        statements::clock(self.read().await?).await
+    }
+
     async fn load_state(&self, source: &str) -> Result<SyncState, StoreError> {
         statements::load_state(self.read().await?, source).await
     }
