@@ -125,21 +125,18 @@ async fn a_row_deleted_by_hand_ends_its_version_in_the_feed(db: TestStore) {
     let (versions, _) = read_feed(&db.store, token, &[]).await;
     let ended: Vec<(&str, &str, bool)> = versions
         .iter()
-        .map(|v| {
-            (
-                v.external_id.as_str(),
-                v.name.as_str(),
-                v.valid_to.is_some(),
-            )
-        })
+        .map(|v| (v.external_id.as_str(), v.name.as_str(), v.deleted))
         .collect();
-    assert_eq!(ended, [("a", "A", true)], "the feed says the version ended");
-    assert_eq!(
-        db.count("SELECT count(*) FROM department_versions WHERE external_id = 'a'")
-            .await,
-        1,
-        "its history stays"
-    );
+    assert_eq!(ended, [("a", "A", true)], "the feed says it was deleted");
+    assert_eq!(versions[0].valid_to, Some(versions[0].valid_from));
+    // Its history: the live version, ended when it was deleted, then the deletion.
+    let (versions, _) = read_feed(&db.store, FeedToken::START, &[]).await;
+    let a: Vec<(bool, bool)> = versions
+        .iter()
+        .filter(|v| v.external_id == "a")
+        .map(|v| (v.deleted, v.valid_to.is_some()))
+        .collect();
+    assert_eq!(a, [(false, true), (true, true)]);
 }
 
 /// Opens (creating and migrating) the database `name` of `cluster`.

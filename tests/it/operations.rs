@@ -311,14 +311,16 @@ async fn a_row_deleted_by_hand_comes_back_with_the_next_listing() {
             ("5".to_owned(), "Department 5".to_owned()),
         ]
     );
-    // The hand deletion is history: the version it ended, closed.
-    let ended: i64 = db
-        .scalar(
-            "SELECT count(*) FROM department_versions
-             WHERE external_id = '3' AND valid_to IS NOT NULL",
-        )
-        .await;
-    assert_eq!(ended, 1, "the deleted version is recorded as ended");
+    // The hand deletion is history: the version it ended, the deletion, and the
+    // department as the listing gave it back.
+    let versions: Vec<(bool, bool)> = sqlx::query_as(
+        "SELECT deleted, valid_to IS NULL FROM department_versions
+         WHERE external_id = '3' ORDER BY valid_from, feed_position",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(versions, [(false, false), (true, false), (false, true)]);
 }
 
 /// One invalid UTF-8 byte in one record's name: that record goes to `rejected_records`

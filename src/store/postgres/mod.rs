@@ -188,8 +188,13 @@ impl Backend for PgStore {
         );
         // A pass's writes commit without waiting for their WAL to reach the disk. A
         // server crash can then lose the last few commits, but whole and in order: a
-        // page never without its checkpoint, so the next pass re-reads what was lost.
-        let begin_pass = format!("{begin_bounded}; SET LOCAL synchronous_commit = off");
+        // page never without its checkpoint, so the next pass re-reads what was lost
+        // (and the change feed hands out no horizon that is not on disk: see
+        // `history`). They also say they are deptsync's, so that the triggers tell
+        // them from changes made by hand (migration `..._hand_repairs`).
+        let begin_pass = format!(
+            "{begin_bounded}; SET LOCAL synchronous_commit = off;              SET LOCAL deptsync.writer = 'pass'"
+        );
         // Waiting for a free connection is bounded by the call it is for (which says the
         // database did not answer), never cut shorter by the pool.
         let pool_options = PgPoolOptions::new()
