@@ -344,18 +344,39 @@ pub struct DepartmentVersion {
 }
 
 /// Where a reader of the change feed stands (`deptsync changes --since`): it has every
-/// version before it. Opaque to the reader: written down and handed back as it came.
+/// version of the feed `feed` before `position`. Opaque to the reader: written down and
+/// handed back as it came (`{feed}:{position}`, or `0` for the beginning).
+///
+/// The feed's identity is what lets a database refuse a token it did not hand out:
+/// another database's, another server's, or its own from before it was restored. A
+/// position alone (a transaction id, a count) means nothing outside its feed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct FeedToken(pub(crate) i64);
+pub struct FeedToken {
+    /// The feed that handed it out; `None` for [`FeedToken::START`] (and for a token of a
+    /// deptsync from before feeds had an identity, which is refused).
+    pub(crate) feed: Option<Uuid>,
+    pub(crate) position: i64,
+}
 
 impl FeedToken {
-    /// Before the first version.
-    pub const START: FeedToken = FeedToken(0);
+    /// Before the first version, of any feed.
+    pub const START: FeedToken = FeedToken {
+        feed: None,
+        position: 0,
+    };
+
+    /// Whether this is [`FeedToken::START`].
+    pub fn is_start(&self) -> bool {
+        *self == FeedToken::START
+    }
 }
 
 impl std::fmt::Display for FeedToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
+        match self.feed {
+            Some(feed) => write!(f, "{}:{}", feed.simple(), self.position),
+            None => self.position.fmt(f),
+        }
     }
 }
 
@@ -363,16 +384,35 @@ impl std::str::FromStr for FeedToken {
     type Err = String;
 
     fn from_str(text: &str) -> Result<FeedToken, String> {
-        text.parse::<u64>()
-            .ok()
-            .and_then(|n| i64::try_from(n).ok())
-            .map(FeedToken)
-            .ok_or_else(|| {
-                format!(
-                    "{text:?} is not a change-feed token (the last line `deptsync changes` \
-                     printed, a number)"
-                )
-            })
+        let position = |digits: &str| {
+            digits
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| i64::try_from(n).ok())
+        };
+        let token = match text.split_once(':') {
+            Some((feed, digits)) => {
+                Uuid::try_parse(feed)
+                    .ok()
+                    .zip(position(digits))
+                    .map(|(feed, position)| FeedToken {
+                        feed: Some(feed),
+                        position,
+                    })
+            }
+            // A bare number: the beginning (0), or a token of an older deptsync, which
+            // the feed refuses with a word on why.
+            None => position(text).map(|position| FeedToken {
+                feed: None,
+                position,
+            }),
+        };
+        token.ok_or_else(|| {
+            format!(
+                "{text:?} is not a change-feed token (the last line `deptsync changes` \
+                 printed, or 0 for the beginning)"
+            )
+        })
     }
 }
 
@@ -535,6 +575,28 @@ mod tests {
             source_created_at: None,
             source_updated_at: None,
             raw: RawRecord::from_value(&serde_json::json!({ "name": name })),
+        }
+    }
+
+    #[test]
+    fn a_token_reads_back_as_it_was_written() {
+        let token = FeedToken {
+            feed: Some(Uuid::new_v4()),
+            position: 7_000_123,
+        };
+        assert_eq!(token.to_string().parse::<FeedToken>(), Ok(token));
+        assert_eq!("0".parse::<FeedToken>(), Ok(FeedToken::START));
+        assert_eq!(FeedToken::START.to_string(), "0");
+        let legacy: FeedToken = "731".parse().unwrap();
+        assert_eq!((legacy.feed, legacy.position), (None, 731));
+        for bad in [
+            "",
+            "-1",
+            "x:1",
+            "abc",
+            &format!("{}:", Uuid::nil().simple()),
+        ] {
+            assert!(bad.parse::<FeedToken>().is_err(), "{bad:?}");
         }
     }
 

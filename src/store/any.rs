@@ -60,6 +60,10 @@ pub trait Backend: Store + FeedQueries + Clone + Sized {
     /// Opens a [`Backend::Writer`].
     fn write(&self) -> impl Future<Output = Result<Self::Writer, StoreError>> + Send;
 
+    /// Opens a [`Backend::Writer`] whose commit returns only once it is on disk, and with
+    /// it every commit before it (the pages a pass commits without waiting for the disk).
+    fn durable_write(&self) -> impl Future<Output = Result<Self::Writer, StoreError>> + Send;
+
     /// Whether the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
         async {
@@ -213,16 +217,12 @@ macro_rules! backends {
                 let horizon = bounded(self.call_timeout(), async {
                     match self {
                         $(AnyStore::$variant(store) => {
-                            history::horizon::<$backend>(store.read().await?).await
+                            let tx = store.durable_write().await?;
+                            history::begin_read::<$backend>(tx, since, sources).await
                         })*
                     }
                 })
                 .await?;
-                // A token this database gave is never past its horizon: the horizon only
-                // moves on.
-                if since > horizon {
-                    return Err(StoreError::TokenAhead { token: since, horizon });
-                }
                 Ok(FeedReader::new(self, since, horizon, sources))
             }
 

@@ -27,8 +27,10 @@
 //! [`FeedReader`] reads in batches, in `(position, source, external_id, seq)` order, up
 //! to the horizon it took when it began, and ends with the token to read on from.
 
-use super::StoreError;
+use uuid::Uuid;
+
 use super::statements::{Statements, StoredRow, Value};
+use super::{StoreError, TokenRefusal};
 use crate::model::{DepartmentVersion, FeedToken, RunId};
 
 /// Deletes the versions of `source` that ended more than `retention` ago and were written
@@ -48,11 +50,35 @@ pub(crate) async fn trim(
     let Some(before) = before else {
         return Ok(0);
     };
+    let trimmable = [Value::Text(Some(source)), Value::Time(Some(before))];
+    // Recorded first, in the same transaction: a reader whose token is not past the
+    // newest version trimmed is refused ([`begin_read`]).
+    let newest = tx
+        .fetch_one(
+            "SELECT max(feed_position) AS position FROM department_history
+             WHERE source = $1 AND valid_to < $2 AND observed_at < $2",
+            &trimmable,
+            "finding what history would trim",
+        )
+        .await?
+        .int("position")?;
+    let Some(newest) = newest else {
+        return Ok(0);
+    };
+    tx.execute(
+        "INSERT INTO history_trimmed (source, position) VALUES ($1, $2)
+         ON CONFLICT (source) DO UPDATE SET position = CASE
+             WHEN history_trimmed.position < excluded.position THEN excluded.position
+             ELSE history_trimmed.position END",
+        &[Value::Text(Some(source)), Value::Int(newest)],
+        "recording what history trims",
+    )
+    .await?;
     let trimmed = tx
         .execute(
             "DELETE FROM department_history
              WHERE source = $1 AND valid_to < $2 AND observed_at < $2",
-            &[Value::Text(Some(source)), Value::Time(Some(before))],
+            &trimmable,
             "trimming history",
         )
         .await?;
@@ -65,6 +91,12 @@ pub trait FeedQueries {
     /// How far a reader may read now (`horizon`, an integer): every version before it is
     /// committed and no version before it can be written later.
     const FEED_HORIZON: &'static str;
+    /// The feed's identity, its row locked until the transaction ends: `feed_id` (text),
+    /// `handed_out` (the highest horizon handed out) and `bound` (whether the row was made
+    /// in this very database; false in a copy of it).
+    const FEED_IDENTITY: &'static str;
+    /// Gives the feed the new id `$1` (text), made in this database, none handed out.
+    const REBIND_FEED: &'static str;
     /// At most `$7` versions after the place `($1, $2, $3, $4)` (a position, a source, an
     /// external id and a sequence, in feed order), before the horizon `$5`, of the sources
     /// `$6` (a list; NULL: all), in feed order. The columns of [`DepartmentVersion`],
@@ -111,7 +143,7 @@ impl<'a, S> FeedReader<'a, S> {
             horizon,
             // Before every version at or after `since`.
             place: FeedPlace {
-                position: since.0,
+                position: since.position,
                 source: String::new(),
                 external_id: String::new(),
                 seq: 0,
@@ -127,20 +159,103 @@ impl<'a, S> FeedReader<'a, S> {
     }
 }
 
-/// Reads how far a reader may read now, in `tx`.
-pub(crate) async fn horizon<Q: FeedQueries>(
+/// Begins a read of the feed from `since` for `sources` (none: all), in `tx`, a
+/// transaction whose commit is durable and makes every commit before it durable: the
+/// token to read up to, which is the next one a reader gets.
+///
+/// `since` must be this feed's ([`TokenRefusal::OtherFeed`]; a copy of the database takes
+/// a new identity here, the first time a reader finds it), no further than it has handed
+/// out ([`TokenRefusal::Ahead`]), and past every version trimmed of `sources`
+/// ([`TokenRefusal::Trimmed`]); [`FeedToken::START`] always reads from whatever history
+/// holds. The horizon is recorded as handed out, and the transaction committed, before
+/// it is returned: no token ever stands ahead of what a crash leaves on disk, so a
+/// recovered server can never write versions behind it.
+pub(crate) async fn begin_read<Q: FeedQueries>(
     mut tx: impl Statements,
+    since: FeedToken,
+    sources: &[String],
 ) -> Result<FeedToken, StoreError> {
-    let rows = tx
-        .fetch(Q::FEED_HORIZON, &[], "reading the feed's horizon")
+    let horizon = tx
+        .fetch_one(Q::FEED_HORIZON, &[], "reading the feed's horizon")
+        .await?
+        .required("horizon", StoredRow::int)?;
+    let identity = tx
+        .fetch_one(Q::FEED_IDENTITY, &[], "reading the feed's identity")
         .await?;
-    tx.commit("reading the feed's horizon").await?;
-    let horizon = rows
-        .first()
-        .map(|row| row.required("horizon", StoredRow::int))
-        .transpose()?
-        .unwrap_or(0);
-    Ok(FeedToken(horizon))
+    let mut feed = identity.required("feed_id", StoredRow::id)?;
+    let mut handed_out = identity.required("handed_out", StoredRow::int)?;
+    if !identity.required("bound", StoredRow::flag)? {
+        feed = Uuid::new_v4();
+        handed_out = 0;
+        let new_id = feed.to_string();
+        tx.execute(
+            Q::REBIND_FEED,
+            &[Value::Text(Some(&new_id))],
+            "giving the copy's feed an identity of its own",
+        )
+        .await?;
+        tracing::warn!(
+            "this database is a copy of another (restored from a dump or a backup, or failed \
+             over): its change feed takes a new identity, and readers read it again from \
+             the beginning"
+        );
+    }
+    if !since.is_start() {
+        let refuse = |refusal| {
+            Err(StoreError::TokenRefused {
+                token: since,
+                refusal,
+            })
+        };
+        match since.feed {
+            None => return refuse(TokenRefusal::NoFeed),
+            Some(token_feed) if token_feed != feed => return refuse(TokenRefusal::OtherFeed),
+            Some(_) if since.position > handed_out => return refuse(TokenRefusal::Ahead),
+            Some(_) => {}
+        }
+        let trimmed = trimmed_since(&mut tx, since, sources).await?;
+        if !trimmed.is_empty() {
+            return refuse(TokenRefusal::Trimmed { sources: trimmed });
+        }
+    }
+    // The horizon only moves on; a reader that asks again at once keeps its place.
+    let horizon = horizon.max(since.position);
+    tx.execute(
+        "UPDATE feed_identity SET handed_out = CASE
+             WHEN handed_out < $1 THEN $1 ELSE handed_out END",
+        &[Value::Int(horizon)],
+        "recording the horizon handed out",
+    )
+    .await?;
+    tx.commit("handing out the feed's horizon").await?;
+    Ok(FeedToken {
+        feed: Some(feed),
+        position: horizon,
+    })
+}
+
+/// The sources of `sources` (none: every source) that had versions at or after `since`
+/// trimmed: versions a reader at `since` has not read.
+async fn trimmed_since(
+    tx: &mut impl Statements,
+    since: FeedToken,
+    sources: &[String],
+) -> Result<Vec<String>, StoreError> {
+    let rows = tx
+        .fetch(
+            "SELECT source FROM history_trimmed WHERE position >= $1 ORDER BY source",
+            &[Value::Int(since.position)],
+            "reading what history trimmed",
+        )
+        .await?;
+    let mut trimmed = Vec::new();
+    for row in &rows {
+        let source = row.required("source", StoredRow::text)?;
+        if sources.is_empty() || sources.contains(&source) {
+            trimmed.push(source);
+        }
+    }
+    Ok(trimmed)
 }
 
 /// Reads the next batch of `reader` in `tx`, and moves it past them. `None` once done.
@@ -157,7 +272,7 @@ pub(crate) async fn next_batch<Q: FeedQueries, S>(
         Value::Text(Some(&reader.place.source)),
         Value::Text(Some(&reader.place.external_id)),
         Value::Int(reader.place.seq),
-        Value::Int(reader.horizon.0),
+        Value::Int(reader.horizon.position),
         Value::Texts((!sources.is_empty()).then_some(&sources[..])),
         Value::Int(FEED_BATCH),
     ];

@@ -110,17 +110,15 @@ pub enum StoreError {
         path.display()
     )]
     NotWal { path: PathBuf, mode: String },
-    /// A change-feed token beyond anything this database's feed has reached: another
-    /// database's, or one kept from before a restore. Reading on from it would skip the
-    /// versions between.
+    /// A change-feed token this database's feed cannot read on from without skipping or
+    /// repeating versions (see [`TokenRefusal`]).
     #[error(
-        "the change-feed token {token} is ahead of this database's feed (at {horizon}): it \
-         was not given by this database (another server, or a restore of an older copy); \
-         read again from the beginning, without --since"
+        "the change-feed token {token} {refusal}: read again from the beginning, without \
+         --since"
     )]
-    TokenAhead {
+    TokenRefused {
         token: crate::model::FeedToken,
-        horizon: crate::model::FeedToken,
+        refusal: TokenRefusal,
     },
     /// A write of a pass whose lease another process took over (this one was paused,
     /// partitioned or too slow to renew it): refused, so that two holders never write
@@ -137,6 +135,35 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why the change feed refuses a token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    /// Handed out by another feed: another database or server, or this database before
+    /// it was restored (its versions are not the ones the reader has).
+    #[error(
+        "was handed out by another database's change feed (another database or server, or \
+         this one before it was restored or failed over)"
+    )]
+    OtherFeed,
+    /// A bare position, as a deptsync from before feeds had an identity wrote it.
+    #[error("carries no feed identity (a deptsync older than this one wrote it)")]
+    NoFeed,
+    /// Ahead of every token the feed has handed out: it comes from a later state of this
+    /// database than the one it is in now (a restore of an older copy).
+    #[error(
+        "is ahead of every token this database's change feed has handed out (the database \
+         was restored from an older copy)"
+    )]
+    Ahead,
+    /// Versions the reader has not read were trimmed by a retention.
+    #[error(
+        "is older than the retained history: versions of {} it has not read were trimmed \
+         (history_retention)",
+        sources.join(", ")
+    )]
+    Trimmed { sources: Vec<String> },
 }
 
 /// How long one statement may run by default (`[database] statement_timeout`).
@@ -234,7 +261,7 @@ impl StoreError {
             | StoreError::Missing { .. }
             | StoreError::DatabasePath { .. }
             | StoreError::NotWal { .. }
-            | StoreError::TokenAhead { .. } => true,
+            | StoreError::TokenRefused { .. } => true,
             StoreError::Corrupt(_)
             | StoreError::LockFile { .. }
             | StoreError::LeaseLost { .. }

@@ -463,17 +463,31 @@ async fn the_feed_reads_the_named_sources_only(db: TestStore) {
 async fn a_token_this_database_never_gave_is_refused(db: TestStore) {
     put(&db, "s", "a", "A", at(2021, 1, 1)).await;
     let (_, next) = read_feed(&db.store, FeedToken::START, &[]).await;
-    // Beyond anything this database has reached: from another database, or a restore of
+    // Beyond anything this database's feed has handed out: kept from before a restore of
     // an older copy. Reading on from it would skip what lies between.
-    let foreign: FeedToken = (next.to_string().parse::<i64>().unwrap() + 1_000_000_000)
+    let (feed, position) = next
         .to_string()
+        .split_once(':')
+        .map(|(f, p)| (f.to_owned(), p.parse::<i64>().unwrap()))
+        .unwrap();
+    let ahead: FeedToken = format!("{feed}:{}", position + 1_000_000_000)
         .parse()
         .unwrap();
-    let error = match db.store.changes(foreign, &[]).await {
+    let error = match db.store.changes(ahead, &[]).await {
         Ok(_) => panic!("a token ahead of the feed was taken"),
         Err(e) => e.to_string(),
     };
-    assert!(error.contains("ahead"), "{error}");
+    assert!(
+        error.contains("ahead") && error.contains("beginning"),
+        "{error}"
+    );
+    // A bare number, as a deptsync before feeds had an identity wrote it.
+    let legacy: FeedToken = position.to_string().parse().unwrap();
+    let error = match db.store.changes(legacy, &[]).await {
+        Ok(_) => panic!("a token without a feed was taken"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("no feed identity"), "{error}");
 }
 
 async fn retention_trims_closed_versions_and_never_the_current_one(db: TestStore) {
@@ -871,7 +885,15 @@ async fn a_page_that_writes_versions_notifies_listeners() {
     settled(&db.store).await;
     let (versions, next) = read_feed_now(&db.store, FeedToken::START, &[]).await;
     assert_eq!(versions.len(), 2);
-    assert!(next.to_string().parse::<i64>().unwrap() > xid);
+    // The token's position, after its feed's id.
+    let position = next
+        .to_string()
+        .split_once(':')
+        .unwrap()
+        .1
+        .parse::<i64>()
+        .unwrap();
+    assert!(position > xid);
 
     put(&db, "s", "a", "A", at(2021, 1, 1)).await;
     let quiet = tokio::time::timeout(std::time::Duration::from_millis(500), listener.recv()).await;

@@ -70,6 +70,9 @@ pub struct PgStore {
     /// How a pass's write begins: also committing without waiting for the disk (see
     /// [`Store::start_run`] below).
     begin_pass: Arc<str>,
+    /// How a durable write begins: committing only once it is on disk, whatever the
+    /// server's default.
+    begin_durable: Arc<str>,
     /// Whether statements are prepared under a name and kept (not behind a PgBouncer).
     persistent: bool,
     /// The name this store holds leases under.
@@ -83,6 +86,8 @@ enum Begin {
     Bounded,
     /// A pass's write: bounded too, and not waiting for the disk.
     Pass,
+    /// Bounded, and its commit waits for the disk: which flushes every commit before it.
+    Durable,
 }
 
 impl PgStore {
@@ -91,6 +96,7 @@ impl PgStore {
         let statement = match begin {
             Begin::Bounded => &self.begin_bounded,
             Begin::Pass => &self.begin_pass,
+            Begin::Durable => &self.begin_durable,
         };
         let tx = self
             .pool
@@ -218,12 +224,14 @@ impl Backend for PgStore {
                 source,
             });
         }
+        let begin_durable = format!("{begin_bounded}; SET LOCAL synchronous_commit = on");
         let store = |pool, options: PgConnectOptions| PgStore {
             pool,
             options: options.into(),
             call_timeout,
             begin_bounded: begin_bounded.as_str().into(),
             begin_pass: begin_pass.as_str().into(),
+            begin_durable: begin_durable.as_str().into(),
             persistent: !pgbouncer,
             holder: lease::new_holder(),
         };
@@ -315,6 +323,10 @@ impl Backend for PgStore {
         self.begin(Begin::Bounded).await
     }
 
+    async fn durable_write(&self) -> Result<PgTx<'static>, StoreError> {
+        self.begin(Begin::Durable).await
+    }
+
     fn call_timeout(&self) -> Duration {
         self.call_timeout
     }
@@ -368,6 +380,20 @@ async fn readmit_restored_versions(
 impl FeedQueries for PgStore {
     const FEED_HORIZON: &'static str =
         "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon";
+    // Where the row was made: a restore creates the table anew (another oid), into
+    // another database (another oid), and a physical copy promoted runs on another
+    // timeline.
+    const FEED_IDENTITY: &'static str = "SELECT CAST(f.feed_id AS TEXT) AS feed_id, f.handed_out,
+                (f.database_oid, f.table_oid, f.timeline)
+                    = (d.oid, 'feed_identity'::regclass::oid, c.timeline_id) AS bound
+         FROM feed_identity f, pg_database d, pg_control_checkpoint() c
+         WHERE d.datname = current_database()
+         FOR UPDATE OF f";
+    const REBIND_FEED: &'static str = "UPDATE feed_identity
+         SET feed_id = CAST($1 AS uuid), database_oid = d.oid,
+             table_oid = 'feed_identity'::regclass, timeline = c.timeline_id, handed_out = 0
+         FROM pg_database d, pg_control_checkpoint() c
+         WHERE d.datname = current_database()";
     const READ_FEED: &'static str = include_str!("queries/read_feed.sql");
 }
 

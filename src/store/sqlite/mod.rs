@@ -101,6 +101,10 @@ fn stamp(instant: DateTime<Utc>) -> String {
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One connection whose commits sync the write-ahead log to disk (`synchronous =
+    /// FULL`; the pool's, `NORMAL`, leave that to checkpoints): for the writes that must
+    /// be on disk when they return, and every commit before them with them.
+    durable: SqlitePool,
     /// The shared lock on [`in_use_lock_path`], held while the store is open.
     _in_use: Arc<File>,
     /// The bound on every call through [`crate::store::AnyStore`].
@@ -173,11 +177,16 @@ impl Backend for SqliteStore {
             .busy_timeout(BUSY_TIMEOUT)
             // Safe in WAL mode: a power cut may lose the last commits, never the file.
             .synchronous(SqliteSynchronous::Normal);
+        // Waiting for a free connection is bounded by the call it is for, never cut
+        // shorter by the pool.
+        let acquire_timeout = super::call_timeout(limits.statement_timeout) * 2;
+        let durable = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(acquire_timeout)
+            .connect_lazy_with(options.clone().synchronous(SqliteSynchronous::Full));
         let pool = SqlitePoolOptions::new()
             .max_connections(limits.max_connections)
-            // Waiting for a free connection is bounded by the call it is for, never cut
-            // shorter by the pool.
-            .acquire_timeout(super::call_timeout(limits.statement_timeout) * 2)
+            .acquire_timeout(acquire_timeout)
             .connect_with(options)
             .await
             .map_err(db("opening the database file"))?;
@@ -202,6 +211,7 @@ impl Backend for SqliteStore {
         })?;
         Ok(SqliteStore {
             pool,
+            durable,
             _in_use: Arc::new(open),
             call_timeout: super::call_timeout(limits.statement_timeout),
             path: path.into(),
@@ -254,6 +264,15 @@ impl Backend for SqliteStore {
         self.begin(BEGIN_WRITE).await
     }
 
+    async fn durable_write(&self) -> Result<SqliteTx<'static>, StoreError> {
+        let tx = self
+            .durable
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db("opening a transaction"))?;
+        Ok(SqliteTx::new(tx))
+    }
+
     fn call_timeout(&self) -> Duration {
         self.call_timeout
     }
@@ -268,6 +287,9 @@ impl FeedQueries for SqliteStore {
     // versions committed with it, one writer at a time): every position up to it is
     // final.
     const FEED_HORIZON: &'static str = "SELECT position + 1 AS horizon FROM feed_clock";
+    // A copy of the file cannot be told from the file: the row is always its own.
+    const FEED_IDENTITY: &'static str = "SELECT feed_id, handed_out, 1 AS bound FROM feed_identity";
+    const REBIND_FEED: &'static str = "UPDATE feed_identity SET feed_id = $1, handed_out = 0";
     const READ_FEED: &'static str = include_str!("queries/read_feed.sql");
 }
 
