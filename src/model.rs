@@ -350,7 +350,7 @@ pub struct DepartmentVersion {
 /// The feed's identity is what lets a database refuse a token it did not hand out:
 /// another database's, another server's, or its own from before it was restored. A
 /// position alone (a transaction id, a count) means nothing outside its feed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FeedToken {
     /// The feed that handed it out; `None` for [`FeedToken::START`] (and for a token of a
     /// deptsync from before feeds had an identity, which is refused).

@@ -603,10 +603,8 @@ async fn read_json<T: DeserializeOwned + Send + 'static>(
 /// [`super::not_utf8`]): the records holding them are set aside, and the page's other
 /// records are read. Only a body that fails to decode is looked at for them.
 fn decode_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, serde_json::Error> {
-    serde_json::from_slice(body).or_else(|error| match super::not_utf8::mark(body) {
-        Some(marked) => serde_json::from_str(&marked),
-        None => Err(error),
-    })
+    serde_json::from_slice(body)
+        .or_else(|error| super::not_utf8::decode_marked(body).unwrap_or(Err(error)))
 }
 
 /// Where a vendor puts the explanation in an error body.

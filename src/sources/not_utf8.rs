@@ -2,10 +2,15 @@
 //! name written in Latin-1) makes a whole body undecodable: the page's other records
 //! would never be stored, and a listing never complete. Instead each such byte is
 //! written into the text as a mark ([`MARK`] and the byte in two hex digits), the body is
-//! decoded, and a record whose text holds a mark is set aside as rejected, its bytes
-//! shown as `\xNN`. A mark outside a string leaves the JSON invalid, as the byte did.
+//! decoded ([`decode_marked`]), and a record whose text holds a mark is set aside as
+//! rejected, its bytes shown as `\xNN`. A mark outside a string leaves the JSON invalid,
+//! as the byte did. Only a body that held such bytes is looked at for marks: a record of a
+//! body that was all UTF-8 is never taken for one.
 
+use std::cell::Cell;
 use std::fmt::Write as _;
+
+use serde::de::DeserializeOwned;
 
 use crate::model::{RawRecord, RejectedRecord};
 
@@ -13,8 +18,32 @@ use crate::model::{RawRecord, RejectedRecord};
 /// noncharacter, which Unicode reserves for a program's own use and no vendor sends.
 const MARK: char = '\u{FDD0}';
 
+thread_local! {
+    /// Whether the body being decoded on this thread was marked: set only for the length
+    /// of [`decode_marked`], which decodes on the thread that calls it.
+    static MARKED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Decodes `body` as a `T` with each byte that is not UTF-8 marked; `None` when it is all
+/// UTF-8 (its own decoding error stands).
+pub(super) fn decode_marked<T: DeserializeOwned>(
+    body: &[u8],
+) -> Option<Result<T, serde_json::Error>> {
+    let marked = mark(body)?;
+    /// Unmarks the thread however decoding ends.
+    struct Unmark;
+    impl Drop for Unmark {
+        fn drop(&mut self) {
+            MARKED.set(false);
+        }
+    }
+    MARKED.set(true);
+    let _unmark = Unmark;
+    Some(serde_json::from_str(&marked))
+}
+
 /// `body` with each byte that is not UTF-8 marked; `None` when it is all UTF-8.
-pub(super) fn mark(body: &[u8]) -> Option<String> {
+fn mark(body: &[u8]) -> Option<String> {
     if std::str::from_utf8(body).is_ok() {
         return None;
     }
@@ -29,11 +58,12 @@ pub(super) fn mark(body: &[u8]) -> Option<String> {
     Some(marked)
 }
 
-/// The record `raw` as rejected, when its text holds bytes that were not UTF-8: its
-/// payload and id with each shown as `\xNN`. `id_field` names the vendor's id field.
+/// The record `raw` as rejected, when it is of a marked body ([`decode_marked`]) and its
+/// text holds bytes that were not UTF-8: its payload and id with each shown as `\xNN`.
+/// `id_field` names the vendor's id field.
 pub(super) fn reject(raw: &RawRecord, id_field: &str) -> Option<RejectedRecord> {
     let text = raw.as_str();
-    if !text.contains(MARK) {
+    if !MARKED.get() || !text.contains(MARK) {
         return None;
     }
     let mut escaped = String::with_capacity(text.len());
@@ -65,18 +95,37 @@ mod tests {
         assert_eq!(mark("{\"name\": \"Café\"}".as_bytes()), None);
     }
 
+    /// A record as a page reads it: set aside when [`reject`] says so.
+    struct Read(Result<RawRecord, RejectedRecord>);
+
+    impl<'de> serde::Deserialize<'de> for Read {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            let raw = RawRecord::deserialize(deserializer)?;
+            Ok(Read(reject(&raw, "id").map_or(Ok(raw), Err)))
+        }
+    }
+
     #[test]
     fn each_stray_byte_is_marked_and_shown_escaped() {
         let mut body = br#"[{"id": 7, "name": "Caf"#.to_vec();
         body.extend_from_slice(&[0xE9, b' ', 0xFF, 0xFE]);
         body.extend_from_slice(br#""}, {"id": 8, "name": "Fine"}]"#);
-        let marked = mark(&body).unwrap();
-        let records: Vec<RawRecord> = serde_json::from_str(&marked).unwrap();
-        let rejected = reject(&records[0], "id").unwrap();
+        let records: Vec<Read> = decode_marked(&body).unwrap().unwrap();
+        let Err(rejected) = &records[0].0 else {
+            panic!("the record with stray bytes was read")
+        };
         assert_eq!(rejected.external_id.as_deref(), Some("7"));
         assert_eq!(rejected.payload["name"], "Caf\\xe9 \\xff\\xfe");
         assert!(rejected.reason.contains("not UTF-8"));
-        assert!(reject(&records[1], "id").is_none());
+        assert!(records[1].0.is_ok());
+    }
+
+    #[test]
+    fn a_body_of_utf8_holding_the_mark_itself_is_read_as_it_came() {
+        let body = format!(r#"[{{"id": 1, "name": "odd {MARK}e9 but valid"}}]"#);
+        let records: Vec<Read> = serde_json::from_str(&body).unwrap();
+        assert!(records[0].0.is_ok());
+        assert!(!MARKED.get());
     }
 
     #[test]

@@ -63,16 +63,45 @@ pub(crate) struct Written {
 }
 
 /// One scope's share of what a complete listing did not see: its live departments no
-/// listing saw, and the guard's bases, counted from when the first listing began or, while
-/// a verdict of the guard stands, from when the first listing it refused began: the
-/// scope's share of the base over the whole source (`source_live`) and the scope's own
-/// (`live`). `scope` is the `scope_id`, `""` for none.
+/// listing saw, and the bases the guard may count. `scope` is the `scope_id`, `""` for
+/// none.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ScopeCount {
     pub scope: String,
-    pub source_live: u64,
-    pub live: u64,
+    /// Live departments neither listing saw.
     pub unseen: u64,
+    /// Departments live when the first listing began: the guard's usual base.
+    pub live: u64,
+    /// While a verdict of the guard over the whole source stands: the scope's share of
+    /// its base.
+    pub source_verdict: Option<VerdictBase>,
+    /// While a verdict of the guard over this scope stands: its base.
+    pub scope_verdict: Option<VerdictBase>,
+}
+
+/// The base of a verdict of the guard that stands: the departments live when the first
+/// listing it refused began, and how many of them are still missing (neither listing saw
+/// them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct VerdictBase {
+    pub live: u64,
+    pub missing: u64,
+}
+
+impl VerdictBase {
+    /// The base the guard counts: a verdict's, while departments it withholds are still
+    /// missing, so that departments stored since (by the refused listing itself: another
+    /// tenant's, ids written another way) never dilute it; else `usual`, the departments
+    /// live when the first listing began (the missing ones came back: the verdict is
+    /// over, and what is unseen now is judged afresh).
+    fn or(verdict: impl IntoIterator<Item = VerdictBase>, usual: u64) -> u64 {
+        let (live, missing, stands) = verdict
+            .into_iter()
+            .fold((0, 0, false), |(live, missing, _), v| {
+                (live + v.live, missing + v.missing, true)
+            });
+        if stands && missing > 0 { live } else { usual }
+    }
 }
 
 /// What a backend does inside a page's transaction, besides the statements both dialects
@@ -87,9 +116,12 @@ pub(crate) trait PageTransaction: LeaseQueries {
     const FORGET_SEEN: &'static str;
     /// For source `$1` and complete listing `$2`, possibly confirming listing `$3`, per
     /// scope (`scope_id`, `''` for none) of the scopes `$4` (a list; NULL: every scope):
-    /// the `scope`, its live rows neither listing saw (`unseen`), the guard's bases as
-    /// [`ScopeCount`] says (`source_live`, `live`), and the first listing's clock
-    /// (`started`). `$5` is the transaction's instant.
+    /// the `scope`, its live rows neither listing saw (`unseen`), those live when the
+    /// first listing began (`live`) and its clock (`started`); while a verdict of the
+    /// guard stands over the whole source, since when (`source_since`), the rows live then
+    /// (`source_live`) and those of them neither listing saw (`source_missing`), and the
+    /// same of a verdict over the scope (`scope_since`, `scope_live`, `scope_missing`).
+    /// `$5` is the transaction's instant.
     const COUNT_UNSEEN: &'static str;
     /// Marks deleted, at the transaction's instant `$5`, the rows [`Self::COUNT_UNSEEN`]
     /// counts unseen, but those of the scopes `$6` (a list) the guard spared.
@@ -370,14 +402,24 @@ async fn delete_unseen<T: PageTransaction>(
         .await?;
     let count =
         |row: &T::Row, column: &str| Ok::<_, StoreError>(row.int(column)?.unwrap_or(0) as u64);
+    let verdict = |row: &T::Row, guard: &str| -> Result<Option<VerdictBase>, StoreError> {
+        if row.time(&format!("{guard}_since"))?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(VerdictBase {
+            live: count(row, &format!("{guard}_live"))?,
+            missing: count(row, &format!("{guard}_missing"))?,
+        }))
+    };
     let scopes = rows
         .iter()
         .map(|row| {
             Ok(ScopeCount {
                 scope: row.text("scope")?.unwrap_or_default(),
-                source_live: count(row, "source_live")?,
-                live: count(row, "live")?,
                 unseen: count(row, "unseen")?,
+                live: count(row, "live")?,
+                source_verdict: verdict(row, "source")?,
+                scope_verdict: verdict(row, "scope")?,
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
@@ -387,7 +429,7 @@ async fn delete_unseen<T: PageTransaction>(
         .transpose()?
         .flatten();
     let verdict = judge_unseen(&scopes, confirms, policy.max_delete_fraction);
-    keep_standing(tx, source, &verdict, policy, started).await?;
+    keep_standing(tx, source, &scopes, &verdict, started).await?;
     let withheld = match verdict {
         UnseenVerdict::Keep(kept) => return Ok(kept),
         UnseenVerdict::Delete { withheld } => withheld,
@@ -416,19 +458,36 @@ async fn delete_unseen<T: PageTransaction>(
     })
 }
 
-/// Records what `verdict` does to the guard's verdicts that stand for `source`
-/// ([`standing_after`]), the new ones standing since `started` (the first listing's
-/// clock), each kept since when it first stood.
+/// Records what `verdict` on `scopes` does to the guard's verdicts that stand for
+/// `source` ([`standing_after`]): one that stood on, and still has departments missing,
+/// keeps standing since when it first stood; any other stands from now on, since
+/// `started` (the first listing's clock).
 async fn keep_standing<T: PageTransaction>(
     tx: &mut T,
     source: &str,
+    scopes: &[ScopeCount],
     verdict: &UnseenVerdict,
-    policy: &DeletionPolicy,
     started: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<(), StoreError> {
     let standing = standing_after(verdict);
+    let still_missing = |verdicts: &mut dyn Iterator<Item = VerdictBase>| {
+        verdicts.map(|v| v.missing).sum::<u64>() > 0
+    };
     if let (false, Some(since)) = (standing.withhold.is_empty(), started) {
         for withheld in standing.withhold {
+            let stood_on = match &withheld.scope {
+                None => still_missing(&mut scopes.iter().filter_map(|s| s.source_verdict)),
+                Some(scope) => still_missing(
+                    &mut scopes
+                        .iter()
+                        .filter(|s| &s.scope == scope)
+                        .filter_map(|s| s.scope_verdict),
+                ),
+            };
+            if !stood_on {
+                // Over, and refused again afresh: it stands from now.
+                statements::release_withheld(tx, source, withheld.scope.as_deref()).await?;
+            }
             statements::withhold(tx, source, withheld, since).await?;
         }
     }
@@ -436,12 +495,8 @@ async fn keep_standing<T: PageTransaction>(
         statements::release_withheld(tx, source, None).await?;
     }
     if standing.release_scopes {
-        let in_sight = |scope: &String| {
-            policy
-                .scopes
-                .as_ref()
-                .is_none_or(|scopes| scopes.contains(scope))
-        };
+        // A scope the listing no longer reads is never deleted from: nothing of it is
+        // withheld any more either.
         let still = |scope: &String| {
             standing
                 .withhold
@@ -449,7 +504,7 @@ async fn keep_standing<T: PageTransaction>(
                 .any(|w| w.scope.as_ref() == Some(scope))
         };
         for scope in statements::withheld_scopes(tx, source).await? {
-            if in_sight(&scope) && !still(&scope) {
+            if !still(&scope) {
                 statements::release_withheld(tx, source, Some(&scope)).await?;
             }
         }
@@ -464,7 +519,7 @@ struct Standing<'a> {
     withhold: &'a [WithheldDeletions],
     /// The verdict over the whole source is over.
     release_source: bool,
-    /// The verdicts over the scopes the listing reads are over, but those in `withhold`.
+    /// The verdicts over scopes are over, but those in `withhold`.
     release_scopes: bool,
 }
 
@@ -542,8 +597,8 @@ enum UnseenVerdict {
 /// One listing alone never deletes: departments it missed await a second listing that
 /// confirms it. A confirming listing deletes what both missed, unless that is more than
 /// `max_delete_fraction` of the rows live when the first began (or, while a verdict
-/// stands, when the first listing it refused began: [`ScopeCount`]), counted over the
-/// whole source (then nothing is deleted) and over each scope of at least
+/// stands, when the first listing it refused began: [`VerdictBase::or`]), counted over
+/// the whole source (then nothing is deleted) and over each scope of at least
 /// [`MIN_GUARDED_SCOPE_ROWS`] (then nothing of that scope is: one scope coming back
 /// empty is what a permission change or a vendor fault looks like). `None`: a person
 /// confirmed any number.
@@ -552,7 +607,10 @@ fn judge_unseen(
     confirms: Option<Uuid>,
     max_delete_fraction: Option<f64>,
 ) -> UnseenVerdict {
-    let live: u64 = scopes.iter().map(|s| s.source_live).sum();
+    let live = VerdictBase::or(
+        scopes.iter().filter_map(|s| s.source_verdict),
+        scopes.iter().map(|s| s.live).sum(),
+    );
     let unseen: u64 = scopes.iter().map(|s| s.unseen).sum();
     if unseen == 0 {
         return UnseenVerdict::Keep(Deletions::default());
@@ -581,11 +639,12 @@ fn judge_unseen(
     }
     let withheld: Vec<WithheldDeletions> = scopes
         .iter()
-        .filter(|s| s.live >= MIN_GUARDED_SCOPE_ROWS && too_many(s.unseen, s.live))
-        .map(|s| WithheldDeletions {
+        .map(|s| (s, VerdictBase::or(s.scope_verdict, s.live)))
+        .filter(|&(s, live)| live >= MIN_GUARDED_SCOPE_ROWS && too_many(s.unseen, live))
+        .map(|(s, live)| WithheldDeletions {
             scope: Some(s.scope.clone()),
             would_delete: s.unseen,
-            live: s.live,
+            live,
         })
         .collect();
     UnseenVerdict::Delete { withheld }
@@ -635,9 +694,10 @@ mod tests {
     fn scope(scope: &str, live: u64, unseen: u64) -> ScopeCount {
         ScopeCount {
             scope: scope.to_owned(),
-            source_live: live,
-            live,
             unseen,
+            live,
+            source_verdict: None,
+            scope_verdict: None,
         }
     }
 
@@ -719,16 +779,20 @@ mod tests {
     }
 
     #[test]
-    fn the_guard_over_the_source_counts_its_own_base() {
-        // A verdict over the source stands since before the scope's rows came: its base
-        // holds 10, the scope's own (from the listing's clock) 30.
-        let counts = [ScopeCount {
+    fn a_standing_verdict_counts_its_base_while_what_it_withholds_is_missing() {
+        // 10 departments before the verdict, all missing; the refused listing stored 10
+        // more: 10 of 20 would pass, 10 of 10 does not.
+        let swapped = ScopeCount {
             scope: "a".to_owned(),
-            source_live: 10,
-            live: 30,
             unseen: 10,
-        }];
-        let verdict = judge_unseen(&counts, FIRST, Some(0.5));
+            live: 20,
+            source_verdict: Some(VerdictBase {
+                live: 10,
+                missing: 10,
+            }),
+            scope_verdict: None,
+        };
+        let verdict = judge_unseen(std::slice::from_ref(&swapped), FIRST, Some(0.5));
         let withheld = vec![WithheldDeletions {
             scope: None,
             would_delete: 10,
@@ -741,6 +805,35 @@ mod tests {
                 ..Deletions::default()
             })
         );
+
+        // The old ones came back, the new ones are gone (the token was put right): the
+        // verdict is over, and what is unseen now is judged against the usual base.
+        let reverted = ScopeCount {
+            source_verdict: Some(VerdictBase {
+                live: 10,
+                missing: 0,
+            }),
+            ..swapped.clone()
+        };
+        let verdict = judge_unseen(&[reverted], FIRST, Some(0.5));
+        assert_eq!(verdict, UnseenVerdict::Delete { withheld: vec![] });
+
+        // The same, over a scope.
+        let one_scope = ScopeCount {
+            source_verdict: None,
+            scope_verdict: Some(VerdictBase {
+                live: 10,
+                missing: 10,
+            }),
+            ..swapped
+        };
+        let verdict = judge_unseen(&[one_scope, scope("b", 1000, 0)], FIRST, Some(0.5));
+        let withheld = vec![WithheldDeletions {
+            scope: Some("a".to_owned()),
+            would_delete: 10,
+            live: 10,
+        }];
+        assert_eq!(verdict, UnseenVerdict::Delete { withheld });
     }
 
     #[test]

@@ -123,6 +123,8 @@ struct FeedPlace {
 pub struct FeedReader<'a, S> {
     pub(crate) store: &'a S,
     sources: Vec<String>,
+    /// The token the read began from.
+    since: FeedToken,
     horizon: FeedToken,
     place: FeedPlace,
     done: bool,
@@ -140,6 +142,7 @@ impl<'a, S> FeedReader<'a, S> {
         FeedReader {
             store,
             sources: sources.to_vec(),
+            since,
             horizon,
             // Before every version at or after `since`.
             place: FeedPlace {
@@ -192,6 +195,15 @@ pub(crate) async fn begin_read<Q: FeedQueries>(
             Q::REBIND_FEED,
             &[Value::Text(Some(&new_id))],
             "giving the copy's feed an identity of its own",
+        )
+        .await?;
+        // What the original's retention trimmed was at its positions, not the copy's
+        // (which may be another server's transaction ids): no token of the new identity
+        // can have missed it.
+        tx.execute(
+            "DELETE FROM history_trimmed",
+            &[],
+            "forgetting what the original's history trimmed",
         )
         .await?;
         tracing::warn!(
@@ -279,6 +291,18 @@ pub(crate) async fn next_batch<Q: FeedQueries, S>(
     let rows = tx
         .fetch(Q::READ_FEED, &values, "reading the change feed")
         .await?;
+    // A retention that trimmed since the read began may have taken versions this batch
+    // would have held: looked for after the batch's read, so that a trim it did not see
+    // is seen here.
+    if !reader.since.is_start() {
+        let trimmed = trimmed_since(&mut tx, reader.since, &reader.sources).await?;
+        if !trimmed.is_empty() {
+            return Err(StoreError::TokenRefused {
+                token: reader.since,
+                refusal: TokenRefusal::Trimmed { sources: trimmed },
+            });
+        }
+    }
     tx.commit("reading the change feed").await?;
     let versions = rows
         .iter()

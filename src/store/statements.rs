@@ -372,10 +372,11 @@ pub(crate) async fn split_window(
 }
 
 /// When every window of the `mode` ledger is done, drops the ledger, its windows and its
-/// range; an incremental ledger first moves the high-water mark to its end, and the mark
-/// never moves backwards (a missing end or mark is no end or mark), unless it stands
-/// ahead of the database's clock, where no pass can have read up to. A ledger with a
-/// window not done is left as it is.
+/// range; an incremental ledger first makes its end the high-water mark. That end is the
+/// database's clock when the pass was planned, and one source's passes never overlap, so
+/// a mark past it can only be one no pass read up to (a fast host's clock set it, or the
+/// database's clock stepped back): it is replaced. A ledger with a window not done is
+/// left as it is.
 pub(crate) async fn finish_ledger_if_done(
     tx: &mut impl Statements,
     source: &str,
@@ -395,16 +396,9 @@ pub(crate) async fn finish_ledger_if_done(
         return Ok(());
     }
     let finish = match mode {
-        // A mark ahead of the database's clock was not read up to (a host whose clock
-        // was fast set it): the pass's end replaces it.
         RunMode::Incremental => {
             "UPDATE sync_state
-             SET high_water_mark = CASE
-                     WHEN incremental_until IS NULL THEN high_water_mark
-                     WHEN high_water_mark > incremental_until
-                          AND high_water_mark <= COALESCE($2, CURRENT_TIMESTAMP)
-                     THEN high_water_mark
-                     ELSE incremental_until END,
+             SET high_water_mark = COALESCE(incremental_until, high_water_mark),
                  incremental_until = NULL, updated_at = COALESCE($2, CURRENT_TIMESTAMP)
              WHERE source = $1"
         }

@@ -11,10 +11,11 @@ use deptsync::model::{Department, DepartmentVersion, FeedToken};
 use deptsync::store::{AnyStore, Store};
 
 use crate::cluster::Cluster;
-use crate::helpers::{TestStore, at, department, on_both_stores};
+use crate::helpers::{TestStore, at, department, on_both_stores, token_position};
 use crate::history::{commit_windowed, put, read_feed, read_feed_now};
 
 on_both_stores!(
+    a_read_records_the_horizon_it_hands_out,
     a_token_of_another_database_is_refused,
     a_token_older_than_the_retained_history_is_refused,
     a_row_deleted_by_hand_ends_its_version_in_the_feed,
@@ -42,6 +43,23 @@ async fn refusal(store: &AnyStore, since: FeedToken) -> String {
         Ok(_) => panic!("the token {since} was taken"),
         Err(e) => e.to_string(),
     }
+}
+
+/// What makes a crash harmless to readers (see `a_crash_after_a_read_never_makes_the_feed_skip`
+/// for PostgreSQL; SQLite's power cut cannot be made here): each read writes the horizon it
+/// hands out, in a transaction of its own that commits durably before the token is given.
+async fn a_read_records_the_horizon_it_hands_out(db: TestStore) {
+    put(&db, "s", "a", "A", at(2021, 1, 1)).await;
+    let (_, token) = read_feed(&db.store, FeedToken::START, &[]).await;
+    let position = token_position(token);
+    assert_eq!(
+        db.count("SELECT handed_out FROM feed_identity").await,
+        position
+    );
+    // Asked again at once, the horizon stays or moves on; the record never goes back.
+    let (_, again) = read_feed_now(&db.store, token, &[]).await;
+    assert!(token_position(again) >= position);
+    assert!(db.count("SELECT handed_out FROM feed_identity").await >= position);
 }
 
 async fn a_token_of_another_database_is_refused(db: TestStore) {

@@ -576,3 +576,11 @@ pub fn readme_sql_blocks() -> Vec<String> {
     }
     blocks
 }
+
+/// Where a change-feed token stands in its feed: the number after its feed's id (what a
+/// `NOTIFY` listener compares with a writing transaction's id).
+pub fn token_position(token: deptsync::model::FeedToken) -> i64 {
+    let text = token.to_string();
+    let (_, position) = text.split_once(':').unwrap_or(("", &text));
+    position.parse().unwrap()
+}

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::helpers::{
     TempDir, TestStore, at, department, locked_run, mews_config, on_both_stores, one_window,
-    run_binary, sqlite_url, stderr,
+    run_binary, sqlite_url, stderr, token_position,
 };
 
 on_both_stores!(
@@ -434,7 +434,10 @@ async fn the_feed_gives_each_version_once_and_a_token_to_resume_from(db: TestSto
     let (again, same) = read_feed(&db.store, next, &[]).await;
     assert!(again.is_empty(), "nothing after the token");
     // On PostgreSQL it moves on with the cluster's transactions, even with no version.
-    assert!(same >= next, "and the token never goes back");
+    assert!(
+        token_position(same) >= token_position(next),
+        "and the token never goes back"
+    );
 
     put(&db, "s", "00007", "B", at(2022, 1, 1)).await;
     let (changed, later) = read_feed(&db.store, next, &[]).await;
@@ -443,7 +446,7 @@ async fn the_feed_gives_each_version_once_and_a_token_to_resume_from(db: TestSto
         .map(|v| (v.external_id.as_str(), v.name.as_str()))
         .collect();
     assert_eq!(names, [("00007", "B")]);
-    assert!(later > next);
+    assert!(token_position(later) > token_position(next));
     let (none, _) = read_feed(&db.store, later, &[]).await;
     assert!(none.is_empty());
     let token: FeedToken = later.to_string().parse().unwrap();

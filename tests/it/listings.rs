@@ -11,7 +11,7 @@ use deptsync::store::Store;
 
 use crate::helpers::{TestDb, config, pass, run_binary};
 
-fn procurify_source(fake: &FakeProcurify, extra: &str) -> String {
+pub(crate) fn procurify_source(fake: &FakeProcurify, extra: &str) -> String {
     format!(
         r#"
 [[sources]]

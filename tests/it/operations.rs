@@ -5,9 +5,10 @@
 use chrono::{Duration, Utc};
 use deptsync::fakes::data_v1::{self, FakeDataV1};
 use deptsync::fakes::mews::{FakeDepartment, FakeMews};
-use deptsync::fakes::procurify::{self, FakeProcurify};
+use deptsync::fakes::procurify::FakeProcurify;
 
 use crate::helpers::{TempDir, TestDb, at, config, mews_config, run_binary, sqlite_url, stderr};
+use crate::listings::procurify_source;
 
 /// A config file in `dir` holding `text`; its path.
 fn write_config(dir: &TempDir, text: &str) -> String {
@@ -16,20 +17,19 @@ fn write_config(dir: &TempDir, text: &str) -> String {
     path.to_str().unwrap().to_owned()
 }
 
-fn procurify_source(fake: &FakeProcurify) -> String {
-    format!(
-        r#"
-[[sources]]
-name = "proc"
-kind = "procurify"
-base_url = "{}"
-client_id = "{}"
-client_secret = "{}"
-"#,
-        fake.base_url,
-        procurify::CLIENT_ID,
-        procurify::CLIENT_SECRET
-    )
+/// A database, and a fake Procurify with `count` departments (`{name} {id}`) synced into it
+/// once by the binary; the config's path.
+async fn procurify_synced(count: i64, name: &str) -> (TestDb, TempDir, FakeProcurify, String) {
+    let db = TestDb::new().await;
+    let dir = TempDir::new();
+    let fake = FakeProcurify::start().await.unwrap();
+    for id in 1..=count {
+        fake.put(id, &format!("{name} {id}"), 1, true);
+    }
+    let config = write_config(&dir, &config(&db.url, &procurify_source(&fake, "")));
+    let output = sync(&config, &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    (db, dir, fake, config)
 }
 
 fn data_v1_source(fake: &FakeDataV1) -> String {
@@ -59,15 +59,7 @@ async fn sync(config: &str, args: &[&str]) -> std::process::Output {
 /// until a person confirms.
 #[tokio::test]
 async fn a_withheld_deletion_stays_withheld_until_a_person_confirms_it() {
-    let db = TestDb::new().await;
-    let dir = TempDir::new();
-    let fake = FakeProcurify::start().await.unwrap();
-    for id in 1..=100 {
-        fake.put(id, &format!("Ours {id}"), 1, true);
-    }
-    let config = write_config(&dir, &config(&db.url, &procurify_source(&fake)));
-    let output = sync(&config, &[]).await;
-    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let (db, _dir, fake, config) = procurify_synced(100, "Ours").await;
 
     // Another tenant's 100 departments.
     for id in 1..=100 {
@@ -282,17 +274,10 @@ async fn a_mark_ahead_of_the_database_clock_is_read_from_now() {
 /// by its digest; and the feed says the version ended and began again.
 #[tokio::test]
 async fn a_row_deleted_by_hand_comes_back_with_the_next_listing() {
-    let db = TestDb::new().await;
-    let dir = TempDir::new();
-    let fake = FakeProcurify::start().await.unwrap();
-    for id in 1..=30 {
-        fake.put(id, &format!("Department {id}"), 1, true);
-    }
-    let config = write_config(&dir, &config(&db.url, &procurify_source(&fake)));
-    for _ in 0..2 {
-        let output = sync(&config, &[]).await;
-        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    }
+    let (db, _dir, _fake, config) = procurify_synced(30, "Department").await;
+    // The second pass trusts the first's pages by their digests.
+    let output = sync(&config, &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     sqlx::query("DELETE FROM departments WHERE external_id IN ('3', '4')")
         .execute(db.pool())
         .await
@@ -336,15 +321,7 @@ async fn a_row_deleted_by_hand_comes_back_with_the_next_listing() {
 /// (so it can delete what it no longer has).
 #[tokio::test]
 async fn one_invalid_byte_rejects_its_record_only() {
-    let db = TestDb::new().await;
-    let dir = TempDir::new();
-    let fake = FakeProcurify::start().await.unwrap();
-    for id in 1..=20 {
-        fake.put(id, &format!("Department {id}"), 1, true);
-    }
-    let config = write_config(&dir, &config(&db.url, &procurify_source(&fake)));
-    let output = sync(&config, &[]).await;
-    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let (db, _dir, fake, config) = procurify_synced(20, "Department").await;
 
     let mut record = br#"{"id":7,"name":"Caf"#.to_vec();
     record.push(0xE9);

@@ -199,7 +199,8 @@ impl Backend for PgStore {
         // `history`). They also say they are deptsync's, so that the triggers tell
         // them from changes made by hand (migration `..._hand_repairs`).
         let begin_pass = format!(
-            "{begin_bounded}; SET LOCAL synchronous_commit = off;              SET LOCAL deptsync.writer = 'pass'"
+            "{begin_bounded}; SET LOCAL synchronous_commit = off; \
+             SET LOCAL deptsync.writer = 'pass'"
         );
         // Waiting for a free connection is bounded by the call it is for (which says the
         // database did not answer), never cut shorter by the pool.
@@ -380,20 +381,22 @@ async fn readmit_restored_versions(
 impl FeedQueries for PgStore {
     const FEED_HORIZON: &'static str =
         "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon";
-    // Where the row was made: a restore creates the table anew (another oid), into
-    // another database (another oid), and a physical copy promoted runs on another
-    // timeline.
+    // Where the row was made: the cluster (a restore into another server, however alike),
+    // the database (a restore into another one), the table (a restore creates it anew,
+    // over this database too) and the timeline of the WAL being written (a physical copy
+    // promoted: a point-in-time recovery, a failover; read from the WAL file's name,
+    // which a promotion changes at once, unlike the last checkpoint's record).
     const FEED_IDENTITY: &'static str = "SELECT CAST(f.feed_id AS TEXT) AS feed_id, f.handed_out,
-                (f.database_oid, f.table_oid, f.timeline)
-                    = (d.oid, 'feed_identity'::regclass::oid, c.timeline_id) AS bound
-         FROM feed_identity f, pg_database d, pg_control_checkpoint() c
-         WHERE d.datname = current_database()
+                (f.system_identifier, f.database_oid, f.table_oid, f.timeline)
+                    IS NOT DISTINCT FROM (h.system_identifier, h.database_oid, h.table_oid,
+                                          h.timeline) AS bound
+         FROM feed_identity f, feed_home() h
          FOR UPDATE OF f";
-    const REBIND_FEED: &'static str = "UPDATE feed_identity
-         SET feed_id = CAST($1 AS uuid), database_oid = d.oid,
-             table_oid = 'feed_identity'::regclass, timeline = c.timeline_id, handed_out = 0
-         FROM pg_database d, pg_control_checkpoint() c
-         WHERE d.datname = current_database()";
+    const REBIND_FEED: &'static str = "UPDATE feed_identity f
+         SET feed_id = CAST($1 AS uuid), system_identifier = h.system_identifier,
+             database_oid = h.database_oid, table_oid = h.table_oid, timeline = h.timeline,
+             handed_out = 0
+         FROM feed_home() h";
     const READ_FEED: &'static str = include_str!("queries/read_feed.sql");
 }
 

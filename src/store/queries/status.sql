@@ -44,7 +44,10 @@ SELECT n.source,
        l.next_due_ms,
        -- The guard's verdicts that stand: the one over the whole source, else the sum of
        -- the scopes'.
-       (SELECT min(since) FROM withheld_deletions w WHERE w.source = n.source) AS withheld_since,
+       COALESCE((SELECT since FROM withheld_deletions w
+                 WHERE w.source = n.source AND w.guard = 'source'),
+                (SELECT min(since) FROM withheld_deletions w
+                 WHERE w.source = n.source))                    AS withheld_since,
        COALESCE((SELECT would_delete FROM withheld_deletions w
                  WHERE w.source = n.source AND w.guard = 'source'),
                 (SELECT CAST(sum(would_delete) AS BIGINT) FROM withheld_deletions w

@@ -1,10 +1,11 @@
 -- For a source ($1) and a complete listing ($2), possibly confirming an earlier one ($3),
 -- per scope (scope_id, '' for none) of the scopes $4 (NULL: every scope): the live rows
--- neither listing saw (unseen), and the mass-deletion guard's bases, over the whole
--- source (source_live) and over the scope (live): the rows live when the first listing
--- began (`started`, its clock), or, while the guard withholds deletions
--- (withheld_deletions), when the first listing it refused began. Rows added since, by the
--- listings themselves or by anyone, never dilute a base.
+-- neither listing saw (unseen), and the rows live when the first listing began (live,
+-- from its clock, started). Where a verdict of the mass-deletion guard stands over the
+-- whole source (withheld_deletions, since source_since) or over the scope (since
+-- scope_since): the rows live when the first listing it refused began (source_live,
+-- scope_live), and how many of those neither listing saw (source_missing,
+-- scope_missing). Which base the guard counts is checkpoint.rs's to decide.
 --
 -- EXCEPT, not a join or NOT EXISTS: the planner cannot know how many ids the listings'
 -- arrays hold, and a nested loop over them is quadratic; a set difference is not.
@@ -14,12 +15,9 @@ WITH started AS (
          WHERE source = $1 AND (listing_id = $2 OR listing_confirms IS NOT NULL)),
         now()) AS at
 ),
-bases AS (
-    -- LEAST ignores NULL: no verdict stands, the listing's clock.
-    SELECT started.at AS started,
-           LEAST(started.at, (SELECT since FROM withheld_deletions
-                              WHERE source = $1 AND guard = 'source')) AS source_base
-    FROM started
+verdict AS (
+    SELECT (SELECT since FROM withheld_deletions
+            WHERE source = $1 AND guard = 'source') AS since
 ),
 unseen AS (
     SELECT external_id FROM departments WHERE source = $1 AND deleted_at IS NULL
@@ -30,13 +28,19 @@ unseen AS (
     SELECT unnest(external_ids) FROM listing_seen_pages
     WHERE source = $1 AND listing_id = $3 AND $3 IS NOT NULL
 )
-SELECT COALESCE(d.scope_id, '')                                          AS scope,
-       count(*) FILTER (WHERE d.first_synced_at < b.source_base)         AS source_live,
-       count(*) FILTER (WHERE d.first_synced_at < LEAST(b.started, w.since)) AS live,
-       count(u.external_id)                                              AS unseen,
-       min(b.started)                                                    AS started
+SELECT COALESCE(d.scope_id, '')                                              AS scope,
+       count(u.external_id)                                                  AS unseen,
+       count(*) FILTER (WHERE d.first_synced_at < s.at)                      AS live,
+       min(s.at)                                                             AS started,
+       min(v.since)                                                          AS source_since,
+       count(*) FILTER (WHERE d.first_synced_at < v.since)                   AS source_live,
+       count(u.external_id) FILTER (WHERE d.first_synced_at < v.since)      AS source_missing,
+       min(w.since)                                                          AS scope_since,
+       count(*) FILTER (WHERE d.first_synced_at < w.since)                   AS scope_live,
+       count(u.external_id) FILTER (WHERE d.first_synced_at < w.since)      AS scope_missing
 FROM departments d
-CROSS JOIN bases b
+CROSS JOIN started s
+CROSS JOIN verdict v
 LEFT JOIN withheld_deletions w
        ON w.source = $1 AND w.guard = 'scope' AND w.scope = COALESCE(d.scope_id, '')
 LEFT JOIN unseen u ON u.external_id = d.external_id
