@@ -107,9 +107,10 @@ pub(super) fn plan_pass(
         }
         tracing::warn!(
             source,
+            saved = what,
             %instant,
             %now,
-            "the saved {what} is ahead of the database's clock (a host whose clock was fast \
+            "a saved position is ahead of the database's clock (a host whose clock was fast \
              saved it); reading from the database's now less the lookback"
         );
         now
