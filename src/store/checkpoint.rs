@@ -10,7 +10,8 @@
 //! What each checkpoint means is decided here: how a window moves and when a ledger is
 //! finished, how a listing goes on, awaits confirmation, ends or is abandoned, and when
 //! the departments a complete listing did not see may be deleted (the rule of two
-//! listings and the mass-deletion guard, [`judge_unseen`]). The statements it runs are
+//! listings and the mass-deletion guard, [`judge_unseen`], whose refusals stand pass after
+//! pass: [`standing_after`]). The statements it runs are
 //! in [`super::statements`] when both dialects share them (there, in the listing
 //! upserts' `CASE` clauses, the guard's clock and what a listing rewrote are kept: on the
 //! row, without a read first), and a backend's own otherwise: what listings saw, the

@@ -187,7 +187,8 @@ pub(crate) async fn begin_read<Q: FeedQueries>(
         .await?;
     let mut feed = identity.required("feed_id", StoredRow::id)?;
     let mut handed_out = identity.required("handed_out", StoredRow::int)?;
-    if !identity.required("bound", StoredRow::flag)? {
+    let copy = !identity.required("bound", StoredRow::flag)?;
+    if copy {
         feed = Uuid::new_v4();
         handed_out = 0;
         let new_id = feed.to_string();
@@ -212,23 +213,16 @@ pub(crate) async fn begin_read<Q: FeedQueries>(
              the beginning"
         );
     }
-    if !since.is_start() {
-        let refuse = |refusal| {
-            Err(StoreError::TokenRefused {
-                token: since,
-                refusal,
-            })
-        };
-        match since.feed {
-            None => return refuse(TokenRefusal::NoFeed),
-            Some(token_feed) if token_feed != feed => return refuse(TokenRefusal::OtherFeed),
-            Some(_) if since.position > handed_out => return refuse(TokenRefusal::Ahead),
-            Some(_) => {}
+    if let Some(refusal) = refusal(&mut tx, since, feed, handed_out, sources).await? {
+        if copy {
+            // The copy's new identity stands, whatever this reader is told.
+            tx.commit("giving the copy's feed an identity of its own")
+                .await?;
         }
-        let trimmed = trimmed_since(&mut tx, since, sources).await?;
-        if !trimmed.is_empty() {
-            return refuse(TokenRefusal::Trimmed { sources: trimmed });
-        }
+        return Err(StoreError::TokenRefused {
+            token: since,
+            refusal,
+        });
     }
     // The horizon only moves on; a reader that asks again at once keeps its place.
     let horizon = horizon.max(since.position);
@@ -244,6 +238,28 @@ pub(crate) async fn begin_read<Q: FeedQueries>(
         feed: Some(feed),
         position: horizon,
     })
+}
+
+/// Why the feed `feed`, which has handed out tokens up to `handed_out`, refuses to read
+/// on from `since` for `sources`, if it does.
+async fn refusal(
+    tx: &mut impl Statements,
+    since: FeedToken,
+    feed: Uuid,
+    handed_out: i64,
+    sources: &[String],
+) -> Result<Option<TokenRefusal>, StoreError> {
+    if since.is_start() {
+        return Ok(None);
+    }
+    match since.feed {
+        None => return Ok(Some(TokenRefusal::NoFeed)),
+        Some(token_feed) if token_feed != feed => return Ok(Some(TokenRefusal::OtherFeed)),
+        Some(_) if since.position > handed_out => return Ok(Some(TokenRefusal::Ahead)),
+        Some(_) => {}
+    }
+    let trimmed = trimmed_since(tx, since, sources).await?;
+    Ok((!trimmed.is_empty()).then_some(TokenRefusal::Trimmed { sources: trimmed }))
 }
 
 /// The sources of `sources` (none: every source) that had versions at or after `since`
