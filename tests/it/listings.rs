@@ -486,7 +486,7 @@ async fn snapbooks_with_client_credentials() {
     fake.shared.assert_no_violations();
 }
 
-fn data_v1_source(fake: &FakeDataV1, extra: &str) -> String {
+pub(crate) fn data_v1_source(fake: &FakeDataV1, extra: &str) -> String {
     format!(
         r#"
 [[sources]]

@@ -3,12 +3,12 @@
 //! is off, a row deleted by hand, one bad byte in a response. Each drives the real binary.
 
 use chrono::{Duration, Utc};
-use deptsync::fakes::data_v1::{self, FakeDataV1};
+use deptsync::fakes::data_v1::FakeDataV1;
 use deptsync::fakes::mews::{FakeDepartment, FakeMews};
 use deptsync::fakes::procurify::FakeProcurify;
 
 use crate::helpers::{TempDir, TestDb, at, config, mews_config, run_binary, sqlite_url, stderr};
-use crate::listings::procurify_source;
+use crate::listings::{data_v1_source, procurify_source};
 
 /// A config file in `dir` holding `text`; its path.
 fn write_config(dir: &TempDir, text: &str) -> String {
@@ -30,20 +30,6 @@ async fn procurify_synced(count: i64, name: &str) -> (TestDb, TempDir, FakeProcu
     let output = sync(&config, &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     (db, dir, fake, config)
-}
-
-fn data_v1_source(fake: &FakeDataV1) -> String {
-    format!(
-        r#"
-[[sources]]
-name = "hr"
-kind = "data_v1"
-base_url = "{}"
-token = "{}"
-"#,
-        fake.base_url,
-        data_v1::TOKEN
-    )
 }
 
 /// `deptsync sync` with `config` (and `args`); its output.
@@ -117,7 +103,7 @@ async fn ids_written_another_way_delete_nothing_on_the_second_pass_either() {
         fake.put(&format!("dept-{i}"), None, &format!("Department {i}"));
     }
     let url = sqlite_url(&dir.join("deptsync.db"));
-    let config = write_config(&dir, &config(&url, &data_v1_source(&fake)));
+    let config = write_config(&dir, &config(&url, &data_v1_source(&fake, "")));
     let output = sync(&config, &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     for i in 0..20 {
@@ -177,12 +163,9 @@ async fn run_binary_with_clock(offset: &str, args: &[&str]) -> std::process::Out
         .unwrap()
 }
 
-/// A replica whose clock is two minutes fast (an NTP step, a VM resumed with a stale
-/// clock), with a lookback shorter than that: the high-water mark it leaves is the
-/// database's instant, not its own, so the next pass on a replica with the right clock
-/// reads the updates committed in between.
-#[tokio::test]
-async fn a_replica_whose_clock_is_fast_leaves_no_gap_behind() {
+/// A database, and a fake Mews with 5 departments updated an hour ago, read with a
+/// lookback of 5 s; the config's path.
+async fn mews_with_a_short_lookback() -> (TestDb, TempDir, FakeMews, String) {
     let db = TestDb::new().await;
     let dir = TempDir::new();
     let fake = FakeMews::start().await.unwrap();
@@ -191,6 +174,24 @@ async fn a_replica_whose_clock_is_fast_leaves_no_gap_behind() {
         &dir,
         &mews_config(&db.url, "mews", &fake.base_url, "lookback = \"5s\""),
     );
+    (db, dir, fake, config)
+}
+
+/// A department the vendor opens now, updated at `updated`; its id.
+fn opened(fake: &FakeMews, updated: chrono::DateTime<Utc>) -> uuid::Uuid {
+    let id = uuid::Uuid::new_v4();
+    let enterprise = fake.departments()[0].enterprise_id;
+    fake.insert(FakeDepartment::new(id, enterprise, "Opened", updated));
+    id
+}
+
+/// A replica whose clock is two minutes fast (an NTP step, a VM resumed with a stale
+/// clock), with a lookback shorter than that: the high-water mark it leaves is the
+/// database's instant, not its own, so the next pass on a replica with the right clock
+/// reads the updates committed in between.
+#[tokio::test]
+async fn a_replica_whose_clock_is_fast_leaves_no_gap_behind() {
+    let (db, _dir, fake, config) = mews_with_a_short_lookback().await;
 
     let output = run_binary_with_clock("+120s", &["sync", "--config", &config]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
@@ -200,20 +201,13 @@ async fn a_replica_whose_clock_is_fast_leaves_no_gap_behind() {
     assert!(!ahead, "the mark is ahead of the database's clock");
 
     // Committed upstream after that pass, at the right time.
-    let late = FakeDepartment::new(
-        uuid::Uuid::new_v4(),
-        fake.departments()[0].enterprise_id,
-        "Opened after the fast pass",
-        Utc::now(),
-    );
-    fake.insert(late.clone());
+    let late = opened(&fake, Utc::now());
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let output = sync(&config, &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let stored: i64 = db
         .scalar(&format!(
-            "SELECT count(*) FROM departments WHERE external_id = '{}'",
-            late.id
+            "SELECT count(*) FROM departments WHERE external_id = '{late}'"
         ))
         .await;
     assert_eq!(
@@ -227,27 +221,14 @@ async fn a_replica_whose_clock_is_fast_leaves_no_gap_behind() {
 /// moved back to what was really read.
 #[tokio::test]
 async fn a_mark_ahead_of_the_database_clock_is_read_from_now() {
-    let db = TestDb::new().await;
-    let dir = TempDir::new();
-    let fake = FakeMews::start().await.unwrap();
-    fake.generate(5, 1, at(2024, 1, 1), Utc::now() - Duration::hours(1));
-    let config = write_config(
-        &dir,
-        &mews_config(&db.url, "mews", &fake.base_url, "lookback = \"5s\""),
-    );
+    let (db, _dir, fake, config) = mews_with_a_short_lookback().await;
     let output = sync(&config, &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     sqlx::query("UPDATE sync_state SET high_water_mark = now() + interval '1 hour'")
         .execute(db.pool())
         .await
         .unwrap();
-    let late = FakeDepartment::new(
-        uuid::Uuid::new_v4(),
-        fake.departments()[0].enterprise_id,
-        "New",
-        Utc::now() - Duration::seconds(1),
-    );
-    fake.insert(late.clone());
+    let late = opened(&fake, Utc::now() - Duration::seconds(1));
 
     let output = sync(&config, &[]).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
@@ -258,8 +239,7 @@ async fn a_mark_ahead_of_the_database_clock_is_read_from_now() {
     );
     let stored: i64 = db
         .scalar(&format!(
-            "SELECT count(*) FROM departments WHERE external_id = '{}'",
-            late.id
+            "SELECT count(*) FROM departments WHERE external_id = '{late}'"
         ))
         .await;
     assert_eq!(stored, 1);
