@@ -39,6 +39,13 @@ async fn sync(config: &str, args: &[&str]) -> std::process::Output {
     run_binary(&all, &[]).await
 }
 
+/// A `sync` with `config` fails, its guard withholding `how_many` ("100 of 100").
+async fn a_pass_is_refused(config: &str, how_many: &str) {
+    let output = sync(config, &[]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains(how_many), "{}", stderr(&output));
+}
+
 /// A token swapped for another tenant's behind the same `base_url`: the listing serves a
 /// whole new set of ids. The first pass stores the new ones and withholds deleting the
 /// old; every later pass withholds it too (the new rows must not dilute the guard's base),
@@ -53,18 +60,7 @@ async fn a_withheld_deletion_stays_withheld_until_a_person_confirms_it() {
         fake.put(1000 + id, &format!("Theirs {id}"), 7, true);
     }
     for pass in 1..=3 {
-        let output = sync(&config, &[]).await;
-        assert_eq!(
-            output.status.code(),
-            Some(1),
-            "pass {pass}: {}",
-            stderr(&output)
-        );
-        assert!(
-            stderr(&output).contains("100 of 100"),
-            "pass {pass}: {}",
-            stderr(&output)
-        );
+        a_pass_is_refused(&config, "100 of 100").await;
         let deleted: i64 = db
             .scalar("SELECT count(*) FROM departments WHERE deleted_at IS NOT NULL")
             .await;
@@ -111,15 +107,8 @@ async fn ids_written_another_way_delete_nothing_on_the_second_pass_either() {
         fake.put(&format!("DEPT-{i}"), None, &format!("Department {i}"));
     }
 
-    for pass in 1..=2 {
-        let output = sync(&config, &[]).await;
-        assert_eq!(
-            output.status.code(),
-            Some(1),
-            "pass {pass}: {}",
-            stderr(&output)
-        );
-        assert!(stderr(&output).contains("20 of 20"), "{}", stderr(&output));
+    for _ in 1..=2 {
+        a_pass_is_refused(&config, "20 of 20").await;
     }
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
     let deleted: i64 =
