@@ -328,3 +328,39 @@ async fn one_invalid_byte_rejects_its_record_only() {
         "the bad record changes nothing stored"
     );
 }
+
+/// `deptsync changes --since` with a token of another database (staging beside production
+/// on one server): exit 1, and what to do; without `--since`, the reader starts over.
+#[tokio::test]
+async fn the_changes_command_refuses_a_token_of_another_database() {
+    let (production, _dir, _fake, production_config) = procurify_synced(3, "Department").await;
+    let changes = async |config: &str, since: Option<&str>| {
+        let mut args = vec!["changes", "--config", config, "--json"];
+        args.extend(since.iter().flat_map(|token| ["--since", *token]));
+        run_binary(&args, &[]).await
+    };
+    let output = changes(&production_config, None).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let last = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .last()
+        .map(str::to_owned)
+        .unwrap();
+    let token: serde_json::Value = serde_json::from_str(&last).unwrap();
+    let token = token["next"].as_str().unwrap().to_owned();
+
+    let (_staging, _dir, _fake, staging_config) = procurify_synced(3, "Department").await;
+    let output = changes(&staging_config, Some(&token)).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("read again from the beginning"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        output.stdout.is_empty(),
+        "nothing read, no token handed out"
+    );
+    let output = changes(&staging_config, None).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
