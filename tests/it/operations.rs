@@ -333,7 +333,7 @@ async fn one_invalid_byte_rejects_its_record_only() {
 /// on one server): exit 1, and what to do; without `--since`, the reader starts over.
 #[tokio::test]
 async fn the_changes_command_refuses_a_token_of_another_database() {
-    let (production, _dir, _fake, production_config) = procurify_synced(3, "Department").await;
+    let (_production, _dir, _fake, production_config) = procurify_synced(3, "Department").await;
     let changes = async |config: &str, since: Option<&str>| {
         let mut args = vec!["changes", "--config", config, "--json"];
         args.extend(since.iter().flat_map(|token| ["--since", *token]));
