@@ -5,9 +5,9 @@
 -- feed_identity: one row. A token carries feed_id. A copy of the database (a dump
 -- restored into another database, or over this one, on this server or another; a
 -- physical copy promoted on a new timeline) carries the row too, so the row also says
--- where it was made (feed_home(): the cluster's system identifier, the database's oid,
--- this table's own oid, which a restore makes anew, and the timeline of the WAL being
--- written). When a reader finds them otherwise, the database is a copy: the feed takes a
+-- where it was made: the cluster's system identifier, the database's oid and the
+-- timeline of the WAL being written (feed_home()), and this table's own oid, which a
+-- restore makes anew (the row's tableoid). When a reader finds them otherwise, the database is a copy: the feed takes a
 -- new id and every older token is refused. handed_out is the highest horizon handed out,
 -- written in the reader's own transaction, committed durably (synchronous_commit = on)
 -- before the token is given: every version before it, and every transaction id, is then
@@ -23,17 +23,17 @@ CREATE TABLE feed_identity (
     handed_out         bigint  NOT NULL DEFAULT 0
 );
 CREATE FUNCTION feed_home(
-    OUT system_identifier bigint, OUT database_oid oid, OUT table_oid oid,
-    OUT timeline integer)
+    OUT system_identifier bigint, OUT database_oid oid, OUT timeline integer)
 LANGUAGE sql STABLE AS $$
-    SELECT s.system_identifier, d.oid, 'feed_identity'::regclass::oid,
+    SELECT s.system_identifier, d.oid,
            ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::integer
     FROM pg_control_system() s, pg_database d
     WHERE d.datname = current_database()
 $$;
 
 INSERT INTO feed_identity (feed_id, system_identifier, database_oid, table_oid, timeline)
-SELECT gen_random_uuid(), h.system_identifier, h.database_oid, h.table_oid, h.timeline
+SELECT gen_random_uuid(), h.system_identifier, h.database_oid,
+       'feed_identity'::regclass, h.timeline
 FROM feed_home() h;
 
 -- What a retention trimmed: per source, the highest feed position of a version it

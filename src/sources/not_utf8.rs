@@ -30,15 +30,14 @@ pub(super) fn decode_marked<T: DeserializeOwned>(
     body: &[u8],
 ) -> Option<Result<T, serde_json::Error>> {
     let marked = mark(body)?;
-    /// Unmarks the thread however decoding ends.
-    struct Unmark;
-    impl Drop for Unmark {
+    /// Gives the thread back its mark as it was, however decoding ends.
+    struct Restore(bool);
+    impl Drop for Restore {
         fn drop(&mut self) {
-            MARKED.set(false);
+            MARKED.set(self.0);
         }
     }
-    MARKED.set(true);
-    let _unmark = Unmark;
+    let _restore = Restore(MARKED.replace(true));
     Some(serde_json::from_str(&marked))
 }
 

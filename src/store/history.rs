@@ -308,10 +308,14 @@ pub(crate) async fn next_batch<Q: FeedQueries, S>(
         .fetch(Q::READ_FEED, &values, "reading the change feed")
         .await?;
     // A retention that trimmed since the read began may have taken versions this batch
-    // would have held: looked for after the batch's read, so that a trim it did not see
-    // is seen here.
+    // would have held (at or after where the read stands): looked for after the batch's
+    // read, so that a trim it did not see is seen here.
     if !reader.since.is_start() {
-        let trimmed = trimmed_since(&mut tx, reader.since, &reader.sources).await?;
+        let standing = FeedToken {
+            position: reader.place.position,
+            ..reader.since
+        };
+        let trimmed = trimmed_since(&mut tx, standing, &reader.sources).await?;
         if !trimmed.is_empty() {
             return Err(StoreError::TokenRefused {
                 token: reader.since,

@@ -16,6 +16,7 @@ use crate::history::{commit_windowed, put, read_feed, read_feed_now};
 
 on_both_stores!(
     a_read_records_the_horizon_it_hands_out,
+    a_trim_while_a_read_is_under_way_fails_the_read,
     a_token_of_another_database_is_refused,
     a_token_older_than_the_retained_history_is_refused,
     a_row_deleted_by_hand_ends_its_version_in_the_feed,
@@ -130,6 +131,49 @@ async fn a_token_older_than_the_retained_history_is_refused(db: TestStore) {
         names(&versions)[&("s".to_owned(), "a".to_owned())],
         ["2 (ended)", "3"]
     );
+}
+
+/// A retention that trims while a read is under way (after it began, before a batch)
+/// fails the read at that batch, before any token is handed out: the reader would
+/// otherwise go on past versions it never got.
+async fn a_trim_while_a_read_is_under_way_fails_the_read(db: TestStore) {
+    let (_, before) = read_feed(&db.store, FeedToken::START, &[]).await;
+    let long_ago = Utc::now() - Duration::days(400);
+    put(&db, "s", "a", "1", long_ago).await;
+    put(&db, "s", "a", "2", long_ago + Duration::days(10)).await;
+    db.execute(
+        "UPDATE department_history SET observed_at = valid_from WHERE valid_from < observed_at",
+    )
+    .await;
+    crate::history::settled(&db.store).await;
+    let mut feed = db.store.changes(before, &[]).await.unwrap();
+
+    let retention = std::time::Duration::from_secs(30 * 86_400);
+    assert_eq!(db.store.trim_history("s", retention).await.unwrap(), 1);
+
+    let error = match feed.next_batch().await {
+        Ok(batch) => panic!("the read went on without what was trimmed: {batch:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("older than the retained history"), "{error}");
+}
+
+/// A copy of a database restored from a server whose transaction ids were further on
+/// keeps that server's record of what its retention trimmed: the copy's new feed
+/// forgets it, or it would refuse every token it hands out.
+#[tokio::test]
+async fn a_copy_forgets_what_the_originals_retention_trimmed() {
+    let db = TestStore::postgres().await;
+    put(&db, "s", "a", "A", at(2021, 1, 1)).await;
+    db.execute("INSERT INTO history_trimmed (source, position) VALUES ('s', 9000000000000)")
+        .await;
+    // As a restore into another database finds the row.
+    db.execute("UPDATE feed_identity SET database_oid = 0")
+        .await;
+
+    let (_, token) = read_feed(&db.store, FeedToken::START, &[]).await;
+    assert!(db.store.changes(token, &[]).await.is_ok());
+    assert_eq!(db.count("SELECT count(*) FROM history_trimmed").await, 0);
 }
 
 async fn a_row_deleted_by_hand_ends_its_version_in_the_feed(db: TestStore) {

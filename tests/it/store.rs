@@ -47,6 +47,7 @@ on_both_stores!(
     a_withheld_deletion_is_withheld_by_every_later_listing,
     a_withheld_scope_stays_withheld_though_new_rows_fill_it,
     a_withheld_deletion_is_over_when_the_old_departments_come_back_alone,
+    a_verdict_that_ended_and_is_refused_again_stands_from_then,
     a_page_trusted_by_its_digest_brings_back_rows_deleted_by_hand,
 );
 
@@ -1050,6 +1051,38 @@ async fn a_withheld_deletion_is_over_when_the_old_departments_come_back_alone(db
         )
         .await,
         10
+    );
+}
+
+/// A verdict whose departments came back is over; a refusal of what is missing then is a
+/// new verdict, standing from the listing that refused it.
+async fn a_verdict_that_ended_and_is_refused_again_stands_from_then(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let guard = |fraction| DeletionPolicy {
+        max_delete_fraction: Some(fraction),
+        scopes: None,
+    };
+    let ours = many("old", 10, None);
+    confirmed_listing(&db, &mut lease, run, &ours, &guard(0.5)).await;
+    confirmed_listing(&db, &mut lease, run, &many("NEW", 10, None), &guard(0.5)).await;
+    let since = |status: Vec<deptsync::model::SourceStatus>| {
+        status[0]
+            .withheld_deletions
+            .as_ref()
+            .map(|w| (w.since, w.would_delete, w.live))
+    };
+    let first = since(db.store.status(&["s".to_owned()]).await.unwrap()).unwrap();
+    assert_eq!((first.1, first.2), (10, 10));
+
+    // The old ones back, the new ones missing: 10 of the 20 live when the listing began
+    // is too many under a guard of 0.4.
+    let counts = confirmed_listing(&db, &mut lease, run, &ours, &guard(0.4)).await;
+    assert_eq!(counts.deleted, 0);
+    let second = since(db.store.status(&["s".to_owned()]).await.unwrap()).unwrap();
+    assert_eq!((second.1, second.2), (10, 20));
+    assert!(
+        second.0 > first.0,
+        "{second:?} stands from the new refusal, not {first:?}"
     );
 }
 

@@ -382,19 +382,20 @@ impl FeedQueries for PgStore {
     const FEED_HORIZON: &'static str =
         "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon";
     // Where the row was made: the cluster (a restore into another server, however alike),
-    // the database (a restore into another one), the table (a restore creates it anew,
-    // over this database too) and the timeline of the WAL being written (a physical copy
-    // promoted: a point-in-time recovery, a failover; read from the WAL file's name,
-    // which a promotion changes at once, unlike the last checkpoint's record).
+    // the database (a restore into another one), the table the row is in (a restore
+    // creates it anew, over this database too) and the timeline of the WAL being written
+    // (a physical copy promoted: a point-in-time recovery, a failover; read from the WAL
+    // file's name, which a promotion changes at once, unlike the last checkpoint's
+    // record).
     const FEED_IDENTITY: &'static str = "SELECT CAST(f.feed_id AS TEXT) AS feed_id, f.handed_out,
                 (f.system_identifier, f.database_oid, f.table_oid, f.timeline)
-                    IS NOT DISTINCT FROM (h.system_identifier, h.database_oid, h.table_oid,
+                    IS NOT DISTINCT FROM (h.system_identifier, h.database_oid, f.tableoid,
                                           h.timeline) AS bound
          FROM feed_identity f, feed_home() h
          FOR UPDATE OF f";
     const REBIND_FEED: &'static str = "UPDATE feed_identity f
          SET feed_id = CAST($1 AS uuid), system_identifier = h.system_identifier,
-             database_oid = h.database_oid, table_oid = h.table_oid, timeline = h.timeline,
+             database_oid = h.database_oid, table_oid = f.tableoid, timeline = h.timeline,
              handed_out = 0
          FROM feed_home() h";
     const READ_FEED: &'static str = include_str!("queries/read_feed.sql");
