@@ -48,6 +48,7 @@ on_both_stores!(
     a_withheld_scope_stays_withheld_though_new_rows_fill_it,
     a_withheld_deletion_is_over_when_the_old_departments_come_back_alone,
     a_verdict_that_ended_and_is_refused_again_stands_from_then,
+    departments_a_listing_revives_do_not_dilute_the_guard,
     a_page_trusted_by_its_digest_brings_back_rows_deleted_by_hand,
 );
 
@@ -1083,6 +1084,36 @@ async fn a_verdict_that_ended_and_is_refused_again_stands_from_then(db: TestStor
     assert!(
         second.0 > first.0,
         "{second:?} stands from the new refusal, not {first:?}"
+    );
+}
+
+/// A vendor that flaps between two tenants behind one URL: a listing of one revives its
+/// departments, which the listing of the other had deleted. Revived, they are live from
+/// now, not from their first sync: they do not dilute the guard's base, and the other
+/// tenant's departments are not deleted in turn.
+async fn departments_a_listing_revives_do_not_dilute_the_guard(db: TestStore) {
+    let (mut lease, run) = locked_run(&db).await;
+    let guarded = DeletionPolicy {
+        max_delete_fraction: Some(0.5),
+        scopes: None,
+    };
+    let (ours, theirs) = (many("a", 10, None), many("b", 10, None));
+    let both: Vec<Department> = ours.iter().chain(&theirs).cloned().collect();
+    confirmed_listing(&db, &mut lease, run, &both, &guarded).await;
+    // Ours alone: theirs, 10 of 20, is not more than half.
+    let counts = confirmed_listing(&db, &mut lease, run, &ours, &guarded).await;
+    assert_eq!(counts.deleted, 10);
+
+    // Theirs alone again: revived, and ours missing, 10 of the 10 live before.
+    let counts = confirmed_listing(&db, &mut lease, run, &theirs, &guarded).await;
+    assert_eq!(counts.deleted, 0);
+    assert_eq!(
+        counts.withheld_deletions,
+        vec![WithheldDeletions {
+            scope: None,
+            would_delete: 10,
+            live: 10
+        }]
     );
 }
 

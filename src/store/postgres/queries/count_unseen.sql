@@ -1,7 +1,7 @@
 -- For a source ($1) and a complete listing ($2), possibly confirming an earlier one ($3),
 -- per scope (scope_id, '' for none) of the scopes $4 (NULL: every scope): the live rows
 -- neither listing saw (unseen), and the rows live when the first listing began (live,
--- from its clock, started). Where a verdict of the mass-deletion guard stands over the
+-- from its clock, started: live since their first sync, or since a listing revived them). Where a verdict of the mass-deletion guard stands over the
 -- whole source (withheld_deletions, since source_since) or over the scope (since
 -- scope_since): the rows live when the first listing it refused began (source_live,
 -- scope_live), and how many of those neither listing saw (source_missing,
@@ -30,14 +30,14 @@ unseen AS (
 )
 SELECT COALESCE(d.scope_id, '')                                              AS scope,
        count(u.external_id)                                                  AS unseen,
-       count(*) FILTER (WHERE d.first_synced_at < s.at)                      AS live,
+       count(*) FILTER (WHERE COALESCE(d.live_since, d.first_synced_at) < s.at)                      AS live,
        min(s.at)                                                             AS started,
        min(v.since)                                                          AS source_since,
-       count(*) FILTER (WHERE d.first_synced_at < v.since)                   AS source_live,
-       count(u.external_id) FILTER (WHERE d.first_synced_at < v.since)      AS source_missing,
+       count(*) FILTER (WHERE COALESCE(d.live_since, d.first_synced_at) < v.since)                   AS source_live,
+       count(u.external_id) FILTER (WHERE COALESCE(d.live_since, d.first_synced_at) < v.since)      AS source_missing,
        min(w.since)                                                          AS scope_since,
-       count(*) FILTER (WHERE d.first_synced_at < w.since)                   AS scope_live,
-       count(u.external_id) FILTER (WHERE d.first_synced_at < w.since)      AS scope_missing
+       count(*) FILTER (WHERE COALESCE(d.live_since, d.first_synced_at) < w.since)                   AS scope_live,
+       count(u.external_id) FILTER (WHERE COALESCE(d.live_since, d.first_synced_at) < w.since)      AS scope_missing
 FROM departments d
 CROSS JOIN started s
 CROSS JOIN verdict v

@@ -54,6 +54,9 @@ updated AS (
         raw                = i.raw,
         content_md5        = i.content_md5,
         deleted_at         = NULL,
+        -- Revived: live again from now (the guard's base counts from here).
+        live_since         = CASE WHEN d.deleted_at IS NOT NULL THEN now()
+                                  ELSE d.live_since END,
         last_changed_at    = CASE
             WHEN (d.scope_id, d.name, d.is_active, d.parent_external_id,
                   d.source_created_at, d.source_updated_at, d.raw, d.deleted_at)

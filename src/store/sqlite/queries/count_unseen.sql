@@ -15,7 +15,7 @@ verdict AS (
             WHERE source = $1 AND guard = 'source') AS since
 ),
 rows AS (
-    SELECT d.scope_id, d.first_synced_at,
+    SELECT d.scope_id, COALESCE(d.live_since, d.first_synced_at) AS live_from,
            NOT EXISTS (
                SELECT 1 FROM listing_seen s
                WHERE s.source = d.source AND s.listing_id = $2
@@ -31,14 +31,14 @@ rows AS (
 )
 SELECT COALESCE(r.scope_id, '')                                               AS scope,
        count(*) FILTER (WHERE r.unseen)                                       AS unseen,
-       count(*) FILTER (WHERE r.first_synced_at < s.at)                       AS live,
+       count(*) FILTER (WHERE r.live_from < s.at)                       AS live,
        min(s.at)                                                              AS started,
        min(v.since)                                                           AS source_since,
-       count(*) FILTER (WHERE r.first_synced_at < v.since)                    AS source_live,
-       count(*) FILTER (WHERE r.unseen AND r.first_synced_at < v.since)       AS source_missing,
+       count(*) FILTER (WHERE r.live_from < v.since)                    AS source_live,
+       count(*) FILTER (WHERE r.unseen AND r.live_from < v.since)       AS source_missing,
        min(w.since)                                                           AS scope_since,
-       count(*) FILTER (WHERE r.first_synced_at < w.since)                    AS scope_live,
-       count(*) FILTER (WHERE r.unseen AND r.first_synced_at < w.since)       AS scope_missing
+       count(*) FILTER (WHERE r.live_from < w.since)                    AS scope_live,
+       count(*) FILTER (WHERE r.unseen AND r.live_from < w.since)       AS scope_missing
 FROM rows r
 CROSS JOIN started s
 CROSS JOIN verdict v

@@ -45,6 +45,8 @@ ON CONFLICT (source, external_id) DO UPDATE SET
     source_updated_at  = excluded.source_updated_at,
     raw                = excluded.raw,
     deleted_at         = NULL,
+    -- Revived: live again from now (the guard's base counts from here).
+    live_since         = CASE WHEN d.deleted_at IS NOT NULL THEN $2 ELSE d.live_since END,
     last_changed_at    = $2
 WHERE (d.scope_id, d.name, d.is_active, d.parent_external_id,
        d.source_created_at, d.source_updated_at, d.raw, d.deleted_at)
