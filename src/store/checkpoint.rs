@@ -95,13 +95,31 @@ impl VerdictBase {
     /// tenant's, ids written another way) never dilute it; else `usual`, the departments
     /// live when the first listing began (the missing ones came back: the verdict is
     /// over, and what is unseen now is judged afresh).
-    fn or(verdict: impl IntoIterator<Item = VerdictBase>, usual: u64) -> u64 {
-        let (live, missing, stands) = verdict
-            .into_iter()
-            .fold((0, 0, false), |(live, missing, _), v| {
-                (live + v.live, missing + v.missing, true)
-            });
-        if stands && missing > 0 { live } else { usual }
+    fn or(verdict: impl IntoIterator<Item = VerdictBase> + Clone, usual: u64) -> u64 {
+        if VerdictBase::stands(verdict.clone()) {
+            verdict.into_iter().map(|v| v.live).sum()
+        } else {
+            usual
+        }
+    }
+
+    /// Whether the verdict (its shares, scope by scope) still stands: departments it
+    /// withholds are still missing.
+    fn stands(verdict: impl IntoIterator<Item = VerdictBase>) -> bool {
+        verdict.into_iter().map(|v| v.missing).sum::<u64>() > 0
+    }
+
+    /// The shares of the verdict over `scope` of `scopes` (`None`: over the whole
+    /// source), where one stands.
+    fn of<'a>(
+        scopes: &'a [ScopeCount],
+        scope: Option<&'a str>,
+    ) -> impl Iterator<Item = VerdictBase> + Clone + 'a {
+        scopes.iter().filter_map(move |s| match scope {
+            None => s.source_verdict,
+            Some(scope) if s.scope == scope => s.scope_verdict,
+            Some(_) => None,
+        })
     }
 }
 
@@ -471,20 +489,9 @@ async fn keep_standing<T: PageTransaction>(
     started: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<(), StoreError> {
     let standing = standing_after(verdict);
-    let still_missing = |verdicts: &mut dyn Iterator<Item = VerdictBase>| {
-        verdicts.map(|v| v.missing).sum::<u64>() > 0
-    };
     if let (false, Some(since)) = (standing.withhold.is_empty(), started) {
         for withheld in standing.withhold {
-            let stood_on = match &withheld.scope {
-                None => still_missing(&mut scopes.iter().filter_map(|s| s.source_verdict)),
-                Some(scope) => still_missing(
-                    &mut scopes
-                        .iter()
-                        .filter(|s| &s.scope == scope)
-                        .filter_map(|s| s.scope_verdict),
-                ),
-            };
+            let stood_on = VerdictBase::stands(VerdictBase::of(scopes, withheld.scope.as_deref()));
             if !stood_on {
                 // Over, and refused again afresh: it stands from now.
                 statements::release_withheld(tx, source, withheld.scope.as_deref()).await?;
@@ -609,7 +616,7 @@ fn judge_unseen(
     max_delete_fraction: Option<f64>,
 ) -> UnseenVerdict {
     let live = VerdictBase::or(
-        scopes.iter().filter_map(|s| s.source_verdict),
+        VerdictBase::of(scopes, None),
         scopes.iter().map(|s| s.live).sum(),
     );
     let unseen: u64 = scopes.iter().map(|s| s.unseen).sum();

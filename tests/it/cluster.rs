@@ -62,21 +62,14 @@ impl Cluster {
 
     /// Runs `pg_ctlcluster` with `action` and its `args`.
     fn control(&self, action: &str, args: &[&str]) {
-        let output = Command::new("pg_ctlcluster")
+        run(Command::new("pg_ctlcluster")
             .args([
                 "--skip-systemctl-redirect",
                 &self.version,
                 &self.name,
                 action,
             ])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "pg_ctlcluster {action}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+            .args(args));
     }
 
     /// Kills the server as a power cut or the OOM killer would (`stop -m immediate`: no
@@ -88,7 +81,7 @@ impl Cluster {
 
     /// Runs `psql` on `database` of this cluster with `args`; its standard output.
     pub fn psql(&self, database: &str, args: &[&str]) -> String {
-        let output = Command::new("psql")
+        run(Command::new("psql")
             .args([
                 "-X",
                 "-q",
@@ -98,16 +91,37 @@ impl Cluster {
                 "-d",
                 &self.url(database),
             ])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "psql {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+            .args(args))
     }
+
+    /// Dumps `database` to `file` (`pg_dump`'s custom format).
+    pub fn dump(&self, database: &str, file: &std::path::Path) {
+        run(Command::new("pg_dump")
+            .args(["-Fc", "-d", &self.url(database), "-f"])
+            .arg(file));
+    }
+
+    /// Restores `file` (a dump) into `database`; with `clean`, over what it holds
+    /// (`pg_restore --clean`).
+    pub fn restore(&self, database: &str, file: &std::path::Path, clean: bool) {
+        let mut command = Command::new("pg_restore");
+        command.args(["-d", &self.url(database)]);
+        if clean {
+            command.args(["--clean", "--if-exists"]);
+        }
+        run(command.arg(file));
+    }
+}
+
+/// Runs `command`, which must succeed; its standard output.
+fn run(command: &mut Command) -> String {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 impl Drop for Cluster {

@@ -206,6 +206,14 @@ async fn open(cluster: &Cluster, name: &str) -> AnyStore {
     AnyStore::open(&cluster.url(name).into()).await.unwrap()
 }
 
+/// Connects to the database `name` of `cluster` as it is, as a reader does (no
+/// migration).
+async fn connect(cluster: &Cluster, name: &str) -> AnyStore {
+    AnyStore::connect(&cluster.url(name).into(), deptsync::store::IfMissing::Fail)
+        .await
+        .unwrap()
+}
+
 /// `count` departments named `name`, ids `{prefix}{i}`.
 fn departments(prefix: &str, name: &str, count: usize) -> Vec<Department> {
     (0..count)
@@ -325,47 +333,15 @@ async fn a_token_from_before_a_restore_is_refused() {
     let (_, dumped) = read_all(&store, FeedToken::START, 3).await;
     let dump = crate::helpers::TempDir::new();
     let file = dump.join("prod.dump");
-    let output = std::process::Command::new("pg_dump")
-        .args([
-            "-Fc",
-            "-f",
-            file.to_str().unwrap(),
-            "-d",
-            &cluster.url("prod"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    cluster.dump("prod", &file);
     commit_windowed(&store, "s", &departments("b", "B", 3)).await;
     let (_, later) = read_all(&store, dumped, 3).await;
     drop(store);
 
     // The dump restored as another database (staging beside production).
     cluster.psql("postgres", &["-c", "CREATE DATABASE copy"]);
-    let restore = |database: &str, clean: bool| {
-        let mut command = std::process::Command::new("pg_restore");
-        command.args(["-d", &cluster.url(database)]);
-        if clean {
-            command.args(["--clean", "--if-exists"]);
-        }
-        let output = command.arg(&file).output().unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    restore("copy", false);
-    let copy = AnyStore::connect(
-        &cluster.url("copy").into(),
-        deptsync::store::postgres::IfMissing::Fail,
-    )
-    .await
-    .unwrap();
+    cluster.restore("copy", &file, false);
+    let copy = connect(&cluster, "copy").await;
     let error = refusal(&copy, dumped).await;
     assert!(error.contains("read again from the beginning"), "{error}");
     let (versions, _) = read_feed_now(&copy, FeedToken::START, &[]).await;
@@ -373,13 +349,8 @@ async fn a_token_from_before_a_restore_is_refused() {
     drop(copy);
 
     // The older copy restored over the database itself.
-    restore("prod", true);
-    let prod = AnyStore::connect(
-        &cluster.url("prod").into(),
-        deptsync::store::postgres::IfMissing::Fail,
-    )
-    .await
-    .unwrap();
+    cluster.restore("prod", &file, true);
+    let prod = connect(&cluster, "prod").await;
     let error = refusal(&prod, later).await;
     assert!(error.contains("read again from the beginning"), "{error}");
     // Whatever the server's transactions do next, it stays refused.

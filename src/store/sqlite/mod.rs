@@ -103,7 +103,8 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// One connection whose commits sync the write-ahead log to disk (`synchronous =
     /// FULL`; the pool's, `NORMAL`, leave that to checkpoints): for the writes that must
-    /// be on disk when they return, and every commit before them with them.
+    /// be on disk when they return, and every commit before them with them. Opened when
+    /// first used (by a change-feed reader), beside the pool's `max_connections`.
     durable: SqlitePool,
     /// The shared lock on [`in_use_lock_path`], held while the store is open.
     _in_use: Arc<File>,
@@ -119,12 +120,7 @@ impl SqliteStore {
     /// A transaction on a connection of the pool, begun with `begin` ([`BEGIN_WRITE`] to
     /// write).
     async fn begin(&self, begin: &'static str) -> Result<SqliteTx<'static>, StoreError> {
-        let tx = self
-            .pool
-            .begin_with(begin)
-            .await
-            .map_err(db("opening a transaction"))?;
-        Ok(SqliteTx::new(tx))
+        begin_on(&self.pool, begin).await
     }
 
     /// The pool, for SQL of a reader's own: the demo's sample query and the tests.
@@ -133,6 +129,15 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
+}
+
+/// A transaction on a connection of `pool`, begun with `begin`.
+async fn begin_on(pool: &SqlitePool, begin: &'static str) -> Result<SqliteTx<'static>, StoreError> {
+    let tx = pool
+        .begin_with(begin)
+        .await
+        .map_err(db("opening a transaction"))?;
+    Ok(SqliteTx::new(tx))
 }
 
 /// The transaction's instant, taken once it holds the write lock.
@@ -265,12 +270,7 @@ impl Backend for SqliteStore {
     }
 
     async fn durable_write(&self) -> Result<SqliteTx<'static>, StoreError> {
-        let tx = self
-            .durable
-            .begin_with(BEGIN_WRITE)
-            .await
-            .map_err(db("opening a transaction"))?;
-        Ok(SqliteTx::new(tx))
+        begin_on(&self.durable, BEGIN_WRITE).await
     }
 
     fn call_timeout(&self) -> Duration {
